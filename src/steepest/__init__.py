@@ -1,0 +1,55 @@
+"""steepest: first- and second-order variants of gradient descent in one framework.
+
+One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)::
+
+    delta = -alpha (M + lambda I)^-1 g,    M one row of Table 1,    alpha from a step rule.
+
+>>> import steepest
+>>> opt = steepest.Optimizer(model, steepest.losses.CrossEntropy(), metric=steepest.GGN())
+>>> info = opt.step(x, y)
+"""
+
+from . import damping, errors, linop, losses, metrics, solvers, steps
+from .damping import Constant, LevenbergMarquardt
+from .errors import SteepestError
+from .linop import LinearOperator
+from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
+from .metrics import (
+    GGN,
+    EmpiricalFisher,
+    Fisher,
+    GaussNewton,
+    GradientCovariance,
+    Hessian,
+    Identity,
+    Metric,
+)
+from .optimizer import Optimizer, StepInfo
+from .params import ParamSpace
+from .point import Point
+from .solvers import CG, Auto, Cholesky, Woodbury
+from .steps import Armijo, KLLineSearch, LearningRate, TrustRegion
+
+__version__ = "0.1.0"
+
+
+def curvature(model, loss, inputs, targets, metric) -> LinearOperator:
+    """The metric M (a row of Table 1) of ``model`` on the batch, as a symmetric
+    :class:`~steepest.linop.LinearOperator` on the flat vector of trainable parameters
+    (``model.parameters()`` order, each flattened row-major).
+
+    >>> M = steepest.curvature(model, CrossEntropy(), x, y, GGN())
+    >>> M @ v, M.to_dense(), M.diagonal(), M.to_scipy()
+    """
+    point = Point(model, loss, inputs, targets)
+    return metric.operator(point)
+
+
+__all__ = [
+    "Armijo", "Auto", "BCEWithLogits", "CG", "Cholesky", "Constant", "CrossEntropy",
+    "EmpiricalFisher", "Fisher", "GGN", "GaussNewton", "GaussianNLL", "GradientCovariance",
+    "Hessian", "Identity", "KLLineSearch", "LearningRate", "LevenbergMarquardt", "LinearOperator",
+    "Loss", "MSE", "Metric", "Optimizer", "ParamSpace", "Point", "SteepestError", "StepInfo",
+    "TrustRegion", "Woodbury", "curvature", "damping", "errors", "linop", "losses", "metrics",
+    "solvers", "steps",
+]

@@ -1,0 +1,44 @@
+"""The exceptions users can catch.
+
+Every error raised by ``steepest`` derives from :class:`SteepestError`, and from the builtin
+class that fits (``ValueError``, ``TypeError``, ...), so ``except ValueError`` keeps working.
+Each message says what was wrong, the values seen, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class SteepestError(Exception):
+    """Base class of every error raised by steepest."""
+
+
+class ShapeError(SteepestError, ValueError):
+    """Model outputs, targets and loss disagree in shape or dtype."""
+
+
+class TargetError(SteepestError, ValueError):
+    """Targets hold values the loss cannot take (a class index out of range, ...)."""
+
+
+class NonFiniteError(SteepestError, FloatingPointError):
+    """An input, the loss, the gradient or a step is NaN or infinite."""
+
+
+class SingularMatrixError(SteepestError, ValueError):
+    """The damped matrix M + lambda I is singular or not positive definite."""
+
+
+class DenseTooLargeError(SteepestError, MemoryError):
+    """A dense matrix was asked for above the configured size limit."""
+
+
+class LossNotProbabilisticError(SteepestError, TypeError):
+    """A metric needs a predictive distribution but got a plain callable loss."""
+
+
+class SolverError(SteepestError, RuntimeError):
+    """A solver broke down or returned a direction that is not a descent direction."""
+
+
+class ConfigurationError(SteepestError, ValueError):
+    """An option has a value outside its domain."""

@@ -1,0 +1,198 @@
+r"""Symmetric linear operators on the flat parameter vector.
+
+A :class:`LinearOperator` wraps a matrix-vector product ``v -> M v`` (never the matrix), and
+optionally a cheaper batched product, a dense builder, a diagonal and a sample-space factor
+``U`` with ``M = U^T U / n`` (used by the Woodbury solver). ``to_dense()`` refuses above a
+size limit (:data:`DENSE_LIMIT`, default 20,000 parameters) with an error naming the limit and
+the matrix-free alternative. ``to_scipy()`` adapts it to ``scipy.sparse.linalg``.
+
+Example
+-------
+>>> A = LinearOperator(lambda v: 2 * v, size=3, dtype=torch.float64)
+>>> (A + 1.0) @ torch.ones(3, dtype=torch.float64)     # (A + lambda I) v
+tensor([3., 3., 3.], dtype=torch.float64)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import DenseTooLargeError, ShapeError
+
+DENSE_LIMIT = 20_000
+"""Largest dimension for which ``to_dense()`` builds a matrix, unless told otherwise."""
+
+
+def set_dense_limit(n: int) -> None:
+    """Change the default size limit of ``to_dense()`` (the number of parameters)."""
+    global DENSE_LIMIT
+    DENSE_LIMIT = int(n)
+
+
+@dataclass
+class Factor:
+    """Sample-space factor of a metric: ``M = U^T U / n``, U of shape (R, P)."""
+
+    U: Tensor
+    n: int
+
+
+class LinearOperator:
+    """A symmetric linear operator M of size P x P, known through its products.
+
+    Parameters
+    ----------
+    matvec: v (P,) -> M v (P,)
+    size: P
+    matmat: optional V (P, k) -> M V (P, k), a batched product
+    dense: optional () -> M as a (P, P) tensor, built another way than column by column
+    diagonal: optional () -> diag(M) (P,)
+    factor: optional () -> :class:`Factor` with M = U^T U / n
+    psd: whether M is known to be positive semi-definite
+    name: what M is, for messages
+    """
+
+    def __init__(
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        *,
+        matmat: Callable[[Tensor], Tensor] | None = None,
+        dense: Callable[[], Tensor] | None = None,
+        diagonal: Callable[[], Tensor] | None = None,
+        factor: Callable[[], Factor] | None = None,
+        psd: bool = True,
+        name: str = "M",
+    ) -> None:
+        self._matvec = matvec
+        self._matmat = matmat
+        self._dense = dense
+        self._diagonal = diagonal
+        self._factor = factor
+        self.size = int(size)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.psd = psd
+        self.name = name
+        self.shift = 0.0  # lambda of M + lambda I; a damped operator records it
+
+    # ----------------------------------------------------------------------------- products
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``M v`` for a vector of size P."""
+        if v.shape != (self.size,):
+            raise ShapeError(f"{self.name}: expected a vector of shape ({self.size},), got "
+                             f"{tuple(v.shape)}.")
+        out = self._matvec(v)
+        return out + self.shift * v if self.shift else out
+
+    def matmat(self, V: Tensor) -> Tensor:
+        """``M V`` for a matrix of columns (P, k)."""
+        if V.ndim != 2 or V.shape[0] != self.size:
+            raise ShapeError(f"{self.name}: expected a matrix of shape ({self.size}, k), got "
+                             f"{tuple(V.shape)}.")
+        out = self._base_matmat(V)
+        return out + self.shift * V if self.shift else out
+
+    def _base_matmat(self, V: Tensor) -> Tensor:
+        if self._matmat is not None:
+            return self._matmat(V)
+        return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], 1)
+
+    def __matmul__(self, v: Tensor) -> Tensor:
+        return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+
+    def has_factor(self) -> bool:
+        return self._factor is not None
+
+    def factor(self) -> Factor:
+        """The sample-space factor U with ``M = U^T U / n`` (raises if M has none)."""
+        if self._factor is None:
+            raise NotImplementedError(f"{self.name} has no sample-space factor")
+        return self._factor()
+
+    # ----------------------------------------------------------------------------- matrices
+    def to_dense(self, limit: int | None = None) -> Tensor:
+        """The dense P x P matrix; refuses above ``limit`` (default :data:`DENSE_LIMIT`)."""
+        limit = DENSE_LIMIT if limit is None else limit
+        if self.size > limit:
+            raise DenseTooLargeError(
+                f"{self.name}: a dense matrix of {self.size} x {self.size} exceeds the limit of "
+                f"{limit} parameters ({self.size**2 * 8 / 2**30:.1f} GiB in float64); use a "
+                "matrix-free solver (solver=CG()) or raise the limit with "
+                "steepest.linop.set_dense_limit(n) / to_dense(limit=n)."
+            )
+        if self._dense is not None:
+            m = self._dense()
+        else:
+            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+            chunk = max(1, min(self.size, 256))
+            m = torch.cat([self._base_matmat(eye[:, i : i + chunk]) for i in
+                           range(0, self.size, chunk)], 1)
+        m = 0.5 * (m + m.T)
+        if self.shift:
+            m = m + self.shift * torch.eye(self.size, dtype=m.dtype, device=m.device)
+        return m
+
+    def diagonal(self) -> Tensor:
+        """diag(M) as a vector of size P."""
+        if self._diagonal is not None:
+            d = self._diagonal()
+        elif self._factor is not None:
+            f = self._factor()
+            d = f.U.pow(2).sum(0) / f.n
+        else:
+            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+            chunk = 256
+            parts = []
+            for i in range(0, self.size, chunk):
+                cols = self._base_matmat(eye[:, i : i + chunk])
+                parts.append(cols[i : i + chunk].diagonal())
+            d = torch.cat(parts)
+        return d + self.shift
+
+    # ----------------------------------------------------------------------------- algebra
+    def add_diagonal(self, lam: float) -> LinearOperator:
+        """``M + lam I`` as a new operator (Tikhonov damping); the factor of M is kept."""
+        lam = float(lam)
+        op = copy.copy(self)
+        op.shift = self.shift + lam
+        op.psd = self.psd and lam >= 0
+        op.name = self.name if lam == 0 else f"{self.name} + {lam:g} I"
+        return op
+
+    def __add__(self, lam: float) -> LinearOperator:
+        if isinstance(lam, int | float):
+            return self.add_diagonal(lam)
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
+        from scipy.sparse.linalg import LinearOperator as ScipyOp
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.matvec(v).detach().cpu().double().numpy()
+
+        def mm(X: np.ndarray) -> np.ndarray:
+            V = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+            return self.matmat(V).detach().cpu().double().numpy()
+
+        return ScipyOp(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm,
+                       dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return f"LinearOperator({self.name}, shape={self.shape}, dtype={self.dtype})"

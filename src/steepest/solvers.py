@@ -1,0 +1,282 @@
+r"""Solvers for the damped system :math:`(M + \lambda I)\,x = b` (b = -g gives the direction).
+
+- :class:`Cholesky`: dense, exact; refuses an indefinite or singular matrix with a clear error,
+  or clips eigenvalues when asked (``indefinite="clip"``).
+- :class:`CG`: matrix-free conjugate gradient (Hestenes-Stiefel) with Steihaug-Toint stopping
+  at negative curvature, warm start, diagonal preconditioner and Martens' relative-progress
+  rule (Martens 2010, section 4.4).
+- :class:`Woodbury`: exact solve in sample space for :math:`M = U^T U / n` with U (R, P), R < P:
+  :math:`(U^T U/n + \lambda I)^{-1} b = \frac1\lambda(b - U^T(n\lambda I + U U^T)^{-1} U b)`.
+- :class:`Auto`: Cholesky for small P, Woodbury when the metric has a factor with fewer rows
+  than parameters, CG otherwise (and always CG for an indefinite metric).
+
+Every solver returns a :class:`Solution` saying what happened.
+
+Example
+-------
+>>> sol = CG(tol=1e-8).solve(M + 1e-3, -point.grad)
+>>> sol.x, sol.iterations, sol.residual, sol.negative_curvature
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigurationError, SingularMatrixError, SolverError
+from .linop import DENSE_LIMIT, Factor, LinearOperator
+
+
+@dataclass
+class Solution:
+    """What a solver returned: ``x`` and how it got there (scipy-style)."""
+
+    x: Tensor
+    iterations: int
+    residual: float  # ||A x - b|| / ||b||
+    negative_curvature: bool = False
+    exact: bool = False  # solved to machine precision by a direct method
+    message: str = ""
+    iterates: dict[int, Tensor] = field(default_factory=dict)  # CG iterates kept on request
+
+
+def _relres(a: LinearOperator, x: Tensor, b: Tensor) -> float:
+    bn = float(b.norm())
+    return float((a.matvec(x) - b).norm()) / bn if bn > 0 else float(x.norm())
+
+
+class Solver:
+    name = "solver"
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Cholesky(Solver):
+    r"""Dense exact solve by Cholesky factorisation of :math:`M + \lambda I`.
+
+    Parameters
+    ----------
+    indefinite: ``"raise"`` (default) refuses a matrix that is not positive definite;
+        ``"clip"`` solves with the eigen-decomposition, eigenvalues replaced by
+        ``max(|mu|, clip_floor * max|mu|)`` (the "saddle-free" absolute value), and says so.
+    limit: the largest P for the dense matrix (default :data:`steepest.linop.DENSE_LIMIT`).
+
+    >>> Cholesky().solve(M + 1e-3, -g).x
+    """
+
+    name = "Cholesky"
+
+    def __init__(self, indefinite: str = "raise", clip_floor: float = 1e-8,
+                 limit: int | None = None) -> None:
+        if indefinite not in ("raise", "clip"):
+            raise ConfigurationError(
+                f"Cholesky: indefinite must be 'raise' or 'clip', got {indefinite!r}."
+            )
+        self.indefinite, self.clip_floor, self.limit = indefinite, clip_floor, limit
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        m = a.to_dense(self.limit)
+        chol, info = torch.linalg.cholesky_ex(m)
+        if int(info) == 0:
+            x = torch.cholesky_solve(b.unsqueeze(1), chol).squeeze(1)
+            if torch.isfinite(x).all():
+                return Solution(x, 1, _relres(a, x, b), exact=True, message="Cholesky")
+        if self.indefinite == "clip":
+            mu, q = torch.linalg.eigh(m)
+            floor = self.clip_floor * float(mu.abs().max().clamp_min(1e-300))
+            clipped = mu.abs().clamp_min(floor)
+            x = q @ ((q.T @ b) / clipped)
+            n_neg = int((mu <= 0).sum())
+            return Solution(x, 1, _relres(a, x, b), negative_curvature=n_neg > 0, exact=False,
+                            message=f"eigenvalue clipping: {n_neg} eigenvalues <= 0 replaced "
+                            f"by |mu| (floor {floor:.3g})")
+        mu_min = float(torch.linalg.eigvalsh(m)[0])
+        raise SingularMatrixError(
+            f"{a.name} is not positive definite (smallest eigenvalue {mu_min:.3g}), so Cholesky "
+            "cannot solve it; add damping (damping=1e-3 or more), use CG() which stops at "
+            "negative curvature, or Cholesky(indefinite='clip')."
+        )
+
+
+class CG(Solver):
+    r"""Conjugate gradient on :math:`A x = b`, A = M + lambda I, using products only.
+
+    Stops when :math:`\|r\| \le tol \|b\|`, after ``maxiter`` iterations, at negative or zero
+    curvature :math:`p^T A p \le 0` (Steihaug-Toint: the last iterate, or b itself on the first
+    iteration, is returned, always a direction with :math:`b^T x > 0`), or, with
+    ``progress_tol``, by Martens' rule on the quadratic :math:`\phi(x) = \frac12 x^TAx - b^Tx`:
+    stop at iteration i > k = max(10, 0.1 i) when
+    :math:`\phi(x_i) < 0` and :math:`(\phi(x_i) - \phi(x_{i-k}))/\phi(x_i) < k\,`progress_tol.
+
+    Parameters
+    ----------
+    tol: relative residual tolerance
+    maxiter: iteration limit (default: P, the exact-arithmetic bound, capped at 250 when P is
+        large)
+    progress_tol: Martens' epsilon (5e-4 in Martens 2010), or None
+    preconditioner: a vector P (diagonal of a matrix approximating A; the solve uses its
+        inverse), or None
+    keep_iterates: iteration indices whose iterates to keep (for CG-iterate backtracking);
+        the final iterate is always in ``Solution.x``.
+
+    >>> CG(tol=1e-6, maxiter=50).solve(M + 1e-3, -g)
+    """
+
+    name = "CG"
+
+    def __init__(self, tol: float = 1e-10, maxiter: int | None = None,
+                 progress_tol: float | None = None, preconditioner: Tensor | None = None,
+                 keep_iterates: tuple[int, ...] = ()) -> None:
+        if not (tol >= 0) or (maxiter is not None and maxiter < 1):
+            raise ConfigurationError(
+                f"CG: tol must be >= 0 and maxiter >= 1, got tol={tol!r}, maxiter={maxiter!r}."
+            )
+        self.tol, self.maxiter, self.progress_tol = tol, maxiter, progress_tol
+        self.preconditioner = preconditioner
+        self.keep_iterates = tuple(keep_iterates)
+
+    def __repr__(self) -> str:
+        return f"CG(tol={self.tol}, maxiter={self.maxiter})"
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None,
+              preconditioner: Tensor | None = None) -> Solution:
+        n = a.size
+        maxiter = self.maxiter or (n if n <= 250 else 250)
+        pre = preconditioner if preconditioner is not None else self.preconditioner
+        if pre is not None and not (pre > 0).all():
+            raise ConfigurationError("CG: the diagonal preconditioner must be positive.")
+        bnorm = float(b.norm())
+        if bnorm == 0:
+            return Solution(torch.zeros_like(b), 0, 0.0, message="b = 0")
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        r = b - a.matvec(x) if x0 is not None else b.clone()
+        zv = r / pre if pre is not None else r
+        p = zv.clone()
+        rz = float(r @ zv)
+        phis: list[float] = [float(0.5 * x @ (b - r) - b @ x) if x0 is not None else 0.0]
+        iterates: dict[int, Tensor] = {}
+        neg, msg, i = False, "maxiter reached", 0
+        for i in range(1, maxiter + 1):
+            ap = a.matvec(p)
+            pap = float(p @ ap)
+            if not math.isfinite(pap):
+                raise SolverError(
+                    f"CG: a matrix-vector product returned a non-finite value at iteration "
+                    f"{i}; the metric is not finite at these parameters."
+                )
+            if pap <= 0:
+                neg = True
+                if i == 1 and x0 is None:
+                    x = p.clone()  # Steihaug: the (preconditioned) steepest-descent direction
+                elif float(b @ x) <= 0:
+                    x = zv.clone() if pre is not None else r.clone()
+                msg = f"negative curvature p^T A p = {pap:.3g} at iteration {i}"
+                i -= 1
+                break
+            alpha = rz / pap
+            x = x + alpha * p
+            r = r - alpha * ap
+            if i in self.keep_iterates:
+                iterates[i] = x.clone()
+            if float(r.norm()) <= self.tol * bnorm:
+                msg = "converged"
+                break
+            if self.progress_tol is not None:
+                phis.append(float(0.5 * x @ (b - r) - b @ x))  # phi = 1/2 x^T A x - b^T x
+                k = max(10, int(0.1 * i))
+                if i > k and phis[-1] < 0 and (phis[-1] - phis[-1 - k]) / phis[-1] < k * \
+                        self.progress_tol:
+                    msg = "relative progress below tolerance (Martens)"
+                    break
+            zv = r / pre if pre is not None else r
+            rz_new = float(r @ zv)
+            p = zv + (rz_new / rz) * p
+            rz = rz_new
+        res = float(r.norm()) / bnorm if not neg else _relres(a, x, b)
+        return Solution(x, i, res, negative_curvature=neg, message=msg, iterates=iterates)
+
+
+class Woodbury(Solver):
+    r"""Exact solve in sample space for metrics :math:`M = \frac1n U^T U` (U: R x P):
+    :math:`(M + \lambda I)^{-1} b = \frac1\lambda\,(b - U^T (n\lambda I_R + U U^T)^{-1} U b)`.
+    Costs one R x R Cholesky instead of P x P: the case of small batches on big models. Needs
+    :math:`\lambda > 0` and a metric with a factor (GaussNewton, GGN of a convex loss, Fisher,
+    EmpiricalFisher, GradientCovariance).
+
+    >>> Woodbury().solve(GGN().operator(point) + 1e-3, -g)
+    """
+
+    name = "Woodbury"
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None,
+              factor: Factor | None = None) -> Solution:
+        if not a.has_factor() and factor is None:
+            raise ConfigurationError(
+                f"Woodbury: {a.name} has no sample-space factor U (M = U^T U / n); use "
+                "Cholesky() or CG() for this metric."
+            )
+        lam = a.shift
+        if not lam > 0:
+            raise SingularMatrixError(
+                f"Woodbury needs damping lambda > 0 (got {lam}); with lambda = 0 the matrix "
+                "U^T U / n has rank at most R and is singular; set damping > 0."
+            )
+        f = factor or a.factor()
+        u, n = f.U, f.n
+        k = u @ u.T + n * lam * torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        chol, info = torch.linalg.cholesky_ex(k)
+        if int(info) != 0:
+            raise SolverError("Woodbury: the sample-space matrix is not positive definite.")
+        x = (b - u.T @ torch.cholesky_solve((u @ b).unsqueeze(1), chol).squeeze(1)) / lam
+        return Solution(x, 1, _relres(a, x, b), exact=True, message=f"Woodbury, R={u.shape[0]}")
+
+
+class Auto(Solver):
+    """Chooses per step: Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or
+    damped, Woodbury when M has a factor with fewer rows than P (and lambda > 0), else CG.
+
+    >>> Auto().choose(M + 1e-3)
+    """
+
+    name = "auto"
+
+    def __init__(self, dense_max: int = 2000, cg: CG | None = None) -> None:
+        self.dense_max = dense_max
+        self.cg = cg or CG(tol=1e-8)
+
+    def choose(self, a: LinearOperator) -> Solver:
+        if not a.psd:
+            return self.cg
+        if a.size <= min(self.dense_max, DENSE_LIMIT):
+            return Cholesky()
+        if a.has_factor() and a.shift > 0:
+            return Woodbury()  # the factor's row count is checked when it is built
+        return self.cg
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        solver = self.choose(a)
+        if isinstance(solver, Woodbury):
+            f = a.factor()
+            if f.U.shape[0] >= a.size:
+                return self.cg.solve(a, b, x0)
+            return solver.solve(a, b, x0, factor=f)
+        return solver.solve(a, b, x0)
+
+
+def as_solver(solver: Solver | str) -> Solver:
+    """A solver from an instance or a name: 'auto', 'cholesky', 'cg', 'woodbury'."""
+    if isinstance(solver, Solver):
+        return solver
+    table = {"auto": Auto, "cholesky": Cholesky, "cg": CG, "woodbury": Woodbury}
+    if isinstance(solver, str) and solver.lower() in table:
+        return table[solver.lower()]()
+    raise ConfigurationError(
+        f"unknown solver {solver!r}; use one of {sorted(table)} or a steepest.solvers.Solver."
+    )
