@@ -9,7 +9,7 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 >>> info = opt.step(x, y)
 """
 
-from . import damping, errors, linop, losses, metrics, solvers, steps
+from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt
 from .errors import SteepestError
 from .linop import LinearOperator
@@ -27,8 +27,10 @@ from .metrics import (
 from .optimizer import Optimizer, StepInfo
 from .params import ParamSpace
 from .point import Point
+from .problems import Problem
 from .solvers import CG, Auto, Cholesky, Woodbury
 from .steps import Armijo, KLLineSearch, LearningRate, TrustRegion
+from .torch_optim import TorchOptimizer
 
 __version__ = "0.1.0"
 
@@ -46,10 +48,45 @@ def curvature(model, loss, inputs, targets, metric) -> LinearOperator:
 
 
 __all__ = [
-    "Armijo", "Auto", "BCEWithLogits", "CG", "Cholesky", "Constant", "CrossEntropy",
-    "EmpiricalFisher", "Fisher", "GGN", "GaussNewton", "GaussianNLL", "GradientCovariance",
-    "Hessian", "Identity", "KLLineSearch", "LearningRate", "LevenbergMarquardt", "LinearOperator",
-    "Loss", "MSE", "Metric", "Optimizer", "ParamSpace", "Point", "SteepestError", "StepInfo",
-    "TrustRegion", "Woodbury", "curvature", "damping", "errors", "linop", "losses", "metrics",
-    "solvers", "steps",
+    "Armijo",
+    "Auto",
+    "BCEWithLogits",
+    "CG",
+    "Cholesky",
+    "Constant",
+    "CrossEntropy",
+    "EmpiricalFisher",
+    "Fisher",
+    "GGN",
+    "GaussNewton",
+    "GaussianNLL",
+    "GradientCovariance",
+    "Hessian",
+    "Identity",
+    "KLLineSearch",
+    "LearningRate",
+    "LevenbergMarquardt",
+    "LinearOperator",
+    "Loss",
+    "MSE",
+    "Metric",
+    "Optimizer",
+    "ParamSpace",
+    "Point",
+    "Problem",
+    "SteepestError",
+    "StepInfo",
+    "TorchOptimizer",
+    "TrustRegion",
+    "Woodbury",
+    "compare",
+    "curvature",
+    "damping",
+    "errors",
+    "linop",
+    "losses",
+    "metrics",
+    "problems",
+    "solvers",
+    "steps",
 ]

@@ -1,16 +1,30 @@
-r"""Damping rules: the lambda of :math:`M + \lambda I` (Tikhonov damping, 000 section 3.2).
+r"""Damping rules: the lambda of :math:`M + \lambda I` (Tikhonov damping, 000 section 3.2;
+Martens 2020 section 10).
 
 - :class:`Constant`: a fixed lambda.
 - :class:`LevenbergMarquardt`: lambda adapts to the reduction ratio
-  :math:`\rho = \frac{L(\theta+\delta) - L(\theta)}{q(\delta) - q(0)}`, q the quadratic model
-  :math:`q(\delta) = L + g^T\delta + \frac12 \delta^T M\delta` (undamped M): lambda times
-  ``decrease`` when rho > 3/4, times ``increase`` when rho < 1/4 (Moré 1978; Martens 2010
-  section 4.1). With ``reject=True`` a step that raises the loss is undone, lambda raised and
-  the step retried, at most ``max_tries`` times.
+
+  .. math:: \rho = \frac{L(\theta+\delta) - L(\theta)}{q(\delta) - q(0)},\qquad
+            q(\delta) = L(\theta) + g^T\delta + \tfrac12 \delta^T M\delta
+
+  (q the quadratic model of the *undamped* metric M, whatever the metric: Identity, Hessian,
+  the Gauss-Newton/Fisher family): lambda times ``decrease`` when rho > 3/4, times
+  ``increase`` when rho < 1/4 (Moré 1978; Martens 2010 section 4.1 uses 2/3 and 3/2; our
+  defaults 1/3 and 3 solve more of the NIST StRD problems, benchmarks/nist.md). With
+  ``reject=True`` the optimizer undoes a step whose loss went up, raises lambda and solves
+  again, at most ``max_tries`` solves per step (each try is reported in ``StepInfo.tries`` and
+  ``StepInfo.message``).
+
+A rule's protocol, used by :class:`~steepest.optimizer.Optimizer`: ``value`` (lambda now),
+``update(rho)`` after every try (rho = -inf for a try with no step or a non-finite loss),
+``raise_for_retry()`` when the damped system could not be solved or gave no descent direction,
+``adaptive``, ``reject``, ``max_tries``, ``state_dict()`` / ``load_state_dict()``.
 
 Example
 -------
 >>> opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=LevenbergMarquardt(1e-3))
+>>> info = opt.step(x, y)
+>>> info.rho, info.damping, info.tries      # lambda for the next step: opt.damping.value
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ from .errors import ConfigurationError
 
 
 class Damping:
-    """Base class: ``value`` is lambda; ``update(rho)`` after each step."""
+    """Base class: ``value`` is lambda; ``update(rho)`` after each try of a step."""
 
     adaptive = False
     reject = False
@@ -73,7 +87,16 @@ class Constant(Damping):
 
 
 class LevenbergMarquardt(Damping):
-    r"""Levenberg-Marquardt adaptation of lambda from the reduction ratio rho.
+    r"""Levenberg-Marquardt adaptation of lambda from the reduction ratio rho (Moré 1978,
+    Martens 2010 section 4.1):
+
+    .. math:: \lambda \leftarrow \begin{cases} \lambda \cdot \mathrm{decrease} & \rho > 3/4
+              \\ \lambda \cdot \mathrm{increase} & \rho < 1/4 \text{ or nan}
+              \\ \lambda & \text{otherwise}\end{cases}
+
+    clipped to [min, max]. On a quadratic loss with the exact metric rho = 1 and lambda keeps
+    shrinking (the step tends to the Newton step); when the quadratic model overestimates the
+    decrease (strong higher-order terms) rho < 1/4 and lambda grows, shortening the step.
 
     Parameters
     ----------
@@ -84,12 +107,14 @@ class LevenbergMarquardt(Damping):
     reject: undo a step whose loss went up, raise lambda, retry (up to ``max_tries``)
 
     >>> lm = LevenbergMarquardt(init=1e-2, decrease=2/3, increase=3/2)
+    >>> lm.update(0.9); lm.value        # 1e-2 * 2/3
+    0.006666666666666666
     """
 
     adaptive = True
 
-    def __init__(self, init: float = 1e-3, decrease: float = 2 / 3, increase: float = 3 / 2,
-                 min: float = 1e-12, max: float = 1e12, reject: bool = True,
+    def __init__(self, init: float = 1e-3, decrease: float = 1 / 3, increase: float = 3.0,
+                 min: float = 1e-20, max: float = 1e12, reject: bool = True,
                  max_tries: int = 20) -> None:
         if not (init > 0 and 0 < decrease < 1 < increase and 0 <= min <= max):
             raise ConfigurationError(
@@ -112,12 +137,14 @@ class LevenbergMarquardt(Damping):
         return self.lam
 
     def update(self, rho: float) -> None:
-        if not math.isfinite(rho) or rho < 0.25:
+        """Apply the rule to the reduction ratio of the last try (nan counts as failure)."""
+        if math.isnan(rho) or rho < 0.25:
             self.lam = min(self.lam * self.increase, self.max)
         elif rho > 0.75:
             self.lam = max(self.lam * self.decrease, self.min)
 
     def raise_for_retry(self) -> None:
+        """lambda times ``increase`` (from at least ``min``, at most ``max``)."""
         self.lam = min(max(self.lam, self.min) * self.increase, self.max)
 
     def state_dict(self) -> dict:

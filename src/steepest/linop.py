@@ -92,16 +92,18 @@ class LinearOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """``M v`` for a vector of size P."""
         if v.shape != (self.size,):
-            raise ShapeError(f"{self.name}: expected a vector of shape ({self.size},), got "
-                             f"{tuple(v.shape)}.")
+            raise ShapeError(
+                f"{self.name}: expected a vector of shape ({self.size},), got {tuple(v.shape)}."
+            )
         out = self._matvec(v)
         return out + self.shift * v if self.shift else out
 
     def matmat(self, V: Tensor) -> Tensor:
         """``M V`` for a matrix of columns (P, k)."""
         if V.ndim != 2 or V.shape[0] != self.size:
-            raise ShapeError(f"{self.name}: expected a matrix of shape ({self.size}, k), got "
-                             f"{tuple(V.shape)}.")
+            raise ShapeError(
+                f"{self.name}: expected a matrix of shape ({self.size}, k), got {tuple(V.shape)}."
+            )
         out = self._base_matmat(V)
         return out + self.shift * V if self.shift else out
 
@@ -138,8 +140,9 @@ class LinearOperator:
         else:
             eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
             chunk = max(1, min(self.size, 256))
-            m = torch.cat([self._base_matmat(eye[:, i : i + chunk]) for i in
-                           range(0, self.size, chunk)], 1)
+            m = torch.cat(
+                [self._base_matmat(eye[:, i : i + chunk]) for i in range(0, self.size, chunk)], 1
+            )
         m = 0.5 * (m + m.T)
         if self.shift:
             m = m + self.shift * torch.eye(self.size, dtype=m.dtype, device=m.device)
@@ -191,8 +194,7 @@ class LinearOperator:
             V = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
             return self.matmat(V).detach().cpu().double().numpy()
 
-        return ScipyOp(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm,
-                       dtype=np.float64)
+        return ScipyOp(self.shape, matvec=mv, rmatvec=mv, matmat=mm, rmatmat=mm, dtype=np.float64)
 
     def __repr__(self) -> str:
         return f"LinearOperator({self.name}, shape={self.shape}, dtype={self.dtype})"

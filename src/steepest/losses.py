@@ -238,9 +238,10 @@ class BCEWithLogits(Loss):
                 f"BCEWithLogits: targets must have the logits' shape {tuple(z.shape)}, got "
                 f"{tuple(y.shape)}; reshape the targets (e.g. y.view(-1, 1))."
             )
-        if not y.is_floating_point():
+        if not y.is_floating_point() or y.dtype != z.dtype:
             raise ShapeError(
-                f"BCEWithLogits: targets must be floating point, got {y.dtype}; use y.float()."
+                f"BCEWithLogits: targets must be floating point of the logits' dtype {z.dtype}, "
+                f"got {y.dtype}; convert with y.to(z.dtype)."
             )
         if y.numel() and (float(y.min()) < 0 or float(y.max()) > 1):
             raise TargetError(

@@ -82,8 +82,9 @@ def _jtaj(
         return point.vjp(apply_a(point.jvp(v))) / n
 
     def dense() -> Tensor:
-        out = torch.zeros(point.size, point.size, dtype=point.theta.dtype,
-                          device=point.theta.device)
+        out = torch.zeros(
+            point.size, point.size, dtype=point.theta.dtype, device=point.theta.device
+        )
         for sl in _sample_chunks(point):
             jac = point.jacobian(sl)
             out += torch.einsum("ncp,ncd,ndq->pq", jac, matrix_a(sl), jac)
@@ -106,8 +107,17 @@ def _jtaj(
             u = torch.cat(rows)
             return Factor(u.reshape(-1, point.size), n)
 
-    return LinearOperator(matvec, point.size, point.theta.dtype, point.theta.device,
-                          dense=dense, diagonal=diagonal, factor=factor, psd=psd, name=name)
+    return LinearOperator(
+        matvec,
+        point.size,
+        point.theta.dtype,
+        point.theta.device,
+        dense=dense,
+        diagonal=diagonal,
+        factor=factor,
+        psd=psd,
+        name=name,
+    )
 
 
 def _flat_out(point: Point, sl: slice) -> tuple[Tensor, int]:
@@ -126,9 +136,14 @@ class Identity(Metric):
     def operator(self, point: Point) -> LinearOperator:
         p, dt, dev = point.size, point.theta.dtype, point.theta.device
         return LinearOperator(
-            lambda v: v.clone(), p, dt, dev, matmat=lambda V: V.clone(),
+            lambda v: v.clone(),
+            p,
+            dt,
+            dev,
+            matmat=lambda V: V.clone(),
             dense=lambda: torch.eye(p, dtype=dt, device=dev),
-            diagonal=lambda: torch.ones(p, dtype=dt, device=dev), name=self.name,
+            diagonal=lambda: torch.ones(p, dtype=dt, device=dev),
+            name=self.name,
         )
 
 
@@ -212,22 +227,29 @@ class Fisher(Metric):
                 self.name,
             )
         k = self.mc_samples
-        # output-space gradients of the loss at sampled targets, (k, N, ...) -> S (N, C, k)
-        grads = []
-        for _ in range(k):
-            y_s = loss.sample(z, point.generator)
-            zz = z.clone().requires_grad_(True)
-            with torch.enable_grad():
-                (gz,) = torch.autograd.grad(loss.value(zz, y_s).sum(), zz)
-            grads.append(gz.reshape(point.n, -1))
-        s = torch.stack(grads, 2) / k**0.5
+        # output-space gradients of the loss at sampled targets -> S (N, C, k). The k draws are
+        # made in one call of loss.sample on z repeated k times (draw-major: rows j*N..j*N+N-1
+        # hold draw j), and differentiated in one backward pass.
+        n = point.n
+        zk = z.unsqueeze(0).expand(k, *z.shape).reshape(k * n, *z.shape[1:])
+        y_s = loss.sample(zk, point.generator)
+        zz = zk.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (gz,) = torch.autograd.grad(loss.value(zz, y_s).sum(), zz)
+        s = gz.reshape(k, n, -1).permute(1, 2, 0) / k**0.5
 
         def apply_a(u: Tensor) -> Tensor:
             uf = u.reshape(point.n, -1)
             return torch.einsum("nck,nk->nc", s, torch.einsum("nck,nc->nk", s, uf)).view_as(u)
 
-        return _jtaj(point, apply_a, lambda sl: s[sl] @ s[sl].transpose(1, 2),
-                     lambda sl: s[sl], True, f"Fisher(mc_samples={k})")
+        return _jtaj(
+            point,
+            apply_a,
+            lambda sl: s[sl] @ s[sl].transpose(1, 2),
+            lambda sl: s[sl],
+            True,
+            f"Fisher(mc_samples={k})",
+        )
 
 
 class GradientCovariance(Metric):
@@ -265,8 +287,15 @@ class GradientCovariance(Metric):
             g = grads()
             return g.T @ g / n
 
-        return LinearOperator(matvec, point.size, point.theta.dtype, point.theta.device,
-                              dense=dense, factor=factor, name=self.name)
+        return LinearOperator(
+            matvec,
+            point.size,
+            point.theta.dtype,
+            point.theta.device,
+            dense=dense,
+            factor=factor,
+            name=self.name,
+        )
 
 
 class EmpiricalFisher(GradientCovariance):
@@ -298,8 +327,15 @@ class Hessian(Metric):
     psd = False
 
     def operator(self, point: Point) -> LinearOperator:
-        return LinearOperator(point.hvp, point.size, point.theta.dtype, point.theta.device,
-                              matmat=point.hmm, psd=False, name=self.name)
+        return LinearOperator(
+            point.hvp,
+            point.size,
+            point.theta.dtype,
+            point.theta.device,
+            matmat=point.hmm,
+            psd=False,
+            name=self.name,
+        )
 
 
 METRICS = {

@@ -1,17 +1,33 @@
 r"""The optimizer: one step of :math:`\delta = -\alpha (M + \lambda I)^{-1} g`.
 
 ``Optimizer.step(inputs, targets)`` evaluates the model (a :class:`~steepest.point.Point`),
-builds M from the metric, damps it, solves for the direction, picks alpha with the step rule,
-checks the actual loss against the quadratic model when a rule needs it, accepts or rolls back,
-updates lambda and returns a frozen :class:`StepInfo`. All validation happens before a parameter
-is touched; on any failure the parameters and the optimizer state are restored.
+builds M from the metric (on the whole batch or a curvature sub-batch), damps it, solves for
+the direction d, picks alpha with the step rule, evaluates the loss at
+:math:`\theta + \delta`, compares it with the quadratic model
+
+.. math:: q(\delta) = L(\theta) + g^T\delta + \tfrac12 \delta^T M \delta \quad (M\ \text{undamped})
+
+through the reduction ratio :math:`\rho = (L(\theta) - L(\theta+\delta)) / (q(0) - q(\delta))`,
+accepts or rejects the step, updates lambda (:mod:`steepest.damping`) and the trust radius
+(:mod:`steepest.steps`), and returns a frozen :class:`StepInfo`.
+
+Guarantees
+----------
+- Validation happens before a parameter is touched.
+- A step that *fails* (solver breakdown, a non-finite loss after the step with no retry left)
+  raises a :class:`~steepest.errors.SteepestError` and leaves the parameters and the whole
+  optimizer state (lambda, trust radius, momentum, warm start, generator) exactly as they were.
+- A step that is *rejected* (the loss went up and the damping or trust region rejects such
+  steps, or a line search found no acceptable alpha) is retried with a larger lambda / smaller
+  radius up to ``max_tries`` solves; if every try is rejected, ``StepInfo.accepted`` is False and
+  only lambda (raised) and an adaptive radius (shrunk) differ from before the call.
 
 Example
 -------
->>> opt = Optimizer(model, CrossEntropy(), metric=GGN(), damping=1e-3)
+>>> opt = Optimizer(model, CrossEntropy(), metric=GGN(), damping=LevenbergMarquardt(1e-2))
 >>> for _ in range(10):
 ...     info = opt.step(x, y)
->>> info.loss, info.alpha, info.iterations
+>>> info.loss, info.rho, info.damping, info.accepted
 """
 
 from __future__ import annotations
@@ -25,27 +41,32 @@ import torch
 from torch import Tensor, nn
 
 from .damping import Damping, as_damping
-from .errors import ConfigurationError, SingularMatrixError, SolverError
+from .errors import ConfigurationError, NonFiniteError, SingularMatrixError, SolverError
 from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GradientCovariance, Metric
 from .params import ParamSpace
 from .point import Inputs, Point, evaluate
-from .solvers import CG, Solution, Solver, as_solver
+from .solvers import CG, Auto, Solution, Solver, as_solver
 from .steps import LearningRate, StepContext, StepRule, as_step
+
+_BACKTRACK_GAMMA = 1.3  # Martens 2010 section 4.6: keep CG iterates at ceil(1.3^j)
 
 
 @dataclass(frozen=True)
 class StepInfo:
     """What one step did (scipy-style result).
 
-    loss: L(theta) before the step; loss_new: L(theta + delta) when it was evaluated
+    loss: L(theta) before the step; loss_new: L(theta + delta) (None when no step was tried)
     alpha: the step size; delta = alpha d
     predicted_reduction: q(0) - q(delta) = -(g^T delta + 1/2 delta^T M delta), M undamped
-    actual_reduction: L(theta) - L(theta + delta) when evaluated; rho their ratio
+    actual_reduction: L(theta) - L(theta + delta); rho: actual / predicted (-inf when the model
+        predicts no decrease or the new loss is not finite)
     quad_form: delta^T (M + lambda I) delta
-    damping: lambda used; iterations, residual, negative_curvature, solver: from the solver
-    accepted: whether theta moved; tries: solves made (> 1 after rejected steps)
+    damping: lambda of the last try; iterations, residual, negative_curvature, solver: from the
+        last solve
+    accepted: whether theta moved; tries: solves made (> 1 after rejected tries)
+    evaluations: forward passes for the loss/KL at trial points (line search, rho, backtracking)
     """
 
     loss: float
@@ -69,8 +90,40 @@ class StepInfo:
     message: str = ""
 
 
+class _Trials:
+    """Loss and outputs at theta0 + delta, memoised (a rule, rho and CG backtracking often ask
+    for the same point)."""
+
+    def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
+                 theta0: Tensor, z0: Tensor) -> None:
+        self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
+        self.theta0, self.z0 = theta0, z0
+        self.count = 0
+        self._memo: list[tuple[Tensor, float, Tensor]] = []
+
+    def _eval(self, delta: Tensor) -> tuple[float, Tensor]:
+        for d, value, z in self._memo:
+            if torch.equal(d, delta):
+                return value, z
+        value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
+                            self.theta0 + delta)
+        value = value if math.isfinite(value) else math.inf
+        self.count += 1
+        self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
+        return value, z
+
+    def loss_at(self, delta: Tensor) -> float:
+        return self._eval(delta)[0]
+
+    def kl_at(self, delta: Tensor) -> float:
+        _, z = self._eval(delta)
+        kl = float(self.loss.kl(self.z0, z).mean())
+        return kl if math.isfinite(kl) else math.inf
+
+
 class Optimizer:
-    r"""Unified first/second-order optimizer on any ``nn.Module`` (000, problem (1)).
+    r"""Unified first/second-order optimizer on any ``nn.Module`` (000, problem (1)):
+    :math:`\theta \leftarrow \theta + \alpha d`, :math:`d = -(M + \lambda I)^{-1} g`.
 
     Parameters
     ----------
@@ -80,17 +133,35 @@ class Optimizer:
     damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``)
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance
     step: a :mod:`steepest.steps` rule or a float learning rate, default ``LearningRate(1.0)``
-    momentum: heavy-ball coefficient mu: :math:`\delta_k = \alpha_k d_k + \mu\delta_{k-1}`
-    warm_start: decay of the previous direction used as the iterative solver's start (Martens:
-        0.95); 0 starts from zero
-    preconditioner: None, ``"diagonal"`` (diag(M) + lambda) or ``"empirical-fisher"``
-        ((diag of the empirical Fisher + lambda)^xi, Martens 2010 section 4.7), for CG
-    xi: the exponent of the empirical-Fisher preconditioner (3/4)
-    cg_backtracking: keep CG iterates at indices ceil(1.3^j) and take the one with the best
-        actual loss, going back from the last (Martens 2010 section 4.6)
-    curvature_batch_size: products of M on a random sub-batch of this size (the gradient on the
-        whole batch); or pass ``curvature=(x, y)`` to :meth:`step`
+    momentum: heavy ball on the direction, mu in [0, 1):
+        :math:`\tilde d_k = d_k + \mu \tilde d_{k-1}` and :math:`\delta_k = \alpha_k\tilde d_k`
+        (the momentum buffer of ``torch.optim.SGD`` with the second-order direction in place of
+        the gradient); the step rule (line search, trust region) sees :math:`\tilde d_k`. When
+        :math:`g^T\tilde d_k \ge 0` the buffer restarts from :math:`d_k`. Default 0 (off).
+    warm_start: zeta in [0, 1): CG starts from :math:`\zeta\, x_{k-1}`, the previous CG solution
+        (Martens 2010 section 4.5 uses 0.95); 0 starts from zero
+    preconditioner: for CG, None, ``"diagonal"`` (:math:`\mathrm{diag}(M) + \lambda`, M on the
+        curvature batch) or ``"empirical-fisher"``
+        (:math:`(\mathrm{diag}(\frac1N\sum_i \nabla l_i \odot \nabla l_i) + \lambda)^\xi`,
+        Martens 2010 section 4.7, on the gradient batch)
+    xi: the exponent of the empirical-Fisher preconditioner, in (0, 1] (Martens: 3/4)
+    cg_backtracking: keep the CG iterates at :math:`\lceil 1.3^j \rceil` and, going back from the
+        last, take the one with the lowest actual loss (Martens 2010 section 4.6); needs CG
+    curvature_batch_size: products of M on a random sub-batch of this size, drawn with
+        ``generator`` (the gradient stays on the whole batch); or pass ``curvature=(x, y)`` to
+        :meth:`step`
     generator: the ``torch.Generator`` for sampling (MC Fisher, sub-batches); seeded 0 if None
+
+    The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
+
+    Example
+    -------
+    >>> opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=LevenbergMarquardt(1e-3))
+    >>> info = opt.step(x, y)          # info.rho, info.damping, info.accepted
+    >>> hf = Optimizer(model, CrossEntropy(), metric=GGN(), solver=CG(maxiter=50,
+    ...                progress_tol=5e-4), damping=LevenbergMarquardt(1.0), warm_start=0.95,
+    ...                cg_backtracking=True, preconditioner="empirical-fisher",
+    ...                curvature_batch_size=256)          # Hessian-free (Martens 2010)
     """
 
     def __init__(
@@ -130,17 +201,27 @@ class Optimizer:
         self.damping = as_damping(damping)
         self.solver = as_solver(solver)
         self.step_rule = LearningRate(1.0) if step is None else as_step(step)
-        for name, val, lo, hi in (("momentum", momentum, 0, 1), ("warm_start", warm_start, 0, 1)):
-            if not (isinstance(val, int | float) and lo <= val < hi):
-                raise ConfigurationError(f"{name} must lie in [{lo}, {hi}), got {val!r}.")
+        for name, val in (("momentum", momentum), ("warm_start", warm_start)):
+            if not (isinstance(val, int | float) and 0 <= val < 1):
+                raise ConfigurationError(f"{name} must lie in [0, 1), got {val!r}.")
         if preconditioner not in (None, "diagonal", "empirical-fisher"):
             raise ConfigurationError(
                 f"preconditioner must be None, 'diagonal' or 'empirical-fisher', got "
                 f"{preconditioner!r}."
             )
-        if curvature_batch_size is not None and curvature_batch_size < 1:
+        if not (isinstance(xi, int | float) and 0 < xi <= 1):
+            raise ConfigurationError(f"xi must lie in (0, 1], got {xi!r} (Martens: 0.75).")
+        for name, on in (("preconditioner", preconditioner is not None),
+                         ("cg_backtracking", cg_backtracking)):
+            if on and not isinstance(self.solver, CG):
+                raise ConfigurationError(
+                    f"{name} needs the CG solver, got {self.solver!r}; pass solver=CG(...)."
+                )
+        if curvature_batch_size is not None and not (
+            isinstance(curvature_batch_size, int) and curvature_batch_size >= 1
+        ):
             raise ConfigurationError(
-                f"curvature_batch_size must be a positive integer, got {curvature_batch_size}."
+                f"curvature_batch_size must be a positive integer, got {curvature_batch_size!r}."
             )
         self.momentum, self.warm_start = float(momentum), float(warm_start)
         self.preconditioner, self.xi = preconditioner, float(xi)
@@ -151,19 +232,26 @@ class Optimizer:
             generator.manual_seed(0)
         self.generator = generator
         self.steps = 0
-        self._prev_direction: Tensor | None = None
-        self._prev_delta: Tensor | None = None
+        self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
+        self._momentum_buffer: Tensor | None = None  # d~_{k-1}
+
+    @property
+    def max_tries(self) -> int:
+        """The most solves one step makes (rejected tries are retried up to this bound)."""
+        return max(self.damping.max_tries, self.step_rule.max_tries)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Everything needed to continue bit for bit (parameters excluded, as in torch.optim)."""
+        def clone(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.clone()
+
         return {
             "steps": self.steps,
             "damping": self.damping.state_dict(),
             "step_rule": self.step_rule.state_dict(),
-            "prev_direction": None if self._prev_direction is None else
-            self._prev_direction.clone(),
-            "prev_delta": None if self._prev_delta is None else self._prev_delta.clone(),
+            "prev_direction": clone(self._prev_solution),
+            "momentum_buffer": clone(self._momentum_buffer),
             "generator": self.generator.get_state(),
         }
 
@@ -176,9 +264,9 @@ class Optimizer:
         self.steps = int(state["steps"])
         self.damping.load_state_dict(state["damping"])
         self.step_rule.load_state_dict(state["step_rule"])
-        pd, pdl = state.get("prev_direction"), state.get("prev_delta")
-        self._prev_direction = None if pd is None else pd.clone()
-        self._prev_delta = None if pdl is None else pdl.clone()
+        pd, mb = state.get("prev_direction"), state.get("momentum_buffer")
+        self._prev_solution = None if pd is None else pd.clone()
+        self._momentum_buffer = None if mb is None else mb.clone()
         self.generator.set_state(state["generator"])
 
     # ------------------------------------------------------------------ the step
@@ -191,17 +279,17 @@ class Optimizer:
         """One step on the batch (inputs, targets); returns a :class:`StepInfo`.
 
         ``curvature=(x_c, y_c)`` computes M on another (smaller) batch than the gradient.
+        On an exception the parameters and the optimizer state are restored.
         """
         point = self.point(inputs, targets)  # validates; raises before any change
         theta0 = point.theta.detach().clone()
         saved = copy.deepcopy(self.state_dict())
         try:
-            info = self._step(point, inputs, targets, curvature, theta0)
+            return self._step(point, inputs, targets, curvature, theta0, saved)
         except BaseException:
             self.space.set(theta0)
             self.load_state_dict(saved)
             raise
-        return info
 
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
         if curvature is not None:
@@ -216,154 +304,178 @@ class Optimizer:
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
         return Point(self.space, self.loss, xs, point.y[idx], generator=self.generator)
 
-    def _precondition(self, point: Point, cpoint: Point, op: LinearOperator,
-                      lam: float) -> Tensor | None:
+    def _preconditioner_base(self, point: Point, op: LinearOperator) -> Tensor | None:
+        """diag(M) (clipped at 0) or diag of the empirical Fisher; lambda is added per try."""
         if self.preconditioner is None:
             return None
         if self.preconditioner == "diagonal":
-            return op.diagonal().clamp_min(0) + max(lam, 1e-12)
-        ef = GradientCovariance().operator(point)  # = empirical Fisher, any loss
-        return (ef.diagonal() + max(lam, 1e-12)).pow(self.xi)
+            return op.diagonal().clamp_min(0)
+        return GradientCovariance().operator(point).diagonal()  # = empirical Fisher, any loss
 
-    def _solve(self, a: LinearOperator, b: Tensor, pre: Tensor | None, x0: Tensor | None,
-               keep: tuple[int, ...]) -> Solution:
+    def _preconditioner(self, base: Tensor | None, lam: float) -> Tensor | None:
+        if base is None:
+            return None
+        tiny = torch.finfo(base.dtype).tiny ** 0.5
+        shifted = (base + lam).clamp_min(tiny)
+        return shifted if self.preconditioner == "diagonal" else shifted.pow(self.xi)
+
+    def _solve(self, a: LinearOperator, b: Tensor, pre: Tensor | None,
+               x0: Tensor | None) -> Solution:
         solver = self.solver
         if isinstance(solver, CG):
-            if keep:
+            if self.cg_backtracking:
                 solver = copy.copy(solver)
-                solver.keep_iterates = keep
+                solver.keep_iterates = tuple(sorted(
+                    {math.ceil(_BACKTRACK_GAMMA**j) for j in range(80)}))
             return solver.solve(a, b, x0=x0, preconditioner=pre)
         return solver.solve(a, b, x0)
 
+    def _solver_name(self, a: LinearOperator) -> str:
+        solver = self.solver.choose(a) if isinstance(self.solver, Auto) else self.solver
+        return type(solver).__name__
+
     def _step(self, point: Point, inputs: Inputs, targets: Tensor,
-              curvature: tuple[Inputs, Tensor] | None, theta0: Tensor) -> StepInfo:
+              curvature: tuple[Inputs, Tensor] | None, theta0: Tensor,
+              saved: dict) -> StepInfo:
         g = point.grad
+        gnorm = float(g.norm())
+        if gnorm == 0:
+            return StepInfo(
+                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                damping=self.damping.value, iterations=0, residual=0.0,
+                negative_curvature=False, grad_norm=0.0, step_norm=0.0,
+                directional_derivative=0.0, accepted=False, tries=0,
+                message="zero gradient: theta is a stationary point, no step taken",
+            )
         cpoint = self._curvature_point(point, curvature)
         op = self.metric.operator(cpoint)
-
-        def loss_at(delta: Tensor) -> float:
-            value, _ = evaluate(self.space, self.loss, inputs, targets, theta0 + delta)
-            return value if math.isfinite(value) else math.inf
-
-        def kl_at(delta: Tensor) -> float:
-            _, z_new = evaluate(self.space, self.loss, inputs, targets, theta0 + delta)
-            return float(self.loss.kl(point.z.detach(), z_new).mean())
-
-        needs_rho = self.damping.adaptive or self.step_rule.adaptive or self.damping.reject
-        gnorm = float(g.norm())
+        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach())
+        pre_base = self._preconditioner_base(point, op)
+        x0 = None
+        if self.warm_start and self._prev_solution is not None:
+            x0 = self.warm_start * self._prev_solution
+        reject_increase = self.damping.reject or self.step_rule.reject
+        notes: list[str] = []
+        solutions: dict[float, Solution] = {}
         tries = 0
         while True:
             tries += 1
             lam = self.damping.value
             damped = op.add_diagonal(lam)
-            pre = self._precondition(point, cpoint, op, lam)
-            x0 = None
-            if self.warm_start and self._prev_direction is not None:
-                x0 = self.warm_start * self._prev_direction
-            keep = ()
-            if self.cg_backtracking:
-                keep = tuple(sorted({math.ceil(1.3**j) for j in range(1, 40)}))
-            try:
-                sol = self._solve(damped, -g, pre, x0, keep)
-            except SingularMatrixError:
-                if self.damping.adaptive and tries < self.damping.max_tries:
+            retry = tries < self.max_tries
+            # --- direction d = -(M + lambda I)^-1 g
+            sol = solutions.get(lam)
+            if sol is None:
+                try:
+                    sol = self._solve(damped, -g, self._preconditioner(pre_base, lam), x0)
+                except SingularMatrixError:
+                    if not (self.damping.adaptive and retry):
+                        raise
                     self.damping.raise_for_retry()
+                    notes.append(f"{damped.name} not positive definite: damping raised to "
+                                 f"{self.damping.value:.3g}")
                     continue
-                raise
+                if not torch.isfinite(sol.x).all():
+                    raise SolverError(
+                        f"the solver ({sol.message or self._solver_name(damped)}) returned a "
+                        "non-finite direction; raise the damping or use another solver."
+                    )
+                if not float(g @ sol.x) < 0:
+                    if self.damping.adaptive and retry:
+                        self.damping.raise_for_retry()
+                        notes.append(f"no descent direction at lambda {lam:.3g}: damping "
+                                     f"raised to {self.damping.value:.3g}")
+                        continue
+                    raise SolverError(
+                        f"the direction is not a descent direction (g^T d = "
+                        f"{float(g @ sol.x):.3g} >= 0) for {damped.name}; the matrix is "
+                        "indefinite or the solve inaccurate: raise the damping, use CG() (which "
+                        "stops at negative curvature), Cholesky(indefinite='clip') or tighten tol."
+                    )
+                solutions[lam] = sol
             d = sol.x
-            if not torch.isfinite(d).all():
-                raise SolverError(
-                    f"the solver {sol.message or type(self.solver).__name__} returned a "
-                    "non-finite direction; raise the damping or use another solver."
-                )
+            if sol.iterates:
+                d = self._backtrack_iterates(sol, g, trials.loss_at)
+            if self._momentum_buffer is not None and self.momentum:
+                dm = d + self.momentum * self._momentum_buffer
+                if float(g @ dm) < 0:
+                    d = dm
+                else:
+                    notes.append("momentum restarted (g^T d~ >= 0)")
             gd = float(g @ d)
-            if gnorm > 0 and not gd < 0:
-                if self.damping.adaptive and tries < self.damping.max_tries:
-                    self.damping.raise_for_retry()
-                    continue
-                raise SolverError(
-                    f"the direction is not a descent direction (g^T d = {gd:.3g} >= 0) for "
-                    f"{damped.name}; the matrix is indefinite or the solve inaccurate: raise the "
-                    "damping, use CG() (which stops at negative curvature) or tighten tol."
-                )
-            evaluations = 0
-            if sol.iterates and len(sol.iterates) > 1:
-                d, gd, evaluations = self._backtrack_iterates(sol, d, loss_at, g)
-            dAd = -gd if sol.exact else float(d @ damped.matvec(d))
-            if gnorm == 0:
-                dAd = 0.0
-            elif not dAd > 0:
-                dAd = float(d @ damped.matvec(d))
-                if not dAd > 0:  # negative curvature along d: bound the step in the 2-norm
-                    dAd = float(d @ d)
-            ctx = StepContext(point.value, g, d, damped, dAd, sol, loss_at, kl_at)
-            choice = self.step_rule.choose(ctx) if gnorm > 0 else None
-            alpha = choice.alpha if choice else 0.0
-            evaluations += choice.evaluations if choice else 0
+            # --- d^T (M + lambda I) d: free for an exact solve, one product otherwise
+            dAd = -gd if (sol.exact and d is sol.x) else float(d @ damped.matvec(d))
+            norm2 = dAd if dAd > 0 else -gd  # negative curvature: measure d by -g^T d > 0
+            ctx = StepContext(point.value, g, d, damped, norm2, sol, trials.loss_at,
+                              trials.kl_at)
+            choice = self.step_rule.choose(ctx)
+            alpha = float(choice.alpha)
             delta = alpha * d
-            if self.momentum and self._prev_delta is not None:
-                delta = delta + self.momentum * self._prev_delta
-            if self.momentum and self._prev_delta is not None:
-                quad = float(delta @ damped.matvec(delta))
-            else:
-                quad = alpha**2 * dAd
-            gdelta = float(g @ delta)
-            mquad = quad - lam * float(delta @ delta)  # delta^T M delta
-            predicted = -(gdelta + 0.5 * mquad)
-            loss_new = choice.loss_new if (choice and not self.momentum) else None
-            if needs_rho and loss_new is None and alpha > 0:
-                loss_new = loss_at(delta)
-                evaluations += 1
-            rho = actual = None
-            if loss_new is not None:
+            gdelta = alpha * gd
+            quad = alpha**2 * dAd
+            predicted = -(gdelta + 0.5 * (quad - lam * float(delta @ delta)))
+            loss_new = actual = rho = None
+            if alpha > 0:
+                loss_new = choice.loss_new
+                if loss_new is None:
+                    loss_new = trials.loss_at(delta)
                 actual = point.value - loss_new
-                rho = actual / predicted if predicted != 0 else (1.0 if actual >= 0 else -math.inf)
-                if not math.isfinite(loss_new):
-                    rho = -math.inf
-            accepted = alpha > 0 or bool(self.momentum and self._prev_delta is not None)
-            if self.damping.adaptive and rho is not None:
-                self.damping.update(rho)
-            if self.step_rule.adaptive and rho is not None:
-                self.step_rule.update(rho)
-            rejected = loss_new is not None and (
-                not math.isfinite(loss_new) or (self.damping.reject and loss_new > point.value)
-            )
-            if rejected:
-                accepted = False
-                if tries < self.damping.max_tries:
-                    continue
+                finite = math.isfinite(loss_new)
+                rho = actual / predicted if (predicted > 0 and finite) else -math.inf
+            # --- adapt lambda and the radius, accept or reject
+            self.damping.update(-math.inf if rho is None else rho)
+            self.step_rule.update(-math.inf if rho is None else rho)
+            if loss_new is None:
+                rejected, why = True, choice.message or "the step rule chose alpha = 0"
+            elif not math.isfinite(loss_new):
+                rejected, why = True, "the loss is not finite after the step"
+            elif reject_increase and loss_new > point.value:
+                rejected, why = True, f"the loss went up ({point.value:.6g} -> {loss_new:.6g})"
+            else:
+                rejected, why = False, ""
+            if rejected and retry:
+                notes.append(f"try {tries} rejected: {why}")
+                continue
             break
+        if loss_new is not None and not math.isfinite(loss_new):
+            raise NonFiniteError(
+                f"the loss is not finite after the step (alpha {alpha:.3g}, lambda {lam:.3g}, "
+                f"{tries} tries); parameters and optimizer state are unchanged. Raise the "
+                "damping, use LevenbergMarquardt(), a smaller step or a line search (Armijo())."
+            )
+        accepted = not rejected
         if accepted:
             self.space.set(theta0 + delta)
-            self._prev_direction = d.detach().clone()
-            self._prev_delta = delta.detach().clone()
+            self._prev_solution = sol.x.detach().clone()
+            self._momentum_buffer = d.detach().clone() if self.momentum else None
             self.steps += 1
-        message = "; ".join(m for m in (sol.message, choice.message if choice else "") if m)
-        if not accepted:
-            message = (message + "; " if message else "") + "step rejected: parameters unchanged"
+        else:
+            self.generator.set_state(saved["generator"])
+            notes.append(f"step rejected: {why}; parameters unchanged")
+        message = "; ".join(m for m in (sol.message, choice.message, *notes) if m)
         return StepInfo(
             loss=point.value, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
             damping=lam, iterations=sol.iterations, residual=sol.residual,
             negative_curvature=sol.negative_curvature, grad_norm=gnorm,
             step_norm=float(delta.norm()) if accepted else 0.0, directional_derivative=gdelta,
             accepted=accepted, tries=tries, loss_new=loss_new, actual_reduction=actual, rho=rho,
-            evaluations=evaluations, solver=type(self.solver).__name__, message=message,
+            evaluations=trials.count, solver=self._solver_name(damped), message=message,
         )
 
     @staticmethod
-    def _backtrack_iterates(sol: Solution, d: Tensor, loss_at: Callable[[Tensor], float],
-                            g: Tensor) -> tuple[Tensor, float, int]:
-        """Martens 2010 section 4.6: from the last CG iterate go back while the loss drops."""
+    def _backtrack_iterates(sol: Solution, g: Tensor,
+                            loss_at: Callable[[Tensor], float]) -> Tensor:
+        r"""Martens 2010 section 4.6: among the kept CG iterates (descent directions only) and
+        the last one, go back from the last while :math:`L(\theta + x_i)` decreases; return the
+        best."""
         cands = [sol.iterates[k] for k in sorted(sol.iterates)]
-        if not torch.equal(cands[-1], d):
-            cands.append(d)
+        if not cands or not torch.equal(cands[-1], sol.x):
+            cands.append(sol.x)
+        cands = [c for c in cands if float(g @ c) < 0] or [sol.x]
         best, best_loss = cands[-1], loss_at(cands[-1])
-        evals = 1
         for cand in reversed(cands[:-1]):
             value = loss_at(cand)
-            evals += 1
-            if value < best_loss:
-                best, best_loss = cand, value
-            else:
+            if not value < best_loss:
                 break
-        return best, float(g @ best), evals
+            best, best_loss = cand, value
+        return best

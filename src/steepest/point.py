@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import NonFiniteError, ShapeError
 from .losses import Loss, as_loss
@@ -49,6 +50,25 @@ def _check_finite_inputs(inputs: Inputs, targets: Tensor) -> None:
         raise ShapeError(f"targets must be a tensor, got {type(targets).__name__}.")
     if targets.is_floating_point() and not torch.isfinite(targets).all():
         raise NonFiniteError("the targets hold NaN or infinite values; clean the data first.")
+
+
+def _explain_forward_error(err: RuntimeError, inputs: Inputs, theta: Tensor) -> None:
+    """Turn a forward failure caused by inputs of another dtype or device than the parameters
+    into a :class:`ShapeError` that says so; other failures propagate unchanged."""
+    xs = inputs if isinstance(inputs, tuple) else (inputs,)
+    for x in xs:
+        if x.is_floating_point() and x.dtype != theta.dtype:
+            raise ShapeError(
+                f"the model failed on inputs of dtype {x.dtype} while its parameters are "
+                f"{theta.dtype}; convert the inputs with x.to({theta.dtype}) (or the model with "
+                f"model.to(dtype)). The model said: {err}"
+            ) from err
+        if x.device != theta.device:
+            raise ShapeError(
+                f"the model failed on inputs on {x.device} while its parameters are on "
+                f"{theta.device}; move the inputs with x.to('{theta.device}'). The model said: "
+                f"{err}"
+            ) from err
 
 
 class Point:
@@ -80,8 +100,15 @@ class Point:
         base = self.space.get() if theta is None else theta.detach()
         self.theta = base.clone().requires_grad_(True)
         self.size = self.space.size
-        with torch.enable_grad():
-            z = self.space.function()(self.theta, inputs)
+        # The fused attention kernels (flash, memory-efficient) have no double backward, which
+        # the J v trick, H v and the vmapped per-sample gradients need: build the graph with
+        # the math kernel of scaled_dot_product_attention (same values).
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            try:
+                z = self.space.function()(self.theta, inputs)
+            except RuntimeError as err:
+                _explain_forward_error(err, inputs, self.theta)
+                raise
             if not isinstance(z, Tensor):
                 raise ShapeError(
                     f"the model must return one tensor of outputs, got {type(z).__name__}; "
@@ -129,8 +156,9 @@ class Point:
         """(J^T u as a differentiable function of a dummy u, u) for out = z or l."""
         u = torch.zeros_like(out, requires_grad=True)
         with torch.enable_grad():
-            (gu,) = torch.autograd.grad(out, self.theta, u, create_graph=True,
-                                        retain_graph=True, allow_unused=True)
+            (gu,) = torch.autograd.grad(
+                out, self.theta, u, create_graph=True, retain_graph=True, allow_unused=True
+            )
         if gu is None:
             gu = torch.zeros_like(self.theta, requires_grad=False)
         return gu, u
@@ -162,8 +190,11 @@ class Point:
         idx = range(self.n)[samples or slice(None)]
         cots = torch.zeros(len(idx) * c, self.n, c, dtype=zf.dtype, device=zf.device)
         rows = torch.arange(len(idx) * c, device=zf.device)
-        cots[rows, torch.tensor(list(idx), device=zf.device).repeat_interleave(c),
-             torch.arange(c, device=zf.device).repeat(len(idx))] = 1
+        cots[
+            rows,
+            torch.tensor(list(idx), device=zf.device).repeat_interleave(c),
+            torch.arange(c, device=zf.device).repeat(len(idx)),
+        ] = 1
         jac = self._batched(self.z, self.theta, cots.view(-1, *self.z.shape))
         return jac.detach().view(len(idx), c, self.size)
 
@@ -197,8 +228,13 @@ class Point:
     def _hessian_graph_product(self, v: Tensor, batched: bool = False) -> Tensor:
         if self._ggraph is None:
             with torch.enable_grad():
-                (gg,) = torch.autograd.grad(self.value_t, self.theta, create_graph=True,
-                                            retain_graph=True, allow_unused=True)
+                (gg,) = torch.autograd.grad(
+                    self.value_t,
+                    self.theta,
+                    create_graph=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
             self._ggraph = gg if gg is not None else torch.zeros_like(self.theta)
         if not self._ggraph.requires_grad:
             return torch.zeros_like(v)
@@ -207,8 +243,9 @@ class Point:
         return self._grad(self._ggraph, self.theta, v).detach()
 
 
-def evaluate(space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-             theta: Tensor) -> tuple[float, Tensor]:
+def evaluate(
+    space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor, theta: Tensor
+) -> tuple[float, Tensor]:
     """Mean loss and outputs at ``theta``, without a graph (for line searches and rho)."""
     with torch.no_grad():
         z = space.function()(theta, inputs)

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import linop
 from .errors import ConfigurationError, SingularMatrixError, SolverError
-from .linop import DENSE_LIMIT, Factor, LinearOperator
+from .linop import Factor, LinearOperator
 
 
 @dataclass
@@ -73,8 +74,9 @@ class Cholesky(Solver):
 
     name = "Cholesky"
 
-    def __init__(self, indefinite: str = "raise", clip_floor: float = 1e-8,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self, indefinite: str = "raise", clip_floor: float = 1e-8, limit: int | None = None
+    ) -> None:
         if indefinite not in ("raise", "clip"):
             raise ConfigurationError(
                 f"Cholesky: indefinite must be 'raise' or 'clip', got {indefinite!r}."
@@ -85,6 +87,14 @@ class Cholesky(Solver):
         m = a.to_dense(self.limit)
         chol, info = torch.linalg.cholesky_ex(m)
         if int(info) == 0:
+            # a factorisation can succeed on a singular matrix thanks to rounding (a pivot of
+            # the order of eps ||M||): treat a pivot at rounding level of its own diagonal
+            # entry as singular (relative to each entry, so badly scaled regular matrices pass)
+            piv = chol.diagonal().pow(2)
+            eps = torch.finfo(m.dtype).eps
+            if bool((piv <= eps * m.diagonal().abs()).any()):
+                info = torch.ones((), dtype=torch.int32)
+        if int(info) == 0:
             x = torch.cholesky_solve(b.unsqueeze(1), chol).squeeze(1)
             if torch.isfinite(x).all():
                 return Solution(x, 1, _relres(a, x, b), exact=True, message="Cholesky")
@@ -94,12 +104,19 @@ class Cholesky(Solver):
             clipped = mu.abs().clamp_min(floor)
             x = q @ ((q.T @ b) / clipped)
             n_neg = int((mu <= 0).sum())
-            return Solution(x, 1, _relres(a, x, b), negative_curvature=n_neg > 0, exact=False,
-                            message=f"eigenvalue clipping: {n_neg} eigenvalues <= 0 replaced "
-                            f"by |mu| (floor {floor:.3g})")
-        mu_min = float(torch.linalg.eigvalsh(m)[0])
+            return Solution(
+                x,
+                1,
+                _relres(a, x, b),
+                negative_curvature=n_neg > 0,
+                exact=False,
+                message=f"eigenvalue clipping: {n_neg} eigenvalues <= 0 replaced "
+                f"by |mu| (floor {floor:.3g})",
+            )
+        mu = torch.linalg.eigvalsh(m)
         raise SingularMatrixError(
-            f"{a.name} is not positive definite (smallest eigenvalue {mu_min:.3g}), so Cholesky "
+            f"{a.name} is singular or not positive definite (smallest eigenvalue "
+            f"{float(mu[0]):.3g}, largest {float(mu[-1]):.3g}), so Cholesky "
             "cannot solve it; add damping (damping=1e-3 or more), use CG() which stops at "
             "negative curvature, or Cholesky(indefinite='clip')."
         )
@@ -131,9 +148,14 @@ class CG(Solver):
 
     name = "CG"
 
-    def __init__(self, tol: float = 1e-10, maxiter: int | None = None,
-                 progress_tol: float | None = None, preconditioner: Tensor | None = None,
-                 keep_iterates: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        tol: float = 1e-10,
+        maxiter: int | None = None,
+        progress_tol: float | None = None,
+        preconditioner: Tensor | None = None,
+        keep_iterates: tuple[int, ...] = (),
+    ) -> None:
         if not (tol >= 0) or (maxiter is not None and maxiter < 1):
             raise ConfigurationError(
                 f"CG: tol must be >= 0 and maxiter >= 1, got tol={tol!r}, maxiter={maxiter!r}."
@@ -145,8 +167,13 @@ class CG(Solver):
     def __repr__(self) -> str:
         return f"CG(tol={self.tol}, maxiter={self.maxiter})"
 
-    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None,
-              preconditioner: Tensor | None = None) -> Solution:
+    def solve(
+        self,
+        a: LinearOperator,
+        b: Tensor,
+        x0: Tensor | None = None,
+        preconditioner: Tensor | None = None,
+    ) -> Solution:
         n = a.size
         maxiter = self.maxiter or (n if n <= 250 else 250)
         pre = preconditioner if preconditioner is not None else self.preconditioner
@@ -177,6 +204,8 @@ class CG(Solver):
                     x = p.clone()  # Steihaug: the (preconditioned) steepest-descent direction
                 elif float(b @ x) <= 0:
                     x = zv.clone() if pre is not None else r.clone()
+                    if float(b @ x) <= 0:  # warm start: r = b - A x0 need not descend
+                        x = b / pre if pre is not None else b.clone()
                 msg = f"negative curvature p^T A p = {pap:.3g} at iteration {i}"
                 i -= 1
                 break
@@ -191,15 +220,26 @@ class CG(Solver):
             if self.progress_tol is not None:
                 phis.append(float(0.5 * x @ (b - r) - b @ x))  # phi = 1/2 x^T A x - b^T x
                 k = max(10, int(0.1 * i))
-                if i > k and phis[-1] < 0 and (phis[-1] - phis[-1 - k]) / phis[-1] < k * \
-                        self.progress_tol:
+                if (
+                    i > k
+                    and phis[-1] < 0
+                    and (phis[-1] - phis[-1 - k]) / phis[-1] < k * self.progress_tol
+                ):
                     msg = "relative progress below tolerance (Martens)"
                     break
             zv = r / pre if pre is not None else r
             rz_new = float(r @ zv)
             p = zv + (rz_new / rz) * p
             rz = rz_new
-        res = float(r.norm()) / bnorm if not neg else _relres(a, x, b)
+        # the recursive residual r drifts from b - A x in low precision (float32): report the
+        # true one, at the cost of one more product
+        res = _relres(a, x, b)
+        if msg == "converged" and res > 10 * self.tol:
+            msg = (
+                f"converged in the recursive residual, but the true relative residual is "
+                f"{res:.3g} > tol={self.tol:g}: the limit of {b.dtype} precision for this "
+                "system; loosen tol, add damping or use float64"
+            )
         return Solution(x, i, res, negative_curvature=neg, message=msg, iterates=iterates)
 
 
@@ -215,8 +255,9 @@ class Woodbury(Solver):
 
     name = "Woodbury"
 
-    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None,
-              factor: Factor | None = None) -> Solution:
+    def solve(
+        self, a: LinearOperator, b: Tensor, x0: Tensor | None = None, factor: Factor | None = None
+    ) -> Solution:
         if not a.has_factor() and factor is None:
             raise ConfigurationError(
                 f"Woodbury: {a.name} has no sample-space factor U (M = U^T U / n); use "
@@ -254,7 +295,7 @@ class Auto(Solver):
     def choose(self, a: LinearOperator) -> Solver:
         if not a.psd:
             return self.cg
-        if a.size <= min(self.dense_max, DENSE_LIMIT):
+        if a.size <= min(self.dense_max, linop.DENSE_LIMIT):
             return Cholesky()
         if a.has_factor() and a.shift > 0:
             return Woodbury()  # the factor's row count is checked when it is built

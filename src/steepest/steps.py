@@ -7,8 +7,10 @@ the damped operator, and functions giving the loss and the mean KL divergence at
 - :class:`LearningRate`: fixed alpha.
 - :class:`TrustRegion`: problem (1) of 000, Appendix A:
   :math:`\alpha = \epsilon / \sqrt{g^T (M+\lambda I)^{-1} g}` so that
-  :math:`\delta^T (M + \lambda I)\delta = \epsilon^2`; ``adaptive=True`` grows or shrinks
-  epsilon with the agreement rho of the actual and predicted reduction.
+  :math:`\delta^T (M + \lambda I)\delta = \epsilon^2`; ``adaptive=True`` is the classical
+  trust-region method: the full step when it lies inside the region (alpha <= 1), epsilon grown
+  or shrunk with the agreement rho of the actual and predicted reduction, and a step that raised
+  the loss rejected and retried with a smaller radius.
 - :class:`Armijo`: backtracking line search on the true loss (sufficient decrease).
 - :class:`KLLineSearch`: TRPO-style: the largest alpha in a backtracking sequence whose mean
   KL between old and new predictive distributions stays under a bound and that lowers the loss.
@@ -39,7 +41,8 @@ class StepContext:
     g: Tensor
     d: Tensor
     damped: LinearOperator  # M + lambda I
-    dAd: float  # d^T (M + lambda I) d
+    dAd: float  # d^T (M + lambda I) d, or -g^T d > 0 where that is not positive (negative
+    # curvature met by CG or clipped eigenvalues): the squared length of d in the step's metric
     solution: Solution
     loss_at: Callable[[Tensor], float]  # delta -> L(theta + delta) on the batch
     kl_at: Callable[[Tensor], float]  # delta -> mean_i KL(R_z(theta) || R_z(theta + delta))
@@ -60,9 +63,12 @@ def _positive(name: str, **values: float) -> None:
 
 
 class StepRule:
-    """Base class. ``update(rho)`` is called after each step with the reduction ratio."""
+    """Base class. ``choose(ctx)`` returns alpha; ``update(rho)`` is called after each try with
+    the reduction ratio (-inf for a try with no step or a non-finite loss)."""
 
-    adaptive = False  # whether update() needs rho (the loss after the step)
+    adaptive = False  # whether update() uses rho
+    reject = False  # whether the optimizer rejects (and retries) a step that raised the loss
+    max_tries = 1  # solves per optimizer step this rule asks for (retries after rejections)
 
     def choose(self, ctx: StepContext) -> StepChoice:
         raise NotImplementedError
@@ -104,35 +110,63 @@ class TrustRegion(StepRule):
     r"""Solution of problem (1) of 000 (Appendix A):
     :math:`\alpha = \epsilon / \sqrt{g^T (M + \lambda I)^{-1} g}`, so that
     :math:`\delta^T (M + \lambda I) \delta = \epsilon^2`. For an inexact (CG) direction alpha
-    uses :math:`d^T (M + \lambda I) d` so the constraint still holds exactly.
+    uses :math:`d^T (M + \lambda I) d` so the constraint still holds exactly (and
+    :math:`-g^T d` where d meets negative curvature).
 
-    With ``adaptive=True`` epsilon adapts like a trust-region radius: times ``grow`` when
-    rho > 3/4, times ``shrink`` when rho < 1/4, within [eps_min, eps_max].
+    With ``adaptive=True`` it is the classical trust-region method (Moré 1978; Nocedal and
+    Wright ch. 4) on the quadratic model :math:`q(\delta) = L + g^T\delta +
+    \frac12\delta^T M\delta`: :math:`\alpha = \min(\epsilon/\sqrt{d^T(M+\lambda I)d},\
+    \alpha_{max})` with ``max_alpha`` = 1 (the full step when it lies inside the region),
+    epsilon times ``grow`` when rho > 3/4, times ``shrink`` when rho < 1/4, within
+    [eps_min, eps_max], and a step that raised the loss is rejected by the optimizer and retried
+    with the smaller radius (at most ``max_tries`` solves).
 
-    >>> TrustRegion(eps=0.1, adaptive=True)
+    Parameters
+    ----------
+    eps: the radius epsilon
+    adaptive: adapt epsilon from rho, cap alpha, reject increases (see above)
+    grow, shrink: factors of epsilon on good (rho > 3/4) and poor (rho < 1/4) agreement
+    eps_min, eps_max: bounds of epsilon
+    max_alpha: the cap on alpha; default None: 1 when adaptive, none otherwise (always on the
+        boundary, as in problem (1))
+    max_tries: solves per optimizer step when adaptive (rejected steps are retried)
+
+    >>> TrustRegion(eps=0.1)                  # the paper's step, on the boundary
+    >>> TrustRegion(eps=1.0, adaptive=True)   # classical trust region
     """
 
     def __init__(self, eps: float = 0.1, adaptive: bool = False, grow: float = 2.0,
-                 shrink: float = 0.25, eps_min: float = 1e-12, eps_max: float = 1e6) -> None:
+                 shrink: float = 0.25, eps_min: float = 1e-12, eps_max: float = 1e6,
+                 max_alpha: float | None = None, max_tries: int = 20) -> None:
         _positive("TrustRegion", eps=eps, grow=grow, shrink=shrink, eps_min=eps_min,
                   eps_max=eps_max)
         if not (shrink < 1 < grow):
             raise ConfigurationError(
                 f"TrustRegion: need shrink < 1 < grow, got shrink={shrink}, grow={grow}."
             )
+        if max_alpha is not None and max_alpha != math.inf:
+            _positive("TrustRegion", max_alpha=max_alpha)
+        if not (isinstance(max_tries, int) and max_tries >= 1):
+            raise ConfigurationError(f"TrustRegion: max_tries must be an integer >= 1, got "
+                                     f"{max_tries!r}.")
         self.eps, self.adaptive = float(eps), bool(adaptive)
         self.grow, self.shrink, self.eps_min, self.eps_max = grow, shrink, eps_min, eps_max
+        if max_alpha is None:
+            max_alpha = 1.0 if self.adaptive else math.inf
+        self.max_alpha = float(max_alpha)
+        self.reject = self.adaptive
+        self.max_tries = int(max_tries) if self.adaptive else 1
 
     def __repr__(self) -> str:
         return f"TrustRegion(eps={self.eps:g}, adaptive={self.adaptive})"
 
     def choose(self, ctx: StepContext) -> StepChoice:
-        return StepChoice(self.eps / math.sqrt(ctx.dAd))
+        return StepChoice(min(self.eps / math.sqrt(ctx.dAd), self.max_alpha))
 
     def update(self, rho: float) -> None:
         if not self.adaptive:
             return
-        if not math.isfinite(rho) or rho < 0.25:
+        if math.isnan(rho) or rho < 0.25:
             self.eps = max(self.eps * self.shrink, self.eps_min)
         elif rho > 0.75:
             self.eps = min(self.eps * self.grow, self.eps_max)
@@ -165,6 +199,9 @@ class Armijo(StepRule):
 
     def choose(self, ctx: StepContext) -> StepChoice:
         slope = float(ctx.g @ ctx.d)
+        if not slope < 0:
+            return StepChoice(0.0, 0, ctx.loss,
+                              f"Armijo: d is not a descent direction (g^T d = {slope:.3g})")
         alpha = self.alpha0
         for k in range(1, self.max_evals + 1):
             new = ctx.loss_at(alpha * ctx.d)

@@ -1,0 +1,214 @@
+"""The ``steepest`` command line (argparse with subcommands).
+
+- ``steepest compare --problem NAME --methods LIST (--iters N | --time SECONDS) --seed S
+  --device cpu|cuda --dtype float32|float64 --out DIR [--set METHOD.KEY=VALUE ...] [--quiet]``
+- ``steepest geometry --problem NAME [--at A,B] [--eps E] [--out FILE.png]``
+- ``steepest problems [--defaults]``
+
+Every option is checked before anything is computed or written; an error prints one line
+``steepest: error: ...`` on stderr and exits with status 2.
+
+Example
+-------
+$ steepest compare --problem regression --methods ggn,adam --iters 30 --out out
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .errors import SteepestError
+
+DEFAULT_PROBLEM = "regression"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _budget(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .compare import METHODS
+
+    parser = _Parser(prog="steepest", description="First- and second-order variants of "
+                     "gradient descent in one framework: compare them on a problem.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    cmp = sub.add_parser(
+        "compare", help="run the methods side by side on a problem and report",
+        description="Run the six methods of Table 1 (and Adam, SGD, L-BFGS) from the same "
+        "initial weights; print a table and write results.json, plots and report.html.")
+    cmp.add_argument("--problem", default=DEFAULT_PROBLEM,
+                     help=f"a built-in problem (see `steepest problems`) or "
+                     f"path/to/file.py:function (default {DEFAULT_PROBLEM})")
+    cmp.add_argument("--methods", default="all",
+                     help=f"comma-separated, from {', '.join(METHODS)}; or 'all' (default)")
+    budget = cmp.add_mutually_exclusive_group()
+    budget.add_argument("--iters", type=_budget(int), metavar="N",
+                        help="steps per method (default: the problem's)")
+    budget.add_argument("--time", type=_budget(float), metavar="SECONDS",
+                        help="seconds of step time per method")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the initial weights (0)")
+    cmp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    cmp.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    cmp.add_argument("--out", default="out", metavar="DIR",
+                     help="directory for results.json, the plots and report.html (out)")
+    cmp.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                     dest="assignments",
+                     help="override a setting, e.g. natural.damping=1e-2 (repeatable); "
+                     "keys: `steepest problems --defaults`")
+    cmp.add_argument("--quiet", action="store_true", help="no progress display and no table")
+
+    geo = sub.add_parser(
+        "geometry", help="draw loss contours, trust regions and steps of a 2-parameter problem",
+        description="Figure 1 of Pierrot et al. for a real model: at one point, the loss "
+        "contours, each metric's trust region delta^T M delta <= eps^2 and its step.")
+    geo.add_argument("--problem", default="toy2d", help="a two-parameter problem (toy2d)")
+    geo.add_argument("--at", metavar="A,B", help="the point (default: the initial weights)")
+    geo.add_argument("--seed", type=int, default=0, help="seed of the initial weights (0)")
+    geo.add_argument("--eps", type=_budget(float),
+                     help="one epsilon for every metric (default: scaled per metric)")
+    geo.add_argument("--radius", type=_budget(float), default=1.0,
+                     help="longest ellipse axis when eps is scaled per metric (1)")
+    geo.add_argument("--out", default="geometry.png", metavar="FILE",
+                     help="the PNG to write (geometry.png)")
+
+    prob = sub.add_parser("problems", help="list the problems, one line each",
+                          description="List the built-in problems.")
+    prob.add_argument("--defaults", action="store_true",
+                      help="also print each problem's per-method settings")
+    return parser
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from . import compare, report
+
+    overrides = compare.parse_set(args.assignments)
+    if args.seed < 0:
+        raise SteepestError(f"--seed must be >= 0, got {args.seed}.")
+    report.check_out(args.out)
+    plan = compare.plan(args.problem, args.methods, iters=args.iters, time=args.time,
+                        seed=args.seed, device=args.device, dtype=args.dtype,
+                        settings=overrides)
+    if args.quiet:
+        result = compare.execute(plan)
+    else:
+        result = _with_progress(plan)
+    report.write(result, args.out)
+    if not args.quiet:
+        from rich.console import Console
+
+        console = Console() if sys.stdout.isatty() else Console(width=140)
+        report.print_table(result, console)
+        console.print(f"wrote {args.out}/report.html, results.json and plots", highlight=False)
+    return 0
+
+
+def _with_progress(plan) -> object:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import compare
+
+    total = plan.iters
+    columns = [TextColumn("{task.description:<22}"), BarColumn(bar_width=24),
+               TextColumn("it {task.completed:>5.0f}"), TextColumn("loss {task.fields[loss]}"),
+               TextColumn("step time {task.fields[elapsed]}"), TimeElapsedColumn()]
+    tasks: dict[str, int] = {}
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        def update(method: str, k: int, loss: float, elapsed: float) -> None:
+            if method not in tasks:
+                tasks[method] = progress.add_task(compare.LABELS[method], total=total,
+                                                  loss="-", elapsed="-")
+            progress.update(tasks[method], completed=k, loss=f"{loss:.4g}",
+                            elapsed=f"{elapsed:.2f}s")
+
+        return compare.execute(plan, update)
+
+
+def _geometry(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import geometry
+
+    theta = None
+    if args.at:
+        try:
+            theta = torch.tensor([float(v) for v in args.at.split(",")], dtype=torch.float64)
+        except ValueError:
+            raise SteepestError(f"--at must be two numbers A,B, got {args.at!r}.") from None
+        if theta.numel() != 2:
+            raise SteepestError(f"--at must be two numbers A,B, got {args.at!r}.")
+    from .report import check_out
+
+    if check_out(args.out).is_dir():
+        raise SteepestError(f"--out {args.out!r} is a directory; pass a .png file path.")
+    geom = geometry.compute(args.problem, theta=theta, seed=args.seed, eps=args.eps,
+                            radius=args.radius)
+    path = geometry.draw(geom, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _problems(args: argparse.Namespace) -> int:
+    from . import problems
+
+    rows = problems.describe()
+    width = max(len(n) for n, _ in rows)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+        if args.defaults:
+            prob = problems.get(name)
+            for method, kv in prob.defaults.items():
+                sets = ", ".join(f"{k}={v}" for k, v in kv.items())
+                print(f"{'':<{width}}    {method}: {sets}")
+    if args.defaults:
+        from .compare import METHOD_DEFAULTS
+
+        print("\nglobal defaults (METHOD.KEY=VALUE; a problem's settings above override them):")
+        for method, kv in METHOD_DEFAULTS.items():
+            print(f"  {method}: " + ", ".join(f"{k}={v}" for k, v in kv.items()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``steepest`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"compare": _compare, "geometry": _geometry, "problems": _problems}[args.command]
+    try:
+        return handler(args)
+    except SteepestError as err:
+        print(f"steepest: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steepest: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

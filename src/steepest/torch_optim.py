@@ -1,0 +1,644 @@
+r"""A ``torch.optim.Optimizer`` for the unified step
+:math:`\delta = -\alpha (M + \lambda I)^{-1} g` (000, problem (1) and Appendix A).
+
+:class:`TorchOptimizer` lets the optimizers of :mod:`steepest` drop into existing PyTorch
+training loops: ``step(closure)``, ``zero_grad()``, ``param_groups``, learning-rate schedulers
+(``param_groups[g]["lr"]`` is the alpha of the :class:`~steepest.steps.LearningRate` rule and
+``["momentum"]`` the heavy-ball mu), and ``state_dict()`` / ``load_state_dict()`` in the
+``torch.optim`` format. The step itself is the one of :class:`steepest.Optimizer` (metric,
+damping, solver, step rule, acceptance and roll-back), computed from the autograd graph of what
+the closure returns instead of from a module and a batch.
+
+The closure contract (the closure evaluates the *same* batch each time it is called, with
+gradients enabled, and must not call ``backward()``: the optimizer differentiates the result):
+
+==============================================  ============================================
+metric                                          the closure returns
+==============================================  ============================================
+``Identity()``, ``Hessian()``                   the scalar loss :math:`L = \frac1N\sum_i l_i`
+                                                (or the per-sample losses, or
+                                                ``(outputs, targets)``)
+``GradientCovariance()``, ``EmpiricalFisher()``  the per-sample losses :math:`(l_i)_i`, shape
+                                                (N,), or ``(outputs, targets)``
+``GaussNewton()``, ``GGN()``, ``Fisher()``       ``(outputs, targets)``: the model outputs z
+                                                (with their graph) and the targets y;
+                                                ``loss=`` gives :math:`l(y, z)`
+==============================================  ============================================
+
+From ``(outputs, targets)`` the products are built on the closure's graph: :math:`J^T u` by
+one backward pass, :math:`J v` by the double-backward trick (differentiate
+:math:`u \mapsto J^T u` once more), :math:`H v` by reverse over reverse on the gradient graph.
+Only the parameters given to the optimizer are in theta; others are held fixed.
+
+Example
+-------
+>>> opt = TorchOptimizer(model.parameters(), loss=CrossEntropy(), metric=GGN(), lr=1.0,
+...                      damping=LevenbergMarquardt(1e-2))
+>>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+>>> for x, y in loader:
+...     opt.step(lambda: (model(x), y))
+...     sched.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .damping import Damping
+from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .losses import CallableLoss, Loss, as_loss
+from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
+from .optimizer import Optimizer, StepInfo
+from .params import ParamSpace
+from .solvers import Solver
+from .steps import KLLineSearch, LearningRate, StepRule
+
+Closure = Callable[[], Any]
+
+_SCALAR, _PER_SAMPLE, _OUTPUTS = "the scalar loss", "per-sample losses", "(outputs, targets)"
+_STATE_KEY = "steepest"
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _accepted_kinds(metric: Metric) -> tuple[str, ...]:
+    """What a closure may return for ``metric``."""
+    if isinstance(metric, Identity | Hessian):
+        return (_SCALAR, _PER_SAMPLE, _OUTPUTS)
+    if isinstance(metric, GradientCovariance):  # EmpiricalFisher too
+        return (_PER_SAMPLE, _OUTPUTS)
+    return (_OUTPUTS,)
+
+
+def _describe(result: Any) -> str:
+    if isinstance(result, Tensor):
+        return f"a tensor of shape {tuple(result.shape)}"
+    if isinstance(result, tuple | list):
+        return f"a {type(result).__name__} of {len(result)} items (" + ", ".join(
+            _describe(r) if isinstance(r, Tensor) else type(r).__name__ for r in result) + ")"
+    return f"a {type(result).__name__}"
+
+
+def _kind_of(result: Any) -> str | None:
+    if isinstance(result, tuple | list) and len(result) == 2 and all(
+            isinstance(r, Tensor) for r in result):
+        return _OUTPUTS
+    if isinstance(result, Tensor) and result.is_floating_point():
+        if result.ndim == 0:
+            return _SCALAR
+        if result.ndim == 1:
+            return _PER_SAMPLE
+    return None
+
+
+_GRAPH_ERRORS = ("does not require grad", "backward through the graph a second time",
+                 "have already been freed", "modified by an inplace operation")
+
+
+def _backward_hint(err: RuntimeError) -> Exception:
+    """A clear error for a closure that ran backward() itself or returned no graph; any other
+    error of the user's code passes through unchanged."""
+    if not any(s in str(err) for s in _GRAPH_ERRORS):
+        return err
+    return ConfigurationError(
+        f"differentiating the closure's result failed ({str(err).splitlines()[0]}); the closure "
+        "must not call loss.backward() (steepest.TorchOptimizer differentiates the returned "
+        "value itself; optimizer.zero_grad() is harmless) and must compute its result from the "
+        "parameters with autograd enabled, without .detach() or .item()."
+    )
+
+
+class _ClosureSpace(ParamSpace):
+    """The flat view of the parameters handed to the optimizer (not a module's).
+
+    ``function()`` gives ``f(theta, closure)``: the closure evaluated with the parameters' data
+    temporarily swapped for theta (no in-place write, so the autograd graph of the current
+    point stays valid), returning ``(outputs, targets)`` or the losses as the closure does.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:  # noqa: D107 (no super: no module)
+        if not params:
+            raise ConfigurationError(
+                "the optimizer has no trainable parameters (none with requires_grad=True); "
+                "pass model.parameters() with at least one unfrozen parameter."
+            )
+        self.model = None
+        self.names = [f"param_{i}" for i in range(len(params))]
+        self.params = list(params)
+        self.shapes = [p.shape for p in params]
+        self.numels = [p.numel() for p in params]
+        self.size = sum(self.numels)
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ConfigurationError(
+                f"the parameters mix dtypes {sorted(map(str, dtypes))} or devices "
+                f"{sorted(map(str, devices))}; call model.to(dtype, device) first."
+            )
+        if not all(p.is_floating_point() for p in params):
+            raise ConfigurationError("the parameters must be floating-point tensors.")
+        self.dtype, self.device = params[0].dtype, params[0].device
+
+    def function(self) -> Callable[[Tensor, Closure], Any]:
+        def f(theta: Tensor, closure: Closure) -> Any:
+            saved = [p.data for p in self.params]
+            try:
+                for p, chunk in zip(self.params, self.unflatten(theta.detach())):
+                    p.data = chunk
+                try:
+                    result = closure()
+                except RuntimeError as err:
+                    hint = _backward_hint(err)
+                    if hint is err:
+                        raise
+                    raise hint from err
+            finally:
+                for p, d in zip(self.params, saved):
+                    p.data = d
+            kind = _kind_of(result)
+            if kind is None:
+                raise ConfigurationError(
+                    f"the closure returned {_describe(result)} when re-evaluated; it must "
+                    "return the same kind of value at every call."
+                )
+            return tuple(result) if kind == _OUTPUTS else result
+
+        return f
+
+
+class _ClosureLoss(Loss):
+    """The loss of what ``_ClosureSpace.function()`` returns, for the core's line searches
+    and reduction ratio: ``l(y, z)`` for ``(z, y)``, the losses themselves otherwise."""
+
+    def __init__(self, loss: Loss | None) -> None:
+        self.inner = loss
+        self.probabilistic = bool(loss is not None and loss.probabilistic)
+        self.hessian_is_fisher = bool(loss is not None and loss.hessian_is_fisher)
+        self.name = loss.name if loss is not None else "closure loss"
+
+    def value(self, z: Any, y: Any = None) -> Tensor:
+        if isinstance(z, tuple):
+            return self.inner.value(*z)
+        return z.reshape(-1)
+
+    def kl(self, z_old: Tensor, z_new: Any) -> Tensor:
+        if not isinstance(z_new, tuple) or self.inner is None:
+            raise ConfigurationError("KLLineSearch needs a closure returning (outputs, targets).")
+        return self.inner.kl(z_old, z_new[0])
+
+
+class ClosurePoint:
+    r"""A :class:`~steepest.point.Point` built from a closure's autograd graph instead of a
+    module: the same attributes and products (``z``, ``y``, ``losses``, ``value``, ``grad``,
+    ``jvp``, ``vjp``, ``jacobian``, ``loss_jvp``, ``loss_vjp``, ``per_sample_grads``, ``hvp``,
+    ``hmm``), differentiated with respect to the optimizer's parameters.
+
+    >>> point = ClosurePoint(space, CrossEntropy(), lambda: (model(x), y), GGN())
+    >>> GGN().operator(point) @ v
+    """
+
+    def __init__(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
+                 metric: Metric, generator: torch.Generator | None = None,
+                 need_per_sample: bool = False, need_outputs: bool = False) -> None:
+        if not callable(closure):
+            raise ConfigurationError(
+                f"step() needs a closure (a function of no arguments), got {_describe(closure)}; "
+                "e.g. opt.step(lambda: (model(x), y))."
+            )
+        self.space, self.params, self.size = space, space.params, space.size
+        self.generator, self.inputs = generator, None
+        self.theta = space.get()
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            try:
+                result = closure()
+            except RuntimeError as err:
+                hint = _backward_hint(err)
+                if hint is err:
+                    raise
+                raise hint from err
+        kind = _kind_of(result)
+        accepted = _accepted_kinds(metric)
+        if need_per_sample:
+            accepted = tuple(k for k in accepted if k != _SCALAR)
+        if need_outputs:
+            accepted = tuple(k for k in accepted if k == _OUTPUTS)
+        if kind not in accepted:
+            raise ConfigurationError(
+                f"with metric {metric!r} the closure must return "
+                f"{' or '.join(accepted)}, but it returned {_describe(result)}. "
+                + ("The Gauss-Newton/Fisher family needs the model outputs with their graph: "
+                   "closure = lambda: (model(x), y). " if _OUTPUTS in accepted else "")
+                + ("Per-sample losses are a tensor of shape (N,), e.g. "
+                   "F.cross_entropy(model(x), y, reduction='none'). "
+                   if _PER_SAMPLE in accepted else "")
+            )
+        self.kind = kind
+        self.loss: Loss = loss if loss is not None else CallableLoss(lambda z, y: z, "closure")
+        if kind == _OUTPUTS:
+            if loss is None:
+                raise ConfigurationError(
+                    "the closure returned (outputs, targets) but the optimizer has no loss; "
+                    "pass loss=steepest.losses.MSE() / CrossEntropy() / ... to TorchOptimizer."
+                )
+            z, y = result
+            if z.dtype != space.dtype:
+                raise ShapeError(
+                    f"the closure's outputs have dtype {z.dtype} but the parameters are "
+                    f"{space.dtype}; convert inputs and model to one dtype."
+                )
+            self.loss.check(z.detach(), y)
+            self.z, self.y = z, y
+            with torch.enable_grad():
+                self.losses: Tensor | None = self.loss.value(z, y)
+        else:
+            self.y = None
+            self.losses = result if kind == _PER_SAMPLE else None
+            self.z = result.reshape(-1)
+        self.n = int(self.z.shape[0])
+        with torch.enable_grad():
+            self.value_t = self.losses.mean() if self.losses is not None else result
+        self.value = float(self.value_t.detach())
+        if not self.value_t.requires_grad:
+            raise ConfigurationError(
+                f"the closure's result has no autograd graph (it returned {_describe(result)} "
+                "that does not require grad); compute it from the parameters with gradients "
+                "enabled, without .detach() or .item()."
+            )
+        if not torch.isfinite(self.value_t):
+            raise NonFiniteError(
+                f"the loss is {self.value} at the current parameters; the model or data "
+                "produce non-finite values (check the inputs' scale, lower the learning rate "
+                "or raise the damping)."
+            )
+        try:
+            grads = torch.autograd.grad(self.value_t, self.params, retain_graph=True,
+                                        allow_unused=True)
+        except RuntimeError as err:
+            hint = _backward_hint(err)
+            if hint is err:
+                raise
+            raise hint from err
+        if all(g is None for g in grads):
+            raise ConfigurationError(
+                "none of the optimizer's parameters is in the graph of the closure's result; "
+                "the closure must use the parameters given to TorchOptimizer."
+            )
+        self.grad = self._flatten(grads, self.params).detach()
+        if not torch.isfinite(self.grad).all():
+            raise NonFiniteError(
+                "the gradient holds NaN or infinite values although the loss is finite; check "
+                "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
+            )
+        self._gz: list[Tensor] | None = None
+        self._uz: Tensor | None = None
+        self._gl: list[Tensor] | None = None
+        self._ul: Tensor | None = None
+        self._ggraph: list[Tensor] | None = None
+
+    # -------------------------------------------------------------------- autograd helpers
+    def _flatten(self, parts: Iterable[Tensor | None], like: list[Tensor],
+                 batch: int | None = None) -> Tensor:
+        out = []
+        for r, p in zip(parts, like):
+            if r is None:
+                shape = (p.numel(),) if batch is None else (batch, p.numel())
+                out.append(torch.zeros(shape, dtype=self.space.dtype, device=self.space.device))
+            else:
+                out.append(r.reshape(-1) if batch is None else r.reshape(batch, -1))
+        return torch.cat(out, dim=-1)
+
+    def _grad(self, out: Tensor | list[Tensor], wrt: list[Tensor], cot: Tensor | list[Tensor],
+              batched: bool = False, **kw: Any) -> Tensor:
+        """Flat :math:`\\partial\\langle out, cot\\rangle / \\partial wrt` (rows if batched)."""
+        outs = out if isinstance(out, list) else [out]
+        cots = cot if isinstance(cot, list) else [cot]
+        batch = cots[0].shape[0] if batched else None
+        if not outs:
+            size = sum(w.numel() for w in wrt)
+            shape = (size,) if batch is None else (batch, size)
+            return torch.zeros(shape, dtype=self.space.dtype, device=self.space.device)
+        parts = torch.autograd.grad(outs, wrt, cots, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=batched, **kw)
+        return self._flatten(parts, wrt, batch)
+
+    def _batched(self, out: Tensor | list[Tensor], wrt: list[Tensor],
+                 cots: Tensor | list[Tensor]) -> Tensor:
+        try:
+            return self._grad(out, wrt, cots, batched=True)
+        except RuntimeError:
+            cl = cots if isinstance(cots, list) else [cots]
+            return torch.stack([self._grad(out, wrt, [c[r] for c in cl])
+                                for r in range(cl[0].shape[0])])
+
+    def _linearised(self, out: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """(the parts of J^T u that depend on u, their parameters, the dummy u)."""
+        u = torch.zeros_like(out, requires_grad=True)
+        with torch.enable_grad():
+            parts = torch.autograd.grad(out, self.params, u, create_graph=True,
+                                        retain_graph=True, allow_unused=True)
+        keep = [(g, p) for g, p in zip(parts, self.params) if g is not None and g.requires_grad]
+        return [g for g, _ in keep], [p for _, p in keep], u
+
+    def _through(self, lin: tuple[list[Tensor], list[Tensor], Tensor], v: Tensor) -> Tensor:
+        gs, ps, u = lin
+        if not gs:
+            return torch.zeros_like(u).detach()
+        chunks = dict(zip(map(id, self.params), self.space.unflatten(v)))
+        (r,) = torch.autograd.grad(gs, u, [chunks[id(p)] for p in ps], retain_graph=True,
+                                   allow_unused=True)
+        return torch.zeros_like(u).detach() if r is None else r.detach()
+
+    # -------------------------------------------------------------------- output space
+    def jvp(self, v: Tensor) -> Tensor:
+        """:math:`J v`, shaped like the outputs z."""
+        if self._gz is None:
+            self._gz = self._linearised(self.z)
+        return self._through(self._gz, v)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        """:math:`J^T u`, a flat vector of size P."""
+        return self._grad(self.z, self.params, u).detach()
+
+    def jacobian(self, samples: slice | None = None) -> Tensor:
+        """Per-sample output Jacobians, shape (n, C, P) for the samples in ``samples``."""
+        zf = self.z.reshape(self.n, -1)
+        c = zf.shape[1]
+        idx = list(range(self.n)[samples or slice(None)])
+        cots = torch.zeros(len(idx) * c, self.n, c, dtype=zf.dtype, device=zf.device)
+        rows = torch.arange(len(idx) * c, device=zf.device)
+        cots[rows, torch.tensor(idx, device=zf.device).repeat_interleave(c),
+             torch.arange(c, device=zf.device).repeat(len(idx))] = 1
+        jac = self._batched(self.z, self.params, cots.view(-1, *self.z.shape))
+        return jac.detach().view(len(idx), c, self.size)
+
+    # -------------------------------------------------------------------- per-sample losses
+    def _need_losses(self) -> Tensor:
+        if self.losses is None:
+            raise ConfigurationError(
+                "this metric or preconditioner needs per-sample losses, but the closure "
+                "returned the scalar loss; return the per-sample losses (reduction='none') or "
+                "(outputs, targets)."
+            )
+        return self.losses
+
+    def loss_jvp(self, v: Tensor) -> Tensor:
+        """:math:`J_l v = (\\nabla l_i \\cdot v)_i`, shape (N,)."""
+        if self._gl is None:
+            self._gl = self._linearised(self._need_losses())
+        return self._through(self._gl, v)
+
+    def loss_vjp(self, w: Tensor) -> Tensor:
+        """:math:`J_l^T w = \\sum_i w_i \\nabla l_i`, flat (P,)."""
+        return self._grad(self._need_losses(), self.params, w).detach()
+
+    def per_sample_grads(self) -> Tensor:
+        """Rows :math:`\\nabla_\\theta l_i`, shape (N, P)."""
+        losses = self._need_losses()
+        eye = torch.eye(self.n, dtype=losses.dtype, device=losses.device)
+        return self._batched(losses, self.params, eye).detach()
+
+    # -------------------------------------------------------------------- Hessian
+    def _gradient_graph(self) -> tuple[list[Tensor], list[Tensor]]:
+        if self._ggraph is None:
+            with torch.enable_grad():
+                parts = torch.autograd.grad(self.value_t, self.params, create_graph=True,
+                                            retain_graph=True, allow_unused=True)
+            self._ggraph = [g if g is not None and g.requires_grad else None for g in parts]
+        keep = [(g, i) for i, g in enumerate(self._ggraph) if g is not None]
+        return [g for g, _ in keep], [i for _, i in keep]
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """:math:`H v`, H the Hessian of L (reverse over reverse on the gradient graph)."""
+        gs, idx = self._gradient_graph()
+        chunks = self.space.unflatten(v)
+        return self._grad(gs, self.params, [chunks[i] for i in idx]).detach()
+
+    def hmm(self, V: Tensor) -> Tensor:
+        """:math:`H V` for columns V (P, k)."""
+        gs, idx = self._gradient_graph()
+        rows = V.T.contiguous()
+        k = rows.shape[0]
+        chunks = [c.reshape(k, *s) for c, s in
+                  zip(torch.split(rows, self.space.numels, dim=1), self.space.shapes)]
+        return self._batched(gs, self.params, [chunks[i] for i in idx]).detach().T
+
+
+class _ClosureOptimizer(Optimizer):
+    """:class:`steepest.Optimizer` whose Point comes from a closure, not from (x, y)."""
+
+    def __init__(self, space: _ClosureSpace, loss: Loss | None, *args: Any, **kw: Any) -> None:
+        holder = nn.Module()
+        holder.anchor = nn.Parameter(torch.zeros(1, dtype=space.dtype, device=space.device))
+        super().__init__(holder, _ClosureLoss(loss), *args, **kw)
+        self.space, self.user_loss = space, loss
+
+    def point(self, inputs: Any, targets: Any) -> ClosurePoint:
+        return ClosurePoint(self.space, self.user_loss, inputs, self.metric,
+                            generator=self.generator,
+                            need_per_sample=self.preconditioner == "empirical-fisher",
+                            need_outputs=isinstance(self.step_rule, KLLineSearch))
+
+
+# ------------------------------------------------------------------------------ the adapter
+class TorchOptimizer(torch.optim.Optimizer):
+    r"""The step :math:`\delta = -\alpha (M + \lambda I)^{-1} g` as a ``torch.optim.Optimizer``.
+
+    Parameters
+    ----------
+    params: ``model.parameters()``, a list of tensors, a list of param-group dicts, or an
+        ``nn.Module`` (its trainable parameters). Parameters with ``requires_grad=False`` are
+        left out of theta. All groups are solved together (M couples them), so they must share
+        ``lr`` and ``momentum`` at each step.
+    loss: a :class:`~steepest.losses.Loss` (or a callable ``(z, y) -> (N,)``), needed when the
+        closure returns ``(outputs, targets)`` (the Gauss-Newton/Fisher family).
+    metric: a row of Table 1 (:mod:`steepest.metrics`), default ``GGN()``.
+    lr: alpha of the :class:`~steepest.steps.LearningRate` rule, ``param_groups[g]["lr"]``
+        (schedulers change it). Ignored when ``step`` is another rule, which picks alpha itself.
+    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``).
+    solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance.
+    step: None (``LearningRate(lr)``) or a :mod:`steepest.steps` rule (``TrustRegion``,
+        ``Armijo``, ``KLLineSearch``).
+    momentum: heavy-ball mu, ``param_groups[g]["momentum"]``.
+    warm_start, preconditioner, xi, cg_backtracking, generator: as in
+        :class:`steepest.Optimizer`.
+
+    ``step(closure)`` returns the loss before the step (a 0-dim tensor) like ``torch.optim``;
+    the full :class:`~steepest.optimizer.StepInfo` is ``opt.last_info``. A step that raises
+    leaves the parameters and the optimizer state unchanged.
+
+    Examples
+    --------
+    >>> opt = TorchOptimizer(model, loss=MSE(), metric=GGN(), damping=LevenbergMarquardt(1e-2))
+    >>> loss = opt.step(lambda: (model(x), y))           # Gauss-Newton family
+    >>> opt = TorchOptimizer(model, metric=Hessian(), damping=1e-2, solver=CG())
+    >>> loss = opt.step(lambda: F.mse_loss(model(x), y))  # Newton: the scalar loss
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict] | nn.Module,
+        loss: Loss | Callable[[Tensor, Tensor], Tensor] | None = None,
+        metric: Metric | None = None,
+        lr: float = 1.0,
+        damping: Damping | float = 1e-3,
+        solver: Solver | str = "auto",
+        step: StepRule | None = None,
+        *,
+        momentum: float = 0.0,
+        warm_start: float = 0.0,
+        preconditioner: str | None = None,
+        xi: float = 0.75,
+        cg_backtracking: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            params = [p for p in params.parameters() if p.requires_grad]
+        _check_hyper(lr, momentum)
+        if step is not None and not isinstance(step, StepRule):
+            raise ConfigurationError(
+                f"step must be None (LearningRate(lr)) or a steepest.steps rule, got {step!r}; "
+                "give a learning rate as lr=."
+            )
+        super().__init__(params, {"lr": float(lr), "momentum": float(momentum)})
+        metric = GGN() if metric is None else metric
+        user_loss = None if loss is None else as_loss(loss)
+        if isinstance(metric, Metric) and user_loss is None and \
+                _accepted_kinds(metric) == (_OUTPUTS,):
+            raise ConfigurationError(
+                f"the metric {metric!r} needs the loss l(y, z) in output space: pass "
+                "loss=steepest.losses.MSE() / CrossEntropy() / ..., and a closure returning "
+                "(outputs, targets)."
+            )
+        self._inner = _ClosureOptimizer(
+            _ClosureSpace(self._trainable()), user_loss, metric, damping, solver,
+            LearningRate(lr) if step is None else step, momentum=momentum,
+            warm_start=warm_start, preconditioner=preconditioner, xi=xi,
+            cg_backtracking=cg_backtracking, generator=generator,
+        )
+        self.last_info: StepInfo | None = None
+
+    # -------------------------------------------------------------------- configuration
+    @property
+    def steepest(self) -> Optimizer:
+        """The :class:`steepest.Optimizer` doing the work (metric, damping, solver, ...)."""
+        return self._inner
+
+    def _trainable(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        inner = getattr(self, "_inner", None)
+        if inner is not None:
+            self._refresh_space()
+
+    def _refresh_space(self) -> None:
+        params = self._trainable()
+        old = self._inner.space
+        if [id(p) for p in params] != [id(p) for p in old.params]:
+            state = self._inner.state_dict()  # per-parameter vectors no longer fit: reset them
+            state = {k: None if _is_flat(v, old.size) else v for k, v in state.items()}
+            self._inner.space = _ClosureSpace(params)
+            self._inner.load_state_dict(state)
+
+    def _sync_groups(self) -> None:
+        lrs = {float(g["lr"]) for g in self.param_groups}
+        mus = {float(g.get("momentum", 0.0)) for g in self.param_groups}
+        if len(lrs) > 1 or len(mus) > 1:
+            raise ConfigurationError(
+                f"all param_groups must share lr and momentum (one solve couples them), got "
+                f"lr {sorted(lrs)} and momentum {sorted(mus)}; use one group, or one optimizer "
+                "per group."
+            )
+        lr, mu = lrs.pop(), mus.pop()
+        _check_hyper(lr, mu, allow_zero_lr=True)
+        self._refresh_space()
+        if isinstance(self._inner.step_rule, LearningRate):
+            self._inner.step_rule.alpha = lr
+        self._inner.momentum = mu
+
+    # -------------------------------------------------------------------- the step
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One step; ``closure()`` returns what the metric needs (see the module docstring).
+
+        Returns the loss before the step as a 0-dim tensor; ``self.last_info`` holds the
+        :class:`~steepest.optimizer.StepInfo`.
+        """
+        if closure is None:
+            raise ConfigurationError(
+                "TorchOptimizer.step needs a closure that evaluates the batch, e.g. "
+                "opt.step(lambda: (model(x), y)) for GGN/Fisher or "
+                "opt.step(lambda: loss_fn(model(x), y)) for Identity/Hessian."
+            )
+        rule_alpha = getattr(self._inner.step_rule, "alpha", None)
+        saved_mu = self._inner.momentum
+        try:
+            self._sync_groups()
+            info = self._inner.step(closure, None)
+        except BaseException:  # the core rolled back theta and its state; undo the sync too
+            if rule_alpha is not None:
+                self._inner.step_rule.alpha = rule_alpha
+            self._inner.momentum = saved_mu
+            raise
+        self.last_info = info
+        self._state_out()
+        return torch.tensor(info.loss, dtype=self._inner.space.dtype)
+
+    # -------------------------------------------------------------------- state
+    def _state_out(self) -> None:
+        """Mirror the core optimizer's state into ``self.state`` (torch.optim layout): its
+        flat vectors (previous CG solution, momentum buffer) split per parameter, the rest
+        (steps, damping, step rule, generator) under ``state["steepest"]``."""
+        inner = self._inner.state_dict()
+        space = self._inner.space
+        for key in [k for k in self.state if isinstance(k, Tensor)]:
+            del self.state[key]
+        flat = [k for k, v in inner.items() if _is_flat(v, space.size)]
+        chunks = {k: [c.clone() for c in space.unflatten(inner.pop(k))] for k in flat}
+        if chunks:
+            for i, p in enumerate(space.params):
+                self.state[p] = {k: c[i] for k, c in chunks.items()}
+        inner["per_parameter"] = flat
+        self.state[_STATE_KEY] = inner
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim`` state dict ``{"state": ..., "param_groups": ...}``: per
+        parameter the slices of the core optimizer's vectors (previous CG solution, momentum
+        buffer); its step count, damping, step rule and generator under
+        ``state["steepest"]``."""
+        self._state_out()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the next step is then bit-identical."""
+        if _STATE_KEY not in state_dict.get("state", {}):
+            raise ConfigurationError(
+                "this state dict was not saved by steepest.TorchOptimizer (no "
+                f"state['{_STATE_KEY}']); load one from TorchOptimizer.state_dict()."
+            )
+        super().load_state_dict(state_dict)
+        self._refresh_space()
+        space = self._inner.space
+        core = dict(self.state[_STATE_KEY])
+        for name in core.pop("per_parameter", []):
+            parts = [self.state.get(p, {}).get(name) for p in space.params]
+            core[name] = None if any(c is None for c in parts) else space.flatten(parts)
+        self._inner.load_state_dict(core)
+
+
+def _is_flat(value: Any, size: int) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 1 and value.numel() == size and \
+        value.is_floating_point()
+
+
+def _check_hyper(lr: Any, momentum: Any, allow_zero_lr: bool = False) -> None:
+    ok_lr = isinstance(lr, int | float) and lr == lr and lr != float("inf") and (
+        lr >= 0 if allow_zero_lr else lr > 0)
+    if not ok_lr:
+        raise ConfigurationError(f"lr must be a finite positive number, got {lr!r}.")
+    if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
+        raise ConfigurationError(f"momentum must lie in [0, 1), got {momentum!r}.")

@@ -1,0 +1,202 @@
+"""The ``steepest`` command line: compare end to end, geometry, problems, and bad options."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from steepest import cli, compare, problems
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def call(argv: list[str]) -> int:
+    """``cli.main`` as the console script runs it: the exit status, also for argparse exits."""
+    try:
+        return cli.main(argv)
+    except SystemExit as stop:
+        return int(stop.code or 0)
+
+
+# each problem end to end, every method covered at least once across the cases
+CASES = [
+    ("quadratic", "vanilla,newton,lbfgs"),
+    ("quadratic-noisy", "sgd,gauss-newton"),
+    ("toy2d", "all"),
+    ("logistic", "natural,empirical-fisher,adam"),
+    ("digits", "ggn,gradient-covariance,sgd"),
+    ("regression", "gauss-newton,adam,lbfgs"),
+    ("heteroscedastic", "natural,newton,vanilla"),
+    ("autoencoder", "gauss-newton,adam"),
+]
+
+
+@pytest.mark.parametrize("problem, methods", CASES)
+def test_compare_end_to_end(problem, methods, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = call(["compare", "--problem", problem, "--methods", methods, "--iters", "2",
+               "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out == "" and captured.err == ""  # --quiet
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["results.json", "loss_vs_iterations.png", "loss_vs_time.png", "report.html"])
+    for p in out.iterdir():
+        assert p.stat().st_size > 0
+    for png in ("loss_vs_iterations.png", "loss_vs_time.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "results.json").read_text())
+    assert data["schema"] == compare.SCHEMA and data["problem"]["name"] == problem
+    assert data["config"]["methods"] == compare.parse_methods(methods)
+    assert data["config"]["iters"] == 2
+    for run in data["runs"]:
+        assert run["iterations"] == 2 or run["diverged"], run
+        assert len(run["curve"]["loss"]) == run["iterations"] + 1
+    # no temporary directory left next to the output
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_report_html_opens_with_the_answer(tmp_path, capsys):
+    out = tmp_path / "rep"
+    rc = call(["compare", "--problem", "toy2d", "--methods", "natural,vanilla", "--iters", "12",
+               "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads((out / "results.json").read_text())
+    sentence = data["summary"]["sentence"]
+    assert data["summary"]["first_to_target"] == "natural"
+    page = (out / "report.html").read_text()
+    body = page.split("<body>", 1)[1].lstrip()
+    assert body.startswith(f'<p class="answer">{sentence}</p>')
+    # plots embedded, nothing external
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 2
+    assert all(base64.b64decode(img)[:4] == b"\x89PNG" for img in images)
+    assert "http://" not in page and "https://" not in page
+    # the terminal table and the answer are printed without --quiet
+    printed = " ".join(captured.out.split())
+    for column in ("final train loss", "iterations", "wall time", "time to target",
+                   "diverged"):
+        assert column.split()[0] in printed
+    assert "not reached" in printed  # vanilla does not reach the target in 12 steps
+    assert " ".join(sentence.split()) in printed
+
+
+def test_compare_writes_into_an_existing_directory(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    rc = call(["compare", "--problem", "toy2d", "--methods", "ggn", "--iters", "1",
+               "--out", str(tmp_path), "--quiet", "--set", "ggn.damping=0.1"])
+    assert rc == 0
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["keep.txt", "results.json", "loss_vs_iterations.png",
+                            "loss_vs_time.png", "report.html"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["overrides"] == {"ggn": {"damping": "0.1"}}
+    assert data["runs"][0]["settings"]["damping"] == 0.1
+
+
+def test_time_budget_from_the_command_line(tmp_path):
+    rc = call(["compare", "--problem", "toy2d", "--methods", "adam", "--time", "0.05",
+               "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert data["config"]["time"] == 0.05 and data["config"]["iters"] is None
+    assert data["runs"][0]["iterations"] >= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--problem", "nope"], "unknown problem 'nope'"),
+    (["--methods", "vanilla,bfgs"], "unknown method 'bfgs'"),
+    (["--iters", "-3"], "--iters: must be positive"),
+    (["--iters", "0"], "--iters: must be positive"),
+    (["--time", "-1"], "--time: must be positive"),
+    (["--iters", "2", "--time", "1"], "not allowed with argument"),
+    (["--set", "natural.nonsense=1", "--methods", "natural"], "unknown setting natural."),
+    (["--set", "natural.damping=x", "--methods", "natural"], "finite number"),
+    (["--set", "damping=1"], "METHOD.KEY=VALUE"),
+    (["--dtype", "float16"], "invalid choice"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--problem", "missing_file.py:make_problem"], "does not exist"),
+])
+def test_bad_options_give_one_line_and_write_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = call(["compare", *argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and err.startswith("steepest"), err
+    assert message in err
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it(tmp_path, capsys):
+    rc = call(["compare", "--device", "cuda", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "CUDA" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    rc = call(["compare", "--problem", "toy2d", "--iters", "1", "--out", str(target)])
+    assert rc == 2 and "not a directory" in capsys.readouterr().err
+    assert target.read_text() == "x" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_problems_lists_one_line_each(capsys):
+    assert call(["problems"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == problems.names()
+    assert call(["problems", "--defaults"]) == 0
+    text = capsys.readouterr().out
+    assert "global defaults" in text and "natural: damping=0.001" in text
+
+
+def test_geometry_draws_a_png(tmp_path, capsys):
+    out = tmp_path / "geo.png"
+    assert call(["geometry", "--problem", "toy2d", "--at", "0.5,-1", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+    assert str(out) in capsys.readouterr().out
+    rc = call(["geometry", "--problem", "regression", "--out", str(tmp_path / "r.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "exactly two parameters" in err
+    assert call(["geometry", "--at", "1,2,3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "two numbers" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["geo.png"]
+
+
+@pytest.mark.parametrize("argv", [[], ["compare"], ["geometry"], ["problems"]])
+def test_help_everywhere(argv, capsys):
+    assert call([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: steepest")
+    if argv == ["compare"]:
+        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--device",
+                       "--dtype", "--out", "--set", "--quiet"):
+            assert option in out
+
+
+def test_no_command_is_an_error(capsys):
+    assert call([]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "steepest.cli", "problems"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "regression" in proc.stdout

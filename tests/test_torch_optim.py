@@ -1,0 +1,392 @@
+"""The torch.optim adapter (steepest.torch_optim.TorchOptimizer): closure contracts against the
+core steepest.Optimizer, schedulers, param_groups, state_dict, clear errors, roll-back, and a
+DataLoader training loop."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import steepest
+from steepest.errors import ConfigurationError, ShapeError
+from steepest.losses import MSE, CrossEntropy, GaussianNLL
+from steepest.torch_optim import TorchOptimizer
+
+DT = torch.float64
+
+
+def mlp(n_in: int = 3, n_out: int = 2, hidden: int = 5, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.Tanh(), nn.Linear(hidden, n_out)).to(DT)
+
+
+def regression(n: int = 24, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=DT)
+    return x, torch.sin(x[:, :2]) + 0.1 * torch.randn(n, 2, generator=g, dtype=DT)
+
+
+def classification(n: int = 24, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g, dtype=DT)
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# closures a user writes for each contract
+def outputs_closure(model, x, y):
+    return lambda: (model(x), y)
+
+
+def scalar_closure(model, x, y, loss):
+    return lambda: loss.value(model(x), y).mean()
+
+
+def per_sample_closure(model, x, y, loss):
+    return lambda: loss.value(model(x), y)
+
+
+CASES = [
+    # (metric factory, loss, closure kind, solver)
+    (steepest.GGN, "mse", "outputs", "cholesky"),
+    (steepest.GaussNewton, "mse", "outputs", "cg"),
+    (steepest.Fisher, "ce", "outputs", "cholesky"),
+    (steepest.GGN, "ce", "outputs", "woodbury"),
+    (lambda: steepest.Fisher(mc_samples=2), "ce", "outputs", "cholesky"),
+    (steepest.GGN, "gnll", "outputs", "cg"),
+    (steepest.Identity, "mse", "scalar", "cholesky"),
+    (steepest.Identity, "ce", "outputs", "cholesky"),
+    (steepest.Hessian, "mse", "scalar", "cg"),
+    (steepest.Hessian, "ce", "per-sample", "cg"),
+    (steepest.Hessian, "mse", "outputs", "cg"),
+    (steepest.GradientCovariance, "mse", "per-sample", "cholesky"),
+    (lambda: steepest.GradientCovariance(centered=True), "ce", "outputs", "cholesky"),
+    (steepest.EmpiricalFisher, "ce", "per-sample", "woodbury"),
+]
+
+
+def problem(name: str):
+    if name == "mse":
+        x, y = regression()
+        return mlp(), MSE(), x, y
+    if name == "ce":
+        x, y = classification()
+        return mlp(n_out=3), CrossEntropy(), x, y
+    x, y = regression()  # GaussianNLL: outputs are 2 means then 2 log-variances
+    return mlp(n_out=4), GaussianNLL(), x, y
+
+
+def make_closure(kind, model, loss, x, y):
+    if kind == "outputs":
+        return outputs_closure(model, x, y)
+    if kind == "scalar":
+        return scalar_closure(model, x, y, loss)
+    return per_sample_closure(model, x, y, loss)
+
+
+@pytest.mark.parametrize("metric_f, loss_name, kind, solver", CASES)
+def test_closure_contract_gives_the_core_step(metric_f, loss_name, kind, solver):
+    """Two steps from a closure equal two steps of steepest.Optimizer on the same model and
+    batch (directions to 1e-10; here bit-identical up to rounding), LM damping included."""
+    ref_model, loss, x, y = problem(loss_name)
+    model = copy.deepcopy(ref_model)
+
+    def kw():  # fresh rules for each optimizer: they hold state
+        return dict(metric=metric_f(), damping=steepest.LevenbergMarquardt(0.1),
+                    solver=steepest.CG(maxiter=12) if solver == "cg" else solver)
+
+    ref = steepest.Optimizer(ref_model, loss, step=steepest.LearningRate(0.7), **kw())
+    opt = TorchOptimizer(model.parameters(), loss=loss, lr=0.7, **kw())
+    closure = make_closure(kind, model, loss, x, y)
+    for _ in range(2):
+        theta0 = flat(model)
+        r = ref.step(x, y)
+        returned = opt.step(closure)
+        info = opt.last_info
+        assert torch.allclose(flat(model) - theta0, flat(ref_model) - theta0, rtol=0,
+                              atol=1e-10)
+        assert float(returned) == pytest.approx(r.loss, abs=1e-12)
+        assert info.accepted == r.accepted and info.tries == r.tries
+        assert info.predicted_reduction == pytest.approx(r.predicted_reduction, rel=1e-8,
+                                                         abs=1e-14)
+        assert info.damping == pytest.approx(r.damping, rel=1e-12)
+    assert r.step_norm > 0  # the comparison was about real steps
+
+
+def test_steplr_scheduler_changes_the_step():
+    """StepLR halves param_groups[0]['lr'] and with it alpha: the second step is the core step
+    with LearningRate(0.5), the first with LearningRate(1)."""
+    ref_model, loss, x, y = problem("mse")
+    model = copy.deepcopy(ref_model)
+    opt = TorchOptimizer(model, loss=loss, metric=steepest.GGN(), lr=1.0, damping=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(outputs_closure(model, x, y))
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    before = flat(model)
+    ref_model.load_state_dict(model.state_dict())
+    opt.step(outputs_closure(model, x, y))
+    assert opt.last_info.alpha == 0.5
+    ref = steepest.Optimizer(ref_model, loss, metric=steepest.GGN(), damping=0.1, step=0.5)
+    ref.step(x, y)
+    assert torch.allclose(flat(model) - before, flat(ref_model) - before, atol=1e-12, rtol=0)
+    # and the step is half of the one with lr = 1 from the same point
+    full = copy.deepcopy(ref_model)
+    steepest.ParamSpace(full).set(before)
+    steepest.Optimizer(full, loss, metric=steepest.GGN(), damping=0.1, step=1.0).step(x, y)
+    assert torch.allclose(flat(model) - before, 0.5 * (flat(full) - before), atol=1e-12, rtol=0)
+
+
+def test_lr_zero_leaves_parameters_unchanged():
+    model, loss, x, y = problem("mse")
+    opt = TorchOptimizer(model, loss=loss, metric=steepest.GGN(), lr=1.0)
+    opt.param_groups[0]["lr"] = 0.0
+    before = flat(model)
+    opt.step(outputs_closure(model, x, y))
+    assert torch.equal(flat(model), before) and not opt.last_info.accepted
+
+
+def _configured(model, loss):
+    return TorchOptimizer(
+        model.parameters(), loss=loss, metric=steepest.Fisher(mc_samples=2), lr=0.8,
+        damping=steepest.LevenbergMarquardt(1.0), solver=steepest.CG(maxiter=4),
+        momentum=0.5, warm_start=0.9, generator=torch.Generator().manual_seed(3),
+    )
+
+
+def test_state_dict_round_trip_gives_bit_identical_next_steps():
+    """Save after 3 steps (through torch.save), load into a fresh optimizer on a copy of the
+    model: the next 3 steps are bit-identical (lambda, warm start, momentum, generator)."""
+    model, loss, x, y = problem("ce")
+    opt = _configured(model, loss)
+    for _ in range(3):
+        opt.step(outputs_closure(model, x, y))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    sd = saved["opt"]
+    assert set(sd) == {"state", "param_groups"}
+    assert sd["param_groups"][0]["lr"] == 0.8 and sd["param_groups"][0]["params"] == [0, 1, 2, 3]
+    assert sd["state"][0]["prev_direction"].shape == model[0].weight.shape  # per parameter
+    assert sd["state"]["steepest"]["steps"] == 3
+
+    twin, _, _, _ = problem("ce")
+    twin.load_state_dict(saved["model"])
+    opt2 = _configured(twin, loss)
+    opt2.steepest.generator.manual_seed(12345)  # must be overwritten by the load
+    opt2.load_state_dict(sd)
+    for _ in range(3):
+        opt.step(outputs_closure(model, x, y))
+        opt2.step(outputs_closure(twin, x, y))
+        assert torch.equal(flat(model), flat(twin))
+        assert opt.last_info == opt2.last_info
+    assert opt.last_info.step_norm > 0
+
+
+def test_load_state_dict_of_another_optimizer_is_refused():
+    model, loss, x, y = problem("mse")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = TorchOptimizer(model, loss=loss)
+    with pytest.raises(ConfigurationError, match="not saved by steepest.TorchOptimizer"):
+        opt.load_state_dict(sgd.state_dict())
+
+
+def test_only_some_parameters_equal_the_core_on_a_partly_frozen_model():
+    """Given only the last layer, the step is the core step on the model with the first layer
+    frozen (theta = the given parameters, the others held fixed)."""
+    ref_model, loss, x, y = problem("ce")
+    model = copy.deepcopy(ref_model)
+    for p in ref_model[0].parameters():
+        p.requires_grad_(False)
+    ref = steepest.Optimizer(ref_model, loss, metric=steepest.GGN(), damping=0.05)
+    opt = TorchOptimizer(model[2].parameters(), loss=loss, metric=steepest.GGN(), damping=0.05)
+    first = [p.detach().clone() for p in model[0].parameters()]
+    for _ in range(2):
+        ref.step(x, y)
+        opt.step(outputs_closure(model, x, y))
+    assert torch.allclose(flat(model), flat(ref_model), atol=1e-10, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(first, model[0].parameters()))
+    assert not torch.equal(model[2].weight, copy.deepcopy(problem("ce")[0])[2].weight)
+
+
+def test_param_groups_are_solved_together_and_must_share_lr():
+    ref_model, loss, x, y = problem("mse")
+    model = copy.deepcopy(ref_model)
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    opt = TorchOptimizer(groups, loss=loss, metric=steepest.GGN(), lr=0.5, damping=0.1)
+    ref = steepest.Optimizer(ref_model, loss, metric=steepest.GGN(), damping=0.1, step=0.5)
+    opt.step(outputs_closure(model, x, y))
+    ref.step(x, y)
+    assert torch.allclose(flat(model), flat(ref_model), atol=1e-10, rtol=0)
+    opt.param_groups[1]["lr"] = 0.1
+    before = flat(model)
+    with pytest.raises(ConfigurationError, match="share lr"):
+        opt.step(outputs_closure(model, x, y))
+    assert torch.equal(flat(model), before)
+
+
+def test_add_param_group_extends_theta():
+    model, loss, x, y = problem("mse")
+    opt = TorchOptimizer(model[2].parameters(), loss=loss, metric=steepest.GGN(), damping=0.1)
+    opt.step(outputs_closure(model, x, y))
+    opt.add_param_group({"params": model[0].parameters()})
+    first = model[0].weight.detach().clone()
+    opt.step(outputs_closure(model, x, y))
+    assert opt.steepest.space.size == sum(p.numel() for p in model.parameters())
+    assert not torch.equal(first, model[0].weight)
+
+
+# ------------------------------------------------------------------------- bad closures
+def _assert_unchanged(model, opt, before, state):
+    assert torch.equal(flat(model), before)
+    assert repr(opt.steepest.state_dict()) == repr(state)
+
+
+@pytest.mark.parametrize("metric, closure_name, match", [
+    (steepest.GGN(), "scalar", r"must return \(outputs, targets\)"),
+    (steepest.Fisher(), "per-sample", r"must return \(outputs, targets\)"),
+    (steepest.GradientCovariance(), "scalar", "per-sample losses"),
+    (steepest.Hessian(), "detached", "no autograd graph"),
+    (steepest.Identity(), "backward", r"must not call loss\.backward\(\)"),
+    (steepest.GGN(), "backward-outputs", r"must not call loss\.backward\(\)"),
+    (steepest.Identity(), "string", "returned a str"),
+    (steepest.Identity(), "matrix", r"shape \(24, 2\)"),
+    (steepest.Identity(), "other-params", "none of the optimizer's parameters"),
+    (steepest.GGN(), "no-closure", "needs a closure"),
+])
+def test_bad_closures_give_clear_errors_and_change_nothing(metric, closure_name, match):
+    model, loss, x, y = problem("mse")
+    opt = TorchOptimizer(model, loss=loss, metric=metric, damping=0.1, solver="cg")
+    opt.step(per_sample_closure(model, x, y, loss) if not isinstance(
+        metric, steepest.GGN | steepest.Fisher) else outputs_closure(model, x, y))
+    before, state = flat(model), copy.deepcopy(opt.steepest.state_dict())
+    other = mlp(seed=5)
+
+    def backward():
+        opt.zero_grad()
+        value = F.mse_loss(model(x), y)
+        value.backward()
+        return value
+
+    def backward_outputs():
+        z = model(x)
+        z.sum().backward()
+        return z, y
+
+    closures = {
+        "scalar": scalar_closure(model, x, y, loss),
+        "per-sample": per_sample_closure(model, x, y, loss),
+        "detached": lambda: loss.value(model(x), y).mean().detach(),
+        "backward": backward,
+        "backward-outputs": backward_outputs,
+        "string": lambda: "loss",
+        "matrix": lambda: (model(x) - y) ** 2,
+        "other-params": lambda: loss.value(other(x), y).mean(),
+        "no-closure": None,
+    }
+    with pytest.raises(ConfigurationError, match=match):
+        opt.step(closures[closure_name])
+    _assert_unchanged(model, opt, before, state)
+
+
+def test_gauss_newton_family_needs_a_loss():
+    model = mlp()
+    with pytest.raises(ConfigurationError, match="needs the loss"):
+        TorchOptimizer(model, metric=steepest.GGN())
+    with pytest.raises(ConfigurationError, match="no loss"):
+        opt = TorchOptimizer(model, metric=steepest.Identity())
+        x, y = regression()
+        opt.step(outputs_closure(model, x, y))
+
+
+def test_wrong_targets_give_the_loss_error():
+    model, loss, x, y = problem("mse")
+    opt = TorchOptimizer(model, loss=loss, metric=steepest.GGN())
+    with pytest.raises(ShapeError):
+        opt.step(lambda: (model(x), y[:5]))
+
+
+def test_a_step_that_fails_midway_restores_parameters_and_state():
+    """The closure raises at its third call (a trial evaluation inside the step, after the
+    direction was solved): the error propagates, parameters and state are as before."""
+    model, loss, x, y = problem("ce")
+    opt = _configured(model, loss)
+    opt.step(outputs_closure(model, x, y))
+    before, state = flat(model), copy.deepcopy(opt.steepest.state_dict())
+    torch_state = repr(opt.state_dict())
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) >= 2:
+            raise ValueError("data loader broke")
+        return model(x), y
+
+    with pytest.raises(ValueError, match="data loader broke"):
+        opt.step(flaky)
+    assert len(calls) == 2
+    _assert_unchanged(model, opt, before, state)
+    assert repr(opt.state_dict()) == torch_state
+    # and the optimizer still works afterwards, with the same step as an untouched twin
+    opt.step(outputs_closure(model, x, y))
+    assert opt.last_info.accepted
+
+
+def test_nonfinite_loss_is_refused_before_any_change():
+    model, loss, x, y = problem("mse")
+    opt = TorchOptimizer(model, loss=loss)
+    before = flat(model)
+    with pytest.raises(steepest.errors.NonFiniteError):
+        opt.step(lambda: (model(x) * float("nan"), y))
+    assert torch.equal(flat(model), before)
+
+
+# ------------------------------------------------------------------------- training loops
+def test_dataloader_training_loop_lowers_the_loss():
+    """The standard loop: for x, y in loader: opt.zero_grad(); opt.step(closure); scheduler."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, generator=g, dtype=DT)
+    y = (x[:, 0] * x[:, 1] > 0).long() + (x[:, 0] > 1).long()
+    model = mlp(n_in=2, n_out=3, hidden=16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,
+                                         shuffle=True, generator=g)
+    opt = TorchOptimizer(model, loss=CrossEntropy(), metric=steepest.GGN(), lr=1.0,
+                         damping=steepest.LevenbergMarquardt(1.0))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    start = float(F.cross_entropy(model(x), y).detach())
+    for _ in range(4):
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss = opt.step(lambda xb=xb, yb=yb: (model(xb), yb))
+            assert loss.ndim == 0
+        sched.step()
+    end = float(F.cross_entropy(model(x), y).detach())
+    assert end < 0.5 * start
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.9**4)
+
+
+def test_newton_from_a_plain_scalar_closure_and_float32():
+    """The closure of an existing loop (F.mse_loss, a scalar) drives Newton with CG; a float32
+    model keeps float32 state."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(64, 3)
+    y = x.sum(1, keepdim=True).sin()
+    opt = TorchOptimizer(model, metric=steepest.Hessian(), solver=steepest.CG(maxiter=20),
+                         damping=steepest.LevenbergMarquardt(1.0))
+    start = float(F.mse_loss(model(x), y).detach())
+    for _ in range(10):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert float(F.mse_loss(model(x), y).detach()) < 0.5 * start
+    assert all(v.dtype == torch.float32 for s in opt.state_dict()["state"].values()
+               if isinstance(s, dict) for v in s.values() if isinstance(v, torch.Tensor)
+               and v.is_floating_point())
