@@ -83,6 +83,9 @@ class LinearOperator:
         self.psd = psd
         self.name = name
         self.shift = 0.0  # lambda of M + lambda I; a damped operator records it
+        # dense matrix, factor and diagonal of the undamped M, shared by its damped copies
+        # (add_diagonal copies shallowly), so a retry with another lambda rebuilds nothing
+        self._cache: dict[str, object] = {}
 
     # ----------------------------------------------------------------------------- products
     @property
@@ -122,7 +125,9 @@ class LinearOperator:
         """The sample-space factor U with ``M = U^T U / n`` (raises if M has none)."""
         if self._factor is None:
             raise NotImplementedError(f"{self.name} has no sample-space factor")
-        return self._factor()
+        if "factor" not in self._cache:
+            self._cache["factor"] = self._factor()
+        return self._cache["factor"]
 
     # ----------------------------------------------------------------------------- matrices
     def to_dense(self, limit: int | None = None) -> Tensor:
@@ -135,15 +140,18 @@ class LinearOperator:
                 "matrix-free solver (solver=CG()) or raise the limit with "
                 "steepest.linop.set_dense_limit(n) / to_dense(limit=n)."
             )
-        if self._dense is not None:
-            m = self._dense()
+        if "dense" in self._cache:
+            m = self._cache["dense"]
         else:
-            eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
-            chunk = max(1, min(self.size, 256))
-            m = torch.cat(
-                [self._base_matmat(eye[:, i : i + chunk]) for i in range(0, self.size, chunk)], 1
-            )
-        m = 0.5 * (m + m.T)
+            if self._dense is not None:
+                m = self._dense()
+            else:
+                eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
+                chunk = max(1, min(self.size, 256))
+                cols = range(0, self.size, chunk)
+                m = torch.cat([self._base_matmat(eye[:, i : i + chunk]) for i in cols], 1)
+            m = 0.5 * (m + m.T)
+            self._cache["dense"] = m
         if self.shift:
             m = m + self.shift * torch.eye(self.size, dtype=m.dtype, device=m.device)
         return m
@@ -153,7 +161,7 @@ class LinearOperator:
         if self._diagonal is not None:
             d = self._diagonal()
         elif self._factor is not None:
-            f = self._factor()
+            f = self.factor()
             d = f.U.pow(2).sum(0) / f.n
         else:
             eye = torch.eye(self.size, dtype=self.dtype, device=self.device)

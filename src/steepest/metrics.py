@@ -79,7 +79,7 @@ def _jtaj(
     n = point.n
 
     def matvec(v: Tensor) -> Tensor:
-        return point.vjp(apply_a(point.jvp(v))) / n
+        return point.vjp(apply_a(point.jvp(v)) / n)
 
     def dense() -> Tensor:
         out = torch.zeros(
@@ -273,7 +273,7 @@ class GradientCovariance(Metric):
         n, gbar, centered = point.n, point.grad, self.centered
 
         def matvec(v: Tensor) -> Tensor:
-            out = point.loss_vjp(point.loss_jvp(v)) / n
+            out = point.loss_vjp(point.loss_jvp(v) / n)
             return out - gbar * (gbar @ v) if centered else out
 
         def grads() -> Tensor:

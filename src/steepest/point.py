@@ -143,6 +143,11 @@ class Point:
         self._gl: Tensor | None = None
         self._ul: Tensor | None = None
         self._ggraph: Tensor | None = None
+        # per-sample quantities by vmap unless the model couples samples (BatchNorm in train)
+        self._vmap_failed = any(
+            m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for m in self.space.model.modules()
+        )
 
     # ------------------------------------------------------------------ autograd helpers
     def _grad(self, out: Tensor, wrt: Tensor, cot: Tensor, **kw) -> Tensor:
@@ -187,6 +192,9 @@ class Point:
         """Per-sample output Jacobians, shape (n, C, P) for the samples in ``samples``."""
         zf = self.z.reshape(self.n, -1)
         c = zf.shape[1]
+        fast = self._per_sample(samples or slice(None), "jacobian")
+        if fast is not None:
+            return fast.reshape(fast.shape[0], c, self.size)
         idx = range(self.n)[samples or slice(None)]
         cots = torch.zeros(len(idx) * c, self.n, c, dtype=zf.dtype, device=zf.device)
         rows = torch.arange(len(idx) * c, device=zf.device)
@@ -213,8 +221,44 @@ class Point:
 
     def per_sample_grads(self) -> Tensor:
         """Rows :math:`\\nabla_\\theta l_i`, shape (N, P)."""
+        fast = self._per_sample(slice(None), "grad")
+        if fast is not None:
+            return fast
         eye = torch.eye(self.n, dtype=self.losses.dtype, device=self.losses.device)
         return self._batched(self.losses, self.theta, eye).detach()
+
+    def _per_sample(self, samples: slice, kind: str) -> Tensor | None:
+        """Per-sample output Jacobians (kind='jacobian', (n, C*, P)) or loss gradients
+        (kind='grad', (n, P)) by ``torch.func.vmap`` over samples: O(n) model evaluations of
+        one sample each, instead of a batched backward through the whole batch per row.
+        Returns None where vmap cannot trace the model (e.g. BatchNorm in training mode,
+        which couples the samples); the caller then uses the batched backward."""
+        if self._vmap_failed:
+            return None
+        from torch.func import grad, jacrev, vmap
+
+        f, loss = self.space.function(), self.loss
+        xs = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
+        xs = tuple(t[samples] for t in xs)
+        theta = self.theta.detach()
+
+        def out(th: Tensor, *xi: Tensor) -> Tensor:
+            return f(th, tuple(t.unsqueeze(0) for t in xi)).reshape(-1)
+
+        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> Tensor:
+            z = f(th, tuple(t.unsqueeze(0) for t in xi))
+            return loss.value(z, yi.unsqueeze(0)).sum()
+
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                if kind == "jacobian":
+                    dims = (None,) + (0,) * len(xs)
+                    return vmap(jacrev(out), in_dims=dims)(theta, *xs).detach()
+                dims = (None, 0) + (0,) * len(xs)
+                return vmap(grad(one_loss), in_dims=dims)(theta, self.y[samples], *xs).detach()
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            self._vmap_failed = True
+            return None
 
     # ------------------------------------------------------------------ Hessian
     def hvp(self, v: Tensor) -> Tensor:
