@@ -7,6 +7,7 @@ share this process. Helpers to import (``seeded``, ``DEVICES``) live in tests/re
 from __future__ import annotations
 
 import pytest
+import torch
 from reference import DEVICES
 
 
@@ -14,3 +15,13 @@ from reference import DEVICES
 def device(request) -> str:
     """'cpu', and 'cuda' when a CUDA device exists (skipped otherwise)."""
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (the CLI and problem tests: many tiny ops, where 2 threads
+    only add synchronisation), restoring the thread count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

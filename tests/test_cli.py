@@ -13,13 +13,7 @@ import torch
 
 from steepest import cli, compare, problems
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def call(argv: list[str]) -> int:

@@ -355,6 +355,9 @@ def test_kl_line_search_keeps_the_kl_bound(loss, metric):
         assert info.accepted and info.loss_new < info.loss
         kl = float(_kl(loss, z_old, z_new))
         assert 0 < kl <= max_kl * (1 + 1e-9)
+        # alpha = alpha0 beta^k (beta = 1/2) with alpha0^2 d^T A d = 2 max_kl
+        k = math.log(info.quad_form / (2 * max_kl)) / (2 * math.log(0.5))
+        assert abs(k - round(k)) < 1e-6 and round(k) >= 0
 
 
 # ---------------------------------------------------------------------------- HF pieces

@@ -18,12 +18,7 @@ from steepest.problems.builtin import make_quadratic, mlp
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BUILTIN = ["quadratic", "quadratic-noisy", "toy2d", "logistic", "digits", "regression",

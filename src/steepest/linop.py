@@ -51,7 +51,8 @@ class LinearOperator:
     matvec: v (P,) -> M v (P,)
     size: P
     matmat: optional V (P, k) -> M V (P, k), a batched product
-    dense: optional () -> M as a (P, P) tensor, built another way than column by column
+    dense: optional () -> M as a (P, P) tensor; by default U^T U / n from the factor when there
+        is one, else column by column from the products
     diagonal: optional () -> diag(M) (P,)
     factor: optional () -> :class:`Factor` with M = U^T U / n
     psd: whether M is known to be positive semi-definite
@@ -145,6 +146,9 @@ class LinearOperator:
         else:
             if self._dense is not None:
                 m = self._dense()
+            elif self._factor is not None:
+                f = self.factor()
+                m = f.U.T @ f.U / f.n
             else:
                 eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
                 chunk = max(1, min(self.size, 256))

@@ -276,23 +276,15 @@ class GradientCovariance(Metric):
             out = point.loss_vjp(point.loss_jvp(v) / n)
             return out - gbar * (gbar @ v) if centered else out
 
-        def grads() -> Tensor:
+        def factor() -> Factor:  # rows: per-sample gradients (centered: minus their mean)
             g = point.per_sample_grads()
-            return g - gbar if centered else g
-
-        def factor() -> Factor:
-            return Factor(grads(), n)
-
-        def dense() -> Tensor:
-            g = grads()
-            return g.T @ g / n
+            return Factor(g - gbar if centered else g, n)
 
         return LinearOperator(
             matvec,
             point.size,
             point.theta.dtype,
             point.theta.device,
-            dense=dense,
             factor=factor,
             name=self.name,
         )
