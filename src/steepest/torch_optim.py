@@ -42,7 +42,8 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -99,17 +100,21 @@ _GRAPH_ERRORS = ("does not require grad", "backward through the graph a second t
                  "have already been freed", "modified by an inplace operation")
 
 
-def _backward_hint(err: RuntimeError) -> Exception:
-    """A clear error for a closure that ran backward() itself or returned no graph; any other
-    error of the user's code passes through unchanged."""
-    if not any(s in str(err) for s in _GRAPH_ERRORS):
-        return err
-    return ConfigurationError(
-        f"differentiating the closure's result failed ({str(err).splitlines()[0]}); the closure "
-        "must not call loss.backward() (steepest.TorchOptimizer differentiates the returned "
-        "value itself; optimizer.zero_grad() is harmless) and must compute its result from the "
-        "parameters with autograd enabled, without .detach() or .item()."
-    )
+@contextlib.contextmanager
+def _explain_graph_errors() -> Iterator[None]:
+    """Turn the autograd error of a closure that ran backward() itself or returned no graph
+    into a clear one; any other error of the user's code passes through unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(s in str(err) for s in _GRAPH_ERRORS):
+            raise
+        raise ConfigurationError(
+            f"differentiating the closure's result failed ({str(err).splitlines()[0]}); the "
+            "closure must not call loss.backward() (steepest.TorchOptimizer differentiates the "
+            "returned value itself; optimizer.zero_grad() is harmless) and must compute its "
+            "result from the parameters with autograd enabled, without .detach() or .item()."
+        ) from err
 
 
 class _ClosureSpace(ParamSpace):
@@ -149,13 +154,8 @@ class _ClosureSpace(ParamSpace):
             try:
                 for p, chunk in zip(self.params, self.unflatten(theta.detach())):
                     p.data = chunk
-                try:
+                with _explain_graph_errors():
                     result = closure()
-                except RuntimeError as err:
-                    hint = _backward_hint(err)
-                    if hint is err:
-                        raise
-                    raise hint from err
             finally:
                 for p, d in zip(self.params, saved):
                     p.data = d
@@ -213,13 +213,8 @@ class ClosurePoint:
         self.generator, self.inputs = generator, None
         self.theta = space.get()
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            try:
+            with _explain_graph_errors():
                 result = closure()
-            except RuntimeError as err:
-                hint = _backward_hint(err)
-                if hint is err:
-                    raise
-                raise hint from err
         kind = _kind_of(result)
         accepted = _accepted_kinds(metric)
         if need_per_sample:
@@ -274,14 +269,9 @@ class ClosurePoint:
                 "produce non-finite values (check the inputs' scale, lower the learning rate "
                 "or raise the damping)."
             )
-        try:
+        with _explain_graph_errors():
             grads = torch.autograd.grad(self.value_t, self.params, retain_graph=True,
                                         allow_unused=True)
-        except RuntimeError as err:
-            hint = _backward_hint(err)
-            if hint is err:
-                raise
-            raise hint from err
         if all(g is None for g in grads):
             raise ConfigurationError(
                 "none of the optimizer's parameters is in the graph of the closure's result; "
