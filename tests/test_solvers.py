@@ -204,29 +204,48 @@ def test_woodbury_equals_cholesky(metric):
 def test_auto_choice():
     point = classifier_point()
     ggn = GGN().operator(point)
+    assert ggn.factor_rows == 18 < ggn.size == 45  # known without building the factor
     auto = Auto()
-    assert isinstance(auto.choose(ggn + 1e-3), Cholesky)
+    assert isinstance(auto.choose(ggn + 1e-3), Woodbury)  # R = 18 rows < P = 45
+    assert "factor" not in ggn._cache  # choosing built nothing
+    assert isinstance(auto.choose(ggn + 0.0), Cholesky)  # Woodbury needs lambda > 0
     assert isinstance(auto.choose(Hessian().operator(point) + 1.0), CG)
+    assert isinstance(auto.choose(Identity().operator(point) + 1e-3), Cholesky)  # no factor
     small = Auto(dense_max=10)
-    assert isinstance(small.choose(ggn + 1e-3), Woodbury)  # factor with 18 rows < 45
-    assert isinstance(small.choose(ggn + 0.0), CG)  # Woodbury needs lambda > 0
-    assert isinstance(small.choose(Identity().operator(point) + 1e-3), CG)  # no factor
+    assert isinstance(small.choose(ggn + 1e-3), Woodbury)
+    assert isinstance(small.choose(ggn + 0.0), CG)
+    assert isinstance(small.choose(Identity().operator(point) + 1e-3), CG)
     b = -point.grad
     ref = Cholesky().solve(ggn + 1e-3, b).x
-    assert rel_err(small.solve(ggn + 1e-3, b).x, ref) < 1e-10
-    # a factor with more rows than parameters: CG instead of a bigger Woodbury system
+    assert rel_err(auto.solve(ggn + 1e-3, b).x, ref) < 1e-10
+    # a factor with more rows than parameters: Cholesky, or CG above dense_max
     big = classifier_point(n=60)
     gc = GradientCovariance().operator(big) + 1e-2
+    assert gc.factor_rows == 60 > gc.size
+    assert isinstance(auto.choose(gc), Cholesky)
     gc_x = small.solve(gc, -big.grad)
     assert not gc_x.exact and rel_err(gc_x.x, Cholesky().solve(gc, -big.grad).x) < 1e-6
     # the configurable dense limit is honoured at call time
     old = linop.DENSE_LIMIT
     try:
         linop.set_dense_limit(10)
-        assert not isinstance(auto.choose(ggn + 1e-3), Cholesky)
+        assert isinstance(auto.choose(ggn + 0.0), CG)
     finally:
         linop.set_dense_limit(old)
-    assert isinstance(auto.choose(ggn + 1e-3), Cholesky)
+    assert isinstance(auto.choose(ggn + 0.0), Cholesky)
+
+
+def test_woodbury_reuses_the_gram_matrix():
+    """A retry with another lambda reuses U U^T (the damped copies share the factor)."""
+    point = classifier_point()
+    op = GGN().operator(point)
+    b = -point.grad
+    first = Woodbury().solve(op + 1e-3, b)
+    gram = op.factor().gram()
+    second = Woodbury().solve(op + 1.0, b)
+    assert op.factor().gram() is gram
+    for lam, sol in ((1e-3, first), (1.0, second)):
+        assert rel_err(sol.x, Cholesky().solve(op + lam, b).x) < 1e-9
 
 
 def test_as_solver():

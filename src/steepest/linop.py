@@ -42,6 +42,12 @@ class Factor:
     U: Tensor
     n: int
 
+    def gram(self) -> Tensor:
+        """``U U^T`` (R x R), computed once (a damped retry reuses it)."""
+        if not hasattr(self, "_gram"):
+            self._gram = self.U @ self.U.T
+        return self._gram
+
 
 class LinearOperator:
     """A symmetric linear operator M of size P x P, known through its products.
@@ -55,6 +61,8 @@ class LinearOperator:
         is one, else column by column from the products
     diagonal: optional () -> diag(M) (P,)
     factor: optional () -> :class:`Factor` with M = U^T U / n
+    factor_rows: the row count R of that factor when known without building it (lets
+        :class:`~steepest.solvers.Auto` choose Woodbury for R < P at no cost)
     psd: whether M is known to be positive semi-definite
     name: what M is, for messages
     """
@@ -70,6 +78,7 @@ class LinearOperator:
         dense: Callable[[], Tensor] | None = None,
         diagonal: Callable[[], Tensor] | None = None,
         factor: Callable[[], Factor] | None = None,
+        factor_rows: int | None = None,
         psd: bool = True,
         name: str = "M",
     ) -> None:
@@ -78,6 +87,7 @@ class LinearOperator:
         self._dense = dense
         self._diagonal = diagonal
         self._factor = factor
+        self.factor_rows = factor_rows if factor is not None else None
         self.size = int(size)
         self.dtype = dtype
         self.device = torch.device(device)

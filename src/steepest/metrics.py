@@ -97,8 +97,9 @@ def _jtaj(
             out += torch.einsum("ncp,ncd,ndp->p", jac, matrix_a(sl), jac)
         return out / n
 
-    factor = None
+    factor = rows = None
     if sqrt_a is not None:
+        rows = n * sqrt_a(slice(0, 1)).shape[-1]  # R = N K, K the columns of S_i
 
         def factor() -> Factor:
             rows = []
@@ -115,6 +116,7 @@ def _jtaj(
         dense=dense,
         diagonal=diagonal,
         factor=factor,
+        factor_rows=rows,
         psd=psd,
         name=name,
     )
@@ -286,6 +288,7 @@ class GradientCovariance(Metric):
             point.theta.dtype,
             point.theta.device,
             factor=factor,
+            factor_rows=n,
             name=self.name,
         )
 

@@ -271,7 +271,7 @@ class Woodbury(Solver):
             )
         f = factor or a.factor()
         u, n = f.U, f.n
-        k = u @ u.T + n * lam * torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        k = f.gram() + n * lam * torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
         chol, info = torch.linalg.cholesky_ex(k)
         if int(info) != 0:
             raise SolverError("Woodbury: the sample-space matrix is not positive definite.")
@@ -280,8 +280,13 @@ class Woodbury(Solver):
 
 
 class Auto(Solver):
-    """Chooses per step: Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or
-    damped, Woodbury when M has a factor with fewer rows than P (and lambda > 0), else CG.
+    """Chooses per step: Woodbury when M has a sample-space factor with fewer rows than
+    parameters (R < P, known from ``factor_rows`` without building it) and lambda > 0; else
+    Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or damped; else CG.
+
+    Woodbury costs :math:`O(R^2 P)` per step against :math:`O(R P^2 + P^3)` for the dense
+    Cholesky: on a full-batch regression with N = 512 samples and P = 1249 parameters the
+    step is several times cheaper (benchmarks/training.md).
 
     >>> Auto().choose(M + 1e-3)
     """
@@ -295,20 +300,15 @@ class Auto(Solver):
     def choose(self, a: LinearOperator) -> Solver:
         if not a.psd:
             return self.cg
+        rows = a.factor_rows if a.has_factor() else None
+        if rows is not None and rows < a.size and a.shift > 0:
+            return Woodbury()
         if a.size <= min(self.dense_max, linop.DENSE_LIMIT):
             return Cholesky()
-        if a.has_factor() and a.shift > 0:
-            return Woodbury()  # the factor's row count is checked when it is built
         return self.cg
 
     def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
-        solver = self.choose(a)
-        if isinstance(solver, Woodbury):
-            f = a.factor()
-            if f.U.shape[0] >= a.size:
-                return self.cg.solve(a, b, x0)
-            return solver.solve(a, b, x0, factor=f)
-        return solver.solve(a, b, x0)
+        return self.choose(a).solve(a, b, x0)
 
 
 def as_solver(solver: Solver | str) -> Solver:
