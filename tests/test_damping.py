@@ -1,11 +1,27 @@
-"""Damping rules (steepest.damping): the Levenberg-Marquardt rule of Moré 1978 / Martens 2010."""
+"""Damping rules (steepest.damping): the Levenberg-Marquardt rule of Moré 1978 / Martens 2010,
+and Moré's trust-region form on the scaled step (MINPACK lmder)."""
 
 import math
 
+import numpy as np
 import pytest
+import torch
+from reference import rel_err, seeded
 
-from steepest.damping import Constant, Damping, LevenbergMarquardt, as_damping
+from steepest import GaussNewton, Optimizer
+from steepest.damping import (
+    Constant,
+    Damping,
+    LevenbergMarquardt,
+    MoreTrustRegion,
+    Trial,
+    as_damping,
+)
 from steepest.errors import ConfigurationError
+from steepest.linop import Factor, LinearOperator
+from steepest.losses import MSE
+
+F64 = torch.float64
 
 
 def test_constant_is_fixed_and_never_rejects():
@@ -77,3 +93,191 @@ def test_as_damping():
         with pytest.raises(ConfigurationError):
             as_damping(bad)
     assert issubclass(LevenbergMarquardt, Damping)
+
+
+# ------------------------------------------------------------------ MoreTrustRegion
+def _dense_op(m: torch.Tensor, u: torch.Tensor | None = None) -> LinearOperator:
+    return LinearOperator(lambda v: m @ v, m.shape[0], m.dtype,
+                          factor=(lambda: Factor(u, 1)) if u is not None else None,
+                          factor_rows=None if u is None else u.shape[0])
+
+
+def _spd(p: int, seed: int, rank: int | None = None, spread: float = 4.0):
+    """M = U^T U with columns scaled over ``spread`` decades (badly scaled parameters)."""
+    g = seeded(seed)
+    u = torch.randn(rank or p + 3, p, generator=g, dtype=F64)
+    u = u * torch.logspace(0, spread, p, dtype=F64)
+    return u.T @ u, u, torch.randn(p, generator=g, dtype=F64) * torch.logspace(0, spread, p,
+                                                                                 dtype=F64)
+
+
+def _try(rule: MoreTrustRegion, op: LinearOperator, g: torch.Tensor):
+    damped = rule.damped(op, g, torch.zeros_like(g))
+    delta = torch.linalg.solve(damped.to_dense(), -g)
+    return damped, delta, rule._spectrum[1]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_more_step_solves_the_scaled_trust_region_problem(seed):
+    """delta = -(M + lambda D^2)^-1 g with ||D delta|| = Delta (to sigma); lambda equals the
+    root of ||D (M + lambda D^2)^-1 g|| = Delta found by scipy's brentq on dense solves, and
+    delta beats SLSQP on min q(delta) s.t. ||D delta|| <= Delta in the scaled variables D delta;
+    lambda = 0 when the Gauss-Newton step fits."""
+    from scipy.optimize import brentq, minimize
+
+    m, _, g = _spd(5, seed)
+    op = _dense_op(m)
+    rule = MoreTrustRegion(sigma=1e-9)
+    d = m.diagonal().sqrt()
+    newton = torch.linalg.solve(m, -g)
+    full = float((d * newton).norm())
+    ms, gs = m / d[:, None] / d[None, :], g / d
+
+    def q(y):  # the model in the scaled variables y = D delta
+        y = torch.as_tensor(y, dtype=F64)
+        return float(gs @ y + 0.5 * y @ ms @ y)
+
+    for radius in (1e-3 * full, 0.3 * full, 0.9 * full):
+        rule.radius = radius
+        damped, delta, scale = _try(rule, op, g)
+        assert torch.equal(scale, d) and rule.value > 0
+        assert float((d * delta).norm()) == pytest.approx(radius, rel=1e-8)
+        assert torch.allclose(damped.shift, rule.value * d**2)
+
+        def excess(lam, radius=radius):
+            step = torch.linalg.solve(m + lam * torch.diag(d**2), -g)
+            return float((d * step).norm()) - radius
+
+        lam_ref = brentq(excess, 0.0, float(gs.norm()) / radius, xtol=1e-300, rtol=1e-14)
+        assert rule.value == pytest.approx(lam_ref, rel=1e-6)
+        cons = {"type": "ineq", "fun": lambda y, r=radius: r**2 - float(np.sum(y**2))}
+        ref = minimize(q, np.zeros(5), method="SLSQP", constraints=[cons],
+                       options={"ftol": 1e-14, "maxiter": 1000})
+        assert float(np.linalg.norm(ref.x)) <= radius * (1 + 1e-6)
+        assert q(d * delta) <= ref.fun + 1e-7 * abs(ref.fun)
+    rule.radius = 2 * full  # the Gauss-Newton step lies inside: lambda = 0
+    _, delta, _ = _try(rule, op, g)
+    assert rule.value == 0.0 and rel_err(delta, newton) < 1e-10
+
+
+def test_more_factor_path_equals_the_dense_path():
+    """A rank-deficient M with a factor (R < P): lambda from the SVD of U D^-1 equals lambda
+    from the dense eigen-decomposition."""
+    m, u, g = _spd(7, 3, rank=4)
+    for radius in (1e-2, 1.0, 30.0):
+        lams = []
+        for op in (_dense_op(m), _dense_op(m, u)):
+            rule = MoreTrustRegion(sigma=1e-8)
+            rule.radius = radius
+            rule.damped(op, g, torch.zeros_like(g))
+            lams.append(rule.value)
+        assert lams[0] > 0 and lams[1] == pytest.approx(lams[0], rel=1e-6)
+
+
+def test_more_on_an_indefinite_matrix_gives_descent_inside_the_radius():
+    g0 = seeded(11)
+    a = torch.randn(6, 6, generator=g0, dtype=F64)
+    m = a + a.T  # indefinite
+    g = torch.randn(6, generator=g0, dtype=F64)
+    op = _dense_op(m)
+    rule = MoreTrustRegion(sigma=1e-6)
+    rule.radius = 0.5
+    damped, delta, d = _try(rule, op, g)
+    assert torch.linalg.eigvalsh(damped.to_dense())[0] > 0
+    assert float(g @ delta) < 0
+    assert float((d * delta).norm()) == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "rho, loss_new, expected",
+    [(0.9, 0.5, "2p"),  # good agreement: Delta = 2 ||D delta||
+     (0.5, 0.8, "same"),  # lambda > 0 and 1/4 < rho < 3/4: unchanged
+     (0.1, 0.95, "half"),  # poor agreement, loss down: 1/2 min(Delta, 10 ||D delta||)
+     (-1.0, 1.2, "interp"),  # loss up: quadratic interpolation, clipped to [0.1, 0.5]
+     (-1.0, 500.0, "tenth")],  # loss up a hundredfold: 1/10
+)
+def test_more_radius_update(rho, loss_new, expected):
+    m, _, g = _spd(4, 5, spread=0.0)
+    rule = MoreTrustRegion()
+    rule.radius = 0.01
+    _, delta, d = _try(rule, _dense_op(m), g)
+    assert rule.value > 0
+    rule._first = False
+    pnorm = float((d * delta).norm())
+    gdelta = float(g @ delta)
+    rule.update(rho, Trial(delta, gdelta, 1.0, loss_new))
+    mu = -gdelta / (2 * (loss_new - 1.0 - gdelta))
+    want = {"2p": 2 * pnorm, "same": 0.01, "half": 0.5 * min(0.01, 10 * pnorm),
+            "interp": min(max(mu, 0.1), 0.5) * min(0.01, 10 * pnorm),
+            "tenth": 0.1 * min(0.01, 10 * pnorm)}[expected]
+    assert rule.radius == pytest.approx(want, rel=1e-12)
+
+
+def test_more_first_radius_and_state_dict():
+    m, _, g = _spd(4, 6, spread=1.0)
+    theta = torch.arange(1.0, 5.0, dtype=F64)
+    rule = MoreTrustRegion(factor=100.0)
+    rule.damped(_dense_op(m), g, theta)
+    d = m.diagonal().sqrt()
+    assert rule.radius == pytest.approx(100 * float((d * theta).norm()), rel=1e-12)
+    other = MoreTrustRegion()
+    other.load_state_dict(rule.state_dict())
+    assert other.radius == rule.radius and torch.equal(other.scale, rule.scale)
+    rule.raise_for_retry()
+    assert rule.radius == pytest.approx(0.25 * other.radius)
+
+
+@pytest.mark.parametrize("kwargs", [dict(factor=0.0), dict(sigma=1.0), dict(sigma=-1),
+                                    dict(radius_min=math.nan), dict(max_tries=0)])
+def test_more_rejects_bad_configuration(kwargs):
+    with pytest.raises(ConfigurationError, match="MoreTrustRegion"):
+        MoreTrustRegion(**kwargs)
+
+
+class _Exp(torch.nn.Module):
+    """y = b1 exp(b2 / (x + b3)) with parameter b = c * units (the units rescale b)."""
+
+    def __init__(self, b0, units=(1.0, 1.0, 1.0)):
+        super().__init__()
+        self.units = torch.tensor(units, dtype=F64)
+        self.c = torch.nn.Parameter(torch.tensor(b0, dtype=F64) / self.units)
+
+    def forward(self, x):
+        b = self.c * self.units
+        return b[0] * torch.exp(b[1] / (x + b[2]))
+
+
+def _exp_data():
+    x = torch.arange(50.0, 126.0, 5.0, dtype=F64).view(-1, 1)
+    b = (0.0056, 6181.35, 345.22)  # a badly scaled fit of the MGH10 kind, data generated
+    return x, b[0] * torch.exp(b[1] / (x + b[2])), b
+
+
+def test_more_is_invariant_to_the_units_of_a_parameter():
+    """MINPACK's scaling: rescaling b by diagonal units gives the same iterates in b."""
+    x, y, _ = _exp_data()
+    paths = []
+    for units in ((1.0, 1.0, 1.0), (1e-3, 1e3, 10.0)):
+        model = _Exp((0.02, 4000.0, 250.0), units)
+        opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(),
+                        solver="cholesky")
+        path = []
+        for _ in range(8):
+            opt.step(x, y)
+            path.append((model.c * model.units).detach().clone())
+        paths.append(torch.stack(path))
+    assert rel_err(paths[1], paths[0]) < 1e-8
+
+
+def test_more_solves_a_badly_scaled_exponential_fit():
+    """From b = (2, 4e5, 2.5e4) (the hard NIST MGH10 start) on generated data: Moré's scaled
+    trust region reaches the generating parameters (benchmarks/nist.md: 54 of 54)."""
+    x, y, b = _exp_data()
+    model = _Exp((2.0, 4e5, 2.5e4))
+    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(),
+                    solver="cholesky")
+    for _ in range(600):
+        info = opt.step(x, y)
+        if info.accepted and info.step_norm <= 1e-13 * float(model.c.detach().norm()):
+            break
+    assert rel_err(model.c.detach(), torch.tensor(b, dtype=F64)) < 1e-7

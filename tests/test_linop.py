@@ -152,3 +152,29 @@ def test_to_scipy_from_float32():
     out = op.to_scipy() @ np.ones(5)
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, a.numpy() @ np.ones(5), rtol=1e-5)
+
+
+@SETTINGS
+@given(sizes)
+def test_diagonal_damping_against_dense(size_seed):
+    """M + diag(s) (a scaled damping): products, dense, diagonal equal the explicit matrix;
+    the factor and the cached dense M are shared with the undamped operator."""
+    p, seed = size_seed
+    a, u = spd(p, seed, rank=max(1, p - 1))
+    s = torch.rand(p, generator=seeded(seed + 1), dtype=F64) + 0.1
+    op = op_from(a, u, factor_rows=u.shape[0])
+    damped = op.add_diagonal(s)
+    ref = a + torch.diag(s)
+    v = torch.randn(p, generator=seeded(seed + 2), dtype=F64)
+    m = torch.randn(p, 3, generator=seeded(seed + 3), dtype=F64)
+    assert damped.diagonal_shift() and damped.is_damped() and not op.is_damped()
+    assert rel_err(damped @ v, ref @ v) < 1e-12
+    assert rel_err(damped @ m, ref @ m) < 1e-12
+    assert rel_err(damped.to_dense(), ref) < 1e-12
+    assert rel_err(damped.diagonal(), ref.diagonal()) < 1e-12
+    assert damped.psd and not op.add_diagonal(-s).psd
+    assert damped.factor() is op.factor() and damped.factor_rows == u.shape[0]
+    both = damped.add_diagonal(0.5)  # diag(s) + 0.5 I
+    assert rel_err(both.to_dense(), ref + 0.5 * torch.eye(p, dtype=F64)) < 1e-12
+    with pytest.raises(ShapeError, match="diagonal damping needs shape"):
+        op.add_diagonal(torch.ones(p + 1, dtype=F64))

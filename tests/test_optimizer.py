@@ -26,6 +26,7 @@ from steepest import (
     KLLineSearch,
     LearningRate,
     LevenbergMarquardt,
+    MoreTrustRegion,
     Optimizer,
     TrustRegion,
     curvature,
@@ -521,6 +522,8 @@ CONFIGS = {
                               momentum=0.3),
     "armijo-hessian": dict(metric=Hessian(), solver=CG(maxiter=20), damping=1e-3,
                            step=Armijo(), warm_start=0.5, curvature_batch_size=10),
+    "more-trust-region": dict(metric=GGN(), damping=MoreTrustRegion(), solver="cholesky",
+                              momentum=0.2),
 }
 
 
@@ -566,6 +569,7 @@ MECHANISMS = {
                            preconditioner="empirical-fisher", curvature_batch_size=12),
     "momentum": dict(damping=LevenbergMarquardt(1e-1), momentum=0.5, step=Armijo(),
                      solver=CG()),
+    "more-trust-region": dict(damping=MoreTrustRegion()),
 }
 
 

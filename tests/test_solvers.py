@@ -235,6 +235,21 @@ def test_auto_choice():
     assert isinstance(auto.choose(ggn + 0.0), Cholesky)
 
 
+def test_woodbury_with_a_diagonal_damping():
+    """(M + diag(s))^-1 b by Woodbury equals the dense solve; a zero entry is refused."""
+    point = classifier_point()
+    op = GGN().operator(point)
+    b = -point.grad
+    s = torch.linspace(1e-3, 1.0, op.size, dtype=torch.float64)
+    ref = torch.linalg.solve(op.to_dense() + torch.diag(s), b)
+    sol = Woodbury().solve(op.add_diagonal(s), b)
+    assert sol.exact and rel_err(sol.x, ref) < 1e-9 and sol.residual < 1e-10
+    assert rel_err(Cholesky().solve(op.add_diagonal(s), b).x, ref) < 1e-10
+    assert isinstance(Auto().choose(op.add_diagonal(s)), Woodbury)
+    with pytest.raises(SingularMatrixError, match="lambda > 0"):
+        Woodbury().solve(op.add_diagonal(s * (torch.arange(op.size) > 0)), b)
+
+
 def test_woodbury_reuses_the_gram_matrix():
     """A retry with another lambda reuses U U^T (the damped copies share the factor)."""
     point = classifier_point()

@@ -10,7 +10,7 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 """
 
 from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
-from .damping import Constant, LevenbergMarquardt
+from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .errors import SteepestError
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
@@ -66,6 +66,7 @@ __all__ = [
     "KLLineSearch",
     "LearningRate",
     "LevenbergMarquardt",
+    "MoreTrustRegion",
     "LinearOperator",
     "Loss",
     "MSE",

@@ -2,6 +2,10 @@ r"""Damping rules: the lambda of :math:`M + \lambda I` (Tikhonov damping, 000 se
 Martens 2020 section 10).
 
 - :class:`Constant`: a fixed lambda.
+- :class:`MoreTrustRegion`: Levenberg-Marquardt in trust-region form on the *scaled* step
+  (Moré 1978, the algorithm of MINPACK's ``lmder``): the damping is :math:`\lambda D^2`,
+  D a running maximum of :math:`\sqrt{\mathrm{diag}(M)}`, and lambda is solved from a radius
+  :math:`\|D\delta\| \le \Delta` that adapts to rho; invariant to rescaling a parameter.
 - :class:`LevenbergMarquardt`: lambda adapts to the reduction ratio
 
   .. math:: \rho = \frac{L(\theta+\delta) - L(\theta)}{q(\delta) - q(0)},\qquad
@@ -15,10 +19,12 @@ Martens 2020 section 10).
   again, at most ``max_tries`` solves per step (each try is reported in ``StepInfo.tries`` and
   ``StepInfo.message``).
 
-A rule's protocol, used by :class:`~steepest.optimizer.Optimizer`: ``value`` (lambda now),
-``update(rho)`` after every try (rho = -inf for a try with no step or a non-finite loss),
-``raise_for_retry()`` when the damped system could not be solved or gave no descent direction,
-``adaptive``, ``reject``, ``max_tries``, ``state_dict()`` / ``load_state_dict()``.
+A rule's protocol, used by :class:`~steepest.optimizer.Optimizer`: ``damped(op, g, theta)``
+(the damped operator of a try: ``op + value`` by default), ``value`` (lambda now),
+``update(rho, trial)`` after every try (rho = -inf for a try with no step or a non-finite loss;
+``trial`` a :class:`Trial`), ``raise_for_retry()`` when the damped system could not be solved
+or gave no descent direction, ``adaptive``, ``reject``, ``max_tries``, ``state_dict()`` /
+``load_state_dict()``.
 
 Example
 -------
@@ -30,12 +36,29 @@ Example
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from .errors import ConfigurationError
+from .linop import LinearOperator
+
+
+@dataclass(frozen=True)
+class Trial:
+    r"""What the optimizer saw on one try: the step delta (None when no step was tried),
+    :math:`g^T\delta`, :math:`L(\theta)` and :math:`L(\theta+\delta)` (None: not evaluated)."""
+
+    delta: Tensor | None
+    gdelta: float
+    loss: float
+    loss_new: float | None
 
 
 class Damping:
-    """Base class: ``value`` is lambda; ``update(rho)`` after each try of a step."""
+    """Base class: ``value`` is lambda; ``damped(op, g, theta)`` is M + lambda I for a try;
+    ``update(rho, trial)`` after each try of a step."""
 
     adaptive = False
     reject = False
@@ -45,7 +68,11 @@ class Damping:
     def value(self) -> float:
         raise NotImplementedError
 
-    def update(self, rho: float) -> None:
+    def damped(self, op: LinearOperator, g: Tensor, theta: Tensor) -> LinearOperator:
+        r"""The damped operator of this try, :math:`M + \lambda I` (``op`` is M undamped)."""
+        return op.add_diagonal(self.value)
+
+    def update(self, rho: float, trial: Trial | None = None) -> None:
         pass
 
     def raise_for_retry(self) -> None:
@@ -136,7 +163,7 @@ class LevenbergMarquardt(Damping):
     def value(self) -> float:
         return self.lam
 
-    def update(self, rho: float) -> None:
+    def update(self, rho: float, trial: Trial | None = None) -> None:
         """Apply the rule to the reduction ratio of the last try (nan counts as failure)."""
         if math.isnan(rho) or rho < 0.25:
             self.lam = min(self.lam * self.increase, self.max)
@@ -154,6 +181,197 @@ class LevenbergMarquardt(Damping):
         self.lam = float(state["lam"])
 
 
+class MoreTrustRegion(Damping):
+    r"""Levenberg-Marquardt as a trust region on the scaled step (Moré 1978; MINPACK
+    ``lmder``): each try takes
+
+    .. math:: \delta = -(M + \lambda D^2)^{-1} g,\qquad \lambda \ge 0 	ext{ such that }
+              \|D\delta\| = \Delta 	ext{ (or } \lambda = 0 	ext{ when }
+              \|D M^{-1} g\| \le (1 + \sigma)\Delta),
+
+    the solution of :math:`\min_\delta q(\delta)` subject to :math:`\|D\delta\| \le \Delta`
+    (000 problem (1) with the metric :math:`D^2` for the constraint and M for the model).
+    :math:`D = \mathrm{diag}(d_j)`, :math:`d_j = \max(d_j^{	ext{prev}},
+    \sqrt{M_{jj}})` (MINPACK's column norms of J for M = J^T J; 1 where zero), so a parameter in
+    units a thousand times larger gets the same steps. The radius starts at
+    ``factor`` :math:`\|D	heta_0\|` (``factor`` if that is 0), becomes
+    :math:`\min(\Delta, \|D\delta\|)` after the first try, and then adapts to rho: when
+    rho <= 1/4, :math:`\Delta \leftarrow \mu \min(\Delta, 10\|D\delta\|)` with mu from the
+    quadratic interpolation of the loss along the step, :math:`\mu =
+    -g^T\delta / (2(L(	heta+\delta) - L(	heta) - g^T\delta))` (1/2 when the loss went
+    down), clipped to at least 1/10; when rho >= 3/4 or lambda = 0,
+    :math:`\Delta \leftarrow 2\|D\delta\|`. A step that raised the loss is rejected and retried
+    with the smaller radius.
+
+    lambda is found from the eigen-decomposition of the scaled metric
+    :math:`D^{-1} M D^{-1}` (dense, or from the SVD of the factor :math:`U D^{-1}` when M has
+    fewer factor rows than parameters): :math:`\|D\delta(\lambda)\|^2 = \sum_i c_i^2 /
+    (\mu_i + \lambda)^2`, solved to relative accuracy ``sigma`` by safeguarded Newton on
+    :math:`1/\|D\delta\|` (Moré and Sorensen 1983). This costs one P x P eigen-decomposition
+    per step: the rule is for problems where M fits in memory (nonlinear least squares, small
+    models; benchmarks/nist.md). For an indefinite M (Hessian) lambda stays above
+    :math:`-\mu_{min}`. Each try's solve is then made by the optimizer's solver.
+
+    Parameters
+    ----------
+    factor: the initial radius is ``factor`` ||D theta_0|| (MINPACK's default 100)
+    sigma: relative accuracy of ||D delta|| = Delta (MINPACK uses 0.1)
+    radius_min: the radius never falls below this
+    max_tries: solves per optimizer step (rejected steps are retried)
+
+    >>> opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(),
+    ...                 solver="cholesky")
+    >>> info = opt.step(x, y); opt.damping.radius, info.damping     # Delta, lambda
+    """
+
+    adaptive = True
+    reject = True
+
+    def __init__(self, factor: float = 100.0, sigma: float = 1e-2, radius_min: float = 1e-300,
+                 max_tries: int = 30) -> None:
+        for name, val in (("factor", factor), ("sigma", sigma), ("radius_min", radius_min)):
+            if not (isinstance(val, int | float) and math.isfinite(val) and val > 0):
+                raise ConfigurationError(
+                    f"MoreTrustRegion: {name} must be a finite number > 0, got {val!r}.")
+        if not sigma < 1:
+            raise ConfigurationError(f"MoreTrustRegion: sigma must be < 1, got {sigma}.")
+        if not (isinstance(max_tries, int) and max_tries >= 1):
+            raise ConfigurationError(
+                f"MoreTrustRegion: max_tries must be an integer >= 1, got {max_tries!r}.")
+        self.factor, self.sigma, self.radius_min = float(factor), float(sigma), radius_min
+        self.max_tries = max_tries
+        self.radius: float | None = None  # Delta; None until the first step
+        self.lam = 0.0
+        self.scale: Tensor | None = None  # D
+        self._first = True  # the first try adjusts Delta to min(Delta, ||D delta||)
+        self._spectrum: tuple | None = None  # (op, D, mu, Q, c, c_perp2) of the current step
+
+    def __repr__(self) -> str:
+        return f"MoreTrustRegion(radius={self.radius}, lam={self.lam:g})"
+
+    @property
+    def value(self) -> float:
+        return self.lam
+
+    # ------------------------------------------------------------------ lambda from Delta
+    def _scaled_spectrum(self, op: LinearOperator, g: Tensor) -> tuple:
+        if self._spectrum is not None and self._spectrum[0] is op:
+            return self._spectrum
+        factor = op.has_factor() and op.factor_rows is not None and op.factor_rows < op.size
+        if factor:
+            f = op.factor()
+            diag = f.U.pow(2).sum(0) / f.n
+        else:
+            m = op.to_dense()
+            diag = m.diagonal()
+        d = diag.clamp_min(0).sqrt()
+        d = torch.where(d > 0, d, torch.ones_like(d))
+        if self.scale is not None:
+            d = torch.maximum(self.scale.to(d), d)
+        gs = g / d
+        if factor:
+            _, sv, vh = torch.linalg.svd(f.U / d / math.sqrt(f.n), full_matrices=False)
+            mu, q = sv.pow(2), vh.T
+            c = q.T @ gs
+            c_perp2 = max(float(gs @ gs - c @ c), 0.0)
+        else:
+            mu, q = torch.linalg.eigh(m / d[:, None] / d[None, :])
+            c = q.T @ gs
+            c_perp2 = 0.0
+        self._spectrum = (op, d, mu, q, c, c_perp2)
+        return self._spectrum
+
+    @staticmethod
+    def _norm(mu: Tensor, c: Tensor, c_perp2: float, lam: float) -> tuple[float, float]:
+        """||D delta(lambda)|| and its derivative in lambda."""
+        den = mu + lam
+        if bool((den <= 0).any()) or (c_perp2 > 0 and lam <= 0):
+            return math.inf, -math.inf
+        q2 = float((c / den).pow(2).sum()) + (c_perp2 / lam**2 if c_perp2 else 0.0)
+        dq2 = -2 * float((c.pow(2) / den.pow(3)).sum()) - (2 * c_perp2 / lam**3 if c_perp2
+                                                           else 0.0)
+        phi = math.sqrt(q2)
+        return phi, dq2 / (2 * phi) if phi > 0 else 0.0
+
+    def _solve_lambda(self, mu: Tensor, c: Tensor, c_perp2: float, radius: float) -> float:
+        mu_min = float(mu.min()) if mu.numel() else 0.0
+        lo = max(0.0, -mu_min)
+        if lo == 0.0 and mu_min > 0:
+            phi0, _ = self._norm(mu, c, c_perp2, 0.0)
+            if phi0 <= (1 + self.sigma) * radius:
+                return 0.0
+        gnorm = math.sqrt(float(c @ c) + c_perp2)
+        hi = lo + gnorm / radius  # ||D delta(hi)|| <= radius
+        lam = hi
+        for _ in range(100):
+            phi, dphi = self._norm(mu, c, c_perp2, lam)
+            if abs(phi - radius) <= self.sigma * radius:
+                return lam
+            if phi > radius:
+                lo = lam
+            else:
+                hi = lam
+            # Newton on 1/phi - 1/radius (Moré-Sorensen), safeguarded by the bracket
+            new = lam - (phi - radius) / radius * phi / dphi if dphi < 0 else math.nan
+            if not (lo < new < hi):
+                new = math.sqrt(lo * hi) if lo > 0 else lo + 1e-3 * (hi - lo)
+            if new == lam:
+                break
+            lam = new
+        return lam
+
+    def damped(self, op: LinearOperator, g: Tensor, theta: Tensor) -> LinearOperator:
+        r""":math:`M + \lambda D^2` with lambda solved from the radius (see the class)."""
+        _, d, mu, _, c, c_perp2 = self._scaled_spectrum(op, g)
+        if self.radius is None:
+            size = float((d * theta.detach().to(d)).norm())
+            self.radius = self.factor * size if size > 0 else self.factor
+        self.lam = self._solve_lambda(mu, c, c_perp2, self.radius)
+        self.scale = d.detach().clone()  # D only grows (MINPACK mode 1)
+        return op.add_diagonal(self.lam * d.pow(2))
+
+    # ------------------------------------------------------------------ the radius
+    def update(self, rho: float, trial: Trial | None = None) -> None:
+        """Moré's radius update from rho and the step (see the class docstring)."""
+        if self._spectrum is None or self.radius is None:
+            return
+        d = self._spectrum[1]
+        delta = None if trial is None else trial.delta
+        pnorm = float((d * delta).norm()) if delta is not None else self.radius
+        if self._first and delta is not None:
+            self.radius = min(self.radius, pnorm)
+        if math.isnan(rho) or rho <= 0.25:
+            mu = 0.5
+            if trial is not None and trial.loss_new is not None:
+                up = trial.loss_new - trial.loss
+                if not math.isfinite(trial.loss_new) or (trial.loss > 0 and
+                                                        trial.loss_new >= 100 * trial.loss):
+                    mu = 0.1
+                elif up > 0:
+                    curv = up - trial.gdelta
+                    mu = -trial.gdelta / (2 * curv) if curv > 0 else 0.1
+            mu = min(max(mu, 0.1), 0.5)
+            self.radius = max(mu * min(self.radius, pnorm / 0.1), self.radius_min)
+        elif self.lam == 0 or rho >= 0.75:
+            self.radius = max(2 * pnorm, self.radius_min)
+        if delta is not None and math.isfinite(rho) and rho > 0:
+            self._first = False  # the first step was taken
+
+    def raise_for_retry(self) -> None:
+        """The damped system could not be solved (lambda = 0 on a singular M): shrink Delta."""
+        if self.radius is not None:
+            self.radius = max(0.25 * self.radius, self.radius_min)
+
+    def state_dict(self) -> dict:
+        return {"radius": self.radius, "lam": self.lam, "first": self._first,
+                "scale": None if self.scale is None else self.scale.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.radius, self.lam, self._first = state["radius"], float(state["lam"]), state["first"]
+        self.scale = None if state["scale"] is None else state["scale"].clone()
+        self._spectrum = None
+
+
 def as_damping(damping: Damping | float) -> Damping:
     """A damping rule from an instance or a float (constant lambda)."""
     if isinstance(damping, Damping):
@@ -162,5 +380,5 @@ def as_damping(damping: Damping | float) -> Damping:
         return Constant(float(damping))
     raise ConfigurationError(
         f"damping must be a float lambda >= 0 or a steepest.damping rule (Constant, "
-        f"LevenbergMarquardt), got {damping!r}."
+        f"LevenbergMarquardt, MoreTrustRegion), got {damping!r}."
     )

@@ -93,7 +93,9 @@ class LinearOperator:
         self.device = torch.device(device)
         self.psd = psd
         self.name = name
-        self.shift = 0.0  # lambda of M + lambda I; a damped operator records it
+        # the damping of M + lambda I (a float) or of M + diag(s) (a (P,) tensor, e.g. the
+        # lambda D^2 of a scaled trust region); a damped operator records it
+        self.shift: float | Tensor = 0.0
         # dense matrix, factor and diagonal of the undamped M, shared by its damped copies
         # (add_diagonal copies shallowly), so a retry with another lambda rebuilds nothing
         self._cache: dict[str, object] = {}
@@ -110,7 +112,7 @@ class LinearOperator:
                 f"{self.name}: expected a vector of shape ({self.size},), got {tuple(v.shape)}."
             )
         out = self._matvec(v)
-        return out + self.shift * v if self.shift else out
+        return out + self.shift * v if self.is_damped() else out
 
     def matmat(self, V: Tensor) -> Tensor:
         """``M V`` for a matrix of columns (P, k)."""
@@ -119,7 +121,9 @@ class LinearOperator:
                 f"{self.name}: expected a matrix of shape ({self.size}, k), got {tuple(V.shape)}."
             )
         out = self._base_matmat(V)
-        return out + self.shift * V if self.shift else out
+        if not self.is_damped():
+            return out
+        return out + (self.shift[:, None] if self.diagonal_shift() else self.shift) * V
 
     def _base_matmat(self, V: Tensor) -> Tensor:
         if self._matmat is not None:
@@ -128,6 +132,14 @@ class LinearOperator:
 
     def __matmul__(self, v: Tensor) -> Tensor:
         return self.matvec(v) if v.ndim == 1 else self.matmat(v)
+
+    def is_damped(self) -> bool:
+        """Whether a damping term (a nonzero float or a diagonal) is added to M."""
+        return isinstance(self.shift, Tensor) or self.shift != 0
+
+    def diagonal_shift(self) -> bool:
+        """Whether the damping is a diagonal matrix diag(s) rather than lambda I."""
+        return isinstance(self.shift, Tensor)
 
     def has_factor(self) -> bool:
         return self._factor is not None
@@ -166,7 +178,9 @@ class LinearOperator:
                 m = torch.cat([self._base_matmat(eye[:, i : i + chunk]) for i in cols], 1)
             m = 0.5 * (m + m.T)
             self._cache["dense"] = m
-        if self.shift:
+        if self.diagonal_shift():
+            m = m + torch.diag(self.shift)
+        elif self.shift:
             m = m + self.shift * torch.eye(self.size, dtype=m.dtype, device=m.device)
         return m
 
@@ -188,10 +202,19 @@ class LinearOperator:
         return d + self.shift
 
     # ----------------------------------------------------------------------------- algebra
-    def add_diagonal(self, lam: float) -> LinearOperator:
-        """``M + lam I`` as a new operator (Tikhonov damping); the factor of M is kept."""
-        lam = float(lam)
+    def add_diagonal(self, lam: float | Tensor) -> LinearOperator:
+        r"""``M + lam I`` (Tikhonov damping) or, for a (P,) tensor s, ``M + diag(s)`` (scaled
+        damping, e.g. :math:`\lambda D^2`), as a new operator; the factor of M is kept."""
         op = copy.copy(self)
+        if isinstance(lam, Tensor):
+            if lam.shape != (self.size,):
+                raise ShapeError(f"{self.name}: a diagonal damping needs shape ({self.size},), "
+                                 f"got {tuple(lam.shape)}.")
+            op.shift = self.shift + lam.to(self.dtype)
+            op.psd = self.psd and bool((lam >= 0).all())
+            op.name = f"{self.name} + diag(s)"
+            return op
+        lam = float(lam)
         op.shift = self.shift + lam
         op.psd = self.psd and lam >= 0
         op.name = self.name if lam == 0 else f"{self.name} + {lam:g} I"

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .damping import Damping, as_damping
+from .damping import Damping, Trial, as_damping
 from .errors import ConfigurationError, NonFiniteError, SingularMatrixError, SolverError
 from .linop import LinearOperator
 from .losses import Loss, as_loss
@@ -312,7 +312,7 @@ class Optimizer:
             return op.diagonal().clamp_min(0)
         return GradientCovariance().operator(point).diagonal()  # = empirical Fisher, any loss
 
-    def _preconditioner(self, base: Tensor | None, lam: float) -> Tensor | None:
+    def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
         if base is None:
             return None
         tiny = torch.finfo(base.dtype).tiny ** 0.5
@@ -360,14 +360,15 @@ class Optimizer:
         tries = 0
         while True:
             tries += 1
+            damped = self.damping.damped(op, g, theta0)
             lam = self.damping.value
-            damped = op.add_diagonal(lam)
             retry = tries < self.max_tries
             # --- direction d = -(M + lambda I)^-1 g
             sol = solutions.get(lam)
             if sol is None:
                 try:
-                    sol = self._solve(damped, -g, self._preconditioner(pre_base, lam), x0)
+                    sol = self._solve(damped, -g, self._preconditioner(pre_base, damped.shift),
+                                      x0)
                 except SingularMatrixError:
                     if not (self.damping.adaptive and retry):
                         raise
@@ -413,7 +414,10 @@ class Optimizer:
             delta = alpha * d
             gdelta = alpha * gd
             quad = alpha**2 * dAd
-            predicted = -(gdelta + 0.5 * (quad - lam * float(delta @ delta)))
+            # the damping term delta^T (lambda I or diag(s)) delta, removed from q
+            damp = (float(delta @ (damped.shift * delta)) if damped.diagonal_shift()
+                    else lam * float(delta @ delta))
+            predicted = -(gdelta + 0.5 * (quad - damp))
             loss_new = actual = rho = None
             if alpha > 0:
                 loss_new = choice.loss_new
@@ -423,7 +427,9 @@ class Optimizer:
                 finite = math.isfinite(loss_new)
                 rho = actual / predicted if (predicted > 0 and finite) else -math.inf
             # --- adapt lambda and the radius, accept or reject
-            self.damping.update(-math.inf if rho is None else rho)
+            self.damping.update(-math.inf if rho is None else rho,
+                                Trial(delta if alpha > 0 else None, gdelta, point.value,
+                                      loss_new))
             self.step_rule.update(-math.inf if rho is None else rho)
             if loss_new is None:
                 rejected, why = True, choice.message or "the step rule chose alpha = 0"

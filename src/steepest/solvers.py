@@ -245,7 +245,9 @@ class CG(Solver):
 
 class Woodbury(Solver):
     r"""Exact solve in sample space for metrics :math:`M = \frac1n U^T U` (U: R x P):
-    :math:`(M + \lambda I)^{-1} b = \frac1\lambda\,(b - U^T (n\lambda I_R + U U^T)^{-1} U b)`.
+    :math:`(M + \lambda I)^{-1} b = \frac1\lambda\,(b - U^T (n\lambda I_R + U U^T)^{-1} U b)`;
+    with a diagonal damping :math:`A = \mathrm{diag}(s)` (a scaled trust region),
+    :math:`(M + A)^{-1} b = A^{-1}b - A^{-1}U^T (n I_R + U A^{-1} U^T)^{-1} U A^{-1} b`.
     Costs one R x R Cholesky instead of P x P: the case of small batches on big models. Needs
     :math:`\lambda > 0` and a metric with a factor (GaussNewton, GGN of a convex loss, Fisher,
     EmpiricalFisher, GradientCovariance).
@@ -264,15 +266,24 @@ class Woodbury(Solver):
                 "Cholesky() or CG() for this metric."
             )
         lam = a.shift
-        if not lam > 0:
+        positive = bool((lam > 0).all()) if a.diagonal_shift() else lam > 0
+        if not positive:
             raise SingularMatrixError(
                 f"Woodbury needs damping lambda > 0 (got {lam}); with lambda = 0 the matrix "
                 "U^T U / n has rank at most R and is singular; set damping > 0."
             )
         f = factor or a.factor()
         u, n = f.U, f.n
-        k = f.gram() + n * lam * torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
-        chol, info = torch.linalg.cholesky_ex(k)
+        eye = torch.eye(u.shape[0], dtype=u.dtype, device=u.device)
+        if a.diagonal_shift():  # M + diag(s): A^-1 b - A^-1 U^T (n I + U A^-1 U^T)^-1 U A^-1 b
+            us = u / lam
+            chol, info = torch.linalg.cholesky_ex(us @ u.T + n * eye)
+            if int(info) != 0:
+                raise SolverError("Woodbury: the sample-space matrix is not positive definite.")
+            x = b / lam - us.T @ torch.cholesky_solve((us @ b).unsqueeze(1), chol).squeeze(1)
+            return Solution(x, 1, _relres(a, x, b), exact=True,
+                            message=f"Woodbury, R={u.shape[0]}")
+        chol, info = torch.linalg.cholesky_ex(f.gram() + n * lam * eye)
         if int(info) != 0:
             raise SolverError("Woodbury: the sample-space matrix is not positive definite.")
         x = (b - u.T @ torch.cholesky_solve((u @ b).unsqueeze(1), chol).squeeze(1)) / lam
@@ -301,7 +312,8 @@ class Auto(Solver):
         if not a.psd:
             return self.cg
         rows = a.factor_rows if a.has_factor() else None
-        if rows is not None and rows < a.size and a.shift > 0:
+        positive = bool((a.shift > 0).all()) if a.diagonal_shift() else a.shift > 0
+        if rows is not None and rows < a.size and positive:
             return Woodbury()
         if a.size <= min(self.dense_max, linop.DENSE_LIMIT):
             return Cholesky()
