@@ -6,6 +6,10 @@ certified starts ("Start 1" far, "Start 2" near) by
 - ``gn-lm``: ``steepest.Optimizer`` with the Gauss-Newton metric :math:`M = E_s[J^T J]`, the
   Levenberg-Marquardt damping rule with its DEFAULT settings and a dense Cholesky solve,
   :math:`\delta = -(M + \lambda I)^{-1} g` (000 section 3.2);
+- ``gn-more``: the same Gauss-Newton step with ``steepest.MoreTrustRegion()`` (DEFAULT
+  settings): Levenberg-Marquardt as a trust region on the scaled step,
+  :math:`\delta = -(M + \lambda D^2)^{-1} g` with :math:`\|D\delta\| = \Delta` (Moré 1978,
+  the algorithm of MINPACK's ``lmder`` that ``scipy-lm`` wraps);
 - ``ggn-tr``: the GGN metric (equal to Gauss-Newton for the MSE loss) with the adaptive trust
   region of 000 Appendix A, :math:`\alpha = \epsilon/\sqrt{g^T (M + \lambda I)^{-1} g}`;
 - ``hessian-tr``: Newton (the exact Hessian, clipped to its absolute eigenvalues when indefinite)
@@ -23,7 +27,7 @@ relative error (LRE) of its parameters against the certified values,
 capped at the number of certified significant digits (11); a problem-start is *solved* at
 LRE >= 4 (and, for a careful solver, >= 6).
 
-Stopping rule of the steepest methods (the same for all three): iterate ``opt.step(x, y)`` until
+Stopping rule of the steepest methods (the same for all four): iterate ``opt.step(x, y)`` until
 
 1. the gradient is exactly zero, or
 2. an accepted step is negligible: :math:`\|\delta\| \le x_{tol} (\|b\| + x_{tol})` with
@@ -388,6 +392,9 @@ def make_optimizer(method: str, model: nn.Module) -> steepest.Optimizer:
     if method == "gn-lm":
         return steepest.Optimizer(model, mse, metric=steepest.GaussNewton(),
                                   damping=steepest.LevenbergMarquardt(), solver="cholesky")
+    if method == "gn-more":
+        return steepest.Optimizer(model, mse, metric=steepest.GaussNewton(),
+                                  damping=steepest.MoreTrustRegion(), solver="cholesky")
     if method == "ggn-tr":
         return steepest.Optimizer(model, mse, metric=steepest.GGN(),
                                   damping=steepest.LevenbergMarquardt(), solver="cholesky",
@@ -400,7 +407,7 @@ def make_optimizer(method: str, model: nn.Module) -> steepest.Optimizer:
     raise ValueError(f"unknown steepest method {method!r}; one of {STEEPEST_METHODS}.")
 
 
-STEEPEST_METHODS = ("gn-lm", "ggn-tr", "hessian-tr")
+STEEPEST_METHODS = ("gn-lm", "gn-more", "ggn-tr", "hessian-tr")
 SCIPY_METHODS = ("scipy-lm", "scipy-trf", "scipy-lm-tight", "scipy-trf-tight")
 METHODS = STEEPEST_METHODS + SCIPY_METHODS
 

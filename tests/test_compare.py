@@ -77,6 +77,24 @@ def test_newton_solves_the_quadratic_in_one_step():
     assert newton.iters_to_target == 1
 
 
+def test_scaled_trust_region_setting_uses_more():
+    """--set METHOD.step=scaled-trust-region: MoreTrustRegion damping, lr 1, and it descends."""
+    from steepest import MoreTrustRegion
+    from steepest.steps import LearningRate
+
+    prob = compare.get_problem("toy2d")
+    s = compare.resolve_settings(prob, ["gauss-newton"], compare.parse_set(
+        ["gauss-newton.step=scaled-trust-region"]))
+    opt = compare._build("gauss-newton", s["gauss-newton"], torch.nn.Linear(2, 1).double(),
+                         prob.loss, torch.Generator())
+    assert isinstance(opt.damping, MoreTrustRegion)
+    assert isinstance(opt.step_rule, LearningRate) and opt.step_rule.alpha == 1.0
+    result = compare.run("logistic", methods=["gauss-newton"], iters=5, seed=0, settings={
+        "gauss-newton": {"step": "scaled-trust-region"}})
+    loss = result.runs[0].curve["loss"]
+    assert all(b <= a for a, b in zip(loss, loss[1:])) and loss[-1] < loss[0]
+
+
 def test_time_budget_stops_the_run():
     result = compare.run("toy2d", methods=["vanilla"], time=0.05)
     run = result.runs[0]

@@ -227,7 +227,7 @@ def test_formula_values_by_hand():
 
 # --------------------------------------------------------------------------- fits
 @pytest.mark.parametrize("start", [1, 2])
-@pytest.mark.parametrize("method", ["gn-lm", "ggn-tr"])
+@pytest.mark.parametrize("method", ["gn-lm", "gn-more", "ggn-tr"])
 def test_fit_recovers_known_parameters(exact_file, formulas, start, method):
     prob = nist.parse(exact_file)
     res = nist.fit_steepest(prob, start, method)

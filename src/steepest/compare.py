@@ -29,7 +29,9 @@ is :data:`METHOD_DEFAULTS`; each problem overrides some (``Problem.defaults``, l
 - steepest methods: ``damping`` (lambda, the initial one for LM), ``adaptive_damping``
   (LevenbergMarquardt if true, else a constant lambda), ``step`` (``lr``: delta = -lr
   (M+lambda I)^-1 g; ``trust-region``: delta^T (M+lambda I) delta = eps^2, adaptive;
-  ``armijo``: backtracking from lr), ``lr``, ``eps``, ``solver`` (auto, cg, cholesky,
+  ``armijo``: backtracking from lr; ``scaled-trust-region``: Moré's trust region on the scaled
+  step, ``damping=MoreTrustRegion()``, which then replaces ``damping``/``adaptive_damping``
+  and ``lr``), ``lr``, ``eps``, ``solver`` (auto, cg, cholesky,
   woodbury), ``cg_maxiter`` (0: the solver's default), ``momentum``; ``natural`` also
   ``mc_samples`` (0: exact Fisher), ``gradient-covariance`` also ``centered``.
 - ``adam``: ``lr``, ``beta1``, ``beta2``; ``sgd``: ``lr``, ``momentum``; ``lbfgs``: ``lr``,
@@ -62,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .damping import Constant, LevenbergMarquardt
+from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .errors import ConfigurationError, SteepestError
 from .metrics import (
     GGN,
@@ -115,7 +117,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 _CHOICES = {
-    "step": ("lr", "trust-region", "armijo"),
+    "step": ("lr", "trust-region", "armijo", "scaled-trust-region"),
     "solver": ("auto", "cg", "cholesky", "woodbury"),
     "line_search": ("strong_wolfe", "none"),
 }
@@ -265,20 +267,24 @@ def _build(method: str, s: dict, model: nn.Module, loss: Any, gen: torch.Generat
     """The optimizer of ``method`` with settings ``s`` on ``model``."""
     try:
         if method in STEEPEST_METHODS:
-            if s["adaptive_damping"]:
+            if s["step"] == "scaled-trust-region":
+                damping: Any = MoreTrustRegion()
+            elif s["adaptive_damping"]:
                 if not s["damping"] > 0:
                     raise ConfigurationError(
                         f"{method}.damping must be > 0 with adaptive_damping (Levenberg-"
                         f"Marquardt), got {s['damping']}; set {method}.adaptive_damping=false "
                         "for no damping."
                     )
-                damping: Any = LevenbergMarquardt(init=s["damping"])
+                damping = LevenbergMarquardt(init=s["damping"])
             else:
                 damping = Constant(s["damping"])
             if s["step"] == "trust-region":
                 step: Any = TrustRegion(eps=s["eps"], adaptive=True)
             elif s["step"] == "armijo":
                 step = Armijo(alpha0=s["lr"])
+            elif s["step"] == "scaled-trust-region":
+                step = LearningRate(1.0)  # the radius sets the length
             else:
                 step = LearningRate(s["lr"])
             return Optimizer(model, loss, metric=_METRICS[method](s), damping=damping,

@@ -36,6 +36,7 @@ Example
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -244,7 +245,7 @@ class MoreTrustRegion(Damping):
         self.lam = 0.0
         self.scale: Tensor | None = None  # D
         self._first = True  # the first try adjusts Delta to min(Delta, ||D delta||)
-        self._spectrum: tuple | None = None  # (op, D, mu, Q, c, c_perp2) of the current step
+        self._spectrum: tuple | None = None  # (ref to op, D, mu, Q, c, c_perp2) of this step
 
     def __repr__(self) -> str:
         return f"MoreTrustRegion(radius={self.radius}, lam={self.lam:g})"
@@ -255,7 +256,7 @@ class MoreTrustRegion(Damping):
 
     # ------------------------------------------------------------------ lambda from Delta
     def _scaled_spectrum(self, op: LinearOperator, g: Tensor) -> tuple:
-        if self._spectrum is not None and self._spectrum[0] is op:
+        if self._spectrum is not None and self._spectrum[0]() is op:
             return self._spectrum
         factor = op.has_factor() and op.factor_rows is not None and op.factor_rows < op.size
         if factor:
@@ -278,7 +279,8 @@ class MoreTrustRegion(Damping):
             mu, q = torch.linalg.eigh(m / d[:, None] / d[None, :])
             c = q.T @ gs
             c_perp2 = 0.0
-        self._spectrum = (op, d, mu, q, c, c_perp2)
+        # a weak reference: the step's operator (and its graph) is not kept alive after it
+        self._spectrum = (weakref.ref(op), d, mu, q, c, c_perp2)
         return self._spectrum
 
     @staticmethod

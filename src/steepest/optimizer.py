@@ -130,7 +130,8 @@ class Optimizer:
     model: the module; its trainable parameters are theta (frozen ones never change)
     loss: a :class:`~steepest.losses.Loss` or a callable ``(z, y) -> (N,)`` per-sample loss
     metric: a row of Table 1 (:mod:`steepest.metrics`), default ``GGN()``
-    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``)
+    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``;
+        ``MoreTrustRegion`` damps with :math:`\lambda D^2` instead of :math:`\lambda I`)
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance
     step: a :mod:`steepest.steps` rule or a float learning rate, default ``LearningRate(1.0)``
     momentum: heavy ball on the direction, mu in [0, 1):
