@@ -14,6 +14,10 @@ The forward graph is built once; ``J v`` uses the double-backward trick (differe
 ``u -> J^T u`` once more) so that no product repeats the forward pass, and ``H v`` reuses one
 gradient graph (reverse over reverse). The mean over samples is taken here, in one place.
 
+The products are written once, in :class:`GraphProducts`, for any list of tensors
+differentiated with respect to: the single flat leaf theta here, the optimizer's parameters in
+:class:`~steepest.torch_optim.ClosurePoint`.
+
 Example
 -------
 >>> point = Point(model, CrossEntropy(), x, y)
@@ -22,7 +26,7 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -71,7 +75,204 @@ def _explain_forward_error(err: RuntimeError, inputs: Inputs, theta: Tensor) -> 
             ) from err
 
 
-class Point:
+class GraphProducts:
+    r"""The matrix-free products on a built autograd graph, written once for every point.
+
+    A subclass evaluates the forward with autograd (it sets ``z``, ``losses``, ``value_t``,
+    ``n`` and ``size``) and names what is differentiated with :meth:`_wrt`: the tensors
+    :math:`\theta_1, \dots, \theta_m` whose flattened concatenation is :math:`\theta`, of size
+    P (the single flat leaf of :class:`Point`, the optimizer's parameters of a closure point).
+    A flat vector is split into per-tensor pieces and products are joined back into flat ones,
+    with zeros for the tensors that do not appear in the graph. Then
+
+    - ``vjp(u)`` = :math:`J^T u` by one backward pass of ``z`` with cotangent u,
+    - ``jvp(v)`` = :math:`J v` by the double-backward trick: :math:`J^T u` is built once as a
+      differentiable function of a dummy :math:`u` (create_graph), and
+      :math:`J v = \partial \langle J^T u, v\rangle / \partial u`, so no product repeats the
+      forward pass,
+    - ``loss_jvp(v)`` / ``loss_vjp(w)``: the same for :math:`\theta \mapsto (l_1, \dots, l_N)`,
+    - ``hvp(v)`` = :math:`H v` by reverse over reverse: the gradient graph
+      :math:`g(\theta)` is built once and :math:`H v = \partial \langle g, v\rangle /
+      \partial \theta`; ``hmm(V)`` batches it over the columns of V,
+    - ``jacobian()`` / ``per_sample_grads()`` by a batched backward over unit cotangents,
+      after the fast path :meth:`_per_sample` (None here) if a subclass has one.
+    """
+
+    size: int
+    n: int
+    z: Tensor
+    losses: Tensor | None
+    value_t: Tensor
+    _gz: tuple[list[Tensor], list[int], Tensor] | None = None  # J^T u of z, linearised
+    _gl: tuple[list[Tensor], list[int], Tensor] | None = None  # J_l^T u of the losses
+    _ggraph: tuple[list[Tensor], list[int]] | None = None  # the gradient graph, for H v
+
+    # ------------------------------------------------------------------ hooks
+    def _wrt(self) -> list[Tensor]:
+        """The tensors differentiated with respect to, in the order of the flat theta."""
+        raise NotImplementedError
+
+    def _need_losses(self) -> Tensor:
+        """The per-sample losses (a subclass raises where it has none)."""
+        return self.losses
+
+    def _per_sample(self, samples: slice, kind: str) -> Tensor | None:
+        """A fast path for per-sample Jacobians (kind='jacobian', (n, C*, P)) or loss
+        gradients (kind='grad', (n, P)); None uses the batched backward."""
+        return None
+
+    # ------------------------------------------------------------------ flat <-> pieces
+    def _unflatten(self, v: Tensor, batch: int | None = None) -> list[Tensor]:
+        """Split flat v (P,) (rows (batch, P) if batch) into pieces shaped like ``_wrt()``."""
+        wrt = self._wrt()
+        lead = () if batch is None else (batch,)
+        parts = torch.split(v, [w.numel() for w in wrt], dim=-1)
+        return [c.reshape(*lead, *w.shape) for c, w in zip(parts, wrt)]
+
+    def _flatten(self, parts: Iterable[Tensor | None], batch: int | None = None) -> Tensor:
+        """Join per-tensor pieces into flat (P,) (rows (batch, P)), zeros for None."""
+        lead = () if batch is None else (batch,)
+        flat = [
+            torch.zeros((*lead, w.numel()), dtype=w.dtype, device=w.device)
+            if r is None
+            else r.reshape(*lead, -1)
+            for r, w in zip(parts, self._wrt())
+        ]
+        return flat[0] if len(flat) == 1 else torch.cat(flat, dim=-1)
+
+    # ------------------------------------------------------------------ autograd helpers
+    def _grad(
+        self, out: Tensor | list[Tensor], cot: Tensor | list[Tensor], batch: int | None = None
+    ) -> Tensor:
+        r"""Flat :math:`\partial\langle out, cot\rangle / \partial\theta`, (P,) (rows
+        (batch, P) for cotangents batched along their first dimension)."""
+        outs = out if isinstance(out, list) else [out]
+        cots = cot if isinstance(cot, list) else [cot]
+        if not outs:
+            wrt = self._wrt()
+            shape = (self.size,) if batch is None else (batch, self.size)
+            return torch.zeros(shape, dtype=wrt[0].dtype, device=wrt[0].device)
+        parts = torch.autograd.grad(
+            outs,
+            self._wrt(),
+            cots,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=batch is not None,
+        )
+        return self._flatten(parts, batch).detach()
+
+    def _batched(self, out: Tensor | list[Tensor], cots: Tensor | list[Tensor], k: int) -> Tensor:
+        """Rows ``cots[r] -> d<out, cots[r]>/d theta``, vmapped over r, with a loop fallback."""
+        try:
+            return self._grad(out, cots, batch=k)
+        except RuntimeError:
+            cl = cots if isinstance(cots, list) else [cots]
+            return torch.stack([self._grad(out, [c[r] for c in cl]) for r in range(k)])
+
+    def _linearised(self, out: Tensor) -> tuple[list[Tensor], list[int], Tensor]:
+        """(the pieces of J^T u that depend on a dummy u, their indices in ``_wrt()``, u)
+        for out = z or l."""
+        u = torch.zeros_like(out, requires_grad=True)
+        with torch.enable_grad():
+            parts = torch.autograd.grad(
+                out, self._wrt(), u, create_graph=True, retain_graph=True, allow_unused=True
+            )
+        keep = [(g, i) for i, g in enumerate(parts) if g is not None and g.requires_grad]
+        return [g for g, _ in keep], [i for _, i in keep], u
+
+    def _through(self, lin: tuple[list[Tensor], list[int], Tensor], v: Tensor) -> Tensor:
+        r""":math:`\partial\langle J^T u, v\rangle / \partial u = J v`, shaped like u."""
+        gs, idx, u = lin
+        if not gs:
+            return torch.zeros_like(u)
+        chunks = self._unflatten(v)
+        (r,) = torch.autograd.grad(
+            gs, u, [chunks[i] for i in idx], retain_graph=True, allow_unused=True
+        )
+        return torch.zeros_like(u) if r is None else r.detach()
+
+    # ------------------------------------------------------------------ output space
+    def jvp(self, v: Tensor) -> Tensor:
+        """:math:`J v`, shaped like the outputs z."""
+        if self._gz is None:
+            self._gz = self._linearised(self.z)
+        return self._through(self._gz, v)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        """:math:`J^T u` for u shaped like z, a flat vector of size P."""
+        return self._grad(self.z, u)
+
+    def jacobian(self, samples: slice | None = None) -> Tensor:
+        """Per-sample output Jacobians, shape (n, C, P) for the samples in ``samples``."""
+        zf = self.z.reshape(self.n, -1)
+        c = zf.shape[1]
+        fast = self._per_sample(samples or slice(None), "jacobian")
+        if fast is not None:
+            return fast.reshape(fast.shape[0], c, self.size)
+        idx = list(range(self.n)[samples or slice(None)])
+        cots = torch.zeros(len(idx) * c, self.n, c, dtype=zf.dtype, device=zf.device)
+        rows = torch.arange(len(idx) * c, device=zf.device)
+        cots[
+            rows,
+            torch.tensor(idx, device=zf.device).repeat_interleave(c),
+            torch.arange(c, device=zf.device).repeat(len(idx)),
+        ] = 1
+        jac = self._batched(self.z, cots.view(-1, *self.z.shape), len(idx) * c)
+        return jac.view(len(idx), c, self.size)
+
+    # ------------------------------------------------------------------ per-sample losses
+    def loss_jvp(self, v: Tensor) -> Tensor:
+        """:math:`J_l v = (\\nabla l_i \\cdot v)_i`, shape (N,)."""
+        if self._gl is None:
+            self._gl = self._linearised(self._need_losses())
+        return self._through(self._gl, v)
+
+    def loss_vjp(self, w: Tensor) -> Tensor:
+        """:math:`J_l^T w = \\sum_i w_i \\nabla l_i`, flat (P,)."""
+        return self._grad(self._need_losses(), w)
+
+    def per_sample_grads(self) -> Tensor:
+        """Rows :math:`\\nabla_\\theta l_i`, shape (N, P)."""
+        losses = self._need_losses()
+        fast = self._per_sample(slice(None), "grad")
+        if fast is not None:
+            return fast
+        eye = torch.eye(self.n, dtype=losses.dtype, device=losses.device)
+        return self._batched(losses, eye, self.n)
+
+    # ------------------------------------------------------------------ Hessian
+    def _gradient_graph(self) -> tuple[list[Tensor], list[int]]:
+        """The pieces of g(theta) = grad L that depend on theta (with their graph), and
+        their indices in ``_wrt()``; built once."""
+        if self._ggraph is None:
+            with torch.enable_grad():
+                parts = torch.autograd.grad(
+                    self.value_t,
+                    self._wrt(),
+                    create_graph=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            keep = [(g, i) for i, g in enumerate(parts) if g is not None and g.requires_grad]
+            self._ggraph = [g for g, _ in keep], [i for _, i in keep]
+        return self._ggraph
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """:math:`H v` with H the Hessian of L (reverse over reverse, graph built once)."""
+        gs, idx = self._gradient_graph()
+        chunks = self._unflatten(v)
+        return self._grad(gs, [chunks[i] for i in idx])
+
+    def hmm(self, V: Tensor) -> Tensor:
+        """:math:`H V` for columns V (P, k), vmapped over the columns."""
+        gs, idx = self._gradient_graph()
+        k = V.shape[1]
+        chunks = self._unflatten(V.T.contiguous(), batch=k)
+        return self._batched(gs, [chunks[i] for i in idx], k).T
+
+
+class Point(GraphProducts):
     """The model and loss at ``theta`` on a batch ``(inputs, targets)``.
 
     Parameters
@@ -138,94 +339,16 @@ class Point:
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
             )
-        self._gz: Tensor | None = None
-        self._uz: Tensor | None = None
-        self._gl: Tensor | None = None
-        self._ul: Tensor | None = None
-        self._ggraph: Tensor | None = None
         # per-sample quantities by vmap unless the model couples samples (BatchNorm in train)
         self._vmap_failed = any(
             m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)
             for m in self.space.model.modules()
         )
 
-    # ------------------------------------------------------------------ autograd helpers
-    def _grad(self, out: Tensor, wrt: Tensor, cot: Tensor, **kw) -> Tensor:
-        (r,) = torch.autograd.grad(out, wrt, cot, retain_graph=True, allow_unused=True, **kw)
-        if r is None:
-            shape = (cot.shape[0], *wrt.shape) if kw.get("is_grads_batched") else wrt.shape
-            return torch.zeros(shape, dtype=wrt.dtype, device=wrt.device)
-        return r
-
-    def _linearised(self, out: Tensor) -> tuple[Tensor, Tensor]:
-        """(J^T u as a differentiable function of a dummy u, u) for out = z or l."""
-        u = torch.zeros_like(out, requires_grad=True)
-        with torch.enable_grad():
-            (gu,) = torch.autograd.grad(
-                out, self.theta, u, create_graph=True, retain_graph=True, allow_unused=True
-            )
-        if gu is None:
-            gu = torch.zeros_like(self.theta, requires_grad=False)
-        return gu, u
-
-    def _batched(self, out: Tensor, wrt: Tensor, cots: Tensor) -> Tensor:
-        """Rows ``cots[r] -> d<out, cots[r]>/d wrt``, vmapped over r, with a loop fallback."""
-        try:
-            return self._grad(out, wrt, cots, is_grads_batched=True)
-        except RuntimeError:
-            return torch.stack([self._grad(out, wrt, c) for c in cots])
-
-    # ------------------------------------------------------------------ output space
-    def jvp(self, v: Tensor) -> Tensor:
-        """:math:`J v`, shaped like the outputs z."""
-        if self._gz is None:
-            self._gz, self._uz = self._linearised(self.z)
-        if not self._gz.requires_grad:
-            return torch.zeros_like(self.z)
-        return self._grad(self._gz, self._uz, v).detach()
-
-    def vjp(self, u: Tensor) -> Tensor:
-        """:math:`J^T u` for u shaped like z, a flat vector of size P."""
-        return self._grad(self.z, self.theta, u).detach()
-
-    def jacobian(self, samples: slice | None = None) -> Tensor:
-        """Per-sample output Jacobians, shape (n, C, P) for the samples in ``samples``."""
-        zf = self.z.reshape(self.n, -1)
-        c = zf.shape[1]
-        fast = self._per_sample(samples or slice(None), "jacobian")
-        if fast is not None:
-            return fast.reshape(fast.shape[0], c, self.size)
-        idx = range(self.n)[samples or slice(None)]
-        cots = torch.zeros(len(idx) * c, self.n, c, dtype=zf.dtype, device=zf.device)
-        rows = torch.arange(len(idx) * c, device=zf.device)
-        cots[
-            rows,
-            torch.tensor(list(idx), device=zf.device).repeat_interleave(c),
-            torch.arange(c, device=zf.device).repeat(len(idx)),
-        ] = 1
-        jac = self._batched(self.z, self.theta, cots.view(-1, *self.z.shape))
-        return jac.detach().view(len(idx), c, self.size)
-
-    # ------------------------------------------------------------------ per-sample losses
-    def loss_jvp(self, v: Tensor) -> Tensor:
-        """:math:`J_l v` = (grad l_i . v)_i, shape (N,)."""
-        if self._gl is None:
-            self._gl, self._ul = self._linearised(self.losses)
-        if not self._gl.requires_grad:
-            return torch.zeros_like(self.losses)
-        return self._grad(self._gl, self._ul, v).detach()
-
-    def loss_vjp(self, w: Tensor) -> Tensor:
-        """:math:`J_l^T w = \\sum_i w_i \\nabla l_i`, flat (P,)."""
-        return self._grad(self.losses, self.theta, w).detach()
-
-    def per_sample_grads(self) -> Tensor:
-        """Rows :math:`\\nabla_\\theta l_i`, shape (N, P)."""
-        fast = self._per_sample(slice(None), "grad")
-        if fast is not None:
-            return fast
-        eye = torch.eye(self.n, dtype=self.losses.dtype, device=self.losses.device)
-        return self._batched(self.losses, self.theta, eye).detach()
+    # ------------------------------------------------------------------ products
+    def _wrt(self) -> list[Tensor]:
+        """The single flat leaf theta (the products of :class:`GraphProducts`)."""
+        return [self.theta]
 
     def _per_sample(self, samples: slice, kind: str) -> Tensor | None:
         """Per-sample output Jacobians (kind='jacobian', (n, C*, P)) or loss gradients
@@ -259,32 +382,6 @@ class Point:
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             self._vmap_failed = True
             return None
-
-    # ------------------------------------------------------------------ Hessian
-    def hvp(self, v: Tensor) -> Tensor:
-        """:math:`H v` with H the Hessian of L (reverse over reverse, graph built once)."""
-        return self._hessian_graph_product(v)
-
-    def hmm(self, V: Tensor) -> Tensor:
-        """:math:`H V` for columns V (P, k), vmapped over the columns."""
-        return self._hessian_graph_product(V.T.contiguous(), batched=True).T
-
-    def _hessian_graph_product(self, v: Tensor, batched: bool = False) -> Tensor:
-        if self._ggraph is None:
-            with torch.enable_grad():
-                (gg,) = torch.autograd.grad(
-                    self.value_t,
-                    self.theta,
-                    create_graph=True,
-                    retain_graph=True,
-                    allow_unused=True,
-                )
-            self._ggraph = gg if gg is not None else torch.zeros_like(self.theta)
-        if not self._ggraph.requires_grad:
-            return torch.zeros_like(v)
-        if batched:
-            return self._batched(self._ggraph, self.theta, v).detach()
-        return self._grad(self._ggraph, self.theta, v).detach()
 
 
 def evaluate(

@@ -56,6 +56,7 @@ from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
 from .optimizer import Optimizer, StepInfo
 from .params import ParamSpace
+from .point import GraphProducts
 from .solvers import Solver
 from .steps import KLLineSearch, LearningRate, StepRule
 
@@ -191,11 +192,12 @@ class _ClosureLoss(Loss):
         return self.inner.kl(z_old, z_new[0])
 
 
-class ClosurePoint:
+class ClosurePoint(GraphProducts):
     r"""A :class:`~steepest.point.Point` built from a closure's autograd graph instead of a
     module: the same attributes and products (``z``, ``y``, ``losses``, ``value``, ``grad``,
     ``jvp``, ``vjp``, ``jacobian``, ``loss_jvp``, ``loss_vjp``, ``per_sample_grads``, ``hvp``,
-    ``hmm``), differentiated with respect to the optimizer's parameters.
+    ``hmm``), differentiated with respect to the optimizer's parameters: the products are
+    those of :class:`~steepest.point.GraphProducts` on the list of parameters.
 
     >>> point = ClosurePoint(space, CrossEntropy(), lambda: (model(x), y), GGN())
     >>> GGN().operator(point) @ v
@@ -277,95 +279,19 @@ class ClosurePoint:
                 "none of the optimizer's parameters is in the graph of the closure's result; "
                 "the closure must use the parameters given to TorchOptimizer."
             )
-        self.grad = self._flatten(grads, self.params).detach()
+        self.grad = self._flatten(grads).detach()
         if not torch.isfinite(self.grad).all():
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
             )
-        self._gz: list[Tensor] | None = None
-        self._uz: Tensor | None = None
-        self._gl: list[Tensor] | None = None
-        self._ul: Tensor | None = None
-        self._ggraph: list[Tensor] | None = None
 
-    # -------------------------------------------------------------------- autograd helpers
-    def _flatten(self, parts: Iterable[Tensor | None], like: list[Tensor],
-                 batch: int | None = None) -> Tensor:
-        out = []
-        for r, p in zip(parts, like):
-            if r is None:
-                shape = (p.numel(),) if batch is None else (batch, p.numel())
-                out.append(torch.zeros(shape, dtype=self.space.dtype, device=self.space.device))
-            else:
-                out.append(r.reshape(-1) if batch is None else r.reshape(batch, -1))
-        return torch.cat(out, dim=-1)
+    # -------------------------------------------------------------------- products
+    def _wrt(self) -> list[Tensor]:
+        """The optimizer's parameters. The closure is opaque to ``torch.func.vmap``, so the
+        per-sample rows (``jacobian``, ``per_sample_grads``) use the batched backward."""
+        return self.params
 
-    def _grad(self, out: Tensor | list[Tensor], wrt: list[Tensor], cot: Tensor | list[Tensor],
-              batched: bool = False, **kw: Any) -> Tensor:
-        """Flat :math:`\\partial\\langle out, cot\\rangle / \\partial wrt` (rows if batched)."""
-        outs = out if isinstance(out, list) else [out]
-        cots = cot if isinstance(cot, list) else [cot]
-        batch = cots[0].shape[0] if batched else None
-        if not outs:
-            size = sum(w.numel() for w in wrt)
-            shape = (size,) if batch is None else (batch, size)
-            return torch.zeros(shape, dtype=self.space.dtype, device=self.space.device)
-        parts = torch.autograd.grad(outs, wrt, cots, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=batched, **kw)
-        return self._flatten(parts, wrt, batch)
-
-    def _batched(self, out: Tensor | list[Tensor], wrt: list[Tensor],
-                 cots: Tensor | list[Tensor]) -> Tensor:
-        try:
-            return self._grad(out, wrt, cots, batched=True)
-        except RuntimeError:
-            cl = cots if isinstance(cots, list) else [cots]
-            return torch.stack([self._grad(out, wrt, [c[r] for c in cl])
-                                for r in range(cl[0].shape[0])])
-
-    def _linearised(self, out: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """(the parts of J^T u that depend on u, their parameters, the dummy u)."""
-        u = torch.zeros_like(out, requires_grad=True)
-        with torch.enable_grad():
-            parts = torch.autograd.grad(out, self.params, u, create_graph=True,
-                                        retain_graph=True, allow_unused=True)
-        keep = [(g, p) for g, p in zip(parts, self.params) if g is not None and g.requires_grad]
-        return [g for g, _ in keep], [p for _, p in keep], u
-
-    def _through(self, lin: tuple[list[Tensor], list[Tensor], Tensor], v: Tensor) -> Tensor:
-        gs, ps, u = lin
-        if not gs:
-            return torch.zeros_like(u).detach()
-        chunks = dict(zip(map(id, self.params), self.space.unflatten(v)))
-        (r,) = torch.autograd.grad(gs, u, [chunks[id(p)] for p in ps], retain_graph=True,
-                                   allow_unused=True)
-        return torch.zeros_like(u).detach() if r is None else r.detach()
-
-    # -------------------------------------------------------------------- output space
-    def jvp(self, v: Tensor) -> Tensor:
-        """:math:`J v`, shaped like the outputs z."""
-        if self._gz is None:
-            self._gz = self._linearised(self.z)
-        return self._through(self._gz, v)
-
-    def vjp(self, u: Tensor) -> Tensor:
-        """:math:`J^T u`, a flat vector of size P."""
-        return self._grad(self.z, self.params, u).detach()
-
-    def jacobian(self, samples: slice | None = None) -> Tensor:
-        """Per-sample output Jacobians, shape (n, C, P) for the samples in ``samples``."""
-        zf = self.z.reshape(self.n, -1)
-        c = zf.shape[1]
-        idx = list(range(self.n)[samples or slice(None)])
-        cots = torch.zeros(len(idx) * c, self.n, c, dtype=zf.dtype, device=zf.device)
-        rows = torch.arange(len(idx) * c, device=zf.device)
-        cots[rows, torch.tensor(idx, device=zf.device).repeat_interleave(c),
-             torch.arange(c, device=zf.device).repeat(len(idx))] = 1
-        jac = self._batched(self.z, self.params, cots.view(-1, *self.z.shape))
-        return jac.detach().view(len(idx), c, self.size)
-
-    # -------------------------------------------------------------------- per-sample losses
     def _need_losses(self) -> Tensor:
         if self.losses is None:
             raise ConfigurationError(
@@ -374,47 +300,6 @@ class ClosurePoint:
                 "(outputs, targets)."
             )
         return self.losses
-
-    def loss_jvp(self, v: Tensor) -> Tensor:
-        """:math:`J_l v = (\\nabla l_i \\cdot v)_i`, shape (N,)."""
-        if self._gl is None:
-            self._gl = self._linearised(self._need_losses())
-        return self._through(self._gl, v)
-
-    def loss_vjp(self, w: Tensor) -> Tensor:
-        """:math:`J_l^T w = \\sum_i w_i \\nabla l_i`, flat (P,)."""
-        return self._grad(self._need_losses(), self.params, w).detach()
-
-    def per_sample_grads(self) -> Tensor:
-        """Rows :math:`\\nabla_\\theta l_i`, shape (N, P)."""
-        losses = self._need_losses()
-        eye = torch.eye(self.n, dtype=losses.dtype, device=losses.device)
-        return self._batched(losses, self.params, eye).detach()
-
-    # -------------------------------------------------------------------- Hessian
-    def _gradient_graph(self) -> tuple[list[Tensor], list[Tensor]]:
-        if self._ggraph is None:
-            with torch.enable_grad():
-                parts = torch.autograd.grad(self.value_t, self.params, create_graph=True,
-                                            retain_graph=True, allow_unused=True)
-            self._ggraph = [g if g is not None and g.requires_grad else None for g in parts]
-        keep = [(g, i) for i, g in enumerate(self._ggraph) if g is not None]
-        return [g for g, _ in keep], [i for _, i in keep]
-
-    def hvp(self, v: Tensor) -> Tensor:
-        """:math:`H v`, H the Hessian of L (reverse over reverse on the gradient graph)."""
-        gs, idx = self._gradient_graph()
-        chunks = self.space.unflatten(v)
-        return self._grad(gs, self.params, [chunks[i] for i in idx]).detach()
-
-    def hmm(self, V: Tensor) -> Tensor:
-        """:math:`H V` for columns V (P, k)."""
-        gs, idx = self._gradient_graph()
-        rows = V.T.contiguous()
-        k = rows.shape[0]
-        chunks = [c.reshape(k, *s) for c, s in
-                  zip(torch.split(rows, self.space.numels, dim=1), self.space.shapes)]
-        return self._batched(gs, self.params, [chunks[i] for i in idx]).detach().T
 
 
 class _ClosureOptimizer(Optimizer):
