@@ -96,11 +96,25 @@ def make_closure(kind, model, loss, x, y):
 def test_closure_contract_gives_the_core_step(metric_f, loss_name, kind, solver):
     """Two steps from a closure equal two steps of steepest.Optimizer on the same model and
     batch (directions to 1e-10; here bit-identical up to rounding), LM damping included."""
+    _same_steps(metric_f, loss_name, kind, solver, lambda: steepest.LevenbergMarquardt(0.1))
+
+
+@pytest.mark.parametrize("metric_f, loss_name, kind, solver", [
+    (steepest.GaussNewton, "mse", "outputs", "cholesky"),
+    (steepest.GGN, "ce", "outputs", "woodbury"),
+    (steepest.Hessian, "mse", "scalar", "cg"),
+])
+def test_closure_contract_with_the_scaled_trust_region(metric_f, loss_name, kind, solver):
+    """The same with MoreTrustRegion (damping lambda D^2, lambda solved from the radius)."""
+    _same_steps(metric_f, loss_name, kind, solver, steepest.MoreTrustRegion)
+
+
+def _same_steps(metric_f, loss_name, kind, solver, damping_f):
     ref_model, loss, x, y = problem(loss_name)
     model = copy.deepcopy(ref_model)
 
     def kw():  # fresh rules for each optimizer: they hold state
-        return dict(metric=metric_f(), damping=steepest.LevenbergMarquardt(0.1),
+        return dict(metric=metric_f(), damping=damping_f(),
                     solver=steepest.CG(maxiter=12) if solver == "cg" else solver)
 
     ref = steepest.Optimizer(ref_model, loss, step=steepest.LearningRate(0.7), **kw())

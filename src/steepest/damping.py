@@ -19,6 +19,9 @@ Martens 2020 section 10).
   again, at most ``max_tries`` solves per step (each try is reported in ``StepInfo.tries`` and
   ``StepInfo.message``).
 
+A rule holds state (lambda, the radius, D): give each optimizer its own instance; one instance
+passed to two optimizers would share (and mix) their lambdas.
+
 A rule's protocol, used by :class:`~steepest.optimizer.Optimizer`: ``damped(op, g, theta)``
 (the damped operator of a try: ``op + value`` by default), ``value`` (lambda now),
 ``update(rho, trial)`` after every try (rho = -inf for a try with no step or a non-finite loss;
