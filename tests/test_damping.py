@@ -228,6 +228,7 @@ def test_more_first_radius_and_state_dict():
 
 
 @pytest.mark.parametrize("kwargs", [dict(factor=0.0), dict(sigma=1.0), dict(sigma=-1),
+                                    dict(min_rho=0.3), dict(min_rho=-1.0),
                                     dict(radius_min=math.nan), dict(max_tries=0)])
 def test_more_rejects_bad_configuration(kwargs):
     with pytest.raises(ConfigurationError, match="MoreTrustRegion"):
@@ -281,3 +282,20 @@ def test_more_solves_a_badly_scaled_exponential_fit():
         if info.accepted and info.step_norm <= 1e-13 * float(model.c.detach().norm()):
             break
     assert rel_err(model.c.detach(), torch.tensor(b, dtype=F64)) < 1e-7
+
+
+def test_more_rejects_a_step_below_min_rho():
+    """A try that lowers the loss but by less than min_rho of the prediction is rejected,
+    and retried with a smaller radius (MINPACK accepts at ratio >= 1e-4)."""
+    x, y, _ = _exp_data()
+    model = _Exp((0.02, 4000.0, 250.0))
+    strict = MoreTrustRegion(min_rho=0.2)
+    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=strict, solver="cholesky")
+    seen = []
+    for _ in range(30):
+        info = opt.step(x, y)
+        seen.append(info)
+        assert not info.accepted or info.rho >= 0.2
+    rejected = [m for i in seen for m in i.message.split("; ") if "below 0.2" in m]
+    assert rejected  # the rule was exercised, not only trivially satisfied
+    assert MoreTrustRegion().min_rho == 1e-4 and LevenbergMarquardt().min_rho == -math.inf

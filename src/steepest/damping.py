@@ -26,7 +26,8 @@ A rule's protocol, used by :class:`~steepest.optimizer.Optimizer`: ``damped(op, 
 (the damped operator of a try: ``op + value`` by default), ``value`` (lambda now),
 ``update(rho, trial)`` after every try (rho = -inf for a try with no step or a non-finite loss;
 ``trial`` a :class:`Trial`), ``raise_for_retry()`` when the damped system could not be solved
-or gave no descent direction, ``adaptive``, ``reject``, ``max_tries``, ``state_dict()`` /
+or gave no descent direction, ``adaptive``, ``reject``, ``max_tries``, ``min_rho`` (a try
+whose rho falls below it is rejected and retried; -inf by default), ``state_dict()`` /
 ``load_state_dict()``.
 
 Example
@@ -67,6 +68,7 @@ class Damping:
     adaptive = False
     reject = False
     max_tries = 1
+    min_rho = -math.inf  # a try with rho below this is rejected (and retried)
 
     @property
     def value(self) -> float:
@@ -204,8 +206,9 @@ class MoreTrustRegion(Damping):
     quadratic interpolation of the loss along the step, :math:`\mu =
     -g^T\delta / (2(L(	heta+\delta) - L(	heta) - g^T\delta))` (1/2 when the loss went
     down), clipped to at least 1/10; when rho >= 3/4 or lambda = 0,
-    :math:`\Delta \leftarrow 2\|D\delta\|`. A step that raised the loss is rejected and retried
-    with the smaller radius.
+    :math:`\Delta \leftarrow 2\|D\delta\|`. A try is accepted when rho >= ``min_rho``
+    (MINPACK: 1e-4) and the loss did not go up; otherwise it is rejected and retried with the
+    smaller radius.
 
     lambda is found from the eigen-decomposition of the scaled metric
     :math:`D^{-1} M D^{-1}` (dense, or from the SVD of the factor :math:`U D^{-1}` when M has
@@ -220,6 +223,7 @@ class MoreTrustRegion(Damping):
     ----------
     factor: the initial radius is ``factor`` ||D theta_0|| (MINPACK's default 100)
     sigma: relative accuracy of ||D delta|| = Delta (MINPACK uses 0.1)
+    min_rho: the least reduction ratio of an accepted step (MINPACK's 1e-4)
     radius_min: the radius never falls below this
     max_tries: solves per optimizer step (rejected steps are retried)
 
@@ -231,18 +235,22 @@ class MoreTrustRegion(Damping):
     adaptive = True
     reject = True
 
-    def __init__(self, factor: float = 100.0, sigma: float = 1e-2, radius_min: float = 1e-300,
-                 max_tries: int = 30) -> None:
+    def __init__(self, factor: float = 100.0, sigma: float = 1e-2, min_rho: float = 1e-4,
+                 radius_min: float = 1e-300, max_tries: int = 30) -> None:
         for name, val in (("factor", factor), ("sigma", sigma), ("radius_min", radius_min)):
             if not (isinstance(val, int | float) and math.isfinite(val) and val > 0):
                 raise ConfigurationError(
                     f"MoreTrustRegion: {name} must be a finite number > 0, got {val!r}.")
         if not sigma < 1:
             raise ConfigurationError(f"MoreTrustRegion: sigma must be < 1, got {sigma}.")
+        if not (isinstance(min_rho, int | float) and 0 <= min_rho < 0.25):
+            raise ConfigurationError(
+                f"MoreTrustRegion: min_rho must lie in [0, 1/4), got {min_rho!r}.")
         if not (isinstance(max_tries, int) and max_tries >= 1):
             raise ConfigurationError(
                 f"MoreTrustRegion: max_tries must be an integer >= 1, got {max_tries!r}.")
         self.factor, self.sigma, self.radius_min = float(factor), float(sigma), radius_min
+        self.min_rho = float(min_rho)
         self.max_tries = max_tries
         self.radius: float | None = None  # Delta; None until the first step
         self.lam = 0.0

@@ -438,6 +438,9 @@ class Optimizer:
                 rejected, why = True, "the loss is not finite after the step"
             elif reject_increase and loss_new > point.value:
                 rejected, why = True, f"the loss went up ({point.value:.6g} -> {loss_new:.6g})"
+            elif rho is not None and rho < self.damping.min_rho:
+                rejected, why = True, (f"rho = {rho:.3g} below {self.damping.min_rho:g}: the "
+                                       "decrease is too small for the model's prediction")
             else:
                 rejected, why = False, ""
             if rejected and retry:
