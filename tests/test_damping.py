@@ -114,7 +114,7 @@ def _spd(p: int, seed: int, rank: int | None = None, spread: float = 4.0):
 def _try(rule: MoreTrustRegion, op: LinearOperator, g: torch.Tensor):
     damped = rule.damped(op, g, torch.zeros_like(g))
     delta = torch.linalg.solve(damped.to_dense(), -g)
-    return damped, delta, rule._spectrum[1]
+    return damped, delta, rule._spectrum[2]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -299,3 +299,60 @@ def test_more_rejects_a_step_below_min_rho():
     rejected = [m for i in seen for m in i.message.split("; ") if "below 0.2" in m]
     assert rejected  # the rule was exercised, not only trivially satisfied
     assert MoreTrustRegion().min_rho == 1e-4 and LevenbergMarquardt().min_rho == -math.inf
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, p: int, seed: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(p, 1, generator=seeded(seed), dtype=F64))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.parametrize("n, p, solver", [(6, 10, "auto"), (6, 10, "cholesky"),
+                                          (20, 5, "cholesky")])
+def test_more_on_a_singular_metric_never_takes_lambda_zero(n, p, solver):
+    """Linear least squares with a singular J^T J (fewer samples than parameters: the Woodbury
+    factor path; or a duplicated column: the dense path): lambda stays > 0, no try fails, and
+    the fit reaches the least-squares floor in a few steps."""
+    g = seeded(100 + n)
+    x = torch.randn(n, p, generator=g, dtype=F64)
+    if n > p:
+        x[:, -1] = x[:, 0]  # rank p - 1
+    y = torch.randn(n, 1, generator=g, dtype=F64)
+    floor = float(0.5 * ((x @ torch.linalg.lstsq(x, y).solution - y) ** 2).mean())
+    model = _Linear(p, n)
+    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(),
+                    solver=solver)
+    for _ in range(6):
+        info = opt.step(x, y)
+        assert "not positive definite" not in info.message
+        assert info.damping > 0
+    loss = float(0.5 * ((model(x).detach() - y) ** 2).mean())
+    assert loss - floor <= 1e-10 * max(1.0, float(0.5 * (y**2).mean()))
+
+
+def test_more_hard_case_keeps_the_damped_matrix_definite():
+    """c orthogonal to the eigenvector of the most negative eigenvalue (Moré-Sorensen's hard
+    case): lambda stays strictly above -mu_min, so M + lambda D^2 is positive definite."""
+    m = torch.diag(torch.tensor([-1.0, 1.0, 2.0], dtype=F64))
+    g = torch.tensor([0.0, 1.0, 1.0], dtype=F64)
+    rule = MoreTrustRegion()
+    rule.radius = 10.0
+    damped = rule.damped(_dense_op(m), g, torch.zeros(3, dtype=F64))
+    assert rule.value > 1.0
+    assert float(torch.linalg.eigvalsh(damped.to_dense())[0]) > 1e-9
+
+
+def test_more_first_step_rule_lasts_until_a_step_is_accepted():
+    """Delta = min(Delta, ||D delta||) applies on every try until one is accepted (MINPACK's
+    iter = 1): a try rejected for rho < min_rho does not end it."""
+    m, _, g = _spd(4, 8, spread=0.0)
+    rule = MoreTrustRegion()
+    rule.damped(_dense_op(m), g, torch.ones(4, dtype=F64))
+    _, delta, d = _try(rule, _dense_op(m), g)
+    rule.update(5e-5, Trial(delta, float(g @ delta), 1.0, 0.99999))  # lowered, rho < 1e-4
+    assert rule._first
+    rule.update(0.5, Trial(delta, float(g @ delta), 1.0, 0.5))
+    assert not rule._first

@@ -191,21 +191,23 @@ class MoreTrustRegion(Damping):
     r"""Levenberg-Marquardt as a trust region on the scaled step (Moré 1978; MINPACK
     ``lmder``): each try takes
 
-    .. math:: \delta = -(M + \lambda D^2)^{-1} g,\qquad \lambda \ge 0 	ext{ such that }
-              \|D\delta\| = \Delta 	ext{ (or } \lambda = 0 	ext{ when }
+    .. math:: \delta = -(M + \lambda D^2)^{-1} g,\qquad \lambda \ge 0 \text{ such that }
+              \|D\delta\| = \Delta \text{ (or } \lambda = 0 \text{ when }
               \|D M^{-1} g\| \le (1 + \sigma)\Delta),
 
     the solution of :math:`\min_\delta q(\delta)` subject to :math:`\|D\delta\| \le \Delta`
     (000 problem (1) with the metric :math:`D^2` for the constraint and M for the model).
-    :math:`D = \mathrm{diag}(d_j)`, :math:`d_j = \max(d_j^{	ext{prev}},
+    :math:`D = \mathrm{diag}(d_j)`, :math:`d_j = \max(d_j^{\text{prev}},
     \sqrt{M_{jj}})` (MINPACK's column norms of J for M = J^T J; 1 where zero), so a parameter in
     units a thousand times larger gets the same steps. The radius starts at
-    ``factor`` :math:`\|D	heta_0\|` (``factor`` if that is 0), becomes
-    :math:`\min(\Delta, \|D\delta\|)` after the first try, and then adapts to rho: when
-    rho <= 1/4, :math:`\Delta \leftarrow \mu \min(\Delta, 10\|D\delta\|)` with mu from the
-    quadratic interpolation of the loss along the step, :math:`\mu =
-    -g^T\delta / (2(L(	heta+\delta) - L(	heta) - g^T\delta))` (1/2 when the loss went
-    down), clipped to at least 1/10; when rho >= 3/4 or lambda = 0,
+    ``factor`` :math:`\|D\theta_0\|` (``factor`` if that is 0), is cut to
+    :math:`\min(\Delta, \|D\delta\|)` on every try until the first step is accepted, and
+    then adapts to rho: when rho <= 1/4, :math:`\Delta \leftarrow \mu \min(\Delta,
+    10\|D\delta\|)` with mu from the quadratic interpolation of the loss along the step,
+    :math:`\mu = -g^T\delta / (2(L(\theta+\delta) - L(\theta) - g^T\delta))` (1/2 when the
+    loss went down), clipped to [1/10, 1/2], and 1/10 when
+    :math:`L(\theta+\delta) \ge 100 L(\theta)` (MINPACK's test that the residual norm grew
+    tenfold; for a loss that is not a sum of squares a heuristic); when rho >= 3/4 or lambda = 0,
     :math:`\Delta \leftarrow 2\|D\delta\|`. A try is accepted when rho >= ``min_rho``
     (MINPACK: 1e-4) and the loss did not go up; otherwise it is rejected and retried with the
     smaller radius.
@@ -216,8 +218,13 @@ class MoreTrustRegion(Damping):
     (\mu_i + \lambda)^2`, solved to relative accuracy ``sigma`` by safeguarded Newton on
     :math:`1/\|D\delta\|` (Moré and Sorensen 1983). This costs one P x P eigen-decomposition
     per step: the rule is for problems where M fits in memory (nonlinear least squares, small
-    models; benchmarks/nist.md). For an indefinite M (Hessian) lambda stays above
-    :math:`-\mu_{min}`. Each try's solve is then made by the optimizer's solver.
+    models; benchmarks/nist.md). When M is singular (a factor with fewer rows than parameters,
+    or :math:`\mu_{min} \le P\,\epsilon\,\mu_{max}`) lambda is never 0 but at least
+    :math:`\sqrt{\epsilon}\,\mu_{max}`, so the damped matrix stays positive definite (MINPACK's
+    ``lmpar`` takes a least-squares step there instead). For an indefinite M (Hessian) lambda
+    stays above :math:`-\mu_{min}` by at least :math:`\sqrt{\epsilon}\max(|\mu_{min}|,
+    \mu_{max})` (the hard case of Moré and Sorensen is not treated further). Each try's solve is
+    then made by the optimizer's solver.
 
     Parameters
     ----------
@@ -256,7 +263,7 @@ class MoreTrustRegion(Damping):
         self.lam = 0.0
         self.scale: Tensor | None = None  # D
         self._first = True  # the first try adjusts Delta to min(Delta, ||D delta||)
-        self._spectrum: tuple | None = None  # (ref to op, D, mu, Q, c, c_perp2) of this step
+        self._spectrum: tuple | None = None  # (refs to op and g, D, mu, c, ...) of this step
 
     def __repr__(self) -> str:
         return f"MoreTrustRegion(radius={self.radius}, lam={self.lam:g})"
@@ -267,8 +274,10 @@ class MoreTrustRegion(Damping):
 
     # ------------------------------------------------------------------ lambda from Delta
     def _scaled_spectrum(self, op: LinearOperator, g: Tensor) -> tuple:
-        if self._spectrum is not None and self._spectrum[0]() is op:
-            return self._spectrum
+        """(D, mu, c, c_perp2, singular) for this step's M and g, computed once per step."""
+        cached = self._spectrum
+        if cached is not None and cached[0]() is op and cached[1]() is g:
+            return cached[2:]
         factor = op.has_factor() and op.factor_rows is not None and op.factor_rows < op.size
         if factor:
             f = op.factor()
@@ -283,16 +292,21 @@ class MoreTrustRegion(Damping):
         gs = g / d
         if factor:
             _, sv, vh = torch.linalg.svd(f.U / d / math.sqrt(f.n), full_matrices=False)
-            mu, q = sv.pow(2), vh.T
-            c = q.T @ gs
+            mu = sv.pow(2)
+            c = vh @ gs
             c_perp2 = max(float(gs @ gs - c @ c), 0.0)
         else:
             mu, q = torch.linalg.eigh(m / d[:, None] / d[None, :])
             c = q.T @ gs
             c_perp2 = 0.0
-        # a weak reference: the step's operator (and its graph) is not kept alive after it
-        self._spectrum = (weakref.ref(op), d, mu, q, c, c_perp2)
-        return self._spectrum
+        eps = torch.finfo(mu.dtype).eps
+        mu_max = float(mu.abs().max()) if mu.numel() else 0.0
+        tol = op.size * eps * mu_max
+        mu = torch.where(mu.abs() <= tol, torch.zeros_like(mu), mu)  # rounding, not curvature
+        singular = mu.numel() < op.size or float(mu.min()) <= tol
+        # weak references: the step's operator (and its graph) is not kept alive after it
+        self._spectrum = (weakref.ref(op), weakref.ref(g), d, mu, c, c_perp2, singular)
+        return self._spectrum[2:]
 
     @staticmethod
     def _norm(mu: Tensor, c: Tensor, c_perp2: float, lam: float) -> tuple[float, float]:
@@ -306,13 +320,22 @@ class MoreTrustRegion(Damping):
         phi = math.sqrt(q2)
         return phi, dq2 / (2 * phi) if phi > 0 else 0.0
 
-    def _solve_lambda(self, mu: Tensor, c: Tensor, c_perp2: float, radius: float) -> float:
+    def _solve_lambda(self, mu: Tensor, c: Tensor, c_perp2: float, radius: float,
+                      singular: bool = False) -> float:
+        """The lambda of the class docstring for the scaled spectrum (mu, c)."""
+        eps = torch.finfo(mu.dtype).eps
         mu_min = float(mu.min()) if mu.numel() else 0.0
-        lo = max(0.0, -mu_min)
-        if lo == 0.0 and mu_min > 0:
-            phi0, _ = self._norm(mu, c, c_perp2, 0.0)
-            if phi0 <= (1 + self.sigma) * radius:
-                return 0.0
+        mu_max = float(mu.abs().max()) if mu.numel() else 1.0
+        margin = math.sqrt(eps) * max(abs(mu_min), mu_max, eps)
+        if mu_min < 0:
+            lo = -mu_min + margin  # M + lambda D^2 positive definite
+        elif singular:
+            lo = margin  # never lambda = 0 on a singular M
+        else:
+            lo = 0.0
+        phi_lo, _ = self._norm(mu, c, c_perp2, lo)
+        if phi_lo <= (1 + self.sigma) * radius:
+            return lo  # the (near-)undamped step fits in the region
         gnorm = math.sqrt(float(c @ c) + c_perp2)
         hi = lo + gnorm / radius  # ||D delta(hi)|| <= radius
         lam = hi
@@ -335,11 +358,11 @@ class MoreTrustRegion(Damping):
 
     def damped(self, op: LinearOperator, g: Tensor, theta: Tensor) -> LinearOperator:
         r""":math:`M + \lambda D^2` with lambda solved from the radius (see the class)."""
-        _, d, mu, _, c, c_perp2 = self._scaled_spectrum(op, g)
+        d, mu, c, c_perp2, singular = self._scaled_spectrum(op, g)
         if self.radius is None:
             size = float((d * theta.detach().to(d)).norm())
             self.radius = self.factor * size if size > 0 else self.factor
-        self.lam = self._solve_lambda(mu, c, c_perp2, self.radius)
+        self.lam = self._solve_lambda(mu, c, c_perp2, self.radius, singular)
         self.scale = d.detach().clone()  # D only grows (MINPACK mode 1)
         return op.add_diagonal(self.lam * d.pow(2))
 
@@ -348,7 +371,7 @@ class MoreTrustRegion(Damping):
         """Moré's radius update from rho and the step (see the class docstring)."""
         if self._spectrum is None or self.radius is None:
             return
-        d = self._spectrum[1]
+        d = self._spectrum[2]
         delta = None if trial is None else trial.delta
         pnorm = float((d * delta).norm()) if delta is not None else self.radius
         if self._first and delta is not None:
@@ -367,8 +390,8 @@ class MoreTrustRegion(Damping):
             self.radius = max(mu * min(self.radius, pnorm / 0.1), self.radius_min)
         elif self.lam == 0 or rho >= 0.75:
             self.radius = max(2 * pnorm, self.radius_min)
-        if delta is not None and math.isfinite(rho) and rho > 0:
-            self._first = False  # the first step was taken
+        if delta is not None and math.isfinite(rho) and rho >= max(self.min_rho, 0.0):
+            self._first = False  # the first step is accepted
 
     def raise_for_retry(self) -> None:
         """The damped system could not be solved (lambda = 0 on a singular M): shrink Delta."""

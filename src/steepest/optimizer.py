@@ -364,7 +364,7 @@ class Optimizer:
             damped = self.damping.damped(op, g, theta0)
             lam = self.damping.value
             retry = tries < self.max_tries
-            # --- direction d = -(M + lambda I)^-1 g
+            # --- direction d = -(M + lambda I)^-1 g (M + lambda D^2 for a scaled rule)
             sol = solutions.get(lam)
             if sol is None:
                 try:
@@ -374,8 +374,8 @@ class Optimizer:
                     if not (self.damping.adaptive and retry):
                         raise
                     self.damping.raise_for_retry()
-                    notes.append(f"{damped.name} not positive definite: damping raised to "
-                                 f"{self.damping.value:.3g}")
+                    notes.append(f"{damped.name} not positive definite: damping raised "
+                                 f"({self.damping!r})")
                     continue
                 if not torch.isfinite(sol.x).all():
                     raise SolverError(
@@ -386,7 +386,7 @@ class Optimizer:
                     if self.damping.adaptive and retry:
                         self.damping.raise_for_retry()
                         notes.append(f"no descent direction at lambda {lam:.3g}: damping "
-                                     f"raised to {self.damping.value:.3g}")
+                                     f"raised ({self.damping!r})")
                         continue
                     raise SolverError(
                         f"the direction is not a descent direction (g^T d = "

@@ -7,8 +7,11 @@ r"""Solvers for the damped system :math:`(M + \lambda I)\,x = b` (b = -g gives t
   rule (Martens 2010, section 4.4).
 - :class:`Woodbury`: exact solve in sample space for :math:`M = U^T U / n` with U (R, P), R < P:
   :math:`(U^T U/n + \lambda I)^{-1} b = \frac1\lambda(b - U^T(n\lambda I + U U^T)^{-1} U b)`.
-- :class:`Auto`: Cholesky for small P, Woodbury when the metric has a factor with fewer rows
-  than parameters, CG otherwise (and always CG for an indefinite metric).
+- :class:`Auto`: Woodbury when the metric has a factor with fewer rows than parameters (and
+  lambda > 0), else Cholesky for small P, else CG (always CG for an indefinite metric).
+
+A damped operator may carry a diagonal damping diag(s) instead of lambda I (the
+:math:`\lambda D^2` of :class:`~steepest.damping.MoreTrustRegion`); every solver handles it.
 
 Every solver returns a :class:`Solution` saying what happened.
 
@@ -268,8 +271,9 @@ class Woodbury(Solver):
         lam = a.shift
         positive = bool((lam > 0).all()) if a.diagonal_shift() else lam > 0
         if not positive:
+            shown = f"min {float(lam.min()):.3g}" if a.diagonal_shift() else f"{lam}"
             raise SingularMatrixError(
-                f"Woodbury needs damping lambda > 0 (got {lam}); with lambda = 0 the matrix "
+                f"Woodbury needs damping lambda > 0 (got {shown}); with lambda = 0 the matrix "
                 "U^T U / n has rank at most R and is singular; set damping > 0."
             )
         f = factor or a.factor()
