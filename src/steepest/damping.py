@@ -219,11 +219,11 @@ class MoreTrustRegion(Damping):
     :math:`1/\|D\delta\|` (Moré and Sorensen 1983). This costs one P x P eigen-decomposition
     per step: the rule is for problems where M fits in memory (nonlinear least squares, small
     models; benchmarks/nist.md). When M is singular (a factor with fewer rows than parameters,
-    or :math:`\mu_{min} \le P\,\epsilon\,\mu_{max}`) lambda is never 0 but at least
-    :math:`\sqrt{\epsilon}\,\mu_{max}`, so the damped matrix stays positive definite (MINPACK's
-    ``lmpar`` takes a least-squares step there instead). For an indefinite M (Hessian) lambda
-    stays above :math:`-\mu_{min}` by at least :math:`\sqrt{\epsilon}\max(|\mu_{min}|,
-    \mu_{max})` (the hard case of Moré and Sorensen is not treated further). Each try's solve is
+    or :math:`\mu_{min} \le 0` in the eigen-decomposition) lambda is never 0 but at least
+    :math:`100\,P\,\epsilon\,\mu_{max}`, so the damped matrix stays numerically positive
+    definite (MINPACK's ``lmpar`` takes a least-squares step there instead). For an indefinite
+    M (Hessian) lambda stays above :math:`-\mu_{min}` by at least that margin (the hard case of
+    Moré and Sorensen is not treated further). Each try's solve is
     then made by the optimizer's solver.
 
     Parameters
@@ -299,11 +299,10 @@ class MoreTrustRegion(Damping):
             mu, q = torch.linalg.eigh(m / d[:, None] / d[None, :])
             c = q.T @ gs
             c_perp2 = 0.0
-        eps = torch.finfo(mu.dtype).eps
-        mu_max = float(mu.abs().max()) if mu.numel() else 0.0
-        tol = op.size * eps * mu_max
-        mu = torch.where(mu.abs() <= tol, torch.zeros_like(mu), mu)  # rounding, not curvature
-        singular = mu.numel() < op.size or float(mu.min()) <= tol
+        # singular: fewer singular values than parameters, or an eigenvalue at or below 0. A tiny
+        # positive one is kept: a nearly flat direction with a tiny gradient still has a
+        # well-defined Gauss-Newton step c_i / mu_i (MINPACK treats only exact zeros as singular)
+        singular = mu.numel() < op.size or float(mu.min()) <= 0
         # weak references: the step's operator (and its graph) is not kept alive after it
         self._spectrum = (weakref.ref(op), weakref.ref(g), d, mu, c, c_perp2, singular)
         return self._spectrum[2:]
@@ -326,7 +325,8 @@ class MoreTrustRegion(Damping):
         eps = torch.finfo(mu.dtype).eps
         mu_min = float(mu.min()) if mu.numel() else 0.0
         mu_max = float(mu.abs().max()) if mu.numel() else 1.0
-        margin = math.sqrt(eps) * max(abs(mu_min), mu_max, eps)
+        # the least lambda that keeps Cholesky of M + lambda D^2 stable in this precision
+        margin = 100 * mu.numel() * eps * max(abs(mu_min), mu_max, eps)
         if mu_min < 0:
             lo = -mu_min + margin  # M + lambda D^2 positive definite
         elif singular:
