@@ -235,6 +235,19 @@ def test_auto_choice():
     assert isinstance(auto.choose(ggn + 0.0), Cholesky)
 
 
+def test_auto_keeps_cholesky_for_small_float32_problems():
+    """Below float64, Woodbury's (b - U^T K^-1 U b) / lambda loses accuracy at small lambda
+    while Cholesky refuses cleanly: Auto takes Woodbury there only above dense_max; a failed
+    Woodbury factorisation is a SingularMatrixError (the optimizer raises lambda and retries)."""
+    point = classifier_point(dtype=torch.float32)
+    ggn = GGN().operator(point)
+    assert ggn.factor_rows < ggn.size
+    assert isinstance(Auto().choose(ggn + 1e-3), Cholesky)
+    assert isinstance(Auto(dense_max=10).choose(ggn + 1e-3), Woodbury)
+    with pytest.raises(SingularMatrixError, match="raise the damping"):
+        Woodbury().solve(ggn + 1e-30, -point.grad)
+
+
 def test_woodbury_with_a_diagonal_damping():
     """(M + diag(s))^-1 b by Woodbury equals the dense solve; a zero entry is refused."""
     point = classifier_point()
@@ -256,9 +269,10 @@ def test_woodbury_reuses_the_gram_matrix():
     op = GGN().operator(point)
     b = -point.grad
     first = Woodbury().solve(op + 1e-3, b)
-    gram = op.factor().gram()
+    assert hasattr(op.factor(), "_gram")  # computed by the solve, not by this test
+    gram = op.factor()._gram
     second = Woodbury().solve(op + 1.0, b)
-    assert op.factor().gram() is gram
+    assert op.factor()._gram is gram
     for lam, sol in ((1e-3, first), (1.0, second)):
         assert rel_err(sol.x, Cholesky().solve(op + lam, b).x) < 1e-9
 

@@ -283,20 +283,23 @@ class Woodbury(Solver):
             us = u / lam
             chol, info = torch.linalg.cholesky_ex(us @ u.T + n * eye)
             if int(info) != 0:
-                raise SolverError("Woodbury: the sample-space matrix is not positive definite.")
+                raise SingularMatrixError("Woodbury: the sample-space matrix is not positive "
+                                          "definite in this precision; raise the damping.")
             x = b / lam - us.T @ torch.cholesky_solve((us @ b).unsqueeze(1), chol).squeeze(1)
             return Solution(x, 1, _relres(a, x, b), exact=True,
                             message=f"Woodbury, R={u.shape[0]}")
         chol, info = torch.linalg.cholesky_ex(f.gram() + n * lam * eye)
         if int(info) != 0:
-            raise SolverError("Woodbury: the sample-space matrix is not positive definite.")
+            raise SingularMatrixError("Woodbury: the sample-space matrix is not positive definite "
+                                          "in this precision; raise the damping.")
         x = (b - u.T @ torch.cholesky_solve((u @ b).unsqueeze(1), chol).squeeze(1)) / lam
         return Solution(x, 1, _relres(a, x, b), exact=True, message=f"Woodbury, R={u.shape[0]}")
 
 
 class Auto(Solver):
     """Chooses per step: Woodbury when M has a sample-space factor with fewer rows than
-    parameters (R < P, known from ``factor_rows`` without building it) and lambda > 0; else
+    parameters (R < P, known from ``factor_rows`` without building it) and lambda > 0 (below
+    float64 only when P > ``dense_max``: its 1/lambda cancellation loses accuracy); else
     Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or damped; else CG.
 
     Woodbury costs :math:`O(R^2 P)` per step against :math:`O(R P^2 + P^3)` for the dense
@@ -317,9 +320,13 @@ class Auto(Solver):
             return self.cg
         rows = a.factor_rows if a.has_factor() else None
         positive = bool((a.shift > 0).all()) if a.diagonal_shift() else a.shift > 0
-        if rows is not None and rows < a.size and positive:
+        small = a.size <= min(self.dense_max, linop.DENSE_LIMIT)
+        # below float64 a small lambda makes Woodbury's 1/lambda cancellation inaccurate, where
+        # Cholesky refuses: there Woodbury is taken only when the dense matrix is too large
+        precise = a.dtype == torch.float64 or not small
+        if rows is not None and rows < a.size and positive and precise:
             return Woodbury()
-        if a.size <= min(self.dense_max, linop.DENSE_LIMIT):
+        if small:
             return Cholesky()
         return self.cg
 
