@@ -51,3 +51,22 @@ def test_batchnorm_in_training_mode_uses_the_coupled_batch():
     grads = point.per_sample_grads()
     # rows are the gradients of each l_i through the batch statistics: they sum to N g
     torch.testing.assert_close(grads.mean(0), point.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_hmm_equals_hvp_columns_and_shapes_are_checked():
+    """H V column by column equals H v; a vector of the wrong shape is refused."""
+    from reference import rel_err
+
+    from steepest.errors import ShapeError
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 2, (7,))
+    point = Point(model, CrossEntropy(), x, y)
+    v = torch.randn(point.size, 3, dtype=torch.float64)
+    hv = torch.stack([point.hvp(v[:, j]) for j in range(3)], 1)
+    assert rel_err(point.hmm(v), hv) < 1e-12
+    for bad in (torch.randn(1, point.size, dtype=torch.float64),
+                torch.randn(point.size + 1, dtype=torch.float64)):
+        with pytest.raises(ShapeError, match="flat parameters"):
+            point.jvp(bad)

@@ -126,6 +126,9 @@ class GraphProducts:
         """Split flat v (P,) (rows (batch, P) if batch) into pieces shaped like ``_wrt()``."""
         wrt = self._wrt()
         lead = () if batch is None else (batch,)
+        if tuple(v.shape) != (*lead, self.size):
+            raise ShapeError(f"expected a vector of shape {(*lead, self.size)} (the flat "
+                             f"parameters), got {tuple(v.shape)}.")
         parts = torch.split(v, [w.numel() for w in wrt], dim=-1)
         return [c.reshape(*lead, *w.shape) for c, w in zip(parts, wrt)]
 
