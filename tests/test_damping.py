@@ -114,7 +114,7 @@ def _spd(p: int, seed: int, rank: int | None = None, spread: float = 4.0):
 def _try(rule: MoreTrustRegion, op: LinearOperator, g: torch.Tensor):
     damped = rule.damped(op, g, torch.zeros_like(g))
     delta = torch.linalg.solve(damped.to_dense(), -g)
-    return damped, delta, rule._spectrum[2]
+    return damped, delta, rule.scale
 
 
 @pytest.mark.parametrize("seed", range(4))

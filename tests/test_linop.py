@@ -173,6 +173,10 @@ def test_diagonal_damping_against_dense(size_seed):
     assert rel_err(damped.to_dense(), ref) < 1e-12
     assert rel_err(damped.diagonal(), ref.diagonal()) < 1e-12
     assert damped.psd and not op.add_diagonal(-s).psd
+    assert damped.damping_positive() and not op.add_diagonal(-s).damping_positive()
+    assert damped.damping_quad(v) == pytest.approx(float(v @ torch.diag(s) @ v), rel=1e-12)
+    assert (op + 0.5).damping_quad(v) == pytest.approx(0.5 * float(v @ v), rel=1e-12)
+    assert not op.damping_positive() and op.damping_quad(v) == 0.0
     assert damped.factor() is op.factor() and damped.factor_rows == u.shape[0]
     both = damped.add_diagonal(0.5)  # diag(s) + 0.5 I
     assert rel_err(both.to_dense(), ref + 0.5 * torch.eye(p, dtype=F64)) < 1e-12

@@ -369,9 +369,9 @@ class MoreTrustRegion(Damping):
     # ------------------------------------------------------------------ the radius
     def update(self, rho: float, trial: Trial | None = None) -> None:
         """Moré's radius update from rho and the step (see the class docstring)."""
-        if self._spectrum is None or self.radius is None:
+        if self.scale is None or self.radius is None:
             return
-        d = self._spectrum[2]
+        d = self.scale  # D of this step, set by damped()
         delta = None if trial is None else trial.delta
         pnorm = float((d * delta).norm()) if delta is not None else self.radius
         if self._first and delta is not None:

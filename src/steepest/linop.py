@@ -141,6 +141,14 @@ class LinearOperator:
         """Whether the damping is a diagonal matrix diag(s) rather than lambda I."""
         return isinstance(self.shift, Tensor)
 
+    def damping_positive(self) -> bool:
+        """Whether the damping (lambda or every entry of diag(s)) is > 0."""
+        return bool((self.shift > 0).all()) if self.diagonal_shift() else self.shift > 0
+
+    def damping_quad(self, v: Tensor) -> float:
+        """:math:`v^T S v` for the damping S (lambda I or diag(s)): M + S minus M, on v."""
+        return float(v @ (self.shift * v))
+
     def has_factor(self) -> bool:
         return self._factor is not None
 

@@ -415,10 +415,8 @@ class Optimizer:
             delta = alpha * d
             gdelta = alpha * gd
             quad = alpha**2 * dAd
-            # the damping term delta^T (lambda I or diag(s)) delta, removed from q
-            damp = (float(delta @ (damped.shift * delta)) if damped.diagonal_shift()
-                    else lam * float(delta @ delta))
-            predicted = -(gdelta + 0.5 * (quad - damp))
+            # q uses M undamped: remove the damping term delta^T S delta from the damped quad
+            predicted = -(gdelta + 0.5 * (quad - damped.damping_quad(delta)))
             loss_new = actual = rho = None
             if alpha > 0:
                 loss_new = choice.loss_new

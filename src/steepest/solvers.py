@@ -269,8 +269,7 @@ class Woodbury(Solver):
                 "Cholesky() or CG() for this metric."
             )
         lam = a.shift
-        positive = bool((lam > 0).all()) if a.diagonal_shift() else lam > 0
-        if not positive:
+        if not a.damping_positive():
             shown = f"min {float(lam.min()):.3g}" if a.diagonal_shift() else f"{lam}"
             raise SingularMatrixError(
                 f"Woodbury needs damping lambda > 0 (got {shown}); with lambda = 0 the matrix "
@@ -319,7 +318,7 @@ class Auto(Solver):
         if not a.psd:
             return self.cg
         rows = a.factor_rows if a.has_factor() else None
-        positive = bool((a.shift > 0).all()) if a.diagonal_shift() else a.shift > 0
+        positive = a.damping_positive()
         small = a.size <= min(self.dense_max, linop.DENSE_LIMIT)
         # below float64 a small lambda makes Woodbury's 1/lambda cancellation inaccurate, where
         # Cholesky refuses: there Woodbury is taken only when the dense matrix is too large
