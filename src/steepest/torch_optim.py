@@ -43,6 +43,8 @@ Example
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -51,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .damping import Damping
-from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ParameterChangeWarning, ShapeError
 from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
 from .optimizer import Optimizer, StepInfo
@@ -148,6 +150,10 @@ class _ClosureSpace(ParamSpace):
         if not all(p.is_floating_point() for p in params):
             raise ConfigurationError("the parameters must be floating-point tensors.")
         self.dtype, self.device = params[0].dtype, params[0].device
+
+    def stale(self) -> bool:
+        """Never: :class:`TorchOptimizer` follows its ``param_groups`` itself."""
+        return False
 
     def function(self) -> Callable[[Tensor, Closure], Any]:
         def f(theta: Tensor, closure: Closure) -> Any:
@@ -395,6 +401,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             cg_backtracking=cg_backtracking, generator=generator,
         )
         self.last_info: StepInfo | None = None
+        self._note = ""
 
     # -------------------------------------------------------------------- configuration
     @property
@@ -411,14 +418,28 @@ class TorchOptimizer(torch.optim.Optimizer):
         if inner is not None:
             self._refresh_space()
 
-    def _refresh_space(self) -> None:
+    def _refresh_space(self, warn: bool = False) -> str:
+        """Follow ``param_groups`` as ``torch.optim`` does: theta is the parameters of the
+        groups with ``requires_grad=True`` now. When that set (or a shape, dtype or device)
+        changed, the state on the old flat vector (previous CG solution, momentum buffer, a
+        damping rule's scaling D) is reset; with ``warn`` a
+        :class:`~steepest.errors.ParameterChangeWarning` says so. Returns a note ('' when
+        nothing changed)."""
         params = self._trainable()
         old = self._inner.space
-        if [id(p) for p in params] != [id(p) for p in old.params]:
-            state = self._inner.state_dict()  # per-parameter vectors no longer fit: reset them
-            state = {k: None if _is_flat(v, old.size) else v for k, v in state.items()}
-            self._inner.space = _ClosureSpace(params)
-            self._inner.load_state_dict(state)
+        if len(params) == len(old.params) and all(
+                p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
+                for p, q, s in zip(params, old.params, old.shapes)):
+            return ""
+        inner = self._inner
+        inner.space = _ClosureSpace(params)
+        inner._prev_solution = inner._momentum_buffer = None
+        inner.damping.parameters_changed()
+        note = (f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
+                "followed; the previous solution, momentum buffer and damping scaling were reset")
+        if warn:
+            warnings.warn(note, ParameterChangeWarning, stacklevel=4)
+        return note
 
     def _sync_groups(self) -> None:
         lrs = {float(g["lr"]) for g in self.param_groups}
@@ -431,7 +452,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         lr, mu = lrs.pop(), mus.pop()
         _check_hyper(lr, mu, allow_zero_lr=True)
-        self._refresh_space()
+        self._note = self._refresh_space(warn=True)
         if isinstance(self._inner.step_rule, LearningRate):
             self._inner.step_rule.alpha = lr
         self._inner.momentum = mu
@@ -459,6 +480,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
             raise
+        if self._note:
+            info = dataclasses.replace(info, message="; ".join(
+                m for m in (self._note, info.message) if m))
         self.last_info = info
         self._state_out()
         return torch.tensor(info.loss, dtype=self._inner.space.dtype)
