@@ -3,6 +3,7 @@ changing parameters, state_dict validation, pickling, lr = 0, precision and name
 Each test fails on the code before issue 9 and passes after."""
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -15,10 +16,11 @@ from steepest import (
     Identity,
     LearningRate,
     LevenbergMarquardt,
+    MoreTrustRegion,
     Optimizer,
     TorchOptimizer,
 )
-from steepest.errors import NonFiniteError, ParameterChangeWarning
+from steepest.errors import ConfigurationError, NonFiniteError, ParameterChangeWarning
 from steepest.losses import MSE
 
 DT = torch.float64
@@ -227,3 +229,96 @@ def test_torch_optimizer_follows_param_groups_like_torch_optim():
     opt.add_param_group({"params": net[2].parameters()})
     opt.step(lambda: (net(x), y))
     assert not torch.equal(net[2].weight, w2)
+
+
+# ------------------------------------------------------------------------ state, copies
+def _mlp(hidden: int, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, 1)).to(DT)
+
+
+def test_load_state_dict_is_validated_before_anything_changes():
+    x, y = data()
+    lm_opt = Optimizer(_mlp(5), MSE(), damping=LevenbergMarquardt(1e-2))
+    lm_opt.step(x, y)
+    lm_state = lm_opt.state_dict()
+    for target, match in (
+        (Optimizer(_mlp(5), MSE(), damping=MoreTrustRegion()), "LevenbergMarquardt"),
+        (Optimizer(_mlp(5), MSE(), damping=1e-3), "LevenbergMarquardt"),
+    ):
+        target.step(x, y)
+        before = copy.deepcopy(target.state_dict())
+        with pytest.raises(ConfigurationError, match=match):
+            target.load_state_dict(lm_state)
+        after = target.state_dict()
+        assert after["steps"] == before["steps"] == 1
+        assert after["damping"]["lam"] == before["damping"]["lam"]
+    # a state of a model with another number of parameters (momentum buffer of 26 values)
+    big = Optimizer(_mlp(5), MSE(), damping=LevenbergMarquardt(), momentum=0.5)
+    big.step(x, y)
+    small = Optimizer(_mlp(3), MSE(), damping=LevenbergMarquardt(), momentum=0.5)
+    with pytest.raises(ConfigurationError, match="26"):
+        small.load_state_dict(big.state_dict())
+    assert small.steps == 0 and small.state_dict()["momentum_buffer"] is None
+    bad = dict(lm_state)
+    del bad["damping"]
+    with pytest.raises(ConfigurationError, match="lacks"):
+        lm_opt.load_state_dict(bad)
+    # TorchOptimizer: another model's state is refused and nothing changes
+    net5, net3 = _mlp(5), _mlp(3)
+    o5 = TorchOptimizer(net5, loss=MSE(), damping=LevenbergMarquardt(), momentum=0.5)
+    o5.step(lambda: (net5(x), y))
+    o3 = TorchOptimizer(net3, loss=MSE(), damping=LevenbergMarquardt(), momentum=0.5, lr=0.5)
+    o3.step(lambda: (net3(x), y))
+    before = copy.deepcopy(o3.state_dict())
+    with pytest.raises(ConfigurationError):
+        o3.load_state_dict(o5.state_dict())
+    after = o3.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"]["steepest"]["steps"] == 1
+
+
+def _same_next_step(pairs, step):
+    infos = [step(*pair) for pair in pairs]
+    params = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m, _ in pairs]
+    for info, p in zip(infos[1:], params[1:]):
+        assert info == infos[0]
+        assert torch.equal(p, params[0])
+
+
+def test_deepcopy_and_pickle_give_identical_next_steps():
+    x, y = data()
+    net = _mlp(5)
+    core = Optimizer(net, MSE(), metric=GGN(), damping=MoreTrustRegion(), momentum=0.3)
+    core.step(x, y)
+    pairs = [(net, core), copy.deepcopy((net, core)), pickle.loads(pickle.dumps((net, core)))]
+    _same_next_step(pairs, lambda m, o: o.step(x, y))
+    net = _mlp(5)
+    opt = TorchOptimizer(net, loss=MSE(), damping=MoreTrustRegion(), momentum=0.3)
+    opt.step(lambda: (net(x), y))
+    pairs = [(net, opt), copy.deepcopy((net, opt)), pickle.loads(pickle.dumps((net, opt)))]
+
+    def step(m, o):
+        o.step(lambda: (m(x), y))
+        return o.last_info
+
+    _same_next_step(pairs, step)
+
+
+def test_learning_rate_zero_from_a_scheduler_skips_the_step():
+    """CosineAnnealingLR with eta_min = 0 reaches lr = 0: no solve, lambda unchanged."""
+    x, y = data()
+    net = _mlp(5)
+    opt = TorchOptimizer(net, loss=MSE(), damping=LevenbergMarquardt(0.03), lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2, eta_min=0.0)
+    for _ in range(2):
+        opt.step(lambda: (net(x), y))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    lam = opt.steepest.damping.value
+    theta = [p.detach().clone() for p in net.parameters()]
+    opt.step(lambda: (net(x), y))
+    info = opt.last_info
+    assert info.tries == 0 and not info.accepted and "learning rate 0" in info.message
+    assert opt.steepest.damping.value == lam
+    assert all(torch.equal(p, t) for p, t in zip(net.parameters(), theta))

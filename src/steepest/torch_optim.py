@@ -403,6 +403,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         self.last_info: StepInfo | None = None
         self._note = ""
 
+    # -------------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer`` pickles only defaults, state and param_groups; the core
+        optimizer (metric, damping, solver, step rule, generator) travels too, so
+        ``copy.deepcopy`` and ``pickle`` give a working optimizer (copy the model with it:
+        ``copy.deepcopy((model, opt))``)."""
+        state = super().__getstate__()
+        state.update(_inner=self._inner, last_info=self.last_info, _note=self._note)
+        return state
+
     # -------------------------------------------------------------------- configuration
     @property
     def steepest(self) -> Optimizer:
@@ -513,20 +523,41 @@ class TorchOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the next step is then bit-identical."""
+        """Restore what :meth:`state_dict` saved; the next step is then bit-identical.
+
+        Validated and atomic: a state of other parameters (count or shapes) or of another
+        damping or step rule raises a :class:`~steepest.errors.ConfigurationError` and leaves
+        the optimizer as it was."""
         if _STATE_KEY not in state_dict.get("state", {}):
             raise ConfigurationError(
                 "this state dict was not saved by steepest.TorchOptimizer (no "
                 f"state['{_STATE_KEY}']); load one from TorchOptimizer.state_dict()."
             )
-        super().load_state_dict(state_dict)
-        self._refresh_space()
-        space = self._inner.space
-        core = dict(self.state[_STATE_KEY])
-        for name in core.pop("per_parameter", []):
-            parts = [self.state.get(p, {}).get(name) for p in space.params]
-            core[name] = None if any(c is None for c in parts) else space.flatten(parts)
-        self._inner.load_state_dict(core)
+        old = self.state, self.param_groups, self._inner.space
+        try:
+            try:
+                super().load_state_dict(state_dict)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigurationError(
+                    f"cannot load this state dict: {err} Load one saved by the state_dict() of "
+                    "a TorchOptimizer over the same parameters."
+                ) from err
+            self._refresh_space()
+            space = self._inner.space
+            core = dict(self.state[_STATE_KEY])
+            for name in core.pop("per_parameter", []):
+                parts = [self.state.get(p, {}).get(name) for p in space.params]
+                if any(c is not None and c.shape != p.shape for c, p in zip(parts, space.params)):
+                    raise ConfigurationError(
+                        f"cannot load this state dict: its '{name}' has shapes "
+                        f"{[tuple(c.shape) for c in parts if c is not None]}, the parameters "
+                        f"{[tuple(p.shape) for p in space.params]}."
+                    )
+                core[name] = None if any(c is None for c in parts) else space.flatten(parts)
+            self._inner.load_state_dict(core)  # validated, atomic
+        except BaseException:
+            self.state, self.param_groups, self._inner.space = old
+            raise
 
 
 def _is_flat(value: Any, size: int) -> bool:
