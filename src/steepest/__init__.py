@@ -11,6 +11,7 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 
 from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
+from .diagonal import Diagonal
 from .errors import SteepestError
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
@@ -28,7 +29,7 @@ from .optimizer import Optimizer, StepInfo
 from .params import ParamSpace
 from .point import Point
 from .problems import Problem
-from .solvers import CG, Auto, Cholesky, Woodbury
+from .solvers import CG, Auto, Cholesky, OwnInverse, Woodbury
 from .steps import Armijo, KLLineSearch, LearningRate, TrustRegion
 from .torch_optim import TorchOptimizer
 
@@ -55,6 +56,7 @@ __all__ = [
     "Cholesky",
     "Constant",
     "CrossEntropy",
+    "Diagonal",
     "EmpiricalFisher",
     "Fisher",
     "GGN",
@@ -72,6 +74,7 @@ __all__ = [
     "MSE",
     "Metric",
     "Optimizer",
+    "OwnInverse",
     "ParamSpace",
     "Point",
     "Problem",
