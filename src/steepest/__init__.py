@@ -13,6 +13,7 @@ from . import compare, damping, errors, linop, losses, metrics, problems, solver
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .diagonal import Diagonal
 from .errors import SteepestError
+from .kronecker import EKFAC, KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
 from .metrics import (
@@ -28,6 +29,7 @@ from .metrics import (
 from .optimizer import Optimizer, StepInfo
 from .params import ParamSpace
 from .point import Point
+from .preconditioner import Preconditioner
 from .problems import Problem
 from .solvers import CG, Auto, Cholesky, OwnInverse, Woodbury
 from .steps import Armijo, KLLineSearch, LearningRate, TrustRegion
@@ -57,6 +59,7 @@ __all__ = [
     "Constant",
     "CrossEntropy",
     "Diagonal",
+    "EKFAC",
     "EmpiricalFisher",
     "Fisher",
     "GGN",
@@ -65,6 +68,7 @@ __all__ = [
     "GradientCovariance",
     "Hessian",
     "Identity",
+    "KFAC",
     "KLLineSearch",
     "LearningRate",
     "LevenbergMarquardt",
@@ -77,6 +81,7 @@ __all__ = [
     "OwnInverse",
     "ParamSpace",
     "Point",
+    "Preconditioner",
     "Problem",
     "SteepestError",
     "StepInfo",
