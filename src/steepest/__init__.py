@@ -11,7 +11,9 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 
 from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
+from .diagonal import Diagonal
 from .errors import SteepestError
+from .kronecker import EKFAC, KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
 from .metrics import (
@@ -27,8 +29,9 @@ from .metrics import (
 from .optimizer import Optimizer, StepInfo
 from .params import ParamSpace
 from .point import Point
+from .preconditioner import Preconditioner
 from .problems import Problem
-from .solvers import CG, Auto, Cholesky, Woodbury
+from .solvers import CG, Auto, Cholesky, OwnInverse, Woodbury
 from .steps import Armijo, KLLineSearch, LearningRate, TrustRegion
 from .torch_optim import TorchOptimizer
 
@@ -55,6 +58,8 @@ __all__ = [
     "Cholesky",
     "Constant",
     "CrossEntropy",
+    "Diagonal",
+    "EKFAC",
     "EmpiricalFisher",
     "Fisher",
     "GGN",
@@ -63,6 +68,7 @@ __all__ = [
     "GradientCovariance",
     "Hessian",
     "Identity",
+    "KFAC",
     "KLLineSearch",
     "LearningRate",
     "LevenbergMarquardt",
@@ -72,8 +78,10 @@ __all__ = [
     "MSE",
     "Metric",
     "Optimizer",
+    "OwnInverse",
     "ParamSpace",
     "Point",
+    "Preconditioner",
     "Problem",
     "SteepestError",
     "StepInfo",
