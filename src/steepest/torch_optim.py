@@ -400,7 +400,8 @@ def _reproduces(module: nn.Module, args: tuple, z: Tensor) -> bool:
         return False
     tol = 100 * torch.finfo(z.dtype).eps
     return (isinstance(again, Tensor) and again.shape == z.shape
-            and torch.allclose(again, z.detach(), rtol=tol, atol=tol * float(z.detach().abs().max())))
+            and torch.allclose(again, z.detach(), rtol=tol,
+                               atol=tol * float(z.detach().abs().max())))
 
 
 class _ClosureOptimizer(Optimizer):
