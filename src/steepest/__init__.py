@@ -9,9 +9,10 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 >>> info = opt.step(x, y)
 """
 
-from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
+from . import compare, damping, errors, fit, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .errors import SteepestError
+from .fit import OptimizeResult, curve_fit, least_squares
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
 from .metrics import (
@@ -71,6 +72,7 @@ __all__ = [
     "Loss",
     "MSE",
     "Metric",
+    "OptimizeResult",
     "Optimizer",
     "ParamSpace",
     "Point",
@@ -81,10 +83,13 @@ __all__ = [
     "TrustRegion",
     "Woodbury",
     "compare",
+    "curve_fit",
     "curvature",
     "damping",
     "errors",
+    "fit",
     "linop",
+    "least_squares",
     "losses",
     "metrics",
     "problems",

@@ -42,3 +42,7 @@ class SolverError(SteepestError, RuntimeError):
 
 class ConfigurationError(SteepestError, ValueError):
     """An option has a value outside its domain."""
+
+
+class ConvergenceError(SteepestError, RuntimeError):
+    """A fit ended without meeting its tolerances (``curve_fit``: scipy's RuntimeError)."""
