@@ -11,6 +11,7 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 
 from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
+from .distributed import DataParallel
 from .errors import SteepestError
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
@@ -55,6 +56,7 @@ __all__ = [
     "Cholesky",
     "Constant",
     "CrossEntropy",
+    "DataParallel",
     "EmpiricalFisher",
     "Fisher",
     "GGN",

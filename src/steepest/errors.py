@@ -42,3 +42,7 @@ class SolverError(SteepestError, RuntimeError):
 
 class ConfigurationError(SteepestError, ValueError):
     """An option has a value outside its domain."""
+
+
+class RankError(SteepestError, RuntimeError):
+    """Under torch.distributed, another rank failed its part of the step (every rank raises)."""

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .damping import Damping, Trial, as_damping
+from .distributed import DataParallel, as_data_parallel
 from .errors import ConfigurationError, NonFiniteError, SingularMatrixError, SolverError
 from .linop import LinearOperator
 from .losses import Loss, as_loss
@@ -95,9 +96,12 @@ class _Trials:
     for the same point)."""
 
     def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor) -> None:
+                 theta0: Tensor, z0: Tensor, point: Point | None = None) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
         self.theta0, self.z0 = theta0, z0
+        # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
+        self.distributed = None if point is None else point.distributed
+        self.weight = 1.0 if point is None else point.n / point.n_total
         self.count = 0
         self._memo: list[tuple[Tensor, float, Tensor]] = []
 
@@ -108,6 +112,8 @@ class _Trials:
         value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
                             self.theta0 + delta)
         value = value if math.isfinite(value) else math.inf
+        if self.distributed is not None:
+            value = self.distributed.scalar(value, self.weight)
         self.count += 1
         self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
         return value, z
@@ -118,7 +124,10 @@ class _Trials:
     def kl_at(self, delta: Tensor) -> float:
         _, z = self._eval(delta)
         kl = float(self.loss.kl(self.z0, z).mean())
-        return kl if math.isfinite(kl) else math.inf
+        kl = kl if math.isfinite(kl) else math.inf
+        if self.distributed is not None:
+            kl = self.distributed.scalar(kl, self.weight)
+        return kl
 
 
 class Optimizer:
@@ -152,6 +161,12 @@ class Optimizer:
         ``generator`` (the gradient stays on the whole batch); or pass ``curvature=(x, y)`` to
         :meth:`step`
     generator: the ``torch.Generator`` for sampling (MC Fisher, sub-batches); seeded 0 if None
+    distributed: data parallelism over the ranks of ``torch.distributed``
+        (:mod:`steepest.distributed`): None (one process), True (the default process group)
+        or a :class:`~steepest.distributed.DataParallel`. Each rank passes its shard of the
+        batch to :meth:`step`; the step is the one of the concatenated batch, identical on
+        every rank. A model wrapped in ``DistributedDataParallel`` is unwrapped (steepest
+        reduces, not DDP) and its process group used. ``curvature_batch_size`` is then per rank.
 
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
@@ -181,6 +196,7 @@ class Optimizer:
         cg_backtracking: bool = False,
         curvature_batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
         from .metrics import GGN
 
@@ -188,6 +204,7 @@ class Optimizer:
             raise ConfigurationError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.distributed, model = as_data_parallel(distributed, model)
         self.model = model
         self.space = ParamSpace(model)
         self.loss = as_loss(loss)
@@ -232,6 +249,7 @@ class Optimizer:
             generator = torch.Generator(device=self.space.device)
             generator.manual_seed(0)
         self.generator = generator
+        self._sampler = generator  # this step's generator (per rank under torch.distributed)
         self.steps = 0
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
@@ -273,7 +291,8 @@ class Optimizer:
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
-        return Point(self.space, self.loss, inputs, targets, generator=self.generator)
+        return Point(self.space, self.loss, inputs, targets, generator=self._sampler,
+                     distributed=self.distributed)
 
     def step(self, inputs: Inputs, targets: Tensor,
              curvature: tuple[Inputs, Tensor] | None = None) -> StepInfo:
@@ -282,9 +301,17 @@ class Optimizer:
         ``curvature=(x_c, y_c)`` computes M on another (smaller) batch than the gradient.
         On an exception the parameters and the optimizer state are restored.
         """
-        point = self.point(inputs, targets)  # validates; raises before any change
+        shared = self.generator.get_state()
+        if self.distributed is not None:  # independent samples per rank, one shared state
+            self._sampler = self.distributed.generator(self.generator)
+        try:
+            point = self.point(inputs, targets)  # validates; raises before any change
+        except BaseException:
+            self.generator.set_state(shared)
+            raise
         theta0 = point.theta.detach().clone()
         saved = copy.deepcopy(self.state_dict())
+        saved["generator"] = shared
         try:
             return self._step(point, inputs, targets, curvature, theta0, saved)
         except BaseException:
@@ -295,15 +322,26 @@ class Optimizer:
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
         if curvature is not None:
             return Point(self.space, self.loss, curvature[0], curvature[1],
-                         generator=self.generator)
+                         generator=self._sampler, distributed=self.distributed)
         k = self.curvature_batch_size
-        if k is None or k >= point.n:
+        # under torch.distributed every rank builds the sub-batch point (its reduction is a
+        # collective), also one whose shard is not larger than k
+        if k is None or (k >= point.n and self.distributed is None):
             return point
-        idx = torch.randperm(point.n, generator=self.generator, device=self.generator.device)[:k]
+        idx = torch.randperm(point.n, generator=self._sampler, device=self._sampler.device)[:k]
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
-        return Point(self.space, self.loss, xs, point.y[idx], generator=self.generator)
+        return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
+                     distributed=self.distributed)
+
+    def _operator(self, metric: Metric, point: Point) -> LinearOperator:
+        """The metric's M on the point; under torch.distributed the whole batch's
+        (:meth:`~steepest.distributed.DataParallel.operator`)."""
+        op = metric.operator(point)
+        if self.distributed is None:
+            return op
+        return self.distributed.operator(op, point.n, point.n_total)
 
     def _preconditioner_base(self, point: Point, op: LinearOperator) -> Tensor | None:
         """diag(M) (clipped at 0) or diag of the empirical Fisher; lambda is added per try."""
@@ -311,7 +349,7 @@ class Optimizer:
             return None
         if self.preconditioner == "diagonal":
             return op.diagonal().clamp_min(0)
-        return GradientCovariance().operator(point).diagonal()  # = empirical Fisher, any loss
+        return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
     def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
         if base is None:
@@ -349,8 +387,8 @@ class Optimizer:
                 message="zero gradient: theta is a stationary point, no step taken",
             )
         cpoint = self._curvature_point(point, curvature)
-        op = self.metric.operator(cpoint)
-        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach())
+        op = self._operator(self.metric, cpoint)
+        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(), point)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
