@@ -12,6 +12,7 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 from . import compare, damping, errors, fit, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .diagonal import Diagonal
+from .distributed import DataParallel
 from .errors import SteepestError
 from .fit import OptimizeResult, curve_fit, least_squares
 from .kronecker import EKFAC, KFAC
@@ -61,6 +62,7 @@ __all__ = [
     "CrossEntropy",
     "Diagonal",
     "EKFAC",
+    "DataParallel",
     "EmpiricalFisher",
     "Fisher",
     "GGN",

@@ -55,3 +55,7 @@ class ParameterChangeWarning(SteepestWarning):
 
 class ConvergenceError(SteepestError, RuntimeError):
     """A fit ended without meeting its tolerances (``curve_fit``: scipy's RuntimeError)."""
+
+
+class RankError(SteepestError, RuntimeError):
+    """Under torch.distributed, another rank failed its part of the step (every rank raises)."""

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .damping import Damping, Trial, as_damping
+from .distributed import DataParallel, as_data_parallel
 from .errors import (
     ConfigurationError,
     NonFiniteError,
@@ -103,10 +104,14 @@ class _Trials:
     for the same point)."""
 
     def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None) -> None:
+                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
+                 point: Point | None = None) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
         self.theta0, self.z0 = theta0, z0
         self.guard = guard or ForwardGuard()
+        # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
+        self.distributed = None if point is None else point.distributed
+        self.weight = 1.0 if point is None else point.n / point.n_total
         self.count = 0
         self._memo: list[tuple[Tensor, float, Tensor]] = []
 
@@ -118,6 +123,8 @@ class _Trials:
             value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
                                 self.theta0 + delta)
         value = value if math.isfinite(value) else math.inf
+        if self.distributed is not None:
+            value = self.distributed.scalar(value, self.weight)
         self.count += 1
         self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
         return value, z
@@ -128,7 +135,10 @@ class _Trials:
     def kl_at(self, delta: Tensor) -> float:
         _, z = self._eval(delta)
         kl = float(self.loss.kl(self.z0, z).mean())
-        return kl if math.isfinite(kl) else math.inf
+        kl = kl if math.isfinite(kl) else math.inf
+        if self.distributed is not None:
+            kl = self.distributed.scalar(kl, self.weight)
+        return kl
 
 
 class Optimizer:
@@ -162,6 +172,12 @@ class Optimizer:
         ``generator`` (the gradient stays on the whole batch); or pass ``curvature=(x, y)`` to
         :meth:`step`
     generator: the ``torch.Generator`` for sampling (MC Fisher, sub-batches); seeded 0 if None
+    distributed: data parallelism over the ranks of ``torch.distributed``
+        (:mod:`steepest.distributed`): None (one process), True (the default process group)
+        or a :class:`~steepest.distributed.DataParallel`. Each rank passes its shard of the
+        batch to :meth:`step`; the step is the one of the concatenated batch, identical on
+        every rank. A model wrapped in ``DistributedDataParallel`` is unwrapped (steepest
+        reduces, not DDP) and its process group used. ``curvature_batch_size`` is then per rank.
 
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
@@ -191,6 +207,7 @@ class Optimizer:
         cg_backtracking: bool = False,
         curvature_batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
         from .metrics import GGN
 
@@ -198,6 +215,7 @@ class Optimizer:
             raise ConfigurationError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.distributed, model = as_data_parallel(distributed, model)
         self.model = model
         self.space = ParamSpace(model)
         self.loss = as_loss(loss)
@@ -242,6 +260,7 @@ class Optimizer:
             generator = torch.Generator(device=self.space.device)
             generator.manual_seed(0)
         self.generator = generator
+        self._sampler = generator  # this step's generator (per rank under torch.distributed)
         self.steps = 0
         self._guard: ForwardGuard | None = None  # the buffers/RNG guard of the running step
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
@@ -342,7 +361,8 @@ class Optimizer:
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
-        return Point(self.space, self.loss, inputs, targets, generator=self.generator)
+        return Point(self.space, self.loss, inputs, targets, generator=self._sampler,
+                     distributed=self.distributed)
 
     def step(self, inputs: Inputs, targets: Tensor,
              curvature: tuple[Inputs, Tensor] | None = None) -> StepInfo:
@@ -356,12 +376,14 @@ class Optimizer:
                 "step() cannot run under torch.inference_mode() (it needs autograd); call it "
                 "outside the inference_mode block."
             )
-        saved = copy.deepcopy(self.state_dict())
+        saved = copy.deepcopy(self.state_dict())  # its generator state is the shared one
         space0, theta0 = self.space, None
         guard = ForwardGuard(getattr(self, "model", None))
         with guard:
             try:
                 note = self._follow_parameters()
+                if self.distributed is not None:  # independent samples per rank, one state
+                    self._sampler = self.distributed.generator(self.generator)
                 point = self.point(inputs, targets)  # validates; raises before any change
                 guard.point_done()
                 theta0 = point.theta.detach().clone()
@@ -412,16 +434,27 @@ class Optimizer:
         if curvature is not None:
             with guard.trial():  # a forward like a trial's: buffers untouched
                 return Point(self.space, self.loss, curvature[0], curvature[1],
-                             generator=self.generator)
+                             generator=self._sampler, distributed=self.distributed)
         k = self.curvature_batch_size
-        if k is None or k >= point.n:
+        # under torch.distributed every rank builds the sub-batch point (its reduction is a
+        # collective), also one whose shard is not larger than k
+        if k is None or (k >= point.n and self.distributed is None):
             return point
-        idx = torch.randperm(point.n, generator=self.generator, device=self.generator.device)[:k]
+        idx = torch.randperm(point.n, generator=self._sampler, device=self._sampler.device)[:k]
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
         with guard.trial():
-            return Point(self.space, self.loss, xs, point.y[idx], generator=self.generator)
+            return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
+                         distributed=self.distributed)
+
+    def _operator(self, metric: Metric, point: Point) -> LinearOperator:
+        """The metric's M on the point; under torch.distributed the whole batch's
+        (:meth:`~steepest.distributed.DataParallel.operator`)."""
+        op = metric.operator(point)
+        if self.distributed is None:
+            return op
+        return self.distributed.operator(op, point.n, point.n_total)
 
     def _preconditioner_base(self, point: Point, op: LinearOperator) -> Tensor | None:
         """diag(M) (clipped at 0) or diag of the empirical Fisher; lambda is added per try."""
@@ -429,7 +462,7 @@ class Optimizer:
             return None
         if self.preconditioner == "diagonal":
             return op.diagonal().clamp_min(0)
-        return GradientCovariance().operator(point).diagonal()  # = empirical Fisher, any loss
+        return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
     def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
         if base is None:
@@ -476,9 +509,9 @@ class Optimizer:
                         "solve, damping unchanged",
             )
         cpoint = self._curvature_point(point, curvature)
-        op = self.metric.operator(cpoint)
+        op = self._operator(self.metric, cpoint)
         trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                         self._guard)
+                         self._guard, point)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .damping import Damping
+from .distributed import DataParallel, as_data_parallel
 from .errors import ConfigurationError, NonFiniteError, ParameterChangeWarning, ShapeError
 from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
@@ -211,7 +212,29 @@ class ClosurePoint(GraphProducts):
 
     def __init__(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
                  metric: Metric, generator: torch.Generator | None = None,
-                 need_per_sample: bool = False, need_outputs: bool = False) -> None:
+                 need_per_sample: bool = False, need_outputs: bool = False,
+                 distributed: DataParallel | None = None) -> None:
+        self.distributed = distributed
+        args = (space, loss, closure, metric, generator, need_per_sample, need_outputs)
+        if distributed is None:
+            self._evaluate(*args)
+            self.n_total = self.n
+            return
+        # under torch.distributed: the means over all ranks' shards (see steepest.point.Point)
+        error = None
+        try:
+            self._evaluate(*args, local=True)
+        except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
+            error = err
+        value, grad, self.n_total = distributed.mean(
+            getattr(self, "value_t", None), getattr(self, "grad", None),
+            getattr(self, "n", 0), space.get(), error)
+        self.value, self.grad = float(value), grad
+        self._check_finite()
+
+    def _evaluate(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
+                  metric: Metric, generator: torch.Generator | None, need_per_sample: bool,
+                  need_outputs: bool, local: bool = False) -> None:
         if not callable(closure):
             raise ConfigurationError(
                 f"step() needs a closure (a function of no arguments), got {_describe(closure)}; "
@@ -239,6 +262,12 @@ class ClosurePoint(GraphProducts):
                 + ("Per-sample losses are a tensor of shape (N,), e.g. "
                    "F.cross_entropy(model(x), y, reduction='none'). "
                    if _PER_SAMPLE in accepted else "")
+            )
+        if local and kind == _SCALAR:
+            raise ConfigurationError(
+                "under torch.distributed the closure must return the per-sample losses "
+                "(reduction='none') or (outputs, targets), not the scalar loss: the ranks' means "
+                "are weighted by their shard sizes, which a scalar does not tell."
             )
         self.kind = kind
         self.loss: Loss = loss if loss is not None else CallableLoss(lambda z, y: z, "closure")
@@ -272,7 +301,7 @@ class ClosurePoint(GraphProducts):
                 "that does not require grad); compute it from the parameters with gradients "
                 "enabled, without .detach() or .item()."
             )
-        if not torch.isfinite(self.value_t):
+        if not (local or torch.isfinite(self.value_t)):
             raise NonFiniteError(
                 f"the loss is {self.value} at the current parameters; the model or data "
                 "produce non-finite values (check the inputs' scale, lower the learning rate "
@@ -287,7 +316,7 @@ class ClosurePoint(GraphProducts):
                 "the closure must use the parameters given to TorchOptimizer."
             )
         self.grad = self._flatten(grads).detach()
-        if not torch.isfinite(self.grad).all():
+        if not local and not torch.isfinite(self.grad).all():
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
@@ -415,9 +444,10 @@ class _ClosureOptimizer(Optimizer):
 
     def point(self, inputs: Any, targets: Any) -> ClosurePoint:
         return ClosurePoint(self.space, self.user_loss, inputs, self.metric,
-                            generator=self.generator,
+                            generator=self._sampler,
                             need_per_sample=self.preconditioner == "empirical-fisher",
-                            need_outputs=isinstance(self.step_rule, KLLineSearch))
+                            need_outputs=isinstance(self.step_rule, KLLineSearch),
+                            distributed=self.distributed)
 
 
 # ------------------------------------------------------------------------------ the adapter
@@ -442,6 +472,12 @@ class TorchOptimizer(torch.optim.Optimizer):
     momentum: heavy-ball mu, ``param_groups[g]["momentum"]``.
     warm_start, preconditioner, xi, cg_backtracking, generator: as in
         :class:`steepest.Optimizer`.
+    distributed: data parallelism over ``torch.distributed`` ranks, as in
+        :class:`steepest.Optimizer` (None, True or a
+        :class:`~steepest.distributed.DataParallel`): each rank's closure evaluates its shard
+        and returns per-sample losses or ``(outputs, targets)``. A
+        ``DistributedDataParallel`` passed as ``params`` gives its parameters and process
+        group; the closure should then call the plain module (``ddp.module``).
 
     ``step(closure)`` returns the loss before the step (a 0-dim tensor) like ``torch.optim``;
     the full :class:`~steepest.optimizer.StepInfo` is ``opt.last_info``. A step that raises
@@ -471,7 +507,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         xi: float = 0.75,
         cg_backtracking: bool = False,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
+        distributed, params = as_data_parallel(distributed, params)
         if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
         _check_hyper(lr, momentum)
@@ -494,7 +532,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             _ClosureSpace(self._trainable()), user_loss, metric, damping, solver,
             LearningRate(lr) if step is None else step, momentum=momentum,
             warm_start=warm_start, preconditioner=preconditioner, xi=xi,
-            cg_backtracking=cg_backtracking, generator=generator,
+            cg_backtracking=cg_backtracking, generator=generator, distributed=distributed,
         )
         self.last_info: StepInfo | None = None
         self._note = ""
