@@ -163,6 +163,15 @@ class Optimizer:
         :meth:`step`
     generator: the ``torch.Generator`` for sampling (MC Fisher, sub-batches); seeded 0 if None
 
+    In a training loop (README, "Training loops"): buffers (BatchNorm's running statistics)
+    move once per step, from the forward at theta; trial evaluations run on copies of them and
+    with the random state of the step's forward (the same Dropout masks); a failed step puts
+    them back. The trainable set is read at every step: a frozen parameter never changes, a
+    replaced or unfrozen one is trained, and state on the old flat vector is reset with a
+    :class:`~steepest.errors.ParameterChangeWarning`. A ``torch.compile``'d module is run
+    through its original module ``_orig_mod`` (compiled graphs have no double backward).
+    float16/bfloat16 and meta-device parameters are refused by name.
+
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
     Example
@@ -198,6 +207,9 @@ class Optimizer:
             raise ConfigurationError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = orig  # torch.compile'd: its graphs have no double backward (J v, H v)
         self.model = model
         self.space = ParamSpace(model)
         self.loss = as_loss(loss)

@@ -57,7 +57,7 @@ from .errors import ConfigurationError, NonFiniteError, ParameterChangeWarning, 
 from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
 from .optimizer import Optimizer, StepInfo
-from .params import ParamSpace
+from .params import ParamSpace, check_dtype_device
 from .point import GraphProducts
 from .solvers import Solver
 from .steps import KLLineSearch, LearningRate, StepRule
@@ -150,6 +150,7 @@ class _ClosureSpace(ParamSpace):
         if not all(p.is_floating_point() for p in params):
             raise ConfigurationError("the parameters must be floating-point tensors.")
         self.dtype, self.device = params[0].dtype, params[0].device
+        check_dtype_device(self.dtype, self.device)
 
     def stale(self) -> bool:
         """Never: :class:`TorchOptimizer` follows its ``param_groups`` itself."""
@@ -240,6 +241,12 @@ class ClosurePoint(GraphProducts):
                    if _PER_SAMPLE in accepted else "")
             )
         self.kind = kind
+        first = result[0] if kind == _OUTPUTS else result
+        if first.ndim >= 1 and first.shape[0] == 0:
+            raise ShapeError(
+                "the closure's batch is empty (0 outputs or losses); a step needs at least one "
+                "sample: skip empty batches (e.g. DataLoader(drop_last=True))."
+            )
         self.loss: Loss = loss if loss is not None else CallableLoss(lambda z, y: z, "closure")
         if kind == _OUTPUTS:
             if loss is None:
@@ -384,7 +391,13 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"step must be None (LearningRate(lr)) or a steepest.steps rule, got {step!r}; "
                 "give a learning rate as lr=."
             )
-        super().__init__(params, {"lr": float(lr), "momentum": float(momentum)})
+        try:
+            super().__init__(params, {"lr": float(lr), "momentum": float(momentum)})
+        except (ValueError, TypeError) as err:  # torch.optim's "empty parameter list", ...
+            raise ConfigurationError(
+                f"TorchOptimizer: {err}; pass model.parameters() (or the model) with at least "
+                "one trainable parameter."
+            ) from err
         metric = GGN() if metric is None else metric
         user_loss = None if loss is None else as_loss(loss)
         if isinstance(metric, Metric) and user_loss is None and \
@@ -485,10 +498,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         try:
             self._sync_groups()
             info = self._inner.step(closure, None)
-        except BaseException:  # the core rolled back theta and its state; undo the sync too
+        except BaseException as err:  # the core rolled back theta and its state; undo the sync
             if rule_alpha is not None:
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
+            if isinstance(err, RuntimeError) and "not currently support double backward" in \
+                    str(err):
+                raise ConfigurationError(
+                    f"the closure runs a torch.compile'd module, whose graph has no double "
+                    f"backward, which {self._inner.metric!r} needs (J v, H v); call the original "
+                    "module in the closure (compiled._orig_mod(x)), or use a first-order metric "
+                    "(Identity(), GradientCovariance(), EmpiricalFisher())."
+                ) from err
             raise
         if self._note:
             info = dataclasses.replace(info, message="; ".join(
