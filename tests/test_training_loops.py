@@ -448,3 +448,24 @@ def test_more_trust_region_too_large_names_the_real_way_out():
     finally:
         set_dense_limit(DENSE_LIMIT)
     assert "use a matrix-free solver" not in str(err.value)
+
+
+def test_torch_optimizer_skips_parameters_outside_the_graph():
+    """torch.optim skips a parameter whose grad is None (no decay, no momentum step): a
+    parameter the closure does not use never moves, even with weight decay and momentum."""
+    x, y = data()
+    net = _mlp(5)
+    spare = nn.Linear(2, 2).to(DT)
+    opt = TorchOptimizer(
+        [*net.parameters(), *spare.parameters()],
+        loss=MSE(),
+        metric=GGN(),
+        damping=1e-2,
+        momentum=0.5,
+        weight_decay=0.1,
+    )
+    w = spare.weight.detach().clone()
+    for _ in range(2):
+        opt.step(lambda: (net(x), y))
+    assert torch.equal(spare.weight, w)
+    assert opt.last_info.accepted

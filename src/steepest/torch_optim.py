@@ -293,6 +293,7 @@ class ClosurePoint(GraphProducts):
                 "the closure must use the parameters given to TorchOptimizer."
             )
         self.grad = self._flatten(grads).detach()
+        self.unused = [i for i, g in enumerate(grads) if g is None]  # grad None: skipped
         if not torch.isfinite(self.grad).all():
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
@@ -330,6 +331,13 @@ class _ClosureOptimizer(Optimizer):
                              need_per_sample=self.preconditioner == "empirical-fisher",
                              need_outputs=isinstance(self.step_rule, KLLineSearch))
         self.closure_loss = point.value  # the closure's loss, without a weight-decay term
+        if point.unused:  # as torch.optim skips a parameter whose grad is None: a zero block
+            mask = torch.ones(self.space.size, dtype=self.space.dtype, device=self.space.device)
+            for i, block in enumerate(torch.split(mask, self.space.numels)):
+                if i in point.unused:
+                    block.zero_()
+            self._step_scale = mask if self._step_scale is None else self._step_scale * mask
+            self._l2 = None if self._l2 is None else self._l2 * mask
         return point
 
 
