@@ -55,3 +55,7 @@ class SteepestWarning(UserWarning):
 class ParameterChangeWarning(SteepestWarning):
     """The model's trainable parameters changed between steps (a layer frozen, unfrozen or
     replaced); the optimizer followed and reset the state that lived on the old set."""
+
+
+class ConvergenceError(SteepestError, RuntimeError):
+    """A fit ended without meeting its tolerances (``curve_fit``: scipy's RuntimeError)."""

@@ -301,6 +301,9 @@ class Optimizer:
             "prev_direction": clone(self._prev_solution),
             "momentum_buffer": clone(self._momentum_buffer),
             "generator": self.generator.get_state(),
+            # a metric that keeps state across steps (KFAC's running factors) saves it here
+            **({"metric": self.metric.state_dict()} if hasattr(self.metric, "state_dict")
+               else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -369,6 +372,8 @@ class Optimizer:
         self._prev_solution = None if pd is None else pd.clone()
         self._momentum_buffer = None if mb is None else mb.clone()
         self.generator.set_state(state["generator"])
+        if "metric" in state and hasattr(self.metric, "load_state_dict"):
+            self.metric.load_state_dict(state["metric"])
 
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:

@@ -220,8 +220,9 @@ class ClosurePoint(GraphProducts):
             )
         self.space, self.params, self.size = space, space.params, space.size
         self.generator, self.inputs = generator, None
+        self.closure = closure  # re-evaluated by metrics that hook modules (KFAC)
         self.theta = space.get()
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _record_calls() as calls:
             with _explain_graph_errors():
                 result = closure()
         kind = _kind_of(result)
@@ -299,12 +300,53 @@ class ClosurePoint(GraphProducts):
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
             )
+        self._owner = _find_owner(calls, self) if kind == _OUTPUTS else None
 
     # -------------------------------------------------------------------- products
     def _wrt(self) -> list[Tensor]:
-        """The optimizer's parameters. The closure is opaque to ``torch.func.vmap``, so the
-        per-sample rows (``jacobian``, ``per_sample_grads``) use the batched backward."""
+        """The optimizer's parameters."""
         return self.params
+
+    def _per_sample(self, samples: slice, kind: str) -> Tensor | None:
+        """Per-sample output Jacobians (kind='jacobian', (n, C*, P)) or loss gradients
+        (kind='grad', (n, P)) by ``torch.func.vmap`` over a functional call of the module whose
+        output the closure returned (found while the closure ran, and checked once to
+        reproduce the outputs from its positional inputs); None (the batched backward) where
+        there is no such module, where it couples the samples (BatchNorm in training mode,
+        Dropout) or where vmap cannot trace it."""
+        if self._owner is None:
+            return None
+        from torch.func import functional_call, grad, jacrev, vmap
+
+        module, names, args = self._owner
+        if not getattr(self, "_owner_checked", False):
+            if not _reproduces(module, args, self.z):
+                self._owner = None
+                return None
+            self._owner_checked = True
+        fixed = {n: t.detach() for n, t in module.named_parameters() if n not in names}
+        space, loss = self.space, self.loss
+        xs = tuple(a[samples] for a in args)
+
+        def f(th: Tensor, *xi: Tensor) -> Tensor:
+            params = dict(fixed, **dict(zip(names, space.unflatten(th))))
+            return functional_call(module, params, tuple(t.unsqueeze(0) for t in xi))
+
+        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> Tensor:
+            return loss.value(f(th, *xi), yi.unsqueeze(0)).sum()
+
+        theta = self.theta.detach()
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                if kind == "jacobian":
+                    dims = (None,) + (0,) * len(xs)
+                    jac = vmap(jacrev(lambda th, *xi: f(th, *xi).reshape(-1)), in_dims=dims)
+                    return jac(theta, *xs).detach()
+                dims = (None, 0) + (0,) * len(xs)
+                return vmap(grad(one_loss), in_dims=dims)(theta, self.y[samples], *xs).detach()
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            self._owner = None
+            return None
 
     def _need_losses(self) -> Tensor:
         if self.losses is None:
@@ -314,6 +356,60 @@ class ClosurePoint(GraphProducts):
                 "(outputs, targets)."
             )
         return self.losses
+
+
+@contextlib.contextmanager
+def _record_calls() -> Iterator[list]:
+    """Record (module, positional inputs, output) of every module call while the closure
+    runs (a global forward hook), to find the module whose output the closure returns."""
+    calls: list = []
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor):
+            calls.append((module, args, output))
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _find_owner(calls: list, point: ClosurePoint) -> tuple | None:
+    """(module, the names of the optimizer's parameters in it, its batched inputs) for the
+    outermost module call whose output is the closure's outputs z, when a functional call of
+    it reproduces z and it does not couple samples; else None."""
+    z, n = point.z, point.n
+    if not isinstance(point.y, Tensor) or point.y.shape[:1] != (n,):
+        return None
+    for module, args, output in reversed(calls):
+        if output is not z:
+            continue
+        named = {id(p): name for name, p in module.named_parameters()}
+        if not all(id(p) in named for p in point.params):
+            return None
+        if any(m.training and isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout)
+               for m in module.modules()):
+            return None
+        if not args or not all(isinstance(a, Tensor) and a.shape[:1] == (n,) for a in args):
+            return None
+        names = [named[id(p)] for p in point.params]
+        return module, names, tuple(a.detach() for a in args)
+    return None
+
+
+def _reproduces(module: nn.Module, args: tuple, z: Tensor) -> bool:
+    """Whether a call of the module on its positional inputs gives z again (no kwargs, no
+    hidden state): checked once before the vmapped per-sample path is trusted."""
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            again = module(*args)
+    except Exception:  # noqa: BLE001 - any failure: use the batched backward instead
+        return False
+    tol = 100 * torch.finfo(z.dtype).eps
+    return (isinstance(again, Tensor) and again.shape == z.shape
+            and torch.allclose(again, z.detach(), rtol=tol,
+                               atol=tol * float(z.detach().abs().max())))
 
 
 class _ClosureOptimizer(Optimizer):
