@@ -44,6 +44,10 @@ class ConfigurationError(SteepestError, ValueError):
     """An option has a value outside its domain."""
 
 
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (a class where an instance is due, ...)."""
+
+
 class SteepestWarning(UserWarning):
     """Base class of every warning issued by steepest."""
 

@@ -99,15 +99,32 @@ class StepInfo:
     message: str = ""
 
 
+def _l2_penalty(eta: Tensor, theta: Tensor) -> float:
+    r""":math:`\tfrac12 \sum_j \eta_j \theta_j^2`."""
+    return 0.5 * float((eta * theta * theta).sum())
+
+
+def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
+    r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
+    as damping: the quadratic model and the damping rules see it in M."""
+    return LinearOperator(
+        lambda v: op.matvec(v) + eta * v, op.size, op.dtype, op.device,
+        matmat=lambda V: op @ V + eta[:, None] * V,
+        dense=lambda: op.to_dense() + torch.diag(eta),
+        diagonal=lambda: op.diagonal() + eta,
+        psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
+    )
+
+
 class _Trials:
     """Loss and outputs at theta0 + delta, memoised (a rule, rho and CG backtracking often ask
     for the same point)."""
 
     def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
                  theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
-                 point: Point | None = None) -> None:
+                 point: Point | None = None, l2: Tensor | None = None) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
-        self.theta0, self.z0 = theta0, z0
+        self.theta0, self.z0, self.l2 = theta0, z0, l2
         self.guard = guard or ForwardGuard()
         # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
         self.distributed = None if point is None else point.distributed
@@ -122,6 +139,8 @@ class _Trials:
         with self.guard.trial():  # the point's buffers and Dropout masks, never written
             value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
                                 self.theta0 + delta)
+        if self.l2 is not None:
+            value += _l2_penalty(self.l2, self.theta0 + delta)
         value = value if math.isfinite(value) else math.inf
         if self.distributed is not None:
             value = self.distributed.scalar(value, self.weight)
@@ -179,6 +198,15 @@ class Optimizer:
         every rank. A model wrapped in ``DistributedDataParallel`` is unwrapped (steepest
         reduces, not DDP) and its process group used. ``curvature_batch_size`` is then per rank.
 
+    In a training loop (README, "Training loops"): buffers (BatchNorm's running statistics)
+    move once per step, from the forward at theta; trial evaluations run on copies of them and
+    with the random state of the step's forward (the same Dropout masks); a failed step puts
+    them back. The trainable set is read at every step: a frozen parameter never changes, a
+    replaced or unfrozen one is trained, and state on the old flat vector is reset with a
+    :class:`~steepest.errors.ParameterChangeWarning`. A ``torch.compile``'d module is run
+    through its original module ``_orig_mod`` (compiled graphs have no double backward).
+    float16/bfloat16 and meta-device parameters are refused by name.
+
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
     Example
@@ -216,6 +244,9 @@ class Optimizer:
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
         self.distributed, model = as_data_parallel(distributed, model)
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = orig  # torch.compile'd: its graphs have no double backward (J v, H v)
         self.model = model
         self.space = ParamSpace(model)
         self.loss = as_loss(loss)
@@ -263,6 +294,10 @@ class Optimizer:
         self._sampler = generator  # this step's generator (per rank under torch.distributed)
         self.steps = 0
         self._guard: ForwardGuard | None = None  # the buffers/RNG guard of the running step
+        # set by TorchOptimizer: weight decay eta_j (an L2 term in the objective, its gradient
+        # and eta in M) and per-group learning rates (a scaling of each block of the step)
+        self._l2: Tensor | None = None
+        self._step_scale: Tensor | None = None
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
 
@@ -489,11 +524,14 @@ class Optimizer:
     def _step(self, point: Point, inputs: Inputs, targets: Tensor,
               curvature: tuple[Inputs, Tensor] | None, theta0: Tensor,
               saved: dict) -> StepInfo:
-        g = point.grad
+        value0, g = point.value, point.grad
+        if self._l2 is not None:  # weight decay: L + 1/2 sum_j eta_j theta_j^2 (TorchOptimizer)
+            value0 = value0 + _l2_penalty(self._l2, theta0)
+            g = g + self._l2 * theta0
         gnorm = float(g.norm())
         if gnorm == 0:
             return StepInfo(
-                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
                 damping=self.damping.value, iterations=0, residual=0.0,
                 negative_curvature=False, grad_norm=0.0, step_norm=0.0,
                 directional_derivative=0.0, accepted=False, tries=0,
@@ -501,7 +539,7 @@ class Optimizer:
             )
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
             return StepInfo(
-                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
                 damping=self.damping.value, iterations=0, residual=0.0,
                 negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
                 directional_derivative=0.0, accepted=False, tries=0,
@@ -510,8 +548,10 @@ class Optimizer:
             )
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
+        if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
+            op = _plus_diagonal(op, self._l2)
         trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                         self._guard, point)
+                         self._guard, point, self._l2)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
@@ -565,11 +605,14 @@ class Optimizer:
                     d = dm
                 else:
                     notes.append("momentum restarted (g^T d~ >= 0)")
+            direction = d  # what the momentum buffer keeps
+            if self._step_scale is not None:  # per-group learning rates (TorchOptimizer)
+                d = self._step_scale * d
             gd = float(g @ d)
             # --- d^T (M + lambda I) d: free for an exact solve, one product otherwise
             dAd = -gd if (sol.exact and d is sol.x) else float(d @ damped.matvec(d))
             norm2 = dAd if dAd > 0 else -gd  # negative curvature: measure d by -g^T d > 0
-            ctx = StepContext(point.value, g, d, damped, norm2, sol, trials.loss_at,
+            ctx = StepContext(value0, g, d, damped, norm2, sol, trials.loss_at,
                               trials.kl_at)
             choice = self.step_rule.choose(ctx)
             alpha = float(choice.alpha)
@@ -583,20 +626,20 @@ class Optimizer:
                 loss_new = choice.loss_new
                 if loss_new is None:
                     loss_new = trials.loss_at(delta)
-                actual = point.value - loss_new
+                actual = value0 - loss_new
                 finite = math.isfinite(loss_new)
                 rho = actual / predicted if (predicted > 0 and finite) else -math.inf
             # --- adapt lambda and the radius, accept or reject
             self.damping.update(-math.inf if rho is None else rho,
-                                Trial(delta if alpha > 0 else None, gdelta, point.value,
+                                Trial(delta if alpha > 0 else None, gdelta, value0,
                                       loss_new))
             self.step_rule.update(-math.inf if rho is None else rho)
             if loss_new is None:
                 rejected, why = True, choice.message or "the step rule chose alpha = 0"
             elif not math.isfinite(loss_new):
                 rejected, why = True, "the loss is not finite after the step"
-            elif reject_increase and loss_new > point.value:
-                rejected, why = True, f"the loss went up ({point.value:.6g} -> {loss_new:.6g})"
+            elif reject_increase and loss_new > value0:
+                rejected, why = True, f"the loss went up ({value0:.6g} -> {loss_new:.6g})"
             elif rho is not None and rho < self.damping.min_rho:
                 rejected, why = True, (f"rho = {rho:.3g} below {self.damping.min_rho:g}: the "
                                        "decrease is too small for the model's prediction")
@@ -620,14 +663,14 @@ class Optimizer:
         if accepted:
             self.space.set(theta0 + delta)
             self._prev_solution = sol.x.detach().clone()
-            self._momentum_buffer = d.detach().clone() if self.momentum else None
+            self._momentum_buffer = direction.detach().clone() if self.momentum else None
             self.steps += 1
         else:
             self.generator.set_state(saved["generator"])
             notes.append(f"step rejected: {why}; parameters unchanged")
         message = "; ".join(m for m in (sol.message, choice.message, *notes) if m)
         return StepInfo(
-            loss=point.value, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
+            loss=value0, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
             damping=lam, iterations=sol.iterations, residual=sol.residual,
             negative_curvature=sol.negative_curvature, grad_norm=gnorm,
             step_norm=float(delta.norm()) if accepted else 0.0, directional_derivative=gdelta,

@@ -359,6 +359,12 @@ class Point(GraphProducts):
         self.inputs, self.y = inputs, targets
         self.generator = generator
         _check_finite_inputs(inputs, targets)
+        for t in (*(inputs if isinstance(inputs, tuple) else (inputs,)), targets):
+            if t.ndim >= 1 and t.shape[0] == 0:
+                raise ShapeError(
+                    f"the batch is empty (a tensor of shape {tuple(t.shape)}); a step needs at "
+                    "least one sample: skip empty batches (e.g. DataLoader(drop_last=True))."
+                )
         base = self.space.get() if theta is None else theta.detach()
         self.theta = base.clone().requires_grad_(True)
         self.size = self.space.size
