@@ -9,10 +9,11 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 >>> info = opt.step(x, y)
 """
 
-from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
+from . import compare, damping, errors, fit, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .diagonal import Diagonal
 from .errors import SteepestError
+from .fit import OptimizeResult, curve_fit, least_squares
 from .kronecker import EKFAC, KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
@@ -77,6 +78,7 @@ __all__ = [
     "Loss",
     "MSE",
     "Metric",
+    "OptimizeResult",
     "Optimizer",
     "OwnInverse",
     "ParamSpace",
@@ -89,10 +91,13 @@ __all__ = [
     "TrustRegion",
     "Woodbury",
     "compare",
+    "curve_fit",
     "curvature",
     "damping",
     "errors",
+    "fit",
     "linop",
+    "least_squares",
     "losses",
     "metrics",
     "problems",

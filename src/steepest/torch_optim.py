@@ -43,6 +43,8 @@ Example
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -51,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .damping import Damping
-from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ParameterChangeWarning, ShapeError
 from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
 from .optimizer import Optimizer, StepInfo
@@ -148,6 +150,10 @@ class _ClosureSpace(ParamSpace):
         if not all(p.is_floating_point() for p in params):
             raise ConfigurationError("the parameters must be floating-point tensors.")
         self.dtype, self.device = params[0].dtype, params[0].device
+
+    def stale(self) -> bool:
+        """Never: :class:`TorchOptimizer` follows its ``param_groups`` itself."""
+        return False
 
     def function(self) -> Callable[[Tensor, Closure], Any]:
         def f(theta: Tensor, closure: Closure) -> Any:
@@ -491,6 +497,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             cg_backtracking=cg_backtracking, generator=generator,
         )
         self.last_info: StepInfo | None = None
+        self._note = ""
+
+    # -------------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer`` pickles only defaults, state and param_groups; the core
+        optimizer (metric, damping, solver, step rule, generator) travels too, so
+        ``copy.deepcopy`` and ``pickle`` give a working optimizer (copy the model with it:
+        ``copy.deepcopy((model, opt))``)."""
+        state = super().__getstate__()
+        state.update(_inner=self._inner, last_info=self.last_info, _note=self._note)
+        return state
 
     # -------------------------------------------------------------------- configuration
     @property
@@ -507,14 +524,28 @@ class TorchOptimizer(torch.optim.Optimizer):
         if inner is not None:
             self._refresh_space()
 
-    def _refresh_space(self) -> None:
+    def _refresh_space(self, warn: bool = False) -> str:
+        """Follow ``param_groups`` as ``torch.optim`` does: theta is the parameters of the
+        groups with ``requires_grad=True`` now. When that set (or a shape, dtype or device)
+        changed, the state on the old flat vector (previous CG solution, momentum buffer, a
+        damping rule's scaling D) is reset; with ``warn`` a
+        :class:`~steepest.errors.ParameterChangeWarning` says so. Returns a note ('' when
+        nothing changed)."""
         params = self._trainable()
         old = self._inner.space
-        if [id(p) for p in params] != [id(p) for p in old.params]:
-            state = self._inner.state_dict()  # per-parameter vectors no longer fit: reset them
-            state = {k: None if _is_flat(v, old.size) else v for k, v in state.items()}
-            self._inner.space = _ClosureSpace(params)
-            self._inner.load_state_dict(state)
+        if len(params) == len(old.params) and all(
+                p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
+                for p, q, s in zip(params, old.params, old.shapes)):
+            return ""
+        inner = self._inner
+        inner.space = _ClosureSpace(params)
+        inner._prev_solution = inner._momentum_buffer = None
+        inner.damping.parameters_changed()
+        note = (f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
+                "followed; the previous solution, momentum buffer and damping scaling were reset")
+        if warn:
+            warnings.warn(note, ParameterChangeWarning, stacklevel=4)
+        return note
 
     def _sync_groups(self) -> None:
         lrs = {float(g["lr"]) for g in self.param_groups}
@@ -527,7 +558,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         lr, mu = lrs.pop(), mus.pop()
         _check_hyper(lr, mu, allow_zero_lr=True)
-        self._refresh_space()
+        self._note = self._refresh_space(warn=True)
         if isinstance(self._inner.step_rule, LearningRate):
             self._inner.step_rule.alpha = lr
         self._inner.momentum = mu
@@ -555,6 +586,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
             raise
+        if self._note:
+            info = dataclasses.replace(info, message="; ".join(
+                m for m in (self._note, info.message) if m))
         self.last_info = info
         self._state_out()
         return torch.tensor(info.loss, dtype=self._inner.space.dtype)
@@ -585,20 +619,41 @@ class TorchOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the next step is then bit-identical."""
+        """Restore what :meth:`state_dict` saved; the next step is then bit-identical.
+
+        Validated and atomic: a state of other parameters (count or shapes) or of another
+        damping or step rule raises a :class:`~steepest.errors.ConfigurationError` and leaves
+        the optimizer as it was."""
         if _STATE_KEY not in state_dict.get("state", {}):
             raise ConfigurationError(
                 "this state dict was not saved by steepest.TorchOptimizer (no "
                 f"state['{_STATE_KEY}']); load one from TorchOptimizer.state_dict()."
             )
-        super().load_state_dict(state_dict)
-        self._refresh_space()
-        space = self._inner.space
-        core = dict(self.state[_STATE_KEY])
-        for name in core.pop("per_parameter", []):
-            parts = [self.state.get(p, {}).get(name) for p in space.params]
-            core[name] = None if any(c is None for c in parts) else space.flatten(parts)
-        self._inner.load_state_dict(core)
+        old = self.state, self.param_groups, self._inner.space
+        try:
+            try:
+                super().load_state_dict(state_dict)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigurationError(
+                    f"cannot load this state dict: {err} Load one saved by the state_dict() of "
+                    "a TorchOptimizer over the same parameters."
+                ) from err
+            self._refresh_space()
+            space = self._inner.space
+            core = dict(self.state[_STATE_KEY])
+            for name in core.pop("per_parameter", []):
+                parts = [self.state.get(p, {}).get(name) for p in space.params]
+                if any(c is not None and c.shape != p.shape for c, p in zip(parts, space.params)):
+                    raise ConfigurationError(
+                        f"cannot load this state dict: its '{name}' has shapes "
+                        f"{[tuple(c.shape) for c in parts if c is not None]}, the parameters "
+                        f"{[tuple(p.shape) for p in space.params]}."
+                    )
+                core[name] = None if any(c is None for c in parts) else space.flatten(parts)
+            self._inner.load_state_dict(core)  # validated, atomic
+        except BaseException:
+            self.state, self.param_groups, self._inner.space = old
+            raise
 
 
 def _is_flat(value: Any, size: int) -> bool:
