@@ -481,6 +481,13 @@ class KFAC(Metric):
         self.needs_distribution = base.needs_distribution
         self.psd = base.psd
         self._state: dict = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
+        self._inverse_cache: tuple | None = None  # derived from the state, never saved
+
+    def needs_point(self) -> bool:
+        """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
+        the exact products of ``rescale``); otherwise it needs only the parameter layout."""
+        st = self._state
+        return st["factors"] is None or st["calls"] % self.T_cov == 0 or self.rescale is not None
 
     def __repr__(self) -> str:
         return (
@@ -623,20 +630,32 @@ class KFAC(Metric):
 
         factored = self.damping == "factored"
 
+        def factored_inverses(lam: float) -> list[tuple[Tensor, Tensor]]:
+            # (G + sqrt(lam)/pi I)^-1 and (A + pi sqrt(lam) I)^-1 as matrices, kept while the
+            # eigendecompositions and lambda stay: two products per block instead of four
+            key = (id(eig), lam)
+            if self._inverse_cache is None or self._inverse_cache[0] != key:
+                mats = []
+                for blk, (ea, qa, eg, qg) in zip(blocks, eigs):
+                    pi = _pi(blk.A, blk.G)
+                    gi = (qg / (eg[:, None, :] + math.sqrt(lam) / pi)) @ qg.transpose(-1, -2)
+                    ai = (qa / (ea[:, None, :] + pi * math.sqrt(lam))) @ qa.transpose(-1, -2)
+                    mats.append((gi, ai))
+                self._inverse_cache = (key, mats)
+            return self._inverse_cache[1]
+
         def inverse(b: Tensor, lam: float) -> Tensor:
             lam = float(lam)
             rows = b.reshape(1, -1) if b.ndim == 1 else b.T
             out = torch.empty_like(rows)
-            for blk, (ea, qa, eg, qg) in zip(blocks, eigs):
+            mats = factored_inverses(lam) if factored else [None] * len(blocks)
+            for blk, (ea, qa, eg, qg), m in zip(blocks, eigs, mats):
                 x = st.gather(rows, blk)
-                y = qg.transpose(-1, -2) @ x @ qa
                 if factored:
-                    pi = _pi(blk.A, blk.G)
-                    den = (eg[:, :, None] + math.sqrt(lam) / pi) * (
-                        ea[:, None, :] + pi * math.sqrt(lam)
-                    )
-                else:
-                    den = eg[:, :, None] * ea[:, None, :] + lam
+                    st.scatter(out, m[0] @ x @ m[1], blk)
+                    continue
+                y = qg.transpose(-1, -2) @ x @ qa
+                den = eg[:, :, None] * ea[:, None, :] + lam
                 st.scatter(out, qg @ (y / den) @ qa.transpose(-1, -2), blk)
             for i in st.others:
                 out[:, st.offsets[i] : st.offsets[i + 1]] = st.piece(rows, i) / (others[i] + lam)
