@@ -475,3 +475,30 @@ def test_rescaling_by_the_exact_quadratic_model(mode):
     assert rel_err(x2, basis @ coef) < 1e-10
     q = lambda v: 0.5 * v @ c @ v - b2 @ v  # noqa: E731
     assert q(x2) <= q((b2 @ d2) / (d2 @ c @ d2) * d2) + 1e-14
+
+
+def test_torch_optimizer_state_dict_resumes_bit_for_bit():
+    torch.manual_seed(13)
+    g = seeded(17)
+    x, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+    def make(model):
+        return steepest.TorchOptimizer(
+            model.parameters(),
+            loss=CrossEntropy(),
+            metric=KFAC(ema=0.9, T_cov=2, T_inv=3),
+            damping=steepest.LevenbergMarquardt(1e-1),
+        )
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = make(model)
+    for _ in range(3):
+        opt.step(lambda: (model(x), y))
+    saved, params = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    losses = [float(opt.step(lambda: (model(x), y))) for _ in range(3)]
+    model2 = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model2.load_state_dict(params)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved)
+    assert [float(opt2.step(lambda: (model2(x), y))) for _ in range(3)] == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
