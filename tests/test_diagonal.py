@@ -78,9 +78,9 @@ def test_hutchinson_converges_to_exact():
             ),
             exact,
         )
-        for k in (4, 4000)
+        for k in (4, 400)
     ]
-    assert errs[1] < 0.1 and errs[1] < errs[0] / 5  # error ~ 1/sqrt(k)
+    assert errs[1] < 0.15 and errs[1] < errs[0] / 5  # error ~ 1/sqrt(k): 10x fewer at 100x k
 
 
 def test_hessian_diagonal_indefinite_is_not_own_inverted():

@@ -447,3 +447,58 @@ def test_bad_configuration_named():
         KFAC(T_cov=0)
     with pytest.raises(ConfigurationError, match="ema"):
         KFAC(ema=1.0)
+
+
+@pytest.mark.parametrize("mode", ["alpha", "momentum"])
+def test_rescaling_by_the_exact_quadratic_model(mode):
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    g = seeded(15)
+    x, y = torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+    lam = 0.1
+    metric = KFAC(Fisher(mc_samples=1), rescale=mode)
+    point = Point(model, CrossEntropy(), x, y, generator=seeded(16))
+    op = metric.operator(point)
+    c = ref.metric("fisher", model, CrossEntropy(), x, y) + lam * torch.eye(op.size, dtype=F64)
+    kfac = op.to_dense() + lam * torch.eye(op.size, dtype=F64)
+    b1, b2 = (torch.randn(op.size, generator=g, dtype=F64) for _ in range(2))
+    d1 = torch.linalg.solve(kfac, b1)
+    x1 = (op + lam).solve(b1)
+    assert rel_err(x1, (b1 @ d1) / (d1 @ c @ d1) * d1) < 1e-12
+    x2 = (op + lam).solve(b2)
+    d2 = torch.linalg.solve(kfac, b2)
+    if mode == "alpha":
+        assert rel_err(x2, (b2 @ d2) / (d2 @ c @ d2) * d2) < 1e-12
+        return
+    basis = torch.stack([d2, x1], 1)  # minimise 1/2 x^T C x - b^T x over span{Delta, x_prev}
+    coef = torch.linalg.solve(basis.T @ c @ basis, basis.T @ b2)
+    assert rel_err(x2, basis @ coef) < 1e-10
+    q = lambda v: 0.5 * v @ c @ v - b2 @ v  # noqa: E731
+    assert q(x2) <= q((b2 @ d2) / (d2 @ c @ d2) * d2) + 1e-14
+
+
+def test_torch_optimizer_state_dict_resumes_bit_for_bit():
+    torch.manual_seed(13)
+    g = seeded(17)
+    x, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+    def make(model):
+        return steepest.TorchOptimizer(
+            model.parameters(),
+            loss=CrossEntropy(),
+            metric=KFAC(ema=0.9, T_cov=2, T_inv=3),
+            damping=steepest.LevenbergMarquardt(1e-1),
+        )
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = make(model)
+    for _ in range(3):
+        opt.step(lambda: (model(x), y))
+    saved, params = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    losses = [float(opt.step(lambda: (model(x), y))) for _ in range(3)]
+    model2 = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model2.load_state_dict(params)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved)
+    assert [float(opt2.step(lambda: (model2(x), y))) for _ in range(3)] == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

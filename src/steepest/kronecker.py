@@ -408,6 +408,16 @@ class KFAC(Metric):
         at the k-th refresh (Martens & Grosse use 0.95)
     T_cov, T_inv: refresh the factors every ``T_cov`` calls of :meth:`operator` and the
         eigendecompositions every ``T_inv`` calls (defaults 1: the metric of this batch)
+    rescale: None (default), ``"alpha"`` or ``"momentum"``: the own solve rescales its answer
+        :math:`\Delta = (K + \lambda I)^{-1} b` by the exact quadratic model of the base
+        (Martens & Grosse 2015, section 7), :math:`C = M_{exact} + \lambda I`:
+        ``"alpha"`` returns :math:`\alpha^*\Delta`, :math:`\alpha^* = b^T\Delta /
+        \Delta^T C\Delta` (one exact product); ``"momentum"`` returns
+        :math:`\alpha^*\Delta + \mu^*\delta_0` minimising
+        :math:`\frac12 x^TCx - b^Tx` over the span of :math:`\Delta` and the previous
+        answer :math:`\delta_0` (two exact products, a 2 x 2 solve). The exact metric is
+        ``Fisher()`` for a Monte-Carlo Fisher base, the base itself otherwise; the solve is
+        then flagged inexact (the optimizer measures it with K-FAC's own quadratic)
 
     The operator acts in the flat parameter order (``model.parameters()``); ``to_dense()`` is
     block diagonal up to that order, ``diagonal()`` is :math:`\mathrm{diag}(G)\otimes
@@ -430,6 +440,7 @@ class KFAC(Metric):
         ema: float | None = None,
         T_cov: int = 1,
         T_inv: int = 1,
+        rescale: str | None = None,
     ) -> None:
         base = Fisher(mc_samples=1) if base is None else base
         ok = isinstance(base, Fisher | GGN | GaussNewton | EmpiricalFisher) or (
@@ -459,17 +470,30 @@ class KFAC(Metric):
                 raise ConfigurationError(
                     f"{type(self).__name__}: {nm} must be a positive integer, got {t!r}."
                 )
+        if rescale not in (None, "alpha", "momentum"):
+            raise ConfigurationError(
+                f"{type(self).__name__}: rescale must be None, 'alpha' or 'momentum', got "
+                f"{rescale!r}."
+            )
         self.base, self.sequence, self.damping = base, sequence, damping
         self.ema, self.T_cov, self.T_inv = ema, T_cov, T_inv
+        self.rescale = rescale
         self.needs_distribution = base.needs_distribution
         self.psd = base.psd
         self._state: dict = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
+        self._inverse_cache: tuple | None = None  # derived from the state, never saved
+
+    def needs_point(self) -> bool:
+        """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
+        the exact products of ``rescale``); otherwise it needs only the parameter layout."""
+        st = self._state
+        return st["factors"] is None or st["calls"] % self.T_cov == 0 or self.rescale is not None
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(base={self.base!r}, sequence={self.sequence!r}, "
             f"damping={self.damping!r}, ema={self.ema}, T_cov={self.T_cov}, "
-            f"T_inv={self.T_inv})"
+            f"T_inv={self.T_inv}, rescale={self.rescale!r})"
         )
 
     # ------------------------------------------------------------------ state
@@ -606,20 +630,32 @@ class KFAC(Metric):
 
         factored = self.damping == "factored"
 
+        def factored_inverses(lam: float) -> list[tuple[Tensor, Tensor]]:
+            # (G + sqrt(lam)/pi I)^-1 and (A + pi sqrt(lam) I)^-1 as matrices, kept while the
+            # eigendecompositions and lambda stay: two products per block instead of four
+            key = (id(eig), lam)
+            if self._inverse_cache is None or self._inverse_cache[0] != key:
+                mats = []
+                for blk, (ea, qa, eg, qg) in zip(blocks, eigs):
+                    pi = _pi(blk.A, blk.G)
+                    gi = (qg / (eg[:, None, :] + math.sqrt(lam) / pi)) @ qg.transpose(-1, -2)
+                    ai = (qa / (ea[:, None, :] + pi * math.sqrt(lam))) @ qa.transpose(-1, -2)
+                    mats.append((gi, ai))
+                self._inverse_cache = (key, mats)
+            return self._inverse_cache[1]
+
         def inverse(b: Tensor, lam: float) -> Tensor:
             lam = float(lam)
             rows = b.reshape(1, -1) if b.ndim == 1 else b.T
             out = torch.empty_like(rows)
-            for blk, (ea, qa, eg, qg) in zip(blocks, eigs):
+            mats = factored_inverses(lam) if factored else [None] * len(blocks)
+            for blk, (ea, qa, eg, qg), m in zip(blocks, eigs, mats):
                 x = st.gather(rows, blk)
-                y = qg.transpose(-1, -2) @ x @ qa
                 if factored:
-                    pi = _pi(blk.A, blk.G)
-                    den = (eg[:, :, None] + math.sqrt(lam) / pi) * (
-                        ea[:, None, :] + pi * math.sqrt(lam)
-                    )
-                else:
-                    den = eg[:, :, None] * ea[:, None, :] + lam
+                    st.scatter(out, m[0] @ x @ m[1], blk)
+                    continue
+                y = qg.transpose(-1, -2) @ x @ qa
+                den = eg[:, :, None] * ea[:, None, :] + lam
                 st.scatter(out, qg @ (y / den) @ qa.transpose(-1, -2), blk)
             for i in st.others:
                 out[:, st.offsets[i] : st.offsets[i + 1]] = st.piece(rows, i) / (others[i] + lam)
@@ -634,9 +670,49 @@ class KFAC(Metric):
             diagonal=diag,
             psd=self._psd(),
             name=self._name(),
-            inverse=inverse,
-            inverse_exact=current and not factored,
+            inverse=self._rescaled(inverse, point),
+            inverse_exact=current and not factored and self.rescale is None,
         )
+
+    def _rescaled(self, inverse, point):
+        """The own solve, followed by Martens & Grosse's rescaling (section 7) when asked."""
+        if self.rescale is None:
+            return inverse
+        exact_metric = self.base
+        if isinstance(exact_metric, Fisher) and exact_metric.mc_samples is not None:
+            exact_metric = Fisher()
+        cache: dict = {}
+
+        def exact(v: Tensor) -> Tensor:
+            if "op" not in cache:
+                cache["op"] = exact_metric.operator(point)
+            return cache["op"].matvec(v)
+
+        def solve(b: Tensor, lam: float) -> Tensor:
+            delta = inverse(b, lam)
+            if b.ndim != 1:  # columns: the rescaling is for one right-hand side
+                return delta
+            lam = float(lam)
+            cd = exact(delta) + lam * delta
+            dcd, bd = float(delta @ cd), float(b @ delta)
+            prev = self._state.get("previous")
+            if self.rescale == "momentum" and prev is not None and prev.shape == b.shape:
+                cp = exact(prev) + lam * prev
+                m = torch.tensor(
+                    [[dcd, float(delta @ cp)], [float(prev @ cd), float(prev @ cp)]],
+                    dtype=torch.float64,
+                )
+                r = torch.tensor([bd, float(b @ prev)], dtype=torch.float64)
+                if torch.linalg.matrix_rank(m) == 2 and float(torch.linalg.det(m)) > 0:
+                    a, mu = torch.linalg.solve(m, r).tolist()
+                    x = a * delta + mu * prev
+                    self._state["previous"] = x.detach().clone()
+                    return x
+            x = delta * (bd / dcd) if dcd > 0 else delta
+            self._state["previous"] = x.detach().clone()
+            return x
+
+        return solve
 
     def _psd(self) -> bool:
         return bool(self.base.psd) and not (

@@ -23,6 +23,7 @@ gradient preconditioned is the one in ``.grad``, whatever the user's loss added 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,14 @@ from .losses import Loss, as_loss
 from .metrics import Metric
 from .params import ParamSpace
 from .point import Inputs, Point
-from .solvers import Auto, Solver, as_solver
+from .solvers import Auto, OwnInverse, Solution, Solver, as_solver
+
+
+class _Own(Solver):
+    """The operator's own inverse without the residual check (one product saved)."""
+
+    def solve(self, a, b: Tensor, x0: Tensor | None = None) -> Solution:
+        return Solution(a.solve(b), 1, float("nan"), exact=a.inverse_exact)
 
 
 class Preconditioner:
@@ -101,11 +109,19 @@ class Preconditioner:
         )
         if not torch.isfinite(grad).all():
             raise NonFiniteError("the gradient in .grad holds NaN or infinite values.")
-        point = Point(self.space, self.loss, inputs, targets, generator=self.generator)
+        lazy = getattr(self.metric, "needs_point", None)
+        if lazy is not None and not lazy():  # K-FAC between refreshes: no model evaluation
+            point = SimpleNamespace(
+                space=self.space, size=self.space.size, grad=grad, loss=self.loss
+            )
+        else:
+            point = Point(self.space, self.loss, inputs, targets, generator=self.generator)
         saved = self.state_dict()
         try:
             op = self.metric.operator(point).add_diagonal(self.damping)
             solver = self.solver.choose(op) if isinstance(self.solver, Auto) else self.solver
+            if isinstance(solver, OwnInverse):  # no residual product: the inverse is its own
+                solver = _Own()
             x = solver.solve(op, grad).x
             if not torch.isfinite(x).all():
                 raise NonFiniteError(
@@ -114,7 +130,7 @@ class Preconditioner:
         except BaseException:
             self.load_state_dict(saved)
             raise
-        self.last_solver = type(solver).__name__
+        self.last_solver = "OwnInverse" if isinstance(solver, _Own) else type(solver).__name__
         with torch.no_grad():
             for p, chunk in zip(params, self.space.unflatten(x)):
                 if p.grad is None:

@@ -436,9 +436,9 @@ def _reproduces(module: nn.Module, args: tuple, z: Tensor) -> bool:
     except Exception:  # noqa: BLE001 - any failure: use the batched backward instead
         return False
     tol = 100 * torch.finfo(z.dtype).eps
+    scale = float(z.detach().abs().max())
     return (isinstance(again, Tensor) and again.shape == z.shape
-            and torch.allclose(again, z.detach(), rtol=tol,
-                               atol=tol * float(z.detach().abs().max())))
+            and torch.allclose(again, z.detach(), rtol=tol, atol=tol * scale))
 
 
 class _ClosureOptimizer(Optimizer):
