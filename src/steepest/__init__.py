@@ -12,7 +12,7 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 from . import compare, damping, errors, fit, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .errors import SteepestError
-from .fit import OptimizeResult, curve_fit, least_squares
+from .fit import OptimizeResult, curve_fit, least_squares, minimize
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
 from .metrics import (
@@ -92,6 +92,7 @@ __all__ = [
     "least_squares",
     "losses",
     "metrics",
+    "minimize",
     "problems",
     "solvers",
     "steps",
