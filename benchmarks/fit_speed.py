@@ -193,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine(args.threads)
-    # warm-up: the first torch.func call imports and traces
-    steepest.curve_fit(decay, *(lambda t, y: (t, y[0]))(*decay_data(1)), P0)
-    steepest.curve_fit(decay, decay_data(4)[0], decay_data(4)[1], torch.tensor([P0] * 4))
+    # warm-up: the first torch.func calls import and trace (reverse mode for small batches,
+    # forward mode for large ones); not part of any timing
+    for b in (1, 4, 128):
+        t, y = decay_data(b)
+        steepest.curve_fit(
+            decay, t, y[0] if b == 1 else y, P0 if b == 1 else torch.tensor([P0] * b, dtype=D)
+        )
     result = {"machine": info, "single": bench_single(args.repeats)}
     print("single fit:", json.dumps(result["single"]))
     if args.data:
