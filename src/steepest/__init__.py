@@ -14,7 +14,7 @@ from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .diagonal import Diagonal
 from .distributed import DataParallel
 from .errors import SteepestError
-from .fit import OptimizeResult, curve_fit, least_squares
+from .fit import OptimizeResult, curve_fit, least_squares, minimize
 from .kronecker import EKFAC, KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
@@ -102,6 +102,7 @@ __all__ = [
     "least_squares",
     "losses",
     "metrics",
+    "minimize",
     "problems",
     "solvers",
     "steps",
