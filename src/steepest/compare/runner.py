@@ -583,6 +583,26 @@ def _run_one(problem: Problem, row: str, settings: dict[str, Any], iters: int | 
     return run
 
 
+def _warm_up(p: Plan) -> None:
+    """One untimed step of each method run, on a throwaway model and 8 samples: the first use
+    of ``torch.func`` or ``torch.optim`` in a process imports modules for seconds, a cost of the
+    process, not of the method that happens to run first."""
+    x, y = p.problem.data(p.dtype, p.device)  # type: ignore[misc]
+    x, y = x[:8], y[:8]
+    for method in dict.fromkeys(base_method(r) for r in p.methods):
+        row = next(r for r in p.methods if base_method(r) == method)
+        model = p.problem.make_model(p.seed, p.dtype, p.device)
+        opt = _build(method, p.settings[row], model, p.problem.loss,
+                     torch.Generator(device=p.device).manual_seed(0))
+        try:
+            if method in STEEPEST_METHODS:
+                opt.step(x, y)
+            else:
+                opt.step(_closure(opt, model, p.problem, x, y))
+        except (SteepestError, torch.linalg.LinAlgError, FloatingPointError):
+            pass  # the real run meets and records it
+
+
 def _better(a: Run, b: Run | None) -> bool:
     """Whether ``a`` beats ``b`` in the tuning: reached the target sooner, else (neither
     reached it) a lower final loss; a diverged run never wins."""
@@ -712,6 +732,7 @@ def execute(p: Plan, progress: Progress | None = None) -> Comparison:
                           summarize(problem_info, ordered, p.budget), tuning)
 
     try:
+        _warm_up(p)
         for row in p.tuned:
             tuning[row], chosen = _tune(p, row, progress)
             settings[row] = dict(chosen.settings)
