@@ -181,8 +181,8 @@ def test_help_everywhere(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: steepest")
     if argv == ["compare"]:
-        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--device",
-                       "--dtype", "--out", "--set", "--quiet"):
+        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--seeds",
+                       "--no-tune", "--device", "--dtype", "--out", "--set", "--quiet"):
             assert option in out
 
 

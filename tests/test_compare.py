@@ -418,3 +418,21 @@ def test_non_finite_values_become_null(tmp_path):
     assert run["diverged"] is True and run["final_loss"] is None
     assert run["curve"]["loss"][-1] is None
     assert math.isfinite(run["curve"]["loss"][0])
+
+
+def test_the_report_and_plots_never_import_the_runner():
+    """DESIGN.md: the data types sit in results.py, which the runner and the report import;
+    the report (and its plots, and results) never import the runner."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(compare.__file__).parent
+    for name in ("report.py", "plots.py", "results.py"):
+        tree = ast.parse((folder / name).read_text())
+        imported = {(node.module or "") for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom)}
+        imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                     for a in node.names}
+        assert not any("runner" in m for m in imported), (name, imported)
+        if name == "results.py":
+            assert not any(m.split(".")[0] in ("torch", "matplotlib") for m in imported)
