@@ -342,6 +342,14 @@ def test_time_budget_stops_each_method_within_one_step():
         assert times[-2] < budget <= times[-1] or r.iterations == 1
     # equal wall-time budgets, not equal iterations
     assert len({r.iterations for r in result.runs}) > 1
+    # the same on the process's CPU clock
+    result = compare.run("regression", methods="ggn,adam", time=budget, seeds=1, tune=False,
+                         clock="cpu")
+    assert result.config["clock"] == "cpu" and "process CPU time" in result.summary["budget"]
+    for r in result.runs:
+        assert r.curve["time"][-2] < budget <= r.curve["time"][-1] or r.iterations == 1
+    with pytest.raises(ConfigurationError, match="clock must be one of wall, cpu"):
+        compare.plan("toy2d", clock="gpu")
 
 
 def test_baselines_are_tuned_on_the_first_seed_unless_set():
@@ -377,8 +385,8 @@ def test_results_json_has_the_documented_schema(toy_all, tmp_path):
                                     "target_loss", "test_metric", "higher_is_better", "n_train",
                                     "n_test", "parameters", "batch_size"}
     assert data["problem"]["parameters"] == 2
-    assert set(data["config"]) == {"methods", "iters", "time", "seeds", "tune", "device",
-                                   "dtype", "overrides", "settings", "partial"}
+    assert set(data["config"]) == {"methods", "iters", "time", "clock", "seeds", "tune",
+                                   "device", "dtype", "overrides", "settings", "partial"}
     assert data["config"]["partial"] is False and data["config"]["seeds"] == [1]
     assert set(data["config"]["settings"]) == set(METHODS)
     for key in ("steepest", "python", "torch", "numpy", "platform", "machine", "cpu_count",

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--time", type=_budget(float), metavar="SECONDS",
                         help="seconds of step time per method and seed; each run stops within "
                         "one step of it (default: the problem's time budget)")
+    cmp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                     help="the clock of --time and of the times reported: wall (default) or "
+                     "cpu (process CPU time: a run waiting for a core of a shared machine is "
+                     "not charged for the wait)")
     cmp.add_argument("--seed", type=int, default=0,
                      help="the first seed (0); the runs use SEED, SEED+1, ...")
     cmp.add_argument("--seeds", type=_budget(int), default=3, metavar="K",
@@ -122,7 +126,8 @@ def _compare(args: argparse.Namespace) -> int:
     report.check_out(args.out)
     plan = compare.plan(args.problem, args.methods, iters=args.iters, time=args.time,
                         seed=args.seed, device=args.device, dtype=args.dtype,
-                        settings=overrides, seeds=args.seeds, tune=not args.no_tune)
+                        settings=overrides, seeds=args.seeds, tune=not args.no_tune,
+                        clock=args.clock)
     try:
         result = compare.execute(plan) if args.quiet else _with_progress(plan)
     except compare.Interrupted as stop:

@@ -84,6 +84,7 @@ def judged_text(result: Comparison) -> str:
     s, c, p = result.summary, result.config, result.problem
     k = len(c.get("seeds") or [])
     budget = s.get("budget") or ""
+    clock = "process CPU time" if c.get("clock") == "cpu" else "wall-clock time"
     if s["judged"] == "time_to_target":
         what = (f"the time to reach the target training loss {_g(p['target_loss'])} (median "
                 "over the seeds; a seed that never reaches it counts as infinitely slow)")
@@ -92,8 +93,8 @@ def judged_text(result: Comparison) -> str:
     text = (f"Judged on {what}, {k} seed{'s' if k != 1 else ''}, each method with the same "
             f"budget: {budget}. Figures are medians with their range [min, max] over the "
             "seeds. Methods are tied when the median of one lies within the other's range. "
-            "Times are seconds spent in the methods' own steps (the evaluations that record "
-            "the curves are not counted), on a machine that may be shared: "
+            f"Times are seconds of {clock} spent in the methods' own steps (the evaluations "
+            "that record the curves are not counted), on a machine that may be shared: "
             f"torch threads {result.environment.get('torch_threads')}, load average "
             f"{result.environment.get('load_average')}.")
     if result.tuning:

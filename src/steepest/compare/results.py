@@ -106,6 +106,7 @@ SCHEMA_DOC = """results.json (schema "steepest.compare/2"); floats are null wher
               "n_train", "n_test", "parameters": int, "batch_size": int|null},
   "config": {"methods": [row names, e.g. "ggn", "ggn[solver=woodbury]"],
              "iters": int|null, "time": seconds of step time|null (one of the two is set),
+             "clock": "wall" (time.perf_counter) | "cpu" (time.process_time),
              "seeds": [int, ...], "tune": bool, "device": "cpu"|"cuda...",
              "dtype": "float32"|"float64", "overrides": {method: {key: value}},
              "settings": {row: {key: value}} (after tuning), "partial": bool (Ctrl-C)},

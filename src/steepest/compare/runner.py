@@ -150,6 +150,8 @@ DEFAULT_SEEDS = 3
 #: the baselines whose learning rate is searched, and the grid around the problem's default
 TUNED = ("adam", "sgd", "lbfgs")
 TUNE_FACTORS = (0.25, 1.0, 4.0)
+#: the clocks a budget and the curves' times can be read on
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 # ---------------------------------------------------------------------------- settings
@@ -513,7 +515,7 @@ def _kept(k: int) -> bool:
 
 def _run_one(problem: Problem, row: str, settings: dict[str, Any], iters: int | None,
              seconds: float | None, seed: int, dtype: torch.dtype, device: torch.device,
-             progress: Progress | None) -> Run:
+             progress: Progress | None, clock_name: str = "wall") -> Run:
     method = base_method(row)
     run = Run(row, label(row), dict(settings), seed=seed)
     model = problem.make_model(seed, dtype, device)
@@ -523,6 +525,7 @@ def _run_one(problem: Problem, row: str, settings: dict[str, Any], iters: int | 
     opt = _build(method, settings, model, problem.loss, gen)
     target = problem.target_loss
     has_test = problem.test is not None
+    now = CLOCKS[clock_name]
 
     def record(k: int, t: float, value: float) -> None:
         run.curve["iteration"].append(k)
@@ -546,7 +549,7 @@ def _run_one(problem: Problem, row: str, settings: dict[str, Any], iters: int | 
             bx, by = x[idx], y[idx]
         else:
             bx, by = x, y
-        t0 = time.perf_counter()
+        t0 = now()
         try:
             if method in STEEPEST_METHODS:
                 opt.step(bx, by)
@@ -554,10 +557,10 @@ def _run_one(problem: Problem, row: str, settings: dict[str, Any], iters: int | 
                 opt.step(_closure(opt, model, problem, bx, by))
             _sync(device)
         except (SteepestError, torch.linalg.LinAlgError, FloatingPointError) as err:
-            clock += time.perf_counter() - t0
+            clock += now() - t0
             run.diverged, run.error = True, f"{type(err).__name__}: {err}"
             break
-        clock += time.perf_counter() - t0
+        clock += now() - t0
         k += 1
         value = _full_loss(model, problem, x, y)
         if math.isfinite(value):
@@ -634,6 +637,7 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     tuned: list[str] = field(default_factory=list)
+    clock: str = "wall"
 
     @property
     def seed(self) -> int:
@@ -643,17 +647,20 @@ class Plan:
     def budget(self) -> str:
         if self.iters is not None:
             return f"{self.iters} iterations per method"
-        return f"{self.seconds:g} s of step time per method"
+        cpu = " (process CPU time)" if self.clock == "cpu" else ""
+        return f"{self.seconds:g} s of step time{cpu} per method"
 
 
 def plan(problem: str | Problem, methods: str | Iterable[str] = "all", iters: int | None = None,
          time: float | None = None, seed: int = 0, device: str | torch.device = "cpu",
          dtype: str | torch.dtype = "float64",
          settings: Mapping[str, Mapping[str, Any]] | None = None,
-         seeds: int = DEFAULT_SEEDS, tune: bool = True) -> Plan:
+         seeds: int = DEFAULT_SEEDS, tune: bool = True, clock: str = "wall") -> Plan:
     """Check every option (raising :class:`ConfigurationError`), build the problem and check
     it once for every method (:meth:`~steepest.problems.Problem.check`)."""
     check_budget(iters, time)
+    if clock not in CLOCKS:
+        raise ConfigurationError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ConfigurationError(f"seed must be an integer in [0, 2^64), got {seed!r}.")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 1000:
@@ -672,7 +679,7 @@ def plan(problem: str | Problem, methods: str | Iterable[str] = "all", iters: in
     tuned = [r for r in names if tune and base_method(r) in TUNED
              and not _user_set(r, "lr", overrides)]
     seed_list = [(seed + i) % SEED_LIMIT for i in range(seeds)]
-    return Plan(prob, names, resolved, overrides, iters, time, seed_list, dev, dt, tuned)
+    return Plan(prob, names, resolved, overrides, iters, time, seed_list, dev, dt, tuned, clock)
 
 
 def _tune(p: Plan, row: str, progress: Progress | None) -> tuple[dict[str, Any], Run]:
@@ -685,7 +692,7 @@ def _tune(p: Plan, row: str, progress: Progress | None) -> tuple[dict[str, Any],
     trials = []
     for lr in grid:
         trial = _run_one(p.problem, row, {**base, "lr": lr}, p.iters, p.seconds, p.seed,
-                         p.dtype, p.device, progress)
+                         p.dtype, p.device, progress, p.clock)
         trials.append({"lr": lr, "time_to_target": trial.time_to_target,
                        "final_loss": _finite(trial.final_loss), "diverged": trial.diverged})
         if _better(trial, best):
@@ -716,7 +723,8 @@ def execute(p: Plan, progress: Progress | None = None) -> Comparison:
     }
     settings = {r: dict(s) for r, s in p.settings.items()}
     config = {
-        "methods": p.methods, "iters": p.iters, "time": p.seconds, "seeds": p.seeds,
+        "methods": p.methods, "iters": p.iters, "time": p.seconds, "clock": p.clock,
+        "seeds": p.seeds,
         "tune": bool(p.tuned), "device": str(p.device),
         "dtype": str(p.dtype).replace("torch.", ""), "overrides": p.overrides,
         "settings": settings, "partial": False,
@@ -741,7 +749,7 @@ def execute(p: Plan, progress: Progress | None = None) -> Comparison:
             for row in p.methods:
                 run_ = done.get((row, seed)) or _run_one(
                     prob, row, settings[row], p.iters, p.seconds, seed, p.dtype, p.device,
-                    progress)
+                    progress, p.clock)
                 runs.append(run_)
     except KeyboardInterrupt:
         config["partial"] = True
@@ -758,7 +766,7 @@ def run(problem: str | Problem, methods: str | Iterable[str] = "all", iters: int
         dtype: str | torch.dtype = "float64",
         settings: Mapping[str, Mapping[str, Any]] | None = None,
         progress: Progress | None = None, seeds: int = DEFAULT_SEEDS,
-        tune: bool = True) -> Comparison:
+        tune: bool = True, clock: str = "wall") -> Comparison:
     """Compare methods on a problem (a registered name, ``file.py:function`` or a
     :class:`~steepest.problems.Problem`).
 
@@ -775,12 +783,16 @@ def run(problem: str | Problem, methods: str | Iterable[str] = "all", iters: int
     device, dtype: where and in which precision to run
     settings: overrides per method, ``{"natural": {"damping": 1e-2}}``
     progress: called as ``progress(row, seed, iteration, loss, step_time)`` after each step
+    clock: ``"wall"`` (default: wall-clock step time, :func:`time.perf_counter`) or
+        ``"cpu"`` (the process's CPU time, :func:`time.process_time`: on a shared machine a
+        run that waits for a core is not charged for the wait; with several torch threads it
+        counts every thread's time)
 
     >>> result = run("toy2d", methods=["vanilla", "natural"], iters=10, seeds=3)
     >>> result.summary["sentence"]
     """
     return execute(plan(problem, methods, iters, time, seed, device, dtype, settings, seeds,
-                        tune), progress)
+                        tune, clock), progress)
 
 
 def save(result: Comparison, out: str | os.PathLike) -> list[str]:
@@ -791,7 +803,7 @@ def save(result: Comparison, out: str | os.PathLike) -> list[str]:
     return write(result, out)
 
 
-__all__ = ["DEFAULT_SEEDS", "LABELS", "METHODS", "METHOD_DEFAULTS", "SEED_LIMIT",
+__all__ = ["CLOCKS", "DEFAULT_SEEDS", "LABELS", "METHODS", "METHOD_DEFAULTS", "SEED_LIMIT",
            "STEEPEST_METHODS", "TORCH_METHODS", "TUNED", "TUNE_FACTORS", "Interrupted", "Plan",
            "base_method", "check_budget", "check_device", "check_dtype", "execute", "label",
            "method_key", "parse_methods", "parse_set", "plan", "resolve_settings", "run",
