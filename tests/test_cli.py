@@ -249,6 +249,9 @@ def test_geometry_with_an_absurd_epsilon_is_refused(tmp_path, capsys):
     rc = call(["geometry", "--eps", "1e300", "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "smaller --eps" in err, err
+    rc = call(["geometry", "--radius", "1e300", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "smaller --radius" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
