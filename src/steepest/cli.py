@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="List the built-in problems.")
     prob.add_argument("--defaults", action="store_true",
                       help="also print each problem's per-method settings")
+    from .rl.cli import add_parser as add_rl_parser
+
+    add_rl_parser(sub)
     return parser
 
 
@@ -220,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``steepest`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"compare": _compare, "geometry": _geometry, "problems": _problems}[args.command]
+    from .rl.cli import command as _rl
+
+    handler = {"compare": _compare, "geometry": _geometry, "problems": _problems,
+               "rl": _rl}[args.command]
     try:
         return handler(args)
     except SteepestError as err:
