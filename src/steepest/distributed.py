@@ -94,6 +94,9 @@ class DataParallel:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes_sent = 0
+        # where the scalars of a collective live: NCCL reduces CUDA tensors only
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
 
     def __repr__(self) -> str:
         return f"DataParallel(rank={self.rank}, world_size={self.world_size})"
@@ -182,7 +185,8 @@ class DataParallel:
         :math:`v_r` (a trial loss or KL); infinite if any rank's value is."""
         if not math.isfinite(value):
             value, weight = math.inf, 1.0
-        out = float(self.sum(torch.tensor([weight * value], dtype=torch.float64)))
+        out = float(self.sum(torch.tensor([weight * value], dtype=torch.float64,
+                                          device=self.device)))
         return out if math.isfinite(out) else math.inf
 
     def operator(self, op: LinearOperator, n_local: int, n_total: int) -> LinearOperator:
@@ -207,7 +211,7 @@ class DataParallel:
         factor = rows = None
         if op.has_factor():
             if op.factor_rows is not None:
-                rows = int(self.sum(torch.tensor([op.factor_rows], dtype=torch.int64)))
+                rows = int(self.sum(torch.tensor([op.factor_rows], device=op.device)))
 
             def factor() -> Factor:
                 f = op.factor()
