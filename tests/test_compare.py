@@ -238,7 +238,8 @@ def test_results_json_has_the_documented_schema(toy_all, tmp_path):
                                     "batch_size"}
     assert data["problem"]["parameters"] == 2
     assert set(data["config"]) == {"methods", "iters", "time", "seed", "device", "dtype",
-                                   "overrides", "settings"}
+                                   "overrides", "settings", "partial"}
+    assert data["config"]["partial"] is False
     assert set(data["config"]["settings"]) == set(METHODS)
     for key in ("steepest", "python", "torch", "numpy", "platform", "machine", "cpu_count",
                 "torch_threads", "cuda_device", "started"):

@@ -108,16 +108,21 @@ def _compare(args: argparse.Namespace) -> int:
     from . import compare, report
 
     overrides = compare.parse_set(args.assignments)
-    if args.seed < 0:
-        raise SteepestError(f"--seed must be >= 0, got {args.seed}.")
+    if not 0 <= args.seed < compare.SEED_LIMIT:
+        raise SteepestError(f"--seed must be >= 0 and < 2^64, got {args.seed}.")
     report.check_out(args.out)
     plan = compare.plan(args.problem, args.methods, iters=args.iters, time=args.time,
                         seed=args.seed, device=args.device, dtype=args.dtype,
                         settings=overrides)
-    if args.quiet:
-        result = compare.execute(plan)
-    else:
-        result = _with_progress(plan)
+    try:
+        result = compare.execute(plan) if args.quiet else _with_progress(plan)
+    except compare.Interrupted as stop:
+        if not stop.partial.runs:
+            raise
+        report.write(stop.partial, args.out)
+        print(f"steepest: interrupted; the {len(stop.partial.runs)} finished runs are in "
+              f"{args.out} (marked partial)", file=sys.stderr)
+        return 130
     report.write(result, args.out)
     if not args.quiet:
         from rich.console import Console
@@ -165,8 +170,7 @@ def _geometry(args: argparse.Namespace) -> int:
             raise SteepestError(f"--at must be two numbers A,B, got {args.at!r}.")
     from .report import check_out
 
-    if check_out(args.out).is_dir():
-        raise SteepestError(f"--out {args.out!r} is a directory; pass a .png file path.")
+    check_out(args.out, kind="file")
     geom = geometry.compute(args.problem, theta=theta, seed=args.seed, eps=args.eps,
                             radius=args.radius)
     path = geometry.draw(geom, args.out)

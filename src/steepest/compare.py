@@ -133,6 +133,7 @@ _METRICS: dict[str, Callable[[dict], Metric]] = {
 }
 
 MAX_ITERS = 10**7  # the iteration cap of a time-budgeted run
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
 
 
 # ---------------------------------------------------------------------------- settings
@@ -394,7 +395,8 @@ SCHEMA_DOC = """results.json (schema "steepest.compare/1"); floats are null wher
               "batch_size": int|null},
   "config": {"methods": [names], "iters": int|null, "time": seconds|null, "seed": int,
              "device": "cpu"|"cuda...", "dtype": "float32"|"float64",
-             "overrides": {method: {key: value}}, "settings": {method: {key: value}}},
+             "overrides": {method: {key: value}}, "settings": {method: {key: value}},
+             "partial": true when Ctrl-C stopped the comparison (only finished runs kept)},
   "environment": {"steepest", "python", "torch", "numpy", "scipy", "matplotlib",
                   "scikit-learn", "platform", "machine", "processor", "cpu_count",
                   "torch_threads", "cuda_device": name|null, "started": ISO 8601 UTC},
@@ -476,6 +478,16 @@ def summarize(problem: dict[str, Any], runs: list[Run]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- running
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`execute`: a ``KeyboardInterrupt`` that carries the runs that
+    finished before it as ``partial`` (a :class:`Comparison` with ``config["partial"] = True``),
+    so they can still be saved."""
+
+    def __init__(self, partial: Comparison) -> None:
+        super().__init__("interrupted")
+        self.partial = partial
+
+
 Progress = Callable[[str, int, float, float], None]  # (method, iteration, loss, elapsed)
 
 
@@ -507,7 +519,7 @@ def _run_one(problem: Problem, method: str, settings: dict[str, Any], iters: int
     model = problem.make_model(seed, dtype, device)
     x, y = problem.data(dtype, device)  # type: ignore[misc]
     gen = torch.Generator(device=device).manual_seed(seed)
-    batch_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    batch_gen = torch.Generator(device=device).manual_seed((seed + 1) % SEED_LIMIT)
     opt = _build(method, settings, model, problem.loss, gen)
     target = problem.target_loss
 
@@ -582,13 +594,14 @@ def plan(problem: str | Problem, methods: str | Iterable[str] = "all", iters: in
          settings: Mapping[str, Mapping[str, Any]] | None = None) -> Plan:
     """Check every option (raising :class:`ConfigurationError`) and build the problem."""
     check_budget(iters, time)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigurationError(f"seed must be an integer >= 0, got {seed!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigurationError(f"seed must be an integer in [0, 2^64), got {seed!r}.")
     dev, dt = check_device(device), check_dtype(dtype)
     names = parse_methods(methods)
     prob = get_problem(problem)
     overrides = {m: dict(kv) for m, kv in (settings or {}).items()}
     resolved = resolve_settings(prob, names, overrides)
+    prob.check(seed, dt, dev)  # once, for every method, before anything runs
     if iters is None and time is None:
         iters = prob.iters
     return Plan(prob, names, resolved, overrides, iters, time, seed, dev, dt)
@@ -612,8 +625,19 @@ def execute(p: Plan, progress: Progress | None = None) -> Comparison:
         "device": str(p.device), "dtype": str(p.dtype).replace("torch.", ""),
         "overrides": p.overrides, "settings": p.settings,
     }
-    runs = [_run_one(prob, m, p.settings[m], p.iters, p.seconds, p.seed, p.dtype, p.device,
-                     progress) for m in p.methods]
+    runs: list[Run] = []
+    try:
+        for m in p.methods:
+            runs.append(_run_one(prob, m, p.settings[m], p.iters, p.seconds, p.seed, p.dtype,
+                                 p.device, progress))
+    except KeyboardInterrupt:
+        config["partial"] = True
+        partial = Comparison(problem_info, config, env, runs, summarize(problem_info, runs))
+        partial.summary["sentence"] = (
+            f"Interrupted: partial results, {len(runs)} of {len(p.methods)} methods finished. "
+            + partial.summary["sentence"])
+        raise Interrupted(partial) from None
+    config["partial"] = False
     return Comparison(problem_info, config, env, runs, summarize(problem_info, runs))
 
 
@@ -649,6 +673,7 @@ def save(result: Comparison, out: str | os.PathLike) -> list[str]:
     return write(result, out)
 
 
-__all__ = ["LABELS", "METHODS", "METHOD_DEFAULTS", "SCHEMA", "SCHEMA_DOC", "Comparison", "Plan",
+__all__ = ["LABELS", "METHODS", "METHOD_DEFAULTS", "SCHEMA", "SCHEMA_DOC", "Comparison",
+           "Interrupted", "Plan",
            "Run", "check_budget", "check_device", "check_dtype", "execute", "parse_methods",
            "parse_set", "plan", "resolve_settings", "run", "save", "summarize"]

@@ -84,6 +84,9 @@ class Damping:
     def raise_for_retry(self) -> None:
         """Called when a step is rejected or the damped system could not be solved."""
 
+    def parameters_changed(self) -> None:
+        """The set of trainable parameters changed: forget state that lives on the old one."""
+
     def state_dict(self) -> dict:
         return {}
 
@@ -397,6 +400,15 @@ class MoreTrustRegion(Damping):
         """The damped system could not be solved (lambda = 0 on a singular M): shrink Delta."""
         if self.radius is not None:
             self.radius = max(0.25 * self.radius, self.radius_min)
+
+    def parameters_changed(self) -> None:
+        """A new parameter set: D, the radius and the first-step rule start afresh."""
+        self.radius, self.scale, self._first, self._spectrum = None, None, True, None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_spectrum"] = None  # a per-step cache holding weak references
+        return state
 
     def state_dict(self) -> dict:
         return {"radius": self.radius, "lam": self.lam, "first": self._first,

@@ -33,7 +33,9 @@ Example
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,12 +44,18 @@ from torch import Tensor, nn
 
 from .damping import Damping, Trial, as_damping
 from .distributed import DataParallel, as_data_parallel
-from .errors import ConfigurationError, NonFiniteError, SingularMatrixError, SolverError
+from .errors import (
+    ConfigurationError,
+    NonFiniteError,
+    ParameterChangeWarning,
+    SingularMatrixError,
+    SolverError,
+)
 from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GradientCovariance, Metric
 from .params import ParamSpace
-from .point import Inputs, Point, evaluate
+from .point import ForwardGuard, Inputs, Point, evaluate
 from .solvers import CG, Auto, Solution, Solver, as_solver
 from .steps import LearningRate, StepContext, StepRule, as_step
 
@@ -96,9 +104,11 @@ class _Trials:
     for the same point)."""
 
     def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor, point: Point | None = None) -> None:
+                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
+                 point: Point | None = None) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
         self.theta0, self.z0 = theta0, z0
+        self.guard = guard or ForwardGuard()
         # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
         self.distributed = None if point is None else point.distributed
         self.weight = 1.0 if point is None else point.n / point.n_total
@@ -109,8 +119,9 @@ class _Trials:
         for d, value, z in self._memo:
             if torch.equal(d, delta):
                 return value, z
-        value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
-                            self.theta0 + delta)
+        with self.guard.trial():  # the point's buffers and Dropout masks, never written
+            value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
+                                self.theta0 + delta)
         value = value if math.isfinite(value) else math.inf
         if self.distributed is not None:
             value = self.distributed.scalar(value, self.weight)
@@ -251,6 +262,7 @@ class Optimizer:
         self.generator = generator
         self._sampler = generator  # this step's generator (per rank under torch.distributed)
         self.steps = 0
+        self._guard: ForwardGuard | None = None  # the buffers/RNG guard of the running step
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
 
@@ -267,26 +279,84 @@ class Optimizer:
 
         return {
             "steps": self.steps,
-            "damping": self.damping.state_dict(),
-            "step_rule": self.step_rule.state_dict(),
+            "damping": {"rule": type(self.damping).__name__, **self.damping.state_dict()},
+            "step_rule": {"rule": type(self.step_rule).__name__, **self.step_rule.state_dict()},
             "prev_direction": clone(self._prev_solution),
             "momentum_buffer": clone(self._momentum_buffer),
             "generator": self.generator.get_state(),
+            # a metric that keeps state across steps (KFAC's running factors) saves it here
+            **({"metric": self.metric.state_dict()} if hasattr(self.metric, "state_dict")
+               else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved.
+
+        Validated first and atomic: a state of another damping rule or step rule, of a model
+        with another number of parameters, or with keys missing raises a
+        :class:`~steepest.errors.ConfigurationError` before anything changes.
+        """
+        self._check_state(state)
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self._load_state(state)
+        except BaseException:
+            self._load_state(before)
+            raise
+
+    def _check_state(self, state: dict) -> None:
+        def fail(what: str) -> None:
+            raise ConfigurationError(
+                f"cannot load this optimizer state: {what}. Load a state saved by "
+                "state_dict() of an optimizer built the same way (same damping rule, step rule "
+                "and model)."
+            )
+
+        if not isinstance(state, dict):
+            fail(f"expected a dict, got {type(state).__name__}")
         missing = {"steps", "damping", "step_rule", "generator"} - set(state)
         if missing:
-            raise ConfigurationError(f"state_dict lacks keys {sorted(missing)}; pass a dict "
-                                     "saved by steepest.Optimizer.state_dict().")
+            fail(f"it lacks keys {sorted(missing)}")
+        if not (isinstance(state["steps"], int) and state["steps"] >= 0):
+            fail(f"steps must be an integer >= 0, got {state['steps']!r}")
+        size = self.space.size
+        for owner, key in ((self.damping, "damping"), (self.step_rule, "step_rule")):
+            sub = state[key]
+            if not isinstance(sub, dict):
+                fail(f"state['{key}'] must be a dict, got {type(sub).__name__}")
+            rule, own = sub.get("rule"), type(owner).__name__
+            if rule is not None and rule != own:
+                fail(f"it was saved with {key} {rule}, this optimizer uses {own}")
+            keys, expected = set(sub) - {"rule"}, set(owner.state_dict())
+            if keys != expected:
+                fail(f"state['{key}'] has keys {sorted(keys)}, {own} expects {sorted(expected)}")
+            for name, value in sub.items():
+                if isinstance(value, Tensor) and value.numel() != size:
+                    fail(f"state['{key}']['{name}'] holds {value.numel()} values, the model "
+                         f"has {size} trainable parameters")
+        for key in ("prev_direction", "momentum_buffer"):
+            v = state.get(key)
+            if v is not None and not (isinstance(v, Tensor) and v.shape == (size,)):
+                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                fail(f"state['{key}'] has shape {shape}, the model has {size} trainable "
+                     "parameters")
+        gen = state["generator"]
+        ref = self.generator.get_state()
+        if not (isinstance(gen, Tensor) and gen.dtype == ref.dtype and gen.shape == ref.shape):
+            fail("state['generator'] is not the state of a torch.Generator on "
+                 f"{self.generator.device}")
+
+    def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
-        self.damping.load_state_dict(state["damping"])
-        self.step_rule.load_state_dict(state["step_rule"])
+        self.damping.load_state_dict({k: v for k, v in state["damping"].items() if k != "rule"})
+        self.step_rule.load_state_dict(
+            {k: v for k, v in state["step_rule"].items() if k != "rule"})
         pd, mb = state.get("prev_direction"), state.get("momentum_buffer")
         self._prev_solution = None if pd is None else pd.clone()
         self._momentum_buffer = None if mb is None else mb.clone()
         self.generator.set_state(state["generator"])
+        if "metric" in state and hasattr(self.metric, "load_state_dict"):
+            self.metric.load_state_dict(state["metric"])
 
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
@@ -301,28 +371,70 @@ class Optimizer:
         ``curvature=(x_c, y_c)`` computes M on another (smaller) batch than the gradient.
         On an exception the parameters and the optimizer state are restored.
         """
-        shared = self.generator.get_state()
-        if self.distributed is not None:  # independent samples per rank, one shared state
-            self._sampler = self.distributed.generator(self.generator)
-        try:
-            point = self.point(inputs, targets)  # validates; raises before any change
-        except BaseException:
-            self.generator.set_state(shared)
-            raise
-        theta0 = point.theta.detach().clone()
+        if torch.is_inference_mode_enabled():
+            raise ConfigurationError(
+                "step() cannot run under torch.inference_mode() (it needs autograd); call it "
+                "outside the inference_mode block."
+            )
         saved = copy.deepcopy(self.state_dict())
-        saved["generator"] = shared
-        try:
-            return self._step(point, inputs, targets, curvature, theta0, saved)
-        except BaseException:
-            self.space.set(theta0)
-            self.load_state_dict(saved)
-            raise
+        space0, theta0 = self.space, None
+        guard = ForwardGuard(getattr(self, "model", None))
+        with guard:
+            try:
+                note = self._follow_parameters()
+                if self.distributed is not None:  # independent samples per rank, one state
+                    self._sampler = self.distributed.generator(self.generator)
+                point = self.point(inputs, targets)  # validates; raises before any change
+                guard.point_done()
+                theta0 = point.theta.detach().clone()
+                self._guard = guard
+                info = self._step(point, inputs, targets, curvature, theta0, saved)
+            except BaseException:
+                if theta0 is not None:
+                    self.space.set(theta0)
+                self.space = space0
+                self._load_state(saved)
+                guard.rollback()
+                raise
+            finally:
+                self._guard = None
+        if note:
+            info = dataclasses.replace(info, message="; ".join(m for m in (note, info.message)
+                                                               if m))
+        return info
+
+    def _follow_parameters(self) -> str:
+        """Follow a change of the model's trainable parameters since the last step (a layer
+        frozen, unfrozen or replaced, ``load_state_dict(assign=True)``, ``model.to(dtype)``):
+        theta becomes the new set. When only the tensors changed (same names, shapes, dtype and
+        device) the state is kept; otherwise the state that lives on the old flat vector (the
+        previous CG solution, the momentum buffer, a damping rule's scaling D) is reset, with a
+        :class:`~steepest.errors.ParameterChangeWarning`. Returns a note for
+        ``StepInfo.message`` ('' when nothing changed)."""
+        old = self.space
+        if not old.stale():
+            return ""
+        new = type(old)(old.model)
+        same = (new.names, new.shapes, new.dtype, new.device) == (
+            old.names, old.shapes, old.dtype, old.device)
+        self.space = new
+        if same:
+            return ("the model's parameters are new tensors (same names and shapes): followed, "
+                    "state kept")
+        self._prev_solution = self._momentum_buffer = None
+        self.damping.parameters_changed()
+        note = (f"the trainable parameters changed ({old.size} -> {new.size} values, "
+                f"{len(old.names)} -> {len(new.names)} tensors): followed; the previous solution, "
+                "momentum buffer and damping scaling were reset")
+        warnings.warn(note, ParameterChangeWarning, stacklevel=3)
+        return note
 
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
+        guard = self._guard or ForwardGuard()
         if curvature is not None:
-            return Point(self.space, self.loss, curvature[0], curvature[1],
-                         generator=self._sampler, distributed=self.distributed)
+            with guard.trial():  # a forward like a trial's: buffers untouched
+                return Point(self.space, self.loss, curvature[0], curvature[1],
+                             generator=self._sampler, distributed=self.distributed)
         k = self.curvature_batch_size
         # under torch.distributed every rank builds the sub-batch point (its reduction is a
         # collective), also one whose shard is not larger than k
@@ -332,8 +444,9 @@ class Optimizer:
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
-        return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
-                     distributed=self.distributed)
+        with guard.trial():
+            return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
+                         distributed=self.distributed)
 
     def _operator(self, metric: Metric, point: Point) -> LinearOperator:
         """The metric's M on the point; under torch.distributed the whole batch's
@@ -386,9 +499,19 @@ class Optimizer:
                 directional_derivative=0.0, accepted=False, tries=0,
                 message="zero gradient: theta is a stationary point, no step taken",
             )
+        if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
+            return StepInfo(
+                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                damping=self.damping.value, iterations=0, residual=0.0,
+                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
+                directional_derivative=0.0, accepted=False, tries=0,
+                message="learning rate 0 (e.g. a scheduler at its minimum): no step taken, no "
+                        "solve, damping unchanged",
+            )
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
-        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(), point)
+        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
+                         self._guard, point)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
@@ -452,7 +575,7 @@ class Optimizer:
             alpha = float(choice.alpha)
             delta = alpha * d
             gdelta = alpha * gd
-            quad = alpha**2 * dAd
+            quad = alpha * alpha * dAd  # inf, not OverflowError, for a huge alpha
             # q uses M undamped: remove the damping term delta^T S delta from the damped quad
             predicted = -(gdelta + 0.5 * (quad - damped.damping_quad(delta)))
             loss_new = actual = rho = None
@@ -483,11 +606,15 @@ class Optimizer:
                 notes.append(f"try {tries} rejected: {why}")
                 continue
             break
-        if loss_new is not None and not math.isfinite(loss_new):
+        if loss_new is not None and not math.isfinite(loss_new) and not (
+                reject_increase or self.damping.adaptive or self.step_rule.adaptive):
+            # nothing adapts to a non-finite trial loss: the same step would fail again
             raise NonFiniteError(
                 f"the loss is not finite after the step (alpha {alpha:.3g}, lambda {lam:.3g}, "
-                f"{tries} tries); parameters and optimizer state are unchanged. Raise the "
-                "damping, use LevenbergMarquardt(), a smaller step or a line search (Armijo())."
+                f"{tries} tries) with {self.damping!r} and {self.step_rule!r}; parameters and "
+                "optimizer state are unchanged. Raise the damping, use an adaptive rule "
+                "(damping=LevenbergMarquardt() or step=TrustRegion(adaptive=True)), a smaller "
+                "step or a line search (Armijo())."
             )
         accepted = not rejected
         if accepted:

@@ -34,7 +34,7 @@ class ParamSpace:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = self._trainable()
         if not named:
             raise ConfigurationError(
                 "the model has no trainable parameters (all have requires_grad=False); "
@@ -54,6 +54,18 @@ class ParamSpace:
             )
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def stale(self) -> bool:
+        """Whether the module's trainable parameters are no longer the ones of this view: a
+        parameter frozen or unfrozen, a layer replaced, new tensors loaded
+        (``load_state_dict(assign=True)``), or a dtype or device changed."""
+        now = self._trainable()
+        return [n for n, _ in now] != self.names or any(
+            p is not q or p.shape != s or p.dtype != self.dtype or p.device != self.device
+            for (_, p), q, s in zip(now, self.params, self.shapes))
 
     def get(self) -> Tensor:
         """A flat detached copy of the current trainable parameters."""

@@ -189,12 +189,39 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def check_out(out: str | os.PathLike) -> Path:
-    """Refuse an output path that exists and is not a directory (before anything runs)."""
+def check_out(out: str | os.PathLike, kind: str = "directory") -> Path:
+    """Refuse an output path that cannot be written, before anything runs.
+
+    ``kind="directory"``: ``out`` is the directory of the results (created if missing);
+    ``kind="file"``: ``out`` is a file (its directory is created if missing). Every part of the
+    path that exists must be a directory (the last one too for ``kind="directory"``), and the
+    deepest existing directory must be writable; else :class:`ConfigurationError` names the
+    part at fault.
+
+    >>> check_out("out")
+    """
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConfigurationError(f"--out {os.fspath(out)!r} exists and is not a directory; "
-                                 "pass a directory path.")
+    what = "a directory path" if kind == "directory" else "a file path"
+    if path.exists():
+        if kind == "directory" and not path.is_dir():
+            raise ConfigurationError(f"--out {os.fspath(out)!r} exists and is not a directory; "
+                                     "pass a directory path.")
+        if kind == "file" and path.is_dir():
+            raise ConfigurationError(f"--out {os.fspath(out)!r} is a directory; pass {what}.")
+    parent = path if kind == "directory" else path.parent
+    probe = Path(os.path.abspath(parent))
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigurationError(
+            f"--out {os.fspath(out)!r}: {os.fspath(probe)!r} is a file, so nothing can be "
+            f"created under it; pass {what} whose parents are directories."
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"--out {os.fspath(out)!r}: the directory {os.fspath(probe)!r} is not writable; "
+            "pass a path where you may write."
+        )
     return path
 
 
@@ -213,12 +240,11 @@ def write(result: Comparison, out: str | os.PathLike) -> list[str]:
                   .read_bytes(),
                   "Training loss against step time": (tmp / "loss_vs_time.png").read_bytes()}
         (tmp / "report.html").write_text(html_report(result, images), encoding="utf-8")
-        if not dest.exists():
-            os.rename(tmp, dest)
-        else:
-            for name in FILES:
-                os.replace(tmp / name, dest / name)
-            tmp.rmdir()
+        # a new directory gets the ordinary mode (umask), not mkdtemp's 0700
+        dest.mkdir(exist_ok=True)
+        for name in FILES:
+            os.replace(tmp / name, dest / name)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

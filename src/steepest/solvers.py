@@ -295,8 +295,35 @@ class Woodbury(Solver):
         return Solution(x, 1, _relres(a, x, b), exact=True, message=f"Woodbury, R={u.shape[0]}")
 
 
+class OwnInverse(Solver):
+    r"""The operator's own inverse: :math:`(M + \lambda I)^{-1} b` from a structure M knows
+    (a diagonal, K-FAC's per-block eigendecompositions), at the cost of a few small dense
+    products instead of a P x P factorisation or CG iterations.
+
+    >>> OwnInverse().solve(KFAC().operator(point) + 1e-3, -g)
+    """
+
+    name = "OwnInverse"
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        if not a.has_inverse():
+            raise ConfigurationError(
+                f"OwnInverse: {a.name} carries no inverse of its own for this damping; use "
+                "Auto(), Cholesky() or CG()."
+            )
+        x = a.solve(b)
+        if not torch.isfinite(x).all():
+            raise SingularMatrixError(
+                f"{a.name} is singular at this damping (its own inverse gave non-finite "
+                "values); add damping (damping=1e-3 or more)."
+            )
+        return Solution(x, 1, _relres(a, x, b), exact=a.inverse_exact,
+                        message=f"own inverse of {a.name}")
+
+
 class Auto(Solver):
-    """Chooses per step: Woodbury when M has a sample-space factor with fewer rows than
+    """Chooses per step: the operator's own inverse when it has one (:class:`OwnInverse`:
+    Diagonal, KFAC, EKFAC); else Woodbury when M has a sample-space factor with fewer rows than
     parameters (R < P, known from ``factor_rows`` without building it) and lambda > 0 (below
     float64 only when P > ``dense_max``: its 1/lambda cancellation loses accuracy); else
     Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or damped; else CG.
@@ -315,6 +342,8 @@ class Auto(Solver):
         self.cg = cg or CG(tol=1e-8)
 
     def choose(self, a: LinearOperator) -> Solver:
+        if a.has_inverse() and a.psd:
+            return OwnInverse()
         if not a.psd:
             return self.cg
         rows = a.factor_rows if a.has_factor() else None
@@ -337,7 +366,8 @@ def as_solver(solver: Solver | str) -> Solver:
     """A solver from an instance or a name: 'auto', 'cholesky', 'cg', 'woodbury'."""
     if isinstance(solver, Solver):
         return solver
-    table = {"auto": Auto, "cholesky": Cholesky, "cg": CG, "woodbury": Woodbury}
+    table = {"auto": Auto, "cholesky": Cholesky, "cg": CG, "woodbury": Woodbury,
+             "own": OwnInverse}
     if isinstance(solver, str) and solver.lower() in table:
         return table[solver.lower()]()
     raise ConfigurationError(

@@ -43,6 +43,8 @@ Example
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -52,7 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .damping import Damping
 from .distributed import DataParallel, as_data_parallel
-from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ParameterChangeWarning, ShapeError
 from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
 from .optimizer import Optimizer, StepInfo
@@ -150,6 +152,10 @@ class _ClosureSpace(ParamSpace):
             raise ConfigurationError("the parameters must be floating-point tensors.")
         self.dtype, self.device = params[0].dtype, params[0].device
 
+    def stale(self) -> bool:
+        """Never: :class:`TorchOptimizer` follows its ``param_groups`` itself."""
+        return False
+
     def function(self) -> Callable[[Tensor, Closure], Any]:
         def f(theta: Tensor, closure: Closure) -> Any:
             saved = [p.data for p in self.params]
@@ -236,8 +242,9 @@ class ClosurePoint(GraphProducts):
             )
         self.space, self.params, self.size = space, space.params, space.size
         self.generator, self.inputs = generator, None
+        self.closure = closure  # re-evaluated by metrics that hook modules (KFAC)
         self.theta = space.get()
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _record_calls() as calls:
             with _explain_graph_errors():
                 result = closure()
         kind = _kind_of(result)
@@ -314,12 +321,53 @@ class ClosurePoint(GraphProducts):
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
             )
+        self._owner = _find_owner(calls, self) if kind == _OUTPUTS else None
 
     # -------------------------------------------------------------------- products
     def _wrt(self) -> list[Tensor]:
-        """The optimizer's parameters. The closure is opaque to ``torch.func.vmap``, so the
-        per-sample rows (``jacobian``, ``per_sample_grads``) use the batched backward."""
+        """The optimizer's parameters."""
         return self.params
+
+    def _per_sample(self, samples: slice, kind: str) -> Tensor | None:
+        """Per-sample output Jacobians (kind='jacobian', (n, C*, P)) or loss gradients
+        (kind='grad', (n, P)) by ``torch.func.vmap`` over a functional call of the module whose
+        output the closure returned (found while the closure ran, and checked once to
+        reproduce the outputs from its positional inputs); None (the batched backward) where
+        there is no such module, where it couples the samples (BatchNorm in training mode,
+        Dropout) or where vmap cannot trace it."""
+        if self._owner is None:
+            return None
+        from torch.func import functional_call, grad, jacrev, vmap
+
+        module, names, args = self._owner
+        if not getattr(self, "_owner_checked", False):
+            if not _reproduces(module, args, self.z):
+                self._owner = None
+                return None
+            self._owner_checked = True
+        fixed = {n: t.detach() for n, t in module.named_parameters() if n not in names}
+        space, loss = self.space, self.loss
+        xs = tuple(a[samples] for a in args)
+
+        def f(th: Tensor, *xi: Tensor) -> Tensor:
+            params = dict(fixed, **dict(zip(names, space.unflatten(th))))
+            return functional_call(module, params, tuple(t.unsqueeze(0) for t in xi))
+
+        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> Tensor:
+            return loss.value(f(th, *xi), yi.unsqueeze(0)).sum()
+
+        theta = self.theta.detach()
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                if kind == "jacobian":
+                    dims = (None,) + (0,) * len(xs)
+                    jac = vmap(jacrev(lambda th, *xi: f(th, *xi).reshape(-1)), in_dims=dims)
+                    return jac(theta, *xs).detach()
+                dims = (None, 0) + (0,) * len(xs)
+                return vmap(grad(one_loss), in_dims=dims)(theta, self.y[samples], *xs).detach()
+        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+            self._owner = None
+            return None
 
     def _need_losses(self) -> Tensor:
         if self.losses is None:
@@ -329,6 +377,60 @@ class ClosurePoint(GraphProducts):
                 "(outputs, targets)."
             )
         return self.losses
+
+
+@contextlib.contextmanager
+def _record_calls() -> Iterator[list]:
+    """Record (module, positional inputs, output) of every module call while the closure
+    runs (a global forward hook), to find the module whose output the closure returns."""
+    calls: list = []
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, Tensor):
+            calls.append((module, args, output))
+
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _find_owner(calls: list, point: ClosurePoint) -> tuple | None:
+    """(module, the names of the optimizer's parameters in it, its batched inputs) for the
+    outermost module call whose output is the closure's outputs z, when a functional call of
+    it reproduces z and it does not couple samples; else None."""
+    z, n = point.z, point.n
+    if not isinstance(point.y, Tensor) or point.y.shape[:1] != (n,):
+        return None
+    for module, args, output in reversed(calls):
+        if output is not z:
+            continue
+        named = {id(p): name for name, p in module.named_parameters()}
+        if not all(id(p) in named for p in point.params):
+            return None
+        if any(m.training and isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout)
+               for m in module.modules()):
+            return None
+        if not args or not all(isinstance(a, Tensor) and a.shape[:1] == (n,) for a in args):
+            return None
+        names = [named[id(p)] for p in point.params]
+        return module, names, tuple(a.detach() for a in args)
+    return None
+
+
+def _reproduces(module: nn.Module, args: tuple, z: Tensor) -> bool:
+    """Whether a call of the module on its positional inputs gives z again (no kwargs, no
+    hidden state): checked once before the vmapped per-sample path is trusted."""
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            again = module(*args)
+    except Exception:  # noqa: BLE001 - any failure: use the batched backward instead
+        return False
+    tol = 100 * torch.finfo(z.dtype).eps
+    return (isinstance(again, Tensor) and again.shape == z.shape
+            and torch.allclose(again, z.detach(), rtol=tol,
+                               atol=tol * float(z.detach().abs().max())))
 
 
 class _ClosureOptimizer(Optimizer):
@@ -434,6 +536,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             cg_backtracking=cg_backtracking, generator=generator, distributed=distributed,
         )
         self.last_info: StepInfo | None = None
+        self._note = ""
+
+    # -------------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer`` pickles only defaults, state and param_groups; the core
+        optimizer (metric, damping, solver, step rule, generator) travels too, so
+        ``copy.deepcopy`` and ``pickle`` give a working optimizer (copy the model with it:
+        ``copy.deepcopy((model, opt))``)."""
+        state = super().__getstate__()
+        state.update(_inner=self._inner, last_info=self.last_info, _note=self._note)
+        return state
 
     # -------------------------------------------------------------------- configuration
     @property
@@ -450,14 +563,28 @@ class TorchOptimizer(torch.optim.Optimizer):
         if inner is not None:
             self._refresh_space()
 
-    def _refresh_space(self) -> None:
+    def _refresh_space(self, warn: bool = False) -> str:
+        """Follow ``param_groups`` as ``torch.optim`` does: theta is the parameters of the
+        groups with ``requires_grad=True`` now. When that set (or a shape, dtype or device)
+        changed, the state on the old flat vector (previous CG solution, momentum buffer, a
+        damping rule's scaling D) is reset; with ``warn`` a
+        :class:`~steepest.errors.ParameterChangeWarning` says so. Returns a note ('' when
+        nothing changed)."""
         params = self._trainable()
         old = self._inner.space
-        if [id(p) for p in params] != [id(p) for p in old.params]:
-            state = self._inner.state_dict()  # per-parameter vectors no longer fit: reset them
-            state = {k: None if _is_flat(v, old.size) else v for k, v in state.items()}
-            self._inner.space = _ClosureSpace(params)
-            self._inner.load_state_dict(state)
+        if len(params) == len(old.params) and all(
+                p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
+                for p, q, s in zip(params, old.params, old.shapes)):
+            return ""
+        inner = self._inner
+        inner.space = _ClosureSpace(params)
+        inner._prev_solution = inner._momentum_buffer = None
+        inner.damping.parameters_changed()
+        note = (f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
+                "followed; the previous solution, momentum buffer and damping scaling were reset")
+        if warn:
+            warnings.warn(note, ParameterChangeWarning, stacklevel=4)
+        return note
 
     def _sync_groups(self) -> None:
         lrs = {float(g["lr"]) for g in self.param_groups}
@@ -470,7 +597,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         lr, mu = lrs.pop(), mus.pop()
         _check_hyper(lr, mu, allow_zero_lr=True)
-        self._refresh_space()
+        self._note = self._refresh_space(warn=True)
         if isinstance(self._inner.step_rule, LearningRate):
             self._inner.step_rule.alpha = lr
         self._inner.momentum = mu
@@ -498,6 +625,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
             raise
+        if self._note:
+            info = dataclasses.replace(info, message="; ".join(
+                m for m in (self._note, info.message) if m))
         self.last_info = info
         self._state_out()
         return torch.tensor(info.loss, dtype=self._inner.space.dtype)
@@ -528,20 +658,41 @@ class TorchOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved; the next step is then bit-identical."""
+        """Restore what :meth:`state_dict` saved; the next step is then bit-identical.
+
+        Validated and atomic: a state of other parameters (count or shapes) or of another
+        damping or step rule raises a :class:`~steepest.errors.ConfigurationError` and leaves
+        the optimizer as it was."""
         if _STATE_KEY not in state_dict.get("state", {}):
             raise ConfigurationError(
                 "this state dict was not saved by steepest.TorchOptimizer (no "
                 f"state['{_STATE_KEY}']); load one from TorchOptimizer.state_dict()."
             )
-        super().load_state_dict(state_dict)
-        self._refresh_space()
-        space = self._inner.space
-        core = dict(self.state[_STATE_KEY])
-        for name in core.pop("per_parameter", []):
-            parts = [self.state.get(p, {}).get(name) for p in space.params]
-            core[name] = None if any(c is None for c in parts) else space.flatten(parts)
-        self._inner.load_state_dict(core)
+        old = self.state, self.param_groups, self._inner.space
+        try:
+            try:
+                super().load_state_dict(state_dict)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigurationError(
+                    f"cannot load this state dict: {err} Load one saved by the state_dict() of "
+                    "a TorchOptimizer over the same parameters."
+                ) from err
+            self._refresh_space()
+            space = self._inner.space
+            core = dict(self.state[_STATE_KEY])
+            for name in core.pop("per_parameter", []):
+                parts = [self.state.get(p, {}).get(name) for p in space.params]
+                if any(c is not None and c.shape != p.shape for c, p in zip(parts, space.params)):
+                    raise ConfigurationError(
+                        f"cannot load this state dict: its '{name}' has shapes "
+                        f"{[tuple(c.shape) for c in parts if c is not None]}, the parameters "
+                        f"{[tuple(p.shape) for p in space.params]}."
+                    )
+                core[name] = None if any(c is None for c in parts) else space.flatten(parts)
+            self._inner.load_state_dict(core)  # validated, atomic
+        except BaseException:
+            self.state, self.param_groups, self._inner.space = old
+            raise
 
 
 def _is_flat(value: Any, size: int) -> bool:
