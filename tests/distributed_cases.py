@@ -88,6 +88,18 @@ def optimizer_cases() -> dict[str, dict]:
         cases[f"{name}-auto"] = dict(
             metric=METRICS[name], solver="auto", damping=lambda: st.LevenbergMarquardt(1e-2)
         )
+    # structured metrics reduce their own statistics (factors, diagonal) over the ranks
+    structured = {
+        "KFAC-GGN": lambda: st.KFAC(st.GGN()),
+        "KFAC-Fisher-spread_inverses": lambda: st.KFAC(st.Fisher(), spread_inverses=True),
+        "EKFAC-GGN-spread_inverses": lambda: st.EKFAC(st.GGN(), spread_inverses=True),
+        "KFAC-ema-T_inv": lambda: st.KFAC(st.GGN(), ema=0.9, T_inv=2, spread_inverses=True),
+        "Diagonal-GGN-sqrt": lambda: st.Diagonal(st.GGN(), power=0.5),
+    }
+    for name, metric in structured.items():
+        cases[name] = dict(
+            metric=metric, solver="auto", damping=lambda: st.LevenbergMarquardt(1e-2)
+        )
     cases["GaussNewton-mse-cholesky"] = dict(
         metric=st.GaussNewton,
         solver="cholesky",

@@ -180,13 +180,38 @@ class DataParallel:
             "optimizer state unchanged); fix the data or model on that rank."
         )
 
+    def weighted_sum(self, tensors: list[Tensor], weight: float) -> list[Tensor]:
+        r""":math:`\sum_r w_r t_r` for each tensor of the list, in one all_reduce (this rank's
+        weight :math:`w_r = N_r / N`): means over a shard made means over all shards."""
+        if not tensors:
+            return []
+        flat = self.sum(torch.cat([weight * t.reshape(-1) for t in tensors]))
+        parts = torch.split(flat, [t.numel() for t in tensors])
+        return [p.view_as(t) for p, t in zip(parts, tensors)]
+
+    def spread(self, fn: Any, items: list[Tensor], shapes: Any) -> list[tuple[Tensor, ...]]:
+        """``[fn(x) for x in items]`` with item i computed on rank i mod R only and its result
+        (a tuple of tensors, shaped as ``shapes(x)`` says: a list of (shape, dtype)) broadcast
+        from there: the inverse work of K-FAC's blocks spread over the ranks (KAISA), the same
+        result on every rank."""
+        out: list[tuple[Tensor, ...]] = []
+        for i, x in enumerate(items):
+            owner = i % self.world_size
+            if owner == self.rank:
+                res = fn(x)
+            else:
+                res = tuple(torch.empty(sh, dtype=dt, device=x.device) for sh, dt in shapes(x))
+            out.append(tuple(self.broadcast(t, owner) for t in res))
+        return out
+
     def scalar(self, value: float, weight: float) -> float:
         r""":math:`\sum_r w_r v_r` for this rank's weight :math:`w_r = N_r / N` and value
         :math:`v_r` (a trial loss or KL); infinite if any rank's value is."""
         if not math.isfinite(value):
             value, weight = math.inf, 1.0
-        out = float(self.sum(torch.tensor([weight * value], dtype=torch.float64,
-                                          device=self.device)))
+        out = float(
+            self.sum(torch.tensor([weight * value], dtype=torch.float64, device=self.device))
+        )
         return out if math.isfinite(out) else math.inf
 
     def operator(self, op: LinearOperator, n_local: int, n_total: int) -> LinearOperator:
