@@ -18,7 +18,7 @@ Run::
     python benchmarks/distributed.py --out benchmarks/results/distributed.json
     python benchmarks/distributed.py --markdown benchmarks/results/distributed.json  # table
 
-Options: ``--procs 1 2``, ``--repeats 3``, ``--steps 4``, ``--n 1024``, ``--hidden 32``,
+Options: ``--procs 1 2``, ``--repeats 3``, ``--steps 3``, ``--n 256``, ``--hidden 16``,
 ``--threads 1`` (torch threads per process). On a machine with 2 cores, 2 processes of 1 thread
 each use both cores; the speed-up is bounded by the cores, and by the load of other users: the
 load average is written into the JSON.
@@ -55,14 +55,18 @@ METRICS = {
     "EmpiricalFisher": st.EmpiricalFisher,
     "GradientCovariance": st.GradientCovariance,
     "Hessian": st.Hessian,
+    "KFAC": lambda: st.KFAC(st.GGN()),
+    "KFAC-spread": lambda: st.KFAC(st.GGN(), spread_inverses=True),
 }
 FACTORED = {"GaussNewton", "GGN", "Fisher", "EmpiricalFisher", "GradientCovariance"}
 
 
 def configs() -> list[tuple[str, str]]:
-    return [
+    kfac = [("KFAC", "auto"), ("KFAC-spread", "auto")]  # its own inverse
+    return kfac + [
         (m, s)
         for m in METRICS
+        if not m.startswith("KFAC")
         for s in ("cholesky", "cg", "woodbury")
         if s != "woodbury" or m in FACTORED
     ]
@@ -193,9 +197,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--backend",

@@ -26,7 +26,14 @@ same on every rank, so a ``state_dict`` saved on rank 0 resumes on every rank.
 
 Metrics, solvers and step rules never call ``torch.distributed``; the optimizer hands a
 :class:`DataParallel` to the Point (the means) and wraps the metric's operator with
-:meth:`DataParallel.operator` (the curvature).
+:meth:`DataParallel.operator` (the curvature). A structured metric whose operator is not linear
+in the per-sample terms reduces its own statistics through the Point instead
+(``reduces_over_ranks = True``): K-FAC its Kronecker factors,
+:math:`A = \sum_r (N_r/N) A_r`, :math:`G = \sum_r (N_r/N) G_r`
+(:meth:`~steepest.point.GraphProducts.mean_over_ranks`), and with
+``KFAC(spread_inverses=True)`` the eigendecomposition of block k is computed on rank k mod R and
+broadcast (:meth:`~steepest.point.GraphProducts.spread_over_ranks`, KAISA's distribution of
+the inverse work); ``Diagonal`` reduces the diagonal before taking its power.
 
 Example
 -------
