@@ -14,8 +14,10 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import runpy
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -80,6 +82,24 @@ def optimizer_cases() -> dict[str, dict]:
                 if solver == "cg"
                 else (lambda: st.LevenbergMarquardt(1e-2)),
             )
+    # Auto: the factor's rows over all ranks decide (GGN: 33 > P = 31, Cholesky, while rank
+    # 0's own 21 rows would pick Woodbury; EmpiricalFisher: 11 rows, Woodbury)
+    for name in ("GGN", "EmpiricalFisher"):
+        cases[f"{name}-auto"] = dict(
+            metric=METRICS[name], solver="auto", damping=lambda: st.LevenbergMarquardt(1e-2)
+        )
+    # structured metrics reduce their own statistics (factors, diagonal) over the ranks
+    structured = {
+        "KFAC-GGN": lambda: st.KFAC(st.GGN()),
+        "KFAC-Fisher-spread_inverses": lambda: st.KFAC(st.Fisher(), spread_inverses=True),
+        "EKFAC-GGN-spread_inverses": lambda: st.EKFAC(st.GGN(), spread_inverses=True),
+        "KFAC-ema-T_inv": lambda: st.KFAC(st.GGN(), ema=0.9, T_inv=2, spread_inverses=True),
+        "Diagonal-GGN-sqrt": lambda: st.Diagonal(st.GGN(), power=0.5),
+    }
+    for name, metric in structured.items():
+        cases[name] = dict(
+            metric=metric, solver="auto", damping=lambda: st.LevenbergMarquardt(1e-2)
+        )
     cases["GaussNewton-mse-cholesky"] = dict(
         metric=st.GaussNewton,
         solver="cholesky",
@@ -314,7 +334,7 @@ def case_mc_independent(rank: int, dp: DataParallel) -> dict:
 
 def case_torch_optimizer(rank: int, dp: DataParallel | None, ddp: bool = False) -> dict:
     """TorchOptimizer, GGN + LM, closure (outputs, targets); with ddp the model is wrapped in
-    DistributedDataParallel and handed to the optimizer as params."""
+    DistributedDataParallel, handed to the optimizer as params and called by the closure."""
     x, labels, _ = data()
     if dp is not None:
         x, labels = shard(x, rank), shard(labels, rank)
@@ -329,7 +349,7 @@ def case_torch_optimizer(rank: int, dp: DataParallel | None, ddp: bool = False) 
         distributed=None if ddp else dp,
     )
     for _ in range(STEPS):
-        opt.step(lambda: (m(x), labels))
+        opt.step(lambda: (params(x), labels))  # DDP forward with ddp=True
     return {"theta": flat(m)}
 
 
@@ -347,6 +367,23 @@ def case_optimizer_ddp(rank: int) -> dict:
     for _ in range(STEPS):
         opt.step(shard(x, rank), shard(labels, rank))
     return {"theta": flat(m)}
+
+
+def case_curvature_batch(rank: int, dp: DataParallel) -> dict:
+    """curvature_batch_size=3 per rank (different random samples on each rank)."""
+    x, labels, _ = data()
+    m = model()
+    opt = st.Optimizer(
+        m,
+        st.CrossEntropy(),
+        metric=st.GGN(),
+        solver="cholesky",
+        damping=st.LevenbergMarquardt(1e-2),
+        curvature_batch_size=3,
+        distributed=dp,
+    )
+    infos = [opt.step(shard(x, rank), shard(labels, rank)) for _ in range(STEPS)]
+    return {"theta": flat(m), "accepted": [i.accepted for i in infos]}
 
 
 def case_scalar_closure(rank: int, dp: DataParallel) -> dict:
@@ -392,12 +429,19 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             results, "dist/torch_optimizer_ddp", lambda: case_torch_optimizer(rank, dp, ddp=True)
         )
         _record(results, "dist/optimizer_ddp", lambda: case_optimizer_ddp(rank))
+        _record(results, "dist/curvature_batch", lambda: case_curvature_batch(rank, dp))
         _record(results, "dist/scalar_closure", lambda: case_scalar_closure(rank, dp))
         _record(results, "dist/rejected", lambda: case_rejected(rank, dp))
         _record(results, "dist/failed_shard", lambda: case_failed_shard(rank, dp))
         _record(results, "dist/failed_step", lambda: case_failed_step(rank, dp))
         _record(results, "dist/state_dict", lambda: case_state_dict(rank, dp))
         _record(results, "dist/mc_independent", lambda: case_mc_independent(rank, dp))
+        example = Path(__file__).resolve().parent.parent / "examples" / "distributed.py"
+        _record(
+            results,
+            "dist/example",
+            lambda: runpy.run_path(str(example), run_name="example")["train"](),
+        )
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -105,6 +105,12 @@ def test_torch_optimizer_and_ddp(results, name):
     assert torch.allclose(r0["theta"], ref["theta"], rtol=0, atol=TOL)
 
 
+def test_curvature_sub_batch_per_rank(results):
+    r0, r1 = _get(results, "dist/curvature_batch")
+    assert torch.equal(r0["theta"], r1["theta"]) and any(r0["accepted"])
+    assert not torch.equal(r0["theta"], cases.flat(cases.model()))
+
+
 def test_scalar_closure_refused_by_name(results):
     r0, r1 = _get(results, "dist/scalar_closure")
     assert r0["raised"] == r1["raised"] == "ConfigurationError"
@@ -156,6 +162,15 @@ def test_monte_carlo_ranks_average_their_samples(results):
     differ from the 1-process one (which draws one set): the samples are not shared."""
     r0, _ = _get(results, "dist/mc_independent")
     assert not torch.allclose(r0["theta_one_process"], r0["theta"], atol=1e-8)
+
+
+def test_example_on_two_ranks(results):
+    """examples/distributed.py (its train(), in the 2 processes): identical parameters on
+    both ranks, equal to one process on the whole batch, and a classifier that works."""
+    r0, r1 = _get(results, "dist/example")
+    assert r0["world"] == 2 and r0["mismatch"] == r1["mismatch"] == 0.0
+    assert r0["difference"] < TOL
+    assert r0["accuracy"] > 0.9
 
 
 def test_data_parallel_needs_initialised_process_group():

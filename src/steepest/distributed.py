@@ -26,7 +26,14 @@ same on every rank, so a ``state_dict`` saved on rank 0 resumes on every rank.
 
 Metrics, solvers and step rules never call ``torch.distributed``; the optimizer hands a
 :class:`DataParallel` to the Point (the means) and wraps the metric's operator with
-:meth:`DataParallel.operator` (the curvature).
+:meth:`DataParallel.operator` (the curvature). A structured metric whose operator is not linear
+in the per-sample terms reduces its own statistics through the Point instead
+(``reduces_over_ranks = True``): K-FAC its Kronecker factors,
+:math:`A = \sum_r (N_r/N) A_r`, :math:`G = \sum_r (N_r/N) G_r`
+(:meth:`~steepest.point.GraphProducts.mean_over_ranks`), and with
+``KFAC(spread_inverses=True)`` the eigendecomposition of block k is computed on rank k mod R and
+broadcast (:meth:`~steepest.point.GraphProducts.spread_over_ranks`, KAISA's distribution of
+the inverse work); ``Diagonal`` reduces the diagonal before taking its power.
 
 Example
 -------
@@ -94,6 +101,9 @@ class DataParallel:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes_sent = 0
+        # where the scalars of a collective live: NCCL reduces CUDA tensors only
+        nccl = dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
 
     def __repr__(self) -> str:
         return f"DataParallel(rank={self.rank}, world_size={self.world_size})"
@@ -177,12 +187,38 @@ class DataParallel:
             "optimizer state unchanged); fix the data or model on that rank."
         )
 
+    def weighted_sum(self, tensors: list[Tensor], weight: float) -> list[Tensor]:
+        r""":math:`\sum_r w_r t_r` for each tensor of the list, in one all_reduce (this rank's
+        weight :math:`w_r = N_r / N`): means over a shard made means over all shards."""
+        if not tensors:
+            return []
+        flat = self.sum(torch.cat([weight * t.reshape(-1) for t in tensors]))
+        parts = torch.split(flat, [t.numel() for t in tensors])
+        return [p.view_as(t) for p, t in zip(parts, tensors)]
+
+    def spread(self, fn: Any, items: list[Tensor], shapes: Any) -> list[tuple[Tensor, ...]]:
+        """``[fn(x) for x in items]`` with item i computed on rank i mod R only and its result
+        (a tuple of tensors, shaped as ``shapes(x)`` says: a list of (shape, dtype)) broadcast
+        from there: the inverse work of K-FAC's blocks spread over the ranks (KAISA), the same
+        result on every rank."""
+        out: list[tuple[Tensor, ...]] = []
+        for i, x in enumerate(items):
+            owner = i % self.world_size
+            if owner == self.rank:
+                res = fn(x)
+            else:
+                res = tuple(torch.empty(sh, dtype=dt, device=x.device) for sh, dt in shapes(x))
+            out.append(tuple(self.broadcast(t, owner) for t in res))
+        return out
+
     def scalar(self, value: float, weight: float) -> float:
         r""":math:`\sum_r w_r v_r` for this rank's weight :math:`w_r = N_r / N` and value
         :math:`v_r` (a trial loss or KL); infinite if any rank's value is."""
         if not math.isfinite(value):
             value, weight = math.inf, 1.0
-        out = float(self.sum(torch.tensor([weight * value], dtype=torch.float64)))
+        out = float(
+            self.sum(torch.tensor([weight * value], dtype=torch.float64, device=self.device))
+        )
         return out if math.isfinite(out) else math.inf
 
     def operator(self, op: LinearOperator, n_local: int, n_total: int) -> LinearOperator:
@@ -207,7 +243,7 @@ class DataParallel:
         factor = rows = None
         if op.has_factor():
             if op.factor_rows is not None:
-                rows = int(self.sum(torch.tensor([op.factor_rows], dtype=torch.int64)))
+                rows = int(self.sum(torch.tensor([op.factor_rows], device=op.device)))
 
             def factor() -> Factor:
                 f = op.factor()

@@ -487,7 +487,7 @@ class Optimizer:
         """The metric's M on the point; under torch.distributed the whole batch's
         (:meth:`~steepest.distributed.DataParallel.operator`)."""
         op = metric.operator(point)
-        if self.distributed is None:
+        if self.distributed is None or getattr(metric, "reduces_over_ranks", False):
             return op
         return self.distributed.operator(op, point.n, point.n_total)
 

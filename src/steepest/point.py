@@ -113,6 +113,30 @@ class GraphProducts:
     _gl: tuple[list[Tensor], list[int], Tensor] | None = None  # J_l^T u of the losses
     _ggraph: tuple[list[Tensor], list[int]] | None = None  # the gradient graph, for H v
 
+    distributed: DataParallel | None = None  # set by a point on a rank's shard
+    n_total: int
+
+    def mean_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        r"""Statistics that are means over this point's n samples, made means over the
+        samples of every rank: :math:`\sum_r (N_r/N)\, t_r` (one all_reduce under
+        torch.distributed, the tensors unchanged in one process). For a metric that reduces
+        its own statistics (K-FAC's factors) instead of its products.
+
+        >>> A, G = point.mean_over_ranks([A, G])
+        """
+        if self.distributed is None:
+            return tensors
+        return self.distributed.weighted_sum(tensors, self.n / self.n_total)
+
+    def spread_over_ranks(self, fn: Callable[[Tensor], tuple[Tensor, ...]], items: list[Tensor],
+                          shapes: Callable[[Tensor], list]) -> list[tuple[Tensor, ...]]:
+        """``[fn(x) for x in items]``; under torch.distributed item i is computed on rank
+        i mod R only and its result broadcast to every rank (``shapes(x)``: the (shape, dtype)
+        of each tensor ``fn(x)`` returns)."""
+        if self.distributed is None:
+            return [fn(x) for x in items]
+        return self.distributed.spread(fn, items, shapes)
+
     def _check_finite(self) -> None:
         """Raise a NonFiniteError if ``value`` or ``grad`` is not finite."""
         if not math.isfinite(self.value):

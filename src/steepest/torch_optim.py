@@ -509,7 +509,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         :class:`~steepest.distributed.DataParallel`): each rank's closure evaluates its shard
         and returns per-sample losses or ``(outputs, targets)``. A
         ``DistributedDataParallel`` passed as ``params`` gives its parameters and process
-        group; the closure should then call the plain module (``ddp.module``).
+        group; the closure may call it or its ``.module`` (steepest differentiates with
+        ``torch.autograd.grad``, so DDP's own gradient all-reduce never runs).
 
     ``step(closure)`` returns the loss before the step (a 0-dim tensor) like ``torch.optim``;
     the full :class:`~steepest.optimizer.StepInfo` is ``opt.last_info``. A step that raises
