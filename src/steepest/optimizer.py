@@ -458,6 +458,9 @@ class Optimizer:
                     "state kept")
         self._prev_solution = self._momentum_buffer = None
         self.damping.parameters_changed()
+        reset = getattr(self.metric, "parameters_changed", None)  # a metric with state (KFAC)
+        if callable(reset):
+            reset()
         note = (f"the trainable parameters changed ({old.size} -> {new.size} values, "
                 f"{len(old.names)} -> {len(new.names)} tensors): followed; the previous solution, "
                 "momentum buffer and damping scaling were reset")
