@@ -376,7 +376,7 @@ class Optimizer:
                 "step() cannot run under torch.inference_mode() (it needs autograd); call it "
                 "outside the inference_mode block."
             )
-        saved = copy.deepcopy(self.state_dict())
+        saved = copy.deepcopy(self.state_dict())  # its generator state is the shared one
         space0, theta0 = self.space, None
         guard = ForwardGuard(getattr(self, "model", None))
         with guard:
