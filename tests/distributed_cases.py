@@ -386,6 +386,26 @@ def case_curvature_batch(rank: int, dp: DataParallel) -> dict:
     return {"theta": flat(m), "accepted": [i.accepted for i in infos]}
 
 
+def case_preconditioner(rank: int, ddp: bool) -> dict:
+    """KFAC Preconditioner + SGD, the kfac-pytorch pattern: with ddp the model is wrapped in
+    DistributedDataParallel (its backward averages .grad over the 2 equal shards of the first
+    10 samples) and handed to the Preconditioner; else one process on those 10 samples."""
+    x, labels, _ = data()
+    x, labels = x[:10], labels[:10]
+    if ddp:
+        x, labels = x[rank * 5 : rank * 5 + 5], labels[rank * 5 : rank * 5 + 5]
+    m = model()
+    net = nn.parallel.DistributedDataParallel(m) if ddp else m
+    pre = st.Preconditioner(net, st.CrossEntropy(), metric=st.KFAC(st.GGN()), damping=1e-2)
+    sgd = torch.optim.SGD(m.parameters(), lr=0.5)
+    for _ in range(STEPS):
+        sgd.zero_grad()
+        nn.functional.cross_entropy(net(x), labels).backward()
+        pre.step(x, labels)
+        sgd.step()
+    return {"theta": flat(m)}
+
+
 def case_scalar_closure(rank: int, dp: DataParallel) -> dict:
     x, labels, _ = data()
     m = model()
@@ -430,6 +450,9 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         )
         _record(results, "dist/optimizer_ddp", lambda: case_optimizer_ddp(rank))
         _record(results, "dist/curvature_batch", lambda: case_curvature_batch(rank, dp))
+        if rank == 1:
+            _record(results, "ref/preconditioner", lambda: case_preconditioner(rank, False))
+        _record(results, "dist/preconditioner", lambda: case_preconditioner(rank, True))
         _record(results, "dist/scalar_closure", lambda: case_scalar_closure(rank, dp))
         _record(results, "dist/rejected", lambda: case_rejected(rank, dp))
         _record(results, "dist/failed_shard", lambda: case_failed_shard(rank, dp))

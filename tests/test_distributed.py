@@ -111,6 +111,15 @@ def test_curvature_sub_batch_per_rank(results):
     assert not torch.equal(r0["theta"], cases.flat(cases.model()))
 
 
+def test_kfac_preconditioner_with_ddp(results):
+    """Preconditioner(DDP(model), KFAC) + SGD on 2 ranks equals one process on the batch."""
+    ref = _ref(results, "ref/preconditioner")
+    r0, r1 = _get(results, "dist/preconditioner")
+    assert torch.equal(r0["theta"], r1["theta"])
+    assert torch.allclose(r0["theta"], ref["theta"], rtol=0, atol=TOL)
+    assert not torch.equal(ref["theta"], cases.flat(cases.model()))
+
+
 def test_scalar_closure_refused_by_name(results):
     r0, r1 = _get(results, "dist/scalar_closure")
     assert r0["raised"] == r1["raised"] == "ConfigurationError"

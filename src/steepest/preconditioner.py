@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
+from .distributed import DataParallel, as_data_parallel
 from .errors import ConfigurationError, NonFiniteError
 from .losses import Loss, as_loss
 from .metrics import Metric
@@ -55,6 +56,11 @@ class Preconditioner:
     damping: :math:`\lambda > 0`, a float
     solver: ``"auto"`` (the metric's own inverse when it has one) or a solver
     generator: the ``torch.Generator`` for sampled labels (seeded 0 if None)
+    distributed: None, True or a :class:`~steepest.distributed.DataParallel`: under
+        torch.distributed each rank passes its shard to :meth:`step` and M is the whole
+        batch's (K-FAC's factors reduced over the ranks, KAISA-style); ``.grad`` must already
+        be the same on every rank (a ``DistributedDataParallel`` backward averages it; pass the
+        DDP model, it is unwrapped). Sampled labels are independent per rank.
 
     Example
     -------
@@ -70,6 +76,7 @@ class Preconditioner:
         damping: float = 1e-3,
         solver: Solver | str = "auto",
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
         from .kronecker import KFAC
 
@@ -77,6 +84,7 @@ class Preconditioner:
             raise ConfigurationError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.distributed, model = as_data_parallel(distributed, model)
         self.model, self.space = model, ParamSpace(model)
         self.loss = as_loss(loss)
         self.metric = KFAC() if metric is None else metric
@@ -109,16 +117,23 @@ class Preconditioner:
         )
         if not torch.isfinite(grad).all():
             raise NonFiniteError("the gradient in .grad holds NaN or infinite values.")
-        lazy = getattr(self.metric, "needs_point", None)
-        if lazy is not None and not lazy():  # K-FAC between refreshes: no model evaluation
-            point = SimpleNamespace(
-                space=self.space, size=self.space.size, grad=grad, loss=self.loss
-            )
-        else:
-            point = Point(self.space, self.loss, inputs, targets, generator=self.generator)
         saved = self.state_dict()
         try:
-            op = self.metric.operator(point).add_diagonal(self.damping)
+            dp, sampler = self.distributed, self.generator
+            if dp is not None:  # independent labels per rank, one shared generator state
+                sampler = dp.generator(self.generator)
+            lazy = getattr(self.metric, "needs_point", None)
+            if lazy is not None and not lazy():  # K-FAC between refreshes: no model evaluation
+                point = SimpleNamespace(
+                    space=self.space, size=self.space.size, grad=grad, loss=self.loss
+                )
+            else:
+                point = Point(self.space, self.loss, inputs, targets, generator=sampler,
+                              distributed=dp)
+            op = self.metric.operator(point)
+            if dp is not None and not getattr(self.metric, "reduces_over_ranks", False):
+                op = dp.operator(op, point.n, point.n_total)
+            op = op.add_diagonal(self.damping)
             solver = self.solver.choose(op) if isinstance(self.solver, Auto) else self.solver
             if isinstance(solver, OwnInverse):  # no residual product: the inverse is its own
                 solver = _Own()
