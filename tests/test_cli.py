@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ CASES = [
 def test_compare_end_to_end(problem, methods, tmp_path, capsys):
     out = tmp_path / "out"
     rc = call(["compare", "--problem", problem, "--methods", methods, "--iters", "2",
-               "--out", str(out), "--quiet"])
+               "--seeds", "1", "--no-tune", "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out == "" and captured.err == ""  # --quiet
@@ -81,8 +82,8 @@ def test_report_html_opens_with_the_answer(tmp_path, capsys):
     assert "http://" not in page and "https://" not in page
     # the terminal table and the answer are printed without --quiet
     printed = " ".join(captured.out.split())
-    for column in ("final train loss", "iterations", "wall time", "time to target",
-                   "diverged"):
+    for column in ("final train loss", "iterations", "step time", "time to target",
+                   "reached", "diverged"):
         assert column.split()[0] in printed
     assert "not reached" in printed  # vanilla does not reach the target in 12 steps
     assert " ".join(sentence.split()) in printed
@@ -180,8 +181,8 @@ def test_help_everywhere(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: steepest")
     if argv == ["compare"]:
-        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--device",
-                       "--dtype", "--out", "--set", "--quiet"):
+        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--seeds",
+                       "--no-tune", "--device", "--dtype", "--out", "--set", "--quiet"):
             assert option in out
 
 
@@ -194,3 +195,199 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "steepest.cli", "problems"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "regression" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- issue 9: the CLI
+def _refuse_to_compute(monkeypatch):
+    """Make any computation fail loudly: a refusal must come before it."""
+    def boom(*args, **kwargs):
+        raise AssertionError("computed before the output path was checked")
+
+    monkeypatch.setattr(compare, "execute", boom)
+
+
+@pytest.mark.parametrize("command", ["compare", "geometry"])
+def test_out_under_a_file_is_refused_before_computing(command, tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _refuse_to_compute(monkeypatch)
+    from steepest import geometry
+
+    monkeypatch.setattr(geometry, "compute", lambda *a, **k: (_ for _ in ()).throw(
+        AssertionError("computed before the output path was checked")))
+    out = afile / ("sub" if command == "compare" else "g.png")
+    rc = call([command, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "is a file" in err, err
+    assert afile.read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+PROBLEM_FILES = {
+    "syntax": ("def make(:\n    pass\n", "SyntaxError at line 1"),
+    "import": ("import no_such_module_for_steepest\n", "ModuleNotFoundError"),
+    "raises": ("def make():\n    raise RuntimeError('bad data')\n", "RuntimeError: bad data"),
+    "type": ("def make():\n    return 42\n", "returned int, not a steepest.problems.Problem"),
+    "fields": ("from steepest.problems import Problem\ndef make():\n    return Problem('p')\n",
+               "TypeError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROBLEM_FILES))
+def test_a_broken_problem_file_is_one_line_and_exit_2(case, tmp_path, capsys):
+    text, message = PROBLEM_FILES[case]
+    path = tmp_path / f"broken_{case}.py"
+    path.write_text(text)
+    rc = call(["compare", "--problem", f"{path}:make", "--iters", "1",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("steepest: error:"), err
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_geometry_with_an_absurd_epsilon_is_refused(tmp_path, capsys):
+    rc = call(["geometry", "--eps", "1e300", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "smaller --eps" in err, err
+    rc = call(["geometry", "--radius", "1e300", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "smaller --radius" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+BROADCASTING_PROBLEM = """
+import torch
+from steepest.losses import MSE
+from steepest.problems import Problem
+from steepest.problems.builtin import mlp
+
+def make():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    y = x.sum(1, keepdim=True)                       # (N, 1) targets, (N, 3) outputs
+    return Problem("bcast", "outputs that broadcast against the targets",
+                   lambda seed, dtype, device: mlp([2, 4, 3], seed, dtype, device),
+                   MSE(), (x, y), target_loss=1e-3)
+"""
+
+
+def test_a_problem_whose_loss_would_broadcast_is_refused_up_front(tmp_path, capsys,
+                                                                   monkeypatch):
+    path = tmp_path / "bcast.py"
+    path.write_text(BROADCASTING_PROBLEM)
+    _refuse_to_compute(monkeypatch)
+    rc = call(["compare", "--problem", f"{path}:make", "--methods", "adam,ggn", "--iters", "2",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "problem 'bcast' (train data)" in err and "(40, 3)" in err and "(40, 1)" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_keeps_the_finished_runs_marked_partial(tmp_path, capsys, monkeypatch):
+    from steepest.compare import runner
+
+    real = runner._run_one
+
+    def run_one(problem, method, *args, **kwargs):
+        if method == "adam":
+            raise KeyboardInterrupt
+        return real(problem, method, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_run_one", run_one)
+    out = tmp_path / "out"
+    rc = call(["compare", "--problem", "toy2d", "--methods", "vanilla,natural,adam",
+               "--iters", "2", "--seeds", "2", "--no-tune", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 130 and "interrupted" in err and "partial" in err
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["partial"] is True
+    # seed by seed: seed 0's vanilla and natural finished before Adam was interrupted
+    assert [(r["method"], r["seed"]) for r in data["runs"]] == [("vanilla", 0), ("natural", 0)]
+    assert data["summary"]["sentence"].startswith("Interrupted: partial results, 2 of 6")
+    assert "Interrupted: partial results" in (out / "report.html").read_text()
+
+
+def test_a_new_out_directory_gets_the_ordinary_mode(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "new" / "out"
+        assert call(["compare", "--problem", "toy2d", "--methods", "adam", "--iters", "1",
+                     "--out", str(out), "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755
+    assert ((tmp_path / "new").stat().st_mode & 0o777) == 0o755
+
+
+def test_the_largest_seed_runs(tmp_path):
+    out = tmp_path / "out"
+    rc = call(["compare", "--problem", "quadratic-noisy", "--methods", "sgd,ggn", "--iters", "2",
+               "--seed", str(2**64 - 1), "--out", str(out), "--quiet"])
+    assert rc == 0
+    data = json.loads((out / "results.json").read_text())
+    assert not any(r["diverged"] for r in data["runs"])
+    assert call(["compare", "--seed", str(2**64), "--out", str(out)]) == 2
+
+
+class _Page(HTMLParser):
+    """Parses a page strictly enough for a test: balanced tags (void elements aside), the
+    images' sources and the text of the answer paragraph."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.answer: list[str] = []
+        self.text: list[str] = []
+        self._in_answer = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        if tag == "p" and attrs.get("class") == "answer":
+            self._in_answer = True
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack[-5:])
+        self.stack.pop()
+        if tag == "p":
+            self._in_answer = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_answer:
+            self.answer.append(data)
+
+
+def test_report_html_parses_with_every_image_embedded(tmp_path):
+    out = tmp_path / "rep"
+    assert call(["compare", "--problem", "regression", "--methods",
+                 "ggn,natural,adam,ggn[damping=0.1]", "--iters", "8", "--seeds", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    page = _Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    page.close()
+    assert page.stack == []  # every element closed
+    assert " ".join("".join(page.answer).split()) == " ".join(
+        data["summary"]["sentence"].split())
+    assert len(page.images) == 2
+    for img in page.images:
+        assert img["src"].startswith("data:image/png;base64,") and img.get("alt")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    text = " ".join(" ".join(page.text).split())
+    # how it was judged, the merged rows with their reason, the learning-rate search
+    assert "Judged on the" in text and "Methods are tied when" in text
+    assert "GGN = natural gradient" in text or "natural gradient = GGN" in text
+    assert "Martens 002 section 9.2" in text
+    assert "Learning-rate search" in text and "adam" in text
+    assert "GGN [damping=0.1]" in text
+    assert len(data["runs"]) == 8 and {r["seed"] for r in data["runs"]} == {0, 1}

@@ -192,15 +192,43 @@ def test_non_finite_loss_after_the_step_restores_everything():
 
     x = torch.linspace(1, 2, 8, dtype=DT).view(-1, 1)
     y = torch.full_like(x, 100.0)  # pulls a up: exp(a x) overflows after the long step
-    for damping in (0.0, LevenbergMarquardt(init=1e-9, max_tries=3)):
-        model = Exp()
-        opt = Optimizer(model, MSE(), metric=Identity(), damping=damping,
-                        step=LearningRate(1e6), momentum=0.3)
-        theta0, state0 = snapshot(opt)
-        with pytest.raises(NonFiniteError, match="not finite after the step"):
-            opt.step(x, y)
-        assert torch.equal(opt.space.get(), theta0)
-        assert_state_equal(opt.state_dict(), state0)
+    model = Exp()
+    opt = Optimizer(model, MSE(), metric=Identity(), damping=0.0, step=LearningRate(1e6),
+                    momentum=0.3)
+    theta0, state0 = snapshot(opt)
+    with pytest.raises(NonFiniteError, match="not finite after the step") as err:
+        opt.step(x, y)
+    assert "LevenbergMarquardt()" in str(err.value)  # advised: not the rule in use
+    assert torch.equal(opt.space.get(), theta0)
+    assert_state_equal(opt.state_dict(), state0)
+
+
+def test_non_finite_trial_losses_are_rejected_tries_under_levenberg_marquardt():
+    """Issue 9: a loss finite at the point but not at the tries is a rejected step (lambda
+    raised and kept), not a failure that restores lambda and repeats forever."""
+
+    class Exp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor([1.0], dtype=DT))
+
+        def forward(self, x):
+            return torch.exp(self.a * x)
+
+    x = torch.linspace(1, 2, 8, dtype=DT).view(-1, 1)
+    y = torch.full_like(x, 100.0)
+    lm = LevenbergMarquardt(init=1e-9, max_tries=3)
+    opt = Optimizer(Exp(), MSE(), metric=Identity(), damping=lm, step=LearningRate(1e6))
+    theta0 = opt.space.get()
+    info = opt.step(x, y)
+    assert not info.accepted and info.tries == 3
+    assert torch.equal(opt.space.get(), theta0)
+    assert lm.value == pytest.approx(1e-9 * 3.0**3, rel=1e-12)  # raised and kept
+    for _ in range(40):
+        info = opt.step(x, y)
+        if info.accepted:
+            break
+    assert info.accepted and math.isfinite(info.loss_new) and info.loss_new < info.loss
 
 
 class _NaNMetric(Metric):

@@ -9,9 +9,13 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 >>> info = opt.step(x, y)
 """
 
-from . import compare, damping, errors, linop, losses, metrics, problems, solvers, steps
+from . import compare, damping, errors, fit, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
+from .diagonal import Diagonal
+from .distributed import DataParallel
 from .errors import SteepestError
+from .fit import OptimizeResult, curve_fit, least_squares, minimize
+from .kronecker import EKFAC, KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
 from .metrics import (
@@ -27,8 +31,9 @@ from .metrics import (
 from .optimizer import Optimizer, StepInfo
 from .params import ParamSpace
 from .point import Point
+from .preconditioner import Preconditioner
 from .problems import Problem
-from .solvers import CG, Auto, Cholesky, Woodbury
+from .solvers import CG, Auto, Cholesky, OwnInverse, Woodbury
 from .steps import Armijo, KLLineSearch, LearningRate, TrustRegion
 from .torch_optim import TorchOptimizer
 
@@ -55,6 +60,9 @@ __all__ = [
     "Cholesky",
     "Constant",
     "CrossEntropy",
+    "DataParallel",
+    "Diagonal",
+    "EKFAC",
     "EmpiricalFisher",
     "Fisher",
     "GGN",
@@ -63,6 +71,7 @@ __all__ = [
     "GradientCovariance",
     "Hessian",
     "Identity",
+    "KFAC",
     "KLLineSearch",
     "LearningRate",
     "LevenbergMarquardt",
@@ -71,9 +80,12 @@ __all__ = [
     "Loss",
     "MSE",
     "Metric",
+    "OptimizeResult",
     "Optimizer",
+    "OwnInverse",
     "ParamSpace",
     "Point",
+    "Preconditioner",
     "Problem",
     "SteepestError",
     "StepInfo",
@@ -81,12 +93,16 @@ __all__ = [
     "TrustRegion",
     "Woodbury",
     "compare",
+    "curve_fit",
     "curvature",
     "damping",
     "errors",
+    "fit",
     "linop",
+    "least_squares",
     "losses",
     "metrics",
+    "minimize",
     "problems",
     "solvers",
     "steps",

@@ -42,3 +42,24 @@ class SolverError(SteepestError, RuntimeError):
 
 class ConfigurationError(SteepestError, ValueError):
     """An option has a value outside its domain."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (a class where an instance is due, ...)."""
+
+
+class SteepestWarning(UserWarning):
+    """Base class of every warning issued by steepest."""
+
+
+class ParameterChangeWarning(SteepestWarning):
+    """The model's trainable parameters changed between steps (a layer frozen, unfrozen or
+    replaced); the optimizer followed and reset the state that lived on the old set."""
+
+
+class ConvergenceError(SteepestError, RuntimeError):
+    """A fit ended without meeting its tolerances (``curve_fit``: scipy's RuntimeError)."""
+
+
+class RankError(SteepestError, RuntimeError):
+    """Under torch.distributed, another rank failed its part of the step (every rank raises)."""

@@ -140,12 +140,26 @@ def compute(problem: str | Problem, theta: Tensor | None = None, seed: int = 0,
     span = 1.5 * radius
     if eps is not None:
         span = 1.5 * max(max(float(s.norm()) for s in geom.steps.values()), 1e-12)
+    if not math.isfinite(span) or span > 1e100:
+        what = f"eps={eps:g}" if eps is not None else f"radius={radius:g}"
+        fix = ("a smaller --eps, or none (each metric's epsilon scaled to --radius)"
+               if eps is not None else "a smaller --radius")
+        raise ConfigurationError(
+            f"{what} gives steps of length {span / 1.5:.3g}: far too long to draw; pass {fix}."
+        )
     xs = torch.linspace(-span, span, grid, dtype=dtype) + geom.theta[0]
     ys = torch.linspace(-span, span, grid, dtype=dtype) + geom.theta[1]
     values = torch.empty(grid, grid, dtype=dtype)
     for j, b in enumerate(ys):
         for i, a in enumerate(xs):
             values[j, i] = evaluate(space, prob.loss, x, y, torch.stack([a, b]))[0]
+    finite = values[torch.isfinite(values)]
+    if finite.numel() < 2 or float(finite.max()) == float(finite.min()):
+        raise ConfigurationError(
+            f"the loss is not finite (or is constant) on the square of half-width {span:.3g} "
+            f"around theta, so no contour can be drawn; pass a smaller "
+            f"{'--eps' if eps is not None else '--radius'}."
+        )
     geom.xs, geom.ys, geom.grid = xs, ys, values
     return geom
 

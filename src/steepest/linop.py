@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DenseTooLargeError, ShapeError
+from .errors import DenseTooLargeError, ShapeError, SingularMatrixError
 
 DENSE_LIMIT = 20_000
 """Largest dimension for which ``to_dense()`` builds a matrix, unless told otherwise."""
@@ -65,6 +65,12 @@ class LinearOperator:
         :class:`~steepest.solvers.Auto` choose Woodbury for R < P at no cost)
     psd: whether M is known to be positive semi-definite
     name: what M is, for messages
+    inverse: optional ``(b, shift) -> (M + shift)^-1 b``, the operator's own fast inverse
+        (a diagonal, per-block eigendecompositions), shift a float lambda or, when
+        ``inverse_diagonal``, a (P,) diagonal; :class:`~steepest.solvers.Auto` uses it first
+    inverse_exact: whether that inverse is exact (False for an approximate inverse such as
+        K-FAC's factored damping)
+    inverse_diagonal: whether it accepts a diagonal damping diag(s) as well as lambda I
     """
 
     def __init__(
@@ -81,6 +87,9 @@ class LinearOperator:
         factor_rows: int | None = None,
         psd: bool = True,
         name: str = "M",
+        inverse: Callable[[Tensor, float | Tensor], Tensor] | None = None,
+        inverse_exact: bool = True,
+        inverse_diagonal: bool = False,
     ) -> None:
         self._matvec = matvec
         self._matmat = matmat
@@ -93,6 +102,9 @@ class LinearOperator:
         self.device = torch.device(device)
         self.psd = psd
         self.name = name
+        self._inverse = inverse
+        self.inverse_exact = inverse_exact
+        self.inverse_diagonal = inverse_diagonal
         # the damping of M + lambda I (a float) or of M + diag(s) (a (P,) tensor, e.g. the
         # lambda D^2 of a scaled trust region); a damped operator records it
         self.shift: float | Tensor = 0.0
@@ -148,6 +160,17 @@ class LinearOperator:
     def damping_quad(self, v: Tensor) -> float:
         """:math:`v^T S v` for the damping S (lambda I or diag(s)): M + S minus M, on v."""
         return float(v @ (self.shift * v))
+
+    def has_inverse(self) -> bool:
+        """Whether M carries its own inverse for the current damping (lambda I, or diag(s)
+        where the inverse accepts a diagonal)."""
+        return self._inverse is not None and (self.inverse_diagonal or not self.diagonal_shift())
+
+    def solve(self, b: Tensor) -> Tensor:
+        """:math:`(M + S)^{-1} b` by the operator's own inverse, S the damping."""
+        if not self.has_inverse():
+            raise NotImplementedError(f"{self.name} has no own inverse for this damping")
+        return self._inverse(b, self.shift)
 
     def has_factor(self) -> bool:
         return self._factor is not None
@@ -251,3 +274,17 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"LinearOperator({self.name}, shape={self.shape}, dtype={self.dtype})"
+
+
+def eigh(m: Tensor, name: str = "M") -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``, whose failure to converge (badly scaled float32 matrices) is a
+    :class:`~steepest.errors.SingularMatrixError`, which adaptive damping answers by raising
+    lambda and solving again."""
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError as err:
+        raise SingularMatrixError(
+            f"the eigendecomposition of {name} ({m.shape[0]} x {m.shape[0]}, {m.dtype}) failed "
+            f"to converge ({str(err).splitlines()[0]}); the matrix is badly scaled: raise the "
+            "damping, use LevenbergMarquardt() (which retries with a larger lambda) or float64."
+        ) from err

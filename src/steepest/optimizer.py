@@ -33,7 +33,9 @@ Example
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,12 +43,19 @@ import torch
 from torch import Tensor, nn
 
 from .damping import Damping, Trial, as_damping
-from .errors import ConfigurationError, NonFiniteError, SingularMatrixError, SolverError
+from .distributed import DataParallel, as_data_parallel
+from .errors import (
+    ConfigurationError,
+    NonFiniteError,
+    ParameterChangeWarning,
+    SingularMatrixError,
+    SolverError,
+)
 from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GradientCovariance, Metric
 from .params import ParamSpace
-from .point import Inputs, Point, evaluate
+from .point import ForwardGuard, Inputs, Point, evaluate
 from .solvers import CG, Auto, Solution, Solver, as_solver
 from .steps import LearningRate, StepContext, StepRule, as_step
 
@@ -90,14 +99,36 @@ class StepInfo:
     message: str = ""
 
 
+def _l2_penalty(eta: Tensor, theta: Tensor) -> float:
+    r""":math:`\tfrac12 \sum_j \eta_j \theta_j^2`."""
+    return 0.5 * float((eta * theta * theta).sum())
+
+
+def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
+    r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
+    as damping: the quadratic model and the damping rules see it in M."""
+    return LinearOperator(
+        lambda v: op.matvec(v) + eta * v, op.size, op.dtype, op.device,
+        matmat=lambda V: op @ V + eta[:, None] * V,
+        dense=lambda: op.to_dense() + torch.diag(eta),
+        diagonal=lambda: op.diagonal() + eta,
+        psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
+    )
+
+
 class _Trials:
     """Loss and outputs at theta0 + delta, memoised (a rule, rho and CG backtracking often ask
     for the same point)."""
 
     def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor) -> None:
+                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
+                 point: Point | None = None, l2: Tensor | None = None) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
-        self.theta0, self.z0 = theta0, z0
+        self.theta0, self.z0, self.l2 = theta0, z0, l2
+        self.guard = guard or ForwardGuard()
+        # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
+        self.distributed = None if point is None else point.distributed
+        self.weight = 1.0 if point is None else point.n / point.n_total
         self.count = 0
         self._memo: list[tuple[Tensor, float, Tensor]] = []
 
@@ -105,9 +136,14 @@ class _Trials:
         for d, value, z in self._memo:
             if torch.equal(d, delta):
                 return value, z
-        value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
-                            self.theta0 + delta)
+        with self.guard.trial():  # the point's buffers and Dropout masks, never written
+            value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
+                                self.theta0 + delta)
+        if self.l2 is not None:
+            value += _l2_penalty(self.l2, self.theta0 + delta)
         value = value if math.isfinite(value) else math.inf
+        if self.distributed is not None:
+            value = self.distributed.scalar(value, self.weight)
         self.count += 1
         self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
         return value, z
@@ -118,7 +154,10 @@ class _Trials:
     def kl_at(self, delta: Tensor) -> float:
         _, z = self._eval(delta)
         kl = float(self.loss.kl(self.z0, z).mean())
-        return kl if math.isfinite(kl) else math.inf
+        kl = kl if math.isfinite(kl) else math.inf
+        if self.distributed is not None:
+            kl = self.distributed.scalar(kl, self.weight)
+        return kl
 
 
 class Optimizer:
@@ -152,6 +191,21 @@ class Optimizer:
         ``generator`` (the gradient stays on the whole batch); or pass ``curvature=(x, y)`` to
         :meth:`step`
     generator: the ``torch.Generator`` for sampling (MC Fisher, sub-batches); seeded 0 if None
+    distributed: data parallelism over the ranks of ``torch.distributed``
+        (:mod:`steepest.distributed`): None (one process), True (the default process group)
+        or a :class:`~steepest.distributed.DataParallel`. Each rank passes its shard of the
+        batch to :meth:`step`; the step is the one of the concatenated batch, identical on
+        every rank. A model wrapped in ``DistributedDataParallel`` is unwrapped (steepest
+        reduces, not DDP) and its process group used. ``curvature_batch_size`` is then per rank.
+
+    In a training loop (README, "Training loops"): buffers (BatchNorm's running statistics)
+    move once per step, from the forward at theta; trial evaluations run on copies of them and
+    with the random state of the step's forward (the same Dropout masks); a failed step puts
+    them back. The trainable set is read at every step: a frozen parameter never changes, a
+    replaced or unfrozen one is trained, and state on the old flat vector is reset with a
+    :class:`~steepest.errors.ParameterChangeWarning`. A ``torch.compile``'d module is run
+    through its original module ``_orig_mod`` (compiled graphs have no double backward).
+    float16/bfloat16 and meta-device parameters are refused by name.
 
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
@@ -181,6 +235,7 @@ class Optimizer:
         cg_backtracking: bool = False,
         curvature_batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
         from .metrics import GGN
 
@@ -188,6 +243,10 @@ class Optimizer:
             raise ConfigurationError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.distributed, model = as_data_parallel(distributed, model)
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = orig  # torch.compile'd: its graphs have no double backward (J v, H v)
         self.model = model
         self.space = ParamSpace(model)
         self.loss = as_loss(loss)
@@ -232,7 +291,13 @@ class Optimizer:
             generator = torch.Generator(device=self.space.device)
             generator.manual_seed(0)
         self.generator = generator
+        self._sampler = generator  # this step's generator (per rank under torch.distributed)
         self.steps = 0
+        self._guard: ForwardGuard | None = None  # the buffers/RNG guard of the running step
+        # set by TorchOptimizer: weight decay eta_j (an L2 term in the objective, its gradient
+        # and eta in M) and per-group learning rates (a scaling of each block of the step)
+        self._l2: Tensor | None = None
+        self._step_scale: Tensor | None = None
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
 
@@ -249,31 +314,90 @@ class Optimizer:
 
         return {
             "steps": self.steps,
-            "damping": self.damping.state_dict(),
-            "step_rule": self.step_rule.state_dict(),
+            "damping": {"rule": type(self.damping).__name__, **self.damping.state_dict()},
+            "step_rule": {"rule": type(self.step_rule).__name__, **self.step_rule.state_dict()},
             "prev_direction": clone(self._prev_solution),
             "momentum_buffer": clone(self._momentum_buffer),
             "generator": self.generator.get_state(),
+            # a metric that keeps state across steps (KFAC's running factors) saves it here
+            **({"metric": self.metric.state_dict()} if hasattr(self.metric, "state_dict")
+               else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved."""
+        """Restore what :meth:`state_dict` saved.
+
+        Validated first and atomic: a state of another damping rule or step rule, of a model
+        with another number of parameters, or with keys missing raises a
+        :class:`~steepest.errors.ConfigurationError` before anything changes.
+        """
+        self._check_state(state)
+        before = copy.deepcopy(self.state_dict())
+        try:
+            self._load_state(state)
+        except BaseException:
+            self._load_state(before)
+            raise
+
+    def _check_state(self, state: dict) -> None:
+        def fail(what: str) -> None:
+            raise ConfigurationError(
+                f"cannot load this optimizer state: {what}. Load a state saved by "
+                "state_dict() of an optimizer built the same way (same damping rule, step rule "
+                "and model)."
+            )
+
+        if not isinstance(state, dict):
+            fail(f"expected a dict, got {type(state).__name__}")
         missing = {"steps", "damping", "step_rule", "generator"} - set(state)
         if missing:
-            raise ConfigurationError(f"state_dict lacks keys {sorted(missing)}; pass a dict "
-                                     "saved by steepest.Optimizer.state_dict().")
+            fail(f"it lacks keys {sorted(missing)}")
+        if not (isinstance(state["steps"], int) and state["steps"] >= 0):
+            fail(f"steps must be an integer >= 0, got {state['steps']!r}")
+        size = self.space.size
+        for owner, key in ((self.damping, "damping"), (self.step_rule, "step_rule")):
+            sub = state[key]
+            if not isinstance(sub, dict):
+                fail(f"state['{key}'] must be a dict, got {type(sub).__name__}")
+            rule, own = sub.get("rule"), type(owner).__name__
+            if rule is not None and rule != own:
+                fail(f"it was saved with {key} {rule}, this optimizer uses {own}")
+            keys, expected = set(sub) - {"rule"}, set(owner.state_dict())
+            if keys != expected:
+                fail(f"state['{key}'] has keys {sorted(keys)}, {own} expects {sorted(expected)}")
+            for name, value in sub.items():
+                if isinstance(value, Tensor) and value.numel() != size:
+                    fail(f"state['{key}']['{name}'] holds {value.numel()} values, the model "
+                         f"has {size} trainable parameters")
+        for key in ("prev_direction", "momentum_buffer"):
+            v = state.get(key)
+            if v is not None and not (isinstance(v, Tensor) and v.shape == (size,)):
+                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                fail(f"state['{key}'] has shape {shape}, the model has {size} trainable "
+                     "parameters")
+        gen = state["generator"]
+        ref = self.generator.get_state()
+        if not (isinstance(gen, Tensor) and gen.dtype == ref.dtype and gen.shape == ref.shape):
+            fail("state['generator'] is not the state of a torch.Generator on "
+                 f"{self.generator.device}")
+
+    def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
-        self.damping.load_state_dict(state["damping"])
-        self.step_rule.load_state_dict(state["step_rule"])
+        self.damping.load_state_dict({k: v for k, v in state["damping"].items() if k != "rule"})
+        self.step_rule.load_state_dict(
+            {k: v for k, v in state["step_rule"].items() if k != "rule"})
         pd, mb = state.get("prev_direction"), state.get("momentum_buffer")
         self._prev_solution = None if pd is None else pd.clone()
         self._momentum_buffer = None if mb is None else mb.clone()
         self.generator.set_state(state["generator"])
+        if "metric" in state and hasattr(self.metric, "load_state_dict"):
+            self.metric.load_state_dict(state["metric"])
 
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
-        return Point(self.space, self.loss, inputs, targets, generator=self.generator)
+        return Point(self.space, self.loss, inputs, targets, generator=self._sampler,
+                     distributed=self.distributed)
 
     def step(self, inputs: Inputs, targets: Tensor,
              curvature: tuple[Inputs, Tensor] | None = None) -> StepInfo:
@@ -282,28 +406,90 @@ class Optimizer:
         ``curvature=(x_c, y_c)`` computes M on another (smaller) batch than the gradient.
         On an exception the parameters and the optimizer state are restored.
         """
-        point = self.point(inputs, targets)  # validates; raises before any change
-        theta0 = point.theta.detach().clone()
-        saved = copy.deepcopy(self.state_dict())
-        try:
-            return self._step(point, inputs, targets, curvature, theta0, saved)
-        except BaseException:
-            self.space.set(theta0)
-            self.load_state_dict(saved)
-            raise
+        if torch.is_inference_mode_enabled():
+            raise ConfigurationError(
+                "step() cannot run under torch.inference_mode() (it needs autograd); call it "
+                "outside the inference_mode block."
+            )
+        saved = copy.deepcopy(self.state_dict())  # its generator state is the shared one
+        space0, theta0 = self.space, None
+        guard = ForwardGuard(getattr(self, "model", None))
+        with guard:
+            try:
+                note = self._follow_parameters()
+                if self.distributed is not None:  # independent samples per rank, one state
+                    self._sampler = self.distributed.generator(self.generator)
+                point = self.point(inputs, targets)  # validates; raises before any change
+                guard.point_done()
+                theta0 = point.theta.detach().clone()
+                self._guard = guard
+                info = self._step(point, inputs, targets, curvature, theta0, saved)
+            except BaseException:
+                if theta0 is not None:
+                    self.space.set(theta0)
+                self.space = space0
+                self._load_state(saved)
+                guard.rollback()
+                raise
+            finally:
+                self._guard = None
+        if note:
+            info = dataclasses.replace(info, message="; ".join(m for m in (note, info.message)
+                                                               if m))
+        return info
+
+    def _follow_parameters(self) -> str:
+        """Follow a change of the model's trainable parameters since the last step (a layer
+        frozen, unfrozen or replaced, ``load_state_dict(assign=True)``, ``model.to(dtype)``):
+        theta becomes the new set. When only the tensors changed (same names, shapes, dtype and
+        device) the state is kept; otherwise the state that lives on the old flat vector (the
+        previous CG solution, the momentum buffer, a damping rule's scaling D) is reset, with a
+        :class:`~steepest.errors.ParameterChangeWarning`. Returns a note for
+        ``StepInfo.message`` ('' when nothing changed)."""
+        old = self.space
+        if not old.stale():
+            return ""
+        new = type(old)(old.model)
+        same = (new.names, new.shapes, new.dtype, new.device) == (
+            old.names, old.shapes, old.dtype, old.device)
+        self.space = new
+        if same:
+            return ("the model's parameters are new tensors (same names and shapes): followed, "
+                    "state kept")
+        self._prev_solution = self._momentum_buffer = None
+        self.damping.parameters_changed()
+        note = (f"the trainable parameters changed ({old.size} -> {new.size} values, "
+                f"{len(old.names)} -> {len(new.names)} tensors): followed; the previous solution, "
+                "momentum buffer and damping scaling were reset")
+        warnings.warn(note, ParameterChangeWarning, stacklevel=3)
+        return note
 
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
+        guard = self._guard or ForwardGuard()
         if curvature is not None:
-            return Point(self.space, self.loss, curvature[0], curvature[1],
-                         generator=self.generator)
+            with guard.trial():  # a forward like a trial's: buffers untouched
+                return Point(self.space, self.loss, curvature[0], curvature[1],
+                             generator=self._sampler, distributed=self.distributed)
         k = self.curvature_batch_size
-        if k is None or k >= point.n:
+        # under torch.distributed every rank builds the sub-batch point (its reduction is a
+        # collective), also one whose shard is not larger than k
+        if k is None or (k >= point.n and self.distributed is None):
             return point
-        idx = torch.randperm(point.n, generator=self.generator, device=self.generator.device)[:k]
+        idx = torch.randperm(point.n, generator=self._sampler, device=self._sampler.device)[:k]
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
-        return Point(self.space, self.loss, xs, point.y[idx], generator=self.generator)
+        with guard.trial():
+            return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
+                         distributed=self.distributed)
+
+    def _operator(self, metric: Metric, point: Point) -> LinearOperator:
+        """The metric's M on the point; under torch.distributed the whole batch's
+        (:meth:`~steepest.distributed.DataParallel.operator`)."""
+        op = metric.operator(point)
+        if self.distributed is None or getattr(metric, "reduces_over_ranks", False):
+            return op
+        return self.distributed.operator(op, point.n, point.n_total)
 
     def _preconditioner_base(self, point: Point, op: LinearOperator) -> Tensor | None:
         """diag(M) (clipped at 0) or diag of the empirical Fisher; lambda is added per try."""
@@ -311,7 +497,7 @@ class Optimizer:
             return None
         if self.preconditioner == "diagonal":
             return op.diagonal().clamp_min(0)
-        return GradientCovariance().operator(point).diagonal()  # = empirical Fisher, any loss
+        return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
     def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
         if base is None:
@@ -338,19 +524,34 @@ class Optimizer:
     def _step(self, point: Point, inputs: Inputs, targets: Tensor,
               curvature: tuple[Inputs, Tensor] | None, theta0: Tensor,
               saved: dict) -> StepInfo:
-        g = point.grad
+        value0, g = point.value, point.grad
+        if self._l2 is not None:  # weight decay: L + 1/2 sum_j eta_j theta_j^2 (TorchOptimizer)
+            value0 = value0 + _l2_penalty(self._l2, theta0)
+            g = g + self._l2 * theta0
         gnorm = float(g.norm())
         if gnorm == 0:
             return StepInfo(
-                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
                 damping=self.damping.value, iterations=0, residual=0.0,
                 negative_curvature=False, grad_norm=0.0, step_norm=0.0,
                 directional_derivative=0.0, accepted=False, tries=0,
                 message="zero gradient: theta is a stationary point, no step taken",
             )
+        if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
+            return StepInfo(
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                damping=self.damping.value, iterations=0, residual=0.0,
+                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
+                directional_derivative=0.0, accepted=False, tries=0,
+                message="learning rate 0 (e.g. a scheduler at its minimum): no step taken, no "
+                        "solve, damping unchanged",
+            )
         cpoint = self._curvature_point(point, curvature)
-        op = self.metric.operator(cpoint)
-        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach())
+        op = self._operator(self.metric, cpoint)
+        if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
+            op = _plus_diagonal(op, self._l2)
+        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
+                         self._guard, point, self._l2)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
@@ -404,17 +605,20 @@ class Optimizer:
                     d = dm
                 else:
                     notes.append("momentum restarted (g^T d~ >= 0)")
+            direction = d  # what the momentum buffer keeps
+            if self._step_scale is not None:  # per-group learning rates (TorchOptimizer)
+                d = self._step_scale * d
             gd = float(g @ d)
             # --- d^T (M + lambda I) d: free for an exact solve, one product otherwise
             dAd = -gd if (sol.exact and d is sol.x) else float(d @ damped.matvec(d))
             norm2 = dAd if dAd > 0 else -gd  # negative curvature: measure d by -g^T d > 0
-            ctx = StepContext(point.value, g, d, damped, norm2, sol, trials.loss_at,
+            ctx = StepContext(value0, g, d, damped, norm2, sol, trials.loss_at,
                               trials.kl_at)
             choice = self.step_rule.choose(ctx)
             alpha = float(choice.alpha)
             delta = alpha * d
             gdelta = alpha * gd
-            quad = alpha**2 * dAd
+            quad = alpha * alpha * dAd  # inf, not OverflowError, for a huge alpha
             # q uses M undamped: remove the damping term delta^T S delta from the damped quad
             predicted = -(gdelta + 0.5 * (quad - damped.damping_quad(delta)))
             loss_new = actual = rho = None
@@ -422,20 +626,20 @@ class Optimizer:
                 loss_new = choice.loss_new
                 if loss_new is None:
                     loss_new = trials.loss_at(delta)
-                actual = point.value - loss_new
+                actual = value0 - loss_new
                 finite = math.isfinite(loss_new)
                 rho = actual / predicted if (predicted > 0 and finite) else -math.inf
             # --- adapt lambda and the radius, accept or reject
             self.damping.update(-math.inf if rho is None else rho,
-                                Trial(delta if alpha > 0 else None, gdelta, point.value,
+                                Trial(delta if alpha > 0 else None, gdelta, value0,
                                       loss_new))
             self.step_rule.update(-math.inf if rho is None else rho)
             if loss_new is None:
                 rejected, why = True, choice.message or "the step rule chose alpha = 0"
             elif not math.isfinite(loss_new):
                 rejected, why = True, "the loss is not finite after the step"
-            elif reject_increase and loss_new > point.value:
-                rejected, why = True, f"the loss went up ({point.value:.6g} -> {loss_new:.6g})"
+            elif reject_increase and loss_new > value0:
+                rejected, why = True, f"the loss went up ({value0:.6g} -> {loss_new:.6g})"
             elif rho is not None and rho < self.damping.min_rho:
                 rejected, why = True, (f"rho = {rho:.3g} below {self.damping.min_rho:g}: the "
                                        "decrease is too small for the model's prediction")
@@ -445,24 +649,28 @@ class Optimizer:
                 notes.append(f"try {tries} rejected: {why}")
                 continue
             break
-        if loss_new is not None and not math.isfinite(loss_new):
+        if loss_new is not None and not math.isfinite(loss_new) and not (
+                reject_increase or self.damping.adaptive or self.step_rule.adaptive):
+            # nothing adapts to a non-finite trial loss: the same step would fail again
             raise NonFiniteError(
                 f"the loss is not finite after the step (alpha {alpha:.3g}, lambda {lam:.3g}, "
-                f"{tries} tries); parameters and optimizer state are unchanged. Raise the "
-                "damping, use LevenbergMarquardt(), a smaller step or a line search (Armijo())."
+                f"{tries} tries) with {self.damping!r} and {self.step_rule!r}; parameters and "
+                "optimizer state are unchanged. Raise the damping, use an adaptive rule "
+                "(damping=LevenbergMarquardt() or step=TrustRegion(adaptive=True)), a smaller "
+                "step or a line search (Armijo())."
             )
         accepted = not rejected
         if accepted:
             self.space.set(theta0 + delta)
             self._prev_solution = sol.x.detach().clone()
-            self._momentum_buffer = d.detach().clone() if self.momentum else None
+            self._momentum_buffer = direction.detach().clone() if self.momentum else None
             self.steps += 1
         else:
             self.generator.set_state(saved["generator"])
             notes.append(f"step rejected: {why}; parameters unchanged")
         message = "; ".join(m for m in (sol.message, choice.message, *notes) if m)
         return StepInfo(
-            loss=point.value, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
+            loss=value0, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
             damping=lam, iterations=sol.iterations, residual=sol.residual,
             negative_curvature=sol.negative_curvature, grad_norm=gnorm,
             step_norm=float(delta.norm()) if accepted else 0.0, directional_derivative=gdelta,

@@ -16,6 +16,24 @@ from torch.func import functional_call
 from .errors import ConfigurationError
 
 
+def check_dtype_device(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse parameters the curvature cannot be computed in, by name: half precision
+    (float16, bfloat16: the dense factorisations and CG lose the step, torch has no CPU
+    Cholesky for them) and the meta device (no data)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigurationError(
+            f"the trainable parameters are {dtype}; steepest computes the curvature and solves "
+            "in the parameters' dtype and needs float32 or float64 (half precision loses the "
+            "solve). Convert the model with model.float() (or model.double())."
+        )
+    if device.type == "meta":
+        raise ConfigurationError(
+            "the parameters are on the meta device (shapes without data); materialize the "
+            "model first: model.to_empty(device='cpu') then initialize or load the weights "
+            "(load_state_dict(..., assign=True))."
+        )
+
+
 class ParamSpace:
     """Names, shapes and (un)flattening of a module's trainable parameters.
 
@@ -34,7 +52,7 @@ class ParamSpace:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = self._trainable()
         if not named:
             raise ConfigurationError(
                 "the model has no trainable parameters (all have requires_grad=False); "
@@ -54,6 +72,19 @@ class ParamSpace:
             )
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+        check_dtype_device(self.dtype, self.device)
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def stale(self) -> bool:
+        """Whether the module's trainable parameters are no longer the ones of this view: a
+        parameter frozen or unfrozen, a layer replaced, new tensors loaded
+        (``load_state_dict(assign=True)``), or a dtype or device changed."""
+        now = self._trainable()
+        return [n for n, _ in now] != self.names or any(
+            p is not q or p.shape != s or p.dtype != self.dtype or p.device != self.device
+            for (_, p), q, s in zip(now, self.params, self.shapes))
 
     def get(self) -> Tensor:
         """A flat detached copy of the current trainable parameters."""

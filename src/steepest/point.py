@@ -26,7 +26,10 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +38,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import NonFiniteError, ShapeError
 from .losses import Loss, as_loss
 from .params import ParamSpace
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 Inputs = Tensor | tuple[Tensor, ...]
 
@@ -106,6 +112,44 @@ class GraphProducts:
     _gz: tuple[list[Tensor], list[int], Tensor] | None = None  # J^T u of z, linearised
     _gl: tuple[list[Tensor], list[int], Tensor] | None = None  # J_l^T u of the losses
     _ggraph: tuple[list[Tensor], list[int]] | None = None  # the gradient graph, for H v
+
+    distributed: DataParallel | None = None  # set by a point on a rank's shard
+    n_total: int
+
+    def mean_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        r"""Statistics that are means over this point's n samples, made means over the
+        samples of every rank: :math:`\sum_r (N_r/N)\, t_r` (one all_reduce under
+        torch.distributed, the tensors unchanged in one process). For a metric that reduces
+        its own statistics (K-FAC's factors) instead of its products.
+
+        >>> A, G = point.mean_over_ranks([A, G])
+        """
+        if self.distributed is None:
+            return tensors
+        return self.distributed.weighted_sum(tensors, self.n / self.n_total)
+
+    def spread_over_ranks(self, fn: Callable[[Tensor], tuple[Tensor, ...]], items: list[Tensor],
+                          shapes: Callable[[Tensor], list]) -> list[tuple[Tensor, ...]]:
+        """``[fn(x) for x in items]``; under torch.distributed item i is computed on rank
+        i mod R only and its result broadcast to every rank (``shapes(x)``: the (shape, dtype)
+        of each tensor ``fn(x)`` returns)."""
+        if self.distributed is None:
+            return [fn(x) for x in items]
+        return self.distributed.spread(fn, items, shapes)
+
+    def _check_finite(self) -> None:
+        """Raise a NonFiniteError if ``value`` or ``grad`` is not finite."""
+        if not math.isfinite(self.value):
+            raise NonFiniteError(
+                f"the loss is {self.value} at the current parameters; the model or data "
+                "produce non-finite values (check the inputs' scale, lower the step size or "
+                "raise the damping)."
+            )
+        if not torch.isfinite(self.grad).all():
+            raise NonFiniteError(
+                "the gradient holds NaN or infinite values although the loss is finite; check "
+                "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
+            )
 
     # ------------------------------------------------------------------ hooks
     def _wrt(self) -> list[Tensor]:
@@ -276,7 +320,7 @@ class GraphProducts:
 
 
 class Point(GraphProducts):
-    """The model and loss at ``theta`` on a batch ``(inputs, targets)``.
+    r"""The model and loss at ``theta`` on a batch ``(inputs, targets)``.
 
     Parameters
     ----------
@@ -285,6 +329,11 @@ class Point(GraphProducts):
     inputs, targets: the batch; inputs a tensor or a tuple of tensors passed to forward
     theta: the flat parameters to evaluate at (default: the module's current ones)
     generator: the ``torch.Generator`` for sampled quantities (Monte-Carlo Fisher)
+    distributed: a :class:`~steepest.distributed.DataParallel` when the batch is this rank's
+        shard of a batch spread over ranks: then ``value`` and ``grad`` are those of the whole
+        batch (:math:`\sum_r (N_r/N) L_r`, one all_reduce), ``n_total`` is N, while ``n``, the
+        per-sample quantities and the products (``jvp``, ``vjp``, ``hvp``, ...) stay this
+        shard's, means over its ``n`` samples (the optimizer reduces the metric built on them)
     """
 
     def __init__(
@@ -295,12 +344,51 @@ class Point(GraphProducts):
         targets: Tensor,
         theta: Tensor | None = None,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | None = None,
     ) -> None:
+        self.distributed = distributed
+        if distributed is None:
+            self._evaluate(space, loss, inputs, targets, theta, generator)
+            self.n_total = self.n
+            return
+        # the means over the whole batch: every rank reaches the all_reduce, also one whose
+        # shard failed (then every rank raises), and checks the reduced loss and gradient
+        space = space if isinstance(space, ParamSpace) else ParamSpace(space)
+        error = None
+        try:
+            self._evaluate(space, loss, inputs, targets, theta, generator, local=True)
+        except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
+            error = err
+        like = space.get()
+        value, grad, self.n_total = distributed.mean(
+            getattr(self, "value_t", None), getattr(self, "grad", None),
+            getattr(self, "n", 0), like, error)
+        self.value, self.grad = float(value), grad
+        self._check_finite()
+
+    def _evaluate(
+        self,
+        space: ParamSpace | nn.Module,
+        loss: Loss | Callable[[Tensor, Tensor], Tensor],
+        inputs: Inputs,
+        targets: Tensor,
+        theta: Tensor | None,
+        generator: torch.Generator | None,
+        local: bool = False,
+    ) -> None:
+        """Forward and gradient on this batch (``local``: the finite checks wait for the
+        reduction over ranks)."""
         self.space = space if isinstance(space, ParamSpace) else ParamSpace(space)
         self.loss = as_loss(loss)
         self.inputs, self.y = inputs, targets
         self.generator = generator
         _check_finite_inputs(inputs, targets)
+        for t in (*(inputs if isinstance(inputs, tuple) else (inputs,)), targets):
+            if t.ndim >= 1 and t.shape[0] == 0:
+                raise ShapeError(
+                    f"the batch is empty (a tensor of shape {tuple(t.shape)}); a step needs at "
+                    "least one sample: skip empty batches (e.g. DataLoader(drop_last=True))."
+                )
         base = self.space.get() if theta is None else theta.detach()
         self.theta = base.clone().requires_grad_(True)
         self.size = self.space.size
@@ -329,19 +417,12 @@ class Point(GraphProducts):
             self.n = int(z.shape[0])
             self.value_t = self.losses.mean()
         self.value = float(self.value_t.detach())
-        if not torch.isfinite(self.value_t):
-            raise NonFiniteError(
-                f"the loss is {self.value} at the current parameters; the model or data "
-                "produce non-finite values (check the inputs' scale, lower the step size or "
-                "raise the damping)."
-            )
+        if not (local or math.isfinite(self.value)):
+            self._check_finite()
         (g,) = torch.autograd.grad(self.value_t, self.theta, retain_graph=True, allow_unused=True)
         self.grad = torch.zeros_like(self.theta) if g is None else g.detach()
-        if not torch.isfinite(self.grad).all():
-            raise NonFiniteError(
-                "the gradient holds NaN or infinite values although the loss is finite; check "
-                "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
-            )
+        if not local:
+            self._check_finite()
         # per-sample quantities by vmap unless the model couples samples (BatchNorm in train)
         self._vmap_failed = any(
             m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -394,3 +475,138 @@ def evaluate(
     with torch.no_grad():
         z = space.function()(theta, inputs)
         return float(loss.value(z, targets).mean()), z
+
+
+# ---------------------------------------------------------------------------------- one step's
+# forward passes: buffers and random state
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    """The global random state: CPU, and every CUDA device's once CUDA is initialised."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+class ForwardGuard:
+    r"""Buffers and random state across the forward passes of one optimizer step.
+
+    One ``torch.optim`` training step runs the model forward once on the batch: BatchNorm's
+    running statistics move once and Dropout draws one set of masks. A step of
+    :math:`\delta = -\alpha (M + \lambda I)^{-1} g` evaluates the model more often (rejected
+    tries, line-search trials, the loss :math:`L(\theta + \delta)` of rho, a curvature
+    sub-batch). The guard makes those extra evaluations invisible:
+
+    - the forward at the step's point (inside ``with guard:`` before :meth:`point_done`) runs as
+      usual: the buffers are updated once, from the forward at :math:`\theta`;
+    - every later forward of the step runs on fresh copies of the buffers as the point's
+      forward left them (each :meth:`trial` gets its own), so trial evaluations never write the
+      module's buffers and all see the same values; inside :meth:`trial` the global random
+      state is first set to what the point's forward started from, so Dropout draws the same
+      masks on the same batch (rho then compares like with like), and afterwards put back
+      where the point's forward left it;
+    - :meth:`rollback` (a failed step) puts the buffers and the random state back to what they
+      were before the point's forward; leaving the ``with`` block hands the module's own
+      buffers back.
+
+    Modules are found by a global forward pre-hook
+    (``torch.nn.modules.module.register_module_forward_pre_hook``), so the model behind a
+    closure is covered without being named; a module whose ``forward`` is called directly
+    (not through ``module(x)``) is not seen.
+
+    Example
+    -------
+    >>> with ForwardGuard(model) as guard:
+    ...     point = Point(model, loss, x, y)      # running stats updated once
+    ...     guard.point_done()
+    ...     with guard.trial():
+    ...         evaluate(point.space, loss, x, y, theta_new)   # running stats untouched
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._modules: dict[int, nn.Module] = {}
+        self._before: dict[int, dict[str, Tensor]] = {}  # copies from before the step
+        self._own: dict[int, dict[str, Tensor]] = {}  # the module's own buffer tensors
+        self._swapped: set[int] = set()
+        self._after_point = False
+        self._handle = None
+        self._rng0 = _rng_state()
+        self._rng1: tuple[Tensor, list[Tensor] | None] | None = None
+        if model is not None:
+            for m in model.modules():
+                self._see(m)
+
+    def _see(self, module: nn.Module) -> None:
+        key = id(module)
+        if key in self._modules:
+            return
+        own = {n: b for n, b in module._buffers.items() if b is not None}
+        self._modules[key] = module
+        with torch.no_grad():
+            self._before[key] = {n: b.clone() for n, b in own.items()}
+        self._own[key] = own
+
+    def _hook(self, module: nn.Module, args: Any) -> None:
+        self._see(module)
+        key = id(module)
+        if self._after_point and key not in self._swapped and self._own[key]:
+            self._swapped.add(key)
+            with torch.no_grad():
+                for n, b in self._own[key].items():
+                    module._buffers[n] = b.clone()
+
+    def _unswap(self) -> None:
+        for key in self._swapped:
+            self._modules[key]._buffers.update(self._own[key])
+        self._swapped.clear()
+
+    def __enter__(self) -> ForwardGuard:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+
+        self._handle = register_module_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._unswap()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._rng1 is not None and exc[0] is None:
+            _set_rng_state(self._rng1)
+
+    def point_done(self) -> None:
+        """The point's forward is over: later forwards run on copies of these buffers."""
+        for key, module in self._modules.items():
+            self._own[key] = {n: b for n, b in module._buffers.items() if b is not None}
+        self._rng1 = _rng_state()
+        self._after_point = True
+
+    @contextlib.contextmanager
+    def trial(self) -> Iterator[None]:
+        """A forward at a trial point: fresh buffer copies, the point's random state."""
+        self._unswap()
+        now = _rng_state()
+        _set_rng_state(self._rng0)
+        try:
+            yield
+        finally:
+            self._unswap()
+            _set_rng_state(self._rng1 if self._rng1 is not None else now)
+
+    def rollback(self) -> None:
+        """Buffers and random state as before the step (a failed step)."""
+        self._unswap()
+        with torch.no_grad():
+            for key, module in self._modules.items():
+                for n, saved in self._before[key].items():
+                    cur = module._buffers.get(n)
+                    if cur is not None and cur.shape == saved.shape and cur.dtype == saved.dtype:
+                        if not torch.equal(cur, saved):
+                            cur.copy_(saved)
+                    else:
+                        module._buffers[n] = saved
+        _set_rng_state(self._rng0)
+        self._rng1 = None

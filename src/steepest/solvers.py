@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import linop
 from .errors import ConfigurationError, SingularMatrixError, SolverError
-from .linop import Factor, LinearOperator
+from .linop import Factor, LinearOperator, eigh
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Cholesky(Solver):
             if torch.isfinite(x).all():
                 return Solution(x, 1, _relres(a, x, b), exact=True, message="Cholesky")
         if self.indefinite == "clip":
-            mu, q = torch.linalg.eigh(m)
+            mu, q = eigh(m, a.name)
             floor = self.clip_floor * float(mu.abs().max().clamp_min(1e-300))
             clipped = mu.abs().clamp_min(floor)
             x = q @ ((q.T @ b) / clipped)
@@ -116,10 +116,13 @@ class Cholesky(Solver):
                 message=f"eigenvalue clipping: {n_neg} eigenvalues <= 0 replaced "
                 f"by |mu| (floor {floor:.3g})",
             )
-        mu = torch.linalg.eigvalsh(m)
+        try:
+            mu = torch.linalg.eigvalsh(m)
+            seen = f"smallest eigenvalue {float(mu[0]):.3g}, largest {float(mu[-1]):.3g}"
+        except torch.linalg.LinAlgError:
+            seen = "its eigenvalues did not converge either"
         raise SingularMatrixError(
-            f"{a.name} is singular or not positive definite (smallest eigenvalue "
-            f"{float(mu[0]):.3g}, largest {float(mu[-1]):.3g}), so Cholesky "
+            f"{a.name} is singular or not positive definite ({seen}), so Cholesky "
             "cannot solve it; add damping (damping=1e-3 or more), use CG() which stops at "
             "negative curvature, or Cholesky(indefinite='clip')."
         )
@@ -159,7 +162,8 @@ class CG(Solver):
         preconditioner: Tensor | None = None,
         keep_iterates: tuple[int, ...] = (),
     ) -> None:
-        if not (tol >= 0) or (maxiter is not None and maxiter < 1):
+        if not (isinstance(tol, int | float) and tol >= 0) or (maxiter is not None and not (
+                isinstance(maxiter, int) and not isinstance(maxiter, bool) and maxiter >= 1)):
             raise ConfigurationError(
                 f"CG: tol must be >= 0 and maxiter >= 1, got tol={tol!r}, maxiter={maxiter!r}."
             )
@@ -295,8 +299,35 @@ class Woodbury(Solver):
         return Solution(x, 1, _relres(a, x, b), exact=True, message=f"Woodbury, R={u.shape[0]}")
 
 
+class OwnInverse(Solver):
+    r"""The operator's own inverse: :math:`(M + \lambda I)^{-1} b` from a structure M knows
+    (a diagonal, K-FAC's per-block eigendecompositions), at the cost of a few small dense
+    products instead of a P x P factorisation or CG iterations.
+
+    >>> OwnInverse().solve(KFAC().operator(point) + 1e-3, -g)
+    """
+
+    name = "OwnInverse"
+
+    def solve(self, a: LinearOperator, b: Tensor, x0: Tensor | None = None) -> Solution:
+        if not a.has_inverse():
+            raise ConfigurationError(
+                f"OwnInverse: {a.name} carries no inverse of its own for this damping; use "
+                "Auto(), Cholesky() or CG()."
+            )
+        x = a.solve(b)
+        if not torch.isfinite(x).all():
+            raise SingularMatrixError(
+                f"{a.name} is singular at this damping (its own inverse gave non-finite "
+                "values); add damping (damping=1e-3 or more)."
+            )
+        return Solution(x, 1, _relres(a, x, b), exact=a.inverse_exact,
+                        message=f"own inverse of {a.name}")
+
+
 class Auto(Solver):
-    """Chooses per step: Woodbury when M has a sample-space factor with fewer rows than
+    """Chooses per step: the operator's own inverse when it has one (:class:`OwnInverse`:
+    Diagonal, KFAC, EKFAC); else Woodbury when M has a sample-space factor with fewer rows than
     parameters (R < P, known from ``factor_rows`` without building it) and lambda > 0 (below
     float64 only when P > ``dense_max``: its 1/lambda cancellation loses accuracy); else
     Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or damped; else CG.
@@ -315,6 +346,8 @@ class Auto(Solver):
         self.cg = cg or CG(tol=1e-8)
 
     def choose(self, a: LinearOperator) -> Solver:
+        if a.has_inverse() and a.psd:
+            return OwnInverse()
         if not a.psd:
             return self.cg
         rows = a.factor_rows if a.has_factor() else None
@@ -337,7 +370,8 @@ def as_solver(solver: Solver | str) -> Solver:
     """A solver from an instance or a name: 'auto', 'cholesky', 'cg', 'woodbury'."""
     if isinstance(solver, Solver):
         return solver
-    table = {"auto": Auto, "cholesky": Cholesky, "cg": CG, "woodbury": Woodbury}
+    table = {"auto": Auto, "cholesky": Cholesky, "cg": CG, "woodbury": Woodbury,
+             "own": OwnInverse}
     if isinstance(solver, str) and solver.lower() in table:
         return table[solver.lower()]()
     raise ConfigurationError(

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, SteepestError
 from ..losses import Loss
 
 ModelFactory = Callable[[int, torch.dtype, torch.device], nn.Module]
@@ -69,7 +69,9 @@ class Problem:
     higher_is_better: whether a larger test metric is better
     defaults: per-method settings overriding :data:`steepest.compare.METHOD_DEFAULTS`, e.g.
         ``{"vanilla": {"lr": 0.5}, "newton": {"damping": 1e-1}}``
-    iters: the default iteration budget of ``compare`` on this problem
+    iters: the iteration budget of ``compare`` on this problem when it has no ``time``
+    time: the default budget of ``compare``: seconds of each run's own step time (equal
+        wall-time budgets), or None for ``iters`` steps
     batch_size: None for full-batch steps; else each step draws a mini-batch of this size
         (gradient noise) with the run's generator
     two_params: the problem has exactly two parameters (``steepest geometry`` can draw it)
@@ -87,6 +89,7 @@ class Problem:
     higher_is_better: bool = False
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     iters: int = 50
+    time: float | None = None
     batch_size: int | None = None
     two_params: bool = False
 
@@ -112,6 +115,12 @@ class Problem:
                 )
         if self.iters < 1:
             raise ConfigurationError(f"Problem {self.name!r}: iters must be >= 1.")
+        if self.time is not None and not (isinstance(self.time, int | float)
+                                          and 0 < self.time < float("inf")):
+            raise ConfigurationError(
+                f"Problem {self.name!r}: time must be a positive number of seconds or None, "
+                f"got {self.time!r}."
+            )
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigurationError(f"Problem {self.name!r}: batch_size must be >= 1.")
         if self.test is not None and self.test_metric is None:
@@ -135,6 +144,64 @@ class Problem:
             return None
         return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point()
                      else t.to(device=device) for t in pair)  # type: ignore[return-value]
+
+    def check(self, seed: int = 0, dtype: torch.dtype = torch.float64,
+              device: torch.device | str = "cpu") -> None:
+        """Build the model once and check that its outputs fit the loss and the targets, on
+        the training and the test data, before any method runs.
+
+        The loss's own ``check(z, y)`` refuses shapes that would broadcast (an ``(N, 3)``
+        output against ``(N, 1)`` targets under MSE); ``value(z, y)`` must give one finite
+        number per sample. Every method (the steepest ones and the ``torch.optim`` baselines)
+        then sees a problem that was checked the same way.
+
+        Raises
+        ------
+        ConfigurationError
+            naming the problem, the part (train/test) and what did not fit.
+
+        >>> get("regression").check()
+        """
+        try:
+            model = self.make_model(seed, dtype, torch.device(device))
+        except SteepestError:
+            raise
+        except Exception as err:
+            raise ConfigurationError(
+                f"problem {self.name!r}: make_model(seed, dtype, device) raised "
+                f"{_describe(err)}."
+            ) from err
+        for part in ("train", "test"):
+            data = self.data(dtype, device, part)
+            if data is None:
+                continue
+            x, y = data
+            n = min(int(x.shape[0]), 64)
+            where = f"problem {self.name!r} ({part} data)"
+            try:
+                with torch.no_grad():
+                    z = model(x[:n])
+                    self.loss.check(z, y[:n])
+                    value = self.loss.value(z, y[:n])
+            except SteepestError as err:
+                raise ConfigurationError(
+                    f"{where}: {err} (checked once before any method runs)"
+                ) from err
+            except Exception as err:
+                raise ConfigurationError(
+                    f"{where}: evaluating the model and the loss raised {_describe(err)}."
+                ) from err
+            if not isinstance(value, Tensor) or tuple(value.shape) != (n,):
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ConfigurationError(
+                    f"{where}: the loss must give one value per sample, shape ({n},), got "
+                    f"{shape}; check the output and target shapes."
+                )
+            if part == "train" and not bool(torch.isfinite(value).all()):
+                raise ConfigurationError(
+                    f"{where}: the loss is not finite at the initial weights; check the data "
+                    "and the model's initialisation."
+                )
 
     def evaluate_test(self, model: nn.Module, dtype: torch.dtype,
                       device: torch.device | str) -> float | None:
@@ -178,6 +245,13 @@ def describe() -> list[tuple[str, str]]:
     return [(k, e.description) for k, e in _REGISTRY.items()]
 
 
+def _describe(err: BaseException) -> str:
+    """``TypeName: message`` on one line, with the line number of a syntax error."""
+    if isinstance(err, SyntaxError):
+        return f"SyntaxError at line {err.lineno}: {err.msg}"
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def _load_file(spec: str) -> Problem:
     path_s, _, func = spec.rpartition(":")
     path = Path(path_s)
@@ -193,11 +267,29 @@ def _load_file(spec: str) -> Problem:
         raise ConfigurationError(f"cannot import {path_s!r} as a Python file.")
     module = importlib.util.module_from_spec(spec_obj)
     sys.modules[mod_name] = module
-    spec_obj.loader.exec_module(module)
+    try:
+        spec_obj.loader.exec_module(module)
+    except SteepestError:
+        sys.modules.pop(mod_name, None)
+        raise
+    except Exception as err:  # a user's file: a syntax error, an import that fails, ...
+        sys.modules.pop(mod_name, None)
+        raise ConfigurationError(
+            f"problem file {path_s!r} failed to import: {_describe(err)}; fix the file (run "
+            f"`python {path_s}` to see the traceback)."
+        ) from err
     fn = getattr(module, func, None)
     if not callable(fn):
         raise ConfigurationError(f"{path_s!r} has no function {func!r}.")
-    problem = fn()
+    try:
+        problem = fn()
+    except SteepestError:
+        raise
+    except Exception as err:
+        raise ConfigurationError(
+            f"{spec}: calling {func}() raised {_describe(err)}; fix the function (call it in "
+            "Python to see the traceback)."
+        ) from err
     if not isinstance(problem, Problem):
         raise ConfigurationError(
             f"{spec} returned {type(problem).__name__}, not a steepest.problems.Problem."

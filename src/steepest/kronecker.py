@@ -1,0 +1,873 @@
+r"""Kronecker-factored approximations of the rows of Table 1: K-FAC and EKFAC.
+
+For a layer :math:`s = W \bar a` (``Linear``, and ``Conv1d``/``Conv2d`` on unfolded patches) with
+input :math:`\bar a = (a, 1)` (a bias column when the layer has a trainable bias) and output
+gradients :math:`g_k = J_{s}^T S_{\cdot k}` back-propagated from the columns of a square root
+:math:`S S^T` of the base's output-space matrix, the block of :math:`M = E_n[J^T S S^T J]` for
+:math:`[W\ b]` (row-major) is approximated by (Martens & Grosse 2015, section 3)
+
+.. math:: M_{[W b]} \approx G \otimes A, \qquad A = E[\bar a \bar a^T], \quad
+          G = E_n\big[\textstyle\sum_k g_k g_k^T\big].
+
+The base decides S (001 "Practical computation"; Martens 2020 section 11):
+
+=============================  ===========================================================
+base                           S (per sample, output space)
+=============================  ===========================================================
+``Fisher(mc_samples=k)``       :math:`\nabla_z l(\tilde y_j, z)/\sqrt k`,
+                               :math:`\tilde y_j\sim R_z` (default k = 1: one extra backward)
+``Fisher()``                   :math:`F_R^{1/2}` (exact)
+``GGN()``                      :math:`H_L^{1/2}` (:math:`= F_R^{1/2}` for exponential families;
+                               otherwise the signed square root of an indefinite :math:`H_L`)
+``EmpiricalFisher()``          :math:`\nabla_z l(y, z)` at the data labels
+``GaussNewton()``              :math:`I`
+=============================  ===========================================================
+
+Inputs with shared dimensions (sequences, attention: ``(N, T, d)``) use K-FAC-expand
+(``sequence="expand"``: :math:`A = \frac{1}{NT}\sum_{n,t}\bar a_{nt}\bar a_{nt}^T`,
+:math:`G = \frac1N\sum_{n,t,k} g_{ntk}g_{ntk}^T`) or K-FAC-reduce (``"reduce"``: a averaged and g
+summed over t first) (Eschenhagen et al. 2023). Convolutions are KFC (Grosse & Martens 2016):
+expand over the spatial positions of the unfolded patches, one block per group. Every other
+trainable parameter (LayerNorm, BatchNorm affine, embeddings, custom modules, a weight shared
+by several layers) gets the exact diagonal of the same base, so no model is refused.
+
+The factors come from module hooks on one extra forward and backward pass of the batch: the
+layers' inputs and the gradients of their outputs, never hand-written per-layer derivatives.
+
+:class:`EKFAC` (George et al. 2018) keeps the eigenbasis :math:`Q_G \otimes Q_A` of the factors
+and re-estimates the diagonal in it from per-sample gradients,
+:math:`s = E_n[\sum_k (Q_G^T\,\nabla_{W} l_{nk}\,Q_A)^{\odot 2}]`.
+
+Both operators carry their own inverse by per-block eigendecompositions,
+:math:`(G\otimes A + \lambda I)^{-1} = (Q_G\otimes Q_A)\,(\Lambda_G\otimes\Lambda_A +
+\lambda I)^{-1}(Q_G\otimes Q_A)^T`, which ``solver="auto"`` uses; with
+``damping="factored"`` K-FAC inverts Martens & Grosse's factored Tikhonov damping
+:math:`(A + \pi\sqrt\lambda I)\otimes(G + \sqrt\lambda/\pi\, I)` with
+:math:`\pi = \sqrt{(\mathrm{tr}A/\dim A)/(\mathrm{tr}G/\dim G)}` instead (section 6.3).
+
+Practice (Martens & Grosse 2015, sections 5 and 8): ``ema`` averages the factors across steps
+(:math:`\epsilon = \min(1 - 1/k, \text{ema})`), ``T_cov`` and ``T_inv`` refresh factors and
+eigendecompositions every so many calls. Such a metric keeps state across steps; it saves it with
+``state_dict()`` (part of the optimizer's) and resumes bit for bit.
+
+Example
+-------
+>>> opt = Optimizer(model, CrossEntropy(), metric=KFAC(), damping=LevenbergMarquardt(1e-2))
+>>> M = steepest.curvature(model, MSE(), x, y, KFAC(base=GGN()))
+>>> M @ v, M.to_dense(), M.diagonal(), (M + 1e-3).solve(g)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .errors import ConfigurationError
+from .linop import LinearOperator
+from .metrics import GGN, EmpiricalFisher, Fisher, GaussNewton, GradientCovariance, Metric
+
+_KRON_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+# ---------------------------------------------------------------------------------- capture
+@dataclass
+class _Layer:
+    """A Kronecker-shaped layer: its weight (and bias) as indices into the flat parameter
+    list, and what one forward/backward captured for it."""
+
+    module: nn.Module
+    wi: int
+    bi: int | None
+    groups: int
+    out_g: int  # output rows per group
+    calls: list  # [(input a, output s)] of the forward, one per call of the module
+
+
+def _sqrt_cotangents(metric: Metric, point, z: Tensor, y) -> tuple[Tensor, Tensor | None]:
+    """S (N, C, K) with the base's output-space matrix = S diag(w) S^T, and the signs w (N, K)
+    (None: all +1)."""
+    loss = point.loss
+    zd = z.detach()
+    n = zd.shape[0]
+    if isinstance(metric, GaussNewton):
+        c = zd.reshape(n, -1).shape[1]
+        return torch.eye(c, dtype=zd.dtype, device=zd.device).expand(n, c, c), None
+    if isinstance(metric, Fisher):
+        metric.check(point)
+        if metric.mc_samples is None:
+            return loss.fisher_sqrt(zd), None
+        k = metric.mc_samples
+        zk = zd.unsqueeze(0).expand(k, *zd.shape).reshape(k * n, *zd.shape[1:])
+        ys = loss.sample(zk, point.generator)
+        return _output_grads(loss, zk, ys).reshape(k, n, -1).permute(1, 2, 0) / k**0.5, None
+    if isinstance(metric, GGN):
+        if getattr(loss, "hessian_is_fisher", False):
+            return loss.fisher_sqrt(zd), None
+        mu, q = torch.linalg.eigh(loss.output_matrix(zd, y, "hessian"))
+        return q * mu.abs().sqrt().unsqueeze(1), torch.sign(mu)
+    if isinstance(metric, GradientCovariance) and not metric.centered:  # EmpiricalFisher too
+        metric.check(point)
+        return _output_grads(loss, zd, y).reshape(n, -1, 1), None
+    raise ConfigurationError(
+        f"KFAC/EKFAC: base must be Fisher(mc_samples=k), Fisher(), GGN(), EmpiricalFisher() or "
+        f"GaussNewton(), got {metric!r}; for other metrics use Diagonal(base) or the exact metric."
+    )
+
+
+def _output_grads(loss, z: Tensor, y: Tensor) -> Tensor:
+    zz = z.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        (gz,) = torch.autograd.grad(loss.value(zz, y).sum(), zz)
+    return gz
+
+
+def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """Unfolded input patches of a Conv1d/Conv2d: (N, C_in * prod(kernel), L)."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dil, stride = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride)
+        pad = (0, module.padding[0]) if not isinstance(module.padding, str) else None
+    else:
+        kernel, dil, stride = module.kernel_size, module.dilation, module.stride
+        pad = module.padding if not isinstance(module.padding, str) else None
+    if pad is None or module.padding_mode != "zeros":  # 'same'/'valid' or reflect/replicate
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        rp = module._reversed_padding_repeated_twice
+        if isinstance(module, nn.Conv1d):
+            rp = (*rp, 0, 0)
+        x = F.pad(x, rp, mode=mode)
+        pad = (0, 0)
+    return F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride)
+
+
+class _Capture:
+    """One extra forward and backward pass with module hooks: for each Kronecker layer the
+    inputs and the gradients of its outputs along the columns of S; for the other parameters
+    the exact diagonal of the base."""
+
+    def __init__(self, metric: Metric, point, sequence: str) -> None:
+        self.point, self.sequence = point, sequence
+        params = point.space.params
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        index = {id(p): i for i, p in enumerate(params)}
+        self.layers: list[_Layer] = []
+        model = point.space.model
+        closure = model is None
+        by_module: dict[int, _Layer] = {}
+
+        def consider(m: nn.Module) -> _Layer | None:
+            w = m._parameters.get("weight")
+            if w is None or id(w) not in index or id(w) in shared:
+                return None
+            b = m._parameters.get("bias")
+            bi = index.get(id(b)) if b is not None else None
+            if b is not None and id(b) in shared:
+                bi = None
+            groups = getattr(m, "groups", 1)
+            layer = _Layer(m, index[id(w)], bi, groups, w.shape[0] // groups, [])
+            return layer
+
+        if not closure:
+            count: dict[int, int] = {}
+            for m in model.modules():
+                for p in m._parameters.values():
+                    if p is not None:
+                        count[id(p)] = count.get(id(p), 0) + 1
+            shared = {k for k, v in count.items() if v > 1}
+            for m in model.modules():
+                if isinstance(m, _KRON_TYPES):
+                    layer = consider(m)
+                    if layer is not None:
+                        by_module[id(m)] = layer
+        else:
+            shared = set()
+        self.by_module = by_module
+        self.closure = closure
+        self.consider = consider
+
+    # ------------------------------------------------------------------ the forward
+    def _hook(self, module: nn.Module, inputs, output):
+        layer = self.by_module.get(id(module))
+        if layer is None:
+            if not (self.closure and isinstance(module, _KRON_TYPES)):
+                return None
+            layer = self.consider(module)
+            if layer is None:
+                return None
+            self.by_module[id(module)] = layer
+        if not isinstance(output, Tensor) or not inputs or not isinstance(inputs[0], Tensor):
+            return None
+        s = output if output.requires_grad else output.detach().requires_grad_(True)
+        layer.calls.append((inputs[0].detach(), s))
+        return s.clone()  # later in-place ops (ReLU(inplace=True)) must not touch s
+
+    def run(self) -> tuple[Tensor, object]:
+        """Evaluate the model with hooks; returns (z, y)."""
+        point = self.point
+        if not self.closure:
+            space = point.space
+            pieces = space.unflatten(point.theta.detach())
+            kron = {layer.wi for layer in self.by_module.values()}
+            kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
+            self.leaves = {
+                i: pieces[i].detach().clone().requires_grad_(True)
+                for i in range(len(pieces))
+                if i not in kron
+            }
+            tensors = [self.leaves.get(i, pieces[i]) for i in range(len(pieces))]
+            handles = [
+                layer.module.register_forward_hook(self._hook) for layer in self.by_module.values()
+            ]
+            try:
+                with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                    xs = point.inputs if isinstance(point.inputs, tuple) else (point.inputs,)
+                    z = torch.func.functional_call(space.model, dict(zip(space.names, tensors)), xs)
+            finally:
+                for h in handles:
+                    h.remove()
+            return z, point.y
+        handle = nn.modules.module.register_module_forward_hook(self._hook)
+        try:
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                result = point.closure()
+        finally:
+            handle.remove()
+        if not (isinstance(result, tuple | list) and len(result) == 2):
+            raise ConfigurationError(
+                "KFAC/EKFAC with TorchOptimizer need a closure returning (outputs, targets)."
+            )
+        # a weight shared by several modules is no Kronecker block: a diagonal one instead
+        seen: dict[int, int] = {}
+        for layer in self.by_module.values():
+            seen[layer.wi] = seen.get(layer.wi, 0) + 1
+        self.by_module = {k: v for k, v in self.by_module.items() if seen[v.wi] == 1}
+        kron = {layer.wi for layer in self.by_module.values()}
+        kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
+        self.leaves = {i: p for i, p in enumerate(self.params) if i not in kron}
+        return result[0], result[1]
+
+    # ------------------------------------------------------------------ the backward
+    def backward(self, metric: Metric) -> None:
+        z, y = self.run()
+        self.z = z
+        n = z.shape[0]
+        s, w = _sqrt_cotangents(metric, self.point, z, y)
+        k = s.shape[-1]
+        self.n, self.k, self.w = n, k, w
+        cots = s.permute(2, 0, 1).reshape(k, *z.shape)  # (K, *z.shape)
+        outs = [c[1] for layer in self.by_module.values() for c in layer.calls]
+        self.out_grads: list[Tensor] = []
+        if outs:
+            grads = _batched_grad(z, outs, cots)
+            self.out_grads = [
+                g if g is not None else torch.zeros(k, *o.shape, dtype=o.dtype, device=o.device)
+                for g, o in zip(grads, outs)
+            ]
+        # per-sample gradients of the other parameters for each column: rows (i, k)
+        self.other_diag: dict[int, Tensor] = {}
+        others = [i for i in sorted(self.leaves) if self.leaves[i].requires_grad]
+        for i in self.leaves:
+            if i not in others:
+                self.other_diag[i] = torch.zeros(self.sizes[i], dtype=z.dtype, device=z.device)
+        if others:
+            eye = torch.eye(n, dtype=z.dtype, device=z.device)
+            rows = torch.einsum("ni,knc->kinc", eye, cots.reshape(k, n, -1))
+            rows = rows.reshape(k * n, *z.shape)
+            weight = None if w is None else w.T.reshape(-1)  # (K*N,) matching rows
+            grads = _batched_grad(z, [self.leaves[i] for i in others], rows)
+            for i, g in zip(others, grads):
+                if g is None:
+                    self.other_diag[i] = torch.zeros(self.sizes[i], dtype=z.dtype, device=z.device)
+                    continue
+                sq = g.reshape(k * n, -1).pow(2)
+                if weight is not None:
+                    sq = sq * weight[:, None]
+                self.other_diag[i] = sq.sum(0) / n
+
+    def rows(self, layer: _Layer, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-group input rows a (groups, R, d) and output-gradient rows g (K, groups, R, o)
+        of all calls of a layer, R = N * positions (expand) or N (reduce)."""
+        a_all, g_all = [], []
+        for (a, _), gs in zip(layer.calls, grads):
+            if isinstance(layer.module, nn.Linear):
+                n = a.shape[0]
+                a3 = a.reshape(n, -1, a.shape[-1])  # (N, T, d)
+                g3 = gs.reshape(gs.shape[0], n, -1, gs.shape[-1])  # (K, N, T, o)
+                if self.sequence == "reduce":
+                    a3 = a3.mean(1, keepdim=True)
+                    g3 = g3.sum(2, keepdim=True)
+                if layer.bi is not None:
+                    a3 = torch.cat([a3, torch.ones_like(a3[..., :1])], -1)
+                a_all.append(a3.reshape(1, -1, a3.shape[-1]))
+                g_all.append(g3.reshape(g3.shape[0], 1, -1, g3.shape[-1]))
+            else:  # KFC: unfolded patches, expand over the L output positions
+                pat = _conv_patches(layer.module, a)  # (N, Cin*kk, L)
+                n, _, length = pat.shape
+                grp = layer.groups
+                pat = pat.reshape(n, grp, -1, length).permute(1, 0, 3, 2)  # (grp, N, L, d)
+                if layer.bi is not None:
+                    pat = torch.cat([pat, torch.ones_like(pat[..., :1])], -1)
+                go = gs.reshape(gs.shape[0], n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
+                go = go.permute(0, 2, 1, 4, 3)  # (K, grp, N, L, o)
+                a_all.append(pat.reshape(grp, n * length, -1))
+                g_all.append(go.reshape(go.shape[0], grp, n * length, layer.out_g))
+        return torch.cat(a_all, 1), torch.cat(g_all, 2)
+
+
+def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor | None]:
+    """Rows ``d<out, cots[r]>/d wrt`` stacked along a first axis (vmapped over r, with a loop
+    fallback for models vmap cannot batch)."""
+    try:
+        return list(
+            torch.autograd.grad(
+                out, wrt, cots, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        )
+    except RuntimeError:
+        per = [torch.autograd.grad(out, wrt, c, retain_graph=True, allow_unused=True) for c in cots]
+        res = []
+        for j, t in enumerate(wrt):
+            col = [p[j] for p in per]
+            res.append(
+                None
+                if all(c is None for c in col)
+                else torch.stack([torch.zeros_like(t) if c is None else c for c in col])
+            )
+        return res
+
+
+# ---------------------------------------------------------------------------------- blocks
+@dataclass
+class _Block:
+    """G (x) A for one layer, per group: A (grp, d, d), G (grp, o, o)."""
+
+    wi: int
+    bi: int | None
+    A: Tensor
+    G: Tensor
+
+
+def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    mu, q = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+    return mu.clamp_min(0), q
+
+
+class _Structure:
+    """Flat-vector plumbing shared by K-FAC and EKFAC: split a flat vector (or columns) into the
+    blocks' [W b] matrices and the other parameters, and join back."""
+
+    def __init__(self, sizes: list[int], shapes: list, blocks: list[_Block], others: list[int]):
+        self.sizes, self.shapes, self.blocks, self.others = sizes, shapes, blocks, others
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+
+    def piece(self, v: Tensor, i: int) -> Tensor:  # v: (k, P)
+        return v[:, self.offsets[i] : self.offsets[i + 1]]
+
+    def gather(self, v: Tensor, blk: _Block) -> Tensor:
+        """(k, grp, o, d) from flat rows (k, P)."""
+        grp, o = blk.G.shape[0], blk.G.shape[1]
+        w = self.piece(v, blk.wi).reshape(v.shape[0], grp, o, -1)
+        if blk.bi is None:
+            return w
+        b = self.piece(v, blk.bi).reshape(v.shape[0], grp, o, 1)
+        return torch.cat([w, b], -1)
+
+    def scatter(self, out: Tensor, x: Tensor, blk: _Block) -> None:
+        k = x.shape[0]
+        if blk.bi is None:
+            out[:, self.offsets[blk.wi] : self.offsets[blk.wi + 1]] = x.reshape(k, -1)
+        else:
+            out[:, self.offsets[blk.wi] : self.offsets[blk.wi + 1]] = x[..., :-1].reshape(k, -1)
+            out[:, self.offsets[blk.bi] : self.offsets[blk.bi + 1]] = x[..., -1].reshape(k, -1)
+
+
+# ---------------------------------------------------------------------------------- metrics
+class KFAC(Metric):
+    r"""Kronecker-factored approximate curvature (Martens & Grosse 2015; KFC for convolutions,
+    Grosse & Martens 2016; expand/reduce, Eschenhagen et al. 2023) of a Table 1 row: per layer
+    :math:`G \otimes A`, the exact diagonal of the same base for every other parameter.
+
+    Parameters
+    ----------
+    base: ``Fisher(mc_samples=1)`` (default), ``Fisher()``, ``GGN()``, ``EmpiricalFisher()`` or
+        ``GaussNewton()``
+    sequence: ``"expand"`` (default) or ``"reduce"`` for Linear layers on inputs with shared
+        dimensions ``(N, T, d)``
+    damping: ``"exact"`` (default): the own inverse is exact for :math:`G\otimes A+\lambda I`;
+        ``"factored"``: the inverse of Martens & Grosse's factored Tikhonov damping with the
+        pi-correction (an approximation of the damped block, flagged inexact)
+    ema: None, or the decay of the running averages of the factors, :math:`\min(1-1/k,` ema)
+        at the k-th refresh (Martens & Grosse use 0.95)
+    T_cov, T_inv: refresh the factors every ``T_cov`` calls of :meth:`operator` and the
+        eigendecompositions every ``T_inv`` calls (defaults 1: the metric of this batch)
+    rescale: None (default), ``"alpha"`` or ``"momentum"``: the own solve rescales its answer
+        :math:`\Delta = (K + \lambda I)^{-1} b` by the exact quadratic model of the base
+        (Martens & Grosse 2015, section 7), :math:`C = M_{exact} + \lambda I`:
+        ``"alpha"`` returns :math:`\alpha^*\Delta`, :math:`\alpha^* = b^T\Delta /
+        \Delta^T C\Delta` (one exact product); ``"momentum"`` returns
+        :math:`\alpha^*\Delta + \mu^*\delta_0` minimising
+        :math:`\frac12 x^TCx - b^Tx` over the span of :math:`\Delta` and the previous
+        answer :math:`\delta_0` (two exact products, a 2 x 2 solve). The exact metric is
+        ``Fisher()`` for a Monte-Carlo Fisher base, the base itself otherwise; the solve is
+        then flagged inexact (the optimizer measures it with K-FAC's own quadratic)
+    spread_inverses: under torch.distributed (:mod:`steepest.distributed`), compute the
+        eigendecompositions of block k on rank k mod R only and broadcast them (the inverse
+        work spread over the ranks, as KAISA does with a gradient-worker fraction of 1/R);
+        False (default): every rank decomposes every block, nothing is sent. Either way the
+        factors are means over the samples of every rank (one all_reduce per refresh).
+
+    The operator acts in the flat parameter order (``model.parameters()``); ``to_dense()`` is
+    block diagonal up to that order, ``diagonal()`` is :math:`\mathrm{diag}(G)\otimes
+    \mathrm{diag}(A)`, and ``solve``/``solver="auto"`` use the per-block eigendecompositions.
+
+    Examples
+    --------
+    >>> opt = Optimizer(model, CrossEntropy(), metric=KFAC(), damping=LevenbergMarquardt(1e-1))
+    >>> practice = KFAC(ema=0.95, T_cov=10, T_inv=100, damping="factored")
+    """
+
+    name = "KFAC"
+    # the factors are reduced over ranks (Point.mean_over_ranks), so the operator is already
+    # the whole batch's: the optimizer does not reduce its products again
+    reduces_over_ranks = True
+
+    def __init__(
+        self,
+        base: Metric | None = None,
+        *,
+        sequence: str = "expand",
+        damping: str = "exact",
+        ema: float | None = None,
+        T_cov: int = 1,
+        T_inv: int = 1,
+        rescale: str | None = None,
+        spread_inverses: bool = False,
+    ) -> None:
+        base = Fisher(mc_samples=1) if base is None else base
+        ok = isinstance(base, Fisher | GGN | GaussNewton | EmpiricalFisher) or (
+            isinstance(base, GradientCovariance) and not base.centered
+        )
+        if not ok:
+            raise ConfigurationError(
+                f"{type(self).__name__}: base must be Fisher(mc_samples=k), Fisher(), GGN(), "
+                f"EmpiricalFisher() or GaussNewton(), got {base!r}; for another metric use "
+                "steepest.Diagonal(base) or the exact metric."
+            )
+        if sequence not in ("expand", "reduce"):
+            raise ConfigurationError(
+                f"{type(self).__name__}: sequence must be 'expand' or 'reduce', got {sequence!r}."
+            )
+        if damping not in ("exact", "factored"):
+            raise ConfigurationError(
+                f"{type(self).__name__}: damping must be 'exact' or 'factored', got {damping!r}."
+            )
+        if ema is not None and not (isinstance(ema, int | float) and 0 <= ema < 1):
+            raise ConfigurationError(
+                f"{type(self).__name__}: ema must be None or in [0, 1), "
+                f"got {ema!r} (Martens & Grosse: 0.95)."
+            )
+        for nm, t in (("T_cov", T_cov), ("T_inv", T_inv)):
+            if not (isinstance(t, int) and t >= 1):
+                raise ConfigurationError(
+                    f"{type(self).__name__}: {nm} must be a positive integer, got {t!r}."
+                )
+        if rescale not in (None, "alpha", "momentum"):
+            raise ConfigurationError(
+                f"{type(self).__name__}: rescale must be None, 'alpha' or 'momentum', got "
+                f"{rescale!r}."
+            )
+        self.base, self.sequence, self.damping = base, sequence, damping
+        self.ema, self.T_cov, self.T_inv = ema, T_cov, T_inv
+        self.rescale = rescale
+        self.spread_inverses = bool(spread_inverses)
+        self.needs_distribution = base.needs_distribution
+        self.psd = base.psd
+        self._state: dict = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
+        self._inverse_cache: tuple | None = None  # derived from the state, never saved
+
+    def needs_point(self) -> bool:
+        """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
+        the exact products of ``rescale``); otherwise it needs only the parameter layout."""
+        st = self._state
+        return st["factors"] is None or st["calls"] % self.T_cov == 0 or self.rescale is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(base={self.base!r}, sequence={self.sequence!r}, "
+            f"damping={self.damping!r}, ema={self.ema}, T_cov={self.T_cov}, "
+            f"T_inv={self.T_inv}, rescale={self.rescale!r}, "
+            f"spread_inverses={self.spread_inverses})"
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Running factors, eigendecompositions and counters (for bit-for-bit resume)."""
+        return _clone(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        if not isinstance(state, dict) or "calls" not in state:
+            raise ConfigurationError(
+                f"{type(self).__name__}.load_state_dict needs a dict saved by state_dict()."
+            )
+        self._state = _clone(state)
+
+    # ------------------------------------------------------------------ factors
+    def _new_factors(self, point) -> dict:
+        cap = _Capture(self.base, point, self.sequence)
+        cap.backward(self.base)
+        blocks, grads_at = {}, 0
+        raw = {}
+        w = cap.w
+        for layer in cap.by_module.values():
+            ncalls = len(layer.calls)
+            grads = cap.out_grads[grads_at : grads_at + ncalls]
+            grads_at += ncalls
+            if not layer.calls:
+                continue
+            a, g = cap.rows(layer, grads)  # (grp, R, d), (K, grp, R, o)
+            A = a.transpose(1, 2) @ a / a.shape[1]
+            gw = g if w is None else g * _row_signs(w, g, cap.n)
+            G = torch.einsum("kgro,kgrp->gop", gw, g) / cap.n
+            key = (layer.wi, layer.bi)
+            blocks[key] = (A, G)
+            raw[key] = (a, g)
+        others = {i: d for i, d in cap.other_diag.items()}
+        # parameters in no layer and not reached by the graph (unused) keep a zero diagonal
+        in_blocks = {i for key in blocks for i in key if i is not None}
+        for i in range(len(cap.sizes)):
+            if i not in in_blocks and i not in others:
+                others[i] = torch.zeros(
+                    cap.sizes[i], dtype=point.grad.dtype, device=point.grad.device
+                )
+        self._state["signed"] = w is not None
+        # under torch.distributed: means over every rank's samples (one all_reduce)
+        keys, okeys = list(blocks), sorted(others)
+        flat = [t for key in keys for t in blocks[key]] + [others[i] for i in okeys]
+        flat = point.mean_over_ranks(flat)
+        blocks = {key: (flat[2 * j], flat[2 * j + 1]) for j, key in enumerate(keys)}
+        others = {i: flat[2 * len(keys) + j] for j, i in enumerate(okeys)}
+        return {"blocks": blocks, "others": others, "raw": raw, "n": cap.n, "w": w}
+
+    def _refresh(self, point) -> tuple[dict, bool]:
+        """The factors to use at this call (refreshed, averaged); whether they are new."""
+        st = self._state
+        calls = st["calls"]
+        fresh = st["factors"] is None or calls % self.T_cov == 0
+        new = None
+        if fresh:
+            new = self._new_factors(point)
+            k = st["refreshes"] + 1
+            if st["factors"] is not None and self.ema is not None:
+                eps = min(1 - 1 / k, self.ema)
+                old = st["factors"]
+                blocks = {
+                    key: (
+                        eps * old["blocks"][key][0] + (1 - eps) * a,
+                        eps * old["blocks"][key][1] + (1 - eps) * g,
+                    )
+                    if key in old["blocks"]
+                    else (a, g)
+                    for key, (a, g) in new["blocks"].items()
+                }
+                others = {
+                    i: eps * old["others"][i] + (1 - eps) * d if i in old["others"] else d
+                    for i, d in new["others"].items()
+                }
+            else:
+                blocks, others = new["blocks"], new["others"]
+            st["factors"] = {"blocks": blocks, "others": others}
+            st["refreshes"] = k
+        st["calls"] = calls + 1
+        return new, fresh
+
+    def _eigen(self, calls: int, point) -> bool:
+        """Recompute the eigendecompositions when due; returns whether they match the
+        current factors."""
+        st = self._state
+        due = st["eig"] is None or calls % self.T_inv == 0
+        if due:
+            blocks = st["factors"]["blocks"]
+            if self.spread_inverses:
+                mats = [m for A, G in blocks.values() for m in (A, G)]
+                eig = point.spread_over_ranks(
+                    _eigh, mats, lambda m: [(m.shape[:-1], m.dtype), (m.shape, m.dtype)]
+                )
+                st["eig"] = {key: (*eig[2 * j], *eig[2 * j + 1]) for j, key in enumerate(blocks)}
+            else:
+                st["eig"] = {key: (*_eigh(A), *_eigh(G)) for key, (A, G) in blocks.items()}
+            st["eig_refresh"] = st["refreshes"]
+        return st.get("eig_refresh") == st["refreshes"] and set(st["eig"]) == set(
+            st["factors"]["blocks"]
+        )
+
+    # ------------------------------------------------------------------ the operator
+    def _structure(self, point, blocks: list[_Block]) -> _Structure:
+        params = point.space.params
+        in_blocks = {i for b in blocks for i in (b.wi, b.bi) if i is not None}
+        others = [i for i in range(len(params)) if i not in in_blocks]
+        return _Structure([p.numel() for p in params], [p.shape for p in params], blocks, others)
+
+    def operator(self, point) -> LinearOperator:
+        self.base.check(point)
+        calls = self._state["calls"]
+        self._refresh(point)
+        current = self._eigen(calls, point)
+        fac = self._state["factors"]
+        blocks = [_Block(wi, bi, A, G) for (wi, bi), (A, G) in fac["blocks"].items()]
+        st = self._structure(point, blocks)
+        eig = self._state["eig"]
+        eigs = [eig[(b.wi, b.bi)] for b in blocks]
+        others = fac["others"]
+        size, dt, dev = point.size, point.grad.dtype, point.grad.device
+
+        def mm(V: Tensor) -> Tensor:  # V (P, k)
+            rows = V.T
+            out = torch.empty_like(rows)
+            for blk in blocks:
+                x = st.gather(rows, blk)
+                st.scatter(out, blk.G @ x @ blk.A, blk)
+            for i in st.others:
+                out[:, st.offsets[i] : st.offsets[i + 1]] = others[i] * st.piece(rows, i)
+            return out.T
+
+        def diag() -> Tensor:
+            out = torch.empty(1, size, dtype=dt, device=dev)
+            for blk in blocks:
+                d = (
+                    blk.G.diagonal(dim1=-2, dim2=-1)[:, :, None]
+                    * blk.A.diagonal(dim1=-2, dim2=-1)[:, None, :]
+                )
+                st.scatter(out, d.unsqueeze(0), blk)
+            for i in st.others:
+                out[0, st.offsets[i] : st.offsets[i + 1]] = others[i]
+            return out[0]
+
+        factored = self.damping == "factored"
+
+        def factored_inverses(lam: float) -> list[tuple[Tensor, Tensor]]:
+            # (G + sqrt(lam)/pi I)^-1 and (A + pi sqrt(lam) I)^-1 as matrices, kept while the
+            # eigendecompositions and lambda stay: two products per block instead of four
+            key = (id(eig), lam)
+            if self._inverse_cache is None or self._inverse_cache[0] != key:
+                mats = []
+                for blk, (ea, qa, eg, qg) in zip(blocks, eigs):
+                    pi = _pi(blk.A, blk.G)
+                    gi = (qg / (eg[:, None, :] + math.sqrt(lam) / pi)) @ qg.transpose(-1, -2)
+                    ai = (qa / (ea[:, None, :] + pi * math.sqrt(lam))) @ qa.transpose(-1, -2)
+                    mats.append((gi, ai))
+                self._inverse_cache = (key, mats)
+            return self._inverse_cache[1]
+
+        def inverse(b: Tensor, lam: float) -> Tensor:
+            lam = float(lam)
+            rows = b.reshape(1, -1) if b.ndim == 1 else b.T
+            out = torch.empty_like(rows)
+            mats = factored_inverses(lam) if factored else [None] * len(blocks)
+            for blk, (ea, qa, eg, qg), m in zip(blocks, eigs, mats):
+                x = st.gather(rows, blk)
+                if factored:
+                    st.scatter(out, m[0] @ x @ m[1], blk)
+                    continue
+                y = qg.transpose(-1, -2) @ x @ qa
+                den = eg[:, :, None] * ea[:, None, :] + lam
+                st.scatter(out, qg @ (y / den) @ qa.transpose(-1, -2), blk)
+            for i in st.others:
+                out[:, st.offsets[i] : st.offsets[i + 1]] = st.piece(rows, i) / (others[i] + lam)
+            return out[0] if b.ndim == 1 else out.T
+
+        return LinearOperator(
+            lambda v: mm(v.unsqueeze(1)).squeeze(1),
+            size,
+            dt,
+            dev,
+            matmat=mm,
+            diagonal=diag,
+            psd=self._psd(),
+            name=self._name(),
+            inverse=self._rescaled(inverse, point),
+            inverse_exact=current and not factored and self.rescale is None,
+        )
+
+    def _rescaled(self, inverse, point):
+        """The own solve, followed by Martens & Grosse's rescaling (section 7) when asked."""
+        if self.rescale is None:
+            return inverse
+        exact_metric = self.base
+        if isinstance(exact_metric, Fisher) and exact_metric.mc_samples is not None:
+            exact_metric = Fisher()
+        cache: dict = {}
+
+        def exact(v: Tensor) -> Tensor:
+            if "op" not in cache:
+                cache["op"] = exact_metric.operator(point)
+            return cache["op"].matvec(v)
+
+        def solve(b: Tensor, lam: float) -> Tensor:
+            delta = inverse(b, lam)
+            if b.ndim != 1:  # columns: the rescaling is for one right-hand side
+                return delta
+            lam = float(lam)
+            cd = exact(delta) + lam * delta
+            dcd, bd = float(delta @ cd), float(b @ delta)
+            prev = self._state.get("previous")
+            if self.rescale == "momentum" and prev is not None and prev.shape == b.shape:
+                cp = exact(prev) + lam * prev
+                m = torch.tensor(
+                    [[dcd, float(delta @ cp)], [float(prev @ cd), float(prev @ cp)]],
+                    dtype=torch.float64,
+                )
+                r = torch.tensor([bd, float(b @ prev)], dtype=torch.float64)
+                if torch.linalg.matrix_rank(m) == 2 and float(torch.linalg.det(m)) > 0:
+                    a, mu = torch.linalg.solve(m, r).tolist()
+                    x = a * delta + mu * prev
+                    self._state["previous"] = x.detach().clone()
+                    return x
+            x = delta * (bd / dcd) if dcd > 0 else delta
+            self._state["previous"] = x.detach().clone()
+            return x
+
+        return solve
+
+    def _psd(self) -> bool:
+        return bool(self.base.psd) and not (
+            isinstance(self.base, GGN) and self._state.get("signed", False)
+        )
+
+    def _name(self) -> str:
+        return f"{type(self).__name__}({self.base.name})"
+
+
+def _clone(x):
+    if isinstance(x, Tensor):
+        return x.clone()
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_clone(v) for v in x)
+    return x
+
+
+def _pi(A: Tensor, G: Tensor) -> Tensor:
+    """Martens & Grosse's pi = sqrt((tr A / dim A) / (tr G / dim G)), per group (grp, 1, 1)."""
+    ta = A.diagonal(dim1=-2, dim2=-1).mean(-1)
+    tg = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+    tiny = torch.finfo(A.dtype).tiny
+    return (ta.clamp_min(tiny) / tg.clamp_min(tiny)).sqrt()[:, None, None]
+
+
+def _row_signs(w: Tensor, g: Tensor, n: int) -> Tensor:
+    """The signs w (N, K) broadcast onto rows g (K, grp, R, o) with R = N * positions."""
+    k, _, r, _ = g.shape
+    per = w.T.reshape(k, 1, n, 1, 1).expand(k, 1, n, r // n, 1)
+    return per.reshape(k, 1, r, 1)
+
+
+class EKFAC(KFAC):
+    r"""Eigenvalue-corrected K-FAC (George et al. 2018): per layer
+    :math:`(Q_G\otimes Q_A)\,\mathrm{diag}(s)\,(Q_G\otimes Q_A)^T` with :math:`Q_A, Q_G` the
+    eigenvectors of the K-FAC factors and the scalings re-estimated from per-sample gradients,
+    :math:`s = E_n[\sum_k (Q_G^T\, g_{nk}\bar a_n^T\, Q_A)^{\odot 2}]` (sums over positions for
+    sequences and convolutions), the exact diagonal of the base in that basis. The other
+    parameters get the exact diagonal of the base, as in :class:`KFAC`.
+
+    Parameters are those of :class:`KFAC` (``damping`` is always exact here: the inverse is
+    :math:`Q\,\mathrm{diag}(1/(s + \lambda))\,Q^T`).
+
+    >>> opt = Optimizer(model, CrossEntropy(), metric=EKFAC(), damping=LevenbergMarquardt(1e-2))
+    """
+
+    name = "EKFAC"
+
+    def operator(self, point) -> LinearOperator:
+        self.base.check(point)
+        calls = self._state["calls"]
+        new, _ = self._refresh(point)
+        self._eigen(calls, point)
+        st_ = self._state
+        # the scalings are re-estimated on every fresh capture, in the current eigenbasis
+        if new is not None:
+            scal = {}
+            for key, (a, g) in new["raw"].items():
+                ea, qa, eg, qg = st_["eig"][key]
+                scal[key] = _scalings(a, g, qa, qg, new["n"], new["w"])
+            scal = dict(zip(scal, point.mean_over_ranks(list(scal.values()))))
+            old = st_.get("scalings")
+            if old is not None and self.ema is not None and set(old) == set(scal):
+                eps = min(1 - 1 / st_["refreshes"], self.ema)
+                scal = {k: eps * old[k] + (1 - eps) * s for k, s in scal.items()}
+            st_["scalings"] = scal
+            st_["basis"] = {k: (st_["eig"][k][1], st_["eig"][k][3]) for k in scal}
+        fac = st_["factors"]
+        keys = list(fac["blocks"])
+        blocks = [_Block(wi, bi, *fac["blocks"][(wi, bi)]) for wi, bi in keys]
+        st = self._structure(point, blocks)
+        qs = [st_["basis"][k] for k in keys]
+        ss = [st_["scalings"][k] for k in keys]
+        others = fac["others"]
+        size, dt, dev = point.size, point.grad.dtype, point.grad.device
+
+        def apply(rows: Tensor, f) -> Tensor:
+            out = torch.empty_like(rows)
+            for blk, (qa, qg), s in zip(blocks, qs, ss):
+                x = st.gather(rows, blk)
+                y = qg.transpose(-1, -2) @ x @ qa
+                st.scatter(out, qg @ f(y, s) @ qa.transpose(-1, -2), blk)
+            for i in st.others:
+                out[:, st.offsets[i] : st.offsets[i + 1]] = f(st.piece(rows, i), others[i])
+            return out
+
+        def mm(V: Tensor) -> Tensor:
+            return apply(V.T, lambda y, s: y * s).T
+
+        def inverse(b: Tensor, lam: float) -> Tensor:
+            lam = float(lam)
+            rows = b.reshape(1, -1) if b.ndim == 1 else b.T
+            out = apply(rows, lambda y, s: y / (s + lam))
+            return out[0] if b.ndim == 1 else out.T
+
+        def diag() -> Tensor:
+            out = torch.empty(1, size, dtype=dt, device=dev)
+            for blk, (qa, qg), s in zip(blocks, qs, ss):
+                # diag(Q diag(s) Q^T) with Q = Q_G (x) Q_A: (Q_G^2) s (Q_A^2)^T per group
+                st.scatter(out, (qg.pow(2) @ s @ qa.pow(2).transpose(-1, -2)).unsqueeze(0), blk)
+            for i in st.others:
+                out[0, st.offsets[i] : st.offsets[i + 1]] = others[i]
+            return out[0]
+
+        return LinearOperator(
+            lambda v: mm(v.unsqueeze(1)).squeeze(1),
+            size,
+            dt,
+            dev,
+            matmat=mm,
+            diagonal=diag,
+            psd=self._psd(),
+            name=self._name(),
+            inverse=inverse,
+        )
+
+    def scalings(self) -> dict:
+        """The current per-layer scalings s (grp, o, d), keyed by (weight index, bias index)."""
+        return self._state.get("scalings", {})
+
+
+def _scalings(a: Tensor, g: Tensor, qa: Tensor, qg: Tensor, n: int, w: Tensor | None) -> Tensor:
+    """:math:`E_n[\\sum_k (Q_G^T G_{nk} Q_A)^2]` with :math:`G_{nk} = \\sum_t g_{ntk}\\bar
+    a_{nt}^T`, the per-sample gradient of the layer (rows R = N * positions)."""
+    k, grp, r, o = g.shape
+    pa = (a @ qa).reshape(grp, n, r // n, -1)  # (grp, N, T, d)
+    pg = (g @ qg).reshape(k, grp, n, r // n, o)  # (K, grp, N, T, o)
+    per = torch.einsum("kgnto,gntd->kgnod", pg, pa)  # per-sample projected gradients
+    sq = per.pow(2)
+    if w is not None:
+        sq = sq * w.T.reshape(k, 1, n, 1, 1)
+    return sq.sum((0, 2)) / n

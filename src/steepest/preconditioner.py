@@ -1,0 +1,154 @@
+r"""Preconditioner mode: :math:`\nabla \leftarrow (M + \lambda I)^{-1}\nabla` in place on the
+parameters' ``.grad``, so that any ``torch.optim`` optimizer (SGD, AdamW, ...) applies the
+second-order step (the user pattern of kfac-pytorch).
+
+.. code-block:: python
+
+    pre = Preconditioner(model, CrossEntropy(), metric=KFAC(), damping=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step(x, y)            # .grad <- (M + lambda I)^-1 .grad
+        opt.step()
+
+The metric is built on the batch (one :class:`~steepest.point.Point`: a forward pass, plus what
+the metric needs, e.g. K-FAC's extra backward for the sampled labels) and solved with its own
+inverse (:class:`~steepest.solvers.Auto` picks it for ``Diagonal``, ``KFAC``, ``EKFAC``). The
+gradient preconditioned is the one in ``.grad``, whatever the user's loss added to it
+(regularisers, weight decay by coupling). A metric that keeps state (K-FAC's running factors,
+``T_cov``/``T_inv``) keeps it across calls and saves it in :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigurationError, NonFiniteError
+from .losses import Loss, as_loss
+from .metrics import Metric
+from .params import ParamSpace
+from .point import Inputs, Point
+from .solvers import Auto, OwnInverse, Solution, Solver, as_solver
+
+
+class _Own(Solver):
+    """The operator's own inverse without the residual check (one product saved)."""
+
+    def solve(self, a, b: Tensor, x0: Tensor | None = None) -> Solution:
+        return Solution(a.solve(b), 1, float("nan"), exact=a.inverse_exact)
+
+
+class Preconditioner:
+    r"""Precondition ``.grad`` in place: :math:`\nabla \leftarrow (M + \lambda I)^{-1}\nabla`.
+
+    Parameters
+    ----------
+    model: the module whose trainable parameters' ``.grad`` are preconditioned
+    loss: the per-sample loss :math:`l(y, z)` (a :class:`~steepest.losses.Loss`) the metric
+        is built from
+    metric: any metric; default ``KFAC()`` (Fisher with one sampled label per input)
+    damping: :math:`\lambda > 0`, a float
+    solver: ``"auto"`` (the metric's own inverse when it has one) or a solver
+    generator: the ``torch.Generator`` for sampled labels (seeded 0 if None)
+
+    Example
+    -------
+    >>> pre = Preconditioner(model, CrossEntropy(), metric=KFAC(), damping=1e-3)
+    >>> loss.backward(); pre.step(x, y); torch_optimizer.step()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Loss | Callable[[Tensor, Tensor], Tensor],
+        metric: Metric | None = None,
+        damping: float = 1e-3,
+        solver: Solver | str = "auto",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        from .kronecker import KFAC
+
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        self.model, self.space = model, ParamSpace(model)
+        self.loss = as_loss(loss)
+        self.metric = KFAC() if metric is None else metric
+        if not isinstance(self.metric, Metric):
+            raise ConfigurationError(f"metric must be a steepest metric, got {self.metric!r}.")
+        if not (isinstance(damping, int | float) and 0 < damping < float("inf")):
+            raise ConfigurationError(
+                f"damping must be a finite number > 0 (the lambda of M + lambda I), got "
+                f"{damping!r}."
+            )
+        self.damping = float(damping)
+        self.solver = as_solver(solver) if not isinstance(solver, Solver) else solver
+        if generator is None:
+            generator = torch.Generator(device=self.space.device)
+            generator.manual_seed(0)
+        self.generator = generator
+        self.last_solver = ""
+
+    def step(self, inputs: Inputs, targets: Tensor) -> None:
+        """Replace the trainable parameters' ``.grad`` by :math:`(M+\\lambda I)^{-1}` of it,
+        M the metric on the batch (inputs, targets). Parameters without a gradient count as
+        zero. Nothing changes when this raises."""
+        params = self.space.params
+        if all(p.grad is None for p in params):
+            raise ConfigurationError(
+                "no parameter has a .grad: call loss.backward() before Preconditioner.step()."
+            )
+        grad = torch.cat(
+            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+        )
+        if not torch.isfinite(grad).all():
+            raise NonFiniteError("the gradient in .grad holds NaN or infinite values.")
+        lazy = getattr(self.metric, "needs_point", None)
+        if lazy is not None and not lazy():  # K-FAC between refreshes: no model evaluation
+            point = SimpleNamespace(
+                space=self.space, size=self.space.size, grad=grad, loss=self.loss
+            )
+        else:
+            point = Point(self.space, self.loss, inputs, targets, generator=self.generator)
+        saved = self.state_dict()
+        try:
+            op = self.metric.operator(point).add_diagonal(self.damping)
+            solver = self.solver.choose(op) if isinstance(self.solver, Auto) else self.solver
+            if isinstance(solver, OwnInverse):  # no residual product: the inverse is its own
+                solver = _Own()
+            x = solver.solve(op, grad).x
+            if not torch.isfinite(x).all():
+                raise NonFiniteError(
+                    f"the preconditioned gradient is not finite ({op.name}); raise the damping."
+                )
+        except BaseException:
+            self.load_state_dict(saved)
+            raise
+        self.last_solver = "OwnInverse" if isinstance(solver, _Own) else type(solver).__name__
+        with torch.no_grad():
+            for p, chunk in zip(params, self.space.unflatten(x)):
+                if p.grad is None:
+                    p.grad = chunk.clone()
+                else:
+                    p.grad.copy_(chunk)
+
+    def state_dict(self) -> dict:
+        """The metric's state (if it keeps any) and the generator."""
+        out = {"generator": self.generator.get_state()}
+        if hasattr(self.metric, "state_dict"):
+            out["metric"] = self.metric.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        if "generator" not in state:
+            raise ConfigurationError("pass a dict saved by Preconditioner.state_dict().")
+        self.generator.set_state(state["generator"])
+        if "metric" in state and hasattr(self.metric, "load_state_dict"):
+            self.metric.load_state_dict(state["metric"])

@@ -1,0 +1,387 @@
+"""Tests of steepest.fit (issue 12): least_squares, curve_fit and batched fits against scipy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference import DEVICES, seeded
+from scipy import optimize as sopt
+from torch.autograd.functional import jacobian
+
+import steepest
+from steepest.errors import ConfigurationError, ConvergenceError, NonFiniteError, ShapeError
+from steepest.fit import curve_fit, least_squares
+
+D = torch.float64
+T = torch.linspace(0, 4, 30, dtype=D)
+Y = 2 * torch.exp(-1.3 * T) + 0.5 + 0.01 * torch.randn(30, generator=seeded(0), dtype=D)
+TI = torch.arange(1, 11, dtype=D) * 0.1
+I10 = torch.arange(1, 11, dtype=D)
+
+# classic test problems (Moré, Garbow and Hillstrom 1981) and a small exponential fit
+PROBLEMS = {
+    "rosenbrock": (lambda x: torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]]), [-1.2, 1.0]),
+    "expfit": (lambda p: p[0] * torch.exp(-p[1] * T) + p[2] - Y, [1.0, 1.0, 0.0]),
+    "freudenstein-roth": (  # large residual: a local minimum with F = 24.49
+        lambda x: torch.stack(
+            [
+                -13 + x[0] + ((5 - x[1]) * x[1] - 2) * x[1],
+                -29 + x[0] + ((x[1] + 1) * x[1] - 14) * x[1],
+            ]
+        ),
+        [0.5, -2.0],
+    ),
+    "powell-singular": (  # zero residual at x* = 0, singular J there
+        lambda x: torch.stack(
+            [
+                x[0] + 10 * x[1],
+                math.sqrt(5) * (x[2] - x[3]),
+                (x[1] - 2 * x[2]) ** 2,
+                math.sqrt(10) * (x[0] - x[3]) ** 2,
+            ]
+        ),
+        [3.0, -1.0, 0.0, 1.0],
+    ),
+    "box3d": (
+        lambda x: (
+            torch.exp(-TI * x[0])
+            - torch.exp(-TI * x[1])
+            - x[2] * (torch.exp(-TI) - torch.exp(-10 * TI))
+        ),
+        [0.0, 10.0, 20.0],
+    ),
+    "beale": (
+        lambda x: torch.stack(
+            [1.5 - x[0] * (1 - x[1]), 2.25 - x[0] * (1 - x[1] ** 2), 2.625 - x[0] * (1 - x[1] ** 3)]
+        ),
+        [1.0, 1.0],
+    ),
+    "brown-dennis": (  # large residual, F = 4.3e4 at the minimum
+        lambda x: (
+            (x[0] + 0.4 * I10 * x[1] - torch.exp(0.4 * I10)) ** 2
+            + (x[2] + x[3] * torch.sin(0.4 * I10) - torch.cos(0.4 * I10)) ** 2
+        ),
+        [25.0, 5.0, -5.0, -1.0],
+    ),
+}
+
+
+def scipy_lm(fun, x0, **kw):
+    jf = torch.func.jacrev(fun)
+    return sopt.least_squares(
+        lambda x: fun(torch.tensor(x)).numpy(),
+        np.asarray(x0),
+        jac=lambda x: jf(torch.tensor(x)).numpy(),
+        method="lm",
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------------------- least_squares
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_agrees_with_scipy_lm_and_counts_no_more_evaluations(name):
+    fun, x0 = PROBLEMS[name]
+    res = least_squares(fun, x0)
+    ref = scipy_lm(fun, x0)
+    assert res.success and ref.success
+    assert res.cost == pytest.approx(ref.cost, rel=1e-6, abs=1e-20)
+    scale = max(1.0, float(np.abs(ref.x).max()))
+    # large residuals: both stop on ftol = 1e-8 in F, about 4 digits of x
+    tol = 1e-3 if name in ("brown-dennis", "freudenstein-roth") else 1e-6
+    assert float((res.x - torch.tensor(ref.x)).abs().max()) <= tol * scale
+    # MINPACK's lm (scipy) on the same problem and tolerances: no more evaluations but on
+    # Freudenstein-Roth (15 against 14: lambda is solved to 1 %, MINPACK stops at 10 %)
+    assert res.nfev <= ref.nfev + (name == "freudenstein-roth"), (res.nfev, ref.nfev)
+    assert res.njev <= res.nfev and res.nit <= res.njev
+    # the result's derived fields, against a dense Jacobian built by torch.autograd.functional
+    j = jacobian(fun, res.x)
+    torch.testing.assert_close(res.jac, j, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(res.fun, fun(res.x))
+    torch.testing.assert_close(res.grad, j.T @ fun(res.x), rtol=1e-10, atol=1e-12)
+    assert res.cost == pytest.approx(0.5 * float(fun(res.x).pow(2).sum()), rel=1e-12, abs=1e-30)
+    assert res.optimality == pytest.approx(float(res.grad.abs().max()), abs=1e-30)
+    assert res.message == steepest.fit.MESSAGES[res.status]
+
+
+def test_zero_residual_at_zero_stops_on_its_own():
+    """x* = 0 with a singular Jacobian: a relative xtol never fires, the residual floor does
+    (scipy's lm runs to max_nfev here)."""
+    res = least_squares(lambda x: x**2, [1.0, -2.0])
+    assert res.success and res.status == 2 and res.nfev < 60
+    assert float(res.x.abs().max()) < 1e-7
+    ref = scipy_lm(lambda x: x**2, [1.0, -2.0])
+    assert ref.status == 0  # MINPACK: max_nfev (shows the defect this rule fixes)
+
+
+def test_zero_residual_nonzero_optimum_is_exact():
+    res = least_squares(PROBLEMS["rosenbrock"][0], [-1.2, 1.0])
+    torch.testing.assert_close(res.x, torch.ones(2, dtype=D), rtol=0, atol=1e-12)
+
+
+def test_rank_deficient_jacobian_reaches_the_least_squares_minimum():
+    """J = [[1, 1, 0], [2, 2, 0], [0, 0, 1]] has rank 2: the minimum (F = 0.1 at x_0 + x_1 =
+    1.4, x_2 = 1) is a line; every method reaches it, and Gauss-Newton's least-norm step lands
+    on the minimum-norm point (0.7, 0.7, 1) from 0."""
+    fun = lambda x: torch.stack([x[0] + x[1] - 1, 2 * (x[0] + x[1]) - 3, x[2] - 1])  # noqa: E731
+    for method in steepest.fit.METHODS:
+        res = least_squares(fun, [0.0, 0.0, 0.0], method=method)
+        assert res.success, method
+        assert res.cost == pytest.approx(0.1, rel=1e-10), method
+        assert res.optimality < 1e-7  # LM stops on ftol: F within 1e-8 relative
+    res = least_squares(fun, [0.0, 0.0, 0.0], method="gauss-newton")
+    torch.testing.assert_close(res.x, torch.tensor([0.7, 0.7, 1.0], dtype=D))
+
+
+def test_large_residual_stops_on_ftol():
+    res = least_squares(*PROBLEMS["freudenstein-roth"])
+    assert res.status in (2, 4) and res.cost > 20
+
+
+def test_max_nfev_is_respected_and_reported():
+    res = least_squares(*PROBLEMS["rosenbrock"], max_nfev=4)
+    assert res.nfev == 4 and res.status == 0 and not res.success
+    assert "maximum number of function evaluations" in res.message
+
+
+@pytest.mark.parametrize("method", ["levenberg-marquardt", "gauss-newton"])
+def test_other_methods_reach_the_same_minimum(method):
+    fun, x0 = PROBLEMS["expfit"]
+    ref = least_squares(fun, x0)
+    res = least_squares(fun, x0, method=method)
+    assert res.success and res.method == method
+    torch.testing.assert_close(res.x, ref.x, rtol=1e-7, atol=0)
+
+
+def test_lm_is_an_alias_and_jac_callable_gives_the_same_fit():
+    fun, x0 = PROBLEMS["beale"]
+    a = least_squares(fun, x0, method="lm")
+    b = least_squares(fun, x0, jac=torch.func.jacrev(fun))
+    c = least_squares(fun, x0, jac="jacrev")
+    assert a.method == "trust-region"
+    torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.x, c.x, rtol=1e-12, atol=1e-14)
+    assert a.nfev == b.nfev == c.nfev
+
+
+def test_weights_equal_scaled_residuals():
+    w = torch.rand(30, generator=seeded(1), dtype=D) + 0.5
+    fun, x0 = PROBLEMS["expfit"]
+    a = least_squares(fun, x0, weights=w)
+    b = least_squares(lambda p: fun(p) * w.sqrt(), x0)
+    torch.testing.assert_close(a.x, b.x, rtol=1e-12, atol=0)
+    assert a.cost == pytest.approx(b.cost, rel=1e-12)
+    torch.testing.assert_close(a.jac, b.jac)
+
+
+def test_float32_follows_x0():
+    fun = lambda p: p[0] * torch.exp(-p[1] * T.float()) + p[2] - Y.float()  # noqa: E731
+    res = least_squares(fun, torch.tensor([1.0, 1.0, 0.0]))
+    assert res.x.dtype == torch.float32 and res.success
+    torch.testing.assert_close(
+        res.x.double(), least_squares(*PROBLEMS["expfit"]).x, rtol=1e-4, atol=1e-4
+    )
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_errors_name_the_problem():
+    fun, x0 = PROBLEMS["expfit"]
+    with pytest.raises(NonFiniteError, match="not finite at x0"):
+        least_squares(lambda p: torch.log(p[0] - 2) * T, [1.0, 1.0])
+    with pytest.raises(NonFiniteError, match="x0"):
+        least_squares(fun, [math.nan, 1.0, 0.0])
+    with pytest.raises(ShapeError, match="scalar") as e:
+        least_squares(lambda p: fun(p).pow(2).sum(), x0)
+    assert "steepest.minimize" in str(e.value) and isinstance(e.value, ValueError)
+    with pytest.raises(ShapeError, match="flat residual vector"):
+        least_squares(lambda p: fun(p).reshape(3, 10), x0)
+    with pytest.raises(ShapeError, match="weights"):
+        least_squares(fun, x0, weights=torch.ones(29, dtype=D))
+    with pytest.raises(ShapeError, match="jac returned"):
+        least_squares(fun, x0, jac=lambda p: torch.zeros(3, 30, dtype=D))
+    with pytest.raises(ConfigurationError, match="bounds"):
+        least_squares(fun, x0, method="trf")
+    with pytest.raises(ConfigurationError, match="ftol"):
+        least_squares(fun, x0, ftol=-1)
+    with pytest.raises(ConfigurationError, match="torch.Tensor"):
+        least_squares(lambda p: fun(p).numpy(), x0)
+    with pytest.raises(ShapeError, match=r"\(B, M\)"):
+        least_squares(lambda p: p.sum(-1), torch.zeros(4, 3, dtype=D))
+
+
+# ---------------------------------------------------------------------------- curve_fit
+def _decay(x, a, b, c):
+    return a * torch.exp(-b * x) + c
+
+
+def _decay_np(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+@pytest.mark.parametrize("sigma,absolute", [(None, False), ("s", False), ("s", True)])
+def test_curve_fit_matches_scipy_popt_and_pcov(sigma, absolute):
+    s = 0.01 + 0.02 * torch.rand(30, generator=seeded(2), dtype=D) if sigma else None
+    popt, pcov = curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=s, absolute_sigma=absolute)
+    ref_p, ref_c = sopt.curve_fit(
+        _decay_np,
+        T.numpy(),
+        Y.numpy(),
+        [1.0, 1.0, 0.0],
+        sigma=None if s is None else s.numpy(),
+        absolute_sigma=absolute,
+    )
+    torch.testing.assert_close(popt, torch.tensor(ref_p), rtol=1e-7, atol=0)
+    torch.testing.assert_close(pcov, torch.tensor(ref_c), rtol=1e-5, atol=1e-14)
+
+
+def test_curve_fit_failure_raises():
+    with pytest.raises(ConvergenceError, match="Optimal parameters not found") as e:
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], max_nfev=3)
+    assert isinstance(e.value, RuntimeError)
+
+
+# ---------------------------------------------------------------------------- batched
+def _batch(n: int, device: str = "cpu"):
+    g = seeded(3)
+    a = 1 + torch.rand(n, 1, generator=g, dtype=D)
+    b = 0.5 + torch.rand(n, 1, generator=g, dtype=D)
+    c = torch.rand(n, 1, generator=g, dtype=D)
+    y = a * torch.exp(-b * T) + c + 0.01 * torch.randn(n, 30, generator=g, dtype=D)
+    return y.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_fit_equals_separate_fits(device):
+    y = _batch(6, device)
+    t = T.to(device)
+    x0 = torch.tensor([[1.0, 1.0, 0.0]] * 6, dtype=D, device=device)
+    x0[3] = torch.tensor([5.0, 0.1, -3.0])  # a harder start: more steps for this one
+    fun = lambda p: p[:, :1] * torch.exp(-p[:, 1:2] * t) + p[:, 2:] - y  # noqa: E731
+    res = least_squares(fun, x0)
+    assert res.x.device.type == device and res.x.shape == (6, 3) and res.jac.shape == (6, 30, 3)
+    assert len(set(res.nfev.tolist())) > 1  # each fit stops on its own
+    for i in range(6):
+        one = least_squares(lambda p, i=i: p[0] * torch.exp(-p[1] * t) + p[2] - y[i], x0[i])
+        torch.testing.assert_close(res.x[i], one.x, rtol=1e-10, atol=1e-12)
+        assert (int(res.nfev[i]), int(res.njev[i]), int(res.nit[i]), int(res.status[i])) == (
+            one.nfev,
+            one.njev,
+            one.nit,
+            one.status,
+        )
+        assert res.message[i] == one.message and bool(res.success[i]) == one.success
+        assert float(res.cost[i]) == pytest.approx(one.cost, rel=1e-10)
+    # vectorize=True: fun written for one problem, vmapped
+    yv = y
+
+    def single(p):
+        return p[0] * torch.exp(-p[1] * t) + p[2]
+
+    res_v = least_squares(lambda p: torch.func.vmap(single)(p) - yv, x0)
+    torch.testing.assert_close(res_v.x, res.x)
+
+
+def test_batched_curve_fit_equals_separate_curve_fits():
+    y = _batch(4)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 4, dtype=D)
+    popt, pcov, res = curve_fit(_decay, T, y, p0, full_output=True)
+    assert popt.shape == (4, 3) and pcov.shape == (4, 3, 3) and bool(res.success.all())
+    for i in range(4):
+        p1, c1 = curve_fit(_decay, T, y[i], p0[i])
+        torch.testing.assert_close(popt[i], p1, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(pcov[i], c1, rtol=1e-8, atol=1e-16)
+    # per-curve x (B, N)
+    popt2, _ = curve_fit(_decay, T.expand(4, 30), y, p0)
+    torch.testing.assert_close(popt2, popt)
+
+
+def test_total_evaluations_no_more_than_minpack():
+    ours = sum(least_squares(*PROBLEMS[k]).nfev for k in PROBLEMS)
+    ref = sum(scipy_lm(*PROBLEMS[k]).nfev for k in PROBLEMS)
+    assert ours <= ref, (ours, ref)
+
+
+def test_large_batch_takes_the_gram_route_and_equals_separate_fits():
+    """B >= 64: the factorisation is the eigen-decomposition of (J D^-1)^T (J D^-1); the fits
+    still match separate (SVD) fits, and slow fits leave the batch (compaction) correctly."""
+    y = _batch(64)
+    x0 = torch.tensor([[1.0, 1.0, 0.0]] * 64, dtype=D)
+    x0[5] = torch.tensor([5.0, 0.1, -3.0])
+    res = least_squares(lambda p: p[:, :1] * torch.exp(-p[:, 1:2] * T) + p[:, 2:] - y, x0)
+    assert bool(res.success.all())
+    for i in (0, 5, 63):
+        one = least_squares(lambda p, i=i: p[0] * torch.exp(-p[1] * T) + p[2] - y[i], x0[i])
+        torch.testing.assert_close(res.x[i], one.x, rtol=1e-7, atol=1e-9)
+        assert float(res.cost[i]) == pytest.approx(one.cost, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- minimize
+def _rosen(x):
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+def _scipy_trust_exact(f, x0):
+    fs = lambda x: float(f(torch.tensor(x)))  # noqa: E731
+    gs = lambda x: torch.func.grad(f)(torch.tensor(x)).numpy()  # noqa: E731
+    hs = lambda x: torch.func.hessian(f)(torch.tensor(x)).numpy()  # noqa: E731
+    return sopt.minimize(
+        fs, np.asarray(x0), jac=gs, hess=hs, method="trust-exact", options={"gtol": 1e-8}
+    )
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "double-well"])
+def test_minimize_trust_exact_matches_scipy(name):
+    f, x0 = {
+        "rosenbrock": (_rosen, [-1.2, 1.0]),
+        "double-well": (
+            lambda x: (x[0] ** 2 - 1) ** 2 + x[1] ** 2 + 0.1 * x[0] * x[1],
+            [0.05, 1.0],
+        ),
+    }[name]  # starts where H is indefinite
+    ref = _scipy_trust_exact(f, x0)
+    # scipy's radius rule from scipy's radius: the same iterates
+    res = steepest.minimize(f, x0, initial_trust_radius=1.0, max_trust_radius=1000.0)
+    assert res.success and ref.success
+    torch.testing.assert_close(res.x, torch.tensor(ref.x), rtol=1e-7, atol=1e-9)
+    assert (res.nit, res.nfev) == (ref.nit, ref.nfev)
+    assert res.fun == pytest.approx(ref.fun, abs=1e-14)
+    # gradient and Hessian against dense autograd references
+    torch.testing.assert_close(res.jac, torch.autograd.functional.jacobian(f, res.x))
+    torch.testing.assert_close(res.hess, torch.autograd.functional.hessian(f, res.x))
+    # the default (scale-free radius) and the other methods reach the same minimum
+    for method in ("trust-exact", "trust-ncg", "newton-lm"):
+        other = steepest.minimize(f, x0, method=method)
+        assert other.success, (method, other.message)
+        torch.testing.assert_close(other.x, res.x, rtol=1e-6, atol=1e-7)
+        assert other.nfev == other.nit + 1  # F at an accepted point is never evaluated again
+
+
+def test_minimize_radius_is_scale_free():
+    """1e16 x^2 and 1e-4 x^2 from x = 1: one Newton step each (an absolute radius of 1 and
+    a cap of 1e3 would not change that here, but a cap in the metric norm did: issue 12)."""
+    for a in (1e16, 1e-4):
+        for method in ("trust-exact", "trust-ncg"):
+            res = steepest.minimize(lambda x, a=a: a * x[0] ** 2, [1.0], method=method)
+            assert res.success and res.nit == 1 and float(res.x.abs()) < 1e-12, (a, method)
+    res = steepest.minimize(lambda x: 1e-4 * (x[0] - 1e6) ** 2, [0.0])
+    assert res.nit == 1 and float(res.x) == pytest.approx(1e6)
+
+
+def test_minimize_newton_lm_on_an_indefinite_hessian_does_not_livelock():
+    """x^4 - 1e7 x^2 from x = 1e-3: H + lambda I indefinite; lambda jumps above the lowest
+    eigenvalue instead of failing Cholesky forever."""
+    res = steepest.minimize(lambda x: x[0] ** 4 - 1e7 * x[0] ** 2, [1e-3], method="newton-lm")
+    assert res.status in (0, 2) and res.nit < 60
+    # F = -2.5e13 there: its rounding (10 eps |F|) allows x to about 1e-9 relative
+    assert float(res.x.abs()) == pytest.approx(math.sqrt(5e6), rel=1e-8)
+
+
+def test_minimize_errors():
+    with pytest.raises(ShapeError, match="scalar"):
+        steepest.minimize(lambda x: x**2, [1.0, 2.0])
+    with pytest.raises(ConfigurationError, match="trust-exact"):
+        steepest.minimize(_rosen, [1.0, 2.0], method="bfgs")
+    with pytest.raises(NonFiniteError):
+        steepest.minimize(lambda x: torch.log(x[0]), [-1.0])

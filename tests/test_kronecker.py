@@ -1,0 +1,504 @@
+"""KFAC and EKFAC against dense references built independently (tests/reference.py, explicit
+loops over patches and positions), in float64.
+
+- ``KFAC(GGN())`` equals the exact GGN's diagonal blocks for deep linear networks with MSE
+  (where the Kronecker factorisation is exact) and for one sample on an MLP; K-FAC-expand and
+  K-FAC-reduce on sequence models in their exact settings;
+- KFC factors of Conv1d/Conv2d (padding, stride, dilation, groups, bias) equal their definition
+  built by explicit unfolding;
+- the other parameters' blocks (LayerNorm, BatchNorm in eval mode, Embedding, a custom module)
+  equal the exact diagonal of the base; the own inverse is the inverse at rounding level;
+- EKFAC's scalings equal the exact projected diagonal;
+- models train with ``Optimizer`` and ``TorchOptimizer``; state_dict resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import reference as ref
+import torch
+from reference import rel_err, seeded
+from torch import nn
+
+import steepest
+from steepest.errors import ConfigurationError
+from steepest.kronecker import EKFAC, KFAC
+from steepest.losses import MSE, BCEWithLogits, CrossEntropy
+from steepest.metrics import GGN, EmpiricalFisher, Fisher, GaussNewton, Hessian
+from steepest.point import Point
+from steepest.solvers import Auto, OwnInverse
+
+F64 = torch.float64
+
+
+def layer_perm(out: int, inp: int, offset: int, bias: bool = True) -> list[int]:
+    """Flat indices of [W b] in row-major order (the order of G (x) A)."""
+    idx = []
+    for r in range(out):
+        idx += [offset + r * inp + c for c in range(inp)]
+        if bias:
+            idx.append(offset + out * inp + r)
+    return idx
+
+
+def block_mask(model: nn.Module, dt=F64) -> torch.Tensor:
+    """Mask of the per-Linear [W, b] diagonal blocks in flat parameter order."""
+    size = sum(p.numel() for p in model.parameters())
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    o = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            n = m.weight.numel() + m.bias.numel()
+            mask[o : o + n, o : o + n] = True
+            o += n
+    return mask
+
+
+def _kron_dense_ok(op, dense, mask):
+    k = op.to_dense()
+    assert rel_err(k, dense * mask) < 1e-12
+    assert rel_err(op.diagonal(), dense.diagonal()) < 1e-12
+    v = torch.randn(op.size, 3, generator=seeded(9), dtype=F64)
+    assert rel_err(op @ v, (dense * mask) @ v) < 1e-12
+
+
+@pytest.mark.parametrize("base", [GGN(), GaussNewton(), Fisher()])
+def test_deep_linear_mse_is_exact(base):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 2)).to(F64)
+    g = seeded(1)
+    x, y = torch.randn(7, 3, generator=g, dtype=F64), torch.randn(7, 2, generator=g, dtype=F64)
+    loss = MSE(sigma=0.7)
+    dense = ref.metric("ggn", model, loss, x, y)
+    if isinstance(base, GaussNewton):
+        dense = ref.metric("gauss-newton", model, loss, x, y)
+    op = KFAC(base).operator(Point(model, loss, x, y))
+    _kron_dense_ok(op, dense, block_mask(model))
+
+
+@pytest.mark.parametrize("loss_name", ["ce", "bce", "mse"])
+def test_one_sample_mlp_is_exact(loss_name):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    x = torch.randn(1, 3, generator=seeded(2), dtype=F64)
+    loss, y = {
+        "ce": (CrossEntropy(), torch.tensor([2])),
+        "bce": (BCEWithLogits(), torch.tensor([[1.0, 0.0, 1.0]], dtype=F64)),
+        "mse": (MSE(), torch.randn(1, 3, generator=seeded(3), dtype=F64)),
+    }[loss_name]
+    dense = ref.metric("ggn", model, loss, x, y)
+    op = KFAC(GGN()).operator(Point(model, loss, x, y))
+    _kron_dense_ok(op, dense, block_mask(model))
+
+
+def test_inverse_is_the_inverse_and_auto_uses_it():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    g = seeded(4)
+    x, y = torch.randn(9, 3, generator=g, dtype=F64), torch.randint(0, 3, (9,), generator=g)
+    op = KFAC(GGN()).operator(Point(model, CrossEntropy(), x, y))
+    damped = op + 1e-2
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    assert isinstance(Auto().choose(damped), OwnInverse)
+    sol = Auto().solve(damped, b)
+    assert sol.exact and sol.residual < 1e-13
+    assert rel_err(sol.x, torch.linalg.solve(damped.to_dense(), b)) < 1e-12
+    # columns at once
+    B = torch.randn(op.size, 3, generator=g, dtype=F64)
+    assert rel_err(damped @ damped.solve(B), B) < 1e-13
+
+
+def test_factored_damping_is_martens_grosse():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(2, 3)).to(F64)
+    g = seeded(5)
+    x, y = torch.randn(6, 2, generator=g, dtype=F64), torch.randn(6, 3, generator=g, dtype=F64)
+    metric = KFAC(GGN(), damping="factored")
+    op = metric.operator(Point(model, MSE(), x, y))
+    (A, G) = next(iter(metric.state_dict()["factors"]["blocks"].values()))
+    A, G = A[0], G[0]
+    lam = 0.3
+    pi = ((A.trace() / 3) / (G.trace() / 3)).sqrt()
+    approx = torch.kron(
+        G + lam**0.5 / pi * torch.eye(3, dtype=F64), A + pi * lam**0.5 * torch.eye(3, dtype=F64)
+    )
+    perm = layer_perm(3, 2, 0)
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    sol = OwnInverse().solve(op + lam, b)
+    assert not sol.exact
+    assert rel_err(sol.x[perm], torch.linalg.solve(approx, b[perm])) < 1e-12
+
+
+# ------------------------------------------------------------------------------ convolutions
+def explicit_patches(x, k, stride, pad, dil):
+    """(N, L, C*kh*kw) patches of a 2-d input by explicit indexing (zero padding)."""
+    n, c, h, w = x.shape
+    xp = torch.zeros(n, c, h + 2 * pad[0], w + 2 * pad[1], dtype=x.dtype)
+    xp[:, :, pad[0] : pad[0] + h, pad[1] : pad[1] + w] = x
+    ho = (h + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    rows = []
+    for i in range(ho):
+        for j in range(wo):
+            vals = []
+            for ch in range(c):
+                for a in range(k[0]):
+                    for b in range(k[1]):
+                        vals.append(
+                            xp[:, ch, i * stride[0] + a * dil[0], j * stride[1] + b * dil[1]]
+                        )
+            rows.append(torch.stack(vals, 1))
+    return torch.stack(rows, 1)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(cin=2, cout=4, k=(3, 3), stride=(1, 1), pad=(1, 1), dil=(1, 1), groups=1, bias=True),
+        dict(cin=4, cout=4, k=(2, 3), stride=(2, 1), pad=(0, 2), dil=(1, 2), groups=2, bias=True),
+        dict(cin=3, cout=3, k=(3, 3), stride=(1, 2), pad=(1, 0), dil=(1, 1), groups=3, bias=False),
+        dict(
+            cin=2,
+            cout=3,
+            k=(1, 3),
+            stride=(1, 2),
+            pad=(0, 1),
+            dil=(1, 1),
+            groups=1,
+            bias=True,
+            one_d=True,
+        ),
+    ],
+)
+def test_kfc_equals_explicit_unfolding(conv):
+    torch.manual_seed(4)
+    one_d = conv.get("one_d", False)
+    if one_d:
+        layer = nn.Conv1d(
+            conv["cin"],
+            conv["cout"],
+            conv["k"][1],
+            conv["stride"][1],
+            conv["pad"][1],
+            conv["dil"][1],
+            conv["groups"],
+            conv["bias"],
+        )
+        x = torch.randn(3, conv["cin"], 7, generator=seeded(6), dtype=F64)
+    else:
+        layer = nn.Conv2d(
+            conv["cin"],
+            conv["cout"],
+            conv["k"],
+            conv["stride"],
+            conv["pad"],
+            conv["dil"],
+            conv["groups"],
+            conv["bias"],
+        )
+        x = torch.randn(3, conv["cin"], 6, 7, generator=seeded(6), dtype=F64)
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).to(F64)
+    model(x)  # materialise the lazy layer
+    sigma = 0.8
+    y = torch.randn(3, 2, generator=seeded(7), dtype=F64)
+    metric = KFAC(GGN())
+    metric.operator(Point(model, MSE(sigma=sigma), x, y))
+    (A, G) = metric.state_dict()["factors"]["blocks"][(0, 1 if conv["bias"] else None)]
+    # reference: explicit patches, and output gradients of z_k / sigma by autograd
+    x2 = x.unsqueeze(2) if one_d else x
+    k = (1, conv["k"][1]) if one_d else conv["k"]
+    st = (1, conv["stride"][1]) if one_d else conv["stride"]
+    pd = (0, conv["pad"][1]) if one_d else conv["pad"]
+    dl = (1, conv["dil"][1]) if one_d else conv["dil"]
+    pat = explicit_patches(x2, k, st, pd, dl)  # (N, L, Cin*kk)
+    n, length, _ = pat.shape
+    s = layer(x).detach().requires_grad_(True)
+    z = model[3](model[2](model[1](s)))
+    grads = [torch.autograd.grad(z[:, c].sum() / sigma, s, retain_graph=True)[0] for c in range(2)]
+    grp, cin_g, cout_g = (
+        conv["groups"],
+        conv["cin"] // conv["groups"],
+        conv["cout"] // conv["groups"],
+    )
+    kk = k[0] * k[1]
+    for gi in range(grp):
+        a = pat[:, :, gi * cin_g * kk : (gi + 1) * cin_g * kk].reshape(n * length, -1)
+        if conv["bias"]:
+            a = torch.cat([a, torch.ones(n * length, 1, dtype=F64)], 1)
+        A_ref = a.T @ a / (n * length)
+        G_ref = torch.zeros(cout_g, cout_g, dtype=F64)
+        for gr in grads:
+            go = gr[:, gi * cout_g : (gi + 1) * cout_g].reshape(n, cout_g, -1)
+            go = go.permute(0, 2, 1).reshape(-1, cout_g)
+            G_ref += go.T @ go / n
+        assert rel_err(A[gi], A_ref) < 1e-12
+        assert rel_err(G[gi], G_ref) < 1e-12
+
+
+# ------------------------------------------------------------------------------ sequences
+class MeanOverT(nn.Module):
+    def forward(self, h):
+        return h.mean(1)
+
+
+def test_expand_and_reduce_in_their_exact_settings():
+    torch.manual_seed(5)
+    g = seeded(8)
+    x = torch.randn(4, 5, 3, generator=g, dtype=F64)  # (N, T, d)
+    # expand setting: a deep linear net applied at every position, MSE on every position
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(F64)
+    y = torch.randn(4, 5, 2, generator=g, dtype=F64)
+    dense = ref.metric("ggn", model, MSE(), x, y)
+    op = KFAC(GGN(), sequence="expand").operator(Point(model, MSE(), x, y))
+    _kron_dense_ok(op, dense, block_mask(model))
+    # reduce setting: positions averaged before the last layer
+    model = nn.Sequential(nn.Linear(3, 4), MeanOverT(), nn.Linear(4, 2)).to(F64)
+    y = torch.randn(4, 2, generator=g, dtype=F64)
+    dense = ref.metric("ggn", model, MSE(), x, y)
+    op = KFAC(GGN(), sequence="reduce").operator(Point(model, MSE(), x, y))
+    _kron_dense_ok(op, dense, block_mask(model))
+    # and expand is not exact there (the two approximations differ)
+    op_e = KFAC(GGN(), sequence="expand").operator(Point(model, MSE(), x, y))
+    assert rel_err(op_e.to_dense(), dense * block_mask(model)) > 1e-3
+
+
+# ------------------------------------------------------------------------------ any model
+class Scale(nn.Module):
+    """A custom module with its own parameter."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, h):
+        return h * self.s
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.norm = nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.scale = Scale(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, idx):
+        h = self.norm(self.emb(idx))
+        return self.out(torch.tanh(self.scale(self.bn(self.lin(h)))))
+
+
+def mixed_data(n=24, seed=10):
+    g = seeded(seed)
+    idx = torch.randint(0, 7, (n,), generator=g)
+    return idx, (idx % 3)
+
+
+def test_other_parameters_get_the_exact_diagonal():
+    torch.manual_seed(6)
+    model = Mixed().to(F64).eval()
+    idx, y = mixed_data(8)
+    for base, name in ((GGN(), "ggn"), (EmpiricalFisher(), "empirical-fisher")):
+        dense = ref.metric(name, model, CrossEntropy(), idx, y)
+        op = KFAC(base).operator(Point(model, CrossEntropy(), idx, y))
+        names = [n for n, _ in model.named_parameters()]
+        sizes = [p.numel() for p in model.parameters()]
+        offs = [sum(sizes[:i]) for i in range(len(sizes))]
+        other = [i for i, n in enumerate(names) if not n.startswith(("lin.", "out."))]
+        d, dref = op.diagonal(), dense.diagonal()
+        for i in other:
+            sl = slice(offs[i], offs[i] + sizes[i])
+            assert rel_err(d[sl], dref[sl]) < 1e-12, names[i]
+        v = torch.randn(op.size, generator=seeded(11), dtype=F64)
+        assert rel_err((op + 0.1) @ (op + 0.1).solve(v), v) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "metric", [KFAC(), EKFAC(), KFAC(ema=0.95, T_cov=2, T_inv=3, damping="factored")]
+)
+def test_mixed_model_trains_with_optimizer_and_torch_optimizer(metric):
+    torch.manual_seed(7)
+    model = Mixed().eval()
+    idx, y = mixed_data(48)
+    m0 = copy.deepcopy(model)
+    opt = steepest.Optimizer(
+        model,
+        CrossEntropy(),
+        metric=copy.deepcopy(metric),
+        damping=steepest.LevenbergMarquardt(1e-1),
+    )
+    first = opt.step(idx, y)
+    for _ in range(12):
+        info = opt.step(idx, y)
+    assert first.solver == "OwnInverse"
+    assert info.loss < 0.7 * first.loss
+    topt = steepest.TorchOptimizer(
+        m0.parameters(),
+        loss=CrossEntropy(),
+        metric=copy.deepcopy(metric),
+        damping=steepest.LevenbergMarquardt(1e-1),
+    )
+    l0 = float(topt.step(lambda: (m0(idx), y)))
+    for _ in range(12):
+        topt.step(lambda: (m0(idx), y))
+    assert topt.last_info.loss < 0.7 * l0 and topt.last_info.solver == "OwnInverse"
+
+
+def test_closure_and_module_paths_agree():
+    torch.manual_seed(8)
+    model = Mixed().to(F64).eval()
+    idx, y = mixed_data(10)
+    a = steepest.TorchOptimizer(model.parameters(), loss=CrossEntropy(), metric=KFAC(GGN()))
+    from steepest.torch_optim import ClosurePoint
+
+    cp = ClosurePoint(a.steepest.space, CrossEntropy(), lambda: (model(idx), y), KFAC(GGN()))
+    op_c = KFAC(GGN()).operator(cp)
+    op_m = KFAC(GGN()).operator(Point(model, CrossEntropy(), idx, y))
+    assert rel_err(op_c.to_dense(), op_m.to_dense()) < 1e-12
+
+
+# ------------------------------------------------------------------------------ EKFAC
+def test_ekfac_scalings_are_the_exact_projected_diagonal():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    g = seeded(12)
+    x, y = torch.randn(10, 3, generator=g, dtype=F64), torch.randint(0, 3, (10,), generator=g)
+    metric = EKFAC(GGN())
+    op = metric.operator(Point(model, CrossEntropy(), x, y))
+    dense = ref.metric("ggn", model, CrossEntropy(), x, y)
+    state = metric.state_dict()
+    offset = 0
+    for wi, (o, i) in ((0, (4, 3)), (2, (3, 4))):
+        ea, qa, eg, qg = state["eig"][(wi, wi + 1)]
+        perm = layer_perm(o, i, offset)
+        block = dense[perm][:, perm]
+        q = torch.kron(qg[0], qa[0])
+        s_ref = (q.T @ block @ q).diagonal().reshape(o, i + 1)
+        assert rel_err(state["scalings"][(wi, wi + 1)][0], s_ref) < 1e-12
+        # and the operator's block is Q diag(s) Q^T
+        assert (
+            rel_err(op.to_dense()[perm][:, perm], q @ torch.diag(s_ref.reshape(-1)) @ q.T) < 1e-12
+        )
+        offset += o * i + o
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    assert rel_err((op + 0.05) @ (op + 0.05).solve(b), b) < 1e-12
+
+
+# ------------------------------------------------------------------------------ state
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_dict_resumes_bit_for_bit(cls):
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = seeded(13)
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def make(m):
+        return steepest.Optimizer(
+            m,
+            CrossEntropy(),
+            metric=cls(ema=0.9, T_cov=2, T_inv=3),
+            damping=steepest.LevenbergMarquardt(1e-1),
+        )
+
+    opt = make(model)
+    for _ in range(4):
+        opt.step(x, y)
+    saved, params = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    ref_losses = [opt.step(x, y).loss for _ in range(4)]
+    model2 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model2.load_state_dict(params)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved)
+    assert [opt2.step(x, y).loss for _ in range(4)] == ref_losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_refresh_schedule_and_ema():
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(2, 3)).to(F64)
+    g = seeded(14)
+    batches = [
+        (torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64))
+        for _ in range(3)
+    ]
+    metric = KFAC(GGN(), ema=0.95, T_cov=2, T_inv=4)
+    fresh = [KFAC(GGN()) for _ in batches]
+    A = []
+    for (x, y), f in zip(batches, fresh):
+        op = metric.operator(Point(model, MSE(), x, y))
+        f.operator(Point(model, MSE(), x, y))
+        A.append(next(iter(f.state_dict()["factors"]["blocks"].values()))[0])
+    got = next(iter(metric.state_dict()["factors"]["blocks"].values()))[0]
+    # calls 0 and 2 refresh; eps = min(1 - 1/2, 0.95) at the second refresh
+    assert rel_err(got, 0.5 * A[0] + 0.5 * A[2]) < 1e-14
+    # the inverse was computed at call 0 only: stale, so flagged inexact
+    assert not op.inverse_exact
+
+
+def test_bad_configuration_named():
+    with pytest.raises(ConfigurationError, match="base"):
+        KFAC(Hessian())
+    with pytest.raises(ConfigurationError, match="sequence"):
+        KFAC(sequence="mean")
+    with pytest.raises(ConfigurationError, match="T_cov"):
+        KFAC(T_cov=0)
+    with pytest.raises(ConfigurationError, match="ema"):
+        KFAC(ema=1.0)
+
+
+@pytest.mark.parametrize("mode", ["alpha", "momentum"])
+def test_rescaling_by_the_exact_quadratic_model(mode):
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    g = seeded(15)
+    x, y = torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+    lam = 0.1
+    metric = KFAC(Fisher(mc_samples=1), rescale=mode)
+    point = Point(model, CrossEntropy(), x, y, generator=seeded(16))
+    op = metric.operator(point)
+    c = ref.metric("fisher", model, CrossEntropy(), x, y) + lam * torch.eye(op.size, dtype=F64)
+    kfac = op.to_dense() + lam * torch.eye(op.size, dtype=F64)
+    b1, b2 = (torch.randn(op.size, generator=g, dtype=F64) for _ in range(2))
+    d1 = torch.linalg.solve(kfac, b1)
+    x1 = (op + lam).solve(b1)
+    assert rel_err(x1, (b1 @ d1) / (d1 @ c @ d1) * d1) < 1e-12
+    x2 = (op + lam).solve(b2)
+    d2 = torch.linalg.solve(kfac, b2)
+    if mode == "alpha":
+        assert rel_err(x2, (b2 @ d2) / (d2 @ c @ d2) * d2) < 1e-12
+        return
+    basis = torch.stack([d2, x1], 1)  # minimise 1/2 x^T C x - b^T x over span{Delta, x_prev}
+    coef = torch.linalg.solve(basis.T @ c @ basis, basis.T @ b2)
+    assert rel_err(x2, basis @ coef) < 1e-10
+    q = lambda v: 0.5 * v @ c @ v - b2 @ v  # noqa: E731
+    assert q(x2) <= q((b2 @ d2) / (d2 @ c @ d2) * d2) + 1e-14
+
+
+def test_torch_optimizer_state_dict_resumes_bit_for_bit():
+    torch.manual_seed(13)
+    g = seeded(17)
+    x, y = torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
+
+    def make(model):
+        return steepest.TorchOptimizer(
+            model.parameters(),
+            loss=CrossEntropy(),
+            metric=KFAC(ema=0.9, T_cov=2, T_inv=3),
+            damping=steepest.LevenbergMarquardt(1e-1),
+        )
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    opt = make(model)
+    for _ in range(3):
+        opt.step(lambda: (model(x), y))
+    saved, params = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    losses = [float(opt.step(lambda: (model(x), y))) for _ in range(3)]
+    model2 = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model2.load_state_dict(params)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved)
+    assert [float(opt2.step(lambda: (model2(x), y))) for _ in range(3)] == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
