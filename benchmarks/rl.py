@@ -183,6 +183,41 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def timing(args: argparse.Namespace, out: Path) -> None:
+    """Seconds per 1000 steps of steepest TRPO and sb3 TRPO, alternating in one process."""
+    env, seed = args.envs[0], args.seeds[0]
+    rows = []
+    for rep in range(args.reps):
+        pair = {}
+        for m in ("trpo", "sb3") if rep % 2 == 0 else ("sb3", "trpo"):
+            res = (
+                run_sb3(env, seed, args.timing)
+                if m == "sb3"
+                else run_steepest(env, m, seed, args.timing)
+            )
+            pair[m] = 1000 * res["wall_time"] / res["steps"]
+        pair["ratio_trpo_over_sb3"] = pair["trpo"] / pair["sb3"]
+        pair["load_average"] = list(os.getloadavg())
+        rows.append(pair)
+        print(pair, flush=True)
+    ratios = [r["ratio_trpo_over_sb3"] for r in rows]
+    doc = {
+        "env": env,
+        "seed": seed,
+        "steps": args.timing,
+        "machine": machine(),
+        "reps": rows,
+        "median_ratio": statistics.median(ratios),
+        "min_ratio": min(ratios),
+        "max_ratio": max(ratios),
+    }
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(
+        f"steepest TRPO / sb3 TRPO seconds per 1000 steps: median {doc['median_ratio']:.2f} "
+        f"[{doc['min_ratio']:.2f}, {doc['max_ratio']:.2f}]"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1"])
@@ -193,12 +228,23 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/rl.json")
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
+    ap.add_argument(
+        "--timing",
+        type=int,
+        metavar="STEPS",
+        help="only time steepest TRPO against sb3 side by side: STEPS steps each, "
+        "alternating, --reps times, on the first env and seed",
+    )
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.timing:
+        timing(args, out)
+        return
     doc = {
         "targets": TARGETS,
         "window": WINDOW,

@@ -167,8 +167,8 @@ def test_gaussian_policy_on_pendulum_runs(one_thread):
 def test_bad_configuration_is_refused():
     with pytest.raises(ConfigurationError, match="unknown gymnasium environment"):
         Agent("NoSuchEnv-v0")
-    with pytest.raises(ConfigurationError, match="KFAC"):
-        policy_optimizer("acktr", mlp([2, 2]), Categorical(), Settings())
+    with pytest.raises(ConfigurationError, match="unknown method"):
+        policy_optimizer("a2c", mlp([2, 2]), Categorical(), Settings())
     with pytest.raises(ConfigurationError, match="n_steps"):
         Settings(n_steps=0)
     with pytest.raises(ConfigurationError, match="unknown setting"):
@@ -212,3 +212,31 @@ def test_collector_values_and_episodes(one_thread):
     torch.testing.assert_close(b.next_values[:-1][cont], b.values[1:][cont])
     assert col.steps == 120
     assert sum(e.length for e in b.episodes) <= 120
+
+
+def test_acktr_step_is_the_kfac_trust_region_step():
+    """ACKTR: d = -(K + lambda I)^-1 g with K the K-FAC Fisher, alpha = min(1, sqrt(2 max_kl /
+    d^T (K + lambda I) d)): the step lies on the K-FAC trust region and lowers the surrogate."""
+    from steepest import KFAC, Point
+
+    net, pi, x, y, z0 = _batch(6)
+    max_kl = 1e-4
+    opt = policy_optimizer("acktr", net, pi, Settings(max_kl=max_kl, dtype="float64"))
+    assert isinstance(opt.metric, KFAC)
+    theta0 = flat_params(net)
+    gen_state = opt.generator.get_state()
+    info = opt.step(x, y)
+    delta = flat_params(net) - theta0
+    opt.generator.set_state(gen_state)  # the same sampled actions for the K-FAC factors
+    net_copy = mlp([4, 6, 3], dtype=D)
+    net_copy.load_state_dict(net.state_dict())
+    from steepest.params import ParamSpace
+
+    ParamSpace(net_copy).set(theta0)
+    k = KFAC().operator(Point(net_copy, pi, x, y, generator=opt.generator)).to_dense()
+    lam = opt.damping.value
+    quad = float(delta @ (k + lam * torch.eye(k.shape[0], dtype=D)) @ delta)
+    assert info.accepted and 0 < info.alpha < 1  # the trust region binds at this max_kl
+    assert quad == pytest.approx(2 * max_kl, rel=1e-6)
+    with torch.no_grad():
+        assert float(pi.value(net(x), y).mean()) < float(pi.value(z0, y).mean())

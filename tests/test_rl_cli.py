@@ -66,7 +66,7 @@ def test_rl_command_writes_report_and_resumes(tmp_path, capsys, one_thread):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--methods", "trpo,acktr"], "acktr needs steepest.KFAC"),
+        (["--methods", "trpo,ppo"], "unknown method"),
         (["--env", "NoSuchEnv-v0"], "unknown gymnasium environment"),
         (["--set", "max_kl=-1"], "max_kl must be a finite positive number"),
         (["--set", "nsteps=3"], "KEY one of"),

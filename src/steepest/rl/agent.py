@@ -21,8 +21,9 @@ Here g is the gradient of the surrogate :math:`L(\theta) = -\frac1N\sum_i \hat A
 \pi_\theta(a_i|s_i)/\pi_{old}(a_i|s_i)` (minus the policy gradient at :math:`\theta_{old}`),
 :math:`F = E_s[J^T F_R J]` the policy's Fisher, and ``TrustRegion`` is exactly the natural
 policy gradient with a fixed KL step: :math:`\delta^T F\delta = 2\,` max_kl, the quadratic model
-of :math:`KL(\pi_{old}\|\pi_{new}) \le` max_kl. ACKTR (K-FAC in place of CG) waits for
-``steepest.KFAC``.
+of :math:`KL(\pi_{old}\|\pi_{new}) \le` max_kl. ``acktr`` (Wu et al. 2017) is the NPG step with
+``KFAC()`` (the Kronecker-factored Fisher from sampled actions, inverted block by block) in
+place of the exact Fisher and CG, damping max(cg_damping, 0.01), and alpha capped at 1.
 
 Example
 -------
@@ -44,6 +45,7 @@ from torch import nn
 
 from ..damping import Constant
 from ..errors import ConfigurationError
+from ..kronecker import KFAC
 from ..metrics import Fisher, Identity
 from ..optimizer import Optimizer
 from ..solvers import CG
@@ -53,11 +55,12 @@ from .policies import DiagonalGaussian, GaussianHead, PolicyLoss, mlp
 from .rollouts import Collector, policy_for
 from .value import ValueFit
 
-METHODS = ("trpo", "npg", "vpg")
+METHODS = ("trpo", "npg", "vpg", "acktr")
 LABELS = {
     "trpo": "TRPO (Fisher, CG, KL line search)",
     "npg": "NPG (Fisher, CG, fixed KL step)",
     "vpg": "VPG (Identity, learning rate)",
+    "acktr": "ACKTR (K-FAC Fisher, fixed KL step)",
 }
 
 
@@ -199,15 +202,24 @@ def policy_optimizer(
             step=LearningRate(s.lr),
             generator=generator,
         )
+    if method == "acktr":
+        # Wu et al. 2017: the K-FAC natural gradient (Fisher from sampled actions, K-FAC's own
+        # inverse) with alpha = min(1, sqrt(2 max_kl / d^T (K + lambda I) d))
+        return Optimizer(
+            policy,
+            loss,
+            metric=KFAC(),
+            damping=Constant(max(s.cg_damping, 1e-2)),
+            solver="auto",
+            step=TrustRegion(eps=math.sqrt(2 * s.max_kl), max_alpha=1.0),
+            generator=generator,
+        )
     if method == "npg":
         step = TrustRegion(eps=math.sqrt(2 * s.max_kl))
     elif method == "trpo":
         step = KLLineSearch(max_kl=s.max_kl, beta=s.backtrack, max_evals=s.max_backtracks)
     else:
-        raise ConfigurationError(
-            f"unknown method {method!r}; choose from {', '.join(METHODS)} (acktr needs "
-            "steepest.KFAC, which this version does not have)."
-        )
+        raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
     return Optimizer(
         policy,
         loss,

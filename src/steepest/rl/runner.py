@@ -83,9 +83,8 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
         return list(METHODS)
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
-        hint = " (acktr needs steepest.KFAC, not in this version)" if "acktr" in bad else ""
         raise ConfigurationError(
-            f"unknown method(s) {bad or names}{hint}; choose from {', '.join(METHODS)} or all."
+            f"unknown method(s) {bad or names}; choose from {', '.join(METHODS)} or all."
         )
     return list(dict.fromkeys(names))
 
