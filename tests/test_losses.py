@@ -219,7 +219,9 @@ def test_kl_matches_torch_distributions(name, shape):
     if expected.ndim == 2:
         expected = expected.sum(1)
     assert kl.shape == (z_old.shape[0],)
-    assert rel_err(kl, expected) < 1e-11
+    # 1e-9: torch's Bernoulli KL and ours round differently where the KL is tiny (hypothesis
+    # found 4e-11 on a (1, 1, 192) batch); a wrong formula is off by O(1)
+    assert rel_err(kl, expected) < 1e-9
     assert (kl >= 0).all()
     assert loss.kl(z_old, z_old).abs().max() < 1e-13
 
