@@ -14,6 +14,10 @@ certified starts ("Start 1" far, "Start 2" near) by
   region of 000 Appendix A, :math:`\alpha = \epsilon/\sqrt{g^T (M + \lambda I)^{-1} g}`;
 - ``hessian-tr``: Newton (the exact Hessian, clipped to its absolute eigenvalues when indefinite)
   with the same adaptive trust region;
+- ``least-squares``: ``steepest.least_squares`` with ALL its defaults (MINPACK's trust region
+  and tolerances, ``ftol = xtol = gtol = 1e-8``, the Jacobian by autograd) on the residuals
+  :math:`f_i(b) - y_i`, its own stopping rule (not the one below); ``least-squares-tight`` with
+  ``ftol = xtol = gtol = 1e-15``, as ``scipy-lm-tight``;
 - ``scipy-lm`` / ``scipy-trf``: ``scipy.optimize.least_squares`` with its default tolerances,
   and ``scipy-lm-tight`` / ``scipy-trf-tight`` with ``ftol = xtol = gtol = 1e-15`` (the analytic
   Jacobian from ``torch.func.jacrev`` in all four).
@@ -407,7 +411,8 @@ def make_optimizer(method: str, model: nn.Module) -> steepest.Optimizer:
     raise ValueError(f"unknown steepest method {method!r}; one of {STEEPEST_METHODS}.")
 
 
-STEEPEST_METHODS = ("gn-lm", "gn-more", "ggn-tr", "hessian-tr")
+STEEPEST_METHODS = ("gn-lm", "gn-more", "ggn-tr", "hessian-tr", "least-squares",
+                    "least-squares-tight")
 SCIPY_METHODS = ("scipy-lm", "scipy-trf", "scipy-lm-tight", "scipy-trf-tight")
 METHODS = STEEPEST_METHODS + SCIPY_METHODS
 
@@ -466,6 +471,25 @@ def _fit_steepest(problem: Problem, start: int, method: str, rule: StopRule | No
                      steps, evals, elapsed, rss_at(problem, b, formulas), b, status)
 
 
+def fit_least_squares(problem: Problem, start: int, formulas: dict | None = None,
+                      tight: bool = False) -> FitResult:
+    """``steepest.least_squares`` with its defaults (``tight``: ftol = xtol = gtol = 1e-15, as
+    ``scipy-lm-tight``); evaluations = ``nfev`` (as scipy's)."""
+    f = formula_of(problem, formulas)
+    x, y = tensors(problem)
+    y1 = y[:, 0]
+    t0 = time.perf_counter()
+    with single_thread():
+        tol = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15} if tight else {}
+        res = steepest.least_squares(lambda b: f(b, x) - y1,
+                                     torch.tensor(problem.starts[start - 1], dtype=DTYPE), **tol)
+    elapsed = time.perf_counter() - t0
+    b = res.x.tolist()
+    return FitResult(problem.name, start, "least-squares-tight" if tight else "least-squares",
+                     lre(b, problem.certified, _cap(problem)), res.njev, res.nfev, elapsed,
+                     rss_at(problem, b, formulas), b, res.message)
+
+
 def fit_scipy(problem: Problem, start: int, method: str = "scipy-lm",
               formulas: dict | None = None) -> FitResult:
     """``scipy.optimize.least_squares`` with the analytic (autograd) Jacobian."""
@@ -508,6 +532,8 @@ def _cap(problem: Problem) -> float:
 
 
 def fit(problem: Problem, start: int, method: str, formulas: dict | None = None) -> FitResult:
+    if method.startswith("least-squares"):
+        return fit_least_squares(problem, start, formulas, tight=method.endswith("-tight"))
     if method in STEEPEST_METHODS:
         return fit_steepest(problem, start, method, formulas=formulas)
     if method in SCIPY_METHODS:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ CASES = [
 def test_compare_end_to_end(problem, methods, tmp_path, capsys):
     out = tmp_path / "out"
     rc = call(["compare", "--problem", problem, "--methods", methods, "--iters", "2",
-               "--out", str(out), "--quiet"])
+               "--seeds", "1", "--no-tune", "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out == "" and captured.err == ""  # --quiet
@@ -81,8 +82,8 @@ def test_report_html_opens_with_the_answer(tmp_path, capsys):
     assert "http://" not in page and "https://" not in page
     # the terminal table and the answer are printed without --quiet
     printed = " ".join(captured.out.split())
-    for column in ("final train loss", "iterations", "wall time", "time to target",
-                   "diverged"):
+    for column in ("final train loss", "iterations", "step time", "time to target",
+                   "reached", "diverged"):
         assert column.split()[0] in printed
     assert "not reached" in printed  # vanilla does not reach the target in 12 steps
     assert " ".join(sentence.split()) in printed
@@ -180,8 +181,8 @@ def test_help_everywhere(argv, capsys):
     out = capsys.readouterr().out
     assert out.startswith("usage: steepest")
     if argv == ["compare"]:
-        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--device",
-                       "--dtype", "--out", "--set", "--quiet"):
+        for option in ("--problem", "--methods", "--iters", "--time", "--seed", "--seeds",
+                       "--no-tune", "--device", "--dtype", "--out", "--set", "--quiet"):
             assert option in out
 
 
@@ -248,6 +249,9 @@ def test_geometry_with_an_absurd_epsilon_is_refused(tmp_path, capsys):
     rc = call(["geometry", "--eps", "1e300", "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "smaller --eps" in err, err
+    rc = call(["geometry", "--radius", "1e300", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "smaller --radius" in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -281,23 +285,26 @@ def test_a_problem_whose_loss_would_broadcast_is_refused_up_front(tmp_path, caps
 
 
 def test_interrupt_keeps_the_finished_runs_marked_partial(tmp_path, capsys, monkeypatch):
-    real = compare._run_one
+    from steepest.compare import runner
+
+    real = runner._run_one
 
     def run_one(problem, method, *args, **kwargs):
         if method == "adam":
             raise KeyboardInterrupt
         return real(problem, method, *args, **kwargs)
 
-    monkeypatch.setattr(compare, "_run_one", run_one)
+    monkeypatch.setattr(runner, "_run_one", run_one)
     out = tmp_path / "out"
     rc = call(["compare", "--problem", "toy2d", "--methods", "vanilla,natural,adam",
-               "--iters", "2", "--out", str(out), "--quiet"])
+               "--iters", "2", "--seeds", "2", "--no-tune", "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 130 and "interrupted" in err and "partial" in err
     data = json.loads((out / "results.json").read_text())
     assert data["config"]["partial"] is True
-    assert [r["method"] for r in data["runs"]] == ["vanilla", "natural"]
-    assert data["summary"]["sentence"].startswith("Interrupted: partial results, 2 of 3")
+    # seed by seed: seed 0's vanilla and natural finished before Adam was interrupted
+    assert [(r["method"], r["seed"]) for r in data["runs"]] == [("vanilla", 0), ("natural", 0)]
+    assert data["summary"]["sentence"].startswith("Interrupted: partial results, 2 of 6")
     assert "Interrupted: partial results" in (out / "report.html").read_text()
 
 
@@ -323,3 +330,64 @@ def test_the_largest_seed_runs(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert not any(r["diverged"] for r in data["runs"])
     assert call(["compare", "--seed", str(2**64), "--out", str(out)]) == 2
+
+
+class _Page(HTMLParser):
+    """Parses a page strictly enough for a test: balanced tags (void elements aside), the
+    images' sources and the text of the answer paragraph."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.answer: list[str] = []
+        self.text: list[str] = []
+        self._in_answer = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        if tag == "p" and attrs.get("class") == "answer":
+            self._in_answer = True
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack[-5:])
+        self.stack.pop()
+        if tag == "p":
+            self._in_answer = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_answer:
+            self.answer.append(data)
+
+
+def test_report_html_parses_with_every_image_embedded(tmp_path):
+    out = tmp_path / "rep"
+    assert call(["compare", "--problem", "regression", "--methods",
+                 "ggn,natural,adam,ggn[damping=0.1]", "--iters", "8", "--seeds", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    page = _Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    page.close()
+    assert page.stack == []  # every element closed
+    assert " ".join("".join(page.answer).split()) == " ".join(
+        data["summary"]["sentence"].split())
+    assert len(page.images) == 2
+    for img in page.images:
+        assert img["src"].startswith("data:image/png;base64,") and img.get("alt")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    text = " ".join(" ".join(page.text).split())
+    # how it was judged, the merged rows with their reason, the learning-rate search
+    assert "Judged on the" in text and "Methods are tied when" in text
+    assert "GGN = natural gradient" in text or "natural gradient = GGN" in text
+    assert "Martens 002 section 9.2" in text
+    assert "Learning-rate search" in text and "adam" in text
+    assert "GGN [damping=0.1]" in text
+    assert len(data["runs"]) == 8 and {r["seed"] for r in data["runs"]} == {0, 1}

@@ -274,3 +274,13 @@ def test_main_writes_json_and_markdown(exact_file, formulas, tmp_path, capsys):
 def test_main_rejects_missing_folder(tmp_path):
     with pytest.raises(SystemExit):
         nist.main(["--data", str(tmp_path / "nope")])
+
+
+def test_least_squares_method_fits_the_noisy_file(noisy_file, formulas):
+    """steepest.least_squares through the benchmark (issue 12): the tight variant reaches the
+    certified values, and its evaluations are scipy's nfev convention."""
+    prob = nist.parse(noisy_file)
+    r = nist.fit(prob, 2, "least-squares-tight", formulas=formulas)
+    assert r.lre >= 8, r
+    assert r.evaluations >= r.iterations >= 1 and "termination" in r.status
+    assert nist.fit(prob, 2, "least-squares", formulas=formulas).lre >= 4

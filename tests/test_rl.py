@@ -175,3 +175,40 @@ def test_bad_configuration_is_refused():
         settings_for("CartPole-v1", nsteps=3)
     with pytest.raises(ConfigurationError, match="gamma"):
         Settings(gamma=2.0)
+
+
+@pytest.mark.parametrize("fitter", ["adam", "gauss-newton"])
+def test_value_fitters_reduce_the_error(fitter):
+    from steepest.rl import ValueFit
+
+    gen = seeded(5)
+    net = mlp([3, 8, 1], generator=gen, dtype=D)
+    x = torch.randn(128, 3, generator=gen, dtype=D)
+    ret = x[:, 0] ** 2 - x[:, 1] + 3.0
+    with torch.no_grad():
+        before = float((net(x).squeeze(1) - ret).pow(2).mean())
+    after = ValueFit(net, fitter, lr=1e-2, epochs=10, batch_size=32).fit(x, ret, gen)
+    assert after < 0.5 * before
+    with pytest.raises(ConfigurationError, match="value fitter"):
+        ValueFit(net, "lbfgs")
+
+
+def test_collector_values_and_episodes(one_thread):
+    from steepest.rl import Collector
+
+    col = Collector("CartPole-v1", n_envs=3, seed=7)
+    gen = seeded(7)
+    policy = mlp([4, 8, 2], generator=gen)
+    value = mlp([4, 8, 1], generator=gen)
+    b = col.collect(policy, Categorical(), value, 40, gen)
+    assert b.obs.shape == (120, 4) and b.actions.shape == (120, 1) and b.rewards.shape == (40, 3)
+    assert torch.all(b.rewards == 1)
+    done = b.terminated | b.truncated
+    assert len(b.episodes) == int(done.sum()) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(b.values, value(b.obs).reshape(40, 3))
+    # V(s_{t+1}) is the next row's value, except where an episode ended (its final state)
+    cont = ~done[:-1]
+    torch.testing.assert_close(b.next_values[:-1][cont], b.values[1:][cont])
+    assert col.steps == 120
+    assert sum(e.length for e in b.episodes) <= 120

@@ -232,7 +232,9 @@ def test_only_some_parameters_equal_the_core_on_a_partly_frozen_model():
     assert not torch.equal(model[2].weight, copy.deepcopy(problem("ce")[0])[2].weight)
 
 
-def test_param_groups_are_solved_together_and_must_share_lr():
+def test_param_groups_are_solved_together_and_lr_scales_their_blocks():
+    """One group: the core step. Groups with learning rates alpha_k: the same direction d
+    (one solve for all groups), each block scaled, delta_k = alpha_k d_k (issue 9)."""
     ref_model, loss, x, y = problem("mse")
     model = copy.deepcopy(ref_model)
     groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
@@ -241,11 +243,67 @@ def test_param_groups_are_solved_together_and_must_share_lr():
     opt.step(outputs_closure(model, x, y))
     ref.step(x, y)
     assert torch.allclose(flat(model), flat(ref_model), atol=1e-10, rtol=0)
-    opt.param_groups[1]["lr"] = 0.1
+    # the explicit construction: the unit step d from the same point, scaled per block
+    unit = copy.deepcopy(model)
+    steepest.Optimizer(unit, loss, metric=steepest.GGN(), damping=0.1, step=1.0).step(x, y)
+    d = flat(unit) - flat(model)
+    n0 = sum(p.numel() for p in model[0].parameters())
+    scale = torch.cat([torch.full((n0,), 0.5, dtype=d.dtype),
+                       torch.full((d.numel() - n0,), 0.1, dtype=d.dtype)])
     before = flat(model)
-    with pytest.raises(ConfigurationError, match="share lr"):
-        opt.step(outputs_closure(model, x, y))
+    opt.param_groups[1]["lr"] = 0.1
+    opt.step(outputs_closure(model, x, y))
+    assert torch.allclose(flat(model) - before, scale * d, atol=1e-12, rtol=0)
+    assert opt.last_info.step_norm == pytest.approx(float((scale * d).norm()), rel=1e-9)
+    # another step rule picks alpha itself: different lrs are refused before anything changes
+    tr = TorchOptimizer([{"params": model[0].parameters()}, {"params": model[2].parameters(),
+                         "lr": 0.1}], loss=loss, step=steepest.TrustRegion(0.1))
+    before = flat(model)
+    with pytest.raises(ConfigurationError, match="LearningRate"):
+        tr.step(outputs_closure(model, x, y))
     assert torch.equal(flat(model), before)
+
+
+def test_weight_decay_is_the_l2_term_in_g_and_m():
+    """weight_decay eta: the step of L + eta/2 ||theta||^2 (its gradient g + eta theta, its
+    curvature M + eta I), checked against the explicit construction for the Hessian (the L2 term
+    written into the closure) and against a dense float64 GGN reference."""
+    from reference import metric as dense_metric
+
+    eta = 0.3
+    model, loss, x, y = problem("mse")
+    explicit = copy.deepcopy(model)
+    opt = TorchOptimizer(model, metric=steepest.Hessian(), damping=1.0, solver="cholesky",
+                         weight_decay=eta)
+    ref = TorchOptimizer(explicit, metric=steepest.Hessian(), damping=1.0, solver="cholesky")
+
+    def l2(m):
+        return 0.5 * eta * sum(p.pow(2).sum() for p in m.parameters())
+
+    for _ in range(2):
+        opt.step(scalar_closure(model, x, y, loss))
+        ref.step(lambda: scalar_closure(explicit, x, y, loss)() + l2(explicit))
+        assert torch.allclose(flat(model), flat(explicit), atol=1e-12, rtol=0)
+        assert opt.last_info.loss == pytest.approx(ref.last_info.loss, rel=1e-12)
+        assert opt.last_info.rho == pytest.approx(ref.last_info.rho, rel=1e-8)
+    # GGN: delta = -(G + eta I + lambda I)^-1 (g + eta theta), G the dense reference
+    model, loss, x, y = problem("mse")
+    theta = flat(model)
+    lam = 1e-2
+    G = dense_metric("ggn", model, loss, x, y)
+    g = torch.autograd.grad(loss.value(model(x), y).mean(), list(model.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g])
+    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    expected = -torch.linalg.solve(G + (eta + lam) * eye, g + eta * theta)
+    opt = TorchOptimizer(model, loss=loss, metric=steepest.GGN(), damping=lam,
+                         weight_decay=eta)
+    loss0 = float(loss.value(model(x), y).mean().detach())
+    returned = opt.step(outputs_closure(model, x, y))
+    assert torch.allclose(flat(model) - theta, expected, atol=1e-10, rtol=0)
+    assert float(returned) == loss0  # the closure's loss, as torch.optim returns it
+    assert opt.last_info.loss == pytest.approx(loss0 + 0.5 * eta * float(theta @ theta))
+    with pytest.raises(ConfigurationError, match="weight_decay"):
+        TorchOptimizer(model, loss=loss, weight_decay=-1.0)
 
 
 def test_add_param_group_extends_theta():

@@ -3,6 +3,7 @@ changing parameters, state_dict validation, pickling, lr = 0, precision and name
 Each test fails on the code before issue 9 and passes after."""
 
 import copy
+import math
 import pickle
 import warnings
 
@@ -11,16 +12,31 @@ import torch
 from torch import nn
 
 from steepest import (
+    CG,
     GGN,
     Armijo,
+    Cholesky,
+    Hessian,
     Identity,
+    KLLineSearch,
     LearningRate,
     LevenbergMarquardt,
     MoreTrustRegion,
     Optimizer,
     TorchOptimizer,
+    TrustRegion,
 )
-from steepest.errors import ConfigurationError, NonFiniteError, ParameterChangeWarning
+from steepest.errors import (
+    ConfigurationError,
+    DenseTooLargeError,
+    NonFiniteError,
+    ParameterChangeWarning,
+    ShapeError,
+    SingularMatrixError,
+    SteepestError,
+)
+from steepest.linop import DENSE_LIMIT, set_dense_limit
+from steepest.linop import eigh as linop_eigh
 from steepest.losses import MSE
 
 DT = torch.float64
@@ -322,3 +338,134 @@ def test_learning_rate_zero_from_a_scheduler_skips_the_step():
     assert info.tries == 0 and not info.accepted and "learning rate 0" in info.message
     assert opt.steepest.damping.value == lam
     assert all(torch.equal(p, t) for p, t in zip(net.parameters(), theta))
+
+
+# ------------------------------------------------------------------------ named errors
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: LevenbergMarquardt(init=math.inf),
+        lambda: TrustRegion(1e300),
+        lambda: CG(maxiter=2.5),
+        lambda: Armijo(max_evals=0),
+        lambda: KLLineSearch(max_evals=0),
+        lambda: MSE(sigma=-1),
+        lambda: Optimizer(_mlp(3), MSE),
+        lambda: TorchOptimizer([]),
+        lambda: Optimizer(_mlp(3).half(), MSE()),
+        lambda: Optimizer(_mlp(3).bfloat16(), MSE()),
+        lambda: TorchOptimizer(_mlp(3).half(), loss=MSE()),
+        lambda: Optimizer(_mlp(3).to("meta"), MSE()),
+    ],
+)
+def test_bad_configurations_raise_named_errors(build):
+    with pytest.raises(SteepestError):
+        build()
+
+
+def test_loss_class_error_is_still_a_type_error():
+    with pytest.raises(TypeError, match=r"MSE\(\)"):
+        Optimizer(_mlp(3), MSE)
+
+
+@pytest.mark.parametrize("kind", ["core", "torch"])
+def test_bad_steps_raise_named_errors_before_state_changes(kind):
+    x, y = data()
+    net = _mlp(5)
+    step, opt = _optimizer(kind, net, x, y, metric=GGN(), damping=LevenbergMarquardt())
+    step()
+    inner = opt if kind == "core" else opt.steepest
+    state = copy.deepcopy(inner.state_dict())
+    theta = [p.detach().clone() for p in net.parameters()]
+
+    def unchanged():
+        now = inner.state_dict()
+        assert now["steps"] == state["steps"] and now["damping"] == state["damping"]
+        assert all(torch.equal(p, t) for p, t in zip(net.parameters(), theta))
+
+    with pytest.raises(ShapeError, match="empty"):
+        opt.step(x[:0], y[:0]) if kind == "core" else opt.step(lambda: (net(x[:0]), y[:0]))
+    unchanged()
+    with torch.inference_mode(), pytest.raises(ConfigurationError, match="inference_mode"):
+        step()
+    unchanged()
+    net.half()  # half precision after construction: refused by name at the step
+    with pytest.raises(ConfigurationError, match="float16"):
+        step()
+    net.double()
+    theta = [t.half().double() for t in theta]  # the round trip through float16 only
+    unchanged()
+
+
+def test_compiled_model_runs_its_original_module():
+    """torch.compile'd graphs have no double backward: the core optimizer runs `_orig_mod` (same
+    step as the plain model); TorchOptimizer names the way out."""
+    x, y = data()
+    plain = _mlp(5)
+    compiled = torch.compile(copy.deepcopy(plain), backend="aot_eager")
+    a = Optimizer(plain, MSE(), metric=Hessian(), damping=1e-2).step(x, y)
+    b = Optimizer(compiled, MSE(), metric=Hessian(), damping=1e-2).step(x, y)
+    assert a == b
+    opt = TorchOptimizer(compiled, loss=MSE(), metric=GGN())
+    with pytest.raises(ConfigurationError, match="_orig_mod"):
+        opt.step(lambda: (compiled(x), y))
+
+
+def test_eigh_failure_is_a_singular_matrix_error_that_lm_retries(monkeypatch):
+    x, y = data()
+    real, calls = torch.linalg.eigh, []
+
+    def flaky(m, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    with pytest.raises(SingularMatrixError, match="badly scaled"):
+        linop_eigh(torch.eye(3, dtype=DT))
+    calls.clear()
+    # an indefinite Hessian with a tiny lambda: Cholesky fails, the clipped solve's eigh fails,
+    # LM raises lambda and solves again
+    opt = Optimizer(
+        _mlp(5, seed=3),
+        MSE(),
+        metric=Hessian(),
+        solver=Cholesky(indefinite="clip"),
+        damping=LevenbergMarquardt(1e-12),
+    )
+    info = opt.step(x, y)
+    assert calls and info.tries >= 2 and "damping raised" in info.message
+
+
+def test_more_trust_region_too_large_names_the_real_way_out():
+    x, y = data()
+    set_dense_limit(10)
+    try:
+        opt = Optimizer(_mlp(5), MSE(), metric=Hessian(), damping=MoreTrustRegion(), solver=CG())
+        with pytest.raises(DenseTooLargeError, match="LevenbergMarquardt") as err:
+            opt.step(x, y)
+    finally:
+        set_dense_limit(DENSE_LIMIT)
+    assert "use a matrix-free solver" not in str(err.value)
+
+
+def test_torch_optimizer_skips_parameters_outside_the_graph():
+    """torch.optim skips a parameter whose grad is None (no decay, no momentum step): a
+    parameter the closure does not use never moves, even with weight decay and momentum."""
+    x, y = data()
+    net = _mlp(5)
+    spare = nn.Linear(2, 2).to(DT)
+    opt = TorchOptimizer(
+        [*net.parameters(), *spare.parameters()],
+        loss=MSE(),
+        metric=GGN(),
+        damping=1e-2,
+        momentum=0.5,
+        weight_decay=0.1,
+    )
+    w = spare.weight.detach().clone()
+    for _ in range(2):
+        opt.step(lambda: (net(x), y))
+    assert torch.equal(spare.weight, w)
+    assert opt.last_info.accepted

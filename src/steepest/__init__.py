@@ -12,8 +12,9 @@ One sentence holds the library (Pierrot et al. 2019, problem (1) and Appendix A)
 from . import compare, damping, errors, fit, linop, losses, metrics, problems, solvers, steps
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .diagonal import Diagonal
+from .distributed import DataParallel
 from .errors import SteepestError
-from .fit import OptimizeResult, curve_fit, least_squares
+from .fit import OptimizeResult, curve_fit, least_squares, minimize
 from .kronecker import EKFAC, KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
@@ -59,6 +60,7 @@ __all__ = [
     "Cholesky",
     "Constant",
     "CrossEntropy",
+    "DataParallel",
     "Diagonal",
     "EKFAC",
     "EmpiricalFisher",
@@ -100,6 +102,7 @@ __all__ = [
     "least_squares",
     "losses",
     "metrics",
+    "minimize",
     "problems",
     "solvers",
     "steps",

@@ -1,6 +1,6 @@
 """The ``steepest`` command line (argparse with subcommands).
 
-- ``steepest compare --problem NAME --methods LIST (--iters N | --time SECONDS) --seed S
+- ``steepest compare --problem NAME --methods LIST (--iters N | --time SECONDS) --seeds K --seed S
   --device cpu|cuda --dtype float32|float64 --out DIR [--set METHOD.KEY=VALUE ...] [--quiet]``
 - ``steepest geometry --problem NAME [--at A,B] [--eps E] [--out FILE.png]``
 - ``steepest problems [--defaults]``
@@ -66,13 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a built-in problem (see `steepest problems`) or "
                      f"path/to/file.py:function (default {DEFAULT_PROBLEM})")
     cmp.add_argument("--methods", default="all",
-                     help=f"comma-separated, from {', '.join(METHODS)}; or 'all' (default)")
+                     help=f"comma-separated, from {', '.join(METHODS)}; or 'all' (default); "
+                     "a variant METHOD[KEY=VALUE,...] is a row of its own, e.g. "
+                     "ggn,ggn[solver=woodbury],gauss-newton[damping=more]")
     budget = cmp.add_mutually_exclusive_group()
     budget.add_argument("--iters", type=_budget(int), metavar="N",
-                        help="steps per method (default: the problem's)")
+                        help="steps per method and seed")
     budget.add_argument("--time", type=_budget(float), metavar="SECONDS",
-                        help="seconds of step time per method")
-    cmp.add_argument("--seed", type=int, default=0, help="seed of the initial weights (0)")
+                        help="seconds of step time per method and seed; each run stops within "
+                        "one step of it (default: the problem's time budget)")
+    cmp.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                     help="the clock of --time and of the times reported: wall (default) or "
+                     "cpu (process CPU time: a run waiting for a core of a shared machine is "
+                     "not charged for the wait)")
+    cmp.add_argument("--seed", type=int, default=0,
+                     help="the first seed (0); the runs use SEED, SEED+1, ...")
+    cmp.add_argument("--seeds", type=_budget(int), default=3, metavar="K",
+                     help="seeds per method (3): every figure is a median over them")
+    cmp.add_argument("--no-tune", action="store_true",
+                     help="keep the baselines' learning rates (no search on the first seed)")
     cmp.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     cmp.add_argument("--dtype", default="float64", choices=("float32", "float64"))
     cmp.add_argument("--out", default="out", metavar="DIR",
@@ -101,11 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                           description="List the built-in problems.")
     prob.add_argument("--defaults", action="store_true",
                       help="also print each problem's per-method settings")
+    from .rl.cli import add_parser as add_rl_parser
+
+    add_rl_parser(sub)
     return parser
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from . import compare, report
+    from . import compare
+    from .compare import report
 
     overrides = compare.parse_set(args.assignments)
     if not 0 <= args.seed < compare.SEED_LIMIT:
@@ -113,7 +129,8 @@ def _compare(args: argparse.Namespace) -> int:
     report.check_out(args.out)
     plan = compare.plan(args.problem, args.methods, iters=args.iters, time=args.time,
                         seed=args.seed, device=args.device, dtype=args.dtype,
-                        settings=overrides)
+                        settings=overrides, seeds=args.seeds, tune=not args.no_tune,
+                        clock=args.clock)
     try:
         result = compare.execute(plan) if args.quiet else _with_progress(plan)
     except compare.Interrupted as stop:
@@ -127,7 +144,7 @@ def _compare(args: argparse.Namespace) -> int:
     if not args.quiet:
         from rich.console import Console
 
-        console = Console() if sys.stdout.isatty() else Console(width=140)
+        console = Console() if sys.stdout.isatty() else Console(width=160)
         report.print_table(result, console)
         console.print(f"wrote {args.out}/report.html, results.json and plots", highlight=False)
     return 0
@@ -140,17 +157,20 @@ def _with_progress(plan) -> object:
     from . import compare
 
     total = plan.iters
-    columns = [TextColumn("{task.description:<22}"), BarColumn(bar_width=24),
-               TextColumn("it {task.completed:>5.0f}"), TextColumn("loss {task.fields[loss]}"),
+    columns = [TextColumn("{task.description:<34}"), BarColumn(bar_width=20),
+               TextColumn("it {task.completed:>6.0f}"), TextColumn("loss {task.fields[loss]}"),
                TextColumn("step time {task.fields[elapsed]}"), TimeElapsedColumn()]
-    tasks: dict[str, int] = {}
+    tasks: dict[tuple[str, int], int] = {}
+    index = {s: i for i, s in enumerate(plan.seeds)}
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        def update(method: str, k: int, loss: float, elapsed: float) -> None:
-            if method not in tasks:
-                tasks[method] = progress.add_task(compare.LABELS[method], total=total,
-                                                  loss="-", elapsed="-")
-            progress.update(tasks[method], completed=k, loss=f"{loss:.4g}",
-                            elapsed=f"{elapsed:.2f}s")
+        def update(row: str, seed: int, k: int, loss: float, elapsed: float) -> None:
+            key = (row, seed)
+            if key not in tasks:
+                name = f"{compare.label(row)} s{index.get(seed, 0) + 1}/{len(plan.seeds)}"
+                tasks[key] = progress.add_task(name, total=total, loss="-", elapsed="-")
+            if k < 10 or k % 10 == 0 or (total is not None and k == total):
+                progress.update(tasks[key], completed=k, loss=f"{loss:.4g}",
+                                elapsed=f"{elapsed:.2f}s")
 
         return compare.execute(plan, update)
 
@@ -168,7 +188,7 @@ def _geometry(args: argparse.Namespace) -> int:
             raise SteepestError(f"--at must be two numbers A,B, got {args.at!r}.") from None
         if theta.numel() != 2:
             raise SteepestError(f"--at must be two numbers A,B, got {args.at!r}.")
-    from .report import check_out
+    from .compare.report import check_out
 
     check_out(args.out, kind="file")
     geom = geometry.compute(args.problem, theta=theta, seed=args.seed, eps=args.eps,
@@ -203,7 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``steepest`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"compare": _compare, "geometry": _geometry, "problems": _problems}[args.command]
+    from .rl.cli import command as _rl
+
+    handler = {"compare": _compare, "geometry": _geometry, "problems": _problems,
+               "rl": _rl}[args.command]
     try:
         return handler(args)
     except SteepestError as err:

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ConfigurationError
-from .linop import LinearOperator
+from .errors import ConfigurationError, DenseTooLargeError
+from .linop import LinearOperator, eigh
 
 
 @dataclass(frozen=True)
@@ -152,13 +152,15 @@ class LevenbergMarquardt(Damping):
     def __init__(self, init: float = 1e-3, decrease: float = 1 / 3, increase: float = 3.0,
                  min: float = 1e-20, max: float = 1e12, reject: bool = True,
                  max_tries: int = 20) -> None:
-        if not (init > 0 and 0 < decrease < 1 < increase and 0 <= min <= max):
+        finite = all(isinstance(v, int | float) and math.isfinite(v)
+                     for v in (init, decrease, increase, min, max))
+        if not (finite and init > 0 and 0 < decrease < 1 < increase and 0 <= min <= max):
             raise ConfigurationError(
-                f"LevenbergMarquardt: need init > 0, 0 < decrease < 1 < increase and "
-                f"0 <= min <= max; got init={init}, decrease={decrease}, increase={increase}, "
+                f"LevenbergMarquardt: need finite init > 0, 0 < decrease < 1 < increase "
+                f"and 0 <= min <= max; got init={init}, decrease={decrease}, increase={increase}, "
                 f"min={min}, max={max}."
             )
-        if max_tries < 1:
+        if not (isinstance(max_tries, int) and max_tries >= 1):
             raise ConfigurationError(f"LevenbergMarquardt: max_tries must be >= 1, got "
                                      f"{max_tries}.")
         self.lam, self.decrease, self.increase = float(init), decrease, increase
@@ -286,7 +288,19 @@ class MoreTrustRegion(Damping):
             f = op.factor()
             diag = f.U.pow(2).sum(0) / f.n
         else:
-            m = op.to_dense()
+            try:
+                m = op.to_dense()
+            except DenseTooLargeError as err:
+                raise DenseTooLargeError(
+                    f"MoreTrustRegion solves lambda from the eigendecomposition of the dense "
+                    f"{op.size} x {op.size} scaled metric, whatever the solver, and {op.size} "
+                    "parameters exceed the dense limit (steepest.linop.DENSE_LIMIT). Use "
+                    "damping=LevenbergMarquardt() (lambda I: no decomposition, works with "
+                    "solver=CG()), or a metric with a sample-space factor (GaussNewton(), GGN(), "
+                    "Fisher()) on a curvature batch with fewer rows than parameters "
+                    "(curvature_batch_size), or raise the limit with "
+                    "steepest.linop.set_dense_limit(n) if the matrix fits in memory."
+                ) from err
             diag = m.diagonal()
         d = diag.clamp_min(0).sqrt()
         d = torch.where(d > 0, d, torch.ones_like(d))
@@ -299,7 +313,7 @@ class MoreTrustRegion(Damping):
             c = vh @ gs
             c_perp2 = max(float(gs @ gs - c @ c), 0.0)
         else:
-            mu, q = torch.linalg.eigh(m / d[:, None] / d[None, :])
+            mu, q = eigh(m / d[:, None] / d[None, :], f"the scaled {op.name}")
             c = q.T @ gs
             c_perp2 = 0.0
         # singular: fewer singular values than parameters, or an eigenvalue at or below 0. A tiny

@@ -51,6 +51,9 @@ class Diagonal(Metric):
     """
 
     name = "Diagonal"
+    # the diagonal is reduced over ranks before the power (Point.mean_over_ranks), so the
+    # operator is already the whole batch's: the optimizer does not reduce its products again
+    reduces_over_ranks = True
 
     def __init__(
         self, base: Metric | None = None, power: float = 1.0, mc_samples: int | None = None
@@ -93,7 +96,7 @@ class Diagonal(Metric):
         return (v * op.matmat(v)).mean(1)
 
     def operator(self, point: Point) -> LinearOperator:
-        m = self.base_diagonal(point).detach()
+        (m,) = point.mean_over_ranks([self.base_diagonal(point).detach()])
         if not torch.isfinite(m).all():
             raise ConfigurationError(
                 f"Diagonal: the diagonal of {self.base!r} is not finite at these parameters."

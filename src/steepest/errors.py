@@ -44,6 +44,10 @@ class ConfigurationError(SteepestError, ValueError):
     """An option has a value outside its domain."""
 
 
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (a class where an instance is due, ...)."""
+
+
 class SteepestWarning(UserWarning):
     """Base class of every warning issued by steepest."""
 
@@ -55,3 +59,7 @@ class ParameterChangeWarning(SteepestWarning):
 
 class ConvergenceError(SteepestError, RuntimeError):
     """A fit ended without meeting its tolerances (``curve_fit``: scipy's RuntimeError)."""
+
+
+class RankError(SteepestError, RuntimeError):
+    """Under torch.distributed, another rank failed its part of the step (every rank raises)."""

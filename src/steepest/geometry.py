@@ -141,9 +141,11 @@ def compute(problem: str | Problem, theta: Tensor | None = None, seed: int = 0,
     if eps is not None:
         span = 1.5 * max(max(float(s.norm()) for s in geom.steps.values()), 1e-12)
     if not math.isfinite(span) or span > 1e100:
+        what = f"eps={eps:g}" if eps is not None else f"radius={radius:g}"
+        fix = ("a smaller --eps, or none (each metric's epsilon scaled to --radius)"
+               if eps is not None else "a smaller --radius")
         raise ConfigurationError(
-            f"eps={eps:g} gives steps of length {span / 1.5:.3g}: far too long to draw; pass a "
-            "smaller --eps, or none (each metric's epsilon scaled to --radius)."
+            f"{what} gives steps of length {span / 1.5:.3g}: far too long to draw; pass {fix}."
         )
     xs = torch.linspace(-span, span, grid, dtype=dtype) + geom.theta[0]
     ys = torch.linspace(-span, span, grid, dtype=dtype) + geom.theta[1]

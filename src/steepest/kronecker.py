@@ -417,6 +417,11 @@ class KFAC(Metric):
         answer :math:`\delta_0` (two exact products, a 2 x 2 solve). The exact metric is
         ``Fisher()`` for a Monte-Carlo Fisher base, the base itself otherwise; the solve is
         then flagged inexact (the optimizer measures it with K-FAC's own quadratic)
+    spread_inverses: under torch.distributed (:mod:`steepest.distributed`), compute the
+        eigendecompositions of block k on rank k mod R only and broadcast them (the inverse
+        work spread over the ranks, as KAISA does with a gradient-worker fraction of 1/R);
+        False (default): every rank decomposes every block, nothing is sent. Either way the
+        factors are means over the samples of every rank (one all_reduce per refresh).
 
     The operator acts in the flat parameter order (``model.parameters()``); ``to_dense()`` is
     block diagonal up to that order, ``diagonal()`` is :math:`\mathrm{diag}(G)\otimes
@@ -429,6 +434,9 @@ class KFAC(Metric):
     """
 
     name = "KFAC"
+    # the factors are reduced over ranks (Point.mean_over_ranks), so the operator is already
+    # the whole batch's: the optimizer does not reduce its products again
+    reduces_over_ranks = True
 
     def __init__(
         self,
@@ -440,6 +448,7 @@ class KFAC(Metric):
         T_cov: int = 1,
         T_inv: int = 1,
         rescale: str | None = None,
+        spread_inverses: bool = False,
     ) -> None:
         base = Fisher(mc_samples=1) if base is None else base
         ok = isinstance(base, Fisher | GGN | GaussNewton | EmpiricalFisher) or (
@@ -477,6 +486,7 @@ class KFAC(Metric):
         self.base, self.sequence, self.damping = base, sequence, damping
         self.ema, self.T_cov, self.T_inv = ema, T_cov, T_inv
         self.rescale = rescale
+        self.spread_inverses = bool(spread_inverses)
         self.needs_distribution = base.needs_distribution
         self.psd = base.psd
         self._state: dict = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
@@ -492,7 +502,8 @@ class KFAC(Metric):
         return (
             f"{type(self).__name__}(base={self.base!r}, sequence={self.sequence!r}, "
             f"damping={self.damping!r}, ema={self.ema}, T_cov={self.T_cov}, "
-            f"T_inv={self.T_inv}, rescale={self.rescale!r})"
+            f"T_inv={self.T_inv}, rescale={self.rescale!r}, "
+            f"spread_inverses={self.spread_inverses})"
         )
 
     # ------------------------------------------------------------------ state
@@ -537,6 +548,12 @@ class KFAC(Metric):
                     cap.sizes[i], dtype=point.grad.dtype, device=point.grad.device
                 )
         self._state["signed"] = w is not None
+        # under torch.distributed: means over every rank's samples (one all_reduce)
+        keys, okeys = list(blocks), sorted(others)
+        flat = [t for key in keys for t in blocks[key]] + [others[i] for i in okeys]
+        flat = point.mean_over_ranks(flat)
+        blocks = {key: (flat[2 * j], flat[2 * j + 1]) for j, key in enumerate(keys)}
+        others = {i: flat[2 * len(keys) + j] for j, i in enumerate(okeys)}
         return {"blocks": blocks, "others": others, "raw": raw, "n": cap.n, "w": w}
 
     def _refresh(self, point) -> tuple[dict, bool]:
@@ -571,15 +588,21 @@ class KFAC(Metric):
         st["calls"] = calls + 1
         return new, fresh
 
-    def _eigen(self, calls: int) -> bool:
+    def _eigen(self, calls: int, point) -> bool:
         """Recompute the eigendecompositions when due; returns whether they match the
         current factors."""
         st = self._state
         due = st["eig"] is None or calls % self.T_inv == 0
         if due:
-            st["eig"] = {
-                key: (*_eigh(A), *_eigh(G)) for key, (A, G) in st["factors"]["blocks"].items()
-            }
+            blocks = st["factors"]["blocks"]
+            if self.spread_inverses:
+                mats = [m for A, G in blocks.values() for m in (A, G)]
+                eig = point.spread_over_ranks(
+                    _eigh, mats, lambda m: [(m.shape[:-1], m.dtype), (m.shape, m.dtype)]
+                )
+                st["eig"] = {key: (*eig[2 * j], *eig[2 * j + 1]) for j, key in enumerate(blocks)}
+            else:
+                st["eig"] = {key: (*_eigh(A), *_eigh(G)) for key, (A, G) in blocks.items()}
             st["eig_refresh"] = st["refreshes"]
         return st.get("eig_refresh") == st["refreshes"] and set(st["eig"]) == set(
             st["factors"]["blocks"]
@@ -596,7 +619,7 @@ class KFAC(Metric):
         self.base.check(point)
         calls = self._state["calls"]
         self._refresh(point)
-        current = self._eigen(calls)
+        current = self._eigen(calls, point)
         fac = self._state["factors"]
         blocks = [_Block(wi, bi, A, G) for (wi, bi), (A, G) in fac["blocks"].items()]
         st = self._structure(point, blocks)
@@ -767,7 +790,7 @@ class EKFAC(KFAC):
         self.base.check(point)
         calls = self._state["calls"]
         new, _ = self._refresh(point)
-        self._eigen(calls)
+        self._eigen(calls, point)
         st_ = self._state
         # the scalings are re-estimated on every fresh capture, in the current eigenbasis
         if new is not None:
@@ -775,6 +798,7 @@ class EKFAC(KFAC):
             for key, (a, g) in new["raw"].items():
                 ea, qa, eg, qg = st_["eig"][key]
                 scal[key] = _scalings(a, g, qa, qg, new["n"], new["w"])
+            scal = dict(zip(scal, point.mean_over_ranks(list(scal.values()))))
             old = st_.get("scalings")
             if old is not None and self.ema is not None and set(old) == set(scal):
                 eps = min(1 - 1 / st_["refreshes"], self.ema)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DenseTooLargeError, ShapeError
+from .errors import DenseTooLargeError, ShapeError, SingularMatrixError
 
 DENSE_LIMIT = 20_000
 """Largest dimension for which ``to_dense()`` builds a matrix, unless told otherwise."""
@@ -274,3 +274,17 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"LinearOperator({self.name}, shape={self.shape}, dtype={self.dtype})"
+
+
+def eigh(m: Tensor, name: str = "M") -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``, whose failure to converge (badly scaled float32 matrices) is a
+    :class:`~steepest.errors.SingularMatrixError`, which adaptive damping answers by raising
+    lambda and solving again."""
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError as err:
+        raise SingularMatrixError(
+            f"the eigendecomposition of {name} ({m.shape[0]} x {m.shape[0]}, {m.dtype}) failed "
+            f"to converge ({str(err).splitlines()[0]}); the matrix is badly scaled: raise the "
+            "damping, use LevenbergMarquardt() (which retries with a larger lambda) or float64."
+        ) from err

@@ -29,7 +29,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .errors import LossNotProbabilisticError, ShapeError, TargetError
+from .errors import (
+    ConfigurationError,
+    ConfigurationTypeError,
+    LossNotProbabilisticError,
+    ShapeError,
+    TargetError,
+)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -124,7 +130,8 @@ class MSE(Loss):
 
     def __init__(self, sigma: float = 1.0) -> None:
         if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"MSE: sigma must be a finite positive number, got {sigma!r}.")
+            raise ConfigurationError(
+                f"MSE: sigma must be a finite positive number, got {sigma!r}.")
         self.sigma = float(sigma)
 
     def check(self, z: Tensor, y: Tensor) -> None:
@@ -371,10 +378,11 @@ def as_loss(loss: Loss | Callable[[Tensor, Tensor], Tensor]) -> Loss:
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, type) and issubclass(loss, Loss):
-        raise TypeError(f"pass an instance of the loss, {loss.__name__}(), not the class.")
+        raise ConfigurationTypeError(
+            f"pass an instance of the loss, {loss.__name__}(), not the class.")
     if callable(loss):
         return CallableLoss(loss)
-    raise TypeError(
+    raise ConfigurationTypeError(
         f"loss must be a steepest.losses.Loss or a callable (z, y) -> per-sample losses, "
         f"got {type(loss).__name__}."
     )

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .damping import Damping, Trial, as_damping
+from .distributed import DataParallel, as_data_parallel
 from .errors import (
     ConfigurationError,
     NonFiniteError,
@@ -98,15 +99,36 @@ class StepInfo:
     message: str = ""
 
 
+def _l2_penalty(eta: Tensor, theta: Tensor) -> float:
+    r""":math:`\tfrac12 \sum_j \eta_j \theta_j^2`."""
+    return 0.5 * float((eta * theta * theta).sum())
+
+
+def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
+    r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
+    as damping: the quadratic model and the damping rules see it in M."""
+    return LinearOperator(
+        lambda v: op.matvec(v) + eta * v, op.size, op.dtype, op.device,
+        matmat=lambda V: op @ V + eta[:, None] * V,
+        dense=lambda: op.to_dense() + torch.diag(eta),
+        diagonal=lambda: op.diagonal() + eta,
+        psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
+    )
+
+
 class _Trials:
     """Loss and outputs at theta0 + delta, memoised (a rule, rho and CG backtracking often ask
     for the same point)."""
 
     def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None) -> None:
+                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
+                 point: Point | None = None, l2: Tensor | None = None) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
-        self.theta0, self.z0 = theta0, z0
+        self.theta0, self.z0, self.l2 = theta0, z0, l2
         self.guard = guard or ForwardGuard()
+        # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
+        self.distributed = None if point is None else point.distributed
+        self.weight = 1.0 if point is None else point.n / point.n_total
         self.count = 0
         self._memo: list[tuple[Tensor, float, Tensor]] = []
 
@@ -117,7 +139,11 @@ class _Trials:
         with self.guard.trial():  # the point's buffers and Dropout masks, never written
             value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
                                 self.theta0 + delta)
+        if self.l2 is not None:
+            value += _l2_penalty(self.l2, self.theta0 + delta)
         value = value if math.isfinite(value) else math.inf
+        if self.distributed is not None:
+            value = self.distributed.scalar(value, self.weight)
         self.count += 1
         self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
         return value, z
@@ -128,7 +154,10 @@ class _Trials:
     def kl_at(self, delta: Tensor) -> float:
         _, z = self._eval(delta)
         kl = float(self.loss.kl(self.z0, z).mean())
-        return kl if math.isfinite(kl) else math.inf
+        kl = kl if math.isfinite(kl) else math.inf
+        if self.distributed is not None:
+            kl = self.distributed.scalar(kl, self.weight)
+        return kl
 
 
 class Optimizer:
@@ -162,6 +191,21 @@ class Optimizer:
         ``generator`` (the gradient stays on the whole batch); or pass ``curvature=(x, y)`` to
         :meth:`step`
     generator: the ``torch.Generator`` for sampling (MC Fisher, sub-batches); seeded 0 if None
+    distributed: data parallelism over the ranks of ``torch.distributed``
+        (:mod:`steepest.distributed`): None (one process), True (the default process group)
+        or a :class:`~steepest.distributed.DataParallel`. Each rank passes its shard of the
+        batch to :meth:`step`; the step is the one of the concatenated batch, identical on
+        every rank. A model wrapped in ``DistributedDataParallel`` is unwrapped (steepest
+        reduces, not DDP) and its process group used. ``curvature_batch_size`` is then per rank.
+
+    In a training loop (README, "Training loops"): buffers (BatchNorm's running statistics)
+    move once per step, from the forward at theta; trial evaluations run on copies of them and
+    with the random state of the step's forward (the same Dropout masks); a failed step puts
+    them back. The trainable set is read at every step: a frozen parameter never changes, a
+    replaced or unfrozen one is trained, and state on the old flat vector is reset with a
+    :class:`~steepest.errors.ParameterChangeWarning`. A ``torch.compile``'d module is run
+    through its original module ``_orig_mod`` (compiled graphs have no double backward).
+    float16/bfloat16 and meta-device parameters are refused by name.
 
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
@@ -191,6 +235,7 @@ class Optimizer:
         cg_backtracking: bool = False,
         curvature_batch_size: int | None = None,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
         from .metrics import GGN
 
@@ -198,6 +243,10 @@ class Optimizer:
             raise ConfigurationError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        self.distributed, model = as_data_parallel(distributed, model)
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = orig  # torch.compile'd: its graphs have no double backward (J v, H v)
         self.model = model
         self.space = ParamSpace(model)
         self.loss = as_loss(loss)
@@ -242,8 +291,13 @@ class Optimizer:
             generator = torch.Generator(device=self.space.device)
             generator.manual_seed(0)
         self.generator = generator
+        self._sampler = generator  # this step's generator (per rank under torch.distributed)
         self.steps = 0
         self._guard: ForwardGuard | None = None  # the buffers/RNG guard of the running step
+        # set by TorchOptimizer: weight decay eta_j (an L2 term in the objective, its gradient
+        # and eta in M) and per-group learning rates (a scaling of each block of the step)
+        self._l2: Tensor | None = None
+        self._step_scale: Tensor | None = None
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
 
@@ -342,7 +396,8 @@ class Optimizer:
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
-        return Point(self.space, self.loss, inputs, targets, generator=self.generator)
+        return Point(self.space, self.loss, inputs, targets, generator=self._sampler,
+                     distributed=self.distributed)
 
     def step(self, inputs: Inputs, targets: Tensor,
              curvature: tuple[Inputs, Tensor] | None = None) -> StepInfo:
@@ -356,12 +411,14 @@ class Optimizer:
                 "step() cannot run under torch.inference_mode() (it needs autograd); call it "
                 "outside the inference_mode block."
             )
-        saved = copy.deepcopy(self.state_dict())
+        saved = copy.deepcopy(self.state_dict())  # its generator state is the shared one
         space0, theta0 = self.space, None
         guard = ForwardGuard(getattr(self, "model", None))
         with guard:
             try:
                 note = self._follow_parameters()
+                if self.distributed is not None:  # independent samples per rank, one state
+                    self._sampler = self.distributed.generator(self.generator)
                 point = self.point(inputs, targets)  # validates; raises before any change
                 guard.point_done()
                 theta0 = point.theta.detach().clone()
@@ -412,16 +469,27 @@ class Optimizer:
         if curvature is not None:
             with guard.trial():  # a forward like a trial's: buffers untouched
                 return Point(self.space, self.loss, curvature[0], curvature[1],
-                             generator=self.generator)
+                             generator=self._sampler, distributed=self.distributed)
         k = self.curvature_batch_size
-        if k is None or k >= point.n:
+        # under torch.distributed every rank builds the sub-batch point (its reduction is a
+        # collective), also one whose shard is not larger than k
+        if k is None or (k >= point.n and self.distributed is None):
             return point
-        idx = torch.randperm(point.n, generator=self.generator, device=self.generator.device)[:k]
+        idx = torch.randperm(point.n, generator=self._sampler, device=self._sampler.device)[:k]
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
         with guard.trial():
-            return Point(self.space, self.loss, xs, point.y[idx], generator=self.generator)
+            return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
+                         distributed=self.distributed)
+
+    def _operator(self, metric: Metric, point: Point) -> LinearOperator:
+        """The metric's M on the point; under torch.distributed the whole batch's
+        (:meth:`~steepest.distributed.DataParallel.operator`)."""
+        op = metric.operator(point)
+        if self.distributed is None or getattr(metric, "reduces_over_ranks", False):
+            return op
+        return self.distributed.operator(op, point.n, point.n_total)
 
     def _preconditioner_base(self, point: Point, op: LinearOperator) -> Tensor | None:
         """diag(M) (clipped at 0) or diag of the empirical Fisher; lambda is added per try."""
@@ -429,7 +497,7 @@ class Optimizer:
             return None
         if self.preconditioner == "diagonal":
             return op.diagonal().clamp_min(0)
-        return GradientCovariance().operator(point).diagonal()  # = empirical Fisher, any loss
+        return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
     def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
         if base is None:
@@ -456,11 +524,14 @@ class Optimizer:
     def _step(self, point: Point, inputs: Inputs, targets: Tensor,
               curvature: tuple[Inputs, Tensor] | None, theta0: Tensor,
               saved: dict) -> StepInfo:
-        g = point.grad
+        value0, g = point.value, point.grad
+        if self._l2 is not None:  # weight decay: L + 1/2 sum_j eta_j theta_j^2 (TorchOptimizer)
+            value0 = value0 + _l2_penalty(self._l2, theta0)
+            g = g + self._l2 * theta0
         gnorm = float(g.norm())
         if gnorm == 0:
             return StepInfo(
-                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
                 damping=self.damping.value, iterations=0, residual=0.0,
                 negative_curvature=False, grad_norm=0.0, step_norm=0.0,
                 directional_derivative=0.0, accepted=False, tries=0,
@@ -468,7 +539,7 @@ class Optimizer:
             )
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
             return StepInfo(
-                loss=point.value, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
                 damping=self.damping.value, iterations=0, residual=0.0,
                 negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
                 directional_derivative=0.0, accepted=False, tries=0,
@@ -476,9 +547,11 @@ class Optimizer:
                         "solve, damping unchanged",
             )
         cpoint = self._curvature_point(point, curvature)
-        op = self.metric.operator(cpoint)
+        op = self._operator(self.metric, cpoint)
+        if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
+            op = _plus_diagonal(op, self._l2)
         trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                         self._guard)
+                         self._guard, point, self._l2)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
@@ -532,11 +605,14 @@ class Optimizer:
                     d = dm
                 else:
                     notes.append("momentum restarted (g^T d~ >= 0)")
+            direction = d  # what the momentum buffer keeps
+            if self._step_scale is not None:  # per-group learning rates (TorchOptimizer)
+                d = self._step_scale * d
             gd = float(g @ d)
             # --- d^T (M + lambda I) d: free for an exact solve, one product otherwise
             dAd = -gd if (sol.exact and d is sol.x) else float(d @ damped.matvec(d))
             norm2 = dAd if dAd > 0 else -gd  # negative curvature: measure d by -g^T d > 0
-            ctx = StepContext(point.value, g, d, damped, norm2, sol, trials.loss_at,
+            ctx = StepContext(value0, g, d, damped, norm2, sol, trials.loss_at,
                               trials.kl_at)
             choice = self.step_rule.choose(ctx)
             alpha = float(choice.alpha)
@@ -550,20 +626,20 @@ class Optimizer:
                 loss_new = choice.loss_new
                 if loss_new is None:
                     loss_new = trials.loss_at(delta)
-                actual = point.value - loss_new
+                actual = value0 - loss_new
                 finite = math.isfinite(loss_new)
                 rho = actual / predicted if (predicted > 0 and finite) else -math.inf
             # --- adapt lambda and the radius, accept or reject
             self.damping.update(-math.inf if rho is None else rho,
-                                Trial(delta if alpha > 0 else None, gdelta, point.value,
+                                Trial(delta if alpha > 0 else None, gdelta, value0,
                                       loss_new))
             self.step_rule.update(-math.inf if rho is None else rho)
             if loss_new is None:
                 rejected, why = True, choice.message or "the step rule chose alpha = 0"
             elif not math.isfinite(loss_new):
                 rejected, why = True, "the loss is not finite after the step"
-            elif reject_increase and loss_new > point.value:
-                rejected, why = True, f"the loss went up ({point.value:.6g} -> {loss_new:.6g})"
+            elif reject_increase and loss_new > value0:
+                rejected, why = True, f"the loss went up ({value0:.6g} -> {loss_new:.6g})"
             elif rho is not None and rho < self.damping.min_rho:
                 rejected, why = True, (f"rho = {rho:.3g} below {self.damping.min_rho:g}: the "
                                        "decrease is too small for the model's prediction")
@@ -587,14 +663,14 @@ class Optimizer:
         if accepted:
             self.space.set(theta0 + delta)
             self._prev_solution = sol.x.detach().clone()
-            self._momentum_buffer = d.detach().clone() if self.momentum else None
+            self._momentum_buffer = direction.detach().clone() if self.momentum else None
             self.steps += 1
         else:
             self.generator.set_state(saved["generator"])
             notes.append(f"step rejected: {why}; parameters unchanged")
         message = "; ".join(m for m in (sol.message, choice.message, *notes) if m)
         return StepInfo(
-            loss=point.value, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
+            loss=value0, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
             damping=lam, iterations=sol.iterations, residual=sol.residual,
             negative_curvature=sol.negative_curvature, grad_norm=gnorm,
             step_norm=float(delta.norm()) if accepted else 0.0, directional_derivative=gdelta,

@@ -16,6 +16,24 @@ from torch.func import functional_call
 from .errors import ConfigurationError
 
 
+def check_dtype_device(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse parameters the curvature cannot be computed in, by name: half precision
+    (float16, bfloat16: the dense factorisations and CG lose the step, torch has no CPU
+    Cholesky for them) and the meta device (no data)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ConfigurationError(
+            f"the trainable parameters are {dtype}; steepest computes the curvature and solves "
+            "in the parameters' dtype and needs float32 or float64 (half precision loses the "
+            "solve). Convert the model with model.float() (or model.double())."
+        )
+    if device.type == "meta":
+        raise ConfigurationError(
+            "the parameters are on the meta device (shapes without data); materialize the "
+            "model first: model.to_empty(device='cpu') then initialize or load the weights "
+            "(load_state_dict(..., assign=True))."
+        )
+
+
 class ParamSpace:
     """Names, shapes and (un)flattening of a module's trainable parameters.
 
@@ -54,6 +72,7 @@ class ParamSpace:
             )
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
+        check_dtype_device(self.dtype, self.device)
 
     def _trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -27,8 +27,9 @@ Example
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import NonFiniteError, ShapeError
 from .losses import Loss, as_loss
 from .params import ParamSpace
+
+if TYPE_CHECKING:
+    from .distributed import DataParallel
 
 Inputs = Tensor | tuple[Tensor, ...]
 
@@ -108,6 +112,44 @@ class GraphProducts:
     _gz: tuple[list[Tensor], list[int], Tensor] | None = None  # J^T u of z, linearised
     _gl: tuple[list[Tensor], list[int], Tensor] | None = None  # J_l^T u of the losses
     _ggraph: tuple[list[Tensor], list[int]] | None = None  # the gradient graph, for H v
+
+    distributed: DataParallel | None = None  # set by a point on a rank's shard
+    n_total: int
+
+    def mean_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
+        r"""Statistics that are means over this point's n samples, made means over the
+        samples of every rank: :math:`\sum_r (N_r/N)\, t_r` (one all_reduce under
+        torch.distributed, the tensors unchanged in one process). For a metric that reduces
+        its own statistics (K-FAC's factors) instead of its products.
+
+        >>> A, G = point.mean_over_ranks([A, G])
+        """
+        if self.distributed is None:
+            return tensors
+        return self.distributed.weighted_sum(tensors, self.n / self.n_total)
+
+    def spread_over_ranks(self, fn: Callable[[Tensor], tuple[Tensor, ...]], items: list[Tensor],
+                          shapes: Callable[[Tensor], list]) -> list[tuple[Tensor, ...]]:
+        """``[fn(x) for x in items]``; under torch.distributed item i is computed on rank
+        i mod R only and its result broadcast to every rank (``shapes(x)``: the (shape, dtype)
+        of each tensor ``fn(x)`` returns)."""
+        if self.distributed is None:
+            return [fn(x) for x in items]
+        return self.distributed.spread(fn, items, shapes)
+
+    def _check_finite(self) -> None:
+        """Raise a NonFiniteError if ``value`` or ``grad`` is not finite."""
+        if not math.isfinite(self.value):
+            raise NonFiniteError(
+                f"the loss is {self.value} at the current parameters; the model or data "
+                "produce non-finite values (check the inputs' scale, lower the step size or "
+                "raise the damping)."
+            )
+        if not torch.isfinite(self.grad).all():
+            raise NonFiniteError(
+                "the gradient holds NaN or infinite values although the loss is finite; check "
+                "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
+            )
 
     # ------------------------------------------------------------------ hooks
     def _wrt(self) -> list[Tensor]:
@@ -278,7 +320,7 @@ class GraphProducts:
 
 
 class Point(GraphProducts):
-    """The model and loss at ``theta`` on a batch ``(inputs, targets)``.
+    r"""The model and loss at ``theta`` on a batch ``(inputs, targets)``.
 
     Parameters
     ----------
@@ -287,6 +329,11 @@ class Point(GraphProducts):
     inputs, targets: the batch; inputs a tensor or a tuple of tensors passed to forward
     theta: the flat parameters to evaluate at (default: the module's current ones)
     generator: the ``torch.Generator`` for sampled quantities (Monte-Carlo Fisher)
+    distributed: a :class:`~steepest.distributed.DataParallel` when the batch is this rank's
+        shard of a batch spread over ranks: then ``value`` and ``grad`` are those of the whole
+        batch (:math:`\sum_r (N_r/N) L_r`, one all_reduce), ``n_total`` is N, while ``n``, the
+        per-sample quantities and the products (``jvp``, ``vjp``, ``hvp``, ...) stay this
+        shard's, means over its ``n`` samples (the optimizer reduces the metric built on them)
     """
 
     def __init__(
@@ -297,12 +344,51 @@ class Point(GraphProducts):
         targets: Tensor,
         theta: Tensor | None = None,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | None = None,
     ) -> None:
+        self.distributed = distributed
+        if distributed is None:
+            self._evaluate(space, loss, inputs, targets, theta, generator)
+            self.n_total = self.n
+            return
+        # the means over the whole batch: every rank reaches the all_reduce, also one whose
+        # shard failed (then every rank raises), and checks the reduced loss and gradient
+        space = space if isinstance(space, ParamSpace) else ParamSpace(space)
+        error = None
+        try:
+            self._evaluate(space, loss, inputs, targets, theta, generator, local=True)
+        except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
+            error = err
+        like = space.get()
+        value, grad, self.n_total = distributed.mean(
+            getattr(self, "value_t", None), getattr(self, "grad", None),
+            getattr(self, "n", 0), like, error)
+        self.value, self.grad = float(value), grad
+        self._check_finite()
+
+    def _evaluate(
+        self,
+        space: ParamSpace | nn.Module,
+        loss: Loss | Callable[[Tensor, Tensor], Tensor],
+        inputs: Inputs,
+        targets: Tensor,
+        theta: Tensor | None,
+        generator: torch.Generator | None,
+        local: bool = False,
+    ) -> None:
+        """Forward and gradient on this batch (``local``: the finite checks wait for the
+        reduction over ranks)."""
         self.space = space if isinstance(space, ParamSpace) else ParamSpace(space)
         self.loss = as_loss(loss)
         self.inputs, self.y = inputs, targets
         self.generator = generator
         _check_finite_inputs(inputs, targets)
+        for t in (*(inputs if isinstance(inputs, tuple) else (inputs,)), targets):
+            if t.ndim >= 1 and t.shape[0] == 0:
+                raise ShapeError(
+                    f"the batch is empty (a tensor of shape {tuple(t.shape)}); a step needs at "
+                    "least one sample: skip empty batches (e.g. DataLoader(drop_last=True))."
+                )
         base = self.space.get() if theta is None else theta.detach()
         self.theta = base.clone().requires_grad_(True)
         self.size = self.space.size
@@ -331,19 +417,12 @@ class Point(GraphProducts):
             self.n = int(z.shape[0])
             self.value_t = self.losses.mean()
         self.value = float(self.value_t.detach())
-        if not torch.isfinite(self.value_t):
-            raise NonFiniteError(
-                f"the loss is {self.value} at the current parameters; the model or data "
-                "produce non-finite values (check the inputs' scale, lower the step size or "
-                "raise the damping)."
-            )
+        if not (local or math.isfinite(self.value)):
+            self._check_finite()
         (g,) = torch.autograd.grad(self.value_t, self.theta, retain_graph=True, allow_unused=True)
         self.grad = torch.zeros_like(self.theta) if g is None else g.detach()
-        if not torch.isfinite(self.grad).all():
-            raise NonFiniteError(
-                "the gradient holds NaN or infinite values although the loss is finite; check "
-                "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
-            )
+        if not local:
+            self._check_finite()
         # per-sample quantities by vmap unless the model couples samples (BatchNorm in train)
         self._vmap_failed = any(
             m.training and isinstance(m, nn.modules.batchnorm._BatchNorm)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import linop
 from .errors import ConfigurationError, SingularMatrixError, SolverError
-from .linop import Factor, LinearOperator
+from .linop import Factor, LinearOperator, eigh
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Cholesky(Solver):
             if torch.isfinite(x).all():
                 return Solution(x, 1, _relres(a, x, b), exact=True, message="Cholesky")
         if self.indefinite == "clip":
-            mu, q = torch.linalg.eigh(m)
+            mu, q = eigh(m, a.name)
             floor = self.clip_floor * float(mu.abs().max().clamp_min(1e-300))
             clipped = mu.abs().clamp_min(floor)
             x = q @ ((q.T @ b) / clipped)
@@ -116,10 +116,13 @@ class Cholesky(Solver):
                 message=f"eigenvalue clipping: {n_neg} eigenvalues <= 0 replaced "
                 f"by |mu| (floor {floor:.3g})",
             )
-        mu = torch.linalg.eigvalsh(m)
+        try:
+            mu = torch.linalg.eigvalsh(m)
+            seen = f"smallest eigenvalue {float(mu[0]):.3g}, largest {float(mu[-1]):.3g}"
+        except torch.linalg.LinAlgError:
+            seen = "its eigenvalues did not converge either"
         raise SingularMatrixError(
-            f"{a.name} is singular or not positive definite (smallest eigenvalue "
-            f"{float(mu[0]):.3g}, largest {float(mu[-1]):.3g}), so Cholesky "
+            f"{a.name} is singular or not positive definite ({seen}), so Cholesky "
             "cannot solve it; add damping (damping=1e-3 or more), use CG() which stops at "
             "negative curvature, or Cholesky(indefinite='clip')."
         )
@@ -159,7 +162,8 @@ class CG(Solver):
         preconditioner: Tensor | None = None,
         keep_iterates: tuple[int, ...] = (),
     ) -> None:
-        if not (tol >= 0) or (maxiter is not None and maxiter < 1):
+        if not (isinstance(tol, int | float) and tol >= 0) or (maxiter is not None and not (
+                isinstance(maxiter, int) and not isinstance(maxiter, bool) and maxiter >= 1)):
             raise ConfigurationError(
                 f"CG: tol must be >= 0 and maxiter >= 1, got tol={tol!r}, maxiter={maxiter!r}."
             )

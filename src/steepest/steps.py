@@ -56,6 +56,15 @@ class StepChoice:
     message: str = ""
 
 
+_MAX_RADIUS = 1e150  # so that eps^2 stays finite in float64
+
+
+def _count(name: str, **values: int) -> None:
+    for k, v in values.items():
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ConfigurationError(f"{name}: {k} must be an integer >= 1, got {v!r}.")
+
+
 def _positive(name: str, **values: float) -> None:
     for k, v in values.items():
         if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
@@ -140,6 +149,15 @@ class TrustRegion(StepRule):
                  max_alpha: float | None = None, max_tries: int = 20) -> None:
         _positive("TrustRegion", eps=eps, grow=grow, shrink=shrink, eps_min=eps_min,
                   eps_max=eps_max)
+        if not eps_max <= _MAX_RADIUS:
+            raise ConfigurationError(
+                f"TrustRegion: eps_max must be at most {_MAX_RADIUS:g} (eps^2 must be finite), got "
+                f"{eps_max!r}.")
+        if not (eps_min <= eps <= eps_max):
+            raise ConfigurationError(
+                f"TrustRegion: eps must lie in [eps_min, eps_max] = [{eps_min:g}, {eps_max:g}], "
+                f"got {eps!r}; a radius that large is no constraint (use LearningRate(1.0) for "
+                "the full step) or raise eps_max.")
         if not (shrink < 1 < grow):
             raise ConfigurationError(
                 f"TrustRegion: need shrink < 1 < grow, got shrink={shrink}, grow={grow}."
@@ -190,6 +208,7 @@ class Armijo(StepRule):
     def __init__(self, alpha0: float = 1.0, c: float = 1e-4, beta: float = 0.5,
                  max_evals: int = 30) -> None:
         _positive("Armijo", alpha0=alpha0, c=c, beta=beta)
+        _count("Armijo", max_evals=max_evals)
         if not (c < 1 and beta < 1):
             raise ConfigurationError(f"Armijo: need c < 1 and beta < 1, got c={c}, beta={beta}.")
         self.alpha0, self.c, self.beta, self.max_evals = alpha0, c, beta, int(max_evals)
@@ -225,6 +244,7 @@ class KLLineSearch(StepRule):
 
     def __init__(self, max_kl: float = 0.01, beta: float = 0.5, max_evals: int = 20) -> None:
         _positive("KLLineSearch", max_kl=max_kl, beta=beta)
+        _count("KLLineSearch", max_evals=max_evals)
         if not beta < 1:
             raise ConfigurationError(f"KLLineSearch: need beta < 1, got {beta}.")
         self.max_kl, self.beta, self.max_evals = float(max_kl), beta, int(max_evals)

@@ -53,11 +53,12 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .damping import Damping
+from .distributed import DataParallel, as_data_parallel
 from .errors import ConfigurationError, NonFiniteError, ParameterChangeWarning, ShapeError
 from .losses import CallableLoss, Loss, as_loss
 from .metrics import GGN, GradientCovariance, Hessian, Identity, Metric
 from .optimizer import Optimizer, StepInfo
-from .params import ParamSpace
+from .params import ParamSpace, check_dtype_device
 from .point import GraphProducts
 from .solvers import Solver
 from .steps import KLLineSearch, LearningRate, StepRule
@@ -150,6 +151,7 @@ class _ClosureSpace(ParamSpace):
         if not all(p.is_floating_point() for p in params):
             raise ConfigurationError("the parameters must be floating-point tensors.")
         self.dtype, self.device = params[0].dtype, params[0].device
+        check_dtype_device(self.dtype, self.device)
 
     def stale(self) -> bool:
         """Never: :class:`TorchOptimizer` follows its ``param_groups`` itself."""
@@ -211,7 +213,29 @@ class ClosurePoint(GraphProducts):
 
     def __init__(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
                  metric: Metric, generator: torch.Generator | None = None,
-                 need_per_sample: bool = False, need_outputs: bool = False) -> None:
+                 need_per_sample: bool = False, need_outputs: bool = False,
+                 distributed: DataParallel | None = None) -> None:
+        self.distributed = distributed
+        args = (space, loss, closure, metric, generator, need_per_sample, need_outputs)
+        if distributed is None:
+            self._evaluate(*args)
+            self.n_total = self.n
+            return
+        # under torch.distributed: the means over all ranks' shards (see steepest.point.Point)
+        error = None
+        try:
+            self._evaluate(*args, local=True)
+        except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
+            error = err
+        value, grad, self.n_total = distributed.mean(
+            getattr(self, "value_t", None), getattr(self, "grad", None),
+            getattr(self, "n", 0), space.get(), error)
+        self.value, self.grad = float(value), grad
+        self._check_finite()
+
+    def _evaluate(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
+                  metric: Metric, generator: torch.Generator | None, need_per_sample: bool,
+                  need_outputs: bool, local: bool = False) -> None:
         if not callable(closure):
             raise ConfigurationError(
                 f"step() needs a closure (a function of no arguments), got {_describe(closure)}; "
@@ -240,7 +264,19 @@ class ClosurePoint(GraphProducts):
                    "F.cross_entropy(model(x), y, reduction='none'). "
                    if _PER_SAMPLE in accepted else "")
             )
+        if local and kind == _SCALAR:
+            raise ConfigurationError(
+                "under torch.distributed the closure must return the per-sample losses "
+                "(reduction='none') or (outputs, targets), not the scalar loss: the ranks' means "
+                "are weighted by their shard sizes, which a scalar does not tell."
+            )
         self.kind = kind
+        first = result[0] if kind == _OUTPUTS else result
+        if first.ndim >= 1 and first.shape[0] == 0:
+            raise ShapeError(
+                "the closure's batch is empty (0 outputs or losses); a step needs at least one "
+                "sample: skip empty batches (e.g. DataLoader(drop_last=True))."
+            )
         self.loss: Loss = loss if loss is not None else CallableLoss(lambda z, y: z, "closure")
         if kind == _OUTPUTS:
             if loss is None:
@@ -272,7 +308,7 @@ class ClosurePoint(GraphProducts):
                 "that does not require grad); compute it from the parameters with gradients "
                 "enabled, without .detach() or .item()."
             )
-        if not torch.isfinite(self.value_t):
+        if not (local or torch.isfinite(self.value_t)):
             raise NonFiniteError(
                 f"the loss is {self.value} at the current parameters; the model or data "
                 "produce non-finite values (check the inputs' scale, lower the learning rate "
@@ -287,7 +323,8 @@ class ClosurePoint(GraphProducts):
                 "the closure must use the parameters given to TorchOptimizer."
             )
         self.grad = self._flatten(grads).detach()
-        if not torch.isfinite(self.grad).all():
+        self.unused = [i for i, g in enumerate(grads) if g is None]  # grad None: skipped
+        if not local and not torch.isfinite(self.grad).all():
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
@@ -414,10 +451,20 @@ class _ClosureOptimizer(Optimizer):
         self.space, self.user_loss = space, loss
 
     def point(self, inputs: Any, targets: Any) -> ClosurePoint:
-        return ClosurePoint(self.space, self.user_loss, inputs, self.metric,
-                            generator=self.generator,
-                            need_per_sample=self.preconditioner == "empirical-fisher",
-                            need_outputs=isinstance(self.step_rule, KLLineSearch))
+        point = ClosurePoint(self.space, self.user_loss, inputs, self.metric,
+                             generator=self._sampler,
+                             need_per_sample=self.preconditioner == "empirical-fisher",
+                             need_outputs=isinstance(self.step_rule, KLLineSearch),
+                             distributed=self.distributed)
+        self.closure_loss = point.value  # the closure's loss, without a weight-decay term
+        if point.unused:  # as torch.optim skips a parameter whose grad is None: a zero block
+            mask = torch.ones(self.space.size, dtype=self.space.dtype, device=self.space.device)
+            for i, block in enumerate(torch.split(mask, self.space.numels)):
+                if i in point.unused:
+                    block.zero_()
+            self._step_scale = mask if self._step_scale is None else self._step_scale * mask
+            self._l2 = None if self._l2 is None else self._l2 * mask
+        return point
 
 
 # ------------------------------------------------------------------------------ the adapter
@@ -427,14 +474,29 @@ class TorchOptimizer(torch.optim.Optimizer):
     Parameters
     ----------
     params: ``model.parameters()``, a list of tensors, a list of param-group dicts, or an
-        ``nn.Module`` (its trainable parameters). Parameters with ``requires_grad=False`` are
-        left out of theta. All groups are solved together (M couples them), so they must share
-        ``lr`` and ``momentum`` at each step.
+        ``nn.Module`` (its trainable parameters). As in ``torch.optim``, the parameters of the
+        groups are read at every step: those with ``requires_grad=False`` are skipped, and
+        those the closure's result does not depend on get a zero gradient (their block of
+        the step is zero unless weight decay moves them). A module replaced after construction
+        is not trained until its parameters are added (``add_param_group``); the old ones stay
+        in theta with a zero gradient. When the set changes, the state on the old flat vector
+        is reset with a :class:`~steepest.errors.ParameterChangeWarning`. All groups are solved
+        together (M couples them), so they share ``momentum``.
     loss: a :class:`~steepest.losses.Loss` (or a callable ``(z, y) -> (N,)``), needed when the
         closure returns ``(outputs, targets)`` (the Gauss-Newton/Fisher family).
     metric: a row of Table 1 (:mod:`steepest.metrics`), default ``GGN()``.
     lr: alpha of the :class:`~steepest.steps.LearningRate` rule, ``param_groups[g]["lr"]``
-        (schedulers change it). Ignored when ``step`` is another rule, which picks alpha itself.
+        (schedulers change it; at lr = 0 no step is taken, and no solve made). Groups with
+        different learning rates :math:`\alpha_k` scale their blocks of one direction:
+        :math:`\delta_k = \alpha_k \tilde d_k`, :math:`d = -(M + \lambda I)^{-1} g` solved for
+        all groups at once (the momentum buffer keeps the unscaled :math:`\tilde d`). Ignored
+        when ``step`` is another rule, which picks alpha itself (then the groups must share lr).
+    weight_decay: eta >= 0, ``param_groups[g]["weight_decay"]``: the L2 term
+        :math:`\tfrac12\sum_j \eta_j\theta_j^2` added to the objective, so its gradient
+        :math:`\eta\theta` joins g, its curvature :math:`\mathrm{diag}(\eta)` joins M (part of
+        the metric, not of the damping), and the losses of rho and of the line searches include
+        it (``StepInfo.loss`` is then the objective with the L2 term; ``step()`` returns the
+        closure's loss as ``torch.optim`` does).
     damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``).
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance.
     step: None (``LearningRate(lr)``) or a :mod:`steepest.steps` rule (``TrustRegion``,
@@ -442,6 +504,13 @@ class TorchOptimizer(torch.optim.Optimizer):
     momentum: heavy-ball mu, ``param_groups[g]["momentum"]``.
     warm_start, preconditioner, xi, cg_backtracking, generator: as in
         :class:`steepest.Optimizer`.
+    distributed: data parallelism over ``torch.distributed`` ranks, as in
+        :class:`steepest.Optimizer` (None, True or a
+        :class:`~steepest.distributed.DataParallel`): each rank's closure evaluates its shard
+        and returns per-sample losses or ``(outputs, targets)``. A
+        ``DistributedDataParallel`` passed as ``params`` gives its parameters and process
+        group; the closure may call it or its ``.module`` (steepest differentiates with
+        ``torch.autograd.grad``, so DDP's own gradient all-reduce never runs).
 
     ``step(closure)`` returns the loss before the step (a 0-dim tensor) like ``torch.optim``;
     the full :class:`~steepest.optimizer.StepInfo` is ``opt.last_info``. A step that raises
@@ -466,12 +535,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         step: StepRule | None = None,
         *,
         momentum: float = 0.0,
+        weight_decay: float = 0.0,
         warm_start: float = 0.0,
         preconditioner: str | None = None,
         xi: float = 0.75,
         cg_backtracking: bool = False,
         generator: torch.Generator | None = None,
+        distributed: DataParallel | bool | None = None,
     ) -> None:
+        distributed, params = as_data_parallel(distributed, params)
+        _check_weight_decay(weight_decay)
         if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
         _check_hyper(lr, momentum)
@@ -480,7 +553,14 @@ class TorchOptimizer(torch.optim.Optimizer):
                 f"step must be None (LearningRate(lr)) or a steepest.steps rule, got {step!r}; "
                 "give a learning rate as lr=."
             )
-        super().__init__(params, {"lr": float(lr), "momentum": float(momentum)})
+        try:
+            super().__init__(params, {"lr": float(lr), "momentum": float(momentum),
+                                      "weight_decay": float(weight_decay)})
+        except (ValueError, TypeError) as err:  # torch.optim's "empty parameter list", ...
+            raise ConfigurationError(
+                f"TorchOptimizer: {err}; pass model.parameters() (or the model) with at least "
+                "one trainable parameter."
+            ) from err
         metric = GGN() if metric is None else metric
         user_loss = None if loss is None else as_loss(loss)
         if isinstance(metric, Metric) and user_loss is None and \
@@ -494,7 +574,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             _ClosureSpace(self._trainable()), user_loss, metric, damping, solver,
             LearningRate(lr) if step is None else step, momentum=momentum,
             warm_start=warm_start, preconditioner=preconditioner, xi=xi,
-            cg_backtracking=cg_backtracking, generator=generator,
+            cg_backtracking=cg_backtracking, generator=generator, distributed=distributed,
         )
         self.last_info: StepInfo | None = None
         self._note = ""
@@ -548,20 +628,44 @@ class TorchOptimizer(torch.optim.Optimizer):
         return note
 
     def _sync_groups(self) -> None:
-        lrs = {float(g["lr"]) for g in self.param_groups}
-        mus = {float(g.get("momentum", 0.0)) for g in self.param_groups}
-        if len(lrs) > 1 or len(mus) > 1:
+        groups = self.param_groups
+        mus = {float(g.get("momentum", 0.0)) for g in groups}
+        if len(mus) > 1:
             raise ConfigurationError(
-                f"all param_groups must share lr and momentum (one solve couples them), got "
-                f"lr {sorted(lrs)} and momentum {sorted(mus)}; use one group, or one optimizer "
-                "per group."
+                f"all param_groups must share momentum (one solve couples them), got "
+                f"{sorted(mus)}; use one momentum, or one optimizer per group."
             )
-        lr, mu = lrs.pop(), mus.pop()
-        _check_hyper(lr, mu, allow_zero_lr=True)
+        mu = mus.pop()
+        for g in groups:
+            _check_hyper(g["lr"], mu, allow_zero_lr=True)
+            _check_weight_decay(g.get("weight_decay", 0.0))
         self._note = self._refresh_space(warn=True)
-        if isinstance(self._inner.step_rule, LearningRate):
-            self._inner.step_rule.alpha = lr
-        self._inner.momentum = mu
+        inner, space = self._inner, self._inner.space
+        group_of = {id(p): g for g in groups for p in g["params"]}
+
+        def per_element(key: str) -> Tensor:
+            return torch.cat([torch.full((p.numel(),), float(group_of[id(p)].get(key, 0.0)),
+                                         dtype=space.dtype, device=space.device)
+                              for p in space.params])
+
+        lrs = {float(group_of[id(p)]["lr"]) for p in space.params}
+        scale = None
+        if len(lrs) == 1:
+            alpha = lrs.pop()
+        elif isinstance(inner.step_rule, LearningRate):
+            alpha, scale = 1.0, per_element("lr")
+        else:
+            raise ConfigurationError(
+                f"param_groups have learning rates {sorted(lrs)}, but the step rule "
+                f"{inner.step_rule!r} picks alpha itself; per-group learning rates scale the "
+                "blocks of a LearningRate step only (leave step=None)."
+            )
+        if isinstance(inner.step_rule, LearningRate):
+            inner.step_rule.alpha = alpha
+        inner._step_scale = scale
+        wds = {float(group_of[id(p)].get("weight_decay", 0.0)) for p in space.params}
+        inner._l2 = per_element("weight_decay") if wds != {0.0} else None
+        inner.momentum = mu
 
     # -------------------------------------------------------------------- the step
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -578,20 +682,30 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         rule_alpha = getattr(self._inner.step_rule, "alpha", None)
         saved_mu = self._inner.momentum
+        saved_hooks = self._inner._l2, self._inner._step_scale
         try:
             self._sync_groups()
             info = self._inner.step(closure, None)
-        except BaseException:  # the core rolled back theta and its state; undo the sync too
+        except BaseException as err:  # the core rolled back theta and its state; undo the sync
             if rule_alpha is not None:
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
+            self._inner._l2, self._inner._step_scale = saved_hooks
+            if isinstance(err, RuntimeError) and "not currently support double backward" in \
+                    str(err):
+                raise ConfigurationError(
+                    f"the closure runs a torch.compile'd module, whose graph has no double "
+                    f"backward, which {self._inner.metric!r} needs (J v, H v); call the original "
+                    "module in the closure (compiled._orig_mod(x)), or use a first-order metric "
+                    "(Identity(), GradientCovariance(), EmpiricalFisher())."
+                ) from err
             raise
         if self._note:
             info = dataclasses.replace(info, message="; ".join(
                 m for m in (self._note, info.message) if m))
         self.last_info = info
         self._state_out()
-        return torch.tensor(info.loss, dtype=self._inner.space.dtype)
+        return torch.tensor(self._inner.closure_loss, dtype=self._inner.space.dtype)
 
     # -------------------------------------------------------------------- state
     def _state_out(self) -> None:
@@ -659,6 +773,12 @@ class TorchOptimizer(torch.optim.Optimizer):
 def _is_flat(value: Any, size: int) -> bool:
     return isinstance(value, Tensor) and value.ndim == 1 and value.numel() == size and \
         value.is_floating_point()
+
+
+def _check_weight_decay(eta: Any) -> None:
+    if not (isinstance(eta, int | float) and not isinstance(eta, bool) and eta >= 0
+            and eta != float("inf")):
+        raise ConfigurationError(f"weight_decay must be a finite number >= 0, got {eta!r}.")
 
 
 def _check_hyper(lr: Any, momentum: Any, allow_zero_lr: bool = False) -> None:

@@ -69,7 +69,9 @@ class Problem:
     higher_is_better: whether a larger test metric is better
     defaults: per-method settings overriding :data:`steepest.compare.METHOD_DEFAULTS`, e.g.
         ``{"vanilla": {"lr": 0.5}, "newton": {"damping": 1e-1}}``
-    iters: the default iteration budget of ``compare`` on this problem
+    iters: the iteration budget of ``compare`` on this problem when it has no ``time``
+    time: the default budget of ``compare``: seconds of each run's own step time (equal
+        wall-time budgets), or None for ``iters`` steps
     batch_size: None for full-batch steps; else each step draws a mini-batch of this size
         (gradient noise) with the run's generator
     two_params: the problem has exactly two parameters (``steepest geometry`` can draw it)
@@ -87,6 +89,7 @@ class Problem:
     higher_is_better: bool = False
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
     iters: int = 50
+    time: float | None = None
     batch_size: int | None = None
     two_params: bool = False
 
@@ -112,6 +115,12 @@ class Problem:
                 )
         if self.iters < 1:
             raise ConfigurationError(f"Problem {self.name!r}: iters must be >= 1.")
+        if self.time is not None and not (isinstance(self.time, int | float)
+                                          and 0 < self.time < float("inf")):
+            raise ConfigurationError(
+                f"Problem {self.name!r}: time must be a positive number of seconds or None, "
+                f"got {self.time!r}."
+            )
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigurationError(f"Problem {self.name!r}: batch_size must be >= 1.")
         if self.test is not None and self.test_metric is None:

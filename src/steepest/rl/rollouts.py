@@ -59,6 +59,18 @@ def policy_for(space) -> PolicyLoss:
     )
 
 
+def check_env(env_id: str) -> None:
+    """Raise :class:`~steepest.errors.ConfigurationError` for an unknown gymnasium id."""
+    gym = _gym()
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as err:
+        raise ConfigurationError(
+            f"unknown gymnasium environment {env_id!r} ({err}); try CartPole-v1, "
+            "Acrobot-v1 or Pendulum-v1."
+        ) from None
+
+
 @dataclass
 class Episode:
     """A finished episode: the environment step count at its end, its return and length."""
@@ -95,16 +107,9 @@ class Collector:
     """
 
     def __init__(self, env_id: str, n_envs: int = 2, seed: int = 0) -> None:
-        gym = _gym()
         if not (isinstance(n_envs, int) and n_envs >= 1):
             raise ConfigurationError(f"n_envs must be a positive integer, got {n_envs!r}.")
-        try:
-            gym.spec(env_id)
-        except gym.error.Error as err:
-            raise ConfigurationError(
-                f"unknown gymnasium environment {env_id!r} ({err}); try CartPole-v1, "
-                "Acrobot-v1 or Pendulum-v1."
-            ) from None
+        check_env(env_id)
         from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
         self.env_id, self.n_envs = env_id, n_envs

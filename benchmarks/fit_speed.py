@@ -1,0 +1,219 @@
+r"""Wall time of ``steepest.least_squares`` / ``steepest.curve_fit`` against scipy (issue 12).
+
+Three measurements, each side by side in one process (median and spread of repeats):
+
+1. ``single``: one small fit, :math:`y = a e^{-bx} + c` on 50 points, ``steepest.curve_fit``
+   (autograd Jacobian) against ``scipy.optimize.curve_fit`` (numpy model, finite differences,
+   as most scipy users call it); this is the per-step overhead of torch.
+2. ``nist``: NIST StRD problems (``--data``) fitted by ``steepest.least_squares`` and by
+   ``scipy.optimize.least_squares(method="lm")`` with the same torch Jacobian (``jacrev``), as
+   ``benchmarks/nist.py`` does; goal: within 5x scipy's time.
+3. ``batched``: B = 10,000 exponential-decay curves of 50 points each (random a, b, c, noise
+   0.01), one batched ``steepest.curve_fit`` against a Python loop of
+   ``scipy.optimize.curve_fit`` over the curves; goal: the batch at least 20x faster.
+
+Usage (from the repository root)::
+
+    python benchmarks/fit_speed.py --data ../shared/data/nist-strd \
+        --out benchmarks/results/fit_speed.json
+
+The machine's load (``os.getloadavg``) and the torch thread count go into the JSON: on a shared
+machine the absolute times are noisy, the ratios less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy
+import torch
+from scipy import optimize as sopt
+
+import steepest
+
+D = torch.float64
+HERE = Path(__file__).resolve().parent
+
+
+def _nist():
+    spec = importlib.util.spec_from_file_location("bench_nist", HERE / "nist.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_nist"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(fn, repeats: int) -> tuple[list[float], object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return times, out
+
+
+def summary(times: list[float]) -> dict:
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": len(times),
+    }
+
+
+def decay_data(b: int, n: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 5, n, dtype=D)
+    a = 1 + torch.rand(b, 1, generator=g, dtype=D)
+    k = 0.3 + 2 * torch.rand(b, 1, generator=g, dtype=D)
+    c = torch.rand(b, 1, generator=g, dtype=D)
+    y = a * torch.exp(-k * t) + c + 0.01 * torch.randn(b, n, generator=g, dtype=D)
+    return t, y
+
+
+def decay(x, a, b, c):
+    return a * torch.exp(-b * x) + c
+
+
+def decay_np(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+P0 = [1.0, 1.0, 0.0]
+
+
+def bench_single(repeats: int) -> dict:
+    t, y = decay_data(1)
+    tn, yn = t.numpy(), y[0].numpy()
+    ours_t, (popt, _) = timed(lambda: steepest.curve_fit(decay, t, y[0], P0), repeats)
+    ref_t, (ref, _) = timed(lambda: sopt.curve_fit(decay_np, tn, yn, P0), repeats)
+    return {
+        "steepest": summary(ours_t),
+        "scipy": summary(ref_t),
+        "ratio_median": statistics.median(ours_t) / statistics.median(ref_t),
+        "max_abs_popt_diff": float(np.abs(popt.numpy() - ref).max()),
+    }
+
+
+def bench_nist(data: Path, names: list[str], repeats: int) -> dict:
+    nist = _nist()
+    out = {}
+    for name in names:
+        problem = nist.parse(data / f"{name}.dat")
+        for start in (1, 2):
+            f = nist.formula_of(problem)
+            x, y = nist.tensors(problem)
+            y1 = y[:, 0]
+            b0 = torch.tensor(problem.starts[start - 1], dtype=D)
+
+            def ours(f=f, x=x, y1=y1, b0=b0):
+                return steepest.least_squares(lambda b: f(b, x) - y1, b0)
+
+            ours_t, res = timed(ours, repeats)
+            ref_t, ref = timed(lambda p=problem, s=start: nist.fit_scipy(p, s, "scipy-lm"), repeats)
+            out[f"{name}-{start}"] = {
+                "steepest": summary(ours_t),
+                "scipy": summary(ref_t),
+                "ratio_median": statistics.median(ours_t) / statistics.median(ref_t),
+                "nfev": {"steepest": res.nfev, "scipy": ref.evaluations},
+                "lre": {
+                    "steepest": nist.lre(res.x.tolist(), problem.certified, nist._cap(problem)),
+                    "scipy": ref.lre,
+                },
+            }
+    return out
+
+
+def bench_batched(b: int, repeats: int) -> dict:
+    t, y = decay_data(b)
+    p0 = torch.tensor([P0] * b, dtype=D)
+    ours_t, (popt, _, res) = timed(
+        lambda: steepest.curve_fit(decay, t, y, p0, full_output=True), repeats
+    )
+    tn, yn = t.numpy(), y.numpy()
+
+    def scipy_loop():
+        out = np.full((b, 3), np.nan)
+        for i in range(b):
+            try:
+                out[i] = sopt.curve_fit(decay_np, tn, yn[i], P0)[0]
+            except RuntimeError:  # "Optimal parameters not found": counted below
+                pass
+        return out
+
+    ref_t, ref = timed(scipy_loop, 1)
+    return {
+        "B": b,
+        "N": y.shape[1],
+        "steepest": summary(ours_t),
+        "scipy_loop": summary(ref_t),
+        "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
+        "success": int(res.success.sum()),
+        "nfev_mean": float(res.nfev.float().mean()),
+        "nfev_max": int(res.nfev.max()),
+        "scipy_success": int(np.isfinite(ref).all(1).sum()),
+        "max_abs_popt_diff_both_succeeded": float(np.nanmax(np.abs(popt.numpy() - ref))),
+    }
+
+
+def machine(threads: int) -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "scipy": scipy.__version__,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "note": "shared machine: other jobs ran at the same time (see loadavg)",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=None, help="folder of the NIST StRD .dat files")
+    ap.add_argument(
+        "--nist", default="Misra1a,Thurber,MGH09,Lanczos3", help="NIST problems to time"
+    )
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = machine(args.threads)
+    # warm-up: the first torch.func calls import and trace (reverse mode for small batches,
+    # forward mode for large ones); not part of any timing
+    for b in (1, 4, 128):
+        t, y = decay_data(b)
+        steepest.curve_fit(
+            decay, t, y[0] if b == 1 else y, P0 if b == 1 else torch.tensor([P0] * b, dtype=D)
+        )
+    result = {"machine": info, "single": bench_single(args.repeats)}
+    print("single fit:", json.dumps(result["single"]))
+    if args.data:
+        result["nist"] = bench_nist(Path(args.data), args.nist.split(","), args.repeats)
+        for k, v in result["nist"].items():
+            print(f"NIST {k}: ratio {v['ratio_median']:.2f}, nfev {v['nfev']}")
+    result["batched"] = bench_batched(args.batch, max(1, args.repeats // 2))
+    print("batched:", json.dumps(result["batched"]))
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
