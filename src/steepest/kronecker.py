@@ -494,9 +494,15 @@ class KFAC(Metric):
 
     def needs_point(self) -> bool:
         """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
-        the exact products of ``rescale``); otherwise it needs only the parameter layout."""
+        the exact products of ``rescale``, or eigendecompositions spread over ranks);
+        otherwise it needs only the parameter layout."""
         st = self._state
-        return st["factors"] is None or st["calls"] % self.T_cov == 0 or self.rescale is not None
+        return (
+            st["factors"] is None
+            or st["calls"] % self.T_cov == 0
+            or self.rescale is not None
+            or (self.spread_inverses and (st["eig"] is None or st["calls"] % self.T_inv == 0))
+        )
 
     def __repr__(self) -> str:
         return (
