@@ -63,6 +63,7 @@ def test_fallbacks():
 def test_torch_optimizer_steps_agree_with_optimizer():
     x, y = batch(8)
     m1, m2 = cnn(), cnn()
+
     def kw():
         return dict(metric=steepest.GGN(), damping=steepest.LevenbergMarquardt(1e-1))
 

@@ -502,3 +502,29 @@ def test_torch_optimizer_state_dict_resumes_bit_for_bit():
     opt2.load_state_dict(saved)
     assert [float(opt2.step(lambda: (model2(x), y))) for _ in range(3)] == losses
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+class Attention(nn.Module):
+    """Self-attention (its out_proj Linear is applied functionally, never called)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, h):
+        return self.out(self.att(h, h, h, need_weights=False)[0].mean(1))
+
+
+def test_attention_modules_not_called_get_the_exact_diagonal():
+    torch.manual_seed(14)
+    model = Attention().to(F64)
+    g = seeded(18)
+    x, y = torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    dense = ref.metric("ggn", model, CrossEntropy(), x, y)
+    op = KFAC(GGN()).operator(Point(model, CrossEntropy(), x, y))
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    end = sum(s for n, s in zip(names, sizes) if n.startswith("att."))
+    assert rel_err(op.diagonal()[:end], dense.diagonal()[:end]) < 1e-12
+    assert bool((op.diagonal()[:end] > 0).any())

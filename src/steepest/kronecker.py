@@ -213,14 +213,7 @@ class _Capture:
         if not self.closure:
             space = point.space
             pieces = space.unflatten(point.theta.detach())
-            kron = {layer.wi for layer in self.by_module.values()}
-            kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
-            self.leaves = {
-                i: pieces[i].detach().clone().requires_grad_(True)
-                for i in range(len(pieces))
-                if i not in kron
-            }
-            tensors = [self.leaves.get(i, pieces[i]) for i in range(len(pieces))]
+            tensors = [t.detach().clone().requires_grad_(True) for t in pieces]
             handles = [
                 layer.module.register_forward_hook(self._hook) for layer in self.by_module.values()
             ]
@@ -231,6 +224,12 @@ class _Capture:
             finally:
                 for h in handles:
                     h.remove()
+            # a Kronecker-shaped module whose forward never ran (MultiheadAttention's out_proj
+            # is applied functionally) gets a diagonal block like any other parameter
+            self.by_module = {k: v for k, v in self.by_module.items() if v.calls}
+            kron = {layer.wi for layer in self.by_module.values()}
+            kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
+            self.leaves = {i: t for i, t in enumerate(tensors) if i not in kron}
             return z, point.y
         handle = nn.modules.module.register_module_forward_hook(self._hook)
         try:
@@ -495,9 +494,15 @@ class KFAC(Metric):
 
     def needs_point(self) -> bool:
         """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
-        the exact products of ``rescale``); otherwise it needs only the parameter layout."""
+        the exact products of ``rescale``, or eigendecompositions spread over ranks);
+        otherwise it needs only the parameter layout."""
         st = self._state
-        return st["factors"] is None or st["calls"] % self.T_cov == 0 or self.rescale is not None
+        return (
+            st["factors"] is None
+            or st["calls"] % self.T_cov == 0
+            or self.rescale is not None
+            or (self.spread_inverses and (st["eig"] is None or st["calls"] % self.T_inv == 0))
+        )
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,611 @@
+"""Curvature at scale (issue 10): the cost of a K-FAC step as a multiple of an Adam step, the
+closure path against the module path, and time to a target loss on the digits autoencoder.
+
+Part 1, step cost (float32, random data, one fixed batch): for each model the median time of
+one step (after warm-up steps; several repeats) divided by the median time of one Adam step
+(zero_grad, forward, backward, update) measured in the same process, interleaved:
+
+- ``mlp``: MLP 784-512-512-10 (ReLU), batch 128, cross-entropy;
+- ``cnn``: the digits CNN of the issue (conv 1->8 3x3, ReLU, conv 8->16 3x3, ReLU, 2x2 average
+  pooling, linear 256->10; 3,818 parameters), batch 64, 8x8 inputs;
+- ``transformer``: 2-layer encoder (d = 128, 4 heads, feed-forward 256, no dropout) on
+  sequences of 32 tokens (embedding of 64 tokens), mean pooling, linear to 10 classes, batch 32;
+- ``cnn-bn``: the digits CNN with BatchNorm2d after each convolution (training mode).
+
+Rows: ``KFAC`` through ``steepest.Optimizer`` (LevenbergMarquardt, the step evaluates the loss
+at the trial point for rho) at T_cov = T_inv = 1 and at a practice setting (T_cov = T_inv =
+10, ema = 0.95, factored damping) amortised over windows of 10 or 20 steps, each holding one
+refresh of the factors and of their eigendecompositions; ``KFAC preconditioner + SGD`` (the
+kfac-pytorch pattern: the user's backward, then ``Preconditioner.step``), same two settings;
+and, where installed (``bench`` extra), curvlinops' ``KFACLinearOperator`` + its inverse
+(rebuilt every step: it has no running averages) + SGD.
+
+Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
+digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
+
+Part 3, time to target on the digits autoencoder (Martens' benchmark, scaled down):
+64-256-128-32-128-256-64, sigmoid units, logistic output with binary cross-entropy, scikit-
+learn's digits (1797 images, pixels / 16), full batch, float32. Adam and SGD with momentum are
+tuned on a small grid (final loss after the same wall-time budget); the target is tuned Adam's
+final loss on its worst seed; we report each method's time to reach it. Shampoo (lr 3e-2) and
+SOAP (lr 3e-3) of pytorch-optimizer with their other defaults, where installed.
+
+The machine is shared: the load average before and after and the torch thread count are
+written into the JSON; read ratios, not seconds.
+
+Usage::
+
+    python benchmarks/scale.py --out benchmarks/results/scale.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import steepest  # noqa: E402
+from steepest.losses import BCEWithLogits, CrossEntropy  # noqa: E402
+from steepest.preconditioner import Preconditioner  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------- models
+class Encoder(nn.Module):
+    def __init__(self, vocab=64, d=128, classes=10):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 256, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, idx):
+        return self.head(self.enc(self.emb(idx)).mean(1))
+
+
+def digits_cnn(bn: bool = False) -> nn.Module:
+    layers = [nn.Conv2d(1, 8, 3, padding=1)]
+    layers += [nn.BatchNorm2d(8)] if bn else []
+    layers += [nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1)]
+    layers += [nn.BatchNorm2d(16)] if bn else []
+    layers += [nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(256, 10)]
+    return nn.Sequential(*layers)
+
+
+def problem(name: str):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+        x = torch.randn(128, 784, generator=g)
+        y = torch.randint(0, 10, (128,), generator=g)
+    elif name in ("cnn", "cnn-bn"):
+        model = digits_cnn(bn=name == "cnn-bn")
+        x = torch.randn(64, 1, 8, 8, generator=g)
+        y = torch.randint(0, 10, (64,), generator=g)
+    elif name == "transformer":
+        model = Encoder()
+        x = torch.randint(0, 64, (32, 32), generator=g)
+        y = torch.randint(0, 10, (32,), generator=g)
+    else:
+        raise ValueError(name)
+    return model, x, y
+
+
+# ---------------------------------------------------------------------------------- steppers
+def adam_stepper(model, x, y):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def kfac_stepper(model, x, y, **kw):
+    opt = steepest.Optimizer(
+        model,
+        CrossEntropy(),
+        metric=steepest.KFAC(**kw),
+        damping=steepest.LevenbergMarquardt(1.0),
+        step=1e-2,
+    )
+    return lambda: opt.step(x, y)
+
+
+def precond_stepper(model, x, y, **kw):
+    pre = Preconditioner(model, CrossEntropy(), metric=steepest.KFAC(**kw), damping=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        pre.step(x, y)
+        opt.step()
+
+    return step
+
+
+def curvlinops_stepper(model, x, y):
+    from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        k = KFACLinearOperator(
+            model,
+            loss_fn,
+            params,
+            [(x, y)],
+            check_deterministic=False,
+            fisher_type="mc",
+            mc_samples=1,
+        )
+        inv = KFACInverseLinearOperator(k, damping=1.0)
+        grads = [p.grad for p in params]
+        new = inv @ grads
+        for p, gnew in zip(params, new):
+            p.grad.copy_(gnew)
+        opt.step()
+
+    return step
+
+
+def timed(step, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def step_costs(models, steps: int, repeats: int) -> dict:
+    practice = dict(T_cov=10, T_inv=10, ema=0.95, damping="factored")
+    rows = {
+        "KFAC (Optimizer, T=1)": lambda m, x, y: kfac_stepper(m, x, y),
+        "KFAC (Optimizer, T_cov=T_inv=10, factored)": lambda m, x, y: kfac_stepper(
+            m, x, y, **practice
+        ),
+        "KFAC preconditioner + SGD (T=1)": lambda m, x, y: precond_stepper(m, x, y),
+        "KFAC preconditioner + SGD (T_cov=T_inv=10, factored)": lambda m, x, y: precond_stepper(
+            m, x, y, **practice
+        ),
+    }
+    try:
+        import curvlinops  # noqa: F401
+
+        rows["curvlinops KFAC (rebuilt each step) + SGD"] = curvlinops_stepper
+    except ImportError:
+        pass
+    res = {}
+    for name in models:
+        model0, x, y = problem(name)
+        entry = {"P": sum(p.numel() for p in model0.parameters()), "batch": int(x.shape[0])}
+        adam_m = copy.deepcopy(model0)
+        adam = adam_stepper(adam_m, x, y)
+        timed(adam, 3)
+        ratios: dict[str, list[float]] = {}
+        adam_t: list[float] = []
+        steppers = {}
+        for row, make in rows.items():
+            m = copy.deepcopy(model0)
+            try:
+                steppers[row] = make(m, x, y)
+                timed(steppers[row], 2)  # warm-up (torch.func imports, first factors)
+            except Exception as err:  # noqa: BLE001 - a peer that cannot run this model
+                steppers.pop(row, None)
+                entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        for _ in range(repeats):
+            for row, st in steppers.items():
+                a = statistics.median(timed(adam, 5))
+                adam_t.append(a)
+                ratios.setdefault(row, []).append(
+                    statistics.median(timed(st, steps)) / a
+                    if "T=1" in row or "curvlinops" in row
+                    else sum(timed(st, steps)) / steps / a
+                )
+        entry["adam_step_s"] = statistics.median(adam_t)
+        for row, r in ratios.items():
+            entry[row] = {
+                "median": statistics.median(r),
+                "min": min(r),
+                "max": max(r),
+                "repeats": len(r),
+            }
+        res[name] = entry
+        print(name, json.dumps(entry, indent=1), flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------- closure
+def closure_path(repeats: int) -> dict:
+    model0, x, y = problem("cnn")
+    out = {}
+
+    def opt_step(m, solver):
+        o = steepest.Optimizer(
+            m,
+            CrossEntropy(),
+            metric=steepest.GGN(),
+            damping=steepest.LevenbergMarquardt(1e-1),
+            solver=solver,
+        )
+        return lambda: o.step(x, y), o
+
+    def torch_step(m, solver):
+        o = steepest.TorchOptimizer(
+            m.parameters(),
+            loss=CrossEntropy(),
+            metric=steepest.GGN(),
+            damping=steepest.LevenbergMarquardt(1e-1),
+            solver=solver,
+        )
+        return lambda: o.step(lambda: (m(x), y)), o
+
+    cases = {
+        "Optimizer auto": opt_step(copy.deepcopy(model0), "auto"),
+        "TorchOptimizer auto": torch_step(copy.deepcopy(model0), "auto"),
+        "Optimizer CG(maxiter=20)": opt_step(copy.deepcopy(model0), steepest.CG(maxiter=20)),
+        "TorchOptimizer CG(maxiter=20)": torch_step(copy.deepcopy(model0), steepest.CG(maxiter=20)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for step, _ in cases.values():
+        timed(step, 2)
+    for _ in range(repeats):
+        for k, (step, _) in cases.items():
+            times[k] += timed(step, 3)
+    for k, (_, o) in cases.items():
+        inner = o.steepest if isinstance(o, steepest.TorchOptimizer) else o
+        info = o.last_info if isinstance(o, steepest.TorchOptimizer) else None
+        out[k] = {
+            "median_s": statistics.median(times[k]),
+            "min_s": min(times[k]),
+            "max_s": max(times[k]),
+            "solver": info.solver if info else "",
+            "steps": inner.steps,
+        }
+    base = out["Optimizer auto"]["median_s"]
+    for k in out:
+        out[k]["ratio_to_Optimizer_auto"] = out[k]["median_s"] / base
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------- autoencoder
+def autoencoder_problem():
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+    return x
+
+
+def autoencoder(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    sizes = [64, 256, 128, 32, 128, 256, 64]
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def run_torch(make_opt, x, budget: float, seed: int, loss_fn) -> list[tuple[float, float]]:
+    model = autoencoder(seed)
+    opt = make_opt(model.parameters())
+    curve, spent = [], 0.0
+    while spent < budget:
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss = loss_fn(model(x), x)
+        loss.backward()
+        opt.step()
+        spent += time.perf_counter() - t
+        curve.append((spent, float(loss.detach())))
+    return curve
+
+
+def run_kfac(x, budget: float, seed: int, **kw) -> list[tuple[float, float]]:
+    model = autoencoder(seed)
+    opt = steepest.Optimizer(
+        model, BCEWithLogits(), metric=steepest.KFAC(**kw), damping=steepest.LevenbergMarquardt(1.0)
+    )
+    curve, spent = [], 0.0
+    while spent < budget:
+        t = time.perf_counter()
+        info = opt.step(x, x)
+        spent += time.perf_counter() - t
+        curve.append((spent, info.loss))
+    return curve
+
+
+def run_precond(x, budget: float, seed: int, lr: float, **kw) -> list[tuple[float, float]]:
+    model = autoencoder(seed)
+    pre = Preconditioner(model, BCEWithLogits(), metric=steepest.KFAC(**kw), damping=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    curve, spent = [], 0.0
+    while spent < budget:
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(model(x), x, reduction="none").sum(1).mean()
+        loss.backward()
+        pre.step(x, x)
+        opt.step()
+        spent += time.perf_counter() - t
+        curve.append((spent, float(loss.detach())))
+    return curve
+
+
+def time_to(curve, target):
+    for t, v in curve:
+        if v <= target:
+            return t
+    return None
+
+
+def autoencoder_race(budget: float, seeds: list[int]) -> dict:
+    x = autoencoder_problem()
+
+    def bce(z, y):  # the sum over pixels, mean over images: steepest's BCEWithLogits
+        return F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(1).mean()
+
+    methods = {}
+    for lr in (1e-3, 3e-3, 1e-2):
+        methods[f"Adam lr={lr:g}"] = lambda s, lr=lr: run_torch(
+            lambda p: torch.optim.Adam(p, lr=lr), x, budget, s, bce
+        )
+    for lr in (0.3, 1.0):
+        methods[f"SGD momentum 0.9 lr={lr:g}"] = lambda s, lr=lr: run_torch(
+            lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9), x, budget, s, bce
+        )
+    try:
+        from pytorch_optimizer import SOAP, Shampoo
+
+        for lr in (3e-3,):
+            methods[f"SOAP lr={lr:g}"] = lambda s, lr=lr: run_torch(
+                lambda p: SOAP(p, lr=lr), x, budget, s, bce
+            )
+        for lr in (3e-2,):
+            methods[f"Shampoo lr={lr:g}"] = lambda s, lr=lr: run_torch(
+                lambda p: Shampoo(p, lr=lr), x, budget, s, bce
+            )
+    except ImportError:
+        pass
+    methods["KFAC (Optimizer, LM, T=1)"] = lambda s: run_kfac(x, budget, s)
+    methods["KFAC (Optimizer, LM, T_cov=5, T_inv=20, ema=0.95)"] = lambda s: run_kfac(
+        x, budget, s, T_cov=5, T_inv=20, ema=0.95
+    )
+    for lr in (0.1,):
+        methods[f"KFAC preconditioner + SGD momentum lr={lr:g} (T_cov=5, T_inv=20)"] = (
+            lambda s, lr=lr: run_precond(x, budget, s, lr, T_cov=5, T_inv=20, ema=0.95)
+        )
+    curves = {}
+    for name, run in methods.items():
+        curves[name] = [run(s) for s in seeds]
+        finals = [c[-1][1] for c in curves[name]]
+        print(
+            f"{name}: final {statistics.median(finals):.4f} ({len(curves[name][0])} steps)",
+            flush=True,
+        )
+    final = {k: statistics.median(c[-1][1] for c in v) for k, v in curves.items()}
+    adam_best = min((k for k in final if k.startswith("Adam")), key=final.get)
+    target = max(c[-1][1] for c in curves[adam_best])  # every seed of tuned Adam reaches it
+    adam_time = statistics.median(time_to(c, target) or budget for c in curves[adam_best])
+    out = {
+        "budget_s": budget,
+        "seeds": seeds,
+        "target": target,
+        "tuned_adam": adam_best,
+        "methods": {},
+    }
+    for k, v in curves.items():
+        times = [time_to(c, target) for c in v]
+        reached = [t for t in times if t is not None]
+        out["methods"][k] = {
+            "final_loss_median": final[k],
+            "final_loss_spread": [min(c[-1][1] for c in v), max(c[-1][1] for c in v)],
+            "steps_median": statistics.median(len(c) for c in v),
+            "time_to_target_s": statistics.median(reached) if len(reached) == len(v) else None,
+            "reached": f"{len(reached)}/{len(v)}",
+            "ratio_to_tuned_adam": (
+                statistics.median(reached) / adam_time if len(reached) == len(v) else None
+            ),
+        }
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+def agreement() -> dict:
+    """Our KFAC against curvlinops' KFACLinearOperator (float64, MLP 5-7-4, 20 samples,
+    cross-entropy): the relative Frobenius difference of the dense matrices."""
+    from curvlinops import KFACLinearOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x = torch.randn(20, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (20,))
+    params = list(model.parameters())
+    eye = torch.eye(sum(p.numel() for p in params), dtype=torch.float64)
+    out = {}
+    for fisher_type, base in (
+        ("type-2", steepest.GGN()),
+        ("empirical", steepest.EmpiricalFisher()),
+    ):
+        theirs = (
+            KFACLinearOperator(
+                model,
+                nn.CrossEntropyLoss(),
+                params,
+                [(x, y)],
+                check_deterministic=False,
+                fisher_type=fisher_type,
+                separate_weight_and_bias=False,
+            )
+            @ eye
+        )
+        ours = steepest.curvature(model, CrossEntropy(), x, y, steepest.KFAC(base)).to_dense()
+        out[f"{base!r} vs curvlinops {fisher_type}"] = float((theirs - ours).norm() / ours.norm())
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
+def markdown(res: dict) -> str:
+    """The tables of benchmarks/README.md from a results JSON."""
+    lines = []
+    m = res["meta"]
+    lines.append(
+        f"Run {m['date']}, torch {m['torch']}, {m['cores']} cores, "
+        f"{m['torch_threads']} torch thread(s), load average before "
+        f"{m['load_before'][0]:.1f} and after {m['load_after'][0]:.1f} "
+        f"({m['note']}), quick={m['quick']}."
+    )
+    if "step_cost" in res:
+        sc = res["step_cost"]
+        names = list(sc)
+        rows = [k for k in sc[names[0]] if isinstance(sc[names[0]][k], dict)]
+        lines += [
+            "",
+            "Step cost as a multiple of one Adam step (median [min, max] over repeats):",
+            "",
+            "| method | "
+            + " | ".join(f"{n} (P={sc[n]['P']:,}, N={sc[n]['batch']})" for n in names)
+            + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for r in rows:
+            cells = []
+            for n in names:
+                e = sc[n].get(r, {})
+                cells.append(
+                    f"{e['median']:.1f} [{e['min']:.1f}, {e['max']:.1f}]"
+                    if "median" in e
+                    else e.get("error", "-")[:40]
+                )
+            lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        lines.append(
+            "| Adam step (s) | " + " | ".join(f"{sc[n]['adam_step_s']:.3f}" for n in names) + " |"
+        )
+    if "closure_path" in res:
+        lines += [
+            "",
+            "Exact GGN step on the digits CNN (LevenbergMarquardt):",
+            "",
+            "| path | solver | median step (s) | ratio to Optimizer auto |",
+            "|---|---|---|---|",
+        ]
+        for k, e in res["closure_path"].items():
+            lines.append(
+                f"| {k} | {e['solver'] or '-'} | {e['median_s']:.3f} | "
+                f"{e['ratio_to_Optimizer_auto']:.2f} |"
+            )
+    if "autoencoder" in res:
+        a = res["autoencoder"]
+        lines += [
+            "",
+            f"Digits autoencoder, budget {a['budget_s']:g} s per run, seeds {a['seeds']}, "
+            f"target = tuned Adam's final loss on its worst seed {a['target']:.3f} "
+            f"({a['tuned_adam']}):",
+            "",
+            "| method | final loss (median [min, max]) | steps | time to target (s) | "
+            "ratio to tuned Adam |",
+            "|---|---|---|---|---|",
+        ]
+        for k, e in a["methods"].items():
+            t = e["time_to_target_s"]
+            r = e["ratio_to_tuned_adam"]
+            lines.append(
+                f"| {k} | {e['final_loss_median']:.3f} [{e['final_loss_spread'][0]:.3f}, "
+                f"{e['final_loss_spread'][1]:.3f}] | {e['steps_median']:.0f} | "
+                f"{'-' if t is None else f'{t:.2f}'} ({e['reached']}) | "
+                f"{'-' if r is None else f'{r:.2f}'} |"
+            )
+    if "agreement" in res:
+        lines += [
+            "",
+            "Agreement with curvlinops' K-FAC (relative Frobenius difference): "
+            + ", ".join(f"{k}: {v:.1e}" for k, v in res["agreement"].items()),
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parts", nargs="*", default=["cost", "closure", "autoencoder", "agreement"])
+    ap.add_argument("--budget", type=float, default=None, help="autoencoder seconds per run")
+    ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
+    ap.add_argument("--merge", default=None, help="a JSON whose step_cost entries to keep")
+    ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
+    args = ap.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
+    torch.set_num_threads(args.threads)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_before": os.getloadavg(),
+        "quick": args.quick,
+        "note": "shared machine: other jobs ran at the same time",
+    }
+    res = {"meta": meta}
+    if args.out and os.path.exists(args.out) and set(args.parts) <= {"agreement"}:
+        with open(args.out) as f:  # add to an earlier run's results
+            res = json.load(f)
+        res["meta"]["agreement_run"] = meta
+    if "agreement" in args.parts:
+        res["agreement"] = agreement()
+    if "cost" in args.parts:
+        kept = {}
+        if args.merge:  # entries of an earlier run of the same code (e.g. cut short)
+            with open(args.merge) as f:
+                kept = json.load(f)["step_cost"]
+            meta["merged_step_cost_from"] = args.merge
+        res["step_cost"] = kept | step_costs(
+            [m for m in args.models if m not in kept],
+            steps=10 if args.quick else 20,
+            repeats=2 if args.quick else 3,
+        )
+    if "closure" in args.parts:
+        res["closure_path"] = closure_path(repeats=2 if args.quick else 3)
+    if "autoencoder" in args.parts:
+        res["autoencoder"] = autoencoder_race(
+            budget=args.budget or (6.0 if args.quick else 15.0),
+            seeds=[0, 1] if args.quick else [0, 1, 2],
+        )
+    meta["load_after"] = os.getloadavg()
+    if "load_after" not in res["meta"]:
+        res["meta"]["load_after"] = meta["load_after"]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
