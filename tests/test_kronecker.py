@@ -502,3 +502,24 @@ def test_torch_optimizer_state_dict_resumes_bit_for_bit():
     opt2.load_state_dict(saved)
     assert [float(opt2.step(lambda: (model2(x), y))) for _ in range(3)] == losses
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_signed_ggn_own_inverse_inverts_the_operator():
+    """GGN with GaussianNLL at large residuals: H_L is indefinite, G is signed; the own
+    inverse (flagged exact) must invert the operator ``@`` applies (no clamped eigenvalues)."""
+    from steepest.losses import GaussianNLL
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(1, 2, generator=seeded(30), dtype=F64)
+    y = torch.full((1, 1), 5.0, dtype=F64)
+    for cls in (KFAC, EKFAC):
+        op = cls(GGN()).operator(Point(model, GaussianNLL(), x, y))
+        dense = op.to_dense()
+        assert float(torch.linalg.eigvalsh(dense).min()) < -0.1  # really indefinite
+        b = torch.randn(op.size, generator=seeded(31), dtype=F64)
+        lam = 5.0
+        s = (op + lam).solve(b)
+        res = (dense + lam * torch.eye(op.size, dtype=F64)) @ s - b
+        assert op.inverse_exact
+        assert float(res.norm() / b.norm()) < 1e-12, cls.__name__

@@ -354,8 +354,15 @@ class _Block:
 
 
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues clamped at 0 (a PSD factor's rounding) and eigenvectors."""
     mu, q = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
     return mu.clamp_min(0), q
+
+
+def _eigh_signed(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues unclamped: a signed G (GGN of an indefinite H_L) keeps its negative part,
+    so that the own inverse inverts the operator that ``@`` applies."""
+    return torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
 
 
 class _Structure:
@@ -596,14 +603,18 @@ class KFAC(Metric):
         due = st["eig"] is None or calls % self.T_inv == 0
         if due:
             blocks = st["factors"]["blocks"]
+            eig_g = _eigh_signed if st.get("signed", False) else _eigh
             if self.spread_inverses:
                 mats = [m for A, G in blocks.values() for m in (A, G)]
+                gs = {id(G) for _, G in blocks.values()}
                 eig = point.spread_over_ranks(
-                    _eigh, mats, lambda m: [(m.shape[:-1], m.dtype), (m.shape, m.dtype)]
+                    lambda m: eig_g(m) if id(m) in gs else _eigh(m),
+                    mats,
+                    lambda m: [(m.shape[:-1], m.dtype), (m.shape, m.dtype)],
                 )
                 st["eig"] = {key: (*eig[2 * j], *eig[2 * j + 1]) for j, key in enumerate(blocks)}
             else:
-                st["eig"] = {key: (*_eigh(A), *_eigh(G)) for key, (A, G) in blocks.items()}
+                st["eig"] = {key: (*_eigh(A), *eig_g(G)) for key, (A, G) in blocks.items()}
             st["eig_refresh"] = st["refreshes"]
         return st.get("eig_refresh") == st["refreshes"] and set(st["eig"]) == set(
             st["factors"]["blocks"]
@@ -708,7 +719,10 @@ class KFAC(Metric):
 
         def exact(v: Tensor) -> Tensor:
             if "op" not in cache:
-                cache["op"] = exact_metric.operator(point)
+                op = exact_metric.operator(point)
+                if getattr(point, "distributed", None) is not None:  # the whole batch's
+                    op = point.distributed.operator(op, point.n, point.n_total)
+                cache["op"] = op
             return cache["op"].matvec(v)
 
         def solve(b: Tensor, lam: float) -> Tensor:
