@@ -523,3 +523,38 @@ def test_signed_ggn_own_inverse_inverts_the_operator():
         res = (dense + lam * torch.eye(op.size, dtype=F64)) @ s - b
         assert op.inverse_exact
         assert float(res.norm() / b.norm()) < 1e-12, cls.__name__
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_of_another_model_refused_by_name(cls):
+    """K-FAC factors of a model with other layer widths (same number of trainable parameters
+    after dropping the optimizer's own vectors) are refused before anything changes."""
+    x = torch.randn(8, 3, generator=seeded(50), dtype=F64)
+    y = torch.randn(8, 2, generator=seeded(51), dtype=F64)
+    torch.manual_seed(0)
+    ma = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    mb = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    def make(m):
+        metric = cls(GGN(), T_cov=5, T_inv=5)
+        return steepest.Optimizer(
+            m, MSE(), metric=metric, damping=steepest.LevenbergMarquardt(1e-2)
+        )
+
+    oa, ob = make(ma), make(mb)
+    oa.step(x, y)
+    ob.step(x, y)
+    foreign = oa.state_dict()
+    foreign["prev_direction"] = foreign["momentum_buffer"] = None
+    before = ob.state_dict()
+    with pytest.raises(ConfigurationError, match="do not fit"):
+        ob.load_state_dict(foreign)
+    after = ob.state_dict()
+    assert after["steps"] == before["steps"]
+    assert torch.equal(
+        after["metric"]["factors"]["blocks"][(0, 1)][1],
+        before["metric"]["factors"]["blocks"][(0, 1)][1],
+    )
+    ob.step(x, y)  # still works
+    fresh = make(copy.deepcopy(mb))  # a fresh optimizer on the same model loads it
+    fresh.load_state_dict(ob.state_dict())

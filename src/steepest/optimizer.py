@@ -381,6 +381,10 @@ class Optimizer:
             fail("state['generator'] is not the state of a torch.Generator on "
                  f"{self.generator.device}")
 
+        check = getattr(self.metric, "check_state", None)  # KFAC: factors fit the model
+        if check is not None and state.get("metric") is not None:
+            check(state["metric"], self.space)
+
     def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self.damping.load_state_dict({k: v for k, v in state["damping"].items() if k != "rule"})
