@@ -926,7 +926,8 @@ class EKFAC(KFAC):
             diagonal=diag,
             psd=self._psd(),
             name=self._name(),
-            inverse=inverse,
+            inverse=self._rescaled(inverse, point),
+            inverse_exact=self.rescale is None,
         )
 
     def scalings(self) -> dict:
