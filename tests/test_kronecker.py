@@ -560,3 +560,62 @@ def test_state_of_another_model_refused_by_name(cls):
     ob.step(x, y)  # still works
     fresh = make(copy.deepcopy(mb))  # a fresh optimizer on the same model loads it
     fresh.load_state_dict(ob.state_dict())
+
+
+class _TwiceNet(nn.Module):
+    """l1 called twice in one forward (weight reuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(torch.tanh(self.l1(x)))))
+
+
+def test_layer_called_twice_per_sample_signs_and_scalings():
+    """A Linear used twice per forward, GGN of a loss whose H_L signs vary per sample: G (signed)
+    and EKFAC's scalings equal their definitions from explicit per-sample gradients, the two
+    calls' contributions summed within each sample."""
+    from steepest.losses import CallableLoss
+
+    torch.manual_seed(3)
+    n = 4
+    model = _TwiceNet().double()
+    x = torch.randn(n, 3, generator=seeded(60), dtype=F64)
+    y = torch.randn(n, 2, generator=seeded(61), dtype=F64)
+    loss = CallableLoss(lambda z, yy: (z**3 * yy).sum(1) / 6)  # H_L = diag(z * y)
+    calls = []
+    h = model.l1.register_forward_hook(lambda m, i, o: calls.append((i[0].detach(), o)))
+    z = model(x)
+    h.remove()
+    hl = torch.stack(
+        [
+            torch.autograd.functional.hessian(
+                lambda zz, j=j: loss.value(zz[None], y[j : j + 1]).sum(), z.detach()[j]
+            )
+            for j in range(n)
+        ]
+    )
+    mu, q = torch.linalg.eigh(hl)
+    s, w = q * mu.abs().sqrt()[:, None, :], torch.sign(mu)
+    assert (w < 0).any() and (w > 0).any() and len({tuple(r) for r in w.tolist()}) > 1
+    k = s.shape[-1]
+    G = torch.zeros(3, 3, dtype=F64)
+    per = torch.zeros(n, k, 3, 4, dtype=F64)  # per-sample gradients of [W b] along column k
+    for c in range(k):
+        gs = torch.autograd.grad(z, [o for _, o in calls], s[:, :, c], retain_graph=True)
+        for (a, _), g in zip(calls, gs):
+            ab = torch.cat([a, torch.ones(n, 1, dtype=F64)], 1)
+            for j in range(n):
+                G += w[j, c] * torch.outer(g[j], g[j])
+                per[j, c] += torch.outer(g[j], ab[j])
+    G /= n
+    kfac = KFAC(GGN())
+    kfac.operator(Point(model, loss, x, y))
+    assert rel_err(kfac._state["factors"]["blocks"][(0, 1)][1][0], G) < 1e-12
+    ekfac = EKFAC(GGN())
+    ekfac.operator(Point(model, loss, x, y))
+    _, qa, _, qg = ekfac._state["eig"][(0, 1)]
+    want = (w[:, :, None, None] * (qg[0].T @ per @ qa[0]) ** 2).sum((0, 1)) / n
+    assert rel_err(ekfac.scalings()[(0, 1)][0], want) < 1e-12

@@ -304,8 +304,8 @@ class _Capture:
                     g3 = g3.sum(2, keepdim=True)
                 if layer.bi is not None:
                     a3 = torch.cat([a3, torch.ones_like(a3[..., :1])], -1)
-                a_all.append(a3.reshape(1, -1, a3.shape[-1]))
-                g_all.append(g3.reshape(g3.shape[0], 1, -1, g3.shape[-1]))
+                a_all.append(a3.unsqueeze(0))  # (1, N, T, d)
+                g_all.append(g3.unsqueeze(1))  # (K, 1, N, T, o)
             else:  # KFC: unfolded patches, expand over the L output positions
                 pat = _conv_patches(layer.module, a)  # (N, Cin*kk, L)
                 n, _, length = pat.shape
@@ -315,9 +315,15 @@ class _Capture:
                     pat = torch.cat([pat, torch.ones_like(pat[..., :1])], -1)
                 go = gs.reshape(gs.shape[0], n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
                 go = go.permute(0, 2, 1, 4, 3)  # (K, grp, N, L, o)
-                a_all.append(pat.reshape(grp, n * length, -1))
-                g_all.append(go.reshape(go.shape[0], grp, n * length, layer.out_g))
-        return torch.cat(a_all, 1), torch.cat(g_all, 2)
+                a_all.append(pat)  # (grp, N, L, d)
+                g_all.append(go)  # (K, grp, N, L, o)
+        # rows grouped by sample (a module called several times: its calls' positions side by
+        # side within each sample), as _scalings and _row_signs read them
+        if len({t.shape[1] for t in a_all}) == 1:
+            return torch.cat(a_all, 2).flatten(1, 2), torch.cat(g_all, 3).flatten(2, 3)
+        # calls on batches of different sizes: no per-sample grouping exists
+        a = torch.cat([t.flatten(1, 2) for t in a_all], 1)
+        return a, torch.cat([t.flatten(2, 3) for t in g_all], 2)
 
 
 def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor | None]:
