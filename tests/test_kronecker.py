@@ -619,3 +619,19 @@ def test_layer_called_twice_per_sample_signs_and_scalings():
     _, qa, _, qg = ekfac._state["eig"][(0, 1)]
     want = (w[:, :, None, None] * (qg[0].T @ per @ qa[0]) ** 2).sum((0, 1)) / n
     assert rel_err(ekfac.scalings()[(0, 1)][0], want) < 1e-12
+
+
+def test_capture_forward_sees_the_point_dropout_masks():
+    """Inside Optimizer.step, K-FAC's capture forward draws the same Dropout masks as the
+    point's forward (and the trial's), so its factors belong to the same network."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 6, generator=seeded(80), dtype=F64) + 3
+    y = torch.randn(5, 2, generator=seeded(81), dtype=F64)
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append((i[0] != 0).detach().clone()))
+    opt = steepest.Optimizer(model, MSE(), metric=KFAC(GGN()), damping=1e-2)
+    opt.step(x, y)
+    assert len(seen) >= 3  # the point, the capture, the trial
+    assert all(torch.equal(s, seen[0]) for s in seen)
+    assert not seen[0].all()  # Dropout really dropped something

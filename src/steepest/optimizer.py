@@ -490,7 +490,11 @@ class Optimizer:
     def _operator(self, metric: Metric, point: Point) -> LinearOperator:
         """The metric's M on the point; under torch.distributed the whole batch's
         (:meth:`~steepest.distributed.DataParallel.operator`)."""
-        op = metric.operator(point)
+        if self._guard is not None:  # K-FAC's capture forward: the point's buffers and masks
+            with self._guard.trial():
+                op = metric.operator(point)
+        else:
+            op = metric.operator(point)
         if self.distributed is None or getattr(metric, "reduces_over_ranks", False):
             return op
         return self.distributed.operator(op, point.n, point.n_total)
