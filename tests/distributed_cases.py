@@ -95,6 +95,9 @@ def optimizer_cases() -> dict[str, dict]:
         "EKFAC-GGN-spread_inverses": lambda: st.EKFAC(st.GGN(), spread_inverses=True),
         "KFAC-ema-T_inv": lambda: st.KFAC(st.GGN(), ema=0.9, T_inv=2, spread_inverses=True),
         "Diagonal-GGN-sqrt": lambda: st.Diagonal(st.GGN(), power=0.5),
+        # the rescaling's exact products are the whole batch's, not this rank's shard's
+        "KFAC-rescale-alpha": lambda: st.KFAC(st.GGN(), rescale="alpha"),
+        "KFAC-rescale-momentum": lambda: st.KFAC(st.GGN(), rescale="momentum"),
     }
     for name, metric in structured.items():
         cases[name] = dict(

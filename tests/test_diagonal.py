@@ -125,3 +125,19 @@ def test_adam_like_diagonal_trains():
         info = opt.step(x, y)
     assert first.solver == "OwnInverse"
     assert info.loss < 0.6 * first.loss
+
+
+def test_own_inverse_of_several_columns():
+    """The own inverse of (D + lambda I) for a right-hand side of k columns (P, k), scalar and
+    per-parameter shifts, against the dense solve."""
+    *_, point = _point("ce")
+    op = Diagonal(GGN()).operator(point)
+    b = torch.randn(op.size, 3, generator=seeded(70), dtype=torch.float64)
+    dense = op.to_dense()
+    eye = torch.eye(op.size, dtype=torch.float64)
+    x = (op + 0.1).solve(b)
+    assert x.shape == b.shape
+    assert rel_err(x, torch.linalg.solve(dense + 0.1 * eye, b)) < 1e-12
+    shift = torch.rand(op.size, generator=seeded(71), dtype=torch.float64) + 0.1
+    x = op._inverse(b, shift)  # a per-parameter shift (weight decay beside lambda)
+    assert rel_err(x, torch.linalg.solve(dense + torch.diag(shift), b)) < 1e-12

@@ -449,16 +449,18 @@ def test_bad_configuration_named():
         KFAC(ema=1.0)
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
 @pytest.mark.parametrize("mode", ["alpha", "momentum"])
-def test_rescaling_by_the_exact_quadratic_model(mode):
+def test_rescaling_by_the_exact_quadratic_model(mode, cls):
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
     g = seeded(15)
     x, y = torch.randn(12, 3, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
     lam = 0.1
-    metric = KFAC(Fisher(mc_samples=1), rescale=mode)
+    metric = cls(Fisher(mc_samples=1), rescale=mode)
     point = Point(model, CrossEntropy(), x, y, generator=seeded(16))
     op = metric.operator(point)
+    assert not op.inverse_exact  # the optimizer measures the rescaled step by its own quadratic
     c = ref.metric("fisher", model, CrossEntropy(), x, y) + lam * torch.eye(op.size, dtype=F64)
     kfac = op.to_dense() + lam * torch.eye(op.size, dtype=F64)
     b1, b2 = (torch.randn(op.size, generator=g, dtype=F64) for _ in range(2))
@@ -528,3 +530,132 @@ def test_attention_modules_not_called_get_the_exact_diagonal():
     end = sum(s for n, s in zip(names, sizes) if n.startswith("att."))
     assert rel_err(op.diagonal()[:end], dense.diagonal()[:end]) < 1e-12
     assert bool((op.diagonal()[:end] > 0).any())
+def test_signed_ggn_own_inverse_inverts_the_operator():
+    """GGN with GaussianNLL at large residuals: H_L is indefinite, G is signed; the own
+    inverse (flagged exact) must invert the operator ``@`` applies (no clamped eigenvalues)."""
+    from steepest.losses import GaussianNLL
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    x = torch.randn(1, 2, generator=seeded(30), dtype=F64)
+    y = torch.full((1, 1), 5.0, dtype=F64)
+    for cls in (KFAC, EKFAC):
+        op = cls(GGN()).operator(Point(model, GaussianNLL(), x, y))
+        dense = op.to_dense()
+        assert float(torch.linalg.eigvalsh(dense).min()) < -0.1  # really indefinite
+        b = torch.randn(op.size, generator=seeded(31), dtype=F64)
+        lam = 5.0
+        s = (op + lam).solve(b)
+        res = (dense + lam * torch.eye(op.size, dtype=F64)) @ s - b
+        assert op.inverse_exact
+        assert float(res.norm() / b.norm()) < 1e-12, cls.__name__
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_of_another_model_refused_by_name(cls):
+    """K-FAC factors of a model with other layer widths (same number of trainable parameters
+    after dropping the optimizer's own vectors) are refused before anything changes."""
+    x = torch.randn(8, 3, generator=seeded(50), dtype=F64)
+    y = torch.randn(8, 2, generator=seeded(51), dtype=F64)
+    torch.manual_seed(0)
+    ma = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    mb = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    def make(m):
+        metric = cls(GGN(), T_cov=5, T_inv=5)
+        return steepest.Optimizer(
+            m, MSE(), metric=metric, damping=steepest.LevenbergMarquardt(1e-2)
+        )
+
+    oa, ob = make(ma), make(mb)
+    oa.step(x, y)
+    ob.step(x, y)
+    foreign = oa.state_dict()
+    foreign["prev_direction"] = foreign["momentum_buffer"] = None
+    before = ob.state_dict()
+    with pytest.raises(ConfigurationError, match="do not fit"):
+        ob.load_state_dict(foreign)
+    after = ob.state_dict()
+    assert after["steps"] == before["steps"]
+    assert torch.equal(
+        after["metric"]["factors"]["blocks"][(0, 1)][1],
+        before["metric"]["factors"]["blocks"][(0, 1)][1],
+    )
+    ob.step(x, y)  # still works
+    fresh = make(copy.deepcopy(mb))  # a fresh optimizer on the same model loads it
+    fresh.load_state_dict(ob.state_dict())
+
+
+class _TwiceNet(nn.Module):
+    """l1 called twice in one forward (weight reuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l2(torch.tanh(self.l1(torch.tanh(self.l1(x)))))
+
+
+def test_layer_called_twice_per_sample_signs_and_scalings():
+    """A Linear used twice per forward, GGN of a loss whose H_L signs vary per sample: G (signed)
+    and EKFAC's scalings equal their definitions from explicit per-sample gradients, the two
+    calls' contributions summed within each sample."""
+    from steepest.losses import CallableLoss
+
+    torch.manual_seed(3)
+    n = 4
+    model = _TwiceNet().double()
+    x = torch.randn(n, 3, generator=seeded(60), dtype=F64)
+    y = torch.randn(n, 2, generator=seeded(61), dtype=F64)
+    loss = CallableLoss(lambda z, yy: (z**3 * yy).sum(1) / 6)  # H_L = diag(z * y)
+    calls = []
+    h = model.l1.register_forward_hook(lambda m, i, o: calls.append((i[0].detach(), o)))
+    z = model(x)
+    h.remove()
+    hl = torch.stack(
+        [
+            torch.autograd.functional.hessian(
+                lambda zz, j=j: loss.value(zz[None], y[j : j + 1]).sum(), z.detach()[j]
+            )
+            for j in range(n)
+        ]
+    )
+    mu, q = torch.linalg.eigh(hl)
+    s, w = q * mu.abs().sqrt()[:, None, :], torch.sign(mu)
+    assert (w < 0).any() and (w > 0).any() and len({tuple(r) for r in w.tolist()}) > 1
+    k = s.shape[-1]
+    G = torch.zeros(3, 3, dtype=F64)
+    per = torch.zeros(n, k, 3, 4, dtype=F64)  # per-sample gradients of [W b] along column k
+    for c in range(k):
+        gs = torch.autograd.grad(z, [o for _, o in calls], s[:, :, c], retain_graph=True)
+        for (a, _), g in zip(calls, gs):
+            ab = torch.cat([a, torch.ones(n, 1, dtype=F64)], 1)
+            for j in range(n):
+                G += w[j, c] * torch.outer(g[j], g[j])
+                per[j, c] += torch.outer(g[j], ab[j])
+    G /= n
+    kfac = KFAC(GGN())
+    kfac.operator(Point(model, loss, x, y))
+    assert rel_err(kfac._state["factors"]["blocks"][(0, 1)][1][0], G) < 1e-12
+    ekfac = EKFAC(GGN())
+    ekfac.operator(Point(model, loss, x, y))
+    _, qa, _, qg = ekfac._state["eig"][(0, 1)]
+    want = (w[:, :, None, None] * (qg[0].T @ per @ qa[0]) ** 2).sum((0, 1)) / n
+    assert rel_err(ekfac.scalings()[(0, 1)][0], want) < 1e-12
+
+
+def test_capture_forward_sees_the_point_dropout_masks():
+    """Inside Optimizer.step, K-FAC's capture forward draws the same Dropout masks as the
+    point's forward (and the trial's), so its factors belong to the same network."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 6, generator=seeded(80), dtype=F64) + 3
+    y = torch.randn(5, 2, generator=seeded(81), dtype=F64)
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append((i[0] != 0).detach().clone()))
+    opt = steepest.Optimizer(model, MSE(), metric=KFAC(GGN()), damping=1e-2)
+    opt.step(x, y)
+    assert len(seen) >= 3  # the point, the capture, the trial
+    assert all(torch.equal(s, seen[0]) for s in seen)
+    assert not seen[0].all()  # Dropout really dropped something

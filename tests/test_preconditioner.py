@@ -83,3 +83,26 @@ def test_errors_leave_grads_alone():
     with pytest.raises(steepest.SteepestError):
         pre.step(x, torch.full_like(y, 7))  # a class index out of range
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+
+
+@pytest.mark.parametrize("metric", [lambda: steepest.KFAC(steepest.GGN()), steepest.GGN])
+def test_step_leaves_buffers_and_random_state_alone(metric):
+    """The user's forward moved BatchNorm's running statistics once; Preconditioner.step's own
+    forwards run on buffer copies and put the global random state back (issue 9)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.3), nn.Tanh(), nn.Linear(4, 3)
+    ).double()
+    x = torch.randn(8, 3, generator=seeded(40), dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=seeded(41))
+    pre = Preconditioner(model, CrossEntropy(), metric=metric(), damping=1e-2)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        bn = model[1]
+        before = {n: b.clone() for n, b in bn.named_buffers()}
+        rng = torch.get_rng_state()
+        pre.step(x, y)
+        assert all(torch.equal(b, before[n]) for n, b in bn.named_buffers())
+        assert torch.equal(torch.get_rng_state(), rng)
+    assert int(model[1].num_batches_tracked) == 2  # once per user forward

@@ -105,7 +105,8 @@ class Diagonal(Metric):
         psd = bool((d >= 0).all())
 
         def inverse(b: Tensor, shift: float | Tensor) -> Tensor:
-            return b / (d + shift)
+            den = d + shift  # (P,): one column b (P,) or columns b (P, k)
+            return b / (den if b.ndim == 1 else den[:, None])
 
         return LinearOperator(
             lambda v: d * v,

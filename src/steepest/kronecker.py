@@ -303,8 +303,8 @@ class _Capture:
                     g3 = g3.sum(2, keepdim=True)
                 if layer.bi is not None:
                     a3 = torch.cat([a3, torch.ones_like(a3[..., :1])], -1)
-                a_all.append(a3.reshape(1, -1, a3.shape[-1]))
-                g_all.append(g3.reshape(g3.shape[0], 1, -1, g3.shape[-1]))
+                a_all.append(a3.unsqueeze(0))  # (1, N, T, d)
+                g_all.append(g3.unsqueeze(1))  # (K, 1, N, T, o)
             else:  # KFC: unfolded patches, expand over the L output positions
                 pat = _conv_patches(layer.module, a)  # (N, Cin*kk, L)
                 n, _, length = pat.shape
@@ -314,9 +314,15 @@ class _Capture:
                     pat = torch.cat([pat, torch.ones_like(pat[..., :1])], -1)
                 go = gs.reshape(gs.shape[0], n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
                 go = go.permute(0, 2, 1, 4, 3)  # (K, grp, N, L, o)
-                a_all.append(pat.reshape(grp, n * length, -1))
-                g_all.append(go.reshape(go.shape[0], grp, n * length, layer.out_g))
-        return torch.cat(a_all, 1), torch.cat(g_all, 2)
+                a_all.append(pat)  # (grp, N, L, d)
+                g_all.append(go)  # (K, grp, N, L, o)
+        # rows grouped by sample (a module called several times: its calls' positions side by
+        # side within each sample), as _scalings and _row_signs read them
+        if len({t.shape[1] for t in a_all}) == 1:
+            return torch.cat(a_all, 2).flatten(1, 2), torch.cat(g_all, 3).flatten(2, 3)
+        # calls on batches of different sizes: no per-sample grouping exists
+        a = torch.cat([t.flatten(1, 2) for t in a_all], 1)
+        return a, torch.cat([t.flatten(2, 3) for t in g_all], 2)
 
 
 def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor | None]:
@@ -353,8 +359,15 @@ class _Block:
 
 
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues clamped at 0 (a PSD factor's rounding) and eigenvectors."""
     mu, q = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
     return mu.clamp_min(0), q
+
+
+def _eigh_signed(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues unclamped: a signed G (GGN of an indefinite H_L) keeps its negative part,
+    so that the own inverse inverts the operator that ``@`` applies."""
+    return torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
 
 
 class _Structure:
@@ -525,6 +538,66 @@ class KFAC(Metric):
             )
         self._state = _clone(state)
 
+    def check_state(self, state: dict, space) -> None:
+        """Raise :class:`~steepest.errors.ConfigurationError` unless ``state`` (from
+        :meth:`state_dict`) fits the parameters of ``space`` (a
+        :class:`~steepest.params.ParamSpace`): every block's G (grp, o, o) and A (grp, d, d)
+        match its weight and bias, every other diagonal its parameter, the eigendecompositions
+        (and EKFAC's scalings) their blocks. Changes nothing.
+
+        >>> KFAC().check_state(other_optimizer.state_dict()["metric"], opt.space)
+        """
+        name = type(self).__name__
+
+        def fail(what: str) -> None:
+            raise ConfigurationError(
+                f"cannot load this {name} state: {what}. Load a state saved by the same metric "
+                "on the same model."
+            )
+
+        if not isinstance(state, dict) or "calls" not in state:
+            fail("it is no dict saved by state_dict()")
+        sizes = [p.numel() for p in space.params]
+        shapes = [tuple(p.shape) for p in space.params]
+        fac = state.get("factors")
+        blocks = {} if fac is None else fac.get("blocks", {})
+        dims = {}
+        for key, (A, G) in blocks.items():
+            wi, bi = key
+            if not (0 <= wi < len(sizes)) or (bi is not None and not 0 <= bi < len(sizes)):
+                fail(f"block {key} names parameters the model (with {len(sizes)}) lacks")
+            grp, o, d = G.shape[0], G.shape[-1], A.shape[-1]
+            dw = d - (bi is not None)
+            ok = (
+                G.shape == (grp, o, o)
+                and A.shape == (grp, d, d)
+                and shapes[wi][0] == grp * o
+                and sizes[wi] == grp * o * dw
+                and (bi is None or sizes[bi] == grp * o)
+            )
+            if not ok:
+                fail(
+                    f"block {key} has G {tuple(G.shape)} and A {tuple(A.shape)}, which do not fit "
+                    f"a weight of shape {shapes[wi]}"
+                )
+            dims[key] = (grp, o, d)
+        for i, diag in ({} if fac is None else fac.get("others", {})).items():
+            if not (0 <= i < len(sizes)) or diag.numel() != sizes[i]:
+                fail(f"the diagonal of parameter {i} does not fit the model's parameters")
+        eig = state.get("eig")
+        for key, (_ea, qa, _eg, qg) in ({} if eig is None else eig).items():
+            if key not in dims:
+                fail(f"eigendecomposition {key} has no block")
+            grp, o, d = dims[key]
+            if qa.shape != (grp, d, d) or qg.shape != (grp, o, o):
+                fail(f"eigendecomposition {key} does not fit its block")
+        for key, sc in state.get("scalings", {}).items():
+            if key not in dims or tuple(sc.shape) != dims[key][:1] + (dims[key][1], dims[key][2]):
+                fail(f"scalings {key} do not fit their block")
+        prev = state.get("previous")
+        if prev is not None and prev.numel() != sum(sizes):
+            fail(f"the previous answer holds {prev.numel()} values, the model {sum(sizes)}")
+
     # ------------------------------------------------------------------ factors
     def _new_factors(self, point) -> dict:
         cap = _Capture(self.base, point, self.sequence)
@@ -601,14 +674,18 @@ class KFAC(Metric):
         due = st["eig"] is None or calls % self.T_inv == 0
         if due:
             blocks = st["factors"]["blocks"]
+            eig_g = _eigh_signed if st.get("signed", False) else _eigh
             if self.spread_inverses:
                 mats = [m for A, G in blocks.values() for m in (A, G)]
+                gs = {id(G) for _, G in blocks.values()}
                 eig = point.spread_over_ranks(
-                    _eigh, mats, lambda m: [(m.shape[:-1], m.dtype), (m.shape, m.dtype)]
+                    lambda m: eig_g(m) if id(m) in gs else _eigh(m),
+                    mats,
+                    lambda m: [(m.shape[:-1], m.dtype), (m.shape, m.dtype)],
                 )
                 st["eig"] = {key: (*eig[2 * j], *eig[2 * j + 1]) for j, key in enumerate(blocks)}
             else:
-                st["eig"] = {key: (*_eigh(A), *_eigh(G)) for key, (A, G) in blocks.items()}
+                st["eig"] = {key: (*_eigh(A), *eig_g(G)) for key, (A, G) in blocks.items()}
             st["eig_refresh"] = st["refreshes"]
         return st.get("eig_refresh") == st["refreshes"] and set(st["eig"]) == set(
             st["factors"]["blocks"]
@@ -713,7 +790,10 @@ class KFAC(Metric):
 
         def exact(v: Tensor) -> Tensor:
             if "op" not in cache:
-                cache["op"] = exact_metric.operator(point)
+                op = exact_metric.operator(point)
+                if getattr(point, "distributed", None) is not None:  # the whole batch's
+                    op = point.distributed.operator(op, point.n, point.n_total)
+                cache["op"] = op
             return cache["op"].matvec(v)
 
         def solve(b: Tensor, lam: float) -> Tensor:
@@ -857,7 +937,8 @@ class EKFAC(KFAC):
             diagonal=diag,
             psd=self._psd(),
             name=self._name(),
-            inverse=inverse,
+            inverse=self._rescaled(inverse, point),
+            inverse_exact=self.rescale is None,
         )
 
     def scalings(self) -> dict:

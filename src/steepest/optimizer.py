@@ -381,6 +381,10 @@ class Optimizer:
             fail("state['generator'] is not the state of a torch.Generator on "
                  f"{self.generator.device}")
 
+        check = getattr(self.metric, "check_state", None)  # KFAC: factors fit the model
+        if check is not None and state.get("metric") is not None:
+            check(state["metric"], self.space)
+
     def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self.damping.load_state_dict({k: v for k, v in state["damping"].items() if k != "rule"})
@@ -489,7 +493,11 @@ class Optimizer:
     def _operator(self, metric: Metric, point: Point) -> LinearOperator:
         """The metric's M on the point; under torch.distributed the whole batch's
         (:meth:`~steepest.distributed.DataParallel.operator`)."""
-        op = metric.operator(point)
+        if self._guard is not None:  # K-FAC's capture forward: the point's buffers and masks
+            with self._guard.trial():
+                op = metric.operator(point)
+        else:
+            op = metric.operator(point)
         if self.distributed is None or getattr(metric, "reduces_over_ranks", False):
             return op
         return self.distributed.operator(op, point.n, point.n_total)

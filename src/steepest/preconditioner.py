@@ -33,7 +33,7 @@ from .errors import ConfigurationError, NonFiniteError
 from .losses import Loss, as_loss
 from .metrics import Metric
 from .params import ParamSpace
-from .point import Inputs, Point
+from .point import ForwardGuard, Inputs, Point, _rng_state, _set_rng_state
 from .solvers import Auto, OwnInverse, Solution, Solver, as_solver
 
 
@@ -117,27 +117,33 @@ class Preconditioner:
         )
         if not torch.isfinite(grad).all():
             raise NonFiniteError("the gradient in .grad holds NaN or infinite values.")
+        lazy = getattr(self.metric, "needs_point", None)
         saved = self.state_dict()
+        # the user's own forward already moved BatchNorm's running statistics and drew the
+        # Dropout masks of this step: every forward here runs on copies of the buffers
+        # (ForwardGuard after point_done) and the global random state is put back
+        rng = _rng_state()
         try:
             dp, sampler = self.distributed, self.generator
             if dp is not None:  # independent labels per rank, one shared generator state
                 sampler = dp.generator(self.generator)
-            lazy = getattr(self.metric, "needs_point", None)
-            if lazy is not None and not lazy():  # K-FAC between refreshes: no model evaluation
-                point = SimpleNamespace(
-                    space=self.space, size=self.space.size, grad=grad, loss=self.loss
-                )
-            else:
-                point = Point(self.space, self.loss, inputs, targets, generator=sampler,
-                              distributed=dp)
-            op = self.metric.operator(point)
-            if dp is not None and not getattr(self.metric, "reduces_over_ranks", False):
-                op = dp.operator(op, point.n, point.n_total)
-            op = op.add_diagonal(self.damping)
-            solver = self.solver.choose(op) if isinstance(self.solver, Auto) else self.solver
-            if isinstance(solver, OwnInverse):  # no residual product: the inverse is its own
-                solver = _Own()
-            x = solver.solve(op, grad).x
+            with ForwardGuard(self.space.model) as guard:
+                guard.point_done()
+                if lazy is not None and not lazy():  # K-FAC between refreshes: no forward
+                    point = SimpleNamespace(
+                        space=self.space, size=self.space.size, grad=grad, loss=self.loss
+                    )
+                else:
+                    point = Point(self.space, self.loss, inputs, targets, generator=sampler,
+                                  distributed=dp)
+                op = self.metric.operator(point)
+                if dp is not None and not getattr(self.metric, "reduces_over_ranks", False):
+                    op = dp.operator(op, point.n, point.n_total)
+                op = op.add_diagonal(self.damping)
+                solver = self.solver.choose(op) if isinstance(self.solver, Auto) else self.solver
+                if isinstance(solver, OwnInverse):  # no residual product: its own inverse
+                    solver = _Own()
+                x = solver.solve(op, grad).x
             if not torch.isfinite(x).all():
                 raise NonFiniteError(
                     f"the preconditioned gradient is not finite ({op.name}); raise the damping."
@@ -145,6 +151,8 @@ class Preconditioner:
         except BaseException:
             self.load_state_dict(saved)
             raise
+        finally:
+            _set_rng_state(rng)
         self.last_solver = "OwnInverse" if isinstance(solver, _Own) else type(solver).__name__
         with torch.no_grad():
             for p, chunk in zip(params, self.space.unflatten(x)):
