@@ -136,9 +136,14 @@ def test_cg_negative_curvature_on_a_hessian():
     sol = CG(tol=1e-12).solve(h, b)
     assert sol.negative_curvature and torch.isfinite(sol.x).all()
     assert float(b @ sol.x) > 0
+    # Auto: the dense route with eigenvalue clipping for a small indefinite M (issue 12), CG
+    # above dense_max; both give a descent direction
     auto = Auto()
-    assert isinstance(auto.choose(h + 1e-3), CG)
+    chosen = auto.choose(h + 1e-3)
+    assert isinstance(chosen, Cholesky) and chosen.indefinite == "clip"
     assert float(b @ auto.solve(h + 1e-3, b).x) > 0
+    assert isinstance(Auto(dense_max=10).choose(h + 1e-3), CG)
+    assert float(b @ Auto(dense_max=10).solve(h + 1e-3, b).x) > 0
 
 
 def test_cg_preconditioner():
@@ -209,7 +214,10 @@ def test_auto_choice():
     assert isinstance(auto.choose(ggn + 1e-3), Woodbury)  # R = 18 rows < P = 45
     assert "factor" not in ggn._cache  # choosing built nothing
     assert isinstance(auto.choose(ggn + 0.0), Cholesky)  # Woodbury needs lambda > 0
-    assert isinstance(auto.choose(Hessian().operator(point) + 1.0), CG)
+    # a small maybe-indefinite M: the dense route with clipping; a large one: CG
+    hess = auto.choose(Hessian().operator(point) + 1.0)
+    assert isinstance(hess, Cholesky) and hess.indefinite == "clip"
+    assert isinstance(Auto(dense_max=10).choose(Hessian().operator(point) + 1.0), CG)
     assert isinstance(auto.choose(Identity().operator(point) + 1e-3), Cholesky)  # no factor
     small = Auto(dense_max=10)
     assert isinstance(small.choose(ggn + 1e-3), Woodbury)

@@ -204,7 +204,7 @@ def test_adaptive_trust_region_in_the_optimizer_follows_rho():
     """One try per step: the radius after each step is the rule applied to the reported rho,
     and the step lies on the boundary delta^T A delta = eps^2 unless alpha hits max_alpha."""
     model, x, y = _classifier(3)
-    rule = TrustRegion(2.0, adaptive=True, max_tries=1)
+    rule = TrustRegion(2.0, adaptive=True, max_tries=1, relative=False)
     assert rule.reject and rule.max_alpha == 1.0
     opt = Optimizer(model, CrossEntropy(), metric=Fisher(), damping=1e-3, step=rule)
     factors = set()
@@ -227,7 +227,7 @@ def test_adaptive_trust_region_retries_with_a_smaller_radius():
     """A step that raises the loss is rejected and retried with eps * shrink."""
     model, x, y = _classifier(4)
     eps0 = 50.0  # far too large: the first tries raise the loss
-    rule = TrustRegion(eps0, adaptive=True, max_alpha=1e6)
+    rule = TrustRegion(eps0, adaptive=True, max_alpha=1e6, relative=False)
     opt = Optimizer(model, CrossEntropy(), metric=Fisher(), damping=1e-3, step=rule)
     info = opt.step(x, y)
     assert info.tries > 1 and info.accepted

@@ -130,16 +130,22 @@ class LevenbergMarquardt(Damping):
               \\ \lambda \cdot \mathrm{increase} & \rho < 1/4 \text{ or nan}
               \\ \lambda & \text{otherwise}\end{cases}
 
-    clipped to [min, max]. On a quadratic loss with the exact metric rho = 1 and lambda keeps
-    shrinking (the step tends to the Newton step); when the quadratic model overestimates the
-    decrease (strong higher-order terms) rho < 1/4 and lambda grows, shortening the step.
+    clipped to [min, max] relative to M: once lambda would leave [min, max], the bounds of
+    the step become :math:`[\mathrm{min}\, s, \mathrm{max}\, s]`, where
+    :math:`s = |g^T M g| / g^T g` is the scale of M along the gradient (1 when that is 0 or not
+    finite), so that they mean the same for M of any magnitude (a residual 1e10 atan(x) needs
+    lambda far above 1e12). s costs one product with M, made only then.
+
+    On a quadratic loss with the exact metric rho = 1 and lambda keeps shrinking (the step
+    tends to the Newton step); when the quadratic model overestimates the decrease (strong
+    higher-order terms) rho < 1/4 and lambda grows, shortening the step.
 
     Parameters
     ----------
     init: the first lambda
     decrease: factor (< 1) applied when rho > 3/4
     increase: factor (> 1) applied when rho < 1/4 (or the step failed)
-    min, max: bounds of lambda
+    min, max: bounds of lambda relative to the scale s of M (see above)
     reject: undo a step whose loss went up, raise lambda, retry (up to ``max_tries``)
 
     >>> lm = LevenbergMarquardt(init=1e-2, decrease=2/3, increase=3/2)
@@ -166,9 +172,30 @@ class LevenbergMarquardt(Damping):
         self.lam, self.decrease, self.increase = float(init), decrease, increase
         self.min, self.max = min, max
         self.reject, self.max_tries = bool(reject), int(max_tries)
+        self._op: tuple | None = None  # weak references to M and g of the current step
+        self._scale: float | None = None
 
     def __repr__(self) -> str:
         return f"LevenbergMarquardt(lam={self.lam:g})"
+
+    def damped(self, op: LinearOperator, g: Tensor, theta: Tensor) -> LinearOperator:
+        if self._op is None or self._op[0]() is not op:
+            self._op, self._scale = (weakref.ref(op), weakref.ref(g)), None
+        return op.add_diagonal(self.value)
+
+    def _bounds(self, lam: float) -> tuple[float, float]:
+        """[min s, max s]; s (one product with M) is computed only when lam reaches a bound."""
+        if self._scale is None and not (self.min < lam < self.max):
+            s = 1.0
+            op, g = (None, None) if self._op is None else (self._op[0](), self._op[1]())
+            if op is not None and g is not None:
+                s = abs(float(g @ op.matvec(g).detach())) / max(float(g @ g), 1e-300)
+            self._scale = s if (math.isfinite(s) and s > 0) else 1.0
+        s = 1.0 if self._scale is None else self._scale
+        return self.min * s, self.max * s
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_op": None, "_scale": None}
 
     @property
     def value(self) -> float:
@@ -177,13 +204,17 @@ class LevenbergMarquardt(Damping):
     def update(self, rho: float, trial: Trial | None = None) -> None:
         """Apply the rule to the reduction ratio of the last try (nan counts as failure)."""
         if math.isnan(rho) or rho < 0.25:
-            self.lam = min(self.lam * self.increase, self.max)
+            new = self.lam * self.increase
+            self.lam = min(new, self._bounds(new)[1])
         elif rho > 0.75:
-            self.lam = max(self.lam * self.decrease, self.min)
+            new = self.lam * self.decrease
+            self.lam = max(new, self._bounds(new)[0])
 
     def raise_for_retry(self) -> None:
-        """lambda times ``increase`` (from at least ``min``, at most ``max``)."""
-        self.lam = min(max(self.lam, self.min) * self.increase, self.max)
+        """lambda times ``increase`` (from at least ``min``, at most ``max``, relative to M)."""
+        lo, _ = self._bounds(self.lam)
+        new = max(self.lam, lo) * self.increase
+        self.lam = min(new, self._bounds(new)[1])
 
     def state_dict(self) -> dict:
         return {"lam": self.lam}

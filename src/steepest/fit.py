@@ -24,9 +24,14 @@ where the method decides lambda and the scaling D:
   backtracking (Armijo) line search on the step length.
 
 Every solve uses the thin SVD of :math:`J D^{-1}` of each problem (one batched
-``torch.linalg.svd`` per accepted step), so a rank-deficient J is handled exactly (singular
-values below :math:`\epsilon \max(M, P)\, s_{max}` count as zero) and lambda costs no further
-factorisation.
+``torch.linalg.svd`` per accepted step; for a batch of B >= 64 problems with P <= 16 the
+eigen-decomposition of :math:`D^{-1} J^T J D^{-1}`, cheaper but with the condition number
+squared), so lambda costs no further factorisation and a rank-deficient J is handled exactly:
+the damped methods drop only exactly zero singular values (as MINPACK drops only exact zeros of
+R), Gauss-Newton's least-norm step also those below :math:`\epsilon \max(M, P)\, s_{max}`.
+Fits of a batch that have stopped leave the working set: ``fun`` is then called on the rows
+still running (with ``vectorize=True`` and in :func:`curve_fit`), or on the whole batch with the
+stopped rows held at x0.
 
 Stopping rules, with MINPACK's meanings (and scipy's status codes):
 

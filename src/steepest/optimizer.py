@@ -76,6 +76,10 @@ class StepInfo:
         last solve
     accepted: whether theta moved; tries: solves made (> 1 after rejected tries)
     evaluations: forward passes for the loss/KL at trial points (line search, rho, backtracking)
+    converged: whether a stopping rule of the optimizer fired on this step (MINPACK's, see
+        :class:`Optimizer` ``ftol``/``xtol``/``gtol``); then no further tries were made
+    reason: which: ``"ftol"``, ``"xtol"``, ``"ftol and xtol"``, ``"gtol"``, or ``""``
+    message: what happened, of bounded length (rejected tries are counted, not listed)
     """
 
     loss: float
@@ -97,6 +101,38 @@ class StepInfo:
     evaluations: int = 0
     solver: str = ""
     message: str = ""
+    converged: bool = False
+    reason: str = ""
+
+
+class _Notes:
+    """The notes of one step, each kind once with a count (so ``StepInfo.message`` stays short
+    however many tries a step makes)."""
+
+    def __init__(self) -> None:
+        self._notes: dict[str, list] = {}
+
+    def add(self, kind: str, text: str) -> None:
+        entry = self._notes.setdefault(kind, [0, text])
+        entry[0] += 1
+        entry[1] = text
+
+    def render(self) -> list[str]:
+        return [text if n == 1 else f"{n} times, the last: {text}"
+                for n, text in self._notes.values()]
+
+
+def _converged(ftol: float, xtol: float, value0: float, actual: float | None,
+               predicted: float, rho: float | None, step: float, xnorm: float) -> str:
+    r"""MINPACK's tests (lmder) on one try: ftol when :math:`|L - L_{new}| \le` ftol
+    :math:`|L|`, :math:`q(0) - q(\delta) \le` ftol :math:`|L|` and :math:`\rho \le 2`; xtol
+    when :math:`\|\delta\| \le` xtol :math:`(\|\theta\| +` xtol) (the added xtol lets it fire
+    at :math:`\theta^* = 0`)."""
+    scale = abs(value0)
+    f = (actual is not None and math.isfinite(actual) and abs(actual) <= ftol * scale
+         and predicted <= ftol * scale and rho is not None and rho <= 2)
+    x = actual is not None and step <= xtol * (xnorm + xtol)
+    return " and ".join(n for n, on in (("ftol", f), ("xtol", x)) if on)
 
 
 def _l2_penalty(eta: Tensor, theta: Tensor) -> float:
@@ -170,7 +206,10 @@ class Optimizer:
     loss: a :class:`~steepest.losses.Loss` or a callable ``(z, y) -> (N,)`` per-sample loss
     metric: a row of Table 1 (:mod:`steepest.metrics`), default ``GGN()``
     damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``;
-        ``MoreTrustRegion`` damps with :math:`\lambda D^2` instead of :math:`\lambda I`)
+        ``MoreTrustRegion`` damps with :math:`\lambda D^2` instead of :math:`\lambda I`);
+        default None: 1e-3, but 0 for Newton (``Hessian()``) under an adaptive trust region,
+        where a constant shift would make convergence only linear wherever the curvature is
+        below it (the region already guards the step)
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance
     step: a :mod:`steepest.steps` rule or a float learning rate, default ``LearningRate(1.0)``
     momentum: heavy ball on the direction, mu in [0, 1):
@@ -207,6 +246,13 @@ class Optimizer:
     through its original module ``_orig_mod`` (compiled graphs have no double backward).
     float16/bfloat16 and meta-device parameters are refused by name.
 
+    ftol, xtol, gtol: stopping rules with MINPACK's meanings (default 1e-8, 1e-8, 0), checked on
+        every try: ftol on the relative actual and predicted reductions of L, xtol on the step
+        norm relative to :math:`\|\theta\| +` xtol, gtol on :math:`\max_j |g_j|` (MINPACK's
+        cosine needs residuals; a model's loss has none). When one fires, ``StepInfo.converged``
+        is True with the ``reason`` and no further try is made: a converged run no longer
+        burns its tries on rejected steps. Set a tolerance to 0 to turn it off.
+
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
     Example
@@ -224,7 +270,7 @@ class Optimizer:
         model: nn.Module,
         loss: Loss | Callable[[Tensor, Tensor], Tensor],
         metric: Metric | None = None,
-        damping: Damping | float = 1e-3,
+        damping: Damping | float | None = None,
         solver: Solver | str = "auto",
         step: StepRule | float | None = None,
         *,
@@ -236,8 +282,11 @@ class Optimizer:
         curvature_batch_size: int | None = None,
         generator: torch.Generator | None = None,
         distributed: DataParallel | bool | None = None,
+        ftol: float = 1e-8,
+        xtol: float = 1e-8,
+        gtol: float = 0.0,
     ) -> None:
-        from .metrics import GGN
+        from .metrics import GGN, Hessian
 
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
@@ -258,9 +307,12 @@ class Optimizer:
             )
         if self.metric.needs_distribution and not self.loss.probabilistic:
             raise self.loss._not_probabilistic(f"the metric {self.metric.name}")
-        self.damping = as_damping(damping)
         self.solver = as_solver(solver)
         self.step_rule = LearningRate(1.0) if step is None else as_step(step)
+        if damping is None:
+            newton_tr = isinstance(self.metric, Hessian) and self.step_rule.adaptive
+            damping = 0.0 if newton_tr else 1e-3
+        self.damping = as_damping(damping)
         for name, val in (("momentum", momentum), ("warm_start", warm_start)):
             if not (isinstance(val, int | float) and 0 <= val < 1):
                 raise ConfigurationError(f"{name} must lie in [0, 1), got {val!r}.")
@@ -283,6 +335,12 @@ class Optimizer:
             raise ConfigurationError(
                 f"curvature_batch_size must be a positive integer, got {curvature_batch_size!r}."
             )
+        for name, val in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
+            if not (isinstance(val, int | float) and not isinstance(val, bool)
+                    and math.isfinite(val) and val >= 0):
+                raise ConfigurationError(
+                    f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}.")
+        self.ftol, self.xtol, self.gtol = float(ftol), float(xtol), float(gtol)
         self.momentum, self.warm_start = float(momentum), float(warm_start)
         self.preconditioner, self.xi = preconditioner, float(xi)
         self.cg_backtracking = bool(cg_backtracking)
@@ -547,6 +605,16 @@ class Optimizer:
                 negative_curvature=False, grad_norm=0.0, step_norm=0.0,
                 directional_derivative=0.0, accepted=False, tries=0,
                 message="zero gradient: theta is a stationary point, no step taken",
+                converged=True, reason="gtol",
+            )
+        if self.gtol > 0 and float(g.abs().max()) <= self.gtol:
+            return StepInfo(
+                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
+                damping=self.damping.value, iterations=0, residual=0.0,
+                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
+                directional_derivative=0.0, accepted=False, tries=0,
+                message=f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
+                converged=True, reason="gtol",
             )
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
             return StepInfo(
@@ -568,7 +636,9 @@ class Optimizer:
         if self.warm_start and self._prev_solution is not None:
             x0 = self.warm_start * self._prev_solution
         reject_increase = self.damping.reject or self.step_rule.reject
-        notes: list[str] = []
+        notes = _Notes()
+        xnorm = float(theta0.norm())
+        reason = ""
         solutions: dict[float, Solution] = {}
         tries = 0
         while True:
@@ -582,24 +652,31 @@ class Optimizer:
                 try:
                     sol = self._solve(damped, -g, self._preconditioner(pre_base, damped.shift),
                                       x0)
-                except SingularMatrixError:
-                    if not (self.damping.adaptive and retry):
+                except SingularMatrixError as err:
+                    if not self.damping.adaptive:
                         raise
+                    # an adaptive rule keeps the raised lambda even after the last try, so the
+                    # next step starts from it (no livelock of restored lambdas)
                     self.damping.raise_for_retry()
-                    notes.append(f"{damped.name} not positive definite: damping raised "
-                                 f"({self.damping!r})")
-                    continue
+                    notes.add("singular", f"{damped.name} not positive definite: damping "
+                                          f"raised ({self.damping!r})")
+                    if retry:
+                        continue
+                    return self._unsolved(value0, gnorm, lam, tries, notes, saved, str(err))
                 if not torch.isfinite(sol.x).all():
                     raise SolverError(
                         f"the solver ({sol.message or self._solver_name(damped)}) returned a "
                         "non-finite direction; raise the damping or use another solver."
                     )
                 if not float(g @ sol.x) < 0:
-                    if self.damping.adaptive and retry:
+                    if self.damping.adaptive:
                         self.damping.raise_for_retry()
-                        notes.append(f"no descent direction at lambda {lam:.3g}: damping "
-                                     f"raised ({self.damping!r})")
-                        continue
+                        notes.add("descent", f"no descent direction at lambda {lam:.3g}: "
+                                             f"damping raised ({self.damping!r})")
+                        if retry:
+                            continue
+                        return self._unsolved(value0, gnorm, lam, tries, notes, saved,
+                                              "no descent direction")
                     raise SolverError(
                         f"the direction is not a descent direction (g^T d = "
                         f"{float(g @ sol.x):.3g} >= 0) for {damped.name}; the matrix is "
@@ -615,7 +692,7 @@ class Optimizer:
                 if float(g @ dm) < 0:
                     d = dm
                 else:
-                    notes.append("momentum restarted (g^T d~ >= 0)")
+                    notes.add("momentum", "momentum restarted (g^T d~ >= 0)")
             direction = d  # what the momentum buffer keeps
             if self._step_scale is not None:  # per-group learning rates (TorchOptimizer)
                 d = self._step_scale * d
@@ -656,8 +733,11 @@ class Optimizer:
                                        "decrease is too small for the model's prediction")
             else:
                 rejected, why = False, ""
-            if rejected and retry:
-                notes.append(f"try {tries} rejected: {why}")
+            if self.ftol > 0 or self.xtol > 0:
+                reason = _converged(self.ftol, self.xtol, value0, actual, predicted, rho,
+                                    float(delta.norm()), xnorm)
+            if rejected and retry and not reason:
+                notes.add("rejected", f"try rejected: {why}")
                 continue
             break
         if loss_new is not None and not math.isfinite(loss_new) and not (
@@ -678,8 +758,10 @@ class Optimizer:
             self.steps += 1
         else:
             self.generator.set_state(saved["generator"])
-            notes.append(f"step rejected: {why}; parameters unchanged")
-        message = "; ".join(m for m in (sol.message, choice.message, *notes) if m)
+            notes.add("step", f"step rejected: {why}; parameters unchanged")
+        if reason:
+            notes.add("converged", f"converged ({reason})")
+        message = "; ".join(m for m in (sol.message, choice.message, *notes.render()) if m)
         return StepInfo(
             loss=value0, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
             damping=lam, iterations=sol.iterations, residual=sol.residual,
@@ -687,6 +769,20 @@ class Optimizer:
             step_norm=float(delta.norm()) if accepted else 0.0, directional_derivative=gdelta,
             accepted=accepted, tries=tries, loss_new=loss_new, actual_reduction=actual, rho=rho,
             evaluations=trials.count, solver=self._solver_name(damped), message=message,
+            converged=bool(reason), reason=reason,
+        )
+
+    def _unsolved(self, value0: float, gnorm: float, lam: float, tries: int, notes: _Notes,
+                  saved: dict, why: str) -> StepInfo:
+        """A step none of whose tries gave a usable direction: rejected, parameters unchanged,
+        lambda left raised."""
+        self.generator.set_state(saved["generator"])
+        notes.add("step", f"step rejected: {why}; parameters unchanged")
+        return StepInfo(
+            loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0, damping=lam,
+            iterations=0, residual=math.inf, negative_curvature=False, grad_norm=gnorm,
+            step_norm=0.0, directional_derivative=0.0, accepted=False, tries=tries,
+            message="; ".join(notes.render()),
         )
 
     @staticmethod

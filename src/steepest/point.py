@@ -449,12 +449,17 @@ class Point(GraphProducts):
         xs = tuple(t[samples] for t in xs)
         theta = self.theta.detach()
 
+        def one(th: Tensor, xi: tuple[Tensor, ...]) -> Tensor:
+            z = f(th, tuple(t.unsqueeze(0) for t in xi))
+            if z.shape[0] != 1:  # outputs not per sample (a residual vector posed as samples)
+                raise ValueError("the model's outputs do not follow its inputs sample by sample")
+            return z
+
         def out(th: Tensor, *xi: Tensor) -> Tensor:
-            return f(th, tuple(t.unsqueeze(0) for t in xi)).reshape(-1)
+            return one(th, xi).reshape(-1)
 
         def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> Tensor:
-            z = f(th, tuple(t.unsqueeze(0) for t in xi))
-            return loss.value(z, yi.unsqueeze(0)).sum()
+            return loss.value(one(th, xi), yi.unsqueeze(0)).sum()
 
         try:
             with sdpa_kernel(SDPBackend.MATH):

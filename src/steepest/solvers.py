@@ -326,11 +326,14 @@ class OwnInverse(Solver):
 
 
 class Auto(Solver):
-    """Chooses per step: the operator's own inverse when it has one (:class:`OwnInverse`:
+    r"""Chooses per step: the operator's own inverse when it has one (:class:`OwnInverse`:
     Diagonal, KFAC, EKFAC); else Woodbury when M has a sample-space factor with fewer rows than
     parameters (R < P, known from ``factor_rows`` without building it) and lambda > 0 (below
     float64 only when P > ``dense_max``: its 1/lambda cancellation loses accuracy); else
-    Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or damped; else CG.
+    Cholesky when P <= ``dense_max`` (default 2000) and M is PSD or damped; a small M that may
+    be indefinite (the Hessian) gets the dense route too, ``Cholesky(indefinite="clip")`` (the
+    eigen-decomposition with :math:`|\mu|` for the eigenvalues when the factorisation fails),
+    rather than CG, which truncates at negative curvature; else CG.
 
     Woodbury costs :math:`O(R^2 P)` per step against :math:`O(R P^2 + P^3)` for the dense
     Cholesky: on a full-batch regression with N = 512 samples and P = 1249 parameters the
@@ -348,11 +351,11 @@ class Auto(Solver):
     def choose(self, a: LinearOperator) -> Solver:
         if a.has_inverse() and a.psd:
             return OwnInverse()
+        small = a.size <= min(self.dense_max, linop.DENSE_LIMIT)
         if not a.psd:
-            return self.cg
+            return Cholesky(indefinite="clip") if small else self.cg
         rows = a.factor_rows if a.has_factor() else None
         positive = a.damping_positive()
-        small = a.size <= min(self.dense_max, linop.DENSE_LIMIT)
         # below float64 a small lambda makes Woodbury's 1/lambda cancellation inaccurate, where
         # Cholesky refuses: there Woodbury is taken only when the dense matrix is too large
         precise = a.dtype == torch.float64 or not small

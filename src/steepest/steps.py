@@ -128,7 +128,11 @@ class TrustRegion(StepRule):
     \alpha_{max})` with ``max_alpha`` = 1 (the full step when it lies inside the region),
     epsilon times ``grow`` when rho > 3/4, times ``shrink`` when rho < 1/4, within
     [eps_min, eps_max], and a step that raised the loss is rejected by the optimizer and retried
-    with the smaller radius (at most ``max_tries`` solves).
+    with the smaller radius (at most ``max_tries`` solves). The adaptive radius is scale-free
+    (as MINPACK's, relative to the problem's own scale): eps, eps_min and eps_max are fractions
+    of the length :math:`\sqrt{d_0^T (M+\lambda I) d_0}` of the first full step, measured at
+    the first step (``relative=False`` keeps them absolute). Minimising :math:`10^{16} x^2`
+    from x = 1 with Newton and eps = 1 takes one step.
 
     Parameters
     ----------
@@ -139,6 +143,7 @@ class TrustRegion(StepRule):
     max_alpha: the cap on alpha; default None: 1 when adaptive, none otherwise (always on the
         boundary, as in problem (1))
     max_tries: solves per optimizer step when adaptive (rejected steps are retried)
+    relative: when adaptive, eps and its bounds are relative to the first step (default True)
 
     >>> TrustRegion(eps=0.1)                  # the paper's step, on the boundary
     >>> TrustRegion(eps=1.0, adaptive=True)   # classical trust region
@@ -146,7 +151,8 @@ class TrustRegion(StepRule):
 
     def __init__(self, eps: float = 0.1, adaptive: bool = False, grow: float = 2.0,
                  shrink: float = 0.25, eps_min: float = 1e-12, eps_max: float = 1e6,
-                 max_alpha: float | None = None, max_tries: int = 20) -> None:
+                 max_alpha: float | None = None, max_tries: int = 20,
+                 relative: bool = True) -> None:
         _positive("TrustRegion", eps=eps, grow=grow, shrink=shrink, eps_min=eps_min,
                   eps_max=eps_max)
         if not eps_max <= _MAX_RADIUS:
@@ -174,11 +180,20 @@ class TrustRegion(StepRule):
         self.max_alpha = float(max_alpha)
         self.reject = self.adaptive
         self.max_tries = int(max_tries) if self.adaptive else 1
+        self.relative = bool(relative) and self.adaptive
+        self.scale = 0.0  # the first full step's length once measured (relative radius)
 
     def __repr__(self) -> str:
         return f"TrustRegion(eps={self.eps:g}, adaptive={self.adaptive})"
 
     def choose(self, ctx: StepContext) -> StepChoice:
+        if self.relative and self.scale == 0:
+            length = math.sqrt(ctx.dAd)
+            if math.isfinite(length) and length > 0:
+                self.scale = length
+                self.eps = min(self.eps * length, _MAX_RADIUS)
+                self.eps_min = min(self.eps_min * length, _MAX_RADIUS)
+                self.eps_max = min(self.eps_max * length, _MAX_RADIUS)
         return StepChoice(min(self.eps / math.sqrt(ctx.dAd), self.max_alpha))
 
     def update(self, rho: float) -> None:
@@ -190,10 +205,14 @@ class TrustRegion(StepRule):
             self.eps = min(self.eps * self.grow, self.eps_max)
 
     def state_dict(self) -> dict:
-        return {"eps": self.eps}
+        return {"eps": self.eps, "scale": self.scale, "eps_min": self.eps_min,
+                "eps_max": self.eps_max}
 
     def load_state_dict(self, state: dict) -> None:
         self.eps = float(state["eps"])
+        for key in ("scale", "eps_min", "eps_max"):
+            if key in state:
+                setattr(self, key, float(state[key]))
 
 
 class Armijo(StepRule):
