@@ -201,13 +201,15 @@ def html_report(result: Comparison, images: dict[str, bytes]) -> str:
 
 
 # ---------------------------------------------------------------------------- files
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None and keys as strings (strict JSON; the RL report
+    uses it too)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -255,7 +257,7 @@ def write(result: Comparison, out: str | os.PathLike) -> list[str]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         (tmp / "results.json").write_text(
-            json.dumps(_clean(result.to_dict()), indent=1, allow_nan=False) + "\n")
+            json.dumps(json_safe(result.to_dict()), indent=1, allow_nan=False) + "\n")
         plots.plot_time(result, tmp / "loss_vs_time.png")
         plots.plot_iterations(result, tmp / "loss_vs_iterations.png")
         images = {"Training loss and test metric against step time":

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compare.report import json_safe
 from .runner import Results
 
 FILES = ("results.json", "return_vs_steps.png", "return_vs_time.png", "report.html")
@@ -229,15 +230,6 @@ mean of the last 10 training episodes; wall time is the time in the runs' iterat
 """
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
-
 
 def write(res: Results, out: str | os.PathLike) -> list[str]:
     """Write :data:`FILES` into the directory ``out`` (created if needed)."""
@@ -249,7 +241,7 @@ def write(res: Results, out: str | os.PathLike) -> list[str]:
         tmp.write_bytes(data)
         os.replace(tmp, dest / name)
 
-    doc = _clean({**res.to_dict(), "sentence": sentence(res)})
+    doc = json_safe({**res.to_dict(), "sentence": sentence(res)})
     put("results.json", (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
     images = {}
     for name, x, title in (
