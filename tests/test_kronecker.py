@@ -659,3 +659,30 @@ def test_capture_forward_sees_the_point_dropout_masks():
     assert len(seen) >= 3  # the point, the capture, the trial
     assert all(torch.equal(s, seen[0]) for s in seen)
     assert not seen[0].all()  # Dropout really dropped something
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_a_replaced_layer_restarts_the_running_factors(cls):
+    """Issue 9 with K-FAC's running state: after a layer is replaced by one of another width the
+    optimizer follows the new parameters, warns, and the metric starts its factors afresh (the
+    old EMA factors do not fit the new layers; before, the next step raised a raw size error)."""
+    from steepest.errors import ParameterChangeWarning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(16, 3, generator=seeded(60), dtype=F64)
+    y = torch.randn(16, 2, generator=seeded(61), dtype=F64)
+    metric = cls(GGN(), ema=0.9)
+    opt = steepest.Optimizer(net, MSE(), metric=metric,
+                             damping=steepest.LevenbergMarquardt(1e-2))
+    for _ in range(2):
+        opt.step(x, y)
+    assert metric.state_dict()["refreshes"] >= 2
+    net[2] = nn.Linear(5, 4).double()
+    net.add_module("3", nn.Linear(4, 2).double())
+    with pytest.warns(ParameterChangeWarning):
+        info = opt.step(x, y)
+    assert torch.isfinite(torch.tensor(info.loss))
+    assert metric.state_dict()["refreshes"] == 1  # one refresh since the reset
+    after = opt.step(x, y)
+    assert after.loss <= info.loss or not after.accepted

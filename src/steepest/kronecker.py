@@ -526,6 +526,14 @@ class KFAC(Metric):
         )
 
     # ------------------------------------------------------------------ state
+    def parameters_changed(self) -> None:
+        """Forget the running factors, eigendecompositions and counters: the optimizer calls
+        this when the model's trainable parameters change layout (a layer frozen, unfrozen or
+        replaced), since factors of the old layers do not fit the new ones. The next
+        :meth:`operator` call starts afresh, as the first one did."""
+        self._state = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
+        self._inverse_cache = None
+
     def state_dict(self) -> dict:
         """Running factors, eigendecompositions and counters (for bit-for-bit resume)."""
         return _clone(self._state)

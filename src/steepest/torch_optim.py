@@ -621,8 +621,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         inner.space = _ClosureSpace(params)
         inner._prev_solution = inner._momentum_buffer = None
         inner.damping.parameters_changed()
+        reset = getattr(inner.metric, "parameters_changed", None)  # a metric with state (KFAC)
+        if reset is not None:
+            reset()
         note = (f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
-                "followed; the previous solution, momentum buffer and damping scaling were reset")
+                "followed; the previous solution, momentum buffer, damping scaling and the "
+                "metric's running state were reset")
         if warn:
             warnings.warn(note, ParameterChangeWarning, stacklevel=4)
         return note
