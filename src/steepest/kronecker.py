@@ -774,6 +774,12 @@ class KFAC(Metric):
                 out[:, st.offsets[i] : st.offsets[i + 1]] = st.piece(rows, i) / (others[i] + lam)
             return out[0] if b.ndim == 1 else out.T
 
+        return self._linop(mm, diag, inverse, point, size, dt, dev,
+                           exact=current and not factored)
+
+    def _linop(self, mm, diag, inverse, point, size, dt, dev, exact: bool) -> LinearOperator:
+        """The operator of products ``mm`` (columns), ``diag`` and the own ``inverse`` (rescaled
+        when asked, then never exact), shared by KFAC and EKFAC."""
         return LinearOperator(
             lambda v: mm(v.unsqueeze(1)).squeeze(1),
             size,
@@ -784,7 +790,7 @@ class KFAC(Metric):
             psd=self._psd(),
             name=self._name(),
             inverse=self._rescaled(inverse, point),
-            inverse_exact=current and not factored and self.rescale is None,
+            inverse_exact=exact and self.rescale is None,
         )
 
     def _rescaled(self, inverse, point):
@@ -936,18 +942,7 @@ class EKFAC(KFAC):
                 out[0, st.offsets[i] : st.offsets[i + 1]] = others[i]
             return out[0]
 
-        return LinearOperator(
-            lambda v: mm(v.unsqueeze(1)).squeeze(1),
-            size,
-            dt,
-            dev,
-            matmat=mm,
-            diagonal=diag,
-            psd=self._psd(),
-            name=self._name(),
-            inverse=self._rescaled(inverse, point),
-            inverse_exact=self.rescale is None,
-        )
+        return self._linop(mm, diag, inverse, point, size, dt, dev, exact=True)
 
     def scalings(self) -> dict:
         """The current per-layer scalings s (grp, o, d), keyed by (weight index, bias index)."""
