@@ -530,6 +530,8 @@ def test_attention_modules_not_called_get_the_exact_diagonal():
     end = sum(s for n, s in zip(names, sizes) if n.startswith("att."))
     assert rel_err(op.diagonal()[:end], dense.diagonal()[:end]) < 1e-12
     assert bool((op.diagonal()[:end] > 0).any())
+
+
 def test_signed_ggn_own_inverse_inverts_the_operator():
     """GGN with GaussianNLL at large residuals: H_L is indefinite, G is signed; the own
     inverse (flagged exact) must invert the operator ``@`` applies (no clamped eigenvalues)."""
@@ -672,9 +674,8 @@ def test_a_replaced_layer_restarts_the_running_factors(cls):
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x = torch.randn(16, 3, generator=seeded(60), dtype=F64)
     y = torch.randn(16, 2, generator=seeded(61), dtype=F64)
-    metric = cls(GGN(), ema=0.9)
-    opt = steepest.Optimizer(net, MSE(), metric=metric,
-                             damping=steepest.LevenbergMarquardt(1e-2))
+    metric = cls(GGN(), ema=0.9, T_cov=1, T_inv=1)
+    opt = steepest.Optimizer(net, MSE(), metric=metric, damping=steepest.LevenbergMarquardt(1e-2))
     for _ in range(2):
         opt.step(x, y)
     assert metric.state_dict()["refreshes"] >= 2
