@@ -547,8 +547,13 @@ class KFAC(Metric):
         self._inverse_cache = None
 
     def state_dict(self) -> dict:
-        """Running factors, eigendecompositions and counters (for bit-for-bit resume)."""
-        return _clone(self._state)
+        """Running factors, eigendecompositions and counters (for bit-for-bit resume). The
+        dicts are new, the tensors the metric's own, as in ``torch.optim``'s ``state_dict``:
+        the metric never changes a tensor of its state in place (every refresh makes new
+        ones), so what this returns keeps its values while training goes on; do not write into
+        its tensors. (The optimizer's rollback snapshot copies them once per step; a clone
+        here would copy them twice.)"""
+        return _structure_copy(self._state)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved."""
@@ -880,6 +885,15 @@ class KFAC(Metric):
 
     def _name(self) -> str:
         return f"{type(self).__name__}({self.base.name})"
+
+
+def _structure_copy(x):
+    """New dicts, lists and tuples around the same tensors."""
+    if isinstance(x, dict):
+        return {k: _structure_copy(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_structure_copy(v) for v in x)
+    return x
 
 
 def _clone(x):
