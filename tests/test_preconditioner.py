@@ -202,3 +202,20 @@ def test_all_finite():
         t = torch.arange(5.0)
         t[3] = bad
         assert not all_finite(t)
+
+
+def test_recorder_stays_out_of_torch_func():
+    """A model with K-FAC's recording hooks still runs under torch.func (vmap of grad), and
+    records nothing there (no hook on functorch tensors)."""
+    model = net()
+    pre = Preconditioner(model, CrossEntropy())
+    x, y = data(6)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        z = torch.func.functional_call(model, p, (xi[None],))
+        return F.cross_entropy(z, yi[None])
+
+    per = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
+    assert per["0.weight"].shape == (6, 8, 4)
+    assert pre._recorder.records == {}

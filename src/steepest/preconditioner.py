@@ -78,7 +78,8 @@ class Preconditioner:
         generator: torch.Generator | None = None,
         distributed: DataParallel | bool | None = None,
     ) -> None:
-        from .kronecker import EKFAC, KFAC, _GradientRecorder
+        from .kronecker import EKFAC, KFAC
+        from .kronecker_capture import _GradientRecorder
 
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
