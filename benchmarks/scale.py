@@ -652,6 +652,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="*", default=["cost", "closure", "autoencoder", "agreement"])
     ap.add_argument("--budget", type=float, default=None, help="autoencoder seconds per run")
     ap.add_argument("--window", type=int, default=100, help="steps per amortised timing")
+    ap.add_argument("--repeats", type=int, default=None, help="step-cost repeats (3; quick 2)")
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
     ap.add_argument("--merge", default=None, help="a JSON whose step_cost entries to keep")
     ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
@@ -688,7 +689,7 @@ def main() -> None:
         res["step_cost"] = kept | step_costs(
             [m for m in args.models if m not in kept],
             window=args.window,
-            repeats=2 if args.quick else 3,
+            repeats=args.repeats or (2 if args.quick else 3),
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)

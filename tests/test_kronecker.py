@@ -425,17 +425,28 @@ def test_refresh_schedule_and_ema():
         for _ in range(3)
     ]
     metric = KFAC(GGN(), ema=0.95, T_cov=2, T_inv=4)
-    fresh = [KFAC(GGN()) for _ in batches]
-    A = []
+    fresh = [KFAC(GGN(), ema=None, T_cov=1, T_inv=1) for _ in batches]
+    A, dense = [], []
     for (x, y), f in zip(batches, fresh):
         op = metric.operator(Point(model, MSE(), x, y))
-        f.operator(Point(model, MSE(), x, y))
+        dense.append(f.operator(Point(model, MSE(), x, y)).to_dense())
         A.append(next(iter(f.state_dict()["factors"]["blocks"].values()))[0])
     got = next(iter(metric.state_dict()["factors"]["blocks"].values()))[0]
     # calls 0 and 2 refresh; eps = min(1 - 1/2, 0.95) at the second refresh
     assert rel_err(got, 0.5 * A[0] + 0.5 * A[2]) < 1e-14
-    # the inverse was computed at call 0 only: stale, so flagged inexact
-    assert not op.inverse_exact
+    # the eigendecomposition was computed at call 0 only: until call 4 the operator is the
+    # matrix decomposed then (batch 0's), so its own inverse is exact for it
+    assert rel_err(op.to_dense(), dense[0]) < 1e-14 and op.inverse_exact
+    damped = op + 1e-2
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    assert rel_err(damped @ damped.solve(b), b) < 1e-13
+    op = metric.operator(Point(model, MSE(), *batches[0]))  # call 3: the same matrix
+    assert rel_err(op.to_dense(), dense[0]) < 1e-14
+    op = metric.operator(Point(model, MSE(), *batches[1]))  # call 4: refresh and decompose
+    state = metric.state_dict()
+    key = next(iter(state["factors"]["blocks"]))
+    assert all(a is b for a, b in zip(state["eig_factors"][key], state["factors"]["blocks"][key]))
+    assert rel_err(op.to_dense(), dense[0]) > 1e-3 and op.inverse_exact
 
 
 def test_bad_configuration_named():

@@ -353,6 +353,12 @@ class KFAC(Metric):
             grp, o, d = dims[key]
             if qa.shape != (grp, d, d) or qg.shape != (grp, o, o):
                 fail(f"eigendecomposition {key} does not fit its block")
+        for key, (A, G) in (state.get("eig_factors") or {}).items():
+            if key not in dims or (G.shape, A.shape) != (
+                (dims[key][0], dims[key][1], dims[key][1]),
+                (dims[key][0], dims[key][2], dims[key][2]),
+            ):
+                fail(f"the decomposed factors {key} do not fit their block")
         for key, sc in state.get("scalings", {}).items():
             if key not in dims or tuple(sc.shape) != dims[key][:1] + (dims[key][1], dims[key][2]):
                 fail(f"scalings {key} do not fit their block")
@@ -399,10 +405,14 @@ class KFAC(Metric):
         return new, fresh
 
     def _eigen(self, calls: int, point) -> bool:
-        """Recompute the eigendecompositions when due; returns whether they match the
-        current factors."""
+        """Recompute the eigendecompositions when due (every ``T_inv`` calls, and whenever the
+        layers changed); returns whether they match the current factors."""
         st = self._state
-        due = st["eig"] is None or calls % self.T_inv == 0
+        due = (
+            st["eig"] is None
+            or calls % self.T_inv == 0
+            or set(st["eig"]) != set(st["factors"]["blocks"])
+        )
         if due:
             blocks = st["factors"]["blocks"]
             eig_g = _eigh_signed if st.get("signed", False) else _eigh
@@ -418,6 +428,7 @@ class KFAC(Metric):
             else:
                 st["eig"] = {key: (*_eigh(A), *eig_g(G)) for key, (A, G) in blocks.items()}
             st["eig_refresh"] = st["refreshes"]
+            st["eig_factors"] = blocks  # the factors decomposed (never changed in place)
         return st.get("eig_refresh") == st["refreshes"] and set(st["eig"]) == set(
             st["factors"]["blocks"]
         )
@@ -435,7 +446,18 @@ class KFAC(Metric):
         self._refresh(point)
         current = self._eigen(calls, point)
         fac = self._state["factors"]
-        blocks = [_Block(wi, bi, A, G) for (wi, bi), (A, G) in fac["blocks"].items()]
+        # K-FAC's matrix between eigendecompositions is the one decomposed last (G_e (x) A_e):
+        # its own inverse is then exact, and @, diagonal(), to_dense() and the quadratic model
+        # of the step describe the matrix the step inverts; the running factors refreshed
+        # every T_cov calls enter at the next eigendecomposition (as in kfac-pytorch). A state
+        # saved before this (no "eig_factors") keeps the current factors, flagged inexact
+        decomposed = self._state.get("eig_factors")
+        if decomposed is not None:
+            current = True
+        blocks = [
+            _Block(wi, bi, A, G)
+            for (wi, bi), (A, G) in (fac["blocks"] if decomposed is None else decomposed).items()
+        ]
         st = self._structure(point, blocks)
         eig = self._state["eig"]
         eigs = [eig[(b.wi, b.bi)] for b in blocks]
