@@ -13,12 +13,14 @@ one step (after warm-up steps; several repeats) divided by the median time of on
 - ``cnn-bn``: the digits CNN with BatchNorm2d after each convolution (training mode).
 
 Rows: ``KFAC`` through ``steepest.Optimizer`` (LevenbergMarquardt, the step evaluates the loss
-at the trial point for rho) at T_cov = T_inv = 1 and at a practice setting (T_cov = T_inv =
-10, ema = 0.95, factored damping) amortised over windows of 10 or 20 steps, each holding one
-refresh of the factors and of their eigendecompositions; ``KFAC preconditioner + SGD`` (the
-kfac-pytorch pattern: the user's backward, then ``Preconditioner.step``), same two settings;
-and, where installed (``bench`` extra), curvlinops' ``KFACLinearOperator`` + its inverse
-(rebuilt every step: it has no running averages) + SGD.
+at the trial point for rho) and through ``steepest.TorchOptimizer`` at the defaults (``KFAC()``:
+ema 0.95, T_cov = 10, T_inv = 100), timed over windows of ``--window`` = 100 steps (one
+eigendecomposition, ten refreshes), and at T_cov = T_inv = 1 without EMA (windows of 10);
+``KFAC preconditioner + SGD`` (the kfac-pytorch pattern: the user's backward, then
+``Preconditioner.step``; factored damping, the preconditioner's default), same two settings;
+and the peers where installed (``bench`` extra): curvlinops' ``KFACLinearOperator`` + its
+inverse and nngeometry's ``PMatKFAC`` + ``solvePVec`` (both rebuilt every step: no running
+averages) + SGD, ASDL's ``KfacGradientMaker`` on our schedule + SGD, singd's ``SINGD``.
 
 Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
 digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
@@ -35,7 +37,8 @@ written into the JSON; read ratios, not seconds.
 
 Usage::
 
-    python benchmarks/scale.py --out benchmarks/results/scale.json [--quick]
+    python benchmarks/scale.py --parts agreement cost closure --repeats 2 \
+        --out benchmarks/results/scale.json [--quick]
 """
 
 from __future__ import annotations
