@@ -52,7 +52,18 @@ class Preconditioner:
     model: the module whose trainable parameters' ``.grad`` are preconditioned
     loss: the per-sample loss :math:`l(y, z)` (a :class:`~steepest.losses.Loss`) the metric
         is built from
-    metric: any metric; default ``KFAC()`` (Fisher with one sampled label per input)
+    metric: any metric; default ``KFAC(damping="factored")`` (Fisher with one sampled label
+        per input; factors every 10 steps as running averages, eigendecompositions every 100;
+        Martens & Grosse's factored Tikhonov damping, whose inverse is a Kronecker product,
+        since lambda is fixed here and no quadratic model asks for the exact damped matrix).
+        With ``KFAC`` (not ``EKFAC``) forward hooks on the model's ``Linear`` layers record the
+        inputs :math:`\bar a` and output gradients g of the user's own backward; when ``.grad``
+        of a layer is their :math:`g^T\bar a` (checked each step by two random probes) and
+        cheaper so, its block is :math:`(G^{-1} g^T)(\bar a A^{-1})`,
+        :math:`O(R(o^2 + d^2 + od))` for R rows instead of :math:`O(o^2 d + o d^2)`; any other
+        ``.grad`` (weight decay added, accumulated micro-batches) gets the dense product, the
+        same value. ``metric.fast_blocks`` counts the blocks of the last step done so;
+        :meth:`remove_hooks` turns the recording off
     damping: :math:`\lambda > 0`, a float
     solver: ``"auto"`` (the metric's own inverse when it has one) or a solver
     generator: the ``torch.Generator`` for sampled labels (seeded 0 if None)
