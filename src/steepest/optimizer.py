@@ -55,9 +55,10 @@ from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GradientCovariance, Metric
 from .params import ParamSpace
-from .point import ForwardGuard, Inputs, Point, evaluate
+from .point import ForwardGuard, Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, as_solver
 from .steps import LearningRate, StepContext, StepRule, as_step
+from .trials import Batch, NextPoint, Trials, l2_penalty
 
 _BACKTRACK_GAMMA = 1.3  # Martens 2010 section 4.6: keep CG iterates at ceil(1.3^j)
 
@@ -76,6 +77,12 @@ class StepInfo:
         last solve
     accepted: whether theta moved; tries: solves made (> 1 after rejected tries)
     evaluations: forward passes for the loss/KL at trial points (line search, rho, backtracking)
+    nfev: loss evaluations of the step, MINPACK's nfev: the forward at theta (0 when the
+        previous step's accepted trial is reused, see :class:`Optimizer` ``reuse``) plus
+        ``evaluations``; summed over steps, the count scipy's ``least_squares`` reports
+    njev: derivative evaluations, MINPACK's njev: the points whose gradient and curvature
+        were taken (1, plus 1 for a curvature batch or sub-batch); the work inside one (a
+        backward, per-sample Jacobians by vmap, K-FAC's capture pass) is not counted apart
     converged: whether a stopping rule of the optimizer fired on this step (MINPACK's, see
         :class:`Optimizer` ``ftol``/``xtol``/``gtol``); then no further tries were made
     reason: which: ``"ftol"``, ``"xtol"``, ``"ftol and xtol"``, ``"gtol"``, or ``""``
@@ -99,6 +106,8 @@ class StepInfo:
     actual_reduction: float | None = None
     rho: float | None = None
     evaluations: int = 0
+    nfev: int = 0
+    njev: int = 0
     solver: str = ""
     message: str = ""
     converged: bool = False
@@ -135,11 +144,6 @@ def _converged(ftol: float, xtol: float, value0: float, actual: float | None,
     return " and ".join(n for n, on in (("ftol", f), ("xtol", x)) if on)
 
 
-def _l2_penalty(eta: Tensor, theta: Tensor) -> float:
-    r""":math:`\tfrac12 \sum_j \eta_j \theta_j^2`."""
-    return 0.5 * float((eta * theta * theta).sum())
-
-
 def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
     r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
     as damping: the quadratic model and the damping rules see it in M."""
@@ -150,50 +154,6 @@ def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
         diagonal=lambda: op.diagonal() + eta,
         psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
     )
-
-
-class _Trials:
-    """Loss and outputs at theta0 + delta, memoised (a rule, rho and CG backtracking often ask
-    for the same point)."""
-
-    def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
-                 point: Point | None = None, l2: Tensor | None = None) -> None:
-        self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
-        self.theta0, self.z0, self.l2 = theta0, z0, l2
-        self.guard = guard or ForwardGuard()
-        # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
-        self.distributed = None if point is None else point.distributed
-        self.weight = 1.0 if point is None else point.n / point.n_total
-        self.count = 0
-        self._memo: list[tuple[Tensor, float, Tensor]] = []
-
-    def _eval(self, delta: Tensor) -> tuple[float, Tensor]:
-        for d, value, z in self._memo:
-            if torch.equal(d, delta):
-                return value, z
-        with self.guard.trial():  # the point's buffers and Dropout masks, never written
-            value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
-                                self.theta0 + delta)
-        if self.l2 is not None:
-            value += _l2_penalty(self.l2, self.theta0 + delta)
-        value = value if math.isfinite(value) else math.inf
-        if self.distributed is not None:
-            value = self.distributed.scalar(value, self.weight)
-        self.count += 1
-        self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
-        return value, z
-
-    def loss_at(self, delta: Tensor) -> float:
-        return self._eval(delta)[0]
-
-    def kl_at(self, delta: Tensor) -> float:
-        _, z = self._eval(delta)
-        kl = float(self.loss.kl(self.z0, z).mean())
-        kl = kl if math.isfinite(kl) else math.inf
-        if self.distributed is not None:
-            kl = self.distributed.scalar(kl, self.weight)
-        return kl
 
 
 class Optimizer:
@@ -253,6 +213,22 @@ class Optimizer:
         is True with the ``reason`` and no further try is made: a converged run no longer
         burns its tries on rejected steps. Set a tolerance to 0 to turn it off.
 
+    reuse: when a step is accepted, its trial's forward at :math:`\theta + \delta` becomes the
+        next step's point (:class:`~steepest.point.Point` built on that forward's autograd
+        graph, :mod:`steepest.trials`) instead of a new forward, as MINPACK reuses the accepted
+        trial's residuals: one loss evaluation fewer per step (``StepInfo.nfev``). The trials
+        then keep their graph (the last one only: one extra set of activations in memory), and
+        only while the batch is the previous step's (a full-batch fit; mini-batches keep none).
+        The next step reuses it only when it sees the same batch (the same tensor objects,
+        unmodified: identity and ``_version``), loss, training flags and buffers, and
+        parameters equal to the trial's bit for bit, and when the trial's forward drew no
+        random numbers and wrote no buffer (Dropout or BatchNorm in training mode never reuse):
+        then the point is bit for bit the fresh one, and so is the run, also across
+        ``state_dict`` / ``load_state_dict`` (the kept forward is not state: a loaded or resumed
+        optimizer evaluates its first point afresh, with the same result). Off under
+        torch.distributed and in :class:`~steepest.TorchOptimizer` (a closure may compute
+        anything), and after a failed step. Default True; False evaluates every point afresh.
+
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
     Example
@@ -285,6 +261,7 @@ class Optimizer:
         ftol: float = 1e-8,
         xtol: float = 1e-8,
         gtol: float = 0.0,
+        reuse: bool = True,
     ) -> None:
         from .metrics import GGN, Hessian
 
@@ -341,6 +318,13 @@ class Optimizer:
                 raise ConfigurationError(
                     f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}.")
         self.ftol, self.xtol, self.gtol = float(ftol), float(xtol), float(gtol)
+        if not isinstance(reuse, bool):
+            raise ConfigurationError(f"reuse must be True or False, got {reuse!r}.")
+        self.reuse = reuse
+        self._next: NextPoint | None = None  # the accepted trial's forward, for the next step
+        self._batch: Batch | None = None  # the previous step's batch
+        self._keep_graph = False  # this step's trials keep their graph
+        self._points = 1  # points whose derivatives this step took (StepInfo.njev)
         self.momentum, self.warm_start = float(momentum), float(warm_start)
         self.preconditioner, self.xi = preconditioner, float(xi)
         self.cg_backtracking = bool(cg_backtracking)
@@ -358,6 +342,14 @@ class Optimizer:
         self._step_scale: Tensor | None = None
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the kept forward of ``reuse`` (an autograd graph, not
+        state) and the weak references to the previous batch: a copy evaluates its first point
+        afresh, with the same result."""
+        state = self.__dict__.copy()
+        state["_next"] = state["_batch"] = None
+        return state
 
     @property
     def max_tries(self) -> int:
@@ -390,6 +382,7 @@ class Optimizer:
         :class:`~steepest.errors.ConfigurationError` before anything changes.
         """
         self._check_state(state)
+        self._next = None  # another run's state: the next step evaluates its point afresh
         before = copy.deepcopy(self.state_dict())
         try:
             self._load_state(state)
@@ -476,17 +469,31 @@ class Optimizer:
         saved = copy.deepcopy(self.state_dict())  # its generator state is the shared one
         space0, theta0 = self.space, None
         guard = ForwardGuard(getattr(self, "model", None))
+        kept, self._next = self._next, None  # the previous step's accepted trial, if any
         with guard:
             try:
                 note = self._follow_parameters()
                 if self.distributed is not None:  # independent samples per rank, one state
                     self._sampler = self.distributed.generator(self.generator)
-                point = self.point(inputs, targets)  # validates; raises before any change
+                reused = kept is not None and not note and kept.matches(
+                    self.space, self.loss, inputs, targets)
+                if reused:  # the forward at theta was the accepted trial's: no new one
+                    point = Point(self.space, self.loss, inputs, targets,
+                                  generator=self._sampler, graph=kept.graph)
+                else:
+                    point = self.point(inputs, targets)  # validates; raises before any change
                 guard.point_done()
                 theta0 = point.theta.detach().clone()
                 self._guard = guard
+                # keep trial graphs when the batch is the previous step's (a full-batch fit):
+                # not for mini-batches, whose next step sees another batch
+                self._keep_graph = self._reuses() and (
+                    self._batch is None or self._batch.same(inputs, targets))
+                self._batch = Batch(inputs, targets) if self._reuses() else None
+                self._points = 1
                 info = self._step(point, inputs, targets, curvature, theta0, saved)
             except BaseException:
+                self._next = None
                 if theta0 is not None:
                     self.space.set(theta0)
                 self.space = space0
@@ -495,10 +502,17 @@ class Optimizer:
                 raise
             finally:
                 self._guard = None
+        info = dataclasses.replace(info, nfev=int(not reused) + info.evaluations,
+                                   njev=self._points)
         if note:
             info = dataclasses.replace(info, message="; ".join(m for m in (note, info.message)
                                                                if m))
         return info
+
+    def _reuses(self) -> bool:
+        """Whether this optimizer may reuse the accepted trial's forward (``reuse`` on, one
+        process, its own Point: a closure point (TorchOptimizer) may compute anything)."""
+        return self.reuse and self.distributed is None and type(self).point is Optimizer.point
 
     def _follow_parameters(self) -> str:
         """Follow a change of the model's trainable parameters since the last step (a layer
@@ -532,6 +546,7 @@ class Optimizer:
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
         guard = self._guard or ForwardGuard()
         if curvature is not None:
+            self._points += 1
             with guard.trial():  # a forward like a trial's: buffers untouched
                 return Point(self.space, self.loss, curvature[0], curvature[1],
                              generator=self._sampler, distributed=self.distributed)
@@ -544,6 +559,7 @@ class Optimizer:
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
+        self._points += 1
         with guard.trial():
             return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
                          distributed=self.distributed)
@@ -595,7 +611,7 @@ class Optimizer:
               saved: dict) -> StepInfo:
         value0, g = point.value, point.grad
         if self._l2 is not None:  # weight decay: L + 1/2 sum_j eta_j theta_j^2 (TorchOptimizer)
-            value0 = value0 + _l2_penalty(self._l2, theta0)
+            value0 = value0 + l2_penalty(self._l2, theta0)
             g = g + self._l2 * theta0
         gnorm = float(g.norm())
         if gnorm == 0:
@@ -629,8 +645,8 @@ class Optimizer:
         op = self._operator(self.metric, cpoint)
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
             op = _plus_diagonal(op, self._l2)
-        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                         self._guard, point, self._l2)
+        trials = Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
+                        self._guard, point, self._l2, keep_graph=self._keep_graph)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
@@ -752,6 +768,9 @@ class Optimizer:
             )
         accepted = not rejected
         if accepted:
+            graph = trials.graph_at(delta)
+            if graph is not None:  # the next step's point, if it sees the same batch
+                self._next = NextPoint(graph, self.model, self.loss, inputs, targets)
             self.space.set(theta0 + delta)
             self._prev_solution = sol.x.detach().clone()
             self._momentum_buffer = direction.detach().clone() if self.momentum else None
