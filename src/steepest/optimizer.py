@@ -11,6 +11,13 @@ through the reduction ratio :math:`\rho = (L(\theta) - L(\theta+\delta)) / (q(0)
 accepts or rejects the step, updates lambda (:mod:`steepest.damping`) and the trust radius
 (:mod:`steepest.steps`), and returns a frozen :class:`StepInfo`.
 
+The step's pieces that are concepts of their own live apart, each imported one way (none
+imports this module): :mod:`steepest.stepinfo` (what a step reports, MINPACK's convergence
+tests), :mod:`steepest.trials` (the loss at trial points, the accepted trial's forward kept for
+the next step), :mod:`steepest.hessian_free` (Martens 2010's CG preconditioners and
+backtracking), :mod:`steepest.state` (a saved state checked before loading, a change of the
+parameter set followed).
+
 Guarantees
 ----------
 - Validation happens before a parameter is touched.
@@ -37,7 +44,6 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -51,97 +57,17 @@ from .errors import (
     SingularMatrixError,
     SolverError,
 )
+from .hessian_free import backtrack_iterates, keeping_iterates, preconditioner
 from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GradientCovariance, Metric
 from .params import ParamSpace
 from .point import ForwardGuard, Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, as_solver
+from .state import check_state, follow_parameters
+from .stepinfo import Notes, StepInfo, converged
 from .steps import LearningRate, StepContext, StepRule, as_step
 from .trials import Batch, NextPoint, Trials, l2_penalty
-
-_BACKTRACK_GAMMA = 1.3  # Martens 2010 section 4.6: keep CG iterates at ceil(1.3^j)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What one step did (scipy-style result).
-
-    loss: L(theta) before the step; loss_new: L(theta + delta) (None when no step was tried)
-    alpha: the step size; delta = alpha d
-    predicted_reduction: q(0) - q(delta) = -(g^T delta + 1/2 delta^T M delta), M undamped
-    actual_reduction: L(theta) - L(theta + delta); rho: actual / predicted (-inf when the model
-        predicts no decrease or the new loss is not finite)
-    quad_form: delta^T (M + lambda I) delta
-    damping: lambda of the last try; iterations, residual, negative_curvature, solver: from the
-        last solve
-    accepted: whether theta moved; tries: solves made (> 1 after rejected tries)
-    evaluations: forward passes for the loss/KL at trial points (line search, rho, backtracking)
-    nfev: loss evaluations of the step, MINPACK's nfev: the forward at theta (0 when the
-        previous step's accepted trial is reused, see :class:`Optimizer` ``reuse``) plus
-        ``evaluations``; summed over steps, the count scipy's ``least_squares`` reports
-    njev: derivative evaluations, MINPACK's njev: the points whose gradient and curvature
-        were taken (1, plus 1 for a curvature batch or sub-batch); the work inside one (a
-        backward, per-sample Jacobians by vmap, K-FAC's capture pass) is not counted apart
-    converged: whether a stopping rule of the optimizer fired on this step (MINPACK's, see
-        :class:`Optimizer` ``ftol``/``xtol``/``gtol``); then no further tries were made
-    reason: which: ``"ftol"``, ``"xtol"``, ``"ftol and xtol"``, ``"gtol"``, or ``""``
-    message: what happened, of bounded length (rejected tries are counted, not listed)
-    """
-
-    loss: float
-    alpha: float
-    predicted_reduction: float
-    quad_form: float
-    damping: float
-    iterations: int
-    residual: float
-    negative_curvature: bool
-    grad_norm: float
-    step_norm: float
-    directional_derivative: float  # g^T delta, < 0 for a descent step
-    accepted: bool
-    tries: int
-    loss_new: float | None = None
-    actual_reduction: float | None = None
-    rho: float | None = None
-    evaluations: int = 0
-    nfev: int = 0
-    njev: int = 0
-    solver: str = ""
-    message: str = ""
-    converged: bool = False
-    reason: str = ""
-
-
-class _Notes:
-    """The notes of one step, each kind once with a count (so ``StepInfo.message`` stays short
-    however many tries a step makes)."""
-
-    def __init__(self) -> None:
-        self._notes: dict[str, list] = {}
-
-    def add(self, kind: str, text: str) -> None:
-        entry = self._notes.setdefault(kind, [0, text])
-        entry[0] += 1
-        entry[1] = text
-
-    def render(self) -> list[str]:
-        return [text if n == 1 else f"{n} times, the last: {text}"
-                for n, text in self._notes.values()]
-
-
-def _converged(ftol: float, xtol: float, value0: float, actual: float | None,
-               predicted: float, rho: float | None, step: float, xnorm: float) -> str:
-    r"""MINPACK's tests (lmder) on one try: ftol when :math:`|L - L_{new}| \le` ftol
-    :math:`|L|`, :math:`q(0) - q(\delta) \le` ftol :math:`|L|` and :math:`\rho \le 2`; xtol
-    when :math:`\|\delta\| \le` xtol :math:`(\|\theta\| +` xtol) (the added xtol lets it fire
-    at :math:`\theta^* = 0`)."""
-    scale = abs(value0)
-    f = (actual is not None and math.isfinite(actual) and abs(actual) <= ftol * scale
-         and predicted <= ftol * scale and rho is not None and rho <= 2)
-    x = actual is not None and step <= xtol * (xnorm + xtol)
-    return " and ".join(n for n, on in (("ftol", f), ("xtol", x)) if on)
 
 
 def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
@@ -381,7 +307,8 @@ class Optimizer:
         with another number of parameters, or with keys missing raises a
         :class:`~steepest.errors.ConfigurationError` before anything changes.
         """
-        self._check_state(state)
+        check_state(state, space=self.space, damping=self.damping, step_rule=self.step_rule,
+                    generator=self.generator, metric=self.metric)
         self._next = None  # another run's state: the next step evaluates its point afresh
         before = copy.deepcopy(self.state_dict())
         try:
@@ -389,52 +316,6 @@ class Optimizer:
         except BaseException:
             self._load_state(before)
             raise
-
-    def _check_state(self, state: dict) -> None:
-        def fail(what: str) -> None:
-            raise ConfigurationError(
-                f"cannot load this optimizer state: {what}. Load a state saved by "
-                "state_dict() of an optimizer built the same way (same damping rule, step rule "
-                "and model)."
-            )
-
-        if not isinstance(state, dict):
-            fail(f"expected a dict, got {type(state).__name__}")
-        missing = {"steps", "damping", "step_rule", "generator"} - set(state)
-        if missing:
-            fail(f"it lacks keys {sorted(missing)}")
-        if not (isinstance(state["steps"], int) and state["steps"] >= 0):
-            fail(f"steps must be an integer >= 0, got {state['steps']!r}")
-        size = self.space.size
-        for owner, key in ((self.damping, "damping"), (self.step_rule, "step_rule")):
-            sub = state[key]
-            if not isinstance(sub, dict):
-                fail(f"state['{key}'] must be a dict, got {type(sub).__name__}")
-            rule, own = sub.get("rule"), type(owner).__name__
-            if rule is not None and rule != own:
-                fail(f"it was saved with {key} {rule}, this optimizer uses {own}")
-            keys, expected = set(sub) - {"rule"}, set(owner.state_dict())
-            if keys != expected:
-                fail(f"state['{key}'] has keys {sorted(keys)}, {own} expects {sorted(expected)}")
-            for name, value in sub.items():
-                if isinstance(value, Tensor) and value.numel() != size:
-                    fail(f"state['{key}']['{name}'] holds {value.numel()} values, the model "
-                         f"has {size} trainable parameters")
-        for key in ("prev_direction", "momentum_buffer"):
-            v = state.get(key)
-            if v is not None and not (isinstance(v, Tensor) and v.shape == (size,)):
-                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                fail(f"state['{key}'] has shape {shape}, the model has {size} trainable "
-                     "parameters")
-        gen = state["generator"]
-        ref = self.generator.get_state()
-        if not (isinstance(gen, Tensor) and gen.dtype == ref.dtype and gen.shape == ref.shape):
-            fail("state['generator'] is not the state of a torch.Generator on "
-                 f"{self.generator.device}")
-
-        check = getattr(self.metric, "check_state", None)  # KFAC: factors fit the model
-        if check is not None and state.get("metric") is not None:
-            check(state["metric"], self.space)
 
     def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
@@ -515,33 +396,23 @@ class Optimizer:
         return self.reuse and self.distributed is None and type(self).point is Optimizer.point
 
     def _follow_parameters(self) -> str:
-        """Follow a change of the model's trainable parameters since the last step (a layer
-        frozen, unfrozen or replaced, ``load_state_dict(assign=True)``, ``model.to(dtype)``):
-        theta becomes the new set. When only the tensors changed (same names, shapes, dtype and
-        device) the state is kept; otherwise the state that lives on the old flat vector (the
-        previous CG solution, the momentum buffer, a damping rule's scaling D) is reset, with a
+        """Follow a change of the model's trainable parameters since the last step
+        (:func:`~steepest.state.follow_parameters`): theta becomes the new set. When only the
+        tensors changed the state is kept; otherwise the state that lives on the old flat
+        vector (the previous CG solution, the momentum buffer, a damping rule's scaling D, a
+        metric's running factors) is reset, with a
         :class:`~steepest.errors.ParameterChangeWarning`. Returns a note for
         ``StepInfo.message`` ('' when nothing changed)."""
-        old = self.space
-        if not old.stale():
-            return ""
-        new = type(old)(old.model)
-        same = (new.names, new.shapes, new.dtype, new.device) == (
-            old.names, old.shapes, old.dtype, old.device)
-        self.space = new
-        if same:
-            return ("the model's parameters are new tensors (same names and shapes): followed, "
-                    "state kept")
-        self._prev_solution = self._momentum_buffer = None
-        self.damping.parameters_changed()
-        reset = getattr(self.metric, "parameters_changed", None)  # a metric with state (KFAC)
-        if callable(reset):
-            reset()
-        note = (f"the trainable parameters changed ({old.size} -> {new.size} values, "
-                f"{len(old.names)} -> {len(new.names)} tensors): followed; the previous solution, "
-                "momentum buffer and damping scaling were reset")
-        warnings.warn(note, ParameterChangeWarning, stacklevel=3)
-        return note
+        change = follow_parameters(self.space)
+        self.space = change.space
+        if change.layout_changed:
+            self._prev_solution = self._momentum_buffer = None
+            self.damping.parameters_changed()
+            reset = getattr(self.metric, "parameters_changed", None)  # a metric with state
+            if callable(reset):
+                reset()
+            warnings.warn(change.note, ParameterChangeWarning, stacklevel=3)
+        return change.note
 
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
         guard = self._guard or ForwardGuard()
@@ -584,23 +455,13 @@ class Optimizer:
             return op.diagonal().clamp_min(0)
         return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
-    def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
-        if base is None:
-            return None
-        tiny = torch.finfo(base.dtype).tiny ** 0.5
-        shifted = (base + lam).clamp_min(tiny)
-        return shifted if self.preconditioner == "diagonal" else shifted.pow(self.xi)
-
-    def _solve(self, a: LinearOperator, b: Tensor, pre: Tensor | None,
+    def _solve(self, a: LinearOperator, b: Tensor, pre_base: Tensor | None,
                x0: Tensor | None) -> Solution:
-        solver = self.solver
-        if isinstance(solver, CG):
-            if self.cg_backtracking:
-                solver = copy.copy(solver)
-                solver.keep_iterates = tuple(sorted(
-                    {math.ceil(_BACKTRACK_GAMMA**j) for j in range(80)}))
-            return solver.solve(a, b, x0=x0, preconditioner=pre)
-        return solver.solve(a, b, x0)
+        if not isinstance(self.solver, CG):
+            return self.solver.solve(a, b, x0)
+        solver = keeping_iterates(self.solver) if self.cg_backtracking else self.solver
+        pre = preconditioner(self.preconditioner, pre_base, a.shift, self.xi)
+        return solver.solve(a, b, x0=x0, preconditioner=pre)
 
     def _solver_name(self, a: LinearOperator) -> str:
         solver = self.solver.choose(a) if isinstance(self.solver, Auto) else self.solver
@@ -615,32 +476,20 @@ class Optimizer:
             g = g + self._l2 * theta0
         gnorm = float(g.norm())
         if gnorm == 0:
-            return StepInfo(
-                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
-                damping=self.damping.value, iterations=0, residual=0.0,
-                negative_curvature=False, grad_norm=0.0, step_norm=0.0,
-                directional_derivative=0.0, accepted=False, tries=0,
-                message="zero gradient: theta is a stationary point, no step taken",
-                converged=True, reason="gtol",
-            )
+            return StepInfo.no_step(
+                value0, self.damping.value, 0.0,
+                "zero gradient: theta is a stationary point, no step taken",
+                converged=True, reason="gtol")
         if self.gtol > 0 and float(g.abs().max()) <= self.gtol:
-            return StepInfo(
-                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
-                damping=self.damping.value, iterations=0, residual=0.0,
-                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
-                directional_derivative=0.0, accepted=False, tries=0,
-                message=f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
-                converged=True, reason="gtol",
-            )
+            return StepInfo.no_step(
+                value0, self.damping.value, gnorm,
+                f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
+                converged=True, reason="gtol")
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
-            return StepInfo(
-                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
-                damping=self.damping.value, iterations=0, residual=0.0,
-                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
-                directional_derivative=0.0, accepted=False, tries=0,
-                message="learning rate 0 (e.g. a scheduler at its minimum): no step taken, no "
-                        "solve, damping unchanged",
-            )
+            return StepInfo.no_step(
+                value0, self.damping.value, gnorm,
+                "learning rate 0 (e.g. a scheduler at its minimum): no step taken, no solve, "
+                "damping unchanged")
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
@@ -652,7 +501,7 @@ class Optimizer:
         if self.warm_start and self._prev_solution is not None:
             x0 = self.warm_start * self._prev_solution
         reject_increase = self.damping.reject or self.step_rule.reject
-        notes = _Notes()
+        notes = Notes()
         xnorm = float(theta0.norm())
         reason = ""
         solutions: dict[float, Solution] = {}
@@ -666,8 +515,7 @@ class Optimizer:
             sol = solutions.get(lam)
             if sol is None:
                 try:
-                    sol = self._solve(damped, -g, self._preconditioner(pre_base, damped.shift),
-                                      x0)
+                    sol = self._solve(damped, -g, pre_base, x0)
                 except SingularMatrixError as err:
                     if not self.damping.adaptive:
                         raise
@@ -702,7 +550,7 @@ class Optimizer:
                 solutions[lam] = sol
             d = sol.x
             if sol.iterates:
-                d = self._backtrack_iterates(sol, g, trials.loss_at)
+                d = backtrack_iterates(sol, g, trials.loss_at)
             if self._momentum_buffer is not None and self.momentum:
                 dm = d + self.momentum * self._momentum_buffer
                 if float(g @ dm) < 0:
@@ -750,7 +598,7 @@ class Optimizer:
             else:
                 rejected, why = False, ""
             if self.ftol > 0 or self.xtol > 0:
-                reason = _converged(self.ftol, self.xtol, value0, actual, predicted, rho,
+                reason = converged(self.ftol, self.xtol, value0, actual, predicted, rho,
                                     float(delta.norm()), xnorm)
             if rejected and retry and not reason:
                 notes.add("rejected", f"try rejected: {why}")
@@ -791,33 +639,11 @@ class Optimizer:
             converged=bool(reason), reason=reason,
         )
 
-    def _unsolved(self, value0: float, gnorm: float, lam: float, tries: int, notes: _Notes,
+    def _unsolved(self, value0: float, gnorm: float, lam: float, tries: int, notes: Notes,
                   saved: dict, why: str) -> StepInfo:
         """A step none of whose tries gave a usable direction: rejected, parameters unchanged,
         lambda left raised."""
         self.generator.set_state(saved["generator"])
         notes.add("step", f"step rejected: {why}; parameters unchanged")
-        return StepInfo(
-            loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0, damping=lam,
-            iterations=0, residual=math.inf, negative_curvature=False, grad_norm=gnorm,
-            step_norm=0.0, directional_derivative=0.0, accepted=False, tries=tries,
-            message="; ".join(notes.render()),
-        )
-
-    @staticmethod
-    def _backtrack_iterates(sol: Solution, g: Tensor,
-                            loss_at: Callable[[Tensor], float]) -> Tensor:
-        r"""Martens 2010 section 4.6: among the kept CG iterates (descent directions only) and
-        the last one, go back from the last while :math:`L(\theta + x_i)` decreases; return the
-        best."""
-        cands = [sol.iterates[k] for k in sorted(sol.iterates)]
-        if not cands or not torch.equal(cands[-1], sol.x):
-            cands.append(sol.x)
-        cands = [c for c in cands if float(g @ c) < 0] or [sol.x]
-        best, best_loss = cands[-1], loss_at(cands[-1])
-        for cand in reversed(cands[:-1]):
-            value = loss_at(cand)
-            if not value < best_loss:
-                break
-            best, best_loss = cand, value
-        return best
+        return StepInfo.no_step(value0, lam, gnorm, "; ".join(notes.render()),
+                                residual=math.inf, tries=tries)
