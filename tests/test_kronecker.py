@@ -687,7 +687,7 @@ def test_a_replaced_layer_restarts_the_running_factors(cls):
     assert metric.state_dict()["refreshes"] == 1  # one refresh since the reset
     # the factors are those of a fresh metric on the new model: no EMA mixed with the old
     # factors (the first layer kept its shape, so old factors would still fit it)
-    fresh = cls(GGN(), ema=0.9)
+    fresh = cls(GGN(), ema=metric.ema, T_cov=metric.T_cov, T_inv=metric.T_inv)
     steepest.Optimizer(twin, MSE(), metric=fresh, damping=steepest.LevenbergMarquardt(1e-2)).step(
         x, y
     )
