@@ -133,18 +133,25 @@ def test_a_changed_batch_model_or_theta_is_evaluated_afresh():
         (lambda: nn.BatchNorm1d(6), False),
     ],
 )
-def test_dropout_and_batchnorm(extra, train):
+def test_dropout_and_batchnorm(extra, train, device):
     """Dropout in training mode draws masks and BatchNorm in training mode writes its running
     statistics: never reused, and the run (buffers, random state) is the one without reuse.
-    BatchNorm in eval mode only reads its buffers: reused, the same run."""
-    x, y = data()
-    a, b = mlp(extra()).train(train), mlp(extra()).train(train)
+    BatchNorm in eval mode only reads its buffers: reused, the same run. On CUDA the masks come
+    from the device's random state, which the purity check compares too."""
+    x, y = (t.to(device) for t in data())
+    a, b = (mlp(extra()).train(train).to(device) for _ in range(2))
+
+    def rng():
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None
+
     torch.manual_seed(5)
     _, infos_a = run(a, MSE(), x, y, 5, True)
-    after_a = torch.get_rng_state()
+    after_a = rng()
     torch.manual_seed(5)
     _, infos_b = run(b, MSE(), x, y, 5, False)
-    assert torch.equal(torch.get_rng_state(), after_a)
+    after_b = rng()
+    assert torch.equal(after_b[0], after_a[0])
+    assert after_a[1] is None or torch.equal(after_b[1], after_a[1])
     assert torch.equal(params(a), params(b))
     for ba, bb in zip(a.buffers(), b.buffers(), strict=True):
         assert torch.equal(ba, bb)
