@@ -16,7 +16,9 @@ where the method decides lambda and the scaling D:
   the algorithm of MINPACK's ``lmder`` (Moré 1978) that ``scipy.optimize.least_squares(
   method="lm")`` wraps, and that :class:`~steepest.damping.MoreTrustRegion` runs on models:
   :math:`D = \mathrm{diag}(\max_k \|J_{:,j}\|)`, lambda solved from :math:`\|D\delta\| = \Delta`
-  to 1 % (MINPACK's ``lmpar`` stops at 10 %), Delta adapted to the reduction ratio rho.
+  to 10 % from the previous step's lambda as MINPACK's ``lmpar`` does (halved after a very
+  good step, divided by the radius' shrink factor after a poor one), Delta adapted to the
+  reduction ratio rho. Up to rounding, the path and the evaluations are MINPACK's.
 - ``"levenberg-marquardt"``: plain LM, D = I and lambda times 1/3 when rho > 3/4, times 3 when
   rho < 1/4 (the defaults of :class:`~steepest.damping.LevenbergMarquardt`), a try accepted when
   the cost went down.
@@ -210,28 +212,50 @@ def _svd_solve(mu: Tensor, cp: Tensor, lam: Tensor) -> Tensor:
     return torch.where(mu > 0, w, torch.zeros_like(w))
 
 
-def _lmpar(s: Tensor, c: Tensor, radius: Tensor, active: Tensor, sigma: float = 0.01) -> Tensor:
-    r"""lambda >= 0 with :math:`\|w(\lambda)\| \le (1+\sigma)\Delta` and, when lambda > 0,
-    :math:`\|w(\lambda)\| \ge \Delta` (MINPACK's lmpar; it stops at 10 %), for each problem.
-
-    Newton on :math:`1/\|w(\lambda)\| - 1/\Delta`, a concave increasing function of lambda
-    (Moré and Sorensen 1983), from lambda = 0: the iterates increase monotonically to the root.
-    """
-    lam = torch.zeros_like(radius)
-    todo = active.clone()
-    for _ in range(60):
-        w = _svd_solve(s, c, lam)
+def _lmpar(mu: Tensor, c: Tensor, radius: Tensor, par: Tensor, active: Tensor, p: int) -> Tensor:
+    r"""MINPACK's ``lmpar`` (Moré 1978, section 5) in the SVD coordinates of each problem:
+    lambda = 0 when the Gauss-Newton step fits, :math:`\|w(0)\| \le 1.1\Delta`; else Newton
+    on :math:`1/\|w(\lambda)\| - 1/\Delta` (a concave function of lambda) from the previous
+    step's lambda (``par``) clipped to the bracket [l, u] (l from the Newton step at 0 when J
+    has full rank, else 0; :math:`u = \|A^T f\| / \Delta`), the bracket narrowed on every
+    iterate, until :math:`|\|w\| - \Delta| \le 0.1\Delta`, or the iterates stop falling
+    short (l = 0), or 10 iterations. Only the fits ``active`` whose Gauss-Newton step is too
+    long are iterated; lambda = 0 for the others."""
+    dwarf = torch.finfo(mu.dtype).tiny
+    zero = torch.zeros_like(radius)
+    w = _svd_solve(mu, c, zero)
+    dxnorm = w.norm(dim=-1)
+    fp = dxnorm - radius
+    long = active & (fp > 0.1 * radius)
+    if not bool(long.any()):
+        return zero
+    # lower bound: the Newton step on 1/||w|| at lambda = 0 (J of full rank only)
+    full = (mu > 0).all(-1) & (mu.shape[-1] == p)
+    q0 = (w.pow(2) / torch.where(mu > 0, mu, torch.ones_like(mu))).sum(-1)
+    parl = torch.where(full & (q0 > 0), fp / radius * dxnorm.pow(2) / q0.clamp_min(dwarf), zero)
+    gnorm = c.norm(dim=-1)
+    paru = gnorm / radius
+    paru = torch.where(paru > 0, paru, dwarf / radius.clamp(max=0.1))
+    lam = torch.minimum(torch.maximum(par, parl), paru)
+    lam = torch.where(lam == 0, gnorm / dxnorm.clamp_min(dwarf), lam)
+    todo, prev = long, fp
+    for _ in range(10):
+        lam = torch.where(todo & (lam == 0), (1e-3 * paru).clamp_min(dwarf), lam)
+        w = _svd_solve(mu, c, lam)
         phi = w.norm(dim=-1)
-        todo = todo & (phi > (1 + sigma) * radius)
+        fp = phi - radius
+        stop = (fp.abs() <= 0.1 * radius) | ((parl == 0) & (fp <= prev) & (prev < 0))
+        more = todo & ~stop
+        den = mu + lam.unsqueeze(-1)
+        q = (w.pow(2) / torch.where(den > 0, den, torch.ones_like(den))).sum(-1)
+        parc = fp / radius * phi.pow(2) / q.clamp_min(dwarf)
+        parl = torch.where(more & (fp > 0), torch.maximum(parl, lam), parl)
+        paru = torch.where(more & (fp < 0), torch.minimum(paru, lam), paru)
+        lam = torch.where(more, torch.maximum(parl, lam + parc), lam)
+        prev, todo = torch.where(todo, fp, prev), more
         if not bool(todo.any()):
             break
-        den = s + lam.unsqueeze(-1)
-        den = torch.where(den > 0, den, torch.ones_like(den))
-        dphi2 = -2 * (w.pow(2) / den).sum(-1)  # d ||w||^2 / d lambda
-        dphi = dphi2 / (2 * phi.clamp_min(torch.finfo(phi.dtype).tiny))
-        step = (phi - radius) / radius * phi / (-dphi).clamp_min(torch.finfo(phi.dtype).tiny)
-        lam = torch.where(todo, lam + step, lam)
-    return lam
+    return torch.where(long, lam, zero)
 
 
 # ---------------------------------------------------------------------------------- core
@@ -395,7 +419,7 @@ def _least_squares_core(
                 continue  # retire first
         # ---- the try: scaled step w (D delta = Vh^T w) and its predicted reduction
         if method == "trust-region":
-            s.lam = _lmpar(s.sv, s.c, s.radius, s.active)
+            s.lam = _lmpar(s.sv, s.c, s.radius, s.lam, s.active, p)
             w = _svd_solve(s.sv, s.c, s.lam)
         elif method == "levenberg-marquardt":
             w = _svd_solve(s.sv, s.c, s.lam)
@@ -430,6 +454,12 @@ def _least_squares_core(
                 ratio <= 0.25,
                 temp * torch.minimum(s.radius, pnorm / 0.1),
                 torch.where((s.lam == 0) | (ratio >= 0.75), pnorm / 0.5, s.radius),
+            )
+            # lambda follows the radius into the next lmpar (MINPACK: par / temp, par / 2)
+            s.lam = torch.where(
+                ratio <= 0.25,
+                s.lam / temp,
+                torch.where((s.lam == 0) | (ratio >= 0.75), 0.5 * s.lam, s.lam),
             )
             accept = ratio >= 1e-4
         elif method == "levenberg-marquardt":
