@@ -26,11 +26,11 @@ where the method decides lambda and the scaling D:
   backtracking (Armijo) line search on the step length.
 
 Every solve uses the thin SVD of :math:`J D^{-1}` of each problem (one batched
-``torch.linalg.svd`` per accepted step; for a batch of B >= 64 problems with P <= 16 the
-eigen-decomposition of :math:`D^{-1} J^T J D^{-1}`, cheaper but with the condition number
-squared), so lambda costs no further factorisation and a rank-deficient J is handled exactly:
-the damped methods drop only exactly zero singular values (as MINPACK drops only exact zeros of
-R), Gauss-Newton's least-norm step also those below :math:`\epsilon \max(M, P)\, s_{max}`.
+``torch.linalg.svd`` per accepted step; for a batch of B >= 64 problems with M > P, P <= 16,
+the SVD of the P x P factor R of its QR decomposition, cheaper and as accurate), so lambda
+costs no further factorisation and a rank-deficient J is handled exactly: the damped methods
+drop only exactly zero singular values (as MINPACK drops only exact zeros of R),
+Gauss-Newton's least-norm step also those below :math:`\epsilon \max(M, P)\, s_{max}`.
 Fits of a batch that have stopped leave the working set: ``fun`` is then called on the rows
 still running (with ``vectorize=True`` and in :func:`curve_fit`), or on the whole batch with the
 stopped rows held at x0.
@@ -183,24 +183,22 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
         ) from e
 
 
-def _factor(jd: Tensor, f: Tensor, gram: bool, cut: float) -> tuple[Tensor, Tensor, Tensor]:
+def _factor(jd: Tensor, f: Tensor, qr: bool, cut: float) -> tuple[Tensor, Tensor, Tensor]:
     r"""(mu, cp, Vh) of the scaled Jacobian :math:`A = J D^{-1} = U S V^T` of each problem:
     :math:`\mu = s^2` (0 below ``cut`` :math:`s_{max}`, or when s = 0) and
-    :math:`c' = -S U^T f = -V^T A^T f`, from the thin SVD of A, or (``gram``) from the
-    eigen-decomposition of :math:`A^T A` (cheaper for large batches of small P, but it squares
-    the condition number)."""
-    if gram:
-        mu, v = torch.linalg.eigh(jd.transpose(1, 2) @ jd)
-        mu = mu.clamp_min(0)
-        vh = v.transpose(1, 2)
-        cp = -(vh @ (jd.transpose(1, 2) @ f.unsqueeze(-1))).squeeze(-1)
-        keep = mu > cut**2 * mu.amax(-1, True)
+    :math:`c' = -S U^T f = -V^T A^T f`, from the thin SVD of A, or (``qr``, M > P) from
+    :math:`A = QR`, :math:`R = U_R S V^T`, :math:`U = Q U_R` (the same accuracy: the condition
+    number is not squared, as it would be by the eigen-decomposition of :math:`A^T A`)."""
+    if qr:
+        q, r = torch.linalg.qr(jd)
+        u, s, vh = torch.linalg.svd(r)
+        qtf = (q.transpose(1, 2) @ f.unsqueeze(-1)).squeeze(-1)
+        cp = -s * (u.transpose(1, 2) @ qtf.unsqueeze(-1)).squeeze(-1)
     else:
         u, s, vh = torch.linalg.svd(jd, full_matrices=False)
-        mu = s.pow(2)
         cp = -s * (u.transpose(1, 2) @ f.unsqueeze(-1)).squeeze(-1)
-        keep = s > cut * s[:, :1]
-    keep = keep & (mu > 0)
+    mu = s.pow(2)
+    keep = (s > cut * s[:, :1]) & (mu > 0)
     return torch.where(keep, mu, 0), torch.where(keep, cp, 0), vh
 
 
@@ -301,7 +299,7 @@ def _least_squares_core(
     gtol: float,
     max_nfev: int,
     factor: float,
-    gram: bool | None = None,
+    qr: bool | None = None,
 ) -> dict:
     """B independent fits at once; see the module docstring. ``fun_r(x, rows)`` and
     ``jac_r(x, rows)`` evaluate the problems ``rows`` of the batch at x (len(rows), P). Fits
@@ -312,8 +310,8 @@ def _least_squares_core(
     dtype, dev = x0.dtype, x0.device
     eps = torch.finfo(dtype).eps
     tiny = torch.finfo(dtype).tiny
-    gram = gram if gram is not None else bsz >= 64 and p <= 16
-    k = p if gram else min(m, p)
+    qr = (qr if qr is not None else bsz >= 64 and p <= 16) and m > p
+    k = min(m, p)
     out = {
         "x": x0.clone(),
         "fun": f0.clone(),
@@ -409,10 +407,8 @@ def _least_squares_core(
                 # rank: Gauss-Newton's least-norm step drops singular values at rounding level;
                 # a damped method keeps every nonzero one (MINPACK: only exact zeros of R)
                 cut = eps * max(m, p) if method == "gauss-newton" else 0.0
-                if gram:
-                    cut = max(cut, math.sqrt(eps))  # A^T A: rounding at eps s_max^2
                 jd = s.jac[idx] / s.d[idx].unsqueeze(1)
-                s.sv[idx], s.c[idx], s.vh[idx] = _factor(jd, s.f[idx], gram, cut)
+                s.sv[idx], s.c[idx], s.vh[idx] = _factor(jd, s.f[idx], qr, cut)
             finish(renew & (cosine <= gtol), 1)
             finish(renew & (cosine <= eps), 1)
             if not bool(s.active.all()):
