@@ -384,6 +384,35 @@ def test_total_evaluations_no_more_than_minpack():
     assert ours <= ref, (ours, ref)
 
 
+def test_batched_curve_fit_calls_an_elementwise_formula_once_without_vmap():
+    """An elementwise formula gets the parameter columns (B, 1) of the running fits, not 0-d
+    tensors under vmap (the per-call overhead of vmap dominates small working sets); a formula
+    that mixes the rows of the batch (a mean over it) is caught by the probe and stays on the
+    vmap route, and both give the separate fits' results."""
+    y = _batch(5)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 5, dtype=D)
+    seen = []
+
+    def decay(x, a, b, c):
+        seen.append(tuple(a.shape))
+        return a * torch.exp(-b * x) + c
+
+    popt, _ = curve_fit(decay, T, y, p0)
+    assert (5, 1) in seen and all(s in ((5, 1), (4, 1), (3, 1), (2, 1), (1, 1), ()) for s in seen)
+    for i in (0, 4):
+        one, _ = curve_fit(_decay, T, y[i], [1.0, 1.0, 0.0])
+        torch.testing.assert_close(popt[i], one, rtol=1e-9, atol=1e-12)
+
+    def mixing(x, a, b, c):  # one curve: a - mean(a) = 0; a batch: the rows would be coupled
+        seen.append(tuple(a.shape))
+        return a * torch.exp(-b * x) + c + 1e-2 * (a - a.mean())
+
+    seen.clear()
+    popt2, _ = curve_fit(mixing, T, y, p0)
+    assert seen.count((5, 1)) == 1  # the probe only; then vmap (0-d parameters)
+    torch.testing.assert_close(popt2, popt, rtol=1e-9, atol=1e-12)
+
+
 def test_large_batch_takes_the_qr_route_and_equals_separate_fits():
     """B >= 64: the factorisation is the SVD of R of J D^-1 = QR; the fits still match
     separate (SVD) fits, and slow fits leave the batch (compaction) correctly."""

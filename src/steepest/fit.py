@@ -752,6 +752,30 @@ def _result(out: dict, batched: bool, method: str) -> OptimizeResult:
     return res
 
 
+def _broadcasts(resid, vres, x0: Tensor, args: tuple) -> bool:
+    """Whether ``resid`` called once on the parameter columns (B, 1, P) of a batch gives what
+    the vmapped one-curve residual gives, row by row, at a point near x0 where the rows differ
+    (so a formula that mixes rows, e.g. through a mean over the batch, is caught): then the
+    batch needs no vmap."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
+    probe = x0 + 1e-3 * (x0.abs() + 1) * noise
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = vres(probe, *args)
+            got = resid(probe.unsqueeze(-2), *args)
+    except Exception:  # any failure: keep the general (vmap) route
+        return False
+    return (
+        isinstance(got, Tensor)
+        and got.shape == want.shape
+        and got.dtype == want.dtype
+        and bool(torch.isfinite(want).all())
+        and bool(torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())))
+    )
+
+
 def curve_fit(
     f: Callable[..., Tensor],
     xdata: Tensor,
@@ -843,12 +867,21 @@ def curve_fit(
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
         vres = torch.func.vmap(resid, in_dims=dims)
 
-        def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
+        def args(rows: Tensor) -> tuple:
             every = rows.numel() == y.shape[0]
             sel = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
-            return _evaluate(
-                lambda q: vres(q, sel(xd) if x_per else xd, sel(y), sel(s) if s_per else s), pp
-            )
+            return sel(xd) if x_per else xd, sel(y), sel(s) if s_per else s
+
+        def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(lambda q: vres(q, *args(rows)), pp)
+
+        if _broadcasts(resid, vres, x0, args(torch.arange(x0.shape[0], device=x0.device))):
+            # f is elementwise in its parameters: call it once on the columns (B, 1) of the
+            # batch (no vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
+
+            def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
+                return _evaluate(lambda q: resid(q.unsqueeze(-2), *args(rows)), pp)
+
     else:
 
         def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
