@@ -513,3 +513,16 @@ def test_minimize_errors():
         steepest.minimize(_rosen, [1.0, 2.0], method="bfgs")
     with pytest.raises(NonFiniteError):
         steepest.minimize(lambda x: torch.log(x[0]), [-1.0])
+
+
+def test_public_names_stay_importable_from_the_package():
+    """steepest.fit became a package (result, core, lsq, curve, newton): every name that was
+    importable from the module still is, and the top-level names are the same objects."""
+    import steepest.fit as fit
+
+    for name in ("OptimizeResult", "least_squares", "curve_fit", "minimize"):
+        assert getattr(steepest, name) is getattr(fit, name)
+    for name in ("MESSAGES", "METHODS", "ALIASES", "MINIMIZE_METHODS", "MINIMIZE_MESSAGES"):
+        assert getattr(fit, name)
+    assert callable(fit.least_squares) and fit.least_squares.__name__ == "least_squares"
+    assert callable(fit.minimize) and fit.minimize.__module__ == "steepest.fit.newton"
