@@ -497,7 +497,7 @@ def _fit_steepest(
     try:
         for _ in range(rule.max_steps):
             info = opt.step(x, y)
-            evals += 1 + info.evaluations
+            evals += info.nfev  # MINPACK's count: 0 for the point when the trial is reused
             if method.endswith("-ftol") and info.converged:
                 steps += int(info.accepted)
                 status = f"converged: {info.reason}"
