@@ -36,6 +36,8 @@ import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -69,14 +71,22 @@ ZOO = {
 def run_steepest(env: str, method: str, seed: int, steps: int) -> dict:
     agent = Agent(env, method, seed, settings_for(env))
     t0 = time.perf_counter()
-    agent.learn(steps)
+    times: list[float] = []  # wall time at the end of the iteration each episode ended in
+
+    def stamp(a: Agent, row: dict) -> bool:
+        times.extend([time.perf_counter() - t0] * (len(a.episodes) - len(times)))
+        return False
+
+    agent.learn(steps, stamp)
     wall = time.perf_counter() - t0
     agent.collector.close()
     return {
         "steps": agent.steps,
         "wall_time": wall,
-        "episodes": agent.episodes,
+        "episodes": [(s, r, t) for (s, r), t in zip(agent.episodes, times)],
         "iterations": len(agent.history),
+        "max_kl": max(r["kl"] for r in agent.history),
+        "settings": asdict(agent.s),
     }
 
 
@@ -91,13 +101,19 @@ def run_sb3(env: str, seed: int, steps: int) -> dict:
     venv = make_vec_env(env, n_envs=n_envs, seed=seed)
     if normalize:
         venv = VecNormalize(venv)
-    episodes: list[tuple[int, float]] = []
+    episodes: list[tuple[int, float, float]] = []
 
     class Record(BaseCallback):
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
                 if "episode" in info:
-                    episodes.append((int(self.num_timesteps), float(info["episode"]["r"])))
+                    episodes.append(
+                        (
+                            int(self.num_timesteps),
+                            float(info["episode"]["r"]),
+                            time.perf_counter() - t0,
+                        )
+                    )
             return True
 
     model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", **hp)
@@ -111,6 +127,27 @@ def run_sb3(env: str, seed: int, steps: int) -> dict:
         "episodes": episodes,
         "iterations": None,
     }
+
+
+def one(env: str, method: str, seed: int, steps: int, threads: int) -> dict:
+    """One run (in a worker process when --jobs > 1): train, then the measures."""
+    torch.set_num_threads(threads)
+    load_start = list(os.getloadavg())
+    res = run_sb3(env, seed, steps) if method == "sb3" else run_steepest(env, method, seed, steps)
+    eps = res["episodes"]
+    last = eps[-WINDOW:]
+    res.update(
+        env=env,
+        method=method,
+        seed=seed,
+        final_return=sum(e[1] for e in last) / len(last) if last else None,
+        steps_to_target=steps_to_target([e[:2] for e in eps], TARGETS.get(env), WINDOW),
+        load_average_start=load_start,
+        load_average=list(os.getloadavg()),
+        torch_threads=torch.get_num_threads(),
+    )
+    res["episodes"] = [[int(s), round(float(r), 3), round(float(t), 3)] for s, r, t in eps]
+    return res
 
 
 def machine() -> dict:
@@ -221,10 +258,16 @@ def timing(args: argparse.Namespace, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1"])
-    ap.add_argument("--methods", nargs="+", default=["trpo", "npg", "vpg", "sb3"])
+    ap.add_argument("--methods", nargs="+", default=["trpo", "sb3", "npg", "acktr", "vpg"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel (separate processes, --threads torch threads each)",
+    )
     ap.add_argument("--out", default="benchmarks/results/rl.json")
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
@@ -256,6 +299,7 @@ def main() -> None:
             "seeds": args.seeds,
             "steps": args.steps,
             "threads": args.threads,
+            "jobs": args.jobs,
         },
         "runs": [],
     }
@@ -265,39 +309,40 @@ def main() -> None:
         doc["previous"] = old.get("previous", []) + [
             {"machine": old["machine"], "config": old["config"]}
         ]
+    tasks = []  # per environment and seed, the methods in a rotated order (round-robin)
     for env in args.envs:
-        for seed in args.seeds:
-            k = args.seeds.index(seed)
+        for k, seed in enumerate(args.seeds):
             order = args.methods[k % len(args.methods) :] + args.methods[: k % len(args.methods)]
-            for m in order:
-                res = (
-                    run_sb3(env, seed, args.steps)
-                    if m == "sb3"
-                    else run_steepest(env, m, seed, args.steps)
-                )
-                eps = res["episodes"]
-                last = eps[-WINDOW:]
-                res.update(
-                    env=env,
-                    method=m,
-                    seed=seed,
-                    final_return=sum(r for _, r in last) / len(last) if last else None,
-                    steps_to_target=steps_to_target(eps, TARGETS.get(env), WINDOW),
-                    load_average=list(os.getloadavg()),
-                )
-                res["episodes"] = [[int(s), round(float(r), 3)] for s, r in eps]
-                doc["runs"].append(res)
-                print(
-                    f"{env} {m} seed {seed}: final {res['final_return']:.1f}, to target "
-                    f"{res['steps_to_target']}, {res['wall_time']:.1f} s",
-                    flush=True,
-                )
-                doc["summary"] = summarize(doc["runs"])
-                doc["machine"]["load_average_end"] = list(os.getloadavg())
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(doc, indent=1) + "\n")
-                os.replace(tmp, out)
+            tasks += [(env, m, seed, args.steps, args.threads) for m in order]
+    done = {(r["env"], r["method"], r["seed"]) for r in doc["runs"]}
+    tasks = [t for t in tasks if t[:3] not in done]
+
+    def record(res: dict) -> None:
+        doc["runs"].append(res)
+        print(
+            f"{res['env']} {res['method']} seed {res['seed']}: final {res['final_return']:.1f}, "
+            f"to target {res['steps_to_target']}, {res['wall_time']:.1f} s "
+            f"(load {res['load_average'][0]:.1f})",
+            flush=True,
+        )
+        doc["summary"] = summarize(doc["runs"])
+        doc["machine"]["load_average_end"] = list(os.getloadavg())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, out)
+
+    if args.jobs == 1:
+        for t in tasks:
+            record(one(*t))
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(one, *t) for t in tasks]
+            for f in as_completed(futures):
+                record(f.result())
     print(markdown(doc))
 
 
