@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -220,6 +221,66 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def curve(episodes: list, grid, x: int):
+    """The 10-episode running mean return at each grid point of column ``x`` (0: steps, 2:
+    seconds), from the finished episodes (step, return, seconds); NaN before the first."""
+    import numpy as np
+
+    eps = [e for e in episodes if len(e) > x]
+    xs = np.array([e[x] for e in eps], dtype=float)
+    rs = np.array([e[1] for e in eps], dtype=float)
+    means = np.array([rs[max(0, k + 1 - WINDOW) : k + 1].mean() for k in range(len(rs))])
+    idx = np.searchsorted(xs, grid, side="right") - 1
+    return np.where(idx >= 0, means[np.clip(idx, 0, None)], np.nan)
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Return against environment steps and against wall time: per environment and method,
+    the median over seeds of the 10-episode running mean, with a band from the lowest to the
+    highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    envs = list(doc["summary"])
+    fig, axes = plt.subplots(2, len(envs), figsize=(5 * len(envs), 7), squeeze=False)
+    for j, env in enumerate(envs):
+        runs = [r for r in doc["runs"] if r["env"] == env]
+        for row, (x, label) in enumerate([(0, "environment steps"), (2, "wall time (s)")]):
+            ax = axes[row, j]
+            top = max(
+                (
+                    r["episodes"][-1][x]
+                    for r in runs
+                    if r["episodes"] and len(r["episodes"][-1]) > x
+                ),
+                default=1.0,
+            )
+            grid = np.linspace(0, top, 200)
+            for m in doc["summary"][env]:
+                cs = [curve(r["episodes"], grid, x) for r in runs if r["method"] == m]
+                if not cs:
+                    continue
+                c = np.array(cs)
+                with warnings.catch_warnings():  # all-NaN columns before any episode ended
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = np.nanmedian(c, 0)
+                    lo, hi = np.nanmin(c, 0), np.nanmax(c, 0)
+                name = "sb3_contrib TRPO" if m == "sb3" else f"steepest {m.upper()}"
+                (line,) = ax.plot(grid, med, label=f"{name} ({len(cs)})")
+                ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.axhline(doc["targets"][env], color="grey", lw=0.8, ls="--")
+            ax.set_xlabel(label)
+            ax.set_ylabel("mean return (last 10 episodes)")
+            ax.set_title(env)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def timing(args: argparse.Namespace, out: Path) -> None:
     """Seconds per 1000 steps of steepest TRPO and sb3 TRPO, alternating in one process."""
     env, seed = args.envs[0], args.seeds[0]
@@ -272,6 +333,9 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
     ap.add_argument(
+        "--plot", nargs=2, metavar=("JSON", "PNG"), help="plot return against steps and time"
+    )
+    ap.add_argument(
         "--timing",
         type=int,
         metavar="STEPS",
@@ -282,6 +346,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), Path(args.plot[1]))
         return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
