@@ -134,7 +134,9 @@ def one(env: str, method: str, seed: int, steps: int, threads: int) -> dict:
     """One run (in a worker process when --jobs > 1): train, then the measures."""
     torch.set_num_threads(threads)
     load_start = list(os.getloadavg())
+    cpu0 = time.process_time()
     res = run_sb3(env, seed, steps) if method == "sb3" else run_steepest(env, method, seed, steps)
+    res["cpu_time"] = time.process_time() - cpu0  # this process's CPU seconds (1 thread)
     eps = res["episodes"]
     last = eps[-WINDOW:]
     res.update(
@@ -196,6 +198,11 @@ def summarize(runs: list[dict]) -> dict:
                 "median_s_per_1000_steps": statistics.median(
                     1000 * r["wall_time"] / r["steps"] for r in rs
                 ),
+                "median_cpu_s_per_1000_steps": (
+                    statistics.median(1000 * r["cpu_time"] / r["steps"] for r in rs)
+                    if all("cpu_time" in r for r in rs)
+                    else None
+                ),
             }
     return table
 
@@ -203,8 +210,8 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(doc: dict) -> str:
     lines = [
         "| env | method | final mean return, median [min, max] | seeds at target | "
-        "steps to target (median) | s per 1000 steps (median) |",
-        "|---" * 6 + "|",
+        "steps to target (median) | wall s per 1000 steps (median) | CPU s per 1000 steps |",
+        "|---" * 7 + "|",
     ]
     for env, by in doc["summary"].items():
         for m, s in by.items():
@@ -216,7 +223,8 @@ def markdown(doc: dict) -> str:
                 f"| {env} | {m} | {g(s['median_final_return'])} [{g(s['min_final_return'])}, "
                 f"{g(s['max_final_return'])}] | {s['reached_target']}/{s['seeds']} "
                 f"(target {doc['targets'][env]:g}) | {g(s['median_steps_to_target'], '.0f')} | "
-                f"{g(s['median_s_per_1000_steps'], '.2f')} |"
+                f"{g(s['median_s_per_1000_steps'], '.2f')} | "
+                f"{g(s.get('median_cpu_s_per_1000_steps'), '.2f')} |"
             )
     return "\n".join(lines)
 
