@@ -256,7 +256,7 @@ class Agent:
     Parameters
     ----------
     env_id: a gymnasium environment id
-    method: ``"trpo"``, ``"npg"`` or ``"vpg"``
+    method: ``"trpo"``, ``"npg"``, ``"acktr"`` or ``"vpg"``
     seed: seeds the networks, the environments and the action sampling
     settings: a :class:`Settings` (default :func:`settings_for` ``(env_id)``)
 
