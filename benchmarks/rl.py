@@ -198,11 +198,13 @@ def summarize(runs: list[dict]) -> dict:
                 "median_s_per_1000_steps": statistics.median(
                     1000 * r["wall_time"] / r["steps"] for r in rs
                 ),
+                # over the runs that recorded their CPU time (older files: none)
                 "median_cpu_s_per_1000_steps": (
-                    statistics.median(1000 * r["cpu_time"] / r["steps"] for r in rs)
-                    if all("cpu_time" in r for r in rs)
+                    statistics.median(1000 * r["cpu_time"] / r["steps"] for r in timed)
+                    if (timed := [r for r in rs if "cpu_time" in r])
                     else None
                 ),
+                "cpu_timed_seeds": sum("cpu_time" in r for r in rs),
             }
     return table
 
@@ -268,7 +270,11 @@ def plot(doc: dict, path: Path) -> None:
             )
             grid = np.linspace(0, top, 200)
             for m in doc["summary"][env]:
-                cs = [curve(r["episodes"], grid, x) for r in runs if r["method"] == m]
+                cs = [
+                    curve(r["episodes"], grid, x)
+                    for r in runs
+                    if r["method"] == m and r["episodes"] and len(r["episodes"][0]) > x
+                ]
                 if not cs:
                     continue
                 c = np.array(cs)
