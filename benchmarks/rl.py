@@ -36,6 +36,9 @@ import platform
 import statistics
 import sys
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -69,14 +72,22 @@ ZOO = {
 def run_steepest(env: str, method: str, seed: int, steps: int) -> dict:
     agent = Agent(env, method, seed, settings_for(env))
     t0 = time.perf_counter()
-    agent.learn(steps)
+    times: list[float] = []  # wall time at the end of the iteration each episode ended in
+
+    def stamp(a: Agent, row: dict) -> bool:
+        times.extend([time.perf_counter() - t0] * (len(a.episodes) - len(times)))
+        return False
+
+    agent.learn(steps, stamp)
     wall = time.perf_counter() - t0
     agent.collector.close()
     return {
         "steps": agent.steps,
         "wall_time": wall,
-        "episodes": agent.episodes,
+        "episodes": [(s, r, t) for (s, r), t in zip(agent.episodes, times)],
         "iterations": len(agent.history),
+        "max_kl": max(r["kl"] for r in agent.history),
+        "settings": asdict(agent.s),
     }
 
 
@@ -91,13 +102,19 @@ def run_sb3(env: str, seed: int, steps: int) -> dict:
     venv = make_vec_env(env, n_envs=n_envs, seed=seed)
     if normalize:
         venv = VecNormalize(venv)
-    episodes: list[tuple[int, float]] = []
+    episodes: list[tuple[int, float, float]] = []
 
     class Record(BaseCallback):
         def _on_step(self) -> bool:
             for info in self.locals["infos"]:
                 if "episode" in info:
-                    episodes.append((int(self.num_timesteps), float(info["episode"]["r"])))
+                    episodes.append(
+                        (
+                            int(self.num_timesteps),
+                            float(info["episode"]["r"]),
+                            time.perf_counter() - t0,
+                        )
+                    )
             return True
 
     model = TRPO("MlpPolicy", venv, seed=seed, device="cpu", **hp)
@@ -111,6 +128,29 @@ def run_sb3(env: str, seed: int, steps: int) -> dict:
         "episodes": episodes,
         "iterations": None,
     }
+
+
+def one(env: str, method: str, seed: int, steps: int, threads: int) -> dict:
+    """One run (in a worker process when --jobs > 1): train, then the measures."""
+    torch.set_num_threads(threads)
+    load_start = list(os.getloadavg())
+    cpu0 = time.process_time()
+    res = run_sb3(env, seed, steps) if method == "sb3" else run_steepest(env, method, seed, steps)
+    res["cpu_time"] = time.process_time() - cpu0  # this process's CPU seconds (1 thread)
+    eps = res["episodes"]
+    last = eps[-WINDOW:]
+    res.update(
+        env=env,
+        method=method,
+        seed=seed,
+        final_return=sum(e[1] for e in last) / len(last) if last else None,
+        steps_to_target=steps_to_target([e[:2] for e in eps], TARGETS.get(env), WINDOW),
+        load_average_start=load_start,
+        load_average=list(os.getloadavg()),
+        torch_threads=torch.get_num_threads(),
+    )
+    res["episodes"] = [[int(s), round(float(r), 3), round(float(t), 3)] for s, r, t in eps]
+    return res
 
 
 def machine() -> dict:
@@ -158,6 +198,13 @@ def summarize(runs: list[dict]) -> dict:
                 "median_s_per_1000_steps": statistics.median(
                     1000 * r["wall_time"] / r["steps"] for r in rs
                 ),
+                # over the runs that recorded their CPU time (older files: none)
+                "median_cpu_s_per_1000_steps": (
+                    statistics.median(1000 * r["cpu_time"] / r["steps"] for r in timed)
+                    if (timed := [r for r in rs if "cpu_time" in r])
+                    else None
+                ),
+                "cpu_timed_seeds": sum("cpu_time" in r for r in rs),
             }
     return table
 
@@ -165,8 +212,8 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(doc: dict) -> str:
     lines = [
         "| env | method | final mean return, median [min, max] | seeds at target | "
-        "steps to target (median) | s per 1000 steps (median) |",
-        "|---" * 6 + "|",
+        "steps to target (median) | wall s per 1000 steps (median) | CPU s per 1000 steps |",
+        "|---" * 7 + "|",
     ]
     for env, by in doc["summary"].items():
         for m, s in by.items():
@@ -178,9 +225,74 @@ def markdown(doc: dict) -> str:
                 f"| {env} | {m} | {g(s['median_final_return'])} [{g(s['min_final_return'])}, "
                 f"{g(s['max_final_return'])}] | {s['reached_target']}/{s['seeds']} "
                 f"(target {doc['targets'][env]:g}) | {g(s['median_steps_to_target'], '.0f')} | "
-                f"{g(s['median_s_per_1000_steps'], '.2f')} |"
+                f"{g(s['median_s_per_1000_steps'], '.2f')} | "
+                f"{g(s.get('median_cpu_s_per_1000_steps'), '.2f')} |"
             )
     return "\n".join(lines)
+
+
+def curve(episodes: list, grid, x: int):
+    """The 10-episode running mean return at each grid point of column ``x`` (0: steps, 2:
+    seconds), from the finished episodes (step, return, seconds); NaN before the first."""
+    import numpy as np
+
+    eps = [e for e in episodes if len(e) > x]
+    xs = np.array([e[x] for e in eps], dtype=float)
+    rs = np.array([e[1] for e in eps], dtype=float)
+    means = np.array([rs[max(0, k + 1 - WINDOW) : k + 1].mean() for k in range(len(rs))])
+    idx = np.searchsorted(xs, grid, side="right") - 1
+    return np.where(idx >= 0, means[np.clip(idx, 0, None)], np.nan)
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Return against environment steps and against wall time: per environment and method,
+    the median over seeds of the 10-episode running mean, with a band from the lowest to the
+    highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    envs = list(doc["summary"])
+    fig, axes = plt.subplots(2, len(envs), figsize=(5 * len(envs), 7), squeeze=False)
+    for j, env in enumerate(envs):
+        runs = [r for r in doc["runs"] if r["env"] == env]
+        for row, (x, label) in enumerate([(0, "environment steps"), (2, "wall time (s)")]):
+            ax = axes[row, j]
+            top = max(
+                (
+                    r["episodes"][-1][x]
+                    for r in runs
+                    if r["episodes"] and len(r["episodes"][-1]) > x
+                ),
+                default=1.0,
+            )
+            grid = np.linspace(0, top, 200)
+            for m in doc["summary"][env]:
+                cs = [
+                    curve(r["episodes"], grid, x)
+                    for r in runs
+                    if r["method"] == m and r["episodes"] and len(r["episodes"][0]) > x
+                ]
+                if not cs:
+                    continue
+                c = np.array(cs)
+                with warnings.catch_warnings():  # all-NaN columns before any episode ended
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = np.nanmedian(c, 0)
+                    lo, hi = np.nanmin(c, 0), np.nanmax(c, 0)
+                name = "sb3_contrib TRPO" if m == "sb3" else f"steepest {m.upper()}"
+                (line,) = ax.plot(grid, med, label=f"{name} ({len(cs)})")
+                ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15)
+            ax.axhline(doc["targets"][env], color="grey", lw=0.8, ls="--")
+            ax.set_xlabel(label)
+            ax.set_ylabel("mean return (last 10 episodes)")
+            ax.set_title(env)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 def timing(args: argparse.Namespace, out: Path) -> None:
@@ -221,13 +333,22 @@ def timing(args: argparse.Namespace, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--envs", nargs="+", default=["CartPole-v1"])
-    ap.add_argument("--methods", nargs="+", default=["trpo", "npg", "vpg", "sb3"])
+    ap.add_argument("--methods", nargs="+", default=["trpo", "sb3", "npg", "acktr", "vpg"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs in parallel (separate processes, --threads torch threads each)",
+    )
     ap.add_argument("--out", default="benchmarks/results/rl.json")
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument("--markdown", metavar="JSON", help="print the table of a results file")
+    ap.add_argument(
+        "--plot", nargs=2, metavar=("JSON", "PNG"), help="plot return against steps and time"
+    )
     ap.add_argument(
         "--timing",
         type=int,
@@ -239,6 +360,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), Path(args.plot[1]))
         return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -256,6 +380,7 @@ def main() -> None:
             "seeds": args.seeds,
             "steps": args.steps,
             "threads": args.threads,
+            "jobs": args.jobs,
         },
         "runs": [],
     }
@@ -265,39 +390,40 @@ def main() -> None:
         doc["previous"] = old.get("previous", []) + [
             {"machine": old["machine"], "config": old["config"]}
         ]
+    tasks = []  # per environment and seed, the methods in a rotated order (round-robin)
     for env in args.envs:
-        for seed in args.seeds:
-            k = args.seeds.index(seed)
+        for k, seed in enumerate(args.seeds):
             order = args.methods[k % len(args.methods) :] + args.methods[: k % len(args.methods)]
-            for m in order:
-                res = (
-                    run_sb3(env, seed, args.steps)
-                    if m == "sb3"
-                    else run_steepest(env, m, seed, args.steps)
-                )
-                eps = res["episodes"]
-                last = eps[-WINDOW:]
-                res.update(
-                    env=env,
-                    method=m,
-                    seed=seed,
-                    final_return=sum(r for _, r in last) / len(last) if last else None,
-                    steps_to_target=steps_to_target(eps, TARGETS.get(env), WINDOW),
-                    load_average=list(os.getloadavg()),
-                )
-                res["episodes"] = [[int(s), round(float(r), 3)] for s, r in eps]
-                doc["runs"].append(res)
-                print(
-                    f"{env} {m} seed {seed}: final {res['final_return']:.1f}, to target "
-                    f"{res['steps_to_target']}, {res['wall_time']:.1f} s",
-                    flush=True,
-                )
-                doc["summary"] = summarize(doc["runs"])
-                doc["machine"]["load_average_end"] = list(os.getloadavg())
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(doc, indent=1) + "\n")
-                os.replace(tmp, out)
+            tasks += [(env, m, seed, args.steps, args.threads) for m in order]
+    done = {(r["env"], r["method"], r["seed"]) for r in doc["runs"]}
+    tasks = [t for t in tasks if t[:3] not in done]
+
+    def record(res: dict) -> None:
+        doc["runs"].append(res)
+        print(
+            f"{res['env']} {res['method']} seed {res['seed']}: final {res['final_return']:.1f}, "
+            f"to target {res['steps_to_target']}, {res['wall_time']:.1f} s "
+            f"(load {res['load_average'][0]:.1f})",
+            flush=True,
+        )
+        doc["summary"] = summarize(doc["runs"])
+        doc["machine"]["load_average_end"] = list(os.getloadavg())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, out)
+
+    if args.jobs == 1:
+        for t in tasks:
+            record(one(*t))
+    else:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(one, *t) for t in tasks]
+            for f in as_completed(futures):
+                record(f.result())
     print(markdown(doc))
 
 

@@ -214,13 +214,15 @@ def test_collector_values_and_episodes(one_thread):
     assert sum(e.length for e in b.episodes) <= 120
 
 
-def test_acktr_step_is_the_kfac_trust_region_step():
-    """ACKTR: d = -(K + lambda I)^-1 g with K the K-FAC Fisher, alpha = min(1, sqrt(2 max_kl /
-    d^T (K + lambda I) d)): the step lies on the K-FAC trust region and lowers the surrogate."""
+@pytest.mark.parametrize("max_kl", [1e-4, 1e-2])
+def test_acktr_step_is_the_kfac_natural_step_within_the_exact_kl_bound(max_kl):
+    """ACKTR: the direction is d = -(K + lambda I)^-1 g with K the K-FAC Fisher; the K-FAC
+    trust-region size alpha0 = min(1, sqrt(2 max_kl / d^T (K + lambda I) d)) overshoots the
+    exact KL on this batch (K is approximate), and the step actually taken is clipped to it."""
     from steepest import KFAC, Point
+    from steepest.params import ParamSpace
 
     net, pi, x, y, z0 = _batch(6)
-    max_kl = 1e-4
     opt = policy_optimizer("acktr", net, pi, Settings(max_kl=max_kl, dtype="float64"))
     assert isinstance(opt.metric, KFAC)
     theta0 = flat_params(net)
@@ -230,13 +232,117 @@ def test_acktr_step_is_the_kfac_trust_region_step():
     opt.generator.set_state(gen_state)  # the same sampled actions for the K-FAC factors
     net_copy = mlp([4, 6, 3], dtype=D)
     net_copy.load_state_dict(net.state_dict())
-    from steepest.params import ParamSpace
-
-    ParamSpace(net_copy).set(theta0)
+    space = ParamSpace(net_copy)
+    space.set(theta0)
     k = KFAC().operator(Point(net_copy, pi, x, y, generator=opt.generator)).to_dense()
-    lam = opt.damping.value
-    quad = float(delta @ (k + lam * torch.eye(k.shape[0], dtype=D)) @ delta)
-    assert info.accepted and 0 < info.alpha < 1  # the trust region binds at this max_kl
-    assert quad == pytest.approx(2 * max_kl, rel=1e-6)
+    a = k + opt.damping.value * torch.eye(k.shape[0], dtype=D)
+    fm = model_function(net_copy)
+    g = torch.autograd.functional.jacobian(lambda th: pi.value(fm(th, x), y).mean(), theta0)
+    d = -torch.linalg.solve(a, g)
+    alpha0 = min(1.0, math.sqrt(2 * max_kl / float(d @ a @ d)))
+
+    def kl_of(step):
+        space.set(theta0 + step)
+        with torch.no_grad():
+            return float(pi.kl(z0, net_copy(x)).mean())
+
+    assert kl_of(alpha0 * d) > max_kl  # the quadratic K-FAC model alone breaks the bound
+    assert info.accepted and 0 < info.alpha < alpha0
+    torch.testing.assert_close(delta, info.alpha * d, rtol=1e-8, atol=1e-12)
+    kl = kl_of(delta)
+    assert 0.3 * max_kl < kl <= max_kl
     with torch.no_grad():
         assert float(pi.value(net(x), y).mean()) < float(pi.value(z0, y).mean())
+
+
+def test_exact_kl_clip_rescales_and_refuses():
+    from steepest.rl.trust import ExactKLClip
+    from steepest.steps import StepContext
+
+    d = torch.tensor([1.0, 0.0], dtype=D)
+    trials = []
+
+    def ctx(kl_at, dAd=2.0):
+        return StepContext(1.0, -d, d, None, dAd, None, lambda s: 0.0, kl_at)
+
+    def quartic(step):  # the true KL grows faster than its quadratic model alpha^2 dAd / 2
+        a = float(step[0])
+        trials.append(a)
+        return a * a + 100 * a**4
+
+    rule = ExactKLClip(max_kl=0.01, max_alpha=1.0, beta=0.9, max_evals=10)
+    choice = rule.choose(ctx(quartic))
+    tried = list(trials)
+    assert tried[0] == pytest.approx(0.1)  # alpha0 = sqrt(2 max_kl / dAd)
+    assert len(tried) >= 2 and choice.evaluations == len(tried) and choice.alpha == tried[-1]
+    assert quartic(choice.alpha * d) <= 0.01 < quartic(tried[-2] * d)
+    # each rescaling is the quadratic model's, sqrt(max_kl / KL), at most beta
+    a0 = tried[0]
+    assert tried[1] == pytest.approx(a0 * min(0.9, math.sqrt(0.01 / (a0**2 + 100 * a0**4))))
+    # capped by max_alpha; inside the bound at once
+    assert ExactKLClip(0.01, max_alpha=0.05).choose(ctx(quartic)).alpha == 0.05
+    # never inside the bound: no step, with a message
+    refused = ExactKLClip(0.01, max_evals=3).choose(ctx(lambda s: math.inf))
+    assert refused.alpha == 0 and refused.evaluations == 3 and "no step" in refused.message
+    for bad in ({"max_kl": 0}, {"beta": 1.0}, {"max_evals": 0}, {"max_alpha": math.nan}):
+        with pytest.raises(ConfigurationError, match="ExactKLClip"):
+            ExactKLClip(**bad)
+
+
+def test_acktr_step_that_cannot_meet_the_bound_changes_nothing():
+    class Diverging(Categorical):  # every trial's KL is infinite
+        def kl(self, z_old, z_new):
+            return torch.full(z_old.shape[:1], math.inf, dtype=z_old.dtype)
+
+    net, _, x, y, _ = _batch(2)
+    opt = policy_optimizer("acktr", net, Diverging(), Settings(dtype="float64"))
+    theta0 = flat_params(net)
+    info = opt.step(x, y)
+    assert not info.accepted
+    assert torch.equal(flat_params(net), theta0)
+
+
+def test_running_moments_match_the_batch_moments():
+    from steepest.rl.rollouts import RunningMoments
+
+    rng = torch.Generator().manual_seed(3)
+    x = (torch.randn(300, 3, generator=rng, dtype=D) * torch.tensor([1.0, 5.0, 0.1]) + 2).numpy()
+    m = RunningMoments((3,))
+    for k in range(0, 300, 7):  # uneven batches
+        m.update(x[k : k + 7])
+    # the prior count 1e-4 at mean 0, variance 1 shifts the moments by ~1e-6 relative
+    torch.testing.assert_close(
+        torch.as_tensor(m.mean), torch.as_tensor(x.mean(0)), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.as_tensor(m.var), torch.as_tensor(x.var(0)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_collector_normalises_observations_and_rewards(one_thread):
+    from steepest.rl import Collector
+
+    gen = seeded(4)
+    policy = mlp([4, 8, 2], generator=gen)
+    value = mlp([4, 8, 1], generator=gen)
+    plain = Collector("CartPole-v1", n_envs=2, seed=4)
+    norm = Collector(
+        "CartPole-v1", n_envs=2, seed=4, normalize_obs=True, normalize_reward=True, gamma=0.9
+    )
+    b = norm.collect(policy, Categorical(), value, 50, seeded(0))
+    # what the policy saw: the raw states normalised with the moments of all states so far
+    # (with the prior: weight 1e-4 at mean 0, variance 1); the first row: the reset states'
+    raw0 = torch.as_tensor(plain.obs)
+    w0, n = 1e-4, raw0.shape[0]
+    mean = raw0.sum(0) / (w0 + n)
+    var = (w0 * (1 + mean**2) + ((raw0 - mean) ** 2).sum(0)) / (w0 + n)
+    first = (raw0 - mean) / torch.sqrt(var + 1e-8)
+    torch.testing.assert_close(b.obs[:2].double(), first, rtol=1e-5, atol=1e-5)
+    assert norm.obs_moments.count == pytest.approx(51 * 2, abs=1e-3)  # reset + every step
+    assert float(b.obs.abs().max()) <= 10.0
+    # rewards 1 scaled by one batch scale 1/sqrt(Var[R] + 1e-8), episodes reported raw
+    scale = float(b.rewards[0, 0])
+    assert torch.allclose(b.rewards, torch.full_like(b.rewards, scale))
+    assert scale == pytest.approx(1 / math.sqrt(norm.ret_moments.var + 1e-8), rel=1e-5)
+    assert scale != pytest.approx(1.0, abs=1e-2)
+    assert all(e.ret == e.length for e in b.episodes)

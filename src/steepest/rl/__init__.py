@@ -5,7 +5,8 @@ environments.
 A policy is a :class:`~steepest.losses.Loss` whose predictive distribution is pi(a|s)
 (:mod:`.policies`), so ``Fisher()``, ``CG`` and ``KLLineSearch`` apply to a policy network
 unchanged; :mod:`.rollouts` collects vectorised experience, :mod:`.advantages` computes GAE,
-:mod:`.value` fits the baseline and :mod:`.agent` ties one iteration together.
+:mod:`.value` fits the baseline, :mod:`.trust` keeps ACKTR's K-FAC step within the exact KL
+bound and :mod:`.agent` ties one iteration together.
 
 >>> from steepest.rl import Agent
 >>> agent = Agent("CartPole-v1", method="trpo", seed=0)
@@ -15,7 +16,8 @@ unchanged; :mod:`.rollouts` collects vectorised experience, :mod:`.advantages` c
 from .advantages import gae
 from .agent import LABELS, METHODS, Agent, Settings, policy_optimizer, settings_for
 from .policies import Categorical, DiagonalGaussian, GaussianHead, PolicyLoss, mlp
-from .rollouts import Collector, Episode, Rollout, policy_for
+from .rollouts import Collector, Episode, Rollout, RunningMoments, policy_for
+from .trust import ExactKLClip
 from .value import ValueFit
 
 __all__ = [
@@ -24,11 +26,13 @@ __all__ = [
     "Collector",
     "DiagonalGaussian",
     "Episode",
+    "ExactKLClip",
     "GaussianHead",
     "LABELS",
     "METHODS",
     "PolicyLoss",
     "Rollout",
+    "RunningMoments",
     "Settings",
     "ValueFit",
     "gae",

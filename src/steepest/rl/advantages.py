@@ -19,6 +19,7 @@ Example
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -67,9 +68,13 @@ def gae(
     alive = 1.0 - terminated.to(rewards.dtype)
     cont = 1.0 - (terminated | truncated).to(rewards.dtype)
     delta = rewards + gamma * alive * next_values - values
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
+    # the backward recursion on numpy rows (a torch op per row costs ~10x more)
+    d = delta.detach().cpu().numpy()
+    c = gamma * lam * cont.detach().cpu().numpy()
+    adv = np.zeros_like(d)
+    last = np.zeros_like(d[0])
     for t in range(shape[0] - 1, -1, -1):
-        last = delta[t] + gamma * lam * cont[t] * last
+        last = d[t] + c[t] * last
         adv[t] = last
-    return adv, adv + values
+    out = torch.as_tensor(adv, dtype=rewards.dtype, device=rewards.device)
+    return out, out + values

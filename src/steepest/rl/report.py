@@ -230,7 +230,6 @@ mean of the last 10 training episodes; wall time is the time in the runs' iterat
 """
 
 
-
 def write(res: Results, out: str | os.PathLike) -> list[str]:
     """Write :data:`FILES` into the directory ``out`` (created if needed)."""
     dest = Path(out)
