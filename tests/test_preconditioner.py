@@ -219,3 +219,41 @@ def test_recorder_stays_out_of_torch_func():
     per = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
     assert per["0.weight"].shape == (6, 8, 4)
     assert pre._recorder.records == {}
+
+
+def test_autocast_forward_and_a_small_weight_decay_take_the_plain_product():
+    """The recorded rows are used only when they are the gradient: under autocast (bfloat16
+    activations, float32 .grad) and with a weight decay of relative size 1e-4 added to a
+    float32 .grad the block takes the plain product (before: a dtype error, and the decay
+    dropped)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 24), nn.Tanh(), nn.Linear(24, 3))
+    x = torch.randn(6, 30, generator=seeded(5))
+    y = torch.randint(0, 3, (6,), generator=seeded(6))
+    pre = Preconditioner(model, CrossEntropy(), damping=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    pre.step(x, y)
+    assert pre.metric.fast_blocks == 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    for decay, fast in ((0.0, 1), (1e-4, 0)):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            w = model[0].weight
+            w.grad.add_(decay * w.grad.norm() / w.norm() * w)
+        pre.step(x, y)
+        assert pre.metric.fast_blocks == fast, decay
+
+
+def test_a_dropped_preconditioner_takes_its_hooks_off_the_model():
+    import gc
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    for _ in range(3):
+        pre = Preconditioner(model, CrossEntropy())
+        assert len(model[0]._forward_hooks) == 1
+        del pre
+        gc.collect()
+        assert len(model[0]._forward_hooks) == 0

@@ -125,6 +125,30 @@ def test_a_changed_batch_model_or_theta_is_evaluated_afresh():
     assert not opt._keep_graph and opt._next is None
 
 
+def test_a_frozen_parameter_changed_between_steps_is_evaluated_afresh():
+    """A frozen parameter is not part of theta, but it is part of the function: changed in
+    place between two steps on the same batch (alternating optimisation), the next step must
+    not reuse the kept forward (it would take a step on the old function, or fail in
+    backward)."""
+    x, y = data()
+    model, ref = mlp(), mlp()
+    for m in (model, ref):
+        m[2].requires_grad_(False)  # a frozen head
+    opt = Optimizer(model, MSE(), metric=GGN(), damping=LevenbergMarquardt(1e-2))
+    opt_ref = Optimizer(ref, MSE(), metric=GGN(), damping=LevenbergMarquardt(1e-2), reuse=False)
+    for change in (lambda m: m[2].bias.add_(1.0), lambda m: m[2].weight.mul_(2.0)):
+        assert opt.step(x, y).accepted and opt_ref.step(x, y).accepted
+        with torch.no_grad():
+            change(model)
+            change(ref)
+        with torch.no_grad():
+            changed = float(MSE().value(model(x), y).mean())  # the loss of the new function
+        info, info_ref = opt.step(x, y), opt_ref.step(x, y)
+        assert info.nfev == info.evaluations + 1  # a fresh forward at theta
+        assert info.loss == changed
+        assert strip(info) == strip(info_ref) and torch.equal(params(model), params(ref))
+
+
 @pytest.mark.parametrize(
     "extra,train",
     [

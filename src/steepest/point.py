@@ -516,8 +516,10 @@ class Point(GraphProducts):
 def evaluate(
     space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor, theta: Tensor
 ) -> tuple[float, Tensor]:
-    """Mean loss and outputs at ``theta``, without a graph (for line searches and rho)."""
-    with torch.no_grad():
+    """Mean loss and outputs at ``theta``, without a graph (for line searches and rho).
+    Attention runs with the math kernel, as in :func:`forward`, so that a trial evaluated here
+    and one evaluated with its graph give the same values."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         z = space.function()(theta, inputs)
         return float(loss.value(z, targets).mean()), z
 

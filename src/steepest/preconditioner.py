@@ -22,6 +22,7 @@ gradient preconditioned is the one in ``.grad``, whatever the user's loss added 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -120,6 +121,8 @@ class Preconditioner:
         if isinstance(self.metric, KFAC) and not isinstance(self.metric, EKFAC):
             if self.distributed is None:  # .grad is then every rank's mean, the rows local
                 self._recorder = _GradientRecorder(model)
+                # a Preconditioner that is dropped takes its hooks off the model with it
+                weakref.finalize(self, self._recorder.remove)
 
     def step(self, inputs: Inputs, targets: Tensor) -> None:
         """Replace the trainable parameters' ``.grad`` by :math:`(M+\\lambda I)^{-1}` of it,

@@ -157,8 +157,11 @@ class Batch:
 
 class NextPoint:
     r"""The accepted trial's :class:`~steepest.point.Graph` at :math:`\theta_1`, kept for the
-    next step, with what it was made from: the batch, the loss, the model's training flags and
-    its buffers (the tensor objects and their ``_version``).
+    next step, with what it was made from: the batch, the loss, the model's training flags, its
+    buffers and all its parameters, frozen ones included (the tensor objects and their
+    ``_version``). Not seen: plain Python attributes of the model or the loss and hooks changed
+    between steps; a loop that changes those between steps on the same batch should pass
+    ``Optimizer(reuse=False)``.
 
     >>> nxt = NextPoint(graph, model, loss, x, y)
     >>> nxt.graph if nxt.matches(space, loss, x, y) else None
@@ -171,6 +174,10 @@ class NextPoint:
         self.batch = Batch(inputs, targets)
         self.training = [m.training for m in model.modules()]
         self.buffers = [(b, b._version) for b in model.buffers()]
+        # every parameter, frozen ones included: a frozen weight changed in place between the
+        # steps (alternating optimisation) changes the function without changing theta (the
+        # trainable ones are compared through theta: the step writes them after this)
+        self.params = [(p, p._version, p.requires_grad) for p in model.parameters()]
 
     def matches(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor) -> bool:
         """Whether a fresh forward at the model's parameters on (inputs, targets) would be this
@@ -183,6 +190,12 @@ class NextPoint:
         buffers = list(model.buffers())
         if len(buffers) != len(self.buffers) or not all(
             b is b0 and b._version == v for b, (b0, v) in zip(buffers, self.buffers, strict=True)
+        ):
+            return False
+        params = list(model.parameters())
+        if len(params) != len(self.params) or not all(
+            p is p0 and p.requires_grad == rg and (rg or p._version == v)
+            for p, (p0, v, rg) in zip(params, self.params, strict=True)
         ):
             return False
         theta, ref = space.get(), self.graph.theta.detach()
