@@ -476,6 +476,39 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def combine(base_file: str, new_file: str) -> dict:
+    """The rows of ``new_file`` replacing or joining those of ``base_file`` (e.g. the K-FAC
+    rows rerun after a change of the library), every problem summarised again."""
+    with open(base_file) as f:
+        base = json.load(f)
+    with open(new_file) as f:
+        new = json.load(f)
+    meta = {**base["meta"], "combined": {"base": base_file, "new": new_file}}
+    meta["combined"]["new_meta"] = new["meta"]
+    out = {"meta": meta, "problems": {}}
+    CLOCK["clock"] = base["meta"].get("clock", "wall")
+    for name, old in base["problems"].items():
+        nw = new["problems"].get(name)
+        if nw is None:
+            out["problems"][name] = old
+            continue
+        key = ("seeds", "budget_s", "clock")
+        if [old.get(k) for k in key] != [nw.get(k) for k in key]:
+            raise SystemExit(f"{name}: seeds, budget and clock differ between the two files")
+        rows = [r for r in ROWS if r in old["runs"] or r in nw["runs"]]
+        src = {r: (nw if r in nw["runs"] else old) for r in rows}
+        merged = {
+            "tuning": {r: src[r]["tuning"][r] for r in rows if r in src[r]["tuning"]},
+            "chosen": {r: src[r]["chosen"][r] for r in rows},
+            "runs": {r: src[r]["runs"][r] for r in rows},
+        }
+        r = summarize(merged)
+        r.update({k: old[k] for k in ("description", "budget_s", "tune_budget_s", "seeds")})
+        r["rows_from"] = {row: ("new" if src[row] is nw else "base") for row in rows}
+        out["problems"][name] = r
+    return out
+
+
 def _clean(o):
     """JSON without NaN/Infinity: non-finite floats become null."""
     if isinstance(o, float):
@@ -510,6 +543,14 @@ def main() -> None:
         "machine does not charge a run for waiting) or on wall-clock time",
     )
     ap.add_argument(
+        "--combine",
+        nargs=2,
+        metavar=("BASE", "NEW"),
+        default=None,
+        help="run nothing: the rows of NEW replace or join those of BASE (same problems, seeds, "
+        "budget and clock), summarised again into --out",
+    )
+    ap.add_argument(
         "--reuse",
         default=None,
         help="a results JSON of the same problems, seeds, budget and clock: its rows "
@@ -519,6 +560,13 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)))
+        return
+    if args.combine:
+        combined = combine(*args.combine)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(_clean(combined), f, indent=1)
+        print(markdown(combined))
         return
     torch.set_num_threads(args.threads)
     CLOCK["clock"] = args.clock
