@@ -263,7 +263,7 @@ def run_one(prob: dict, kind: str, value: float | None, seed: int, budget: float
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             stepper(bx, by)
-        except steepest.errors.SteepestError as err:  # recorded, not raised
+        except (steepest.errors.SteepestError, torch.linalg.LinAlgError) as err:  # recorded
             error = f"{type(err).__name__}: {err}"
             break
         spent += time.perf_counter() - t0
