@@ -10,6 +10,8 @@ certified starts ("Start 1" far, "Start 2" near) by
   settings): Levenberg-Marquardt as a trust region on the scaled step,
   :math:`\delta = -(M + \lambda D^2)^{-1} g` with :math:`\|D\delta\| = \Delta` (Moré 1978,
   the algorithm of MINPACK's ``lmder`` that ``scipy-lm`` wraps);
+- ``gn-more-ftol``: ``gn-more`` stopped when the Optimizer's own MINPACK tests fire
+  (``StepInfo.converged``: ftol = xtol = 1e-8, its defaults) instead of by the rule below;
 - ``ggn-tr``: the GGN metric (equal to Gauss-Newton for the MSE loss) with the adaptive trust
   region of 000 Appendix A, :math:`\alpha = \epsilon/\sqrt{g^T (M + \lambda I)^{-1} g}`;
 - ``hessian-tr``: Newton (the exact Hessian, clipped to its absolute eigenvalues when indefinite)
@@ -62,6 +64,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -253,8 +256,10 @@ _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 def _line_range(text: str, what: str, path: Path) -> tuple[int, int]:
     m = re.search(_RANGE.format(what), text, flags=re.IGNORECASE)
     if m is None:
-        raise ValueError(f"{path}: no '{what} (lines a to b)' in the header; not a NIST StRD "
-                         "nonlinear regression file.")
+        raise ValueError(
+            f"{path}: no '{what} (lines a to b)' in the header; not a NIST StRD "
+            "nonlinear regression file."
+        )
     return int(m.group(1)), int(m.group(2))
 
 
@@ -278,8 +283,10 @@ def parse(path: str | Path) -> Problem:
     for line in lines[s0 - 1 : s1]:
         m = re.match(r"\s*b(\d+)\s*=\s*(.*)$", line)
         if m is None:
-            raise ValueError(f"{path}: line '{line.strip()}' of the starting values is not "
-                             "'bJ = start1 start2 certified sd'.")
+            raise ValueError(
+                f"{path}: line '{line.strip()}' of the starting values is not "
+                "'bJ = start1 start2 certified sd'."
+            )
         toks = re.findall(_NUM, m.group(2))
         if len(toks) != 4:
             raise ValueError(f"{path}: expected 4 numbers after 'b{m.group(1)} =', got {toks}.")
@@ -305,9 +312,18 @@ def parse(path: str | Path) -> Problem:
     y = data[:, 0]
     if name in LOG_RESPONSE:
         y = np.log(y)
-    return Problem(name=name, level=level_m.group(1) if level_m else "", model=model,
-                   starts=[starts1, starts2], certified=cert, certified_sd=sd,
-                   digits=min(digits), rss=rss, x=data[:, 1:], y=y)
+    return Problem(
+        name=name,
+        level=level_m.group(1) if level_m else "",
+        model=model,
+        starts=[starts1, starts2],
+        certified=cert,
+        certified_sd=sd,
+        digits=min(digits),
+        rss=rss,
+        x=data[:, 1:],
+        y=y,
+    )
 
 
 # ---------------------------------------------------------------------------------- model
@@ -394,25 +410,51 @@ def make_optimizer(method: str, model: nn.Module) -> steepest.Optimizer:
     """The library configuration of each steepest method (library defaults where possible)."""
     mse = steepest.MSE()
     if method == "gn-lm":
-        return steepest.Optimizer(model, mse, metric=steepest.GaussNewton(),
-                                  damping=steepest.LevenbergMarquardt(), solver="cholesky")
+        return steepest.Optimizer(
+            model,
+            mse,
+            metric=steepest.GaussNewton(),
+            damping=steepest.LevenbergMarquardt(),
+            solver="cholesky",
+        )
     if method == "gn-more":
-        return steepest.Optimizer(model, mse, metric=steepest.GaussNewton(),
-                                  damping=steepest.MoreTrustRegion(), solver="cholesky")
+        return steepest.Optimizer(
+            model,
+            mse,
+            metric=steepest.GaussNewton(),
+            damping=steepest.MoreTrustRegion(),
+            solver="cholesky",
+        )
     if method == "ggn-tr":
-        return steepest.Optimizer(model, mse, metric=steepest.GGN(),
-                                  damping=steepest.LevenbergMarquardt(), solver="cholesky",
-                                  step=steepest.TrustRegion(adaptive=True))
+        return steepest.Optimizer(
+            model,
+            mse,
+            metric=steepest.GGN(),
+            damping=steepest.LevenbergMarquardt(),
+            solver="cholesky",
+            step=steepest.TrustRegion(adaptive=True),
+        )
     if method == "hessian-tr":
-        return steepest.Optimizer(model, mse, metric=steepest.Hessian(),
-                                  damping=steepest.LevenbergMarquardt(),
-                                  solver=steepest.Cholesky(indefinite="clip"),
-                                  step=steepest.TrustRegion(adaptive=True))
+        return steepest.Optimizer(
+            model,
+            mse,
+            metric=steepest.Hessian(),
+            damping=steepest.LevenbergMarquardt(),
+            solver=steepest.Cholesky(indefinite="clip"),
+            step=steepest.TrustRegion(adaptive=True),
+        )
     raise ValueError(f"unknown steepest method {method!r}; one of {STEEPEST_METHODS}.")
 
 
-STEEPEST_METHODS = ("gn-lm", "gn-more", "ggn-tr", "hessian-tr", "least-squares",
-                    "least-squares-tight")
+STEEPEST_METHODS = (
+    "gn-lm",
+    "gn-more",
+    "gn-more-ftol",
+    "ggn-tr",
+    "hessian-tr",
+    "least-squares",
+    "least-squares-tight",
+)
 SCIPY_METHODS = ("scipy-lm", "scipy-trf", "scipy-lm-tight", "scipy-trf-tight")
 METHODS = STEEPEST_METHODS + SCIPY_METHODS
 
@@ -428,26 +470,38 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-def fit_steepest(problem: Problem, start: int, method: str = "gn-lm",
-                 rule: StopRule | None = None, formulas: dict | None = None) -> FitResult:
+def fit_steepest(
+    problem: Problem,
+    start: int,
+    method: str = "gn-lm",
+    rule: StopRule | None = None,
+    formulas: dict | None = None,
+) -> FitResult:
     """Fit with ``steepest.Optimizer`` from start 1 or 2 under the stopping rule."""
     with single_thread():
         return _fit_steepest(problem, start, method, rule, formulas)
 
 
-def _fit_steepest(problem: Problem, start: int, method: str, rule: StopRule | None,
-                  formulas: dict | None) -> FitResult:
+def _fit_steepest(
+    problem: Problem, start: int, method: str, rule: StopRule | None, formulas: dict | None
+) -> FitResult:
     rule = StopRule() if rule is None else rule
     model = NistModel(formula_of(problem, formulas), problem.starts[start - 1])
     x, y = tensors(problem)
-    opt = make_optimizer(method, model)
+    # gn-more-ftol: gn-more stopped by the Optimizer's own MINPACK tests (ftol = xtol = 1e-8,
+    # StepInfo.converged) instead of the run to the float64 floor of the rule above
+    opt = make_optimizer(method.removesuffix("-ftol"), model)
     steps = evals = rejected = 0
     status = f"max_steps={rule.max_steps}"
     t0 = time.perf_counter()
     try:
         for _ in range(rule.max_steps):
             info = opt.step(x, y)
-            evals += 1 + info.evaluations
+            evals += info.nfev  # MINPACK's count: 0 for the point when the trial is reused
+            if method.endswith("-ftol") and info.converged:
+                steps += int(info.accepted)
+                status = f"converged: {info.reason}"
+                break
             if info.grad_norm == 0:
                 status = "zero gradient"
                 break
@@ -467,12 +521,23 @@ def _fit_steepest(problem: Problem, start: int, method: str, rule: StopRule | No
         status = f"{type(e).__name__}: {e}"
     elapsed = time.perf_counter() - t0
     b = model.b.detach().tolist()
-    return FitResult(problem.name, start, method, lre(b, problem.certified, _cap(problem)),
-                     steps, evals, elapsed, rss_at(problem, b, formulas), b, status)
+    return FitResult(
+        problem.name,
+        start,
+        method,
+        lre(b, problem.certified, _cap(problem)),
+        steps,
+        evals,
+        elapsed,
+        rss_at(problem, b, formulas),
+        b,
+        status,
+    )
 
 
-def fit_least_squares(problem: Problem, start: int, formulas: dict | None = None,
-                      tight: bool = False) -> FitResult:
+def fit_least_squares(
+    problem: Problem, start: int, formulas: dict | None = None, tight: bool = False
+) -> FitResult:
     """``steepest.least_squares`` with its defaults (``tight``: ftol = xtol = gtol = 1e-15, as
     ``scipy-lm-tight``); evaluations = ``nfev`` (as scipy's)."""
     f = formula_of(problem, formulas)
@@ -481,17 +546,28 @@ def fit_least_squares(problem: Problem, start: int, formulas: dict | None = None
     t0 = time.perf_counter()
     with single_thread():
         tol = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15} if tight else {}
-        res = steepest.least_squares(lambda b: f(b, x) - y1,
-                                     torch.tensor(problem.starts[start - 1], dtype=DTYPE), **tol)
+        res = steepest.least_squares(
+            lambda b: f(b, x) - y1, torch.tensor(problem.starts[start - 1], dtype=DTYPE), **tol
+        )
     elapsed = time.perf_counter() - t0
     b = res.x.tolist()
-    return FitResult(problem.name, start, "least-squares-tight" if tight else "least-squares",
-                     lre(b, problem.certified, _cap(problem)), res.njev, res.nfev, elapsed,
-                     rss_at(problem, b, formulas), b, res.message)
+    return FitResult(
+        problem.name,
+        start,
+        "least-squares-tight" if tight else "least-squares",
+        lre(b, problem.certified, _cap(problem)),
+        res.njev,
+        res.nfev,
+        elapsed,
+        rss_at(problem, b, formulas),
+        b,
+        res.message,
+    )
 
 
-def fit_scipy(problem: Problem, start: int, method: str = "scipy-lm",
-              formulas: dict | None = None) -> FitResult:
+def fit_scipy(
+    problem: Problem, start: int, method: str = "scipy-lm", formulas: dict | None = None
+) -> FitResult:
     """``scipy.optimize.least_squares`` with the analytic (autograd) Jacobian."""
     from scipy.optimize import least_squares
 
@@ -516,15 +592,26 @@ def fit_scipy(problem: Problem, start: int, method: str = "scipy-lm",
     t0 = time.perf_counter()
     with np.errstate(all="ignore"), single_thread():
         try:
-            sol = least_squares(fun, np.asarray(problem.starts[start - 1]), jac=jac,
-                                method=kind, **tol)
+            sol = least_squares(
+                fun, np.asarray(problem.starts[start - 1]), jac=jac, method=kind, **tol
+            )
             b, status = sol.x.tolist(), sol.message
             iters, evals = int(sol.njev or 0), int(sol.nfev)
         except (ValueError, np.linalg.LinAlgError) as e:
             b, status, iters, evals = [math.nan] * problem.n_params, f"error: {e}", 0, 0
     elapsed = time.perf_counter() - t0
-    return FitResult(problem.name, start, method, lre(b, problem.certified, _cap(problem)),
-                     iters, evals, elapsed, rss_at(problem, b, formulas), b, status)
+    return FitResult(
+        problem.name,
+        start,
+        method,
+        lre(b, problem.certified, _cap(problem)),
+        iters,
+        evals,
+        elapsed,
+        rss_at(problem, b, formulas),
+        b,
+        status,
+    )
 
 
 def _cap(problem: Problem) -> float:
@@ -570,10 +657,37 @@ def counts(results: list[FitResult], methods: Sequence[str]) -> dict:
     out = {}
     for m in methods:
         rs = [r for r in results if r.method == m]
-        out[m] = {"runs": len(rs), "lre>=4": sum(r.lre >= 4 for r in rs),
-                  "lre>=6": sum(r.lre >= 6 for r in rs),
-                  "time_s": round(sum(r.time_s for r in rs), 3)}
+        out[m] = {
+            "runs": len(rs),
+            "lre>=4": sum(r.lre >= 4 for r in rs),
+            "lre>=6": sum(r.lre >= 6 for r in rs),
+            "evaluations": sum(r.evaluations for r in rs),
+            "time_s": round(sum(r.time_s for r in rs), 3),
+        }
     return out
+
+
+def versus(results: list[FitResult], ours: str, ref: str) -> dict | None:
+    """Evaluations of ``ours`` against ``ref`` per problem-start (both run in this process)."""
+    a = {(r.problem, r.start): r for r in results if r.method == ours}
+    b = {(r.problem, r.start): r for r in results if r.method == ref}
+    keys = [k for k in a if k in b]
+    if not keys:
+        return None
+    more = [
+        f"{p} {s}: {a[p, s].evaluations} vs {b[p, s].evaluations} (LRE {a[p, s].lre:.1f} "
+        f"vs {b[p, s].lre:.1f})"
+        for p, s in keys
+        if a[p, s].evaluations > b[p, s].evaluations
+    ]
+    return {
+        "runs": len(keys),
+        "total": sum(a[k].evaluations for k in keys),
+        "total_ref": sum(b[k].evaluations for k in keys),
+        "fewer": sum(a[k].evaluations < b[k].evaluations for k in keys),
+        "equal": sum(a[k].evaluations == b[k].evaluations for k in keys),
+        "more": more,
+    }
 
 
 def markdown(results: list[FitResult], methods: Sequence[str], info: dict) -> str:
@@ -581,8 +695,10 @@ def markdown(results: list[FitResult], methods: Sequence[str], info: dict) -> st
     head = "| problem | start | " + " | ".join(methods) + " |"
     sep = "|---|---|" + "---|" * len(methods)
     rows = [head, sep]
-    keys = sorted({(r.problem, r.start) for r in results},
-                  key=lambda k: (list(FORMULAS).index(k[0]) if k[0] in FORMULAS else 99, k[1]))
+    keys = sorted(
+        {(r.problem, r.start) for r in results},
+        key=lambda k: (list(FORMULAS).index(k[0]) if k[0] in FORMULAS else 99, k[1]),
+    )
     by = {(r.problem, r.start, r.method): r for r in results}
     for p, s in keys:
         cells = []
@@ -590,22 +706,29 @@ def markdown(results: list[FitResult], methods: Sequence[str], info: dict) -> st
             r = by.get((p, s, m))
             cells.append("" if r is None else f"{r.lre:.1f} / {r.iterations} / {r.time_s:.2f}")
         rows.append(f"| {p} | {s} | " + " | ".join(cells) + " |")
-    total = "| **LRE>=6 (>=4)** | | " + " | ".join(
-        f"**{c[m]['lre>=6']}** ({c[m]['lre>=4']}) of {c[m]['runs']}" for m in methods) + " |"
+    total = (
+        "| **LRE>=6 (>=4)** | | "
+        + " | ".join(f"**{c[m]['lre>=6']}** ({c[m]['lre>=4']}) of {c[m]['runs']}" for m in methods)
+        + " |"
+    )
     rows.append(total)
     mach = ", ".join(f"{k} {v}" for k, v in info.items())
     return "\n".join(rows) + f"\n\nCells: LRE / iterations / seconds. Machine: {mach}.\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", required=True, help="folder of the NIST StRD .dat files")
     ap.add_argument("--out", default=None, help="JSON file for the results")
     ap.add_argument("--markdown", default=None, help="also write the table here")
     ap.add_argument("--problems", default=None, help="comma-separated subset, e.g. MGH09,Misra1a")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of "
-                    + ", ".join(METHODS))
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of " + ", ".join(METHODS),
+    )
     args = ap.parse_args(argv)
     data = Path(args.data)
     if not data.is_dir():
@@ -617,6 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}.")
     results: list[FitResult] = []
     checks = {}
+    load0 = os.getloadavg()
     for name in names:
         problem = parse(data / f"{name}.dat")
         # formula check: at the certified values our formula must give the certified RSS
@@ -629,15 +753,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line.append(f"{m} {r.lre:4.1f}")
             print("  ".join(line), flush=True)
     info = machine()
+    info["loadavg_start"], info["loadavg_end"] = load0, os.getloadavg()
+    info["torch_threads_per_fit"] = 1
+    info["note"] = "shared machine: other jobs ran at the same time (see loadavg)"
     c = counts(results, methods)
+    pairs = {
+        f"{a} vs {b}": versus(results, a, b)
+        for a, b in (("least-squares", "scipy-lm"), ("least-squares-tight", "scipy-lm-tight"))
+    }
+    pairs = {k: v for k, v in pairs.items() if v is not None}
+    for k, v in pairs.items():
+        print(
+            f"evaluations {k}: {v['total']} vs {v['total_ref']} ({v['fewer']} fewer, "
+            f"{v['equal']} equal, {len(v['more'])} more: {'; '.join(v['more'])})"
+        )
     for m in methods:
-        print(f"{m:16s} LRE>=6: {c[m]['lre>=6']:2d}  LRE>=4: {c[m]['lre>=4']:2d}  of "
-              f"{c[m]['runs']}  ({c[m]['time_s']:.1f} s)")
+        print(
+            f"{m:16s} LRE>=6: {c[m]['lre>=6']:2d}  LRE>=4: {c[m]['lre>=4']:2d}  of "
+            f"{c[m]['runs']}  ({c[m]['time_s']:.1f} s)"
+        )
     worst = max(checks.values()) if checks else 0.0
     print(f"formula check: max relative error of the RSS at the certified values {worst:.2e}")
     if args.out:
-        out = {"machine": info, "stop_rule": asdict(StopRule()), "lre_cap": LRE_CAP,
-               "rss_check": checks, "counts": c, "results": [asdict(r) for r in results]}
+        out = {
+            "machine": info,
+            "stop_rule": asdict(StopRule()),
+            "lre_cap": LRE_CAP,
+            "rss_check": checks,
+            "counts": c,
+            "evaluations_vs": pairs,
+            "results": [asdict(r) for r in results],
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     if args.markdown:

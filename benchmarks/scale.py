@@ -13,12 +13,14 @@ one step (after warm-up steps; several repeats) divided by the median time of on
 - ``cnn-bn``: the digits CNN with BatchNorm2d after each convolution (training mode).
 
 Rows: ``KFAC`` through ``steepest.Optimizer`` (LevenbergMarquardt, the step evaluates the loss
-at the trial point for rho) at T_cov = T_inv = 1 and at a practice setting (T_cov = T_inv =
-10, ema = 0.95, factored damping) amortised over windows of 10 or 20 steps, each holding one
-refresh of the factors and of their eigendecompositions; ``KFAC preconditioner + SGD`` (the
-kfac-pytorch pattern: the user's backward, then ``Preconditioner.step``), same two settings;
-and, where installed (``bench`` extra), curvlinops' ``KFACLinearOperator`` + its inverse
-(rebuilt every step: it has no running averages) + SGD.
+at the trial point for rho) and through ``steepest.TorchOptimizer`` at the defaults (``KFAC()``:
+ema 0.95, T_cov = 10, T_inv = 100), timed over windows of ``--window`` = 100 steps (one
+eigendecomposition, ten refreshes), and at T_cov = T_inv = 1 without EMA (windows of 10);
+``KFAC preconditioner + SGD`` (the kfac-pytorch pattern: the user's backward, then
+``Preconditioner.step``; factored damping, the preconditioner's default), same two settings;
+and the peers where installed (``bench`` extra): curvlinops' ``KFACLinearOperator`` + its
+inverse and nngeometry's ``PMatKFAC`` + ``solvePVec`` (both rebuilt every step: no running
+averages) + SGD, ASDL's ``KfacGradientMaker`` on our schedule + SGD, singd's ``SINGD``.
 
 Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
 digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
@@ -28,7 +30,8 @@ written into the JSON; read ratios, not seconds.
 
 Usage::
 
-    python benchmarks/scale.py --out benchmarks/results/scale.json [--quick]
+    python benchmarks/scale.py --parts agreement cost closure --repeats 2 \
+        --out benchmarks/results/scale.json [--quick]
 """
 
 from __future__ import annotations
@@ -120,8 +123,20 @@ def kfac_stepper(model, x, y, **kw):
     return lambda: opt.step(x, y)
 
 
+def kfac_torch_stepper(model, x, y, **kw):
+    opt = steepest.TorchOptimizer(
+        model.parameters(),
+        loss=CrossEntropy(),
+        metric=steepest.KFAC(**kw),
+        damping=steepest.LevenbergMarquardt(1.0),
+        lr=1e-2,
+    )
+    return lambda: opt.step(lambda: (model(x), y))
+
+
 def precond_stepper(model, x, y, **kw):
-    pre = Preconditioner(model, CrossEntropy(), metric=steepest.KFAC(**kw), damping=1.0)
+    metric = steepest.KFAC(**{"damping": "factored", **kw})
+    pre = Preconditioner(model, CrossEntropy(), metric=metric, damping=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step():
@@ -162,6 +177,82 @@ def curvlinops_stepper(model, x, y):
     return step
 
 
+def asdl_stepper(model, x, y):
+    """ASDL's K-FAC (sampled-label Fisher) at our defaults' schedule: factors every 10 steps
+    (EMA weight 0.05 on the new ones: our 0.95), inverses every 100, damping 1, then SGD."""
+    import contextlib
+    import types
+
+    import asdl.precondition.natural_gradient as asdl_ng
+    from asdl import KfacGradientMaker, PreconditioningConfig
+
+    # ASDL wraps its inverse update in torch.cuda.nvtx.range unconditionally, which raises on
+    # a CPU build of torch: a no-op range instead (profiling markers only)
+    asdl_ng.nvtx = types.SimpleNamespace(range=lambda *a, **k: contextlib.nullcontext())
+    cfg = PreconditioningConfig(
+        data_size=int(x.shape[0]),
+        damping=1.0,
+        curvature_upd_interval=10,
+        preconditioner_upd_interval=100,
+        ema_decay=0.05,
+    )
+    gm = KfacGradientMaker(model, cfg, fisher_type="fisher_mc")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        dummy = gm.setup_model_call(model, x)
+        gm.setup_loss_call(F.cross_entropy, dummy, y)
+        gm.forward_and_backward()
+        opt.step()
+
+    return step
+
+
+def singd_stepper(model, x, y):
+    """singd's SINGD (inverse-free, empirical Fisher, dense factors), its own update every T = 10
+    steps (its default)."""
+    from singd.optim.optimizer import SINGD
+
+    opt = SINGD(model, lr=1e-3, T=10, warn_unsupported=False)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def nngeometry_stepper(model, x, y):
+    """nngeometry's PMatKFAC of the Fisher (closed-form expectation over the classes: one
+    backward per class), rebuilt every step (no running averages), solved with damping 1 by its
+    solvePVec, then SGD."""
+    from nngeometry.metrics import FIM
+    from nngeometry.object import PMatKFAC
+    from nngeometry.object.vector import PVector
+
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=int(x.shape[0])
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    modules = dict(model.named_modules())
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        fim = FIM(model, loader, PMatKFAC, variant="classif_logits")
+        new = fim.solvePVec(PVector.from_model_grad(model), regul=1.0).to_dict()
+        for name, parts in new.items():
+            module = modules[name]
+            module.weight.grad.copy_(parts[0])
+            if len(parts) > 1:
+                module.bias.grad.copy_(parts[1])
+        opt.step()
+
+    return step
+
+
 def timed(step, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
@@ -171,24 +262,30 @@ def timed(step, reps: int) -> list[float]:
     return out
 
 
-def step_costs(models, steps: int, repeats: int) -> dict:
-    practice = dict(T_cov=10, T_inv=10, ema=0.95, damping="factored")
+def step_costs(models, window: int, repeats: int) -> dict:
+    """Each row's time per step over ``window`` consecutive steps (amortised: a window of 100
+    holds one eigendecomposition and ten factor refreshes at the defaults), divided by the
+    median Adam step measured just before, ``repeats`` times, interleaved."""
+    once = dict(ema=None, T_cov=1, T_inv=1)
     rows = {
-        "KFAC (Optimizer, T=1)": lambda m, x, y: kfac_stepper(m, x, y),
-        "KFAC (Optimizer, T_cov=T_inv=10, factored)": lambda m, x, y: kfac_stepper(
-            m, x, y, **practice
-        ),
-        "KFAC preconditioner + SGD (T=1)": lambda m, x, y: precond_stepper(m, x, y),
-        "KFAC preconditioner + SGD (T_cov=T_inv=10, factored)": lambda m, x, y: precond_stepper(
-            m, x, y, **practice
-        ),
+        "KFAC (Optimizer, defaults)": kfac_stepper,
+        "KFAC (Optimizer, T=1)": lambda m, x, y: kfac_stepper(m, x, y, **once),
+        "KFAC (TorchOptimizer, defaults)": kfac_torch_stepper,
+        "KFAC preconditioner + SGD (defaults)": precond_stepper,
+        "KFAC preconditioner + SGD (T=1)": lambda m, x, y: precond_stepper(m, x, y, **once),
     }
-    try:
-        import curvlinops  # noqa: F401
-
-        rows["curvlinops KFAC (rebuilt each step) + SGD"] = curvlinops_stepper
-    except ImportError:
-        pass
+    peers = {
+        "curvlinops": ("curvlinops KFAC (rebuilt each step) + SGD", curvlinops_stepper),
+        "asdl": ("ASDL KFAC (T_cov=10, T_inv=100, ema) + SGD", asdl_stepper),
+        "singd": ("singd SINGD (T=10)", singd_stepper),
+        "nngeometry": ("nngeometry PMatKFAC (rebuilt each step) + SGD", nngeometry_stepper),
+    }
+    for module, (row, make) in peers.items():
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        rows[row] = make
     res = {}
     for name in models:
         model0, x, y = problem(name)
@@ -211,13 +308,16 @@ def step_costs(models, steps: int, repeats: int) -> dict:
             for row, st in steppers.items():
                 a = statistics.median(timed(adam, 5))
                 adam_t.append(a)
-                ratios.setdefault(row, []).append(
-                    statistics.median(timed(st, steps)) / a
-                    if "T=1" in row or "curvlinops" in row
-                    else sum(timed(st, steps)) / steps / a
-                )
+                try:
+                    n = 10 if "T=1" in row or "rebuilt" in row else window
+                    ratios.setdefault(row, []).append(sum(timed(st, n)) / n / a)
+                except Exception as err:  # noqa: BLE001 - a peer failing after warm-up
+                    entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+            steppers = {r: s for r, s in steppers.items() if "error" not in entry.get(r, {})}
         entry["adam_step_s"] = statistics.median(adam_t)
         for row, r in ratios.items():
+            if "error" in entry.get(row, {}):
+                continue
             entry[row] = {
                 "median": statistics.median(r),
                 "min": min(r),
@@ -381,6 +481,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--parts", nargs="*", default=["cost", "closure", "agreement"])
+    ap.add_argument("--window", type=int, default=100, help="steps per amortised timing")
+    ap.add_argument("--repeats", type=int, default=None, help="step-cost repeats (3; quick 2)")
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
     ap.add_argument("--merge", default=None, help="a JSON whose step_cost entries to keep")
     ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
@@ -416,8 +518,8 @@ def main() -> None:
             meta["merged_step_cost_from"] = args.merge
         res["step_cost"] = kept | step_costs(
             [m for m in args.models if m not in kept],
-            steps=10 if args.quick else 20,
-            repeats=2 if args.quick else 3,
+            window=args.window,
+            repeats=args.repeats or (2 if args.quick else 3),
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)

@@ -425,17 +425,28 @@ def test_refresh_schedule_and_ema():
         for _ in range(3)
     ]
     metric = KFAC(GGN(), ema=0.95, T_cov=2, T_inv=4)
-    fresh = [KFAC(GGN()) for _ in batches]
-    A = []
+    fresh = [KFAC(GGN(), ema=None, T_cov=1, T_inv=1) for _ in batches]
+    A, dense = [], []
     for (x, y), f in zip(batches, fresh):
         op = metric.operator(Point(model, MSE(), x, y))
-        f.operator(Point(model, MSE(), x, y))
+        dense.append(f.operator(Point(model, MSE(), x, y)).to_dense())
         A.append(next(iter(f.state_dict()["factors"]["blocks"].values()))[0])
     got = next(iter(metric.state_dict()["factors"]["blocks"].values()))[0]
     # calls 0 and 2 refresh; eps = min(1 - 1/2, 0.95) at the second refresh
     assert rel_err(got, 0.5 * A[0] + 0.5 * A[2]) < 1e-14
-    # the inverse was computed at call 0 only: stale, so flagged inexact
-    assert not op.inverse_exact
+    # the eigendecomposition was computed at call 0 only: until call 4 the operator is the
+    # matrix decomposed then (batch 0's), so its own inverse is exact for it
+    assert rel_err(op.to_dense(), dense[0]) < 1e-14 and op.inverse_exact
+    damped = op + 1e-2
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    assert rel_err(damped @ damped.solve(b), b) < 1e-13
+    op = metric.operator(Point(model, MSE(), *batches[0]))  # call 3: the same matrix
+    assert rel_err(op.to_dense(), dense[0]) < 1e-14
+    op = metric.operator(Point(model, MSE(), *batches[1]))  # call 4: refresh and decompose
+    state = metric.state_dict()
+    key = next(iter(state["factors"]["blocks"]))
+    assert all(a is b for a, b in zip(state["eig_factors"][key], state["factors"]["blocks"][key]))
+    assert rel_err(op.to_dense(), dense[0]) > 1e-3 and op.inverse_exact
 
 
 def test_bad_configuration_named():
@@ -530,6 +541,8 @@ def test_attention_modules_not_called_get_the_exact_diagonal():
     end = sum(s for n, s in zip(names, sizes) if n.startswith("att."))
     assert rel_err(op.diagonal()[:end], dense.diagonal()[:end]) < 1e-12
     assert bool((op.diagonal()[:end] > 0).any())
+
+
 def test_signed_ggn_own_inverse_inverts_the_operator():
     """GGN with GaussianNLL at large residuals: H_L is indefinite, G is signed; the own
     inverse (flagged exact) must invert the operator ``@`` applies (no clamped eigenvalues)."""
@@ -672,17 +685,24 @@ def test_a_replaced_layer_restarts_the_running_factors(cls):
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x = torch.randn(16, 3, generator=seeded(60), dtype=F64)
     y = torch.randn(16, 2, generator=seeded(61), dtype=F64)
-    metric = cls(GGN(), ema=0.9)
-    opt = steepest.Optimizer(net, MSE(), metric=metric,
-                             damping=steepest.LevenbergMarquardt(1e-2))
+    metric = cls(GGN(), ema=0.9, T_cov=1, T_inv=1)
+    opt = steepest.Optimizer(net, MSE(), metric=metric, damping=steepest.LevenbergMarquardt(1e-2))
     for _ in range(2):
         opt.step(x, y)
     assert metric.state_dict()["refreshes"] >= 2
     net[2] = nn.Linear(5, 4).double()
     net.add_module("3", nn.Linear(4, 2).double())
+    twin = copy.deepcopy(net)
     with pytest.warns(ParameterChangeWarning):
         info = opt.step(x, y)
     assert torch.isfinite(torch.tensor(info.loss))
     assert metric.state_dict()["refreshes"] == 1  # one refresh since the reset
-    after = opt.step(x, y)
-    assert after.loss <= info.loss or not after.accepted
+    # the factors are those of a fresh metric on the new model: no EMA mixed with the old
+    # factors (the first layer kept its shape, so old factors would still fit it)
+    fresh = cls(GGN(), ema=metric.ema, T_cov=metric.T_cov, T_inv=metric.T_inv)
+    steepest.Optimizer(twin, MSE(), metric=fresh, damping=steepest.LevenbergMarquardt(1e-2)).step(
+        x, y
+    )
+    ours, theirs = metric.state_dict(), fresh.state_dict()
+    torch.testing.assert_close(ours["factors"], theirs["factors"], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ours["eig"], theirs["eig"], rtol=1e-10, atol=1e-12)

@@ -263,8 +263,10 @@ def test_main_writes_json_and_markdown(exact_file, formulas, tmp_path, capsys):
     assert {"cpu", "torch", "scipy", "date"} <= set(data["machine"])
     assert data["machine"]["torch"] == torch.__version__
     assert len(data["results"]) == 4  # 2 starts x 2 methods
-    assert data["counts"]["gn-lm"] == {"runs": 2, "lre>=4": 2, "lre>=6": 2,
+    evals = sum(r["evaluations"] for r in data["results"] if r["method"] == "gn-lm")
+    assert data["counts"]["gn-lm"] == {"runs": 2, "lre>=4": 2, "lre>=6": 2, "evaluations": evals,
                                        "time_s": data["counts"]["gn-lm"]["time_s"]}
+    assert len(data["machine"]["loadavg_start"]) == 3 and evals > 0
     assert data["rss_check"][MADEUP] < 1e-9
     table = md.read_text()
     assert f"| {MADEUP} | 1 |" in table and "**2** (2) of 2" in table
@@ -284,3 +286,15 @@ def test_least_squares_method_fits_the_noisy_file(noisy_file, formulas):
     assert r.lre >= 8, r
     assert r.evaluations >= r.iterations >= 1 and "termination" in r.status
     assert nist.fit(prob, 2, "least-squares", formulas=formulas).lre >= 4
+
+
+def test_gn_more_ftol_stops_where_the_optimizer_converges(noisy_file, formulas):
+    """gn-more-ftol: the same Optimizer as gn-more, stopped by StepInfo.converged (its own
+    MINPACK tests, ftol = xtol = 1e-8) instead of running to the float64 floor: fewer
+    evaluations, and a converged status."""
+    prob = nist.parse(noisy_file)
+    short = nist.fit(prob, 1, "gn-more-ftol", formulas=formulas)
+    full = nist.fit(prob, 1, "gn-more", formulas=formulas)
+    assert short.status.startswith("converged: "), short.status
+    assert short.evaluations < full.evaluations
+    assert short.lre >= 4 and full.lre >= 6

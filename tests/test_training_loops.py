@@ -3,6 +3,7 @@ changing parameters, state_dict validation, pickling, lr = 0, precision and name
 Each test fails on the code before issue 9 and passes after."""
 
 import copy
+import dataclasses
 import math
 import pickle
 import warnings
@@ -298,7 +299,9 @@ def _same_next_step(pairs, step):
     infos = [step(*pair) for pair in pairs]
     params = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m, _ in pairs]
     for info, p in zip(infos[1:], params[1:]):
-        assert info == infos[0]
+        # a copy does not carry the kept forward (Optimizer reuse): one forward more, the same
+        # step bit for bit
+        assert dataclasses.replace(info, nfev=0) == dataclasses.replace(infos[0], nfev=0)
         assert torch.equal(p, params[0])
 
 

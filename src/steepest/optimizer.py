@@ -11,6 +11,13 @@ through the reduction ratio :math:`\rho = (L(\theta) - L(\theta+\delta)) / (q(0)
 accepts or rejects the step, updates lambda (:mod:`steepest.damping`) and the trust radius
 (:mod:`steepest.steps`), and returns a frozen :class:`StepInfo`.
 
+The step's pieces that are concepts of their own live apart, each imported one way (none
+imports this module): :mod:`steepest.stepinfo` (what a step reports, MINPACK's convergence
+tests), :mod:`steepest.trials` (the loss at trial points, the accepted trial's forward kept for
+the next step), :mod:`steepest.hessian_free` (Martens 2010's CG preconditioners and
+backtracking), :mod:`steepest.state` (a saved state checked before loading, a change of the
+parameter set followed).
+
 Guarantees
 ----------
 - Validation happens before a parameter is touched.
@@ -37,7 +44,6 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -51,93 +57,17 @@ from .errors import (
     SingularMatrixError,
     SolverError,
 )
+from .hessian_free import backtrack_iterates, keeping_iterates, preconditioner
 from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GradientCovariance, Metric
 from .params import ParamSpace
-from .point import ForwardGuard, Inputs, Point, evaluate
+from .point import ForwardGuard, Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, as_solver
+from .state import check_state, follow_parameters
+from .stepinfo import Notes, StepInfo, converged
 from .steps import LearningRate, StepContext, StepRule, as_step
-
-_BACKTRACK_GAMMA = 1.3  # Martens 2010 section 4.6: keep CG iterates at ceil(1.3^j)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What one step did (scipy-style result).
-
-    loss: L(theta) before the step; loss_new: L(theta + delta) (None when no step was tried)
-    alpha: the step size; delta = alpha d
-    predicted_reduction: q(0) - q(delta) = -(g^T delta + 1/2 delta^T M delta), M undamped
-    actual_reduction: L(theta) - L(theta + delta); rho: actual / predicted (-inf when the model
-        predicts no decrease or the new loss is not finite)
-    quad_form: delta^T (M + lambda I) delta
-    damping: lambda of the last try; iterations, residual, negative_curvature, solver: from the
-        last solve
-    accepted: whether theta moved; tries: solves made (> 1 after rejected tries)
-    evaluations: forward passes for the loss/KL at trial points (line search, rho, backtracking)
-    converged: whether a stopping rule of the optimizer fired on this step (MINPACK's, see
-        :class:`Optimizer` ``ftol``/``xtol``/``gtol``); then no further tries were made
-    reason: which: ``"ftol"``, ``"xtol"``, ``"ftol and xtol"``, ``"gtol"``, or ``""``
-    message: what happened, of bounded length (rejected tries are counted, not listed)
-    """
-
-    loss: float
-    alpha: float
-    predicted_reduction: float
-    quad_form: float
-    damping: float
-    iterations: int
-    residual: float
-    negative_curvature: bool
-    grad_norm: float
-    step_norm: float
-    directional_derivative: float  # g^T delta, < 0 for a descent step
-    accepted: bool
-    tries: int
-    loss_new: float | None = None
-    actual_reduction: float | None = None
-    rho: float | None = None
-    evaluations: int = 0
-    solver: str = ""
-    message: str = ""
-    converged: bool = False
-    reason: str = ""
-
-
-class _Notes:
-    """The notes of one step, each kind once with a count (so ``StepInfo.message`` stays short
-    however many tries a step makes)."""
-
-    def __init__(self) -> None:
-        self._notes: dict[str, list] = {}
-
-    def add(self, kind: str, text: str) -> None:
-        entry = self._notes.setdefault(kind, [0, text])
-        entry[0] += 1
-        entry[1] = text
-
-    def render(self) -> list[str]:
-        return [text if n == 1 else f"{n} times, the last: {text}"
-                for n, text in self._notes.values()]
-
-
-def _converged(ftol: float, xtol: float, value0: float, actual: float | None,
-               predicted: float, rho: float | None, step: float, xnorm: float) -> str:
-    r"""MINPACK's tests (lmder) on one try: ftol when :math:`|L - L_{new}| \le` ftol
-    :math:`|L|`, :math:`q(0) - q(\delta) \le` ftol :math:`|L|` and :math:`\rho \le 2`; xtol
-    when :math:`\|\delta\| \le` xtol :math:`(\|\theta\| +` xtol) (the added xtol lets it fire
-    at :math:`\theta^* = 0`)."""
-    scale = abs(value0)
-    f = (actual is not None and math.isfinite(actual) and abs(actual) <= ftol * scale
-         and predicted <= ftol * scale and rho is not None and rho <= 2)
-    x = actual is not None and step <= xtol * (xnorm + xtol)
-    return " and ".join(n for n, on in (("ftol", f), ("xtol", x)) if on)
-
-
-def _l2_penalty(eta: Tensor, theta: Tensor) -> float:
-    r""":math:`\tfrac12 \sum_j \eta_j \theta_j^2`."""
-    return 0.5 * float((eta * theta * theta).sum())
+from .trials import Batch, NextPoint, Trials, l2_penalty
 
 
 def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
@@ -150,50 +80,6 @@ def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
         diagonal=lambda: op.diagonal() + eta,
         psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
     )
-
-
-class _Trials:
-    """Loss and outputs at theta0 + delta, memoised (a rule, rho and CG backtracking often ask
-    for the same point)."""
-
-    def __init__(self, space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-                 theta0: Tensor, z0: Tensor, guard: ForwardGuard | None = None,
-                 point: Point | None = None, l2: Tensor | None = None) -> None:
-        self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
-        self.theta0, self.z0, self.l2 = theta0, z0, l2
-        self.guard = guard or ForwardGuard()
-        # under torch.distributed: this rank's share N_r / N of the means (reduced over ranks)
-        self.distributed = None if point is None else point.distributed
-        self.weight = 1.0 if point is None else point.n / point.n_total
-        self.count = 0
-        self._memo: list[tuple[Tensor, float, Tensor]] = []
-
-    def _eval(self, delta: Tensor) -> tuple[float, Tensor]:
-        for d, value, z in self._memo:
-            if torch.equal(d, delta):
-                return value, z
-        with self.guard.trial():  # the point's buffers and Dropout masks, never written
-            value, z = evaluate(self.space, self.loss, self.inputs, self.targets,
-                                self.theta0 + delta)
-        if self.l2 is not None:
-            value += _l2_penalty(self.l2, self.theta0 + delta)
-        value = value if math.isfinite(value) else math.inf
-        if self.distributed is not None:
-            value = self.distributed.scalar(value, self.weight)
-        self.count += 1
-        self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
-        return value, z
-
-    def loss_at(self, delta: Tensor) -> float:
-        return self._eval(delta)[0]
-
-    def kl_at(self, delta: Tensor) -> float:
-        _, z = self._eval(delta)
-        kl = float(self.loss.kl(self.z0, z).mean())
-        kl = kl if math.isfinite(kl) else math.inf
-        if self.distributed is not None:
-            kl = self.distributed.scalar(kl, self.weight)
-        return kl
 
 
 class Optimizer:
@@ -253,6 +139,22 @@ class Optimizer:
         is True with the ``reason`` and no further try is made: a converged run no longer
         burns its tries on rejected steps. Set a tolerance to 0 to turn it off.
 
+    reuse: when a step is accepted, its trial's forward at :math:`\theta + \delta` becomes the
+        next step's point (:class:`~steepest.point.Point` built on that forward's autograd
+        graph, :mod:`steepest.trials`) instead of a new forward, as MINPACK reuses the accepted
+        trial's residuals: one loss evaluation fewer per step (``StepInfo.nfev``). The trials
+        then keep their graph (the last one only: one extra set of activations in memory), and
+        only while the batch is the previous step's (a full-batch fit; mini-batches keep none).
+        The next step reuses it only when it sees the same batch (the same tensor objects,
+        unmodified: identity and ``_version``), loss, training flags and buffers, and
+        parameters equal to the trial's bit for bit, and when the trial's forward drew no
+        random numbers and wrote no buffer (Dropout or BatchNorm in training mode never reuse):
+        then the point is bit for bit the fresh one, and so is the run, also across
+        ``state_dict`` / ``load_state_dict`` (the kept forward is not state: a loaded or resumed
+        optimizer evaluates its first point afresh, with the same result). Off under
+        torch.distributed and in :class:`~steepest.TorchOptimizer` (a closure may compute
+        anything), and after a failed step. Default True; False evaluates every point afresh.
+
     The number of solves per step is bounded by ``max(damping.max_tries, step.max_tries)``.
 
     Example
@@ -285,6 +187,7 @@ class Optimizer:
         ftol: float = 1e-8,
         xtol: float = 1e-8,
         gtol: float = 0.0,
+        reuse: bool = True,
     ) -> None:
         from .metrics import GGN, Hessian
 
@@ -341,6 +244,13 @@ class Optimizer:
                 raise ConfigurationError(
                     f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}.")
         self.ftol, self.xtol, self.gtol = float(ftol), float(xtol), float(gtol)
+        if not isinstance(reuse, bool):
+            raise ConfigurationError(f"reuse must be True or False, got {reuse!r}.")
+        self.reuse = reuse
+        self._next: NextPoint | None = None  # the accepted trial's forward, for the next step
+        self._batch: Batch | None = None  # the previous step's batch
+        self._keep_graph = False  # this step's trials keep their graph
+        self._points = 1  # points whose derivatives this step took (StepInfo.njev)
         self.momentum, self.warm_start = float(momentum), float(warm_start)
         self.preconditioner, self.xi = preconditioner, float(xi)
         self.cg_backtracking = bool(cg_backtracking)
@@ -358,6 +268,14 @@ class Optimizer:
         self._step_scale: Tensor | None = None
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the kept forward of ``reuse`` (an autograd graph, not
+        state) and the weak references to the previous batch: a copy evaluates its first point
+        afresh, with the same result."""
+        state = self.__dict__.copy()
+        state["_next"] = state["_batch"] = None
+        return state
 
     @property
     def max_tries(self) -> int:
@@ -389,59 +307,15 @@ class Optimizer:
         with another number of parameters, or with keys missing raises a
         :class:`~steepest.errors.ConfigurationError` before anything changes.
         """
-        self._check_state(state)
+        check_state(state, space=self.space, damping=self.damping, step_rule=self.step_rule,
+                    generator=self.generator, metric=self.metric)
+        self._next = None  # another run's state: the next step evaluates its point afresh
         before = copy.deepcopy(self.state_dict())
         try:
             self._load_state(state)
         except BaseException:
             self._load_state(before)
             raise
-
-    def _check_state(self, state: dict) -> None:
-        def fail(what: str) -> None:
-            raise ConfigurationError(
-                f"cannot load this optimizer state: {what}. Load a state saved by "
-                "state_dict() of an optimizer built the same way (same damping rule, step rule "
-                "and model)."
-            )
-
-        if not isinstance(state, dict):
-            fail(f"expected a dict, got {type(state).__name__}")
-        missing = {"steps", "damping", "step_rule", "generator"} - set(state)
-        if missing:
-            fail(f"it lacks keys {sorted(missing)}")
-        if not (isinstance(state["steps"], int) and state["steps"] >= 0):
-            fail(f"steps must be an integer >= 0, got {state['steps']!r}")
-        size = self.space.size
-        for owner, key in ((self.damping, "damping"), (self.step_rule, "step_rule")):
-            sub = state[key]
-            if not isinstance(sub, dict):
-                fail(f"state['{key}'] must be a dict, got {type(sub).__name__}")
-            rule, own = sub.get("rule"), type(owner).__name__
-            if rule is not None and rule != own:
-                fail(f"it was saved with {key} {rule}, this optimizer uses {own}")
-            keys, expected = set(sub) - {"rule"}, set(owner.state_dict())
-            if keys != expected:
-                fail(f"state['{key}'] has keys {sorted(keys)}, {own} expects {sorted(expected)}")
-            for name, value in sub.items():
-                if isinstance(value, Tensor) and value.numel() != size:
-                    fail(f"state['{key}']['{name}'] holds {value.numel()} values, the model "
-                         f"has {size} trainable parameters")
-        for key in ("prev_direction", "momentum_buffer"):
-            v = state.get(key)
-            if v is not None and not (isinstance(v, Tensor) and v.shape == (size,)):
-                shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                fail(f"state['{key}'] has shape {shape}, the model has {size} trainable "
-                     "parameters")
-        gen = state["generator"]
-        ref = self.generator.get_state()
-        if not (isinstance(gen, Tensor) and gen.dtype == ref.dtype and gen.shape == ref.shape):
-            fail("state['generator'] is not the state of a torch.Generator on "
-                 f"{self.generator.device}")
-
-        check = getattr(self.metric, "check_state", None)  # KFAC: factors fit the model
-        if check is not None and state.get("metric") is not None:
-            check(state["metric"], self.space)
 
     def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
@@ -476,17 +350,31 @@ class Optimizer:
         saved = copy.deepcopy(self.state_dict())  # its generator state is the shared one
         space0, theta0 = self.space, None
         guard = ForwardGuard(getattr(self, "model", None))
+        kept, self._next = self._next, None  # the previous step's accepted trial, if any
         with guard:
             try:
                 note = self._follow_parameters()
                 if self.distributed is not None:  # independent samples per rank, one state
                     self._sampler = self.distributed.generator(self.generator)
-                point = self.point(inputs, targets)  # validates; raises before any change
+                reused = kept is not None and not note and kept.matches(
+                    self.space, self.loss, inputs, targets)
+                if reused:  # the forward at theta was the accepted trial's: no new one
+                    point = Point(self.space, self.loss, inputs, targets,
+                                  generator=self._sampler, graph=kept.graph)
+                else:
+                    point = self.point(inputs, targets)  # validates; raises before any change
                 guard.point_done()
                 theta0 = point.theta.detach().clone()
                 self._guard = guard
+                # keep trial graphs when the batch is the previous step's (a full-batch fit):
+                # not for mini-batches, whose next step sees another batch
+                self._keep_graph = self._reuses() and (
+                    self._batch is None or self._batch.same(inputs, targets))
+                self._batch = Batch(inputs, targets) if self._reuses() else None
+                self._points = 1
                 info = self._step(point, inputs, targets, curvature, theta0, saved)
             except BaseException:
+                self._next = None
                 if theta0 is not None:
                     self.space.set(theta0)
                 self.space = space0
@@ -495,43 +383,41 @@ class Optimizer:
                 raise
             finally:
                 self._guard = None
+        info = dataclasses.replace(info, nfev=int(not reused) + info.evaluations,
+                                   njev=self._points)
         if note:
             info = dataclasses.replace(info, message="; ".join(m for m in (note, info.message)
                                                                if m))
         return info
 
+    def _reuses(self) -> bool:
+        """Whether this optimizer may reuse the accepted trial's forward (``reuse`` on, one
+        process, its own Point: a closure point (TorchOptimizer) may compute anything)."""
+        return self.reuse and self.distributed is None and type(self).point is Optimizer.point
+
     def _follow_parameters(self) -> str:
-        """Follow a change of the model's trainable parameters since the last step (a layer
-        frozen, unfrozen or replaced, ``load_state_dict(assign=True)``, ``model.to(dtype)``):
-        theta becomes the new set. When only the tensors changed (same names, shapes, dtype and
-        device) the state is kept; otherwise the state that lives on the old flat vector (the
-        previous CG solution, the momentum buffer, a damping rule's scaling D) is reset, with a
+        """Follow a change of the model's trainable parameters since the last step
+        (:func:`~steepest.state.follow_parameters`): theta becomes the new set. When only the
+        tensors changed the state is kept; otherwise the state that lives on the old flat
+        vector (the previous CG solution, the momentum buffer, a damping rule's scaling D, a
+        metric's running factors) is reset, with a
         :class:`~steepest.errors.ParameterChangeWarning`. Returns a note for
         ``StepInfo.message`` ('' when nothing changed)."""
-        old = self.space
-        if not old.stale():
-            return ""
-        new = type(old)(old.model)
-        same = (new.names, new.shapes, new.dtype, new.device) == (
-            old.names, old.shapes, old.dtype, old.device)
-        self.space = new
-        if same:
-            return ("the model's parameters are new tensors (same names and shapes): followed, "
-                    "state kept")
-        self._prev_solution = self._momentum_buffer = None
-        self.damping.parameters_changed()
-        reset = getattr(self.metric, "parameters_changed", None)  # a metric with state (KFAC)
-        if callable(reset):
-            reset()
-        note = (f"the trainable parameters changed ({old.size} -> {new.size} values, "
-                f"{len(old.names)} -> {len(new.names)} tensors): followed; the previous solution, "
-                "momentum buffer and damping scaling were reset")
-        warnings.warn(note, ParameterChangeWarning, stacklevel=3)
-        return note
+        change = follow_parameters(self.space)
+        self.space = change.space
+        if change.layout_changed:
+            self._prev_solution = self._momentum_buffer = None
+            self.damping.parameters_changed()
+            reset = getattr(self.metric, "parameters_changed", None)  # a metric with state
+            if callable(reset):
+                reset()
+            warnings.warn(change.note, ParameterChangeWarning, stacklevel=3)
+        return change.note
 
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
         guard = self._guard or ForwardGuard()
         if curvature is not None:
+            self._points += 1
             with guard.trial():  # a forward like a trial's: buffers untouched
                 return Point(self.space, self.loss, curvature[0], curvature[1],
                              generator=self._sampler, distributed=self.distributed)
@@ -544,6 +430,7 @@ class Optimizer:
         idx = idx.to(point.z.device)
         x = point.inputs
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
+        self._points += 1
         with guard.trial():
             return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
                          distributed=self.distributed)
@@ -568,23 +455,13 @@ class Optimizer:
             return op.diagonal().clamp_min(0)
         return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
-    def _preconditioner(self, base: Tensor | None, lam: float | Tensor) -> Tensor | None:
-        if base is None:
-            return None
-        tiny = torch.finfo(base.dtype).tiny ** 0.5
-        shifted = (base + lam).clamp_min(tiny)
-        return shifted if self.preconditioner == "diagonal" else shifted.pow(self.xi)
-
-    def _solve(self, a: LinearOperator, b: Tensor, pre: Tensor | None,
+    def _solve(self, a: LinearOperator, b: Tensor, pre_base: Tensor | None,
                x0: Tensor | None) -> Solution:
-        solver = self.solver
-        if isinstance(solver, CG):
-            if self.cg_backtracking:
-                solver = copy.copy(solver)
-                solver.keep_iterates = tuple(sorted(
-                    {math.ceil(_BACKTRACK_GAMMA**j) for j in range(80)}))
-            return solver.solve(a, b, x0=x0, preconditioner=pre)
-        return solver.solve(a, b, x0)
+        if not isinstance(self.solver, CG):
+            return self.solver.solve(a, b, x0)
+        solver = keeping_iterates(self.solver) if self.cg_backtracking else self.solver
+        pre = preconditioner(self.preconditioner, pre_base, a.shift, self.xi)
+        return solver.solve(a, b, x0=x0, preconditioner=pre)
 
     def _solver_name(self, a: LinearOperator) -> str:
         solver = self.solver.choose(a) if isinstance(self.solver, Auto) else self.solver
@@ -595,48 +472,36 @@ class Optimizer:
               saved: dict) -> StepInfo:
         value0, g = point.value, point.grad
         if self._l2 is not None:  # weight decay: L + 1/2 sum_j eta_j theta_j^2 (TorchOptimizer)
-            value0 = value0 + _l2_penalty(self._l2, theta0)
+            value0 = value0 + l2_penalty(self._l2, theta0)
             g = g + self._l2 * theta0
         gnorm = float(g.norm())
         if gnorm == 0:
-            return StepInfo(
-                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
-                damping=self.damping.value, iterations=0, residual=0.0,
-                negative_curvature=False, grad_norm=0.0, step_norm=0.0,
-                directional_derivative=0.0, accepted=False, tries=0,
-                message="zero gradient: theta is a stationary point, no step taken",
-                converged=True, reason="gtol",
-            )
+            return StepInfo.no_step(
+                value0, self.damping.value, 0.0,
+                "zero gradient: theta is a stationary point, no step taken",
+                converged=True, reason="gtol")
         if self.gtol > 0 and float(g.abs().max()) <= self.gtol:
-            return StepInfo(
-                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
-                damping=self.damping.value, iterations=0, residual=0.0,
-                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
-                directional_derivative=0.0, accepted=False, tries=0,
-                message=f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
-                converged=True, reason="gtol",
-            )
+            return StepInfo.no_step(
+                value0, self.damping.value, gnorm,
+                f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
+                converged=True, reason="gtol")
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
-            return StepInfo(
-                loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0,
-                damping=self.damping.value, iterations=0, residual=0.0,
-                negative_curvature=False, grad_norm=gnorm, step_norm=0.0,
-                directional_derivative=0.0, accepted=False, tries=0,
-                message="learning rate 0 (e.g. a scheduler at its minimum): no step taken, no "
-                        "solve, damping unchanged",
-            )
+            return StepInfo.no_step(
+                value0, self.damping.value, gnorm,
+                "learning rate 0 (e.g. a scheduler at its minimum): no step taken, no solve, "
+                "damping unchanged")
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
             op = _plus_diagonal(op, self._l2)
-        trials = _Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                         self._guard, point, self._l2)
+        trials = Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
+                        self._guard, point, self._l2, keep_graph=self._keep_graph)
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
             x0 = self.warm_start * self._prev_solution
         reject_increase = self.damping.reject or self.step_rule.reject
-        notes = _Notes()
+        notes = Notes()
         xnorm = float(theta0.norm())
         reason = ""
         solutions: dict[float, Solution] = {}
@@ -650,8 +515,7 @@ class Optimizer:
             sol = solutions.get(lam)
             if sol is None:
                 try:
-                    sol = self._solve(damped, -g, self._preconditioner(pre_base, damped.shift),
-                                      x0)
+                    sol = self._solve(damped, -g, pre_base, x0)
                 except SingularMatrixError as err:
                     if not self.damping.adaptive:
                         raise
@@ -686,7 +550,7 @@ class Optimizer:
                 solutions[lam] = sol
             d = sol.x
             if sol.iterates:
-                d = self._backtrack_iterates(sol, g, trials.loss_at)
+                d = backtrack_iterates(sol, g, trials.loss_at)
             if self._momentum_buffer is not None and self.momentum:
                 dm = d + self.momentum * self._momentum_buffer
                 if float(g @ dm) < 0:
@@ -734,7 +598,7 @@ class Optimizer:
             else:
                 rejected, why = False, ""
             if self.ftol > 0 or self.xtol > 0:
-                reason = _converged(self.ftol, self.xtol, value0, actual, predicted, rho,
+                reason = converged(self.ftol, self.xtol, value0, actual, predicted, rho,
                                     float(delta.norm()), xnorm)
             if rejected and retry and not reason:
                 notes.add("rejected", f"try rejected: {why}")
@@ -752,6 +616,9 @@ class Optimizer:
             )
         accepted = not rejected
         if accepted:
+            graph = trials.graph_at(delta)
+            if graph is not None:  # the next step's point, if it sees the same batch
+                self._next = NextPoint(graph, self.model, self.loss, inputs, targets)
             self.space.set(theta0 + delta)
             self._prev_solution = sol.x.detach().clone()
             self._momentum_buffer = direction.detach().clone() if self.momentum else None
@@ -772,33 +639,11 @@ class Optimizer:
             converged=bool(reason), reason=reason,
         )
 
-    def _unsolved(self, value0: float, gnorm: float, lam: float, tries: int, notes: _Notes,
+    def _unsolved(self, value0: float, gnorm: float, lam: float, tries: int, notes: Notes,
                   saved: dict, why: str) -> StepInfo:
         """A step none of whose tries gave a usable direction: rejected, parameters unchanged,
         lambda left raised."""
         self.generator.set_state(saved["generator"])
         notes.add("step", f"step rejected: {why}; parameters unchanged")
-        return StepInfo(
-            loss=value0, alpha=0.0, predicted_reduction=0.0, quad_form=0.0, damping=lam,
-            iterations=0, residual=math.inf, negative_curvature=False, grad_norm=gnorm,
-            step_norm=0.0, directional_derivative=0.0, accepted=False, tries=tries,
-            message="; ".join(notes.render()),
-        )
-
-    @staticmethod
-    def _backtrack_iterates(sol: Solution, g: Tensor,
-                            loss_at: Callable[[Tensor], float]) -> Tensor:
-        r"""Martens 2010 section 4.6: among the kept CG iterates (descent directions only) and
-        the last one, go back from the last while :math:`L(\theta + x_i)` decreases; return the
-        best."""
-        cands = [sol.iterates[k] for k in sorted(sol.iterates)]
-        if not cands or not torch.equal(cands[-1], sol.x):
-            cands.append(sol.x)
-        cands = [c for c in cands if float(g @ c) < 0] or [sol.x]
-        best, best_loss = cands[-1], loss_at(cands[-1])
-        for cand in reversed(cands[:-1]):
-            value = loss_at(cand)
-            if not value < best_loss:
-                break
-            best, best_loss = cand, value
-        return best
+        return StepInfo.no_step(value0, lam, gnorm, "; ".join(notes.render()),
+                                residual=math.inf, tries=tries)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -319,6 +319,52 @@ class GraphProducts:
         return self._batched(gs, [chunks[i] for i in idx], k).T
 
 
+class Graph(NamedTuple):
+    r"""One forward of the model and loss at theta on a batch, with its autograd graph: the
+    leaf ``theta`` (flat, requires grad), the outputs :math:`z = f(x, \theta)`, the per-sample
+    losses :math:`l_i` and their mean :math:`L` (a 0-dim tensor), as :func:`forward` makes it."""
+
+    theta: Tensor
+    z: Tensor
+    losses: Tensor
+    value_t: Tensor
+
+
+def forward(space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
+            theta: Tensor) -> Graph:
+    r"""The model and loss at ``theta`` with the autograd graph kept, as :class:`Point` builds
+    it (a fresh leaf :math:`\theta`, :math:`z = f(x, \theta)`, :math:`l_i`, :math:`L`).
+
+    Attention runs with the math kernel of ``scaled_dot_product_attention`` (the fused ones
+    have no double backward, which J v, H v and per-sample gradients need; same values).
+    The model must return one tensor of the parameters' dtype, else a
+    :class:`~steepest.errors.ShapeError`; the loss checks the targets.
+
+    >>> graph = forward(ParamSpace(model), MSE(), x, y, ParamSpace(model).get())
+    >>> float(graph.value_t), Point(model, MSE(), x, y, graph=graph).grad
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        try:
+            z = space.function()(theta, inputs)
+        except RuntimeError as err:
+            _explain_forward_error(err, inputs, theta)
+            raise
+        if not isinstance(z, Tensor):
+            raise ShapeError(
+                f"the model must return one tensor of outputs, got {type(z).__name__}; "
+                "wrap it in a module whose forward returns the output tensor."
+            )
+        if z.dtype != theta.dtype:
+            raise ShapeError(
+                f"the model outputs dtype {z.dtype} but its parameters are {theta.dtype}; "
+                "convert inputs and model to one dtype."
+            )
+        loss.check(z.detach(), targets)
+        losses = loss.value(z, targets)
+        return Graph(theta, z, losses, losses.mean())
+
+
 class Point(GraphProducts):
     r"""The model and loss at ``theta`` on a batch ``(inputs, targets)``.
 
@@ -334,6 +380,12 @@ class Point(GraphProducts):
         batch (:math:`\sum_r (N_r/N) L_r`, one all_reduce), ``n_total`` is N, while ``n``, the
         per-sample quantities and the products (``jvp``, ``vjp``, ``hvp``, ...) stay this
         shard's, means over its ``n`` samples (the optimizer reduces the metric built on them)
+    graph: a :class:`Graph` of a forward already made at theta on this batch
+        (:func:`forward`), used instead of a new forward pass: the gradient and every product
+        are then taken on its autograd graph (the optimizer passes the accepted trial's graph
+        to the next step). Its theta must equal the point's bit for bit (else a
+        :class:`~steepest.errors.ShapeError`); that it was made on this batch, by this loss,
+        with the model's buffers and random state as they are now, is the caller's to ensure.
     """
 
     def __init__(
@@ -345,10 +397,11 @@ class Point(GraphProducts):
         theta: Tensor | None = None,
         generator: torch.Generator | None = None,
         distributed: DataParallel | None = None,
+        graph: Graph | None = None,
     ) -> None:
         self.distributed = distributed
         if distributed is None:
-            self._evaluate(space, loss, inputs, targets, theta, generator)
+            self._evaluate(space, loss, inputs, targets, theta, generator, graph=graph)
             self.n_total = self.n
             return
         # the means over the whole batch: every rank reaches the all_reduce, also one whose
@@ -375,9 +428,10 @@ class Point(GraphProducts):
         theta: Tensor | None,
         generator: torch.Generator | None,
         local: bool = False,
+        graph: Graph | None = None,
     ) -> None:
-        """Forward and gradient on this batch (``local``: the finite checks wait for the
-        reduction over ranks)."""
+        """Forward (or the given ``graph``'s) and gradient on this batch (``local``: the finite
+        checks wait for the reduction over ranks)."""
         self.space = space if isinstance(space, ParamSpace) else ParamSpace(space)
         self.loss = as_loss(loss)
         self.inputs, self.y = inputs, targets
@@ -390,32 +444,18 @@ class Point(GraphProducts):
                     "least one sample: skip empty batches (e.g. DataLoader(drop_last=True))."
                 )
         base = self.space.get() if theta is None else theta.detach()
-        self.theta = base.clone().requires_grad_(True)
+        if graph is None:
+            graph = forward(self.space, self.loss, inputs, targets, base)
+        elif not (graph.theta.dtype == base.dtype and torch.equal(graph.theta.detach(), base)):
+            raise ShapeError(
+                "Point(graph=...): the graph was evaluated at another theta than the point's; "
+                "pass the graph of a forward at these parameters (steepest.point.forward)."
+            )
+        else:
+            self.loss.check(graph.z.detach(), targets)
+        self.theta, self.z, self.losses, self.value_t = graph
         self.size = self.space.size
-        # The fused attention kernels (flash, memory-efficient) have no double backward, which
-        # the J v trick, H v and the vmapped per-sample gradients need: build the graph with
-        # the math kernel of scaled_dot_product_attention (same values).
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            try:
-                z = self.space.function()(self.theta, inputs)
-            except RuntimeError as err:
-                _explain_forward_error(err, inputs, self.theta)
-                raise
-            if not isinstance(z, Tensor):
-                raise ShapeError(
-                    f"the model must return one tensor of outputs, got {type(z).__name__}; "
-                    "wrap it in a module whose forward returns the output tensor."
-                )
-            if z.dtype != self.theta.dtype:
-                raise ShapeError(
-                    f"the model outputs dtype {z.dtype} but its parameters are "
-                    f"{self.theta.dtype}; convert inputs and model to one dtype."
-                )
-            self.loss.check(z.detach(), targets)
-            self.z = z
-            self.losses = self.loss.value(z, targets)
-            self.n = int(z.shape[0])
-            self.value_t = self.losses.mean()
+        self.n = int(self.z.shape[0])
         self.value = float(self.value_t.detach())
         if not (local or math.isfinite(self.value)):
             self._check_finite()
@@ -600,6 +640,26 @@ class ForwardGuard:
         finally:
             self._unswap()
             _set_rng_state(self._rng1 if self._rng1 is not None else now)
+
+    def trial_was_pure(self) -> bool:
+        """Inside :meth:`trial`, after its forwards: whether they drew no random numbers (the
+        global random state is still the point's start state) and wrote no buffer (every
+        swapped-in copy still equals the buffer it was copied from). Only then is a trial's
+        forward the one a fresh forward at that point would make, whatever the random state
+        and with the module's own buffers: what the optimizer needs to reuse it as the next
+        step's point."""
+        now, start = _rng_state(), self._rng0
+        if not torch.equal(now[0], start[0]) or (now[1] is None) != (start[1] is None) or (
+                now[1] is not None and not all(
+                    torch.equal(a, b) for a, b in zip(now[1], start[1], strict=True))):
+            return False
+        for key in self._swapped:
+            current = self._modules[key]._buffers
+            for n, b in self._own[key].items():
+                cur = current.get(n)
+                if cur is None or cur.shape != b.shape or not torch.equal(cur, b):
+                    return False
+        return True
 
     def rollback(self) -> None:
         """Buffers and random state as before the step (a failed step)."""

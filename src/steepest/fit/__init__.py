@@ -1,0 +1,74 @@
+r"""Problems without a model: :func:`least_squares`, :func:`curve_fit` and :func:`minimize`,
+shaped like ``scipy.optimize``, written in torch, and batched.
+
+A scipy user fits a formula to data or minimises a function of a few parameters; here the
+function is written in torch, its derivatives come from autograd (``torch.func``), and a batch
+of B independent problems runs at once, each with its own trust region and stopping rule.
+
+The least-squares step is the sentence of the library (000 problem (1)) with the Gauss-Newton
+metric :math:`M = J^T J` of the residual vector f (000 Table 1):
+
+.. math:: \delta = -(J^T J + \lambda D^2)^{-1} J^T f,
+
+where the method decides lambda and the scaling D:
+
+- ``"trust-region"`` (default; ``"lm"`` is an alias, as in scipy): Moré's scaled trust region,
+  the algorithm of MINPACK's ``lmder`` (Moré 1978) that ``scipy.optimize.least_squares(
+  method="lm")`` wraps, and that :class:`~steepest.damping.MoreTrustRegion` runs on models:
+  :math:`D = \mathrm{diag}(\max_k \|J_{:,j}\|)`, lambda solved from :math:`\|D\delta\| = \Delta`
+  to 10 % from the previous step's lambda as MINPACK's ``lmpar`` does (halved after a very
+  good step, divided by the radius' shrink factor after a poor one), Delta adapted to the
+  reduction ratio rho. Up to rounding, the path and the evaluations are MINPACK's.
+- ``"levenberg-marquardt"``: plain LM, D = I and lambda times 1/3 when rho > 3/4, times 3 when
+  rho < 1/4 (the defaults of :class:`~steepest.damping.LevenbergMarquardt`), a try accepted when
+  the cost went down.
+- ``"gauss-newton"``: lambda = 0 (the least-norm step when J is rank deficient) with a
+  backtracking (Armijo) line search on the step length.
+
+Every solve uses the thin SVD of :math:`J D^{-1}` of each problem (one batched
+``torch.linalg.svd`` per accepted step; for a batch of B >= 64 problems with M > P, P <= 16,
+the SVD of the P x P factor R of its QR decomposition, cheaper and as accurate), so lambda
+costs no further factorisation and a rank-deficient J is handled exactly: the damped methods
+drop only exactly zero singular values (as MINPACK drops only exact zeros of R),
+Gauss-Newton's least-norm step also those below :math:`\epsilon \max(M, P)\, s_{max}`.
+Fits of a batch that have stopped leave the working set: ``fun`` is then called on the rows
+still running (with ``vectorize=True`` and in :func:`curve_fit`), or on the whole batch with the
+stopped rows held at x0.
+
+Stopping rules, with MINPACK's meanings (and scipy's status codes):
+
+- ``ftol`` (status 2): both the actual and the predicted relative reductions of the sum of
+  squares are at most ftol (and rho <= 2); also when the residual norm has fallen to rounding
+  level, :math:`\|f\| \le \epsilon\|f(x_0)\|` (a zero-residual problem, even with x* = 0, where
+  a relative xtol never fires);
+- ``xtol`` (status 3; 4 with ftol): the trust radius (the step norm for the other methods) is at
+  most :math:`x_{tol}\|Dx\|`;
+- ``gtol`` (status 1): the largest cosine between f and a column of J,
+  :math:`\max_j |(J^T f)_j| / (\|f\| \|J_{:,j}\|)`, is at most gtol (exactly 0 at a zero
+  residual);
+- ``max_nfev`` (status 0): the evaluations of ``fun`` reached the limit (100 P by default).
+
+Tolerances below the machine epsilon are met at machine precision (MINPACK's info 6-8, folded
+into the status above). Example::
+
+    >>> def fun(x):                               # Rosenbrock's residuals
+    ...     return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+    >>> res = steepest.least_squares(fun, torch.tensor([-1.2, 1.0], dtype=torch.float64))
+    >>> res.x, res.cost, res.status, res.nfev
+"""
+
+# the package: result (OptimizeResult, messages) <- core (the batched MINPACK loop) <- lsq
+# (least_squares) <- curve (curve_fit); newton (minimize) uses result and core only
+from .core import _factor as _factor
+from .core import _lmpar as _lmpar
+from .curve import curve_fit
+from .lsq import ALIASES as ALIASES
+from .lsq import METHODS as METHODS
+from .lsq import least_squares
+from .newton import MINIMIZE_MESSAGES as MINIMIZE_MESSAGES
+from .newton import MINIMIZE_METHODS as MINIMIZE_METHODS
+from .newton import minimize
+from .result import MESSAGES as MESSAGES
+from .result import OptimizeResult
+
+__all__ = ["OptimizeResult", "least_squares", "curve_fit", "minimize"]

@@ -1,0 +1,190 @@
+"""``curve_fit``: scipy's curve fitting on :func:`~steepest.fit.least_squares`, one curve or a
+batch of curves (see :mod:`steepest.fit`)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigurationError, ConvergenceError, NonFiniteError, ShapeError
+from .core import _as_x0, _check_tol, _evaluate
+from .lsq import ALIASES, METHODS, _run
+from .result import _result
+
+
+def _broadcasts(resid, vres, x0: Tensor, args: tuple) -> bool:
+    """Whether ``resid`` called once on the parameter columns (B, 1, P) of a batch gives what
+    the vmapped one-curve residual gives, row by row, at a point near x0 where the rows differ
+    (so a formula that mixes rows, e.g. through a mean over the batch, is caught): then the
+    batch needs no vmap."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
+    probe = x0 + 1e-3 * (x0.abs() + 1) * noise
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = vres(probe, *args)
+            got = resid(probe.unsqueeze(-2), *args)
+    except Exception:  # any failure: keep the general (vmap) route
+        return False
+    return (
+        isinstance(got, Tensor)
+        and got.shape == want.shape
+        and got.dtype == want.dtype
+        and bool(torch.isfinite(want).all())
+        and bool(torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())))
+    )
+
+
+def curve_fit(
+    f: Callable[..., Tensor],
+    xdata: Tensor,
+    ydata: Tensor,
+    p0: Tensor | Sequence[float],
+    sigma: Tensor | None = None,
+    absolute_sigma: bool = False,
+    *,
+    method: str = "trust-region",
+    full_output: bool = False,
+    ftol: float = 1.49012e-8,
+    xtol: float = 1.49012e-8,
+    gtol: float = 0.0,
+    max_nfev: int | None = None,
+):
+    r"""Fit ``f(xdata, *params)`` to ydata by least squares, as ``scipy.optimize.curve_fit``:
+    minimise :math:`\sum_i ((f(x_i; p) - y_i)/\sigma_i)^2` and return (popt, pcov).
+
+    The covariance is scipy's, from the SVD :math:`J = U S V^T` of the Jacobian of the weighted
+    residuals at popt (singular values below :math:`\epsilon \max(N, P) s_1` dropped):
+    :math:`\mathrm{pcov} = V S^{-2} V^T`, times :math:`s^2 = \sum_i r_i^2 / (N - P)` unless
+    ``absolute_sigma`` (inf when N <= P).
+
+    A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
+    (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N); f is
+    written for one curve and vmapped; popt is (B, P), pcov (B, P, P).
+
+    Parameters
+    ----------
+    f : ``f(xdata, p_1, ..., p_P) -> (N,)`` in torch, each p_j a 0-d tensor.
+    xdata, ydata : the data (ydata (N,) or (B, N)).
+    p0 : the start (there is no default: scipy's ones are rarely a good start).
+    sigma : standard deviations of ydata (not a covariance matrix), (N,) or (B, N).
+    absolute_sigma : sigma in absolute units: pcov is not rescaled by the residual variance.
+    method, ftol, xtol, gtol, max_nfev : as :func:`least_squares` (defaults: scipy's
+        curve_fit/leastsq tolerances and 200 (P + 1) evaluations).
+    full_output : also return the :class:`OptimizeResult` of the fit.
+
+    Raises
+    ------
+    ConvergenceError: a single fit ended without success (scipy raises RuntimeError; this is
+    one). A batch never raises: failed fits are named in a warning, their ``success`` is False
+    in the result (``full_output=True``).
+
+    Example
+    -------
+    >>> popt, pcov = curve_fit(lambda x, a, b, c: a * torch.exp(-b * x) + c, t, y,
+    ...                        p0=[1.0, 1.0, 0.0])
+    >>> perr = pcov.diagonal().sqrt()
+    """
+    x0 = _as_x0(p0)
+    batched = x0.ndim == 2
+    y = torch.as_tensor(ydata, dtype=x0.dtype, device=x0.device)
+    xd = torch.as_tensor(xdata, device=x0.device)
+    if xd.is_floating_point():
+        xd = xd.to(x0.dtype)
+    if y.ndim != (2 if batched else 1) or (batched and y.shape[0] != x0.shape[0]):
+        want = f"(B, N) with B = {x0.shape[0]}" if batched else "(N,)"
+        raise ShapeError(
+            f"ydata has shape {tuple(y.shape)}; expected {want} for p0 of shape {tuple(x0.shape)}."
+        )
+    n = y.shape[-1]
+    s = None
+    if sigma is not None:
+        s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
+        if s.shape not in ((n,), tuple(y.shape)):
+            raise ShapeError(
+                f"sigma of shape {tuple(s.shape)}: give the standard deviations of "
+                f"ydata, shape (N,) = ({n},){' or (B, N)' if batched else ''} (a "
+                f"covariance matrix is not supported)."
+            )
+        if not bool((torch.isfinite(s) & (s > 0)).all()):
+            raise NonFiniteError("sigma must be finite and > 0.")
+    x_per = batched and xd.ndim >= 2 and tuple(xd.shape[:2]) == tuple(y.shape)
+    s_per = s is not None and s.ndim == 2
+
+    def resid(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
+        r = f(xx, *pp.unbind(-1)) - yy
+        return r / ss if ss is not None else r
+
+    if method not in ALIASES:
+        raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+    _check_tol(ftol=ftol, xtol=xtol, gtol=gtol)
+    p = x0.shape[-1]
+    max_nfev = 200 * (p + 1) if max_nfev is None else max_nfev
+    if not (isinstance(max_nfev, int) and max_nfev >= 1):
+        raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
+    if batched:  # one curve's residual, vmapped over the rows asked for
+        dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
+        vres = torch.func.vmap(resid, in_dims=dims)
+
+        def args(rows: Tensor) -> tuple:
+            every = rows.numel() == y.shape[0]
+            sel = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
+            return sel(xd) if x_per else xd, sel(y), sel(s) if s_per else s
+
+        def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(lambda q: vres(q, *args(rows)), pp)
+
+        if _broadcasts(resid, vres, x0, args(torch.arange(x0.shape[0], device=x0.device))):
+            # f is elementwise in its parameters: call it once on the columns (B, 1) of the
+            # batch (no vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
+
+            def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
+                return _evaluate(lambda q: resid(q.unsqueeze(-2), *args(rows)), pp)
+
+    else:
+
+        def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(lambda q: resid(q, xd, y, s), pp.squeeze(0)).unsqueeze(0)
+
+    xb = x0 if batched else x0.unsqueeze(0)
+    out = _run(
+        fun_r, None, xb, batched, ALIASES[method], ftol, xtol, gtol, max_nfev, 100.0, None, "auto"
+    )
+    res = _result(out, batched, ALIASES[method])
+    jac = res.jac if batched else res.jac.unsqueeze(0)
+    cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
+    _, sv, vh = torch.linalg.svd(jac, full_matrices=False)
+    eps = torch.finfo(x0.dtype).eps
+    keep = sv > eps * max(n, p) * sv[:, :1]
+    inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)
+    pcov = vh.transpose(1, 2) @ (inv.unsqueeze(-1) * vh)
+    if not absolute_sigma:
+        if n > p:
+            pcov = pcov * (2 * cost / (n - p))[:, None, None]
+        else:
+            pcov = torch.full_like(pcov, math.inf)
+            warnings.warn(
+                "Covariance of the parameters could not be estimated (N <= P).", stacklevel=2
+            )
+    success = res.success if batched else torch.tensor([res.success])
+    if not bool(torch.as_tensor(success).all()):
+        if not batched:
+            raise ConvergenceError(
+                f"Optimal parameters not found: {res.message} (nfev = "
+                f"{res.nfev}; raise max_nfev or start nearer)."
+            )
+        failed = (~success).nonzero().squeeze(-1).tolist()
+        warnings.warn(
+            f"{len(failed)} of {x0.shape[0]} fits ended without success (first: "
+            f"{failed[:10]}); see result.success and result.message "
+            f"(full_output=True).",
+            stacklevel=2,
+        )
+    popt = res.x
+    pcov = pcov if batched else pcov.squeeze(0)
+    return (popt, pcov, res) if full_output else (popt, pcov)

@@ -1,0 +1,253 @@
+"""``least_squares``: the front end of the core for residual functions (see
+:mod:`steepest.fit`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigurationError, NonFiniteError, ShapeError
+from .core import _as_x0, _check_tol, _evaluate, _jacobian, _least_squares_core
+from .result import OptimizeResult, _result
+
+METHODS = ("trust-region", "levenberg-marquardt", "gauss-newton")
+ALIASES = {
+    "lm": "trust-region",
+    "trust-region": "trust-region",
+    "levenberg-marquardt": "levenberg-marquardt",
+    "gauss-newton": "gauss-newton",
+}
+
+
+# ---------------------------------------------------------------------------------- front ends
+def least_squares(
+    fun: Callable[[Tensor], Tensor],
+    x0: Tensor | Sequence[float],
+    *,
+    method: str = "trust-region",
+    jac: Callable[[Tensor], Tensor] | str = "auto",
+    ftol: float = 1e-8,
+    xtol: float = 1e-8,
+    gtol: float = 1e-8,
+    max_nfev: int | None = None,
+    weights: Tensor | None = None,
+    vectorize: bool = False,
+    factor: float = 100.0,
+) -> OptimizeResult:
+    r"""Minimise :math:`F(x) = \tfrac12 \sum_i w_i f_i(x)^2` over x, for one problem or a batch
+    of independent problems, with the Gauss-Newton metric :math:`M = J^T J` and the step
+    :math:`\delta = -(J^T J + \lambda D^2)^{-1} J^T f` (000 problem (1), Table 1; Moré 1978).
+
+    Parameters
+    ----------
+    fun : ``fun(x) -> f``, written in torch: x (P,) to the residual vector f (M,); for a batch
+        (x0 of shape (B, P)) x (B, P) to f (B, M), row b depending on x[b] only (or pass
+        ``vectorize=True`` and write fun for one problem: it is vmapped).
+    x0 : the start, (P,) or (B, P). dtype and device follow x0 (float64 for a list).
+    method : ``"trust-region"`` (default, MINPACK's ``lmder``; alias ``"lm"``),
+        ``"levenberg-marquardt"`` (plain LM) or ``"gauss-newton"`` (with a line search); see
+        :mod:`steepest.fit`.
+    jac : ``"auto"`` (autograd: reverse mode while B M^2 <= 2e5 or P > M, else forward),
+        ``"jacfwd"``,
+        ``"jacrev"``, or a callable ``jac(x) -> J`` of shape (M, P) (batched: (B, M, P)).
+    ftol, xtol, gtol : MINPACK's relative tolerances on the reduction of F, on the trust radius
+        relative to :math:`\|Dx\|`, and on the cosine between f and the columns of J (scipy's
+        defaults 1e-8).
+    max_nfev : the most evaluations of fun per problem (default 100 P, scipy's for ``lm``).
+    weights : w_i >= 0, (M,) or (B, M); the residuals become :math:`\sqrt{w_i} f_i` (1/sigma^2
+        for data with standard deviations sigma). ``fun``, ``jac`` and ``cost`` of the result are
+        those of the weighted residuals.
+    vectorize : fun takes one problem's x (P,) even for a batch (it is applied with
+        ``torch.func.vmap``).
+    factor : the initial trust radius is factor * ||D x0|| (MINPACK's 100).
+
+    Returns
+    -------
+    OptimizeResult with x, cost, fun, jac, grad, optimality, status (scipy's codes: 0 max_nfev,
+    1 gtol, 2 ftol, 3 xtol, 4 ftol and xtol, -1 non-finite Jacobian), message, success
+    (status > 0), nfev, njev, nit; for a batch each with a leading axis B.
+
+    Raises
+    ------
+    NonFiniteError: x0 or the residuals at x0 are not finite.
+    ShapeError: fun returns a scalar, or shapes of x0, fun's output, weights or jac disagree.
+    ConfigurationError: an unknown method, a bad tolerance, fun not differentiable by torch.func.
+
+    Example
+    -------
+    >>> t = torch.linspace(0, 4, 30, dtype=torch.float64); y = 2 * torch.exp(-1.3 * t) + 0.5
+    >>> res = least_squares(lambda p: p[0] * torch.exp(-p[1] * t) + p[2] - y, [1.0, 1.0, 0.0])
+    >>> res.x, res.success, res.nfev
+    """
+    if method not in ALIASES:
+        hint = (
+            " (scipy's trf/dogbox handle bounds; steepest has no bounds)"
+            if method in ("trf", "dogbox")
+            else ""
+        )
+        raise ConfigurationError(
+            f"unknown method {method!r}{hint}; choose from "
+            f"{', '.join(METHODS)} ('lm' is an alias of 'trust-region')."
+        )
+    method = ALIASES[method]
+    _check_tol(ftol=ftol, xtol=xtol, gtol=gtol)
+    if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
+        raise ConfigurationError(f"factor must be a finite number > 0, got {factor!r}.")
+    x0 = _as_x0(x0)
+    batched = x0.ndim == 2
+    p = x0.shape[-1]
+    if max_nfev is None:
+        max_nfev = 100 * p
+    if not (isinstance(max_nfev, int) and max_nfev >= 1):
+        raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
+    xb = x0 if batched else x0.unsqueeze(0)
+    if not batched:
+
+        def fun_r(xs: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(fun, xs.squeeze(0)).unsqueeze(0)
+
+    elif vectorize:
+        vfun = torch.func.vmap(fun)
+
+        def fun_r(xs: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(vfun, xs)
+
+    else:  # fun takes the whole batch: the rows not asked for stay at x0
+
+        def fun_r(xs: Tensor, rows: Tensor) -> Tensor:
+            if rows.numel() == xb.shape[0]:
+                return _evaluate(fun, xs)
+            return _evaluate(fun, xb.index_put((rows,), xs))[rows]
+
+    jac_r = None
+    if callable(jac):
+        if not batched:
+
+            def user_jac(xs: Tensor, rows: Tensor) -> Tensor:
+                return torch.as_tensor(jac(xs.squeeze(0)), dtype=xs.dtype).unsqueeze(0)
+
+        elif vectorize:
+            vjac = torch.func.vmap(jac)
+
+            def user_jac(xs: Tensor, rows: Tensor) -> Tensor:
+                return vjac(xs)
+
+        else:
+
+            def user_jac(xs: Tensor, rows: Tensor) -> Tensor:
+                full = xs if rows.numel() == xb.shape[0] else xb.index_put((rows,), xs)
+                return torch.as_tensor(jac(full), dtype=xs.dtype)[rows]
+
+        jac_r = user_jac
+    elif jac not in ("auto", "jacfwd", "jacrev"):
+        raise ConfigurationError(
+            f"jac must be 'auto', 'jacfwd', 'jacrev' or a callable, got {jac!r}."
+        )
+    out = _run(
+        fun_r,
+        jac_r,
+        xb,
+        batched,
+        method,
+        ftol,
+        xtol,
+        gtol,
+        max_nfev,
+        float(factor),
+        weights,
+        "auto" if callable(jac) else jac,
+    )
+    return _result(out, batched, method)
+
+
+def _run(
+    fun_r,
+    jac_r,
+    xb: Tensor,
+    batched: bool,
+    method: str,
+    ftol: float,
+    xtol: float,
+    gtol: float,
+    max_nfev: int,
+    factor: float,
+    weights: Tensor | None,
+    mode: str,
+) -> dict:
+    """Checks f(x0), weights and jac, then runs the core (shared by the front ends)."""
+    rows = torch.arange(xb.shape[0], device=xb.device)
+    p = xb.shape[1]
+    with torch.no_grad():
+        f0 = fun_r(xb, rows)
+    want = "(B, M) for x0 of shape (B, P)" if batched else "(M,)"
+    if f0.ndim <= 1:
+        raise ShapeError(
+            f"fun returned a scalar{' per problem' if batched else ''} (shape "
+            f"{tuple(f0.shape if batched else f0.squeeze(0).shape)}); least_squares needs the "
+            f"vector of residuals f, shape {want}, and minimises 1/2 sum f_i^2: return the "
+            f"residuals, not their sum of squares, or use steepest.minimize for a scalar "
+            f"objective."
+        )
+    if f0.ndim != 2 or f0.shape[0] != xb.shape[0]:
+        got = tuple(f0.shape if batched else f0.squeeze(0).shape)
+        raise ShapeError(
+            f"fun returned shape {got}; expected {want}: one flat residual vector "
+            f"per problem (flatten it)."
+        )
+    if f0.dtype != xb.dtype or f0.device != xb.device:
+        raise ShapeError(
+            f"fun returned {f0.dtype} on {f0.device} for x0 of {xb.dtype} on "
+            f"{xb.device}; compute the residuals in x0's dtype and device."
+        )
+    m = f0.shape[1]
+    sw = None
+    if weights is not None:
+        w = torch.as_tensor(weights, dtype=xb.dtype, device=xb.device)
+        if w.shape not in ((m,), (xb.shape[0], m)):
+            raise ShapeError(
+                f"weights of shape {tuple(w.shape)} do not match the {m} residuals"
+                f"; pass (M,) = ({m},){' or (B, M)' if batched else ''}."
+            )
+        if not bool((torch.isfinite(w) & (w >= 0)).all()):
+            raise NonFiniteError("weights must be finite and >= 0 (w_i = 1/sigma_i^2).")
+        sw = w.sqrt().expand(xb.shape[0], m)
+        f0 = f0 * sw
+    bad = ~torch.isfinite(f0)
+    if bool(bad.any()):
+        where = bad.nonzero()[:5].tolist()
+        raise NonFiniteError(
+            f"the residuals are not finite at x0 ({int(bad.sum())} of {f0.numel()}, first at "
+            f"index {where}); start where fun is defined (check divisions, logs, overflows)."
+        )
+
+    def res_r(xs: Tensor, rows: Tensor) -> Tensor:
+        out = fun_r(xs, rows)
+        return out * sw[rows] if sw is not None else out
+
+    def res_nograd(xs: Tensor, rows: Tensor) -> Tensor:
+        with torch.no_grad():
+            return res_r(xs, rows)
+
+    if jac_r is None:
+
+        def jac_w(xs: Tensor, rows: Tensor) -> Tensor:
+            return _jacobian(lambda xx: res_r(xx, rows), xs, m, mode).detach()
+
+    else:
+
+        def jac_w(xs: Tensor, rows: Tensor) -> Tensor:
+            jj = jac_r(xs, rows)
+            if jj.shape != (xs.shape[0], m, p):
+                got = tuple(jj.shape if batched else jj.shape[1:])
+                raise ShapeError(
+                    f"jac returned shape {got}; expected "
+                    f"{'(B, M, P) = ' + str((xb.shape[0], m, p)) if batched else (m, p)}."
+                )
+            return jj * sw[rows].unsqueeze(-1) if sw is not None else jj
+
+    return _least_squares_core(
+        res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
+    )
