@@ -1,5 +1,5 @@
-"""Curvature at scale (issue 10): the cost of a K-FAC step as a multiple of an Adam step, the
-closure path against the module path, and time to a target loss on the digits autoencoder.
+"""Curvature at scale (issue 10): the cost of a K-FAC step as a multiple of an Adam step and the
+closure path against the module path (time to a target loss: ``benchmarks/race.py``).
 
 Part 1, step cost (float32, random data, one fixed batch): for each model the median time of
 one step (after warm-up steps; several repeats) divided by the median time of one Adam step
@@ -24,13 +24,6 @@ averages) + SGD, ASDL's ``KfacGradientMaker`` on our schedule + SGD, singd's ``S
 
 Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
 digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
-
-Part 3, time to target on the digits autoencoder (Martens' benchmark, scaled down):
-64-256-128-32-128-256-64, sigmoid units, logistic output with binary cross-entropy, scikit-
-learn's digits (1797 images, pixels / 16), full batch, float32. Adam and SGD with momentum are
-tuned on a small grid (final loss after the same wall-time budget); the target is tuned Adam's
-final loss on its worst seed; we report each method's time to reach it. Shampoo (lr 3e-2) and
-SOAP (lr 3e-3) of pytorch-optimizer with their other defaults, where installed.
 
 The machine is shared: the load average before and after and the torch thread count are
 written into the JSON; read ratios, not seconds.
@@ -59,7 +52,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import steepest  # noqa: E402
-from steepest.losses import BCEWithLogits, CrossEntropy  # noqa: E402
+from steepest.losses import CrossEntropy  # noqa: E402
 from steepest.preconditioner import Preconditioner  # noqa: E402
 
 
@@ -390,150 +383,6 @@ def closure_path(repeats: int) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------------- autoencoder
-def autoencoder_problem():
-    from sklearn.datasets import load_digits
-
-    x = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
-    return x
-
-
-def autoencoder(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    sizes = [64, 256, 128, 32, 128, 256, 64]
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.Sigmoid())
-    return nn.Sequential(*layers)
-
-
-def run_torch(make_opt, x, budget: float, seed: int, loss_fn) -> list[tuple[float, float]]:
-    model = autoencoder(seed)
-    opt = make_opt(model.parameters())
-    curve, spent = [], 0.0
-    while spent < budget:
-        t = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(model(x), x)
-        loss.backward()
-        opt.step()
-        spent += time.perf_counter() - t
-        curve.append((spent, float(loss.detach())))
-    return curve
-
-
-def run_kfac(x, budget: float, seed: int, **kw) -> list[tuple[float, float]]:
-    model = autoencoder(seed)
-    opt = steepest.Optimizer(
-        model, BCEWithLogits(), metric=steepest.KFAC(**kw), damping=steepest.LevenbergMarquardt(1.0)
-    )
-    curve, spent = [], 0.0
-    while spent < budget:
-        t = time.perf_counter()
-        info = opt.step(x, x)
-        spent += time.perf_counter() - t
-        curve.append((spent, info.loss))
-    return curve
-
-
-def run_precond(x, budget: float, seed: int, lr: float, **kw) -> list[tuple[float, float]]:
-    model = autoencoder(seed)
-    pre = Preconditioner(model, BCEWithLogits(), metric=steepest.KFAC(**kw), damping=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    curve, spent = [], 0.0
-    while spent < budget:
-        t = time.perf_counter()
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(model(x), x, reduction="none").sum(1).mean()
-        loss.backward()
-        pre.step(x, x)
-        opt.step()
-        spent += time.perf_counter() - t
-        curve.append((spent, float(loss.detach())))
-    return curve
-
-
-def time_to(curve, target):
-    for t, v in curve:
-        if v <= target:
-            return t
-    return None
-
-
-def autoencoder_race(budget: float, seeds: list[int]) -> dict:
-    x = autoencoder_problem()
-
-    def bce(z, y):  # the sum over pixels, mean over images: steepest's BCEWithLogits
-        return F.binary_cross_entropy_with_logits(z, y, reduction="none").sum(1).mean()
-
-    methods = {}
-    for lr in (1e-3, 3e-3, 1e-2):
-        methods[f"Adam lr={lr:g}"] = lambda s, lr=lr: run_torch(
-            lambda p: torch.optim.Adam(p, lr=lr), x, budget, s, bce
-        )
-    for lr in (0.3, 1.0):
-        methods[f"SGD momentum 0.9 lr={lr:g}"] = lambda s, lr=lr: run_torch(
-            lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9), x, budget, s, bce
-        )
-    try:
-        from pytorch_optimizer import SOAP, Shampoo
-
-        for lr in (3e-3,):
-            methods[f"SOAP lr={lr:g}"] = lambda s, lr=lr: run_torch(
-                lambda p: SOAP(p, lr=lr), x, budget, s, bce
-            )
-        for lr in (3e-2,):
-            methods[f"Shampoo lr={lr:g}"] = lambda s, lr=lr: run_torch(
-                lambda p: Shampoo(p, lr=lr), x, budget, s, bce
-            )
-    except ImportError:
-        pass
-    methods["KFAC (Optimizer, LM, T=1)"] = lambda s: run_kfac(x, budget, s)
-    methods["KFAC (Optimizer, LM, T_cov=5, T_inv=20, ema=0.95)"] = lambda s: run_kfac(
-        x, budget, s, T_cov=5, T_inv=20, ema=0.95
-    )
-    for lr in (0.1,):
-        methods[f"KFAC preconditioner + SGD momentum lr={lr:g} (T_cov=5, T_inv=20)"] = (
-            lambda s, lr=lr: run_precond(x, budget, s, lr, T_cov=5, T_inv=20, ema=0.95)
-        )
-    curves = {}
-    for name, run in methods.items():
-        curves[name] = [run(s) for s in seeds]
-        finals = [c[-1][1] for c in curves[name]]
-        print(
-            f"{name}: final {statistics.median(finals):.4f} ({len(curves[name][0])} steps)",
-            flush=True,
-        )
-    final = {k: statistics.median(c[-1][1] for c in v) for k, v in curves.items()}
-    adam_best = min((k for k in final if k.startswith("Adam")), key=final.get)
-    target = max(c[-1][1] for c in curves[adam_best])  # every seed of tuned Adam reaches it
-    adam_time = statistics.median(time_to(c, target) or budget for c in curves[adam_best])
-    out = {
-        "budget_s": budget,
-        "seeds": seeds,
-        "target": target,
-        "tuned_adam": adam_best,
-        "methods": {},
-    }
-    for k, v in curves.items():
-        times = [time_to(c, target) for c in v]
-        reached = [t for t in times if t is not None]
-        out["methods"][k] = {
-            "final_loss_median": final[k],
-            "final_loss_spread": [min(c[-1][1] for c in v), max(c[-1][1] for c in v)],
-            "steps_median": statistics.median(len(c) for c in v),
-            "time_to_target_s": statistics.median(reached) if len(reached) == len(v) else None,
-            "reached": f"{len(reached)}/{len(v)}",
-            "ratio_to_tuned_adam": (
-                statistics.median(reached) / adam_time if len(reached) == len(v) else None
-            ),
-        }
-    print(json.dumps(out, indent=1), flush=True)
-    return out
-
-
 def agreement() -> dict:
     """Our KFAC against curvlinops' KFACLinearOperator (float64, MLP 5-7-4, 20 samples,
     cross-entropy): the relative Frobenius difference of the dense matrices."""
@@ -617,27 +466,6 @@ def markdown(res: dict) -> str:
                 f"| {k} | {e['solver'] or '-'} | {e['median_s']:.3f} | "
                 f"{e['ratio_to_Optimizer_auto']:.2f} |"
             )
-    if "autoencoder" in res:
-        a = res["autoencoder"]
-        lines += [
-            "",
-            f"Digits autoencoder, budget {a['budget_s']:g} s per run, seeds {a['seeds']}, "
-            f"target = tuned Adam's final loss on its worst seed {a['target']:.3f} "
-            f"({a['tuned_adam']}):",
-            "",
-            "| method | final loss (median [min, max]) | steps | time to target (s) | "
-            "ratio to tuned Adam |",
-            "|---|---|---|---|---|",
-        ]
-        for k, e in a["methods"].items():
-            t = e["time_to_target_s"]
-            r = e["ratio_to_tuned_adam"]
-            lines.append(
-                f"| {k} | {e['final_loss_median']:.3f} [{e['final_loss_spread'][0]:.3f}, "
-                f"{e['final_loss_spread'][1]:.3f}] | {e['steps_median']:.0f} | "
-                f"{'-' if t is None else f'{t:.2f}'} ({e['reached']}) | "
-                f"{'-' if r is None else f'{r:.2f}'} |"
-            )
     if "agreement" in res:
         lines += [
             "",
@@ -652,8 +480,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", nargs="*", default=["cost", "closure", "autoencoder", "agreement"])
-    ap.add_argument("--budget", type=float, default=None, help="autoencoder seconds per run")
+    ap.add_argument("--parts", nargs="*", default=["cost", "closure", "agreement"])
     ap.add_argument("--window", type=int, default=100, help="steps per amortised timing")
     ap.add_argument("--repeats", type=int, default=None, help="step-cost repeats (3; quick 2)")
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
@@ -696,11 +523,6 @@ def main() -> None:
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)
-    if "autoencoder" in args.parts:
-        res["autoencoder"] = autoencoder_race(
-            budget=args.budget or (6.0 if args.quick else 15.0),
-            seeds=[0, 1] if args.quick else [0, 1, 2],
-        )
     meta["load_after"] = os.getloadavg()
     if "load_after" not in res["meta"]:
         res["meta"]["load_after"] = meta["load_after"]

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser(
         "compare", help="run the methods side by side on a problem and report",
-        description="Run the six methods of Table 1 (and Adam, SGD, L-BFGS) from the same "
+        description="Run the six methods of Table 1, their K-FAC, EKFAC and diagonal "
+        "approximations (and Adam, SGD, L-BFGS) from the same "
         "initial weights; print a table and write results.json, plots and report.html.")
     cmp.add_argument("--problem", default=DEFAULT_PROBLEM,
                      help=f"a built-in problem (see `steepest problems`) or "
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--methods", default="all",
                      help=f"comma-separated, from {', '.join(METHODS)}; or 'all' (default); "
                      "a variant METHOD[KEY=VALUE,...] is a row of its own, e.g. "
-                     "ggn,ggn[solver=woodbury],gauss-newton[damping=more]")
+                     "ggn,ggn[solver=woodbury],gauss-newton[damping=more]; the structured "
+                     "approximations kfac, ekfac (base, T_cov, T_inv, ema, ...) and diagonal "
+                     "(base, power), e.g. kfac[T_cov=10],diagonal[base=empirical-fisher,"
+                     "power=0.5]")
     budget = cmp.add_mutually_exclusive_group()
     budget.add_argument("--iters", type=_budget(int), metavar="N",
                         help="steps per method and seed")

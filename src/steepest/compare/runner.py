@@ -18,6 +18,12 @@ method                  M (000 Table 1)                        default settings
 ``gradient-covariance`` ``GradientCovariance(centered=True)``  LM damping 1e-3, lr 1, auto
 ``newton``              ``Hessian()``                          LM damping 1e-3, lr 1, auto
 ``ggn``                 ``GGN()``          E[J^T H_L J]        LM damping 1e-3, lr 1, auto
+``kfac``                ``KFAC(base)``  per-layer G (x) A      LM damping 1e-3, lr 1, auto
+                        (base: MC Fisher, 1 sample)            (its own inverse), KFAC's
+                                                               T_cov, T_inv, ema
+``ekfac``               ``EKFAC(base)`` eigenvalue-corrected   as ``kfac``
+``diagonal``            ``Diagonal(base, power)``              LM damping 1e-3, lr 1, auto
+                        (base: GGN, power 1)                   (its own inverse)
 ``adam``                ``torch.optim.Adam``                   lr tuned, betas (0.9, 0.999)
 ``sgd``                 ``torch.optim.SGD``                    lr tuned, momentum 0.9
 ``lbfgs``               ``torch.optim.LBFGS``                  lr tuned, history 10, Wolfe
@@ -47,6 +53,23 @@ Keys:
   and ``lr``), ``lr``, ``eps``, ``solver`` (auto, cg, cholesky,
   woodbury), ``cg_maxiter`` (0: the solver's default), ``momentum``; ``natural`` also
   ``mc_samples`` (0: exact Fisher), ``gradient-covariance`` also ``centered``.
+- ``kfac`` and ``ekfac`` (:mod:`steepest.kronecker`) also: ``base`` (the Table 1 row whose
+  Kronecker factors are taken, spelled like the methods: ``natural``, ``ggn``,
+  ``gauss-newton``, ``empirical-fisher``), ``mc_samples`` (for ``base=natural``: sampled
+  labels per input, Martens & Grosse's 1 by default; 0: the exact Fisher), ``T_cov`` and
+  ``T_inv`` (refresh the factors / their eigendecompositions every so many steps), ``ema``
+  (the decay of the factors' running averages; 0: none), ``factored`` (Martens & Grosse's
+  factored Tikhonov damping with the pi-correction; ``kfac`` only), ``rescale`` (``none``,
+  ``alpha``, ``momentum``: the step rescaled by the exact quadratic model, section 7). The
+  defaults of ``T_cov``, ``T_inv`` and ``ema`` are those of :class:`~steepest.KFAC`.
+- ``diagonal`` (:mod:`steepest.diagonal`) also: ``base`` (any curvature method's row:
+  ``ggn``, ``natural``, ``gauss-newton``, ``empirical-fisher``, ``gradient-covariance``,
+  ``newton``), ``power`` (Martens' xi: ``diagonal[base=empirical-fisher,power=0.5]`` is the
+  Adam/RMSprop family without momentum), ``mc_samples`` (for ``base=natural``, as for
+  ``natural``: sampled labels, 0: the exact Fisher), ``probes`` (0: the exact diagonal; k:
+  Hutchinson's estimate from k Rademacher probes, k products of the base).
+- ``solver=woodbury`` is refused for ``kfac``, ``ekfac`` and ``diagonal`` (no sample-space
+  factor); ``auto`` uses their own inverse.
 - ``adam``: ``lr``, ``beta1``, ``beta2``; ``sgd``: ``lr``, ``momentum``; ``lbfgs``: ``lr``,
   ``history_size``, ``line_search`` (``strong_wolfe`` or ``none``).
 
@@ -64,6 +87,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import platform
@@ -78,7 +102,9 @@ import torch
 from torch import Tensor, nn
 
 from ..damping import Constant, LevenbergMarquardt, MoreTrustRegion
+from ..diagonal import Diagonal
 from ..errors import ConfigurationError, SteepestError
+from ..kronecker import EKFAC, KFAC
 from ..metrics import (
     GGN,
     EmpiricalFisher,
@@ -96,8 +122,11 @@ from ..solvers import CG, Auto, Cholesky, Woodbury
 from ..steps import Armijo, LearningRate, TrustRegion
 from .results import Comparison, Run, summarize
 
-STEEPEST_METHODS = ("vanilla", "gauss-newton", "natural", "empirical-fisher",
-                    "gradient-covariance", "newton", "ggn")
+ROW_METHODS = ("vanilla", "gauss-newton", "natural", "empirical-fisher",
+               "gradient-covariance", "newton", "ggn")
+#: the structured approximations of a row (issue 10): a ``base`` row and a cheap inverse
+STRUCTURED_METHODS = ("kfac", "ekfac", "diagonal")
+STEEPEST_METHODS = ROW_METHODS + STRUCTURED_METHODS
 TORCH_METHODS = ("adam", "sgd", "lbfgs")
 METHODS = STEEPEST_METHODS + TORCH_METHODS
 
@@ -105,12 +134,26 @@ LABELS = {
     "vanilla": "vanilla gradient", "gauss-newton": "Gauss-Newton", "natural": "natural gradient",
     "empirical-fisher": "empirical Fisher", "gradient-covariance": "gradient covariance",
     "newton": "Newton", "ggn": "GGN", "adam": "Adam", "sgd": "SGD (momentum)",
-    "lbfgs": "L-BFGS",
+    "lbfgs": "L-BFGS", "kfac": "K-FAC", "ekfac": "EKFAC", "diagonal": "diagonal",
 }
 
 _STEEPEST_KEYS: dict[str, Any] = {
     "damping": 1e-3, "adaptive_damping": True, "step": "lr", "lr": 1.0, "eps": 0.1,
     "solver": "auto", "cg_maxiter": 0, "momentum": 0.0,
+}
+
+
+
+def _kfac_default(key: str) -> Any:
+    """KFAC's own default of ``key`` (so that ``compare`` follows the library's defaults)."""
+    value = inspect.signature(KFAC.__init__).parameters[key].default
+    return 0.0 if key == "ema" and value is None else value
+
+
+_KFAC_KEYS: dict[str, Any] = {
+    **_STEEPEST_KEYS, "base": "natural", "mc_samples": 1, "T_cov": _kfac_default("T_cov"),
+    "T_inv": _kfac_default("T_inv"), "ema": float(_kfac_default("ema")), "factored": False,
+    "rescale": "none",
 }
 
 #: The global defaults of every method; a problem's ``defaults`` override them.
@@ -123,15 +166,27 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "gradient-covariance": {**_STEEPEST_KEYS, "centered": True},
     "newton": dict(_STEEPEST_KEYS),
     "ggn": dict(_STEEPEST_KEYS),
+    "kfac": dict(_KFAC_KEYS),
+    "ekfac": {k: v for k, v in _KFAC_KEYS.items() if k != "factored"},
+    "diagonal": {**_STEEPEST_KEYS, "base": "ggn", "power": 1.0, "mc_samples": 0, "probes": 0},
     "adam": {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999},
     "sgd": {"lr": 1e-2, "momentum": 0.9},
     "lbfgs": {"lr": 1.0, "history_size": 10, "line_search": "strong_wolfe"},
 }
 
-_CHOICES = {
+_CHOICES: dict[Any, tuple[str, ...]] = {
     "step": ("lr", "trust-region", "armijo", "scaled-trust-region"),
     "solver": ("auto", "cg", "cholesky", "woodbury"),
     "line_search": ("strong_wolfe", "none"),
+    "rescale": ("none", "alpha", "momentum"),
+    # per method: the rows a structured approximation can be taken of
+    ("kfac", "base"): ("natural", "ggn", "gauss-newton", "empirical-fisher"),
+    ("ekfac", "base"): ("natural", "ggn", "gauss-newton", "empirical-fisher"),
+    ("diagonal", "base"): ("ggn", "natural", "gauss-newton", "empirical-fisher",
+                           "gradient-covariance", "newton"),
+    ("kfac", "solver"): ("auto", "cg", "cholesky"),
+    ("ekfac", "solver"): ("auto", "cg", "cholesky"),
+    ("diagonal", "solver"): ("auto", "cg", "cholesky"),
 }
 
 _METRICS: dict[str, Callable[[dict], Metric]] = {
@@ -142,7 +197,33 @@ _METRICS: dict[str, Callable[[dict], Metric]] = {
     "gradient-covariance": lambda s: GradientCovariance(centered=s["centered"]),
     "newton": lambda s: Hessian(),
     "ggn": lambda s: GGN(),
+    "kfac": lambda s: KFAC(**_kronecker(s)),
+    "ekfac": lambda s: EKFAC(**_kronecker(s)),
+    "diagonal": lambda s: Diagonal(_row(s["base"], s["mc_samples"]), power=s["power"],
+                                   mc_samples=s["probes"] or None),
 }
+
+
+def _row(name: str, mc_samples: int = 0) -> Metric:
+    """The Table 1 row of a method name, at its library defaults (``natural`` with
+    ``mc_samples`` sampled labels, 0: exact)."""
+    if name == "natural":
+        return Fisher(mc_samples=mc_samples or None)
+    if name == "gradient-covariance":
+        return GradientCovariance(centered=True)
+    return {"gauss-newton": GaussNewton, "empirical-fisher": EmpiricalFisher,
+            "newton": Hessian, "ggn": GGN}[name]()
+
+
+def _kronecker(s: dict) -> dict[str, Any]:
+    """The keyword arguments of KFAC/EKFAC from a row's settings."""
+    kw: dict[str, Any] = {
+        "base": _row(s["base"], s["mc_samples"]), "T_cov": s["T_cov"], "T_inv": s["T_inv"],
+        "ema": s["ema"] or None, "rescale": None if s["rescale"] == "none" else s["rescale"],
+    }
+    if s.get("factored"):
+        kw["damping"] = "factored"
+    return kw
 
 MAX_ITERS = 10**7  # the iteration cap of a time-budgeted run
 SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2^64)
@@ -273,9 +354,12 @@ def _convert(method: str, key: str, value: Any, default: Any) -> Any:
             raise ConfigurationError(f"{where} must be a finite number >= 0, got {value!r}.")
         return out
     s = str(value).strip().lower()
-    if key in _CHOICES and s not in _CHOICES[key]:
-        raise ConfigurationError(f"{where} must be one of {', '.join(_CHOICES[key])}, got "
-                                 f"{value!r}.")
+    choices = _CHOICES.get((method, key), _CHOICES.get(key))
+    if choices is not None and s not in choices:
+        hint = (" (it has no sample-space factor; auto uses its own inverse)"
+                if key == "solver" and s == "woodbury" else "")
+        raise ConfigurationError(f"{where} must be one of {', '.join(choices)}, got "
+                                 f"{value!r}{hint}.")
     return s
 
 
@@ -804,7 +888,8 @@ def save(result: Comparison, out: str | os.PathLike) -> list[str]:
 
 
 __all__ = ["CLOCKS", "DEFAULT_SEEDS", "LABELS", "METHODS", "METHOD_DEFAULTS", "SEED_LIMIT",
-           "STEEPEST_METHODS", "TORCH_METHODS", "TUNED", "TUNE_FACTORS", "Interrupted", "Plan",
+           "ROW_METHODS", "STEEPEST_METHODS", "STRUCTURED_METHODS", "TORCH_METHODS", "TUNED",
+           "TUNE_FACTORS", "Interrupted", "Plan",
            "base_method", "check_budget", "check_device", "check_dtype", "execute", "label",
            "method_key", "parse_methods", "parse_set", "plan", "resolve_settings", "run",
            "save", "split_method"]
