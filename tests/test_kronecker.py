@@ -706,3 +706,33 @@ def test_a_replaced_layer_restarts_the_running_factors(cls):
     ours, theirs = metric.state_dict(), fresh.state_dict()
     torch.testing.assert_close(ours["factors"], theirs["factors"], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(ours["eig"], theirs["eig"], rtol=1e-10, atol=1e-12)
+
+
+def test_a_factor_eigh_that_fails_in_float32_is_redone_in_float64(monkeypatch):
+    """LAPACK's eigh can fail to converge in float32 (seen on a float32 CNN); the factor is
+    then decomposed in float64 (same eigenvalues to float32 rounding); a failure there too is
+    a named SingularMatrixError, not a raw LinAlgError."""
+    from steepest import kronecker
+    from steepest.errors import SingularMatrixError
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(6, 6, generator=g)
+    m = b @ b.T
+    real = torch.linalg.eigh
+
+    def flaky(x, *a, **k):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("failed to converge")
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    mu, q = kronecker._eigh(m)
+    assert mu.dtype == torch.float32 and q.dtype == torch.float32
+    torch.testing.assert_close(q @ torch.diag(mu) @ q.T, m, rtol=1e-5, atol=1e-5)
+
+    def broken(x, *a, **k):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(SingularMatrixError, match="Kronecker factor"):
+        kronecker._eigh(m)

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, SingularMatrixError
 from .kronecker_capture import factor_statistics
 from .linop import LinearOperator
 from .metrics import GGN, EmpiricalFisher, Fisher, GaussNewton, GradientCovariance, Metric
@@ -86,16 +86,38 @@ class _Block:
     G: Tensor
 
 
+def _sym_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part of a factor. LAPACK's eigensolver can fail to converge
+    in float32 on ill-conditioned factors (seen on a float32 CNN): the factor is then
+    decomposed in float64 and the result cast back; a factor that fails there too (non-finite
+    entries) is a :class:`~steepest.errors.SingularMatrixError` that names it."""
+    sym = 0.5 * (m + m.transpose(-1, -2))
+    try:
+        return torch.linalg.eigh(sym)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        mu, q = torch.linalg.eigh(sym.double())
+    except torch.linalg.LinAlgError as err:
+        finite = bool(torch.isfinite(sym).all())
+        raise SingularMatrixError(
+            f"K-FAC: the eigendecomposition of a {tuple(sym.shape[-2:])} Kronecker factor "
+            f"failed in float64 too ({'finite' if finite else 'non-finite'} entries): "
+            "check the model's activations and gradients for inf/NaN, or use a larger damping."
+        ) from err
+    return mu.to(sym.dtype), q.to(sym.dtype)
+
+
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues clamped at 0 (a PSD factor's rounding) and eigenvectors."""
-    mu, q = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+    mu, q = _sym_eigh(m)
     return mu.clamp_min(0), q
 
 
 def _eigh_signed(m: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues unclamped: a signed G (GGN of an indefinite H_L) keeps its negative part,
     so that the own inverse inverts the operator that ``@`` applies."""
-    return torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+    return _sym_eigh(m)
 
 
 class _Structure:
