@@ -346,3 +346,14 @@ def test_collector_normalises_observations_and_rewards(one_thread):
     assert scale == pytest.approx(1 / math.sqrt(norm.ret_moments.var + 1e-8), rel=1e-5)
     assert scale != pytest.approx(1.0, abs=1e-2)
     assert all(e.ret == e.length for e in b.episodes)
+
+
+def test_acktr_refreshes_its_kronecker_factors_on_every_update():
+    """One policy update per batch of thousands of samples: ACKTR's K-FAC is each update's
+    batch (K-FAC's amortising defaults, inverses every 100 steps, would decompose the factors
+    once or twice in a whole run)."""
+    net, pi, x, y, _ = _batch(6)
+    opt = policy_optimizer("acktr", net, pi, Settings(dtype="float64"))
+    for k in range(3):
+        opt.step(x[k:], y[k:])
+    assert opt.metric.state_dict()["refreshes"] == 3

@@ -22,10 +22,11 @@ Here g is the gradient of the surrogate :math:`L(\theta) = -\frac1N\sum_i \hat A
 :math:`F = E_s[J^T F_R J]` the policy's Fisher, and ``TrustRegion`` is exactly the natural
 policy gradient with a fixed KL step: :math:`\delta^T F\delta = 2\,` max_kl, the quadratic model
 of :math:`KL(\pi_{old}\|\pi_{new}) \le` max_kl. ``acktr`` (Wu et al. 2017) is the NPG step with
-``KFAC()`` (the Kronecker-factored Fisher from sampled actions, inverted block by block) in
-place of the exact Fisher and CG, damping max(cg_damping, 0.01), alpha capped at 1, and the
-step clipped to the exact KL bound (:class:`~steepest.rl.trust.ExactKLClip`: K-FAC's Fisher is
-approximate, so its quadratic model alone does not bound the KL).
+``KFAC(ema=None, T_cov=1, T_inv=1)`` (the Kronecker-factored Fisher of each update's batch
+from sampled actions, inverted block by block) in place of the exact Fisher and CG, damping
+max(cg_damping, 0.01), alpha capped at 1, and the step clipped to the exact KL bound
+(:class:`~steepest.rl.trust.ExactKLClip`: K-FAC's Fisher is approximate, so its quadratic model
+alone does not bound the KL).
 
 Example
 -------
@@ -226,7 +227,10 @@ def policy_optimizer(
         return Optimizer(
             policy,
             loss,
-            metric=KFAC(),
+            # the Fisher of each update's batch (thousands of samples, one step per batch):
+            # K-FAC's amortising defaults (inverses every 100 steps) would decompose the
+            # factors once or twice in a whole run
+            metric=KFAC(ema=None, T_cov=1, T_inv=1),
             damping=Constant(max(s.cg_damping, 1e-2)),
             solver="auto",
             step=ExactKLClip(max_kl=s.max_kl, max_alpha=1.0),
