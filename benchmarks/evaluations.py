@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from mgh import PROBLEMS, as_model, scipy_lm  # noqa: E402
+from mgh import PROBLEMS, as_model, fit, scipy_lm  # noqa: E402
 
 from steepest import Optimizer  # noqa: E402
 from steepest.damping import LevenbergMarquardt, MoreTrustRegion  # noqa: E402
@@ -40,15 +40,7 @@ from steepest.metrics import GGN, GaussNewton  # noqa: E402
 
 
 def ours(name: str, reuse: bool) -> dict:
-    model, x, y = as_model(name)
-    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), reuse=reuse)
-    limit = 100 * (opt.space.size + 1)
-    infos = []
-    while sum(i.nfev for i in infos) < limit:
-        infos.append(opt.step(x, y))
-        if infos[-1].converged:
-            break
-    cost = 0.5 * float(model.r(model.theta.detach()).pow(2).sum())
+    infos, cost = fit(name, reuse=reuse)
     return {
         "nfev": sum(i.nfev for i in infos),
         "njev": sum(i.njev for i in infos),

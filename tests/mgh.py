@@ -148,6 +148,27 @@ def as_model(name: str):
     return Residuals(r, x0), torch.zeros(m, 1, dtype=D), torch.zeros(m, 1, dtype=D)
 
 
+def fit(name: str, max_nfev: int | None = None, reuse: bool = True):
+    """The model path on problem ``name`` (MSE + GaussNewton + MoreTrustRegion, the default
+    tolerances): steps until a stopping rule fires or MINPACK's default max_nfev = 100 (P + 1).
+    Returns (the StepInfos, the final cost 1/2 ||r||^2)."""
+    from steepest import Optimizer
+    from steepest.damping import MoreTrustRegion
+    from steepest.losses import MSE
+    from steepest.metrics import GaussNewton
+
+    model, x, y = as_model(name)
+    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), reuse=reuse)
+    limit = max_nfev or 100 * (opt.space.size + 1)
+    infos = []
+    while sum(i.nfev for i in infos) < limit:
+        infos.append(opt.step(x, y))
+        if infos[-1].converged:
+            break
+    cost = 0.5 * float(model.r(model.theta.detach()).pow(2).sum())
+    return infos, cost
+
+
 def scipy_lm(name: str, **kw):
     """``scipy.optimize.least_squares(method="lm")`` with the Jacobian by autograd (MINPACK's
     lmder: nfev counts the residual evaluations, njev the Jacobian ones)."""

@@ -18,30 +18,11 @@ test_powell_singular_reaches_zero_within_minpacks_evaluations.
 from __future__ import annotations
 
 import pytest
-from mgh import PROBLEMS, as_model, scipy_lm
-
-from steepest import Optimizer
-from steepest.damping import MoreTrustRegion
-from steepest.losses import MSE
-from steepest.metrics import GaussNewton
+from mgh import PROBLEMS, fit, scipy_lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SOLVED = [name for name in PROBLEMS if name != "powell_singular"]
-
-
-def fit(name: str, max_nfev: int | None = None, reuse: bool = True):
-    """Steps until a stopping rule fires or MINPACK's default max_nfev = 100 (P + 1)."""
-    model, x, y = as_model(name)
-    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), reuse=reuse)
-    limit = max_nfev or 100 * (opt.space.size + 1)
-    infos = []
-    while sum(i.nfev for i in infos) < limit:
-        infos.append(opt.step(x, y))
-        if infos[-1].converged:
-            break
-    cost = 0.5 * float(model.r(model.theta.detach()).pow(2).sum())
-    return infos, cost
 
 
 def test_same_cost_and_no_more_evaluations_than_minpack_in_total():
