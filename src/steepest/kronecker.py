@@ -69,9 +69,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ConfigurationError, SingularMatrixError
+from .errors import ConfigurationError
 from .kronecker_capture import factor_statistics
-from .linop import LinearOperator
+from .linop import LinearOperator, eigh
 from .metrics import GGN, EmpiricalFisher, Fisher, GaussNewton, GradientCovariance, Metric
 
 
@@ -89,23 +89,14 @@ class _Block:
 def _sym_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     """``eigh`` of the symmetric part of a factor. LAPACK's eigensolver can fail to converge
     in float32 on ill-conditioned factors (seen on a float32 CNN): the factor is then
-    decomposed in float64 and the result cast back; a factor that fails there too (non-finite
-    entries) is a :class:`~steepest.errors.SingularMatrixError` that names it."""
+    decomposed in float64 and the result cast back; a failure there too (non-finite entries)
+    is :func:`~steepest.linop.eigh`'s :class:`~steepest.errors.SingularMatrixError`."""
     sym = 0.5 * (m + m.transpose(-1, -2))
     try:
         return torch.linalg.eigh(sym)
     except torch.linalg.LinAlgError:
-        pass
-    try:
-        mu, q = torch.linalg.eigh(sym.double())
-    except torch.linalg.LinAlgError as err:
-        finite = bool(torch.isfinite(sym).all())
-        raise SingularMatrixError(
-            f"K-FAC: the eigendecomposition of a {tuple(sym.shape[-2:])} Kronecker factor "
-            f"failed in float64 too ({'finite' if finite else 'non-finite'} entries): "
-            "check the model's activations and gradients for inf/NaN, or use a larger damping."
-        ) from err
-    return mu.to(sym.dtype), q.to(sym.dtype)
+        mu, q = eigh(sym.double(), name="a Kronecker factor")
+        return mu.to(sym.dtype), q.to(sym.dtype)
 
 
 def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
