@@ -99,8 +99,9 @@ class Trials:
                 value, z = evaluate(
                     self.space, self.loss, self.inputs, self.targets, self.theta0 + delta
                 )
+        kept = delta.detach().clone()  # one copy, for the memo and the kept graph
         if self.keep_graph:
-            self._graph = (delta.detach().clone(), graph) if pure else None
+            self._graph = (kept, graph) if pure else None
             self.keep_graph = pure
         if self.l2 is not None:
             value += l2_penalty(self.l2, self.theta0 + delta)
@@ -108,7 +109,7 @@ class Trials:
         if self.distributed is not None:
             value = self.distributed.scalar(value, self.weight)
         self.count += 1
-        self._memo = [*self._memo[-7:], (delta.detach().clone(), value, z)]
+        self._memo = [*self._memo[-7:], (kept, value, z)]
         return value, z
 
     def loss_at(self, delta: Tensor) -> float:
