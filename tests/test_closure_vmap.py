@@ -11,7 +11,7 @@ from torch import nn
 
 import steepest
 from steepest.losses import CrossEntropy
-from steepest.torch_optim import ClosurePoint, _ClosureSpace
+from steepest.closure_point import ClosurePoint, _ClosureSpace
 
 F64 = torch.float64
 
