@@ -127,7 +127,7 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
     a = jac / d.unsqueeze(1)  # J D^-1; u = D delta, the least-norm solution below
     gn = torch.linalg.lstsq(a, -f.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
     gn_norm = gn.norm(dim=-1)
-    mu, c, _ = _factor(a, f, False, 0.0)
+    fac = _factor(a, f, False, 0.0)
     radius = gn_norm * torch.tensor([2.0, 1.05, 0.5, 0.1, 1e-3, 1e-6], dtype=D)
     active = torch.ones(b, dtype=torch.bool)
     for par0 in (
@@ -135,8 +135,10 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
         torch.full((b,), 1e6, dtype=D),
         torch.full((b,), 1e-9, dtype=D),
     ):
-        lam = _lmpar(mu, c, radius, par0, active, p)
+        lam, w = _lmpar(fac, radius, par0, active)
         assert bool((lam >= 0).all())
+        # the returned w is the step at the returned lambda: D delta = V w
+        torch.testing.assert_close(w, fac.c / (fac.mu + lam[:, None]))
         # [J D^-1; sqrt(lambda) I] u = [-f; 0] in the least-squares sense (dense, gelsd)
         aug = torch.cat([a, lam.sqrt()[:, None, None] * torch.eye(p, dtype=D)], 1)
         rhs = torch.cat([-f, torch.zeros(b, p, dtype=D)], 1).unsqueeze(-1)
@@ -148,8 +150,9 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
         rel = (dn[~fits] - radius[~fits]).abs() / radius[~fits]
         assert bool((rel <= 0.1 + 1e-9).all()), rel
     # a fit that is not active gets lambda = 0
-    lam = _lmpar(mu, c, radius, torch.ones(b, dtype=D), torch.zeros(b, dtype=torch.bool), p)
+    lam, w = _lmpar(fac, radius, torch.ones(b, dtype=D), torch.zeros(b, dtype=torch.bool))
     assert bool((lam == 0).all())
+    torch.testing.assert_close(w, fac.gn)
 
 
 def test_zero_residual_at_zero_stops_on_its_own():
@@ -398,7 +401,10 @@ def test_batched_curve_fit_calls_an_elementwise_formula_once_without_vmap():
         return a * torch.exp(-b * x) + c
 
     popt, _ = curve_fit(decay, T, y, p0)
-    assert (5, 1) in seen and all(s in ((5, 1), (4, 1), (3, 1), (2, 1), (1, 1), ()) for s in seen)
+    # evaluations on the columns (B, 1); Jacobians pointwise, the parameters spread to (B, N)
+    assert (5, 1) in seen and (5, 30) in seen
+    shapes = {(k, 1) for k in range(1, 6)} | {(k, 30) for k in range(1, 6)} | {()}
+    assert all(s in shapes for s in seen)
     for i in (0, 4):
         one, _ = curve_fit(_decay, T, y[i], [1.0, 1.0, 0.0])
         torch.testing.assert_close(popt[i], one, rtol=1e-9, atol=1e-12)
@@ -411,6 +417,35 @@ def test_batched_curve_fit_calls_an_elementwise_formula_once_without_vmap():
     popt2, _ = curve_fit(mixing, T, y, p0)
     assert seen.count((5, 1)) == 1  # the probe only; then vmap (0-d parameters)
     torch.testing.assert_close(popt2, popt, rtol=1e-9, atol=1e-12)
+
+
+def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
+    """The batched curve_fit takes J by one backward pass through the parameters spread to one
+    copy per point only when residual i depends on them through point i alone (checked by a
+    probe against torch.func); a formula normalised over the points is elementwise across the
+    batch but couples the points, and keeps torch.func. Both Jacobians at the solution equal a
+    dense one of torch.autograd.functional, and both fits equal the separate fits."""
+    y = _batch(5)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 5, dtype=D)
+    seen = []
+
+    def coupled(x, a, b, c):
+        seen.append(tuple(a.shape))
+        e = torch.exp(-b * x)
+        return a * e / e.mean(-1, keepdim=True) + c
+
+    for formula in (_decay, coupled):
+        seen.clear()
+        popt, _, res = curve_fit(formula, T, y, p0, full_output=True)
+        assert bool(res.success.all())
+        if formula is coupled:
+            assert (5, 30) not in seen and () in seen  # torch.func's vmap, not the spread
+        for i in (0, 3):
+            one = curve_fit(formula, T, y[i], p0[i], full_output=True)[2]
+            torch.testing.assert_close(popt[i], one.x, rtol=1e-9, atol=1e-12)
+            assert int(res.nfev[i]) == one.nfev and int(res.njev[i]) == one.njev
+            ref = jacobian(lambda q, i=i, f=formula: f(T, *q) - y[i], popt[i])
+            torch.testing.assert_close(res.jac[i], ref, rtol=1e-10, atol=1e-12)
 
 
 def test_large_batch_takes_the_qr_route_and_equals_separate_fits():
