@@ -448,9 +448,13 @@ def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
             torch.testing.assert_close(res.jac[i], ref, rtol=1e-10, atol=1e-12)
 
 
-def test_large_batch_takes_the_qr_route_and_equals_separate_fits():
-    """B >= 64: the factorisation is the SVD of R of J D^-1 = QR; the fits still match
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_large_batch_takes_the_qr_route_and_equals_separate_fits(jacobi, monkeypatch):
+    """B >= 64: the factorisation is the SVD of R of J D^-1 = QR (by LAPACK, or for batches of
+    at least JACOBI_MIN_BATCH by one-sided Jacobi, forced here); the fits still match
     separate (SVD) fits, and slow fits leave the batch (compaction) correctly."""
+    if jacobi:
+        monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 1)
     y = _batch(64)
     x0 = torch.tensor([[1.0, 1.0, 0.0]] * 64, dtype=D)
     x0[5] = torch.tensor([5.0, 0.1, -3.0])
@@ -462,12 +466,16 @@ def test_large_batch_takes_the_qr_route_and_equals_separate_fits():
         assert float(res.cost[i]) == pytest.approx(one.cost, rel=1e-9)
 
 
-def test_large_batch_fails_where_the_separate_fit_fails():
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_large_batch_fails_where_the_separate_fit_fails(jacobi, monkeypatch):
     """Curve 341 of the speed benchmark crawls from (1, 1, 0) into the valley b -> 0 (scipy's
     curve_fit fails there too). The eigen-decomposition of (J D^-1)^T (J D^-1) used before for
     B >= 64 lost the tiny eigenvalue of that nearly rank-deficient J and reported an ftol
     "success" after ~230 evaluations at cost 0.18; by QR it follows the separate fit: the same
-    evaluations, status and cost, in the batch and alone."""
+    evaluations, status and cost, in the batch and alone (with R's SVD by LAPACK or by
+    one-sided Jacobi)."""
+    if jacobi:
+        monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 1)
     t, y = _decay_curve(341)
     batch = torch.cat([y[None], _decay_curve(list(range(63)))[1]])  # 341, then 63 others
     p0 = torch.tensor([[1.0, 1.0, 0.0]] * 64, dtype=D)
@@ -478,6 +486,40 @@ def test_large_batch_fails_where_the_separate_fit_fails():
     assert (int(res.status[0]), int(res.nfev[0])) == (one.status, one.nfev)
     assert float(res.cost[0]) == pytest.approx(one.cost, rel=1e-6)
     assert bool(res.success[1:].all())
+
+
+def test_jacobi_svd_has_the_relative_accuracy_of_a_high_precision_svd():
+    """The one-sided Jacobi SVD of R (large batches): on graded R (column scales 1e-4 to 1e3)
+    every singular value to 1e-14 relative against mpmath's SVD at 50 digits (LAPACK's gesdd
+    loses ~1e-10 on the smallest here: the accuracy the eigen-decomposition of R^T R would
+    lose entirely), V orthogonal and G V^T = R; a zero column and two equal columns give
+    exactly zero singular values (dropped, as MINPACK drops exact zeros)."""
+    mpmath = pytest.importorskip("mpmath")
+    from steepest.fit.core import _jacobi
+
+    g = seeded(5)
+    for p in (3, 4):
+        scale = torch.logspace(-4, 3, p, dtype=D)
+        r = torch.linalg.qr(torch.randn(6, 20, p, generator=g, dtype=D) * scale, mode="r")[1]
+        gm, v = _jacobi(r)
+        s = torch.linalg.vector_norm(gm, dim=1).sort(-1, descending=True).values
+        with mpmath.workdps(50):
+            ref = torch.tensor(
+                [
+                    sorted(map(float, mpmath.svd_r(mpmath.matrix(m.tolist()), compute_uv=False)))
+                    for m in r
+                ],
+                dtype=D,
+            ).flip(-1)
+        assert float(((s - ref).abs() / ref).max()) < 1e-14
+        torch.testing.assert_close(v.mT @ v, torch.eye(p, dtype=D).expand(6, p, p))
+        torch.testing.assert_close(gm @ v.mT, r, rtol=0, atol=1e-14 * float(r.abs().max()))
+    a = torch.randn(2, 3, 1, generator=g, dtype=D)
+    singular = torch.cat(
+        [a, a, torch.zeros_like(a), torch.randn(2, 3, 1, generator=g, dtype=D)], -1
+    )
+    s = torch.linalg.vector_norm(_jacobi(singular)[0], dim=1)
+    assert int((s == 0).sum(-1).min()) == 2
 
 
 # ---------------------------------------------------------------------------- minimize

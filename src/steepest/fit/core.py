@@ -79,45 +79,47 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
 
 
 # ---------------------------------------------------------------------------------- factor
-#: batches of at least this many problems (with P <= 16) take the SVD of R by one-sided Jacobi
-#: in batched torch instead of LAPACK's (torch 2.13, CPU, one thread: LAPACK's gesdd costs ~8-9
-#: us per 3 x 3 matrix, 92 ms for 10,000; the Jacobi sweeps ~10 ms, a fixed ~1.5 ms below)
-JACOBI_MIN_BATCH = 256
+#: batches of at least this many problems take the SVD of R by one-sided Jacobi in batched torch
+#: instead of LAPACK's (torch 2.13, CPU, one thread, 3 x 3: LAPACK ~3.4 us a matrix, 34 ms for
+#: 10,000, 1.1 ms for 300; the Jacobi sweeps 8 ms for 10,000, 1.4 ms for 300)
+JACOBI_MIN_BATCH = 512
 
 
 def _jacobi(r: Tensor, sweeps: int = 30) -> tuple[Tensor, Tensor]:
     r"""One-sided (Hestenes) Jacobi SVD of a batch of small matrices r (n, k, P): plane
     rotations V, applied to the columns, until every pair of columns of :math:`G = rV` is
     orthogonal to :math:`|g_i^T g_j| \le P\epsilon \|g_i\|\|g_j\|`; then
-    :math:`r = (G S^{-1}) S V^T` is an SVD with S the column norms of G. Returns (G, V). The
-    rotations work on the columns of r itself, never on :math:`r^T r`, so the condition number
-    is not squared (Demmel and Veselić 1992: small singular values to high relative accuracy).
-    Columns are kept as a list (no indexing copies); each sweep visits the P (P - 1) / 2 pairs
-    in cyclic order; at most ``sweeps`` sweeps (quadratic convergence: 4-6 for P = 3)."""
+    :math:`r = (G S^{-1}) S V^T` is an SVD with S the column norms of G. Returns (G, V), shaped
+    (n, k, P) and (n, P, P). The rotations work on the columns of r itself, never on
+    :math:`r^T r`, so the condition number is not squared (Demmel and Veselić 1992: the small
+    singular values to high relative accuracy). The columns are kept as P tensors (k, n), so a
+    dot product is a sum over the short leading axis; each sweep visits the P (P - 1) / 2 pairs
+    in cyclic order; at most ``sweeps`` sweeps (quadratic convergence: 3-4 for P = 3)."""
     n, _, p = r.shape
     tol = p * torch.finfo(r.dtype).eps
-    g = list(r.unbind(-1))
-    v = list(torch.eye(p, dtype=r.dtype, device=r.device).expand(n, p, p).unbind(-1))
+    g = list(r.permute(2, 1, 0).contiguous().unbind(0))
+    eye = torch.eye(p, dtype=r.dtype, device=r.device)
+    v = list(eye.unsqueeze(-1).expand(p, p, n).contiguous().unbind(0))
     one = torch.ones((), dtype=r.dtype, device=r.device)
     for _ in range(sweeps):
         moved = torch.zeros((), dtype=torch.bool, device=r.device)
         for i in range(p - 1):
             for j in range(i + 1, p):
-                alpha = g[i].pow(2).sum(-1)
-                beta = g[j].pow(2).sum(-1)
-                gamma = (g[i] * g[j]).sum(-1)
+                alpha = (g[i] * g[i]).sum(0)
+                beta = (g[j] * g[j]).sum(0)
+                gamma = (g[i] * g[j]).sum(0)
                 rot = gamma.abs() > tol * (alpha * beta).sqrt()
                 zeta = (beta - alpha) / (2 * gamma)
                 t = torch.copysign(one / (zeta.abs() + torch.hypot(one, zeta)), zeta)
                 t = torch.where(rot, t, 0.0)  # no rotation: c = 1, s = 0
-                c = torch.rsqrt(1 + t * t).unsqueeze(-1)
-                s = c * t.unsqueeze(-1)
-                g[i], g[j] = c * g[i] - s * g[j], s * g[i] + c * g[j]
-                v[i], v[j] = c * v[i] - s * v[j], s * v[i] + c * v[j]
+                c = torch.rsqrt(1 + t * t)
+                sn = c * t
+                g[i], g[j] = c * g[i] - sn * g[j], sn * g[i] + c * g[j]
+                v[i], v[j] = c * v[i] - sn * v[j], sn * v[i] + c * v[j]
                 moved = moved | rot.any()
         if not bool(moved):
             break
-    return torch.stack(g, -1), torch.stack(v, -1)
+    return torch.stack(g).permute(2, 1, 0), torch.stack(v).permute(2, 1, 0)
 
 
 class _Factor(NamedTuple):
