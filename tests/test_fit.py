@@ -291,6 +291,23 @@ def test_curve_fit_failure_raises():
     assert isinstance(e.value, RuntimeError)
 
 
+def test_curve_fit_default_max_nfev_is_lmder_s():
+    """The Jacobian is autograd's, as lmder's is given: the default limit is lmder's 100 (P + 1)
+    = 400 function evaluations, what scipy's curve_fit uses with jac= (without it, lmdif's
+    200 (P + 1) also pays for the forward differences). Curve 341 crawls into the valley b -> 0:
+    both fail after exactly 400 evaluations."""
+    t, y = _decay_curve(341)
+
+    def jac_np(x, a, b, c):
+        e = np.exp(-b * x)
+        return np.stack([e, -a * x * e, np.ones_like(x)], -1)
+
+    with pytest.raises(RuntimeError, match="maxfev = 400"):
+        sopt.curve_fit(_decay_np, t.numpy(), y.numpy(), [1.0, 1.0, 0.0], jac=jac_np)
+    with pytest.raises(ConvergenceError, match=r"nfev = 400\b"):
+        curve_fit(_decay, t, y, [1.0, 1.0, 0.0])
+
+
 # ---------------------------------------------------------------------------- batched
 def _batch(n: int, device: str = "cpu"):
     g = seeded(3)

@@ -114,8 +114,15 @@ def curve_fit(
     p0 : the start (there is no default: scipy's ones are rarely a good start).
     sigma : standard deviations of ydata (not a covariance matrix), (N,) or (B, N).
     absolute_sigma : sigma in absolute units: pcov is not rescaled by the residual variance.
-    method, ftol, xtol, gtol, max_nfev : as :func:`least_squares` (defaults: scipy's
-        curve_fit/leastsq tolerances and 200 (P + 1) evaluations).
+    method, ftol, xtol, gtol : as :func:`least_squares` (defaults: scipy's curve_fit/leastsq
+        tolerances).
+    max_nfev : the most evaluations of f per curve; default 100 (P + 1), MINPACK ``lmder``'s
+        (what ``scipy.optimize.curve_fit`` uses when given ``jac=``). The Jacobian here is
+        analytic (autograd) and, as in ``lmder``, not counted in nfev; scipy's default without
+        ``jac``, ``lmdif``'s 200 (P + 1), budgets the P evaluations of each forward-difference
+        Jacobian too, so it stops after about 200 (P + 1) / (P + 1) = 200 iterations, where the
+        same 200 (P + 1) here would allow 200 (P + 1) iterations. With 100 (P + 1) a fit is
+        MINPACK's ``lmder`` evaluation by evaluation, limit included.
     full_output : also return the :class:`OptimizeResult` of the fit.
 
     Raises
@@ -164,7 +171,7 @@ def curve_fit(
         raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
     _check_tol(ftol=ftol, xtol=xtol, gtol=gtol)
     p = x0.shape[-1]
-    max_nfev = 200 * (p + 1) if max_nfev is None else max_nfev
+    max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
     if not (isinstance(max_nfev, int) and max_nfev >= 1):
         raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
     jac_r = None  # torch.func's, unless the formula is pointwise (below)
