@@ -4,6 +4,7 @@ loop over the fits still running (see :mod:`steepest.fit`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -191,36 +192,59 @@ def _lmpar(
     :math:`|\|w\| - \Delta| \le 0.1\Delta`, or the iterates stop falling short (l = 0), or 10
     iterations (the 10th lambda kept, as MINPACK does). Only the fits ``active`` (default all) whose
     Gauss-Newton step is too long are iterated. Returns (lambda, w(lambda))."""
-    dwarf = torch.finfo(radius.dtype).tiny
+    k = _consts(radius.dtype, radius.device)
     fp = fac.gn_norm - radius
-    tenth = 0.1 * radius
+    tenth = k.tenth * radius
     long = fp > tenth if active is None else active & (fp > tenth)
     if not bool(long.any()):
         return torch.zeros_like(radius), fac.gn
     parl = fp / radius * fac.lo
     paru = fac.gnorm / radius
-    paru = torch.where(paru > 0, paru, dwarf / radius.clamp(max=0.1))
+    paru = torch.where(paru > k.zero, paru, k.dwarf / radius.clamp(max=0.1))
     lam = torch.minimum(torch.maximum(par, parl), paru)
-    lam = torch.where(lam == 0, fac.gnorm / fac.gn_norm.clamp_min(dwarf), lam)
-    todo, prev, w = long, fp, fac.gn
+    lam = torch.where(lam == k.zero, fac.gnorm / fac.gn_norm.clamp_min(k.dwarf), lam)
+    todo, prev = long, fp
     for it in range(10):
-        lam = torch.where(todo & (lam == 0), (1e-3 * paru).clamp_min(dwarf), lam)
+        lam = torch.where(todo & (lam == k.zero), torch.maximum(k.thousandth * paru, k.dwarf), lam)
         den = fac.mu + lam.unsqueeze(-1)
-        wl = fac.c / den
-        w = torch.where(todo.unsqueeze(-1), wl, w)
+        wl = fac.c / den  # for every fit at its current lambda (frozen once it stops)
         phi = torch.linalg.vector_norm(wl, dim=-1)
         fp = phi - radius
-        stop = (fp.abs() <= tenth) | ((parl == 0) & (fp <= prev) & (prev < 0))
+        stop = (fp.abs() <= tenth) | ((parl == k.zero) & (fp <= prev) & (prev < k.zero))
         todo = todo & ~stop
         if it == 9 or not bool(todo.any()):
             break
         q = (wl * wl / den).sum(-1)
-        parc = fp / radius * phi.pow(2) / q.clamp_min(dwarf)
-        parl = torch.where(todo & (fp > 0), torch.maximum(parl, lam), parl)
-        paru = torch.where(todo & (fp < 0), torch.minimum(paru, lam), paru)
+        parc = fp / radius * phi * phi / torch.maximum(q, k.dwarf)
+        parl = torch.where(todo & (fp > k.zero), torch.maximum(parl, lam), parl)
+        paru = torch.where(todo & (fp < k.zero), torch.minimum(paru, lam), paru)
         lam = torch.where(todo, torch.maximum(parl, lam + parc), lam)
         prev = torch.where(todo, fp, prev)
-    return torch.where(long, lam, 0.0), w
+    return torch.where(long, lam, k.zero), torch.where(long.unsqueeze(-1), wl, fac.gn)
+
+
+class _K(NamedTuple):
+    zero: Tensor
+    one: Tensor
+    neg_one: Tensor
+    tenth: Tensor
+    half: Tensor
+    thousandth: Tensor
+    dwarf: Tensor
+    quarter: Tensor
+    three_quarters: Tensor
+    accept: Tensor  # MINPACK's 1e-4 on rho
+    ftu: Tensor  # max(ftol, eps), max(xtol, eps) (the core's stop test)
+    xtu: Tensor
+
+
+@functools.cache
+def _consts(dtype: torch.dtype, device: torch.device, ftol: float = 0.0, xtol: float = 0.0) -> _K:
+    """0-d tensors of the constants of the hot loop (never written to): an operation with a
+    Python number wraps it into a tensor first, ~1.5-2x the cost of the operation on 13 fits."""
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    vals = (0.0, 1.0, -1.0, 0.1, 0.5, 1e-3, tiny, 0.25, 0.75, 1e-4, max(ftol, eps), max(xtol, eps))
+    return _K(*(torch.tensor(v, dtype=dtype, device=device) for v in vals))
 
 
 # ---------------------------------------------------------------------------------- core
@@ -279,7 +303,8 @@ def _least_squares_core(
         out[name] = torch.zeros(bsz, dtype=torch.long, device=dev)
     # the thresholds of the common-path stop test: the union of MINPACK's tests and of their
     # machine-precision variants (the status codes are sorted out when one fires)
-    ftu, xtu, gtu = max(ftol, eps), max(xtol, eps), max(gtol, eps)
+    gtu = max(gtol, eps)
+    k = _consts(dtype, dev, ftol, xtol)
     s = _Fits()
     s.rows = torch.arange(bsz, device=dev)
     s.x, s.f = x0.clone(), f0
@@ -377,9 +402,9 @@ def _least_squares_core(
         nfev += 1
         fnorm, fnorm1 = s.fnorm, torch.linalg.vector_norm(ft, dim=-1)
         fnorm1 = torch.nan_to_num(fnorm1, nan=math.inf, posinf=math.inf)
-        near = 0.1 * fnorm1 < fnorm
+        near = k.tenth * fnorm1 < fnorm
         r1 = fnorm1 / fnorm
-        actred = torch.where(near, 1 - r1 * r1, -1.0)
+        actred = torch.where(near, k.one - r1 * r1, k.neg_one)
         fn2 = fnorm * fnorm
         cz = (s.fac.c * w).sum(-1)  # -f^T J delta
         # 1 - ||f + J delta||^2 / ||f||^2 = (||J delta||^2 + 2 lambda ||D delta||^2) / ||f||^2
@@ -389,21 +414,22 @@ def _least_squares_core(
         else:
             prered = (cz + s.lam * pnorm * pnorm) / fn2
         dirder = -cz / fn2
-        ratio = torch.where(prered != 0, actred / prered, 0.0)
+        ratio = torch.where(prered != k.zero, actred / prered, k.zero)
         # ---- the method's update
         if trust:
-            temp = torch.where(actred >= 0, 0.5, 0.5 * dirder / (dirder + 0.5 * actred))
-            temp = torch.where(~near | ~(temp >= 0.1), 0.1, temp)
-            poor = ratio <= 0.25
-            good = (s.lam == 0) | (ratio >= 0.75)
+            temp = k.half * dirder / (dirder + k.half * actred)
+            temp = torch.where(actred >= k.zero, k.half, temp)
+            temp = torch.where(~near | ~(temp >= k.tenth), k.tenth, temp)
+            poor = ratio <= k.quarter
+            good = (s.lam == k.zero) | (ratio >= k.three_quarters)
             s.radius = torch.where(
                 poor,
                 temp * torch.minimum(s.radius, pnorm / 0.1),
                 torch.where(good, pnorm / 0.5, s.radius),
             )
             # lambda follows the radius into the next lmpar (MINPACK: par / temp, par / 2)
-            s.lam = torch.where(poor, s.lam / temp, torch.where(good, 0.5 * s.lam, s.lam))
-            accept = ratio >= 1e-4
+            s.lam = torch.where(poor, s.lam / temp, torch.where(good, k.half * s.lam, s.lam))
+            accept = ratio >= k.accept
         elif method == "levenberg-marquardt":
             accept = fnorm1 < fnorm
             lam = torch.where(ratio > 0.75, s.lam / 3, torch.where(ratio < 0.25, s.lam * 3, s.lam))
@@ -422,9 +448,10 @@ def _least_squares_core(
         xnorm = torch.linalg.vector_norm(s.d * s.x if trust else s.x, dim=-1)
         size = s.radius if trust else pnorm
         # ---- stopping rules: their union on the common path, one host synchronisation
-        ok = 0.5 * ratio <= 1
+        ok = k.half * ratio <= k.one
         aa = actred.abs()
-        stop = (aa <= ftu) & (prered <= ftu) & ok | (size <= xtu * xnorm) | (s.fnorm <= s.floor)
+        stop = (aa <= k.ftu) & (prered <= k.ftu) & ok
+        stop = stop | (size <= k.xtu * xnorm) | (s.fnorm <= s.floor)
         n_stop, n_acc = torch.stack((stop.sum(), accept.sum())).tolist()
         if n_stop or nfev >= max_nfev:
             # MINPACK's tests in its order (later lines take precedence) and their
