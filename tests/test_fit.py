@@ -451,6 +451,12 @@ def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
         e = torch.exp(-b * x)
         return a * e / e.mean(-1, keepdim=True) + c
 
+    def pointwise(x, a, b, c):
+        seen.append(tuple(a.shape))
+        return a * torch.exp(-b * x) + c
+
+    curve_fit(pointwise, T.float(), y.float(), p0.float())
+    assert (5, 30) in seen  # float32 too: the probe's tolerance follows the dtype
     for formula in (_decay, coupled):
         seen.clear()
         popt, _, res = curve_fit(formula, T, y, p0, full_output=True)

@@ -73,10 +73,11 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int) -> bool:
             got = _pointwise_jac(resid, probe, args)
     except Exception:  # any failure: keep the torch.func route
         return False
+    tol = 1e4 * torch.finfo(ref.dtype).eps  # rounding of two routes (a coupling is O(1))
     return (
         got.shape == ref.shape
         and bool(torch.isfinite(ref).all())
-        and bool(torch.allclose(got, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max())))
+        and bool(torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())))
     )
 
 
