@@ -127,7 +127,7 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
     a = jac / d.unsqueeze(1)  # J D^-1; u = D delta, the least-norm solution below
     gn = torch.linalg.lstsq(a, -f.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
     gn_norm = gn.norm(dim=-1)
-    mu, c, _ = _factor(a, f, False, 0.0)
+    fac = _factor(a, f, False, 0.0)
     radius = gn_norm * torch.tensor([2.0, 1.05, 0.5, 0.1, 1e-3, 1e-6], dtype=D)
     active = torch.ones(b, dtype=torch.bool)
     for par0 in (
@@ -135,8 +135,10 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
         torch.full((b,), 1e6, dtype=D),
         torch.full((b,), 1e-9, dtype=D),
     ):
-        lam = _lmpar(mu, c, radius, par0, active, p)
+        lam, w = _lmpar(fac, radius, par0, active)
         assert bool((lam >= 0).all())
+        # the returned w is the step at the returned lambda: D delta = V w
+        torch.testing.assert_close(w, fac.c / (fac.mu + lam[:, None]))
         # [J D^-1; sqrt(lambda) I] u = [-f; 0] in the least-squares sense (dense, gelsd)
         aug = torch.cat([a, lam.sqrt()[:, None, None] * torch.eye(p, dtype=D)], 1)
         rhs = torch.cat([-f, torch.zeros(b, p, dtype=D)], 1).unsqueeze(-1)
@@ -148,8 +150,9 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
         rel = (dn[~fits] - radius[~fits]).abs() / radius[~fits]
         assert bool((rel <= 0.1 + 1e-9).all()), rel
     # a fit that is not active gets lambda = 0
-    lam = _lmpar(mu, c, radius, torch.ones(b, dtype=D), torch.zeros(b, dtype=torch.bool), p)
+    lam, w = _lmpar(fac, radius, torch.ones(b, dtype=D), torch.zeros(b, dtype=torch.bool))
     assert bool((lam == 0).all())
+    torch.testing.assert_close(w, fac.gn)
 
 
 def test_zero_residual_at_zero_stops_on_its_own():
@@ -288,6 +291,23 @@ def test_curve_fit_failure_raises():
     assert isinstance(e.value, RuntimeError)
 
 
+def test_curve_fit_default_max_nfev_is_lmder_s():
+    """The Jacobian is autograd's, as lmder's is given: the default limit is lmder's 100 (P + 1)
+    = 400 function evaluations, what scipy's curve_fit uses with jac= (without it, lmdif's
+    200 (P + 1) also pays for the forward differences). Curve 341 crawls into the valley b -> 0:
+    both fail after exactly 400 evaluations."""
+    t, y = _decay_curve(341)
+
+    def jac_np(x, a, b, c):
+        e = np.exp(-b * x)
+        return np.stack([e, -a * x * e, np.ones_like(x)], -1)
+
+    with pytest.raises(RuntimeError, match="maxfev = 400"):
+        sopt.curve_fit(_decay_np, t.numpy(), y.numpy(), [1.0, 1.0, 0.0], jac=jac_np)
+    with pytest.raises(ConvergenceError, match=r"nfev = 400\b"):
+        curve_fit(_decay, t, y, [1.0, 1.0, 0.0])
+
+
 # ---------------------------------------------------------------------------- batched
 def _batch(n: int, device: str = "cpu"):
     g = seeded(3)
@@ -398,7 +418,10 @@ def test_batched_curve_fit_calls_an_elementwise_formula_once_without_vmap():
         return a * torch.exp(-b * x) + c
 
     popt, _ = curve_fit(decay, T, y, p0)
-    assert (5, 1) in seen and all(s in ((5, 1), (4, 1), (3, 1), (2, 1), (1, 1), ()) for s in seen)
+    # evaluations on the columns (B, 1); Jacobians pointwise, the parameters spread to (B, N)
+    assert (5, 1) in seen and (5, 30) in seen
+    shapes = {(k, 1) for k in range(1, 6)} | {(k, 30) for k in range(1, 6)} | {()}
+    assert all(s in shapes for s in seen)
     for i in (0, 4):
         one, _ = curve_fit(_decay, T, y[i], [1.0, 1.0, 0.0])
         torch.testing.assert_close(popt[i], one, rtol=1e-9, atol=1e-12)
@@ -413,9 +436,48 @@ def test_batched_curve_fit_calls_an_elementwise_formula_once_without_vmap():
     torch.testing.assert_close(popt2, popt, rtol=1e-9, atol=1e-12)
 
 
-def test_large_batch_takes_the_qr_route_and_equals_separate_fits():
-    """B >= 64: the factorisation is the SVD of R of J D^-1 = QR; the fits still match
+def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
+    """The batched curve_fit takes J by one backward pass through the parameters spread to one
+    copy per point only when residual i depends on them through point i alone (checked by a
+    probe against torch.func); a formula normalised over the points is elementwise across the
+    batch but couples the points, and keeps torch.func. Both Jacobians at the solution equal a
+    dense one of torch.autograd.functional, and both fits equal the separate fits."""
+    y = _batch(5)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 5, dtype=D)
+    seen = []
+
+    def coupled(x, a, b, c):
+        seen.append(tuple(a.shape))
+        e = torch.exp(-b * x)
+        return a * e / e.mean(-1, keepdim=True) + c
+
+    def pointwise(x, a, b, c):
+        seen.append(tuple(a.shape))
+        return a * torch.exp(-b * x) + c
+
+    curve_fit(pointwise, T.float(), y.float(), p0.float())
+    assert (5, 30) in seen  # float32 too: the probe's tolerance follows the dtype
+    for formula in (_decay, coupled):
+        seen.clear()
+        popt, _, res = curve_fit(formula, T, y, p0, full_output=True)
+        assert bool(res.success.all())
+        if formula is coupled:
+            assert (5, 30) not in seen and () in seen  # torch.func's vmap, not the spread
+        for i in (0, 3):
+            one = curve_fit(formula, T, y[i], p0[i], full_output=True)[2]
+            torch.testing.assert_close(popt[i], one.x, rtol=1e-9, atol=1e-12)
+            assert int(res.nfev[i]) == one.nfev and int(res.njev[i]) == one.njev
+            ref = jacobian(lambda q, i=i, f=formula: f(T, *q) - y[i], popt[i])
+            torch.testing.assert_close(res.jac[i], ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_large_batch_takes_the_qr_route_and_equals_separate_fits(jacobi, monkeypatch):
+    """B >= 64: the factorisation is the SVD of R of J D^-1 = QR (by LAPACK, or for batches of
+    at least JACOBI_MIN_BATCH by one-sided Jacobi, forced here); the fits still match
     separate (SVD) fits, and slow fits leave the batch (compaction) correctly."""
+    if jacobi:
+        monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 1)
     y = _batch(64)
     x0 = torch.tensor([[1.0, 1.0, 0.0]] * 64, dtype=D)
     x0[5] = torch.tensor([5.0, 0.1, -3.0])
@@ -427,12 +489,16 @@ def test_large_batch_takes_the_qr_route_and_equals_separate_fits():
         assert float(res.cost[i]) == pytest.approx(one.cost, rel=1e-9)
 
 
-def test_large_batch_fails_where_the_separate_fit_fails():
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_large_batch_fails_where_the_separate_fit_fails(jacobi, monkeypatch):
     """Curve 341 of the speed benchmark crawls from (1, 1, 0) into the valley b -> 0 (scipy's
     curve_fit fails there too). The eigen-decomposition of (J D^-1)^T (J D^-1) used before for
     B >= 64 lost the tiny eigenvalue of that nearly rank-deficient J and reported an ftol
     "success" after ~230 evaluations at cost 0.18; by QR it follows the separate fit: the same
-    evaluations, status and cost, in the batch and alone."""
+    evaluations, status and cost, in the batch and alone (with R's SVD by LAPACK or by
+    one-sided Jacobi)."""
+    if jacobi:
+        monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 1)
     t, y = _decay_curve(341)
     batch = torch.cat([y[None], _decay_curve(list(range(63)))[1]])  # 341, then 63 others
     p0 = torch.tensor([[1.0, 1.0, 0.0]] * 64, dtype=D)
@@ -443,6 +509,40 @@ def test_large_batch_fails_where_the_separate_fit_fails():
     assert (int(res.status[0]), int(res.nfev[0])) == (one.status, one.nfev)
     assert float(res.cost[0]) == pytest.approx(one.cost, rel=1e-6)
     assert bool(res.success[1:].all())
+
+
+def test_jacobi_svd_has_the_relative_accuracy_of_a_high_precision_svd():
+    """The one-sided Jacobi SVD of R (large batches): on graded R (column scales 1e-4 to 1e3)
+    every singular value to 1e-14 relative against mpmath's SVD at 50 digits (LAPACK's gesdd
+    loses ~1e-10 on the smallest here: the accuracy the eigen-decomposition of R^T R would
+    lose entirely), V orthogonal and G V^T = R; a zero column and two equal columns give
+    exactly zero singular values (dropped, as MINPACK drops exact zeros)."""
+    mpmath = pytest.importorskip("mpmath")
+    from steepest.fit.core import _jacobi
+
+    g = seeded(5)
+    for p in (3, 4):
+        scale = torch.logspace(-4, 3, p, dtype=D)
+        r = torch.linalg.qr(torch.randn(6, 20, p, generator=g, dtype=D) * scale, mode="r")[1]
+        gm, v = _jacobi(r)
+        s = torch.linalg.vector_norm(gm, dim=1).sort(-1, descending=True).values
+        with mpmath.workdps(50):
+            ref = torch.tensor(
+                [
+                    sorted(map(float, mpmath.svd_r(mpmath.matrix(m.tolist()), compute_uv=False)))
+                    for m in r
+                ],
+                dtype=D,
+            ).flip(-1)
+        assert float(((s - ref).abs() / ref).max()) < 1e-14
+        torch.testing.assert_close(v.mT @ v, torch.eye(p, dtype=D).expand(6, p, p))
+        torch.testing.assert_close(gm @ v.mT, r, rtol=0, atol=1e-14 * float(r.abs().max()))
+    a = torch.randn(2, 3, 1, generator=g, dtype=D)
+    singular = torch.cat(
+        [a, a, torch.zeros_like(a), torch.randn(2, 3, 1, generator=g, dtype=D)], -1
+    )
+    s = torch.linalg.vector_norm(_jacobi(singular)[0], dim=1)
+    assert int((s == 0).sum(-1).min()) == 2
 
 
 # ---------------------------------------------------------------------------- minimize

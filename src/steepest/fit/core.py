@@ -4,8 +4,10 @@ loop over the fits still running (see :mod:`steepest.fit`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -77,109 +79,194 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
         ) from e
 
 
-def _factor(jd: Tensor, f: Tensor, qr: bool, cut: float) -> tuple[Tensor, Tensor, Tensor]:
-    r"""(mu, cp, Vh) of the scaled Jacobian :math:`A = J D^{-1} = U S V^T` of each problem:
-    :math:`\mu = s^2` (0 below ``cut`` :math:`s_{max}`, or when s = 0) and
-    :math:`c' = -S U^T f = -V^T A^T f`, from the thin SVD of A, or (``qr``, M > P) from
-    :math:`A = QR`, :math:`R = U_R S V^T`, :math:`U = Q U_R` (the same accuracy: the condition
-    number is not squared, as it would be by the eigen-decomposition of :math:`A^T A`)."""
+# ---------------------------------------------------------------------------------- factor
+#: batches of at least this many problems take the SVD of R by one-sided Jacobi in batched torch
+#: instead of LAPACK's (torch 2.13, CPU, one thread, 3 x 3: LAPACK ~3.4 us a matrix, 34 ms for
+#: 10,000, 1.1 ms for 300; the Jacobi sweeps 8 ms for 10,000, 1.4 ms for 300)
+JACOBI_MIN_BATCH = 512
+
+
+def _jacobi(r: Tensor, sweeps: int = 30) -> tuple[Tensor, Tensor]:
+    r"""One-sided (Hestenes) Jacobi SVD of a batch of small matrices r (n, k, P): plane
+    rotations V, applied to the columns, until every pair of columns of :math:`G = rV` is
+    orthogonal to :math:`|g_i^T g_j| \le P\epsilon \|g_i\|\|g_j\|`; then
+    :math:`r = (G S^{-1}) S V^T` is an SVD with S the column norms of G. Returns (G, V), shaped
+    (n, k, P) and (n, P, P). The rotations work on the columns of r itself, never on
+    :math:`r^T r`, so the condition number is not squared (Demmel and Veselić 1992: the small
+    singular values to high relative accuracy). The columns are kept as P tensors (k, n), so a
+    dot product is a sum over the short leading axis; each sweep visits the P (P - 1) / 2 pairs
+    in cyclic order; at most ``sweeps`` sweeps (quadratic convergence: 3-4 for P = 3)."""
+    n, _, p = r.shape
+    tol = p * torch.finfo(r.dtype).eps
+    g = list(r.permute(2, 1, 0).contiguous().unbind(0))
+    eye = torch.eye(p, dtype=r.dtype, device=r.device)
+    v = list(eye.unsqueeze(-1).expand(p, p, n).contiguous().unbind(0))
+    one = torch.ones((), dtype=r.dtype, device=r.device)
+    for _ in range(sweeps):
+        moved = torch.zeros((), dtype=torch.bool, device=r.device)
+        for i in range(p - 1):
+            for j in range(i + 1, p):
+                alpha = (g[i] * g[i]).sum(0)
+                beta = (g[j] * g[j]).sum(0)
+                gamma = (g[i] * g[j]).sum(0)
+                rot = gamma.abs() > tol * (alpha * beta).sqrt()
+                zeta = (beta - alpha) / (2 * gamma)
+                t = torch.copysign(one / (zeta.abs() + torch.hypot(one, zeta)), zeta)
+                t = torch.where(rot, t, 0.0)  # no rotation: c = 1, s = 0
+                c = torch.rsqrt(1 + t * t)
+                sn = c * t
+                g[i], g[j] = c * g[i] - sn * g[j], sn * g[i] + c * g[j]
+                v[i], v[j] = c * v[i] - sn * v[j], sn * v[i] + c * v[j]
+                moved = moved | rot.any()
+        if not bool(moved):
+            break
+    return torch.stack(g).permute(2, 1, 0), torch.stack(v).permute(2, 1, 0)
+
+
+class _Factor(NamedTuple):
+    r"""The factorisation of the scaled Jacobian :math:`A = JD^{-1} = USV^T` of each problem,
+    in the form the steps use: ``mu`` = :math:`s^2` (+inf where s is dropped, so that
+    :math:`c'/(\mu + \lambda)` is 0 there without a mask), ``c`` = :math:`c' = -SU^Tf` (0
+    where dropped), ``vh`` = :math:`V^T`, and what :func:`_lmpar` needs of the Gauss-Newton
+    step :math:`w_0 = c'/\mu`, computed once per factorisation: ``gn`` = w_0, ``gn_norm`` =
+    :math:`\|w_0\|`, ``gnorm`` = :math:`\|c'\| = \|A^Tf\|`, ``lo`` =
+    :math:`\|w_0\|^2 / \sum_i w_{0,i}^2/\mu_i` (MINPACK's lower bound on lambda per unit of
+    (||w_0|| - Delta)/Delta; 0 when J is rank deficient)."""
+
+    mu: Tensor
+    c: Tensor
+    vh: Tensor
+    gn: Tensor
+    gn_norm: Tensor
+    gnorm: Tensor
+    lo: Tensor
+
+
+def _factor(jd: Tensor, f: Tensor, qr: bool, cut: float) -> _Factor:
+    r"""The :class:`_Factor` of :math:`A` = ``jd`` (n, M, P) with residuals f (n, M): the thin
+    SVD of A, or (``qr``, M > P) the SVD of the P x P factor R of the Householder QR of the
+    augmented matrix :math:`[A\ f] = Q [R\ Q^Tf; 0\ \rho]` (R and :math:`Q^T f` from one
+    factorisation, Q never formed), :math:`R = U_R S V^T`, :math:`U^T f = U_R^T (Q^T f)`: the
+    same accuracy (the condition number is not squared, as it would be by the
+    eigen-decomposition of :math:`A^T A`). For a batch of at least :data:`JACOBI_MIN_BATCH`
+    the SVD of R is :func:`_jacobi`'s, with :math:`SU_R^T = G^T`. Singular values at most
+    ``cut`` :math:`s_{max}`, or 0, are dropped."""
+    n, m, p = jd.shape
     if qr:
-        q, r = torch.linalg.qr(jd)
-        u, s, vh = torch.linalg.svd(r)
-        qtf = (q.transpose(1, 2) @ f.unsqueeze(-1)).squeeze(-1)
-        cp = -s * (u.transpose(1, 2) @ qtf.unsqueeze(-1)).squeeze(-1)
+        r = torch.linalg.qr(torch.cat([jd, f.unsqueeze(-1)], -1), mode="r")[1]
+        rr, qtf = r[:, :p, :p], r[:, :p, p]
+        if n >= JACOBI_MIN_BATCH:
+            g, v = _jacobi(rr)
+            s = torch.linalg.vector_norm(g, dim=1)
+            cp = -(qtf.unsqueeze(1) @ g).squeeze(1)
+            vh = v.mT
+        else:
+            u, s, vh = torch.linalg.svd(rr)
+            cp = -s * (qtf.unsqueeze(1) @ u).squeeze(1)
     else:
         u, s, vh = torch.linalg.svd(jd, full_matrices=False)
-        cp = -s * (u.transpose(1, 2) @ f.unsqueeze(-1)).squeeze(-1)
-    mu = s.pow(2)
-    keep = (s > cut * s[:, :1]) & (mu > 0)
-    return torch.where(keep, mu, 0), torch.where(keep, cp, 0), vh
+        cp = -s * (f.unsqueeze(1) @ u).squeeze(1)
+    mu = s * s
+    keep = mu > 0
+    if cut > 0:
+        keep = keep & (s > cut * s.amax(-1, keepdim=True))
+    mu = torch.where(keep, mu, math.inf)
+    cp = torch.where(keep, cp, 0.0)
+    gn = cp / mu
+    gn_norm = torch.linalg.vector_norm(gn, dim=-1)
+    full = keep.all(-1) if mu.shape[-1] == p else torch.zeros_like(keep[:, 0])
+    q0 = (gn * gn / mu).sum(-1)
+    lo = torch.where(full & (q0 > 0), gn_norm.pow(2) / q0, 0.0)
+    return _Factor(mu, cp, vh, gn, gn_norm, torch.linalg.vector_norm(cp, dim=-1), lo)
 
 
-def _svd_solve(mu: Tensor, cp: Tensor, lam: Tensor) -> Tensor:
-    r"""Scaled step coordinates :math:`w_i = c'_i / (\mu_i + \lambda)` (0 where mu_i = 0: the
-    least-norm step on a singular J)."""
-    den = mu + lam.unsqueeze(-1)
-    w = cp / torch.where(den > 0, den, torch.ones_like(den))
-    return torch.where(mu > 0, w, torch.zeros_like(w))
-
-
-def _lmpar(mu: Tensor, c: Tensor, radius: Tensor, par: Tensor, active: Tensor, p: int) -> Tensor:
-    r"""MINPACK's ``lmpar`` (Moré 1978, section 5) in the SVD coordinates of each problem:
-    lambda = 0 when the Gauss-Newton step fits, :math:`\|w(0)\| \le 1.1\Delta`; else Newton
-    on :math:`1/\|w(\lambda)\| - 1/\Delta` (a concave function of lambda) from the previous
-    step's lambda (``par``) clipped to the bracket [l, u] (l from the Newton step at 0 when J
-    has full rank, else 0; :math:`u = \|A^T f\| / \Delta`), the bracket narrowed on every
-    iterate, until :math:`|\|w\| - \Delta| \le 0.1\Delta`, or the iterates stop falling
-    short (l = 0), or 10 iterations. Only the fits ``active`` whose Gauss-Newton step is too
-    long are iterated; lambda = 0 for the others."""
-    dwarf = torch.finfo(mu.dtype).tiny
-    zero = torch.zeros_like(radius)
-    w = _svd_solve(mu, c, zero)
-    dxnorm = w.norm(dim=-1)
-    fp = dxnorm - radius
-    long = active & (fp > 0.1 * radius)
+def _lmpar(
+    fac: _Factor, radius: Tensor, par: Tensor, active: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""MINPACK's ``lmpar`` (Moré 1978, section 5) in the SVD coordinates of each problem,
+    :math:`w(\lambda)_i = c'_i / (\mu_i + \lambda)` with :math:`D\delta = V w`: lambda = 0 when
+    the Gauss-Newton step fits, :math:`\|w(0)\| \le 1.1\Delta`; else Newton on
+    :math:`1/\|w(\lambda)\| - 1/\Delta` (a concave function of lambda) from the previous step's
+    lambda (``par``) clipped to the bracket [l, u] (l from the Newton step at 0 when J has full
+    rank, else 0; :math:`u = \|A^T f\| / \Delta`), the bracket narrowed on every iterate, until
+    :math:`|\|w\| - \Delta| \le 0.1\Delta`, or the iterates stop falling short (l = 0), or 10
+    iterations (the 10th lambda kept, as MINPACK does). Only the fits ``active`` (default all) whose
+    Gauss-Newton step is too long are iterated. Returns (lambda, w(lambda))."""
+    k = _consts(radius.dtype, radius.device)
+    fp = fac.gn_norm - radius
+    tenth = k.tenth * radius
+    long = fp > tenth if active is None else active & (fp > tenth)
     if not bool(long.any()):
-        return zero
-    # lower bound: the Newton step on 1/||w|| at lambda = 0 (J of full rank only)
-    full = (mu > 0).all(-1) & (mu.shape[-1] == p)
-    q0 = (w.pow(2) / torch.where(mu > 0, mu, torch.ones_like(mu))).sum(-1)
-    parl = torch.where(full & (q0 > 0), fp / radius * dxnorm.pow(2) / q0.clamp_min(dwarf), zero)
-    gnorm = c.norm(dim=-1)
-    paru = gnorm / radius
-    paru = torch.where(paru > 0, paru, dwarf / radius.clamp(max=0.1))
+        return torch.zeros_like(radius), fac.gn
+    parl = fp / radius * fac.lo
+    paru = fac.gnorm / radius
+    paru = torch.where(paru > k.zero, paru, k.dwarf / radius.clamp(max=0.1))
     lam = torch.minimum(torch.maximum(par, parl), paru)
-    lam = torch.where(lam == 0, gnorm / dxnorm.clamp_min(dwarf), lam)
+    lam = torch.where(lam == k.zero, fac.gnorm / fac.gn_norm.clamp_min(k.dwarf), lam)
     todo, prev = long, fp
-    for _ in range(10):
-        lam = torch.where(todo & (lam == 0), (1e-3 * paru).clamp_min(dwarf), lam)
-        w = _svd_solve(mu, c, lam)
-        phi = w.norm(dim=-1)
+    for it in range(10):
+        lam = torch.where(todo & (lam == k.zero), torch.maximum(k.thousandth * paru, k.dwarf), lam)
+        den = fac.mu + lam.unsqueeze(-1)
+        wl = fac.c / den  # for every fit at its current lambda (frozen once it stops)
+        phi = torch.linalg.vector_norm(wl, dim=-1)
         fp = phi - radius
-        stop = (fp.abs() <= 0.1 * radius) | ((parl == 0) & (fp <= prev) & (prev < 0))
-        more = todo & ~stop
-        den = mu + lam.unsqueeze(-1)
-        q = (w.pow(2) / torch.where(den > 0, den, torch.ones_like(den))).sum(-1)
-        parc = fp / radius * phi.pow(2) / q.clamp_min(dwarf)
-        parl = torch.where(more & (fp > 0), torch.maximum(parl, lam), parl)
-        paru = torch.where(more & (fp < 0), torch.minimum(paru, lam), paru)
-        lam = torch.where(more, torch.maximum(parl, lam + parc), lam)
-        prev, todo = torch.where(todo, fp, prev), more
-        if not bool(todo.any()):
+        stop = (fp.abs() <= tenth) | ((parl == k.zero) & (fp <= prev) & (prev < k.zero))
+        todo = todo & ~stop
+        if it == 9 or not bool(todo.any()):
             break
-    return torch.where(long, lam, zero)
+        q = (wl * wl / den).sum(-1)
+        parc = fp / radius * phi * phi / torch.maximum(q, k.dwarf)
+        parl = torch.where(todo & (fp > k.zero), torch.maximum(parl, lam), parl)
+        paru = torch.where(todo & (fp < k.zero), torch.minimum(paru, lam), paru)
+        lam = torch.where(todo, torch.maximum(parl, lam + parc), lam)
+        prev = torch.where(todo, fp, prev)
+    return torch.where(long, lam, k.zero), torch.where(long.unsqueeze(-1), wl, fac.gn)
+
+
+class _K(NamedTuple):
+    zero: Tensor
+    one: Tensor
+    neg_one: Tensor
+    tenth: Tensor
+    half: Tensor
+    thousandth: Tensor
+    dwarf: Tensor
+    quarter: Tensor
+    three_quarters: Tensor
+    accept: Tensor  # MINPACK's 1e-4 on rho
+    ftu: Tensor  # max(ftol, eps), max(xtol, eps) (the core's stop test)
+    xtu: Tensor
+
+
+@functools.cache
+def _consts(dtype: torch.dtype, device: torch.device, ftol: float = 0.0, xtol: float = 0.0) -> _K:
+    """0-d tensors of the constants of the hot loop (never written to): an operation with a
+    Python number wraps it into a tensor first, ~1.5-2x the cost of the operation on 13 fits."""
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    vals = (0.0, 1.0, -1.0, 0.1, 0.5, 1e-3, tiny, 0.25, 0.75, 1e-4, max(ftol, eps), max(xtol, eps))
+    return _K(*(torch.tensor(v, dtype=dtype, device=device) for v in vals))
 
 
 # ---------------------------------------------------------------------------------- core
 class _Fits:
     """The state of the fits still running (a subset of the batch: ``rows``)."""
 
-    FIELDS = (
-        "rows",
-        "x",
-        "f",
-        "fnorm",
-        "fnorm0",
-        "active",
-        "status",
-        "nfev",
-        "njev",
-        "nit",
-        "need_jac",
-        "first",
-        "d",
-        "radius",
-        "lam",
-        "alpha",
-        "sv",
-        "c",
-        "vh",
-        "jac",
-    )
+    FIELDS = ("rows", "x", "f", "fnorm", "floor", "nit", "first", "d", "radius", "lam")
+    FIELDS += ("alpha", "jac", "fac", "need_jac")
 
     def select(self, keep: Tensor) -> None:
         for name in self.FIELDS:
-            setattr(self, name, getattr(self, name)[keep])
+            val = getattr(self, name)
+            if isinstance(val, _Factor):
+                setattr(self, name, _Factor(*(t[keep] for t in val)))
+            elif isinstance(val, Tensor):
+                setattr(self, name, val[keep])
+
+
+#: a Jacobian stage recomputes every running fit (not only those whose step was accepted)
+#: when at most this many are not due: a fit whose x did not move gets the same J, D and
+#: factorisation again, cheaper than gathering and scattering a subset
+RECOMPUTE_SLACK = 16
 
 
 def _least_squares_core(
@@ -197,187 +284,191 @@ def _least_squares_core(
 ) -> dict:
     """B independent fits at once; see the module docstring. ``fun_r(x, rows)`` and
     ``jac_r(x, rows)`` evaluate the problems ``rows`` of the batch at x (len(rows), P). Fits
-    that stopped leave the working set, so a few slow fits do not keep the batch busy. Returns
-    per-fit tensors."""
+    that stopped leave the working set, so a few slow fits do not keep the batch busy.
+
+    Every fit of the working set is tried on every iteration, so their evaluation count is one
+    Python integer. One host synchronisation an iteration tells whether any fit stopped (the
+    status codes are worked out only then) and how many steps were accepted (the Jacobians
+    due). Returns per-fit tensors."""
     bsz, p = x0.shape
     m = f0.shape[1]
     dtype, dev = x0.dtype, x0.device
     eps = torch.finfo(dtype).eps
-    tiny = torch.finfo(dtype).tiny
     qr = (qr if qr is not None else bsz >= 64 and p <= 16) and m > p
-    k = min(m, p)
-    out = {
-        "x": x0.clone(),
-        "fun": f0.clone(),
-        "jac": torch.zeros(bsz, m, p, dtype=dtype, device=dev),
-    }
+    cut = eps * max(m, p) if method == "gauss-newton" else 0.0  # else only exact zeros
+    trust = method == "trust-region"
+    out = {"x": x0.clone(), "fun": f0.clone()}
+    out["jac"] = torch.zeros(bsz, m, p, dtype=dtype, device=dev)
     for name in ("status", "nfev", "njev", "nit"):
         out[name] = torch.zeros(bsz, dtype=torch.long, device=dev)
-
-    def zeros(*shape: int, dt: torch.dtype = dtype) -> Tensor:
-        return torch.zeros(bsz, *shape, dtype=dt, device=dev)
-
+    # the thresholds of the common-path stop test: the union of MINPACK's tests and of their
+    # machine-precision variants (the status codes are sorted out when one fires)
+    gtu = max(gtol, eps)
+    k = _consts(dtype, dev, ftol, xtol)
     s = _Fits()
     s.rows = torch.arange(bsz, device=dev)
-    s.x, s.f = x0.clone(), f0.clone()
-    s.fnorm = f0.norm(dim=-1)
-    s.fnorm0 = s.fnorm.clone()
-    s.active = torch.ones(bsz, dtype=torch.bool, device=dev)
-    s.status = zeros(dt=torch.long)
-    s.nfev = torch.ones(bsz, dtype=torch.long, device=dev)
-    s.njev, s.nit = zeros(dt=torch.long), zeros(dt=torch.long)
-    s.need_jac = torch.ones(bsz, dtype=torch.bool, device=dev)
+    s.x, s.f = x0.clone(), f0
+    s.fnorm = torch.linalg.vector_norm(f0, dim=-1)
+    s.floor = eps * s.fnorm  # ||f|| at rounding level of ||f(x0)||: a zero-residual fit
+    s.nit = torch.zeros(bsz, dtype=torch.long, device=dev)
     s.first = torch.ones(bsz, dtype=torch.bool, device=dev)  # no step accepted yet
-    s.d = zeros(p)  # D (trust-region)
-    s.radius, s.lam = zeros(), zeros()  # Delta, lambda
-    s.alpha = torch.ones(bsz, dtype=dtype, device=dev)  # Gauss-Newton's step length
-    s.sv, s.c, s.vh = zeros(k), zeros(k), zeros(k, p)  # mu = s^2, c' = -S U^T f, V^T of J D^-1
-    s.jac = zeros(m, p)
-    zero = torch.zeros((), dtype=dtype, device=dev)
+    s.d = torch.zeros(bsz, p, dtype=dtype, device=dev) if trust else None  # D
+    s.radius = torch.zeros(bsz, dtype=dtype, device=dev)  # Delta
+    s.lam = torch.zeros(bsz, dtype=dtype, device=dev)  # lambda
+    s.alpha = torch.ones(bsz, dtype=dtype, device=dev) if method == "gauss-newton" else None
+    s.jac = s.fac = s.need_jac = None
+    nfev = 1
 
-    def finish(mask: Tensor, code: int | Tensor) -> None:
-        mask = mask & s.active
-        s.status = torch.where(mask, torch.as_tensor(code, device=dev), s.status)
-        s.active = s.active & ~mask
-
-    def retire(done: Tensor) -> None:
-        """Write the fits ``done`` to the output (J at their last x) and drop them."""
-        if bool((done & s.need_jac).any()):
-            stale = (done & s.need_jac).nonzero().squeeze(-1)
-            s.jac[stale] = jac_r(s.x[stale], s.rows[stale])
+    def retire(done: Tensor, code: Tensor) -> None:
+        """Write the fits ``done`` (status ``code``) to the output, with J at their last x (not
+        counted in njev when their last step was accepted: MINPACK stops before it), and drop
+        them from the working set."""
+        stale = torch.zeros_like(done) if s.need_jac is None else done & s.need_jac
+        if bool(stale.any()):
+            idx = stale.nonzero().squeeze(-1)
+            s.jac[idx] = jac_r(s.x[idx], s.rows[idx])
         r = s.rows[done]
-        for name, val in (
-            ("x", s.x),
-            ("fun", s.f),
-            ("jac", s.jac),
-            ("status", s.status),
-            ("nfev", s.nfev),
-            ("njev", s.njev),
-            ("nit", s.nit),
-        ):
-            out[name][r] = val[done]
+        out["x"][r], out["fun"][r], out["jac"][r] = s.x[done], s.f[done], s.jac[done]
+        out["status"][r], out["nit"][r] = code[done], s.nit[done]
+        out["njev"][r] = (s.nit + 1 - stale.long())[done]
+        out["nfev"][r] = nfev
         s.select(~done)
 
+    due: str | Tensor | None = "all"  # the Jacobians due: all, none, or a mask
     while True:
-        if not bool(s.active.all()):
-            retire(~s.active)
-        if s.rows.numel() == 0:
-            break
-        # ---- Jacobian, scaling and factorisation where a step was accepted (or at the start)
-        renew = s.need_jac
-        if bool(renew.any()):
-            idx = renew.nonzero().squeeze(-1)
-            jnew = jac_r(s.x[idx], s.rows[idx])
-            s.jac[idx] = jnew
-            s.njev[idx] += 1
-            s.need_jac = torch.zeros_like(s.need_jac)
-            bad = torch.zeros_like(renew)
-            bad[idx] = ~torch.isfinite(jnew).flatten(1).all(-1)
-            finish(bad, -1)
-            renew = renew & ~bad
-            acnorm = s.jac.norm(dim=1)  # column norms (n, P)
-            g = (s.jac * s.f.unsqueeze(-1)).sum(1)
-            cosine = (g.abs() / (s.fnorm.unsqueeze(-1) * acnorm).clamp_min(tiny)).amax(-1)
-            cosine = torch.where(s.fnorm > 0, cosine, zero)
-            if method == "trust-region":
-                # D: the column norms at the start (1 where 0), then their running maximum
-                fresh = renew & (s.njev == 1)
-                dnew = torch.where(
-                    fresh[:, None],
-                    torch.where(acnorm > 0, acnorm, torch.ones_like(acnorm)),
-                    torch.maximum(s.d, acnorm),
-                )
-                s.d = torch.where(renew[:, None], dnew, s.d)
-                xnorm = (s.d * s.x).norm(dim=-1)
-                r0 = torch.where(xnorm > 0, factor * xnorm, torch.full_like(xnorm, factor))
-                s.radius = torch.where(fresh, r0, s.radius)
+        # ---- Jacobian, scaling and factorisation at x0 and where a step was accepted
+        if due is not None:
+            idx = None if isinstance(due, str) else due.nonzero().squeeze(-1)
+            if idx is None:
+                xs, fs, fn, rs = s.x, s.f, s.fnorm, s.rows
             else:
-                s.d = torch.ones_like(s.d)
-            if method == "levenberg-marquardt":
-                start = renew & (s.njev == 1)
-                s.lam = torch.where(start, 1e-3 * acnorm.pow(2).amax(-1), s.lam)
-            idx = renew.nonzero().squeeze(-1)
-            if idx.numel():
-                # rank: Gauss-Newton's least-norm step drops singular values at rounding level;
-                # a damped method keeps every nonzero one (MINPACK: only exact zeros of R)
-                cut = eps * max(m, p) if method == "gauss-newton" else 0.0
-                jd = s.jac[idx] / s.d[idx].unsqueeze(1)
-                s.sv[idx], s.c[idx], s.vh[idx] = _factor(jd, s.f[idx], qr, cut)
-            finish(renew & (cosine <= gtol), 1)
-            finish(renew & (cosine <= eps), 1)
-            if not bool(s.active.all()):
-                continue  # retire first
-        # ---- the try: scaled step w (D delta = Vh^T w) and its predicted reduction
-        if method == "trust-region":
-            s.lam = _lmpar(s.sv, s.c, s.radius, s.lam, s.active, p)
-            w = _svd_solve(s.sv, s.c, s.lam)
+                xs, fs, fn, rs = s.x[idx], s.f[idx], s.fnorm[idx], s.rows[idx]
+            j = jac_r(xs, rs)
+            acnorm = torch.linalg.vector_norm(j, dim=1)  # column norms (n, P)
+            g = (fs.unsqueeze(1) @ j).squeeze(1)  # J^T f
+            bad = ~torch.isfinite(acnorm).all(-1)
+            # gtol: the largest cosine between f and a column of J at most gtol (0 at f = 0)
+            stop = (g.abs() <= (gtu * fn).unsqueeze(-1) * acnorm).all(-1) | bad
+            n_bad, n_stop = torch.stack((bad.sum(), stop.sum())).tolist()
+            if trust:  # D: the column norms at x0 (1 where 0), then their running maximum
+                ds = torch.maximum(s.d if idx is None else s.d[idx], acnorm)
+                ds = torch.where(ds > 0, ds, 1.0)
+                jd = j / ds.unsqueeze(1)
+            else:
+                jd = j
+            if n_bad:
+                jd = torch.where(bad[:, None, None], 0.0, jd)
+            fac = _factor(jd, fs, qr, cut)
+            if s.jac is None:  # at x0
+                if trust:
+                    xnorm = torch.linalg.vector_norm(ds * s.x, dim=-1)
+                    s.radius = torch.where(xnorm > 0, factor * xnorm, factor)
+                if method == "levenberg-marquardt":
+                    s.lam = 1e-3 * acnorm.pow(2).amax(-1)
+            if idx is None:
+                s.jac, s.fac = j, fac
+                if trust:
+                    s.d = ds
+            else:
+                s.jac[idx] = j
+                if trust:
+                    s.d[idx] = ds
+                for old, new in zip(s.fac, fac, strict=True):
+                    old[idx] = new
+            s.need_jac = None
+            if n_stop:
+                code = torch.where(bad, -1, 1)
+                if idx is not None:
+                    stop = torch.zeros_like(due).index_put((idx,), stop)
+                    code = torch.ones_like(s.nit).index_put((idx,), code)
+                retire(stop, code)
+                if not s.rows.numel():
+                    break
+        # ---- the try: scaled step w (D delta = V w) and its predicted reduction
+        if trust:
+            s.lam, w = _lmpar(s.fac, s.radius, s.lam)
         elif method == "levenberg-marquardt":
-            w = _svd_solve(s.sv, s.c, s.lam)
+            w = s.fac.c / (s.fac.mu + s.lam.unsqueeze(-1))
         else:
-            w = _svd_solve(s.sv, s.c, torch.zeros_like(s.lam)) * s.alpha.unsqueeze(-1)
-        q = (s.vh.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)  # D delta
-        pnorm = q.norm(dim=-1)
-        if method == "trust-region":
+            w = s.fac.gn * s.alpha.unsqueeze(-1)
+        q = (w.unsqueeze(1) @ s.fac.vh).squeeze(1)  # D delta
+        pnorm = torch.linalg.vector_norm(q, dim=-1)
+        if trust:
             s.radius = torch.where(s.first, torch.minimum(s.radius, pnorm), s.radius)
-        xt = s.x + q / s.d
+            xt = s.x + q / s.d
+        else:
+            xt = s.x + q
         ft = fun_r(xt, s.rows)
-        s.nfev += 1
-        fnorm, fnorm1 = s.fnorm, ft.norm(dim=-1)
-        fnorm1 = torch.where(torch.isfinite(fnorm1), fnorm1, torch.full_like(fnorm1, math.inf))
-        safe = fnorm.clamp_min(tiny)
-        actred = torch.where(
-            0.1 * fnorm1 < fnorm, 1 - (fnorm1 / safe).pow(2), -torch.ones_like(fnorm)
-        )
-        cz = (s.c * w).sum(-1)  # -f^T J delta
-        prered = (2 * cz - (s.sv * w.pow(2)).sum(-1)) / safe.pow(2)  # 1 - ||f+J d||^2/||f||^2
-        dirder = -cz / safe.pow(2)
-        ratio = torch.where(prered != 0, actred / torch.where(prered != 0, prered, 1), zero)
+        nfev += 1
+        fnorm, fnorm1 = s.fnorm, torch.linalg.vector_norm(ft, dim=-1)
+        fnorm1 = torch.nan_to_num(fnorm1, nan=math.inf, posinf=math.inf)
+        near = k.tenth * fnorm1 < fnorm
+        r1 = fnorm1 / fnorm
+        actred = torch.where(near, k.one - r1 * r1, k.neg_one)
+        fn2 = fnorm * fnorm
+        cz = (s.fac.c * w).sum(-1)  # -f^T J delta
+        # 1 - ||f + J delta||^2 / ||f||^2 = (||J delta||^2 + 2 lambda ||D delta||^2) / ||f||^2
+        # with ||J delta||^2 = cz - lambda ||w||^2 (Gauss-Newton: alpha cz)
+        if method == "gauss-newton":
+            prered = (2 - s.alpha) * cz / fn2
+        else:
+            prered = (cz + s.lam * pnorm * pnorm) / fn2
+        dirder = -cz / fn2
+        ratio = torch.where(prered != k.zero, actred / prered, k.zero)
         # ---- the method's update
-        if method == "trust-region":
-            temp = torch.where(
-                actred >= 0, torch.full_like(ratio, 0.5), 0.5 * dirder / (dirder + 0.5 * actred)
-            )
-            temp = torch.where(
-                (0.1 * fnorm1 >= fnorm) | ~(temp >= 0.1), torch.full_like(temp, 0.1), temp
-            )
+        if trust:
+            temp = k.half * dirder / (dirder + k.half * actred)
+            temp = torch.where(actred >= k.zero, k.half, temp)
+            temp = torch.where(~near | ~(temp >= k.tenth), k.tenth, temp)
+            poor = ratio <= k.quarter
+            good = (s.lam == k.zero) | (ratio >= k.three_quarters)
             s.radius = torch.where(
-                ratio <= 0.25,
+                poor,
                 temp * torch.minimum(s.radius, pnorm / 0.1),
-                torch.where((s.lam == 0) | (ratio >= 0.75), pnorm / 0.5, s.radius),
+                torch.where(good, pnorm / 0.5, s.radius),
             )
             # lambda follows the radius into the next lmpar (MINPACK: par / temp, par / 2)
-            s.lam = torch.where(
-                ratio <= 0.25,
-                s.lam / temp,
-                torch.where((s.lam == 0) | (ratio >= 0.75), 0.5 * s.lam, s.lam),
-            )
-            accept = ratio >= 1e-4
+            s.lam = torch.where(poor, s.lam / temp, torch.where(good, k.half * s.lam, s.lam))
+            accept = ratio >= k.accept
         elif method == "levenberg-marquardt":
             accept = fnorm1 < fnorm
             lam = torch.where(ratio > 0.75, s.lam / 3, torch.where(ratio < 0.25, s.lam * 3, s.lam))
-            s.lam = torch.where(lam > 0, lam, torch.full_like(lam, eps)).clamp(max=1 / eps)
+            s.lam = torch.where(lam > 0, lam, eps).clamp(max=1 / eps)
         else:
             # Armijo: cost(x + alpha p) <= cost(x) + 1e-4 alpha g^T p, i.e. actred >= 2e-4 dirder
             accept = (actred >= -2e-4 * dirder) & (fnorm1 < fnorm)
-            s.alpha = torch.where(accept, torch.ones_like(s.alpha), s.alpha / 2)
-        s.x = torch.where(accept[:, None], xt, s.x)
-        s.f = torch.where(accept[:, None], ft, s.f)
+            s.alpha = torch.where(accept, 1.0, s.alpha / 2)
+        acc = accept.unsqueeze(-1)
+        s.x = torch.where(acc, xt, s.x)
+        s.f = torch.where(acc, ft, s.f)
         s.fnorm = torch.where(accept, fnorm1, fnorm)
-        s.nit += accept.long()
-        s.need_jac = accept
+        s.nit = s.nit + accept
         s.first = s.first & ~accept
-        xnorm = (s.d * s.x).norm(dim=-1)
-        size = s.radius if method == "trust-region" else pnorm
-        # ---- stopping rules (MINPACK's, then its machine-precision variants)
-        small_f = (actred.abs() <= ftol) & (prered <= ftol) & (0.5 * ratio <= 1)
-        small_x = size <= xtol * xnorm
-        # later lines take precedence: MINPACK's order of tests
-        code = torch.where(size <= eps * xnorm, 3, -9)
-        code = torch.where((actred.abs() <= eps) & (prered <= eps) & (0.5 * ratio <= 1), 2, code)
-        code = torch.where(s.nfev >= max_nfev, 0, code)
-        code = torch.where(s.fnorm <= eps * s.fnorm0, 2, code)  # residual at rounding level
-        code = torch.where(
-            small_f | small_x, torch.where(small_f & small_x, 4, torch.where(small_f, 2, 3)), code
-        )
-        finish(code != -9, code)
+        s.need_jac = accept
+        xnorm = torch.linalg.vector_norm(s.d * s.x if trust else s.x, dim=-1)
+        size = s.radius if trust else pnorm
+        # ---- stopping rules: their union on the common path, one host synchronisation
+        ok = k.half * ratio <= k.one
+        aa = actred.abs()
+        stop = (aa <= k.ftu) & (prered <= k.ftu) & ok
+        stop = stop | (size <= k.xtu * xnorm) | (s.fnorm <= s.floor)
+        n_stop, n_acc = torch.stack((stop.sum(), accept.sum())).tolist()
+        if n_stop or nfev >= max_nfev:
+            # MINPACK's tests in its order (later lines take precedence) and their
+            # machine-precision variants (its info 6-8, folded into scipy's codes)
+            code = torch.where(size <= eps * xnorm, 3, -9)
+            code = torch.where((aa <= eps) & (prered <= eps) & ok, 2, code)
+            if nfev >= max_nfev:
+                code = torch.zeros_like(code)
+            code = torch.where(s.fnorm <= s.floor, 2, code)  # residual at rounding level
+            small_f = (aa <= ftol) & (prered <= ftol) & ok
+            small_x = size <= xtol * xnorm
+            both = torch.where(small_f & small_x, 4, torch.where(small_f, 2, 3))
+            code = torch.where(small_f | small_x, both, code)
+            retire(code != -9, code)
+            if not s.rows.numel():
+                break
+            n_acc = int(s.need_jac.sum())
+        n = s.rows.numel()
+        due = None if n_acc == 0 else "all" if n - n_acc <= RECOMPUTE_SLACK else s.need_jac
     return out

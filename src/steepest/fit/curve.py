@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, ConvergenceError, NonFiniteError, ShapeError
-from .core import _as_x0, _check_tol, _evaluate
+from .core import _as_x0, _check_tol, _evaluate, _jacobian
 from .lsq import ALIASES, METHODS, _run
 from .result import _result
 
@@ -37,6 +37,47 @@ def _broadcasts(resid, vres, x0: Tensor, args: tuple) -> bool:
         and got.dtype == want.dtype
         and bool(torch.isfinite(want).all())
         and bool(torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())))
+    )
+
+
+def _pointwise_jac(resid, pp: Tensor, args: tuple) -> Tensor:
+    r"""J (n, N, P) of a pointwise formula: the parameters spread to one copy per point,
+    :math:`p_{bij} = p_{bj}` (a leaf of shape (P, n, N)), and one backward pass of
+    :math:`\sum_{bi} r_{bi}` gives :math:`\partial r_{bi} / \partial p_{bij} = J_{bij}`
+    (torch 2.13, CPU, 13 curves of 50 points: 0.25 ms against 0.9 ms for M vmapped vjps; 10,000
+    curves: 21 ms against 32 ms for P vmapped jvps; dual tensors take a slow decomposition path
+    there, about 0.7 ms an operation)."""
+    n, p = pp.shape
+    leaf = pp.mT.unsqueeze(-1).expand(p, n, args[1].shape[-1]).clone().requires_grad_()
+    with torch.enable_grad():
+        r = resid(leaf.permute(1, 2, 0), *args)
+        (jac,) = torch.autograd.grad(
+            r, leaf, torch.ones_like(r), allow_unused=True, materialize_grads=True
+        )
+    return jac.permute(1, 2, 0)
+
+
+def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int) -> bool:
+    """Whether :func:`_pointwise_jac` gives the Jacobian of ``resid`` (residual i of a curve
+    depends on the parameters only through their copy at point i): checked near x0 on up to 4
+    curves against ``torch.func.jacrev`` of the vmapped residual. A formula that couples the
+    points (a normalisation over x, a cumulative sum) fails it and keeps ``torch.func``."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    probe = x0 + 1e-3 * (x0.abs() + 1) * torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(
+        x0.device
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = _jacobian(lambda q: vres(q, *args), probe, m, "jacrev")
+            got = _pointwise_jac(resid, probe, args)
+    except Exception:  # any failure: keep the torch.func route
+        return False
+    tol = 1e4 * torch.finfo(ref.dtype).eps  # rounding of two routes (a coupling is O(1))
+    return (
+        got.shape == ref.shape
+        and bool(torch.isfinite(ref).all())
+        and bool(torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())))
     )
 
 
@@ -74,8 +115,15 @@ def curve_fit(
     p0 : the start (there is no default: scipy's ones are rarely a good start).
     sigma : standard deviations of ydata (not a covariance matrix), (N,) or (B, N).
     absolute_sigma : sigma in absolute units: pcov is not rescaled by the residual variance.
-    method, ftol, xtol, gtol, max_nfev : as :func:`least_squares` (defaults: scipy's
-        curve_fit/leastsq tolerances and 200 (P + 1) evaluations).
+    method, ftol, xtol, gtol : as :func:`least_squares` (defaults: scipy's curve_fit/leastsq
+        tolerances).
+    max_nfev : the most evaluations of f per curve; default 100 (P + 1), MINPACK ``lmder``'s
+        (what ``scipy.optimize.curve_fit`` uses when given ``jac=``). The Jacobian here is
+        analytic (autograd) and, as in ``lmder``, not counted in nfev; scipy's default without
+        ``jac``, ``lmdif``'s 200 (P + 1), budgets the P evaluations of each forward-difference
+        Jacobian too, so it stops after about 200 (P + 1) / (P + 1) = 200 iterations, where the
+        same 200 (P + 1) here would allow 200 (P + 1) iterations. With 100 (P + 1) a fit is
+        MINPACK's ``lmder`` evaluation by evaluation, limit included.
     full_output : also return the :class:`OptimizeResult` of the fit.
 
     Raises
@@ -124,9 +172,10 @@ def curve_fit(
         raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
     _check_tol(ftol=ftol, xtol=xtol, gtol=gtol)
     p = x0.shape[-1]
-    max_nfev = 200 * (p + 1) if max_nfev is None else max_nfev
+    max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
     if not (isinstance(max_nfev, int) and max_nfev >= 1):
         raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
+    jac_r = None  # torch.func's, unless the formula is pointwise (below)
     if batched:  # one curve's residual, vmapped over the rows asked for
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
         vres = torch.func.vmap(resid, in_dims=dims)
@@ -146,6 +195,12 @@ def curve_fit(
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
                 return _evaluate(lambda q: resid(q.unsqueeze(-2), *args(rows)), pp)
 
+            few = torch.arange(min(4, x0.shape[0]), device=x0.device)
+            if _is_pointwise(resid, vres, x0[few], args(few), n):
+
+                def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
+                    return _pointwise_jac(resid, pp, args(rows))
+
     else:
 
         def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
@@ -153,7 +208,7 @@ def curve_fit(
 
     xb = x0 if batched else x0.unsqueeze(0)
     out = _run(
-        fun_r, None, xb, batched, ALIASES[method], ftol, xtol, gtol, max_nfev, 100.0, None, "auto"
+        fun_r, jac_r, xb, batched, ALIASES[method], ftol, xtol, gtol, max_nfev, 100.0, None, "auto"
     )
     res = _result(out, batched, ALIASES[method])
     jac = res.jac if batched else res.jac.unsqueeze(0)
