@@ -262,10 +262,11 @@ def timed(step, reps: int) -> list[float]:
     return out
 
 
-def step_costs(models, window: int, repeats: int) -> dict:
+def step_costs(models, window: int, repeats: int, only: list[str] | None = None) -> dict:
     """Each row's time per step over ``window`` consecutive steps (amortised: a window of 100
     holds one eigendecomposition and ten factor refreshes at the defaults), divided by the
-    median Adam step measured just before, ``repeats`` times, interleaved."""
+    median Adam step measured just before, ``repeats`` times, interleaved. ``only``: run the
+    rows whose name contains one of these strings."""
     once = dict(ema=None, T_cov=1, T_inv=1)
     rows = {
         "KFAC (Optimizer, defaults)": kfac_stepper,
@@ -286,6 +287,8 @@ def step_costs(models, window: int, repeats: int) -> dict:
         except ImportError:
             continue
         rows[row] = make
+    if only:
+        rows = {k: v for k, v in rows.items() if any(o in k for o in only)}
     res = {}
     for name in models:
         model0, x, y = problem(name)
@@ -486,6 +489,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
     ap.add_argument("--merge", default=None, help="a JSON whose step_cost entries to keep")
     ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
+    ap.add_argument("--rows", nargs="*", default=None, help="step-cost rows containing these")
+    ap.add_argument(
+        "--note",
+        default="shared machine: other jobs ran at the same time",
+        help="how the machine was used, for the JSON",
+    )
     args = ap.parse_args()
     if args.markdown:
         with open(args.markdown) as f:
@@ -501,7 +510,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_before": os.getloadavg(),
         "quick": args.quick,
-        "note": "shared machine: other jobs ran at the same time",
+        "note": args.note,
     }
     res = {"meta": meta}
     if args.out and os.path.exists(args.out) and set(args.parts) <= {"agreement"}:
@@ -520,6 +529,7 @@ def main() -> None:
             [m for m in args.models if m not in kept],
             window=args.window,
             repeats=args.repeats or (2 if args.quick else 3),
+            only=args.rows,
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)

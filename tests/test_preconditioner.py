@@ -13,6 +13,7 @@ from torch import nn
 import steepest
 from steepest.errors import ConfigurationError
 from steepest.losses import CrossEntropy
+from steepest.point import Point
 from steepest.preconditioner import Preconditioner
 
 F64 = torch.float64
@@ -447,3 +448,96 @@ def test_recorded_rows_product_of_a_layer_without_bias(damping):
     assert [p.metric.fast_blocks for p in pres] == [1, 0]
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------ Optimizer path
+class _WithBareParameter(nn.Module):
+    """Two Linear layers and a parameter outside any layer (a diagonal block of K-FAC)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.scale
+
+
+def test_exact_own_inverse_residual_is_sketched_and_follows_the_operator():
+    """K-FAC's exact own inverse reports a sketched residual (two Gaussian probes and M
+    applied to them, kept while M stays) instead of a product: at rounding level for the
+    solve, and within a factor 10 of the true residual ||(M + lam I) x - b|| / ||b|| for a
+    perturbed x (float64), also after factor refreshes (the diagonal block of a bare
+    parameter changes) and eigendecompositions (the Kronecker blocks change)."""
+    from steepest.solvers import OwnInverse
+
+    torch.manual_seed(0)
+    model = _WithBareParameter().double()
+    x, y = data(24)
+    metric = steepest.KFAC(steepest.GGN(), T_cov=2, T_inv=3)
+    g = seeded(96)
+    for call in range(7):
+        op = metric.operator(Point(model, CrossEntropy(), x, y)) + 0.1
+        b = torch.randn(op.size, generator=g, dtype=F64)
+        sol = OwnInverse().solve(op, b)
+        assert sol.exact and sol.residual < 1e-13 and "sketched" in sol.message
+        for scale in (1e-6, 1e-2):
+            wrong = sol.x + scale * torch.randn(op.size, generator=g, dtype=F64)
+            true = float((op @ wrong - b).norm() / b.norm())
+            assert 0.1 * true < op.sketched_residual(wrong, b) < 10 * true, (call, scale)
+        with torch.no_grad():  # move the model so that refreshes see new factors
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=F64))
+    # an inexact inverse (the factored damping) keeps the residual of a product
+    op = steepest.KFAC(steepest.GGN(), damping="factored").operator(
+        Point(model, CrossEntropy(), x, y)
+    )
+    sol = OwnInverse().solve(op + 0.1, b)
+    assert not sol.exact and "sketched" not in sol.message
+    assert sol.residual == pytest.approx(float(((op + 0.1) @ sol.x - b).norm() / b.norm()))
+
+
+def test_optimizer_step_that_fails_restores_kfac_state_from_its_snapshot():
+    """Optimizer keeps K-FAC's state for the rollback by its cheap snapshot (no copy of the
+    factors): a step that raises after the metric refreshed leaves the metric's state, the
+    previous direction, the momentum buffer and the parameters as they were."""
+
+    class Boom(steepest.LearningRate):
+        armed = False
+
+        def choose(self, ctx):
+            if self.armed:
+                raise RuntimeError("boom")
+            return super().choose(ctx)
+
+    torch.manual_seed(0)
+    model = net()
+    x, y = data(32)
+    rule = Boom(0.5)
+    opt = steepest.Optimizer(
+        model,
+        CrossEntropy(),
+        metric=steepest.KFAC(T_cov=2, T_inv=3),
+        damping=steepest.LevenbergMarquardt(1e-1),
+        step=rule,
+        momentum=0.5,
+    )
+    for _ in range(4):
+        opt.step(x, y)
+    before = copy.deepcopy(opt.state_dict())
+    theta = opt.space.get().clone()
+    assert before["metric"]["calls"] % 2 == 0  # the next call refreshes the factors
+    rule.armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(x, y)
+    after = opt.state_dict()
+    assert torch.equal(opt.space.get(), theta)
+    assert after["metric"]["calls"] == before["metric"]["calls"]
+    assert after["metric"]["refreshes"] == before["metric"]["refreshes"]
+    for key, (a, g) in before["metric"]["factors"]["blocks"].items():
+        assert torch.equal(a, after["metric"]["factors"]["blocks"][key][0])
+        assert torch.equal(g, after["metric"]["factors"]["blocks"][key][1])
+    for k in ("prev_direction", "momentum_buffer"):
+        assert torch.equal(before[k], after[k])
+    rule.armed = False
+    opt.step(x, y)  # and the optimizer goes on

@@ -257,6 +257,7 @@ class KFAC(Metric):
         self.psd = base.psd
         self._state: dict = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
         self._inverse_cache: tuple | None = None  # derived from the state, never saved
+        self._sketch_cache: tuple | None = None  # probes for the residual sketch, likewise
         self._recorded: dict | None = None  # rows of the gradient being solved (Preconditioner)
         self.fast_blocks = 0  # blocks the last solve preconditioned from recorded rows
         self._probe_cache: dict = {}  # the recorded-rows check's probe vectors, per shape
@@ -288,7 +289,7 @@ class KFAC(Metric):
         replaced), since factors of the old layers do not fit the new ones. The next
         :meth:`operator` call starts afresh, as the first one did."""
         self._state = {"calls": 0, "refreshes": 0, "factors": None, "eig": None}
-        self._inverse_cache = None
+        self._inverse_cache = self._sketch_cache = None
 
     def state_dict(self) -> dict:
         """Running factors, eigendecompositions and counters (for bit-for-bit resume). The
@@ -306,7 +307,7 @@ class KFAC(Metric):
                 f"{type(self).__name__}.load_state_dict needs a dict saved by state_dict()."
             )
         self._state = _clone(state)
-        self._inverse_cache = None
+        self._inverse_cache = self._sketch_cache = None
 
     def _snapshot(self) -> dict:
         """The state as it is now, without copying tensors: every update replaces the state's
@@ -316,7 +317,7 @@ class KFAC(Metric):
 
     def _restore(self, snapshot: dict) -> None:
         self._state = dict(snapshot)
-        self._inverse_cache = None
+        self._inverse_cache = self._sketch_cache = None
 
     def check_state(self, state: dict, space) -> None:
         """Raise :class:`~steepest.errors.ConfigurationError` unless ``state`` (from
@@ -499,15 +500,40 @@ class KFAC(Metric):
         others = fac["others"]
         size, dt, dev = point.size, point.grad.dtype, point.grad.device
 
-        def mm(V: Tensor) -> Tensor:  # V (P, k)
-            rows = V.T
-            out = torch.empty_like(rows)
+        def block_rows(rows: Tensor, out: Tensor) -> None:  # the blocks' part of M rows
             for blk in blocks:
                 x = st.gather(rows, blk)
                 st.scatter(out, blk.G @ x @ blk.A, blk)
+
+        def mm(V: Tensor) -> Tensor:  # V (P, k)
+            rows = V.T
+            out = torch.empty_like(rows)
+            block_rows(rows, out)
             for i in st.others:
                 out[:, st.offsets[i] : st.offsets[i + 1]] = others[i] * st.piece(rows, i)
             return out.T
+
+        source = fac["blocks"] if decomposed is None else decomposed
+
+        def sketch() -> tuple[Tensor, Tensor]:
+            # two Gaussian probes U and M U (float64) for the residual sketch of the exact own
+            # inverse: the blocks' part is computed once per decomposed matrix (two products
+            # every T_inv calls), the other parameters' diagonal part once per refresh
+            cache = self._sketch_cache
+            if cache is None or cache[0] is not source or cache[2].shape != (2, size):
+                gen = torch.Generator(device=dev).manual_seed(0)
+                u = torch.randn(2, size, generator=gen, dtype=torch.float64, device=dev).to(dt)
+                mb = torch.zeros_like(u)
+                block_rows(u, mb)
+                cache = (source, None, u.double(), mb.double(), None)
+            if cache[1] is not others:
+                mu = cache[3].clone()
+                for i in st.others:
+                    sl = slice(st.offsets[i], st.offsets[i + 1])
+                    mu[:, sl] = others[i].double() * cache[2][:, sl]
+                cache = (cache[0], others, cache[2], cache[3], mu)
+            self._sketch_cache = cache
+            return cache[2], cache[4]
 
         def diag() -> Tensor:
             out = torch.empty(1, size, dtype=dt, device=dev)
@@ -578,11 +604,17 @@ class KFAC(Metric):
                 out[:, st.offsets[i] : st.offsets[i + 1]] = st.piece(rows, i) / (others[i] + lam)
             return out[0] if b.ndim == 1 else out.T
 
-        return self._linop(mm, diag, inverse, point, size, dt, dev, exact=current and not factored)
+        return self._linop(
+            mm, diag, inverse, point, size, dt, dev, exact=current and not factored, sketch=sketch
+        )
 
-    def _linop(self, mm, diag, inverse, point, size, dt, dev, exact: bool) -> LinearOperator:
+    def _linop(
+        self, mm, diag, inverse, point, size, dt, dev, exact: bool, sketch=None
+    ) -> LinearOperator:
         """The operator of products ``mm`` (columns), ``diag`` and the own ``inverse`` (rescaled
-        when asked, then never exact), shared by KFAC and EKFAC."""
+        when asked, then never exact), shared by KFAC and EKFAC; ``sketch`` gives the probes
+        with which :class:`~steepest.solvers.OwnInverse` estimates the residual of an exact
+        inverse instead of a product."""
         return LinearOperator(
             lambda v: mm(v.unsqueeze(1)).squeeze(1),
             size,
@@ -594,6 +626,7 @@ class KFAC(Metric):
             name=self._name(),
             inverse=self._rescaled(inverse, point),
             inverse_exact=exact and self.rescale is None,
+            sketch=sketch,
         )
 
     def _rescaled(self, inverse, point):

@@ -341,6 +341,9 @@ class OwnInverse(Solver):
                 f"{a.name} is singular at this damping (its own inverse gave non-finite "
                 "values); add damping (damping=1e-3 or more)."
             )
+        if a.inverse_exact and a.has_sketch():  # exact by construction: no residual product
+            return Solution(x, 1, a.sketched_residual(x, b), exact=True,
+                            message=f"own inverse of {a.name} (residual sketched)")
         return Solution(x, 1, _relres(a, x, b), exact=a.inverse_exact,
                         message=f"own inverse of {a.name}")
 
