@@ -25,8 +25,10 @@ averages) + SGD, ASDL's ``KfacGradientMaker`` on our schedule + SGD, singd's ``S
 Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
 digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
 
-The machine is shared: the load average before and after and the torch thread count are
-written into the JSON; read ratios, not seconds.
+The machine is shared: the load average before and after (and ``uptime``), the torch thread
+count and the clock are written into the JSON; read ratios, not seconds. ``--clock cpu`` times
+by the thread's CPU time (one torch thread), which keeps other jobs' time slices out of both
+the step and the Adam step on a loaded machine; ``--rows`` runs only the rows named.
 
 Usage::
 
@@ -42,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -253,12 +256,15 @@ def nngeometry_stepper(model, x, y):
     return step
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (the process's own CPU time)
+
+
 def timed(step, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = CLOCK()
         step()
-        out.append(time.perf_counter() - t)
+        out.append(CLOCK() - t)
     return out
 
 
@@ -491,6 +497,12 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
     ap.add_argument("--rows", nargs="*", default=None, help="step-cost rows containing these")
     ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time each step by the thread's CPU time (one torch thread; a loaded machine)",
+    )
+    ap.add_argument(
         "--note",
         default="shared machine: other jobs ran at the same time",
         help="how the machine was used, for the JSON",
@@ -501,6 +513,11 @@ def main() -> None:
             print(markdown(json.load(f)))
         return
     torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            ap.error("--clock cpu measures one thread: use --threads 1")
+        CLOCK = time.thread_time
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "torch": torch.__version__,
@@ -511,6 +528,8 @@ def main() -> None:
         "load_before": os.getloadavg(),
         "quick": args.quick,
         "note": args.note,
+        "clock": args.clock,
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
     res = {"meta": meta}
     if args.out and os.path.exists(args.out) and set(args.parts) <= {"agreement"}:
@@ -534,6 +553,7 @@ def main() -> None:
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)
     meta["load_after"] = os.getloadavg()
+    meta["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     if "load_after" not in res["meta"]:
         res["meta"]["load_after"] = meta["load_after"]
     if args.out:

@@ -604,8 +604,18 @@ class KFAC(Metric):
                 out[:, st.offsets[i] : st.offsets[i + 1]] = st.piece(rows, i) / (others[i] + lam)
             return out[0] if b.ndim == 1 else out.T
 
+        # the sketch's two probe products are paid once per decomposition: worth it against one
+        # residual product per call when a decomposition serves three calls or more
         return self._linop(
-            mm, diag, inverse, point, size, dt, dev, exact=current and not factored, sketch=sketch
+            mm,
+            diag,
+            inverse,
+            point,
+            size,
+            dt,
+            dev,
+            exact=current and not factored,
+            sketch=sketch if self.T_inv > 2 else None,
         )
 
     def _linop(
