@@ -25,6 +25,9 @@ averages) + SGD, ASDL's ``KfacGradientMaker`` on our schedule + SGD, singd's ``S
 Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
 digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
 
+Part 3 (``--parts floor``), the floor of the preconditioner step on the MLP: an Adam step, the
+forward + backward, SGD's update and the recorded-rows products alone at the MLP's shapes.
+
 The machine is shared: the load average before and after (and ``uptime``), the torch thread
 count and the clock are written into the JSON; read ratios, not seconds. ``--clock cpu`` times
 by the thread's CPU time (one torch thread), which keeps other jobs' time slices out of both
@@ -338,6 +341,50 @@ def step_costs(models, window: int, repeats: int, only: list[str] | None = None)
     return res
 
 
+# ---------------------------------------------------------------------------------- floor
+def floor(repeats: int) -> dict:
+    """The parts of the preconditioner's floor on the MLP, in ms (medians of 20 timings,
+    median over repeats): an Adam step, the user's zero_grad + forward + backward, SGD's
+    update, and the recorded-rows products alone at the MLP's shapes ((g G^-1)^T (a A^-1) for
+    the 512 x 785 and 512 x 513 blocks, G^-1 X A^-1 for the 10 x 513 head)."""
+    model0, x, y = problem("mlp")
+    adam = adam_stepper(copy.deepcopy(model0), x, y)
+    m = copy.deepcopy(model0)
+    sgd = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+    def fwd_bwd():
+        sgd.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+
+    fwd_bwd()
+    g = torch.Generator().manual_seed(0)
+    n = int(x.shape[0])
+    rows = [(torch.randn(n, 512, generator=g), torch.randn(n, d, generator=g)) for d in (785, 513)]
+    invs = [
+        (torch.randn(512, 512, generator=g), torch.randn(d, d, generator=g)) for d in (785, 513)
+    ]
+    head = (torch.randn(10, 10, generator=g), torch.randn(10, 513, generator=g))
+    head_a = torch.randn(513, 513, generator=g)
+
+    def products():
+        for (gr, ar), (gi, ai) in zip(rows, invs):
+            (gr @ gi).T @ (ar @ ai)
+        head[0] @ head[1] @ head_a
+
+    parts = {"adam": adam, "fwd_bwd": fwd_bwd, "sgd_update": sgd.step, "products": products}
+    got: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(repeats):
+        for k, f in parts.items():
+            got[k].append(statistics.median(timed(f, 20)))
+    out = {k: 1e3 * statistics.median(v) for k, v in got.items()}
+    out["adam_update"] = out["adam"] - out["fwd_bwd"]
+    out["floor_in_adam_steps"] = (out["fwd_bwd"] + out["sgd_update"] + out["products"]) / out[
+        "adam"
+    ]
+    print(json.dumps(out, indent=1), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------------------------- closure
 def closure_path(repeats: int) -> dict:
     model0, x, y = problem("cnn")
@@ -489,7 +536,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", nargs="*", default=["cost", "closure", "agreement"])
+    ap.add_argument(
+        "--parts", nargs="*", default=["cost", "closure", "agreement"], help="also: floor"
+    )
     ap.add_argument("--window", type=int, default=100, help="steps per amortised timing")
     ap.add_argument("--repeats", type=int, default=None, help="step-cost repeats (3; quick 2)")
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
@@ -552,6 +601,8 @@ def main() -> None:
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)
+    if "floor" in args.parts:
+        res["floor_ms"] = floor(repeats=args.repeats or 3)
     meta["load_after"] = os.getloadavg()
     meta["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     if "load_after" not in res["meta"]:
