@@ -25,8 +25,13 @@ averages) + SGD, ASDL's ``KfacGradientMaker`` on our schedule + SGD, singd's ``S
 Part 2, the closure path: one exact-GGN step (LevenbergMarquardt, ``solver="auto"``) on the
 digits CNN through ``TorchOptimizer`` and through ``Optimizer``, and with ``CG(maxiter=20)``.
 
-The machine is shared: the load average before and after and the torch thread count are
-written into the JSON; read ratios, not seconds.
+Part 3 (``--parts floor``), the floor of the preconditioner step on the MLP: an Adam step, the
+forward + backward, SGD's update and the recorded-rows products alone at the MLP's shapes.
+
+The machine is shared: the load average before and after (and ``uptime``), the torch thread
+count and the clock are written into the JSON; read ratios, not seconds. ``--clock cpu`` times
+by the thread's CPU time (one torch thread), which keeps other jobs' time slices out of both
+the step and the Adam step on a loaded machine; ``--rows`` runs only the rows named.
 
 Usage::
 
@@ -42,6 +47,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -253,19 +259,23 @@ def nngeometry_stepper(model, x, y):
     return step
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (the process's own CPU time)
+
+
 def timed(step, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = CLOCK()
         step()
-        out.append(time.perf_counter() - t)
+        out.append(CLOCK() - t)
     return out
 
 
-def step_costs(models, window: int, repeats: int) -> dict:
+def step_costs(models, window: int, repeats: int, only: list[str] | None = None) -> dict:
     """Each row's time per step over ``window`` consecutive steps (amortised: a window of 100
     holds one eigendecomposition and ten factor refreshes at the defaults), divided by the
-    median Adam step measured just before, ``repeats`` times, interleaved."""
+    median Adam step measured just before, ``repeats`` times, interleaved. ``only``: run the
+    rows whose name contains one of these strings."""
     once = dict(ema=None, T_cov=1, T_inv=1)
     rows = {
         "KFAC (Optimizer, defaults)": kfac_stepper,
@@ -286,6 +296,8 @@ def step_costs(models, window: int, repeats: int) -> dict:
         except ImportError:
             continue
         rows[row] = make
+    if only:
+        rows = {k: v for k, v in rows.items() if any(o in k for o in only)}
     res = {}
     for name in models:
         model0, x, y = problem(name)
@@ -327,6 +339,50 @@ def step_costs(models, window: int, repeats: int) -> dict:
         res[name] = entry
         print(name, json.dumps(entry, indent=1), flush=True)
     return res
+
+
+# ---------------------------------------------------------------------------------- floor
+def floor(repeats: int) -> dict:
+    """The parts of the preconditioner's floor on the MLP, in ms (medians of 20 timings,
+    median over repeats): an Adam step, the user's zero_grad + forward + backward, SGD's
+    update, and the recorded-rows products alone at the MLP's shapes ((g G^-1)^T (a A^-1) for
+    the 512 x 785 and 512 x 513 blocks, G^-1 X A^-1 for the 10 x 513 head)."""
+    model0, x, y = problem("mlp")
+    adam = adam_stepper(copy.deepcopy(model0), x, y)
+    m = copy.deepcopy(model0)
+    sgd = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+    def fwd_bwd():
+        sgd.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+
+    fwd_bwd()
+    g = torch.Generator().manual_seed(0)
+    n = int(x.shape[0])
+    rows = [(torch.randn(n, 512, generator=g), torch.randn(n, d, generator=g)) for d in (785, 513)]
+    invs = [
+        (torch.randn(512, 512, generator=g), torch.randn(d, d, generator=g)) for d in (785, 513)
+    ]
+    head = (torch.randn(10, 10, generator=g), torch.randn(10, 513, generator=g))
+    head_a = torch.randn(513, 513, generator=g)
+
+    def products():
+        for (gr, ar), (gi, ai) in zip(rows, invs):
+            (gr @ gi).T @ (ar @ ai)
+        head[0] @ head[1] @ head_a
+
+    parts = {"adam": adam, "fwd_bwd": fwd_bwd, "sgd_update": sgd.step, "products": products}
+    got: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(repeats):
+        for k, f in parts.items():
+            got[k].append(statistics.median(timed(f, 20)))
+    out = {k: 1e3 * statistics.median(v) for k, v in got.items()}
+    out["adam_update"] = out["adam"] - out["fwd_bwd"]
+    out["floor_in_adam_steps"] = (out["fwd_bwd"] + out["sgd_update"] + out["products"]) / out[
+        "adam"
+    ]
+    print(json.dumps(out, indent=1), flush=True)
+    return out
 
 
 # ---------------------------------------------------------------------------------- closure
@@ -480,18 +536,37 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--parts", nargs="*", default=["cost", "closure", "agreement"])
+    ap.add_argument(
+        "--parts", nargs="*", default=["cost", "closure", "agreement"], help="also: floor"
+    )
     ap.add_argument("--window", type=int, default=100, help="steps per amortised timing")
     ap.add_argument("--repeats", type=int, default=None, help="step-cost repeats (3; quick 2)")
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
     ap.add_argument("--merge", default=None, help="a JSON whose step_cost entries to keep")
     ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
+    ap.add_argument("--rows", nargs="*", default=None, help="step-cost rows containing these")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time each step by the thread's CPU time (one torch thread; a loaded machine)",
+    )
+    ap.add_argument(
+        "--note",
+        default="shared machine: other jobs ran at the same time",
+        help="how the machine was used, for the JSON",
+    )
     args = ap.parse_args()
     if args.markdown:
         with open(args.markdown) as f:
             print(markdown(json.load(f)))
         return
     torch.set_num_threads(args.threads)
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            ap.error("--clock cpu measures one thread: use --threads 1")
+        CLOCK = time.thread_time
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "torch": torch.__version__,
@@ -501,7 +576,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_before": os.getloadavg(),
         "quick": args.quick,
-        "note": "shared machine: other jobs ran at the same time",
+        "note": args.note,
+        "clock": args.clock,
+        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
     res = {"meta": meta}
     if args.out and os.path.exists(args.out) and set(args.parts) <= {"agreement"}:
@@ -520,10 +597,14 @@ def main() -> None:
             [m for m in args.models if m not in kept],
             window=args.window,
             repeats=args.repeats or (2 if args.quick else 3),
+            only=args.rows,
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)
+    if "floor" in args.parts:
+        res["floor_ms"] = floor(repeats=args.repeats or 3)
     meta["load_after"] = os.getloadavg()
+    meta["uptime_after"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     if "load_after" not in res["meta"]:
         res["meta"]["load_after"] = meta["load_after"]
     if args.out:

@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import seeded
+from reference import rel_err, seeded
 from torch import nn
 
 import steepest
 from steepest.errors import ConfigurationError
 from steepest.losses import CrossEntropy
+from steepest.point import Point
 from steepest.preconditioner import Preconditioner
 
 F64 = torch.float64
@@ -202,6 +203,14 @@ def test_all_finite():
         t = torch.arange(5.0)
         t[3] = bad
         assert not all_finite(t)
+    # finite values whose sum overflows (the sum's answer is then checked value by value),
+    # and both infinities (a NaN sum)
+    for dt in (torch.float16, torch.float32):
+        big = torch.full((4,), torch.finfo(dt).max, dtype=dt)
+        assert not torch.isfinite(big.sum()) and all_finite(big)
+        big[1] = float("inf")
+        assert not all_finite(big)
+    assert not all_finite(torch.tensor([float("inf"), -float("inf"), 1.0]))
 
 
 def test_recorder_stays_out_of_torch_func():
@@ -257,3 +266,283 @@ def test_a_dropped_preconditioner_takes_its_hooks_off_the_model():
         del pre
         gc.collect()
         assert len(model[0]._forward_hooks) == 0
+
+
+# ------------------------------------------------------------------------------ step cost
+def _kron_inverse_blocks(model, x, y, lam):
+    """The factored-damping inverse of each Linear block, built densely from K-FAC's factors
+    of the exact GGN computed here by explicit outer products (float64): A from the layer
+    inputs with a bias column, G from per-sample output gradients times F_R^{1/2} (softmax:
+    diag(p) - p p^T), then (G + sqrt(lam)/pi I) (x) (A + pi sqrt(lam) I) inverted with
+    torch.linalg.inv."""
+    acts, outs = [], []
+
+    def keep(module, inputs, output):
+        acts.append(inputs[0])
+        outs.append(output)
+
+    hooks = [m.register_forward_hook(keep) for m in model if isinstance(m, nn.Linear)]
+    z = model(x)
+    for h in hooks:
+        h.remove()
+    p = torch.softmax(z.detach(), -1)
+    fr = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    mu, q = torch.linalg.eigh(fr)
+    s = q * mu.clamp_min(0).sqrt()[:, None, :]  # F_R = S S^T per sample
+    n, c = z.shape
+    out = []
+    for a_in, o in zip(acts, outs):
+        a = torch.cat([a_in, torch.ones(n, 1, dtype=F64)], 1)
+        cols = []
+        for k in range(c):
+            (gk,) = torch.autograd.grad(z, o, s[:, :, k], retain_graph=True)
+            cols.append(gk)
+        g = torch.stack(cols)  # (C, N, o)
+        A = a.T @ a / n
+        G = torch.einsum("kno,knp->op", g, g) / n
+        pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+        eye_g, eye_a = torch.eye(G.shape[0], dtype=F64), torch.eye(A.shape[0], dtype=F64)
+        out.append(
+            torch.linalg.inv(torch.kron(G + lam**0.5 / pi * eye_g, A + pi * lam**0.5 * eye_a))
+        )
+    return out
+
+
+def test_factored_inverse_by_cholesky_equals_the_damped_kronecker_inverse():
+    """With the factored damping K-FAC inverts A + pi sqrt(lam) I and G + sqrt(lam)/pi I by
+    Cholesky (no eigendecomposition is kept: ``eig`` is None in the state): the
+    preconditioned gradient equals the inverse of the damped Kronecker product built densely
+    from the factors of the exact GGN (float64), block by block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
+    x, y = data(12)
+    pre = Preconditioner(
+        model,
+        CrossEntropy(),
+        metric=steepest.KFAC(steepest.GGN(), damping="factored"),
+        damping=0.3,
+    )
+    pre.remove_hooks()  # the dense product of every block
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    pre.step(x, y)
+    assert pre.metric.state_dict()["eig"] is None
+    for li, inv in zip((0, 2), _kron_inverse_blocks(model, x, y, 0.3)):
+        w, b = grads[li], grads[li + 1]
+        rhs = torch.cat([w, b[:, None]], 1).reshape(-1)  # [W b] row-major, G (x) A order
+        want = (inv @ rhs).reshape(w.shape[0], -1)
+        got = torch.cat([model[li].weight.grad, model[li].bias.grad[:, None]], 1)
+        assert rel_err(got, want) < 1e-12
+
+
+def test_damped_inverse_falls_back_to_the_eigendecomposition():
+    """A group of a factor that is not positive definite after the shift (a signed G of an
+    indefinite GGN, or rounding) is inverted through its eigendecomposition, eigenvalues
+    clamped at 0 unless signed; the other groups keep the Cholesky inverse."""
+    from steepest.kronecker import _damped_inverse
+
+    g = seeded(90)
+    q, _ = torch.linalg.qr(torch.randn(2, 4, 4, generator=g, dtype=F64))
+    mu = torch.tensor([[1.0, 2.0, 3.0, 4.0], [-1.0, 2.0, 3.0, 4.0]], dtype=F64)
+    m = q @ torch.diag_embed(mu) @ q.transpose(-1, -2)
+    shift = torch.tensor([0.5, 0.5], dtype=F64)[:, None, None]
+    eye = torch.eye(4, dtype=F64)
+    want = torch.linalg.inv(m + shift * eye)  # group 1 is indefinite: -1 + 0.5 < 0
+    torch.testing.assert_close(_damped_inverse(m, shift, True), want, rtol=1e-12, atol=1e-12)
+    clamped = q[1] @ torch.diag(1 / (mu[1].clamp_min(0) + 0.5)) @ q[1].T
+    got = _damped_inverse(m, shift, False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], clamped, rtol=1e-12, atol=1e-12)
+
+
+def test_state_resumes_bit_for_bit_across_refreshes_and_inverses():
+    """Preconditioner.state_dict mid-run, loaded into a fresh Preconditioner on a copy of the
+    model: the next steps (factor refreshes, Cholesky inverses, recorded-rows products, the
+    flat-gradient buffer) give bit-for-bit the same .grad."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 24), nn.Tanh(), nn.Linear(24, 3))
+    x = torch.randn(16, 30, generator=seeded(91))
+    y = torch.randint(0, 3, (16,), generator=seeded(92))
+
+    def make(m):
+        metric = steepest.KFAC(T_cov=2, T_inv=3, damping="factored")
+        return Preconditioner(m, CrossEntropy(), metric=metric, damping=0.1)
+
+    def run(m, pre, sgd, steps):
+        out = []
+        for _ in range(steps):
+            sgd.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            pre.step(x, y)
+            out.append([p.grad.clone() for p in m.parameters()])
+            sgd.step()
+        return out
+
+    pre = make(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    run(model, pre, sgd, 4)
+    saved = copy.deepcopy(pre.state_dict())
+    model2 = copy.deepcopy(model)
+    ref_grads = run(model, pre, sgd, 5)
+    assert pre.metric.fast_blocks == 1
+    pre2 = make(model2)
+    pre2.load_state_dict(saved)
+    got = run(model2, pre2, torch.optim.SGD(model2.parameters(), lr=0.1), 5)
+    for a, b in zip(ref_grads, got):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_recorded_rows_check_passes_cancelling_rows_and_catches_decay():
+    """The recorded-rows check on a float32 gradient formed like autograd forms it
+    (``g^T a``): rows whose products cancel (a batch gradient 1e-4 of the per-sample ones,
+    whose rounding is then far above the plain |X| scale) still pass, since the tolerance
+    follows the rows' magnitudes; on rows that do not cancel a decay of relative size 1e-3
+    added to the weight or to the bias fails; a layer without bias is checked on W alone."""
+    from steepest.kronecker import _recorded_gradient
+
+    g0 = seeded(93)
+    r, o, d = 8, 48, 40  # R = 16 rows: the factorised product is the cheaper
+    a = torch.randn(2 * r, d, generator=g0)
+    g = torch.randn(2 * r, o, generator=g0)
+    ab = torch.cat([a, torch.ones(2 * r, 1)], 1)
+    cache = {}
+    # pairs of rows with opposite output gradients on nearly equal inputs: cancelling sums
+    ac = torch.cat([a[:r], a[:r] + 1e-4 * torch.randn(r, d, generator=g0)])
+    gc = torch.cat([g[:r], -g[:r]])
+    acb = torch.cat([ac, torch.ones(2 * r, 1)], 1)
+    xc = gc.T @ acb
+    assert xc.norm() < 1e-3 * (gc.norm(dim=1) * acb.norm(dim=1)).sum()
+    assert _recorded_gradient(
+        xc[:, :-1].contiguous(), xc[:, -1].contiguous(), (acb, gc), True, cache
+    )
+    x = g.T @ ab
+    w, b = x[:, :-1].contiguous(), x[:, -1].contiguous()
+    assert _recorded_gradient(w, b, (ab, g), True, cache)
+    decay = 1e-3 * x.norm() / x.numel() ** 0.5
+    assert not _recorded_gradient(w + decay, b, (ab, g), True, cache)
+    assert not _recorded_gradient(w, b + decay * d**0.5, (ab, g), True, cache)
+    xw = g.T @ a
+    assert _recorded_gradient(xw, None, (a, g), True, cache)
+    assert not _recorded_gradient(xw * (1 + 1e-3), None, (a, g), True, cache)
+
+
+@pytest.mark.parametrize("damping", ["factored", "exact"])
+def test_recorded_rows_product_of_a_layer_without_bias(damping):
+    """A Linear layer without bias: the recorded-rows product written into the weight alone
+    equals the plain product of a Preconditioner without hooks (float64)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 30, generator=seeded(94), dtype=F64)
+    y = torch.randint(0, 3, (6,), generator=seeded(95))
+    m1 = nn.Sequential(nn.Linear(30, 24, bias=False), nn.Tanh(), nn.Linear(24, 3)).double()
+    m2 = copy.deepcopy(m1)
+    pres = []
+    for m in (m1, m2):
+        pre = Preconditioner(m, CrossEntropy(), metric=steepest.KFAC(damping=damping), damping=0.1)
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        pres.append(pre)
+    pres[1].remove_hooks()
+    for pre in pres:
+        pre.step(x, y)
+    assert [p.metric.fast_blocks for p in pres] == [1, 0]
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------ Optimizer path
+class _WithBareParameter(nn.Module):
+    """Two Linear layers and a parameter outside any layer (a diagonal block of K-FAC)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))) * self.scale
+
+
+def test_exact_own_inverse_residual_is_sketched_and_follows_the_operator():
+    """K-FAC's exact own inverse reports a sketched residual (two Gaussian probes and M
+    applied to them, kept while M stays) instead of a product: at rounding level for the
+    solve, and within a factor 10 of the true residual ||(M + lam I) x - b|| / ||b|| for a
+    perturbed x (float64), also after factor refreshes (the diagonal block of a bare
+    parameter changes) and eigendecompositions (the Kronecker blocks change)."""
+    from steepest.solvers import OwnInverse
+
+    torch.manual_seed(0)
+    model = _WithBareParameter().double()
+    x, y = data(24)
+    metric = steepest.KFAC(steepest.GGN(), T_cov=2, T_inv=3)
+    g = seeded(96)
+    for call in range(7):
+        op = metric.operator(Point(model, CrossEntropy(), x, y)) + 0.1
+        b = torch.randn(op.size, generator=g, dtype=F64)
+        sol = OwnInverse().solve(op, b)
+        assert sol.exact and sol.residual < 1e-13 and "sketched" in sol.message
+        for scale in (1e-6, 1e-2):
+            wrong = sol.x + scale * torch.randn(op.size, generator=g, dtype=F64)
+            true = float((op @ wrong - b).norm() / b.norm())
+            assert 0.1 * true < op.sketched_residual(wrong, b) < 10 * true, (call, scale)
+        with torch.no_grad():  # move the model so that refreshes see new factors
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=F64))
+    # an eigendecomposition at every call or two: the residual product (cheaper than probes)
+    for t_inv in (1, 2):
+        op = steepest.KFAC(steepest.GGN(), T_inv=t_inv).operator(Point(model, CrossEntropy(), x, y))
+        sol = OwnInverse().solve(op + 0.1, b)
+        assert sol.exact and sol.residual < 1e-13 and "sketched" not in sol.message
+    # an inexact inverse (the factored damping) keeps the residual of a product
+    op = steepest.KFAC(steepest.GGN(), damping="factored").operator(
+        Point(model, CrossEntropy(), x, y)
+    )
+    sol = OwnInverse().solve(op + 0.1, b)
+    assert not sol.exact and "sketched" not in sol.message
+    assert sol.residual == pytest.approx(float(((op + 0.1) @ sol.x - b).norm() / b.norm()))
+
+
+def test_optimizer_step_that_fails_restores_kfac_state_from_its_snapshot():
+    """Optimizer keeps K-FAC's state for the rollback by its cheap snapshot (no copy of the
+    factors): a step that raises after the metric refreshed leaves the metric's state, the
+    previous direction, the momentum buffer and the parameters as they were."""
+
+    class Boom(steepest.LearningRate):
+        armed = False
+
+        def choose(self, ctx):
+            if self.armed:
+                raise RuntimeError("boom")
+            return super().choose(ctx)
+
+    torch.manual_seed(0)
+    model = net()
+    x, y = data(32)
+    rule = Boom(0.5)
+    opt = steepest.Optimizer(
+        model,
+        CrossEntropy(),
+        metric=steepest.KFAC(T_cov=2, T_inv=3),
+        damping=steepest.LevenbergMarquardt(1e-1),
+        step=rule,
+        momentum=0.5,
+    )
+    for _ in range(4):
+        opt.step(x, y)
+    before = copy.deepcopy(opt.state_dict())
+    theta = opt.space.get().clone()
+    assert before["metric"]["calls"] % 2 == 0  # the next call refreshes the factors
+    rule.armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(x, y)
+    after = opt.state_dict()
+    assert torch.equal(opt.space.get(), theta)
+    assert after["metric"]["calls"] == before["metric"]["calls"]
+    assert after["metric"]["refreshes"] == before["metric"]["refreshes"]
+    for key, (a, g) in before["metric"]["factors"]["blocks"].items():
+        assert torch.equal(a, after["metric"]["factors"]["blocks"][key][0])
+        assert torch.equal(g, after["metric"]["factors"]["blocks"][key][1])
+    for k in ("prev_direction", "momentum_buffer"):
+        assert torch.equal(before[k], after[k])
+    rule.armed = False
+    opt.step(x, y)  # and the optimizer goes on

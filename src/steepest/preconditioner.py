@@ -22,6 +22,7 @@ gradient preconditioned is the one in ``.grad``, whatever the user's loss added 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -54,9 +55,10 @@ class Preconditioner:
     loss: the per-sample loss :math:`l(y, z)` (a :class:`~steepest.losses.Loss`) the metric
         is built from
     metric: any metric; default ``KFAC(damping="factored")`` (Fisher with one sampled label
-        per input; factors every 10 steps as running averages, eigendecompositions every 100;
-        Martens & Grosse's factored Tikhonov damping, whose inverse is a Kronecker product,
-        since lambda is fixed here and no quadratic model asks for the exact damped matrix).
+        per input; factors every 10 steps as running averages, their damped inverses every
+        100 (by Cholesky); Martens & Grosse's factored Tikhonov damping, whose inverse is a
+        Kronecker product, since lambda is fixed here and no quadratic model asks for the
+        exact damped matrix).
         With ``KFAC`` (not ``EKFAC``) forward hooks on the model's ``Linear`` layers record the
         inputs :math:`\bar a` and output gradients g of the user's own backward; when ``.grad``
         of a layer is their :math:`g^T\bar a` (checked each step by two random probes) and
@@ -115,6 +117,7 @@ class Preconditioner:
             generator.manual_seed(0)
         self.generator = generator
         self.last_solver = ""
+        self._grad_buffer: Tensor | None = None  # the flat gradient, reused across steps
         # K-FAC preconditions the Linear layers' gradient from the rows of the user's own
         # backward when .grad is that gradient (checked per step): (G^-1 g^T)(a A^-1)
         self._recorder = None
@@ -133,12 +136,13 @@ class Preconditioner:
             raise ConfigurationError(
                 "no parameter has a .grad: call loss.backward() before Preconditioner.step()."
             )
-        grad = torch.cat(
-            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
-        )
+        grad = self._flat_grad(params)
         if not all_finite(grad):
             raise NonFiniteError("the gradient in .grad holds NaN or infinite values.")
         lazy = getattr(self.metric, "needs_point", None)
+        # K-FAC between refreshes: the operator comes from the metric's state alone, no
+        # forward runs (no buffers to guard, no random state to put back)
+        forward = lazy is None or lazy()
         snapshot = getattr(self.metric, "_snapshot", None)
         saved = (
             {"generator": self.generator.get_state(), "metric_snapshot": snapshot()}
@@ -153,18 +157,18 @@ class Preconditioner:
         # the user's own forward already moved BatchNorm's running statistics and drew the
         # Dropout masks of this step: every forward here runs on copies of the buffers
         # (ForwardGuard after point_done) and the global random state is put back
-        rng = _rng_state()
+        rng = _rng_state() if forward else None
         try:
             dp, sampler = self.distributed, self.generator
             if dp is not None:  # independent labels per rank, one shared generator state
                 sampler = dp.generator(self.generator)
-            with ForwardGuard(self.space.model) as guard:
-                guard.point_done()
-                if lazy is not None and not lazy():  # K-FAC between refreshes: no forward
+            with ForwardGuard(self.space.model) if forward else contextlib.nullcontext() as guard:
+                if not forward:
                     point = SimpleNamespace(
                         space=self.space, size=self.space.size, grad=grad, loss=self.loss
                     )
                 else:
+                    guard.point_done()
                     point = Point(
                         self.space, self.loss, inputs, targets, generator=sampler, distributed=dp
                     )
@@ -194,7 +198,8 @@ class Preconditioner:
                 self.load_state_dict(saved)
             raise
         finally:
-            _set_rng_state(rng)
+            if rng is not None:
+                _set_rng_state(rng)
             if recorder is not None:
                 recorder.enabled = True
         self.last_solver = "OwnInverse" if isinstance(solver, _Own) else type(solver).__name__
@@ -204,6 +209,19 @@ class Preconditioner:
                     p.grad = chunk.clone()
                 else:
                     p.grad.copy_(chunk)
+
+    def _flat_grad(self, params: list[Tensor]) -> Tensor:
+        """The gradients in ``.grad`` (zero where None) as one flat vector, written into a
+        buffer kept across steps (one copy, no new allocation of P values per step). The
+        vector is only read during the step; nothing keeps it."""
+        like = next(p for p in params if p.grad is not None).grad
+        buf = self._grad_buffer
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._grad_buffer = torch.empty(
+                self.space.size, dtype=like.dtype, device=like.device
+            )
+        pieces = [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+        return torch.cat(pieces, out=buf)
 
     def remove_hooks(self) -> None:
         """Remove the forward hooks with which K-FAC records the Linear layers' inputs and

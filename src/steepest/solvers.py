@@ -48,16 +48,22 @@ class Solution:
 
 
 def all_finite(t: Tensor) -> bool:
-    """Whether every value of t is finite: one pass of ``torch.aminmax`` (NaN propagates into
-    both, an infinity into one), where ``torch.isfinite(t).all()`` runs four element-wise
-    kernels with two boolean temporaries (20 times slower on 670k floats, 1 thread).
+    """Whether every value of t is finite. One pass of ``sum``: a NaN or an infinity makes the
+    sum non-finite, so a finite sum answers True; a non-finite sum (which finite values can
+    also give, by overflow) is decided by ``torch.aminmax`` (NaN propagates into both
+    extremes, an infinity into one). ``torch.isfinite(t).all()`` runs four element-wise
+    kernels with two boolean temporaries (20 times slower on 670k floats, 1 thread); the sum
+    is about twice as fast as ``aminmax``.
 
     >>> all_finite(torch.tensor([1.0, float("nan")]))
     False
     """
     if t.numel() == 0:
         return True
-    lo, hi = torch.aminmax(t.detach())
+    t = t.detach()
+    if math.isfinite(float(t.sum())):
+        return True
+    lo, hi = torch.aminmax(t)
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
@@ -335,6 +341,9 @@ class OwnInverse(Solver):
                 f"{a.name} is singular at this damping (its own inverse gave non-finite "
                 "values); add damping (damping=1e-3 or more)."
             )
+        if a.inverse_exact and a.has_sketch():  # exact by construction: no residual product
+            return Solution(x, 1, a.sketched_residual(x, b), exact=True,
+                            message=f"own inverse of {a.name} (residual sketched)")
         return Solution(x, 1, _relres(a, x, b), exact=a.inverse_exact,
                         message=f"own inverse of {a.name}")
 
