@@ -31,10 +31,11 @@ Methods
 - ``K-FAC (rescale=momentum; tuned damping)``: ``KFAC(rescale="momentum")``, Martens & Grosse's
   section 7 (the step and the previous one combined by the exact quadratic model of the Fisher:
   two Jacobian-vector products a step), initial lambda tuned likewise.
-- ``K-FAC (rescale=momentum, ema=None, T_cov=T_inv=1; tuned damping)``: the same with the
-  schedule the ``KFAC`` docstring gives for deterministic full-batch problems (no running
-  average, factors and eigendecompositions at every step); ``T_cov=T_inv=2``: every other
-  step; ``stats_batch=N/2``: the factors of every step from a random half of the batch
+- ``K-FAC full batch T=1 (rescale=momentum; tuned damping)``: the same with the schedule the
+  ``KFAC`` docstring gives for deterministic full-batch problems,
+  ``KFAC(rescale="momentum", ema=None, T_cov=1, T_inv=1)`` (no running average, factors and
+  eigendecompositions at every step); ``T=2``: ``T_cov=T_inv=2``, every other step;
+  ``stats_batch=N/2``: the factors of every step from a random half of the batch
   (``KFAC(stats_batch=k)``, k in the problem's ``stats_batch``).
 - ``K-FAC Preconditioner + SGD (momentum 0.9; tuned lr)``: the Preconditioner mode
   (``steepest.Preconditioner(model, loss)`` at its defaults: ``KFAC(damping="factored")``,
@@ -359,9 +360,10 @@ ROWS = {  # row name -> (kind, tuned key: "lr" / "damping" / None)
     "K-FAC (defaults)": ("kfac", None),
     "K-FAC (tuned damping)": ("kfac", "damping"),
     "K-FAC (rescale=momentum; tuned damping)": ("kfac-momentum", "damping"),
-    "K-FAC (rescale=momentum, ema=None, T_cov=T_inv=1; tuned damping)": ("kfac-full", "damping"),
-    "K-FAC (rescale=momentum, ema=None, T_cov=T_inv=2; tuned damping)": ("kfac-full2", "damping"),
-    "K-FAC (rescale=momentum, ema=None, T_cov=T_inv=1, stats_batch=N/2; tuned damping)": (
+    # "full batch T=k": ema=None, T_cov=T_inv=k (names without commas: --rows splits on them)
+    "K-FAC full batch T=1 (rescale=momentum; tuned damping)": ("kfac-full", "damping"),
+    "K-FAC full batch T=2 (rescale=momentum; tuned damping)": ("kfac-full2", "damping"),
+    "K-FAC full batch T=1 stats_batch=N/2 (rescale=momentum; tuned damping)": (
         "kfac-full-half",
         "damping",
     ),

@@ -217,7 +217,7 @@ class KFAC(Metric):
     with the batch, use ``KFAC(rescale="momentum", ema=None, T_cov=1, T_inv=1)`` (or
     ``T_cov=T_inv=2``) with ``LevenbergMarquardt``: on the digits autoencoder race
     (``benchmarks/README.md``, "Races") the defaults never leave the first plateau in 15 CPU
-    seconds, this schedule leaves it in 25-30 steps.
+    seconds, this schedule leaves it in 24-28 steps.
 
     The operator acts in the flat parameter order (``model.parameters()``); ``to_dense()`` is
     block diagonal up to that order, ``diagonal()`` is :math:`\mathrm{diag}(G)\otimes
