@@ -535,17 +535,26 @@ def _fit_steepest(
     )
 
 
+#: settings of the ``least-squares`` method other than the defaults (``--ls-ftol``,
+#: ``--ls-max-nfev-per-param``): how the defaults' choice was measured (fit.md)
+LS_SETTINGS: dict = {}
+
+
 def fit_least_squares(
     problem: Problem, start: int, formulas: dict | None = None, tight: bool = False
 ) -> FitResult:
-    """``steepest.least_squares`` with its defaults (``tight``: ftol = xtol = gtol = 1e-15, as
-    ``scipy-lm-tight``); evaluations = ``nfev`` (as scipy's)."""
+    """``steepest.least_squares`` with its defaults, or with :data:`LS_SETTINGS` (``tight``:
+    ftol = xtol = gtol = 1e-15, as ``scipy-lm-tight``); evaluations = ``nfev`` (as scipy's)."""
     f = formula_of(problem, formulas)
     x, y = tensors(problem)
     y1 = y[:, 0]
     t0 = time.perf_counter()
     with single_thread():
         tol = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15} if tight else {}
+        if not tight and "ftol" in LS_SETTINGS:
+            tol["ftol"] = LS_SETTINGS["ftol"]
+        if not tight and "max_nfev_per_param" in LS_SETTINGS:
+            tol["max_nfev"] = LS_SETTINGS["max_nfev_per_param"] * problem.n_params
         res = steepest.least_squares(
             lambda b: f(b, x) - y1, torch.tensor(problem.starts[start - 1], dtype=DTYPE), **tol
         )
@@ -729,7 +738,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(METHODS),
         help="comma-separated subset of " + ", ".join(METHODS),
     )
+    ap.add_argument(
+        "--ls-ftol",
+        type=float,
+        default=None,
+        help="ftol of the least-squares method (default: its own)",
+    )
+    ap.add_argument(
+        "--ls-max-nfev-per-param",
+        type=int,
+        default=None,
+        help="max_nfev of the least-squares method as a multiple of P (default: its own, 100 P)",
+    )
     args = ap.parse_args(argv)
+    if args.ls_ftol is not None:
+        LS_SETTINGS["ftol"] = args.ls_ftol
+    if args.ls_max_nfev_per_param is not None:
+        LS_SETTINGS["max_nfev_per_param"] = args.ls_max_nfev_per_param
     data = Path(args.data)
     if not data.is_dir():
         ap.error(f"--data {data}: no such folder; pass the folder of the NIST StRD .dat files.")
@@ -778,6 +803,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = {
             "machine": info,
             "stop_rule": asdict(StopRule()),
+            "least_squares_settings": LS_SETTINGS or "defaults",
             "lre_cap": LRE_CAP,
             "rss_check": checks,
             "counts": c,

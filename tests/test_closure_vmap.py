@@ -10,8 +10,8 @@ from reference import rel_err, seeded
 from torch import nn
 
 import steepest
+from steepest.closure_point import ClosurePoint, _ClosureSpace
 from steepest.losses import CrossEntropy
-from steepest.torch_optim import ClosurePoint, _ClosureSpace
 
 F64 = torch.float64
 

@@ -352,7 +352,7 @@ def test_closure_and_module_paths_agree():
     model = Mixed().to(F64).eval()
     idx, y = mixed_data(10)
     a = steepest.TorchOptimizer(model.parameters(), loss=CrossEntropy(), metric=KFAC(GGN()))
-    from steepest.torch_optim import ClosurePoint
+    from steepest.closure_point import ClosurePoint
 
     cp = ClosurePoint(a.steepest.space, CrossEntropy(), lambda: (model(idx), y), KFAC(GGN()))
     op_c = KFAC(GGN()).operator(cp)

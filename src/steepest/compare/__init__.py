@@ -1,7 +1,9 @@
 """``steepest compare``, the main job: which method for my problem?
 
-- :mod:`~steepest.compare.runner`: settings, method variants, the runs on several seeds, the
-  learning-rate search of the baselines (:func:`run`, :func:`plan`, :func:`execute`);
+- :mod:`~steepest.compare.methods`: the methods, their default settings, variants
+  (``ggn[solver=woodbury]``) and the optimizer each row builds;
+- :mod:`~steepest.compare.runner`: the runs on several seeds, the learning-rate search of the
+  baselines (:func:`run`, :func:`plan`, :func:`execute`);
 - :mod:`~steepest.compare.results`: the data (:class:`Run`, :class:`Comparison`) and the
   judgement (:func:`summarize`: medians over seeds, ties, coinciding methods merged);
 - :mod:`~steepest.compare.report`: the terminal table, results.json and report.html;
@@ -17,35 +19,37 @@ Example
 >>> compare.save(result, "out")
 """
 
-from .results import SCHEMA, SCHEMA_DOC, Comparison, Run, coinciding, spread, summarize, tied
-from .runner import (
-    DEFAULT_SEEDS,
+from .methods import (
     LABELS,
     METHOD_DEFAULTS,
     METHODS,
     ROW_METHODS,
-    SEED_LIMIT,
     STEEPEST_METHODS,
     STRUCTURED_METHODS,
     TORCH_METHODS,
-    TUNE_FACTORS,
-    TUNED,
-    Interrupted,
-    Plan,
     base_method,
-    check_budget,
-    check_device,
-    check_dtype,
-    execute,
     label,
     method_key,
     parse_methods,
     parse_set,
-    plan,
     resolve_settings,
+    split_method,
+)
+from .results import SCHEMA, SCHEMA_DOC, Comparison, Run, coinciding, spread, summarize, tied
+from .runner import (
+    DEFAULT_SEEDS,
+    SEED_LIMIT,
+    TUNE_FACTORS,
+    TUNED,
+    Interrupted,
+    Plan,
+    check_budget,
+    check_device,
+    check_dtype,
+    execute,
+    plan,
     run,
     save,
-    split_method,
 )
 
 __all__ = [
