@@ -30,7 +30,17 @@ Methods
   the same grid budget as the baselines (the lowest final loss wins).
 - ``K-FAC (rescale=momentum; tuned damping)``: ``KFAC(rescale="momentum")``, Martens & Grosse's
   section 7 (the step and the previous one combined by the exact quadratic model of the Fisher:
-  two exact Fisher products a step), initial lambda tuned likewise.
+  two Jacobian-vector products a step), initial lambda tuned likewise.
+- ``K-FAC full batch T=1 (rescale=momentum; tuned damping)``: the same with the schedule the
+  ``KFAC`` docstring gives for deterministic full-batch problems,
+  ``KFAC(rescale="momentum", ema=None, T_cov=1, T_inv=1)`` (no running average, factors and
+  eigendecompositions at every step); ``T=2``: ``T_cov=T_inv=2``, every other step;
+  ``stats_batch=N/2``: the factors of every step from a random half of the batch
+  (``KFAC(stats_batch=k)``, k in the problem's ``stats_batch``).
+- ``K-FAC Preconditioner + SGD (momentum 0.9; tuned lr)``: the Preconditioner mode
+  (``steepest.Preconditioner(model, loss)`` at its defaults: ``KFAC(damping="factored")``,
+  lambda 1e-3) preconditioning ``.grad`` after ``loss.backward()``, then
+  ``torch.optim.SGD(momentum=0.9)``, its learning rate tuned like the baselines'.
 
 Figures
 -------
@@ -120,6 +130,8 @@ def autoencoder_problem() -> dict:
         "shampoo": (3e-4, 1e-3, 3e-3),
         "soap": (1e-3, 3e-3, 1e-2),
         "kfac_damping": (1e-3, 1e-1, 1e1),
+        "stats_batch": 900,  # about half the batch
+        "pre_lr": (0.03, 0.1, 0.3),
     }
 
 
@@ -153,6 +165,8 @@ def cnn_problem() -> dict:
         "shampoo": (1e-2, 3e-2, 1e-1),
         "soap": (3e-3, 1e-2, 3e-2),
         "kfac_damping": (1e-3, 1e-1, 1e1),
+        "stats_batch": 32,  # half the mini-batch
+        "pre_lr": (0.03, 0.1, 0.3),
     }
 
 
@@ -187,6 +201,8 @@ def regression_problem() -> dict:
         "shampoo": (1e-2, 3e-2, 1e-1),
         "soap": (1e-2, 3e-2, 1e-1),
         "kfac_damping": (1e-3, 1e-1, 1e1),
+        "stats_batch": 256,  # half the batch
+        "pre_lr": (0.03, 0.1, 0.3),
     }
 
 
@@ -212,18 +228,46 @@ def _torch_opt(kind: str, params, lr: float):
     raise ValueError(kind)
 
 
+# the K-FAC rows' metric settings (every other setting the library's default); the schedule
+# of a deterministic full-batch problem (``KFAC`` docstring, "Full-batch problems"): no running
+# average, factors and eigendecompositions of every (or every other) step
+FULL = {"ema": None, "T_cov": 1, "T_inv": 1}
+KFAC_KINDS: dict[str, Callable[[dict], dict]] = {
+    "kfac": lambda prob: {},
+    "kfac-momentum": lambda prob: {"rescale": "momentum"},
+    "kfac-full": lambda prob: {"rescale": "momentum", **FULL},
+    "kfac-full2": lambda prob: {"rescale": "momentum", "ema": None, "T_cov": 2, "T_inv": 2},
+    "kfac-full-half": lambda prob: {
+        "rescale": "momentum",
+        **FULL,
+        "stats_batch": prob["stats_batch"],
+    },
+}
+
+
 def make_stepper(kind: str, value: float | None, model: nn.Module, prob: dict):
     """A function ``step(x, y)`` doing one step of method ``kind`` on ``model``."""
     loss = prob["loss"]
-    if kind in ("kfac", "kfac-momentum"):
+    if kind in KFAC_KINDS:
         damping = (
             steepest.LevenbergMarquardt()
             if value is None
             else (steepest.LevenbergMarquardt(init=value))
         )
-        metric = steepest.KFAC(rescale="momentum" if kind == "kfac-momentum" else None)
+        metric = steepest.KFAC(**KFAC_KINDS[kind](prob))
         opt = steepest.Optimizer(model, loss, metric=metric, damping=damping)
         return lambda x, y: opt.step(x, y)
+    if kind == "kfac-pre":  # Preconditioner mode: .grad <- K-FAC^-1 .grad, then torch.optim
+        pre = steepest.Preconditioner(model, loss)  # KFAC(damping="factored"), lambda 1e-3
+        sgd = torch.optim.SGD(model.parameters(), lr=value, momentum=0.9)
+
+        def pre_step(x, y):
+            sgd.zero_grad()
+            loss.value(model(x), y).mean().backward()
+            pre.step(x, y)
+            sgd.step()
+
+        return pre_step
     topt = _torch_opt(kind, model.parameters(), value)
 
     def step(x, y):
@@ -316,6 +360,14 @@ ROWS = {  # row name -> (kind, tuned key: "lr" / "damping" / None)
     "K-FAC (defaults)": ("kfac", None),
     "K-FAC (tuned damping)": ("kfac", "damping"),
     "K-FAC (rescale=momentum; tuned damping)": ("kfac-momentum", "damping"),
+    # "full batch T=k": ema=None, T_cov=T_inv=k (names without commas: --rows splits on them)
+    "K-FAC full batch T=1 (rescale=momentum; tuned damping)": ("kfac-full", "damping"),
+    "K-FAC full batch T=2 (rescale=momentum; tuned damping)": ("kfac-full2", "damping"),
+    "K-FAC full batch T=1 stats_batch=N/2 (rescale=momentum; tuned damping)": (
+        "kfac-full-half",
+        "damping",
+    ),
+    "K-FAC Preconditioner + SGD (momentum 0.9; tuned lr)": ("kfac-pre", "lr"),
 }
 GRID_KEY = {
     "adam": "adam",
@@ -324,6 +376,10 @@ GRID_KEY = {
     "soap": "soap",
     "kfac": "kfac_damping",
     "kfac-momentum": "kfac_damping",
+    "kfac-full": "kfac_damping",
+    "kfac-full2": "kfac_damping",
+    "kfac-full-half": "kfac_damping",
+    "kfac-pre": "pre_lr",
 }
 
 

@@ -478,16 +478,24 @@ def test_rescaling_by_the_exact_quadratic_model(mode, cls):
     d1 = torch.linalg.solve(kfac, b1)
     x1 = (op + lam).solve(b1)
     assert rel_err(x1, (b1 @ d1) / (d1 @ c @ d1) * d1) < 1e-12
-    x2 = (op + lam).solve(b2)
+    # a second solve on the same operator (a try the optimizer rejected, solved again) has
+    # the same previous answer as the first (here none): alpha alone, not x1 as delta_0
+    again = (op + lam).solve(b2)
     d2 = torch.linalg.solve(kfac, b2)
+    assert rel_err(again, (b2 @ d2) / (d2 @ c @ d2) * d2) < 1e-12
+    op = metric.operator(point)  # the next step (no refresh is due: the same K-FAC matrix)
+    assert rel_err(op.to_dense() + lam * torch.eye(op.size, dtype=F64), kfac) < 1e-14
+    b3 = torch.randn(op.size, generator=g, dtype=F64)
+    d3 = torch.linalg.solve(kfac, b3)
+    x3 = (op + lam).solve(b3)
     if mode == "alpha":
-        assert rel_err(x2, (b2 @ d2) / (d2 @ c @ d2) * d2) < 1e-12
+        assert rel_err(x3, (b3 @ d3) / (d3 @ c @ d3) * d3) < 1e-12
         return
-    basis = torch.stack([d2, x1], 1)  # minimise 1/2 x^T C x - b^T x over span{Delta, x_prev}
-    coef = torch.linalg.solve(basis.T @ c @ basis, basis.T @ b2)
-    assert rel_err(x2, basis @ coef) < 1e-10
-    q = lambda v: 0.5 * v @ c @ v - b2 @ v  # noqa: E731
-    assert q(x2) <= q((b2 @ d2) / (d2 @ c @ d2) * d2) + 1e-14
+    basis = torch.stack([d3, again], 1)  # min 1/2 x^T C x - b^T x over span{Delta, x_prev}
+    coef = torch.linalg.solve(basis.T @ c @ basis, basis.T @ b3)
+    assert rel_err(x3, basis @ coef) < 1e-10
+    q = lambda v: 0.5 * v @ c @ v - b3 @ v  # noqa: E731
+    assert q(x3) <= q((b3 @ d3) / (d3 @ c @ d3) * d3) + 1e-14
 
 
 def test_torch_optimizer_state_dict_resumes_bit_for_bit():
@@ -736,3 +744,212 @@ def test_a_factor_eigh_that_fails_in_float32_is_redone_in_float64(monkeypatch):
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     with pytest.raises(SingularMatrixError, match="Kronecker factor"):
         kronecker._eigh(m)
+
+
+# ------------------------------------------------------------------ statistics of a sub-batch
+def _stats_model():
+    torch.manual_seed(20)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.LayerNorm(3)).to(F64)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_stats_batch_whole_batch_is_todays_factors(cls):
+    """``stats_batch`` None, or at least the batch size, gives the factors of the whole batch
+    bit for bit and draws nothing from the generator."""
+    model = _stats_model()
+    g = seeded(90)
+    x, y = torch.randn(16, 4, generator=g, dtype=F64), torch.randint(0, 3, (16,), generator=g)
+    states = []
+    for k in (None, 16, 40):
+        gen = seeded(91)
+        metric = cls(stats_batch=k, ema=None, T_cov=1, T_inv=1)
+        metric.operator(Point(model, CrossEntropy(), x, y, generator=gen))
+        states.append((metric.state_dict(), gen.get_state()))
+    for st, gen_state in states[1:]:
+        torch.testing.assert_close(st["factors"], states[0][0]["factors"], rtol=0, atol=0)
+        assert torch.equal(gen_state, states[0][1])
+
+
+@pytest.mark.parametrize("base", [GGN(), Fisher(), EmpiricalFisher()])
+def test_stats_batch_is_the_factors_of_that_sub_batch(base):
+    """With ``stats_batch=k`` the factors (and the other parameters' diagonals) are those of
+    the k samples drawn by the generator, sorted: K-FAC of a point on that sub-batch, and the
+    first layer's A is the explicit mean of [x_i, 1][x_i, 1]^T over them."""
+    model = _stats_model()
+    g = seeded(92)
+    x, y = torch.randn(20, 4, generator=g, dtype=F64), torch.randint(0, 3, (20,), generator=g)
+    k = 7
+    metric = KFAC(base, stats_batch=k, ema=None, T_cov=1, T_inv=1)
+    metric.operator(Point(model, CrossEntropy(), x, y, generator=seeded(93)))
+    idx = torch.randperm(20, generator=seeded(93))[:k].sort().values
+    whole = KFAC(base, ema=None, T_cov=1, T_inv=1)
+    whole.operator(Point(model, CrossEntropy(), x[idx], y[idx]))
+    ours, sub = metric.state_dict()["factors"], whole.state_dict()["factors"]
+    torch.testing.assert_close(ours, sub, rtol=1e-13, atol=1e-15)
+    a = torch.cat([x[idx], torch.ones(k, 1, dtype=F64)], 1)
+    assert rel_err(ours["blocks"][(0, 1)][0][0], a.T @ a / k) < 1e-14
+    other = KFAC(base, ema=None, T_cov=1, T_inv=1)  # the whole batch's factors differ
+    other.operator(Point(model, CrossEntropy(), x, y))
+    assert rel_err(other.state_dict()["factors"]["blocks"][(0, 1)][0][0], a.T @ a / k) > 1e-2
+
+
+def test_stats_batch_mc_fisher_draws_labels_for_the_sub_batch_only():
+    """The Monte-Carlo Fisher's labels are sampled for the k samples of the sub-batch only,
+    from the same generator after the draw of the sub-batch: G of a single Linear layer is the
+    mean over them of the sampled output gradients' outer products, built here explicitly."""
+    torch.manual_seed(21)
+    model = nn.Linear(3, 4).to(F64)
+    g = seeded(94)
+    x, y = torch.randn(10, 3, generator=g, dtype=F64), torch.randint(0, 4, (10,), generator=g)
+    k = 4
+    metric = KFAC(stats_batch=k, ema=None, T_cov=1, T_inv=1)
+    metric.operator(Point(model, CrossEntropy(), x, y, generator=seeded(95)))
+    gen = seeded(95)
+    idx = torch.randperm(10, generator=gen)[:k].sort().values
+    z = model(x[idx]).detach()
+    ys = CrossEntropy().sample(z, gen)
+    gz = torch.softmax(z, 1) - torch.nn.functional.one_hot(ys, 4).to(F64)  # d l / d z
+    G = metric.state_dict()["factors"]["blocks"][(0, 1)][1][0]
+    assert rel_err(G, gz.T @ gz / k) < 1e-13
+
+
+def test_stats_batch_rescaling_uses_the_whole_batch():
+    """With factors from a sub-batch, the rescaling's exact Fisher is still the whole
+    batch's: the answer minimises the whole batch's quadratic model along the K-FAC step."""
+    model = _stats_model()
+    g = seeded(96)
+    x, y = torch.randn(18, 4, generator=g, dtype=F64), torch.randint(0, 3, (18,), generator=g)
+    lam = 0.1
+    metric = KFAC(Fisher(), stats_batch=5, rescale="alpha", ema=None, T_cov=1, T_inv=1)
+    op = metric.operator(Point(model, CrossEntropy(), x, y, generator=seeded(97)))
+    c = ref.metric("fisher", model, CrossEntropy(), x, y) + lam * torch.eye(op.size, dtype=F64)
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    d = torch.linalg.solve(op.to_dense() + lam * torch.eye(op.size, dtype=F64), b)
+    assert rel_err((op + lam).solve(b), (b @ d) / (d @ c @ d) * d) < 1e-11
+
+
+@pytest.mark.parametrize(
+    ("base", "name", "loss"),
+    [
+        (Fisher(), "fisher", CrossEntropy()),
+        (GGN(), "ggn", MSE()),
+        (GaussNewton(), "gauss-newton", CrossEntropy()),
+        (EmpiricalFisher(), "empirical-fisher", CrossEntropy()),
+    ],
+)
+def test_exact_gram_of_the_rescaling_is_the_dense_quadratic_form(base, name, loss):
+    """The rescaling's V^T M V from Jacobian-vector products only equals the dense metric's."""
+    from steepest.kronecker import _exact_gram
+
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    g = seeded(98)
+    x = torch.randn(9, 3, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (9,), generator=g) if name != "ggn" else torch.randn(9, 3, dtype=F64)
+    point = Point(model, loss, x, y)
+    vs = [torch.randn(point.size, generator=g, dtype=F64) for _ in range(2)]
+    dense = ref.metric(name, model, loss, x, y)
+    v = torch.stack(vs, 1)
+    assert rel_err(_exact_gram(base, point, vs), v.T @ dense @ v) < 1e-12
+
+
+def test_stats_batch_state_dict_resumes_bit_for_bit():
+    torch.manual_seed(23)
+    g = seeded(99)
+    x, y = torch.randn(30, 4, generator=g), torch.randint(0, 3, (30,), generator=g)
+
+    def make(m):
+        metric = KFAC(stats_batch=8, ema=0.9, T_cov=1, T_inv=2, rescale="momentum")
+        return steepest.Optimizer(
+            m, CrossEntropy(), metric=metric, damping=steepest.LevenbergMarquardt(1e-1)
+        )
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = make(model)
+    for _ in range(3):
+        opt.step(x, y)
+    saved, params = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    ref_losses = [opt.step(x, y).loss for _ in range(3)]
+    model2 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model2.load_state_dict(params)
+    opt2 = make(model2)
+    opt2.load_state_dict(saved)
+    assert [opt2.step(x, y).loss for _ in range(3)] == ref_losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_stats_batch_refused_by_name():
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ConfigurationError, match="stats_batch"):
+            KFAC(stats_batch=bad)
+    torch.manual_seed(24)
+    model = nn.Sequential(nn.Linear(4, 3))
+    g = seeded(100)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    opt = steepest.TorchOptimizer(
+        model.parameters(), loss=CrossEntropy(), metric=KFAC(stats_batch=4), damping=1e-2
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigurationError, match="stats_batch=4.*closure"):
+        opt.step(lambda: (model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # a closure batch no larger than stats_batch is used whole: nothing to refuse
+    steepest.TorchOptimizer(
+        model.parameters(), loss=CrossEntropy(), metric=KFAC(stats_batch=12), damping=1e-2
+    ).step(lambda: (model(x), y))
+
+
+def test_rescaling_retry_reuses_the_previous_answers_products(monkeypatch):
+    """Two exact products a step and no more: a try solved again with another lambda (LM
+    after a rejection) computes J Delta anew but not J delta_0, and no J^T u at all."""
+    torch.manual_seed(25)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    g = seeded(101)
+    x, y = torch.randn(10, 3, generator=g, dtype=F64), torch.randint(0, 3, (10,), generator=g)
+    metric = KFAC(rescale="momentum", ema=None, T_cov=1, T_inv=1)
+    point = Point(model, CrossEntropy(), x, y, generator=seeded(102))
+    b = torch.randn(point.size, generator=g, dtype=F64)
+    (metric.operator(point) + 0.1).solve(b)  # the first step: delta_0 from here on
+    counts = {"jvp": 0, "vjp": 0}
+    for name in counts:
+        real = getattr(Point, name)
+
+        def counted(self, v, _real=real, _name=name):
+            counts[_name] += 1
+            return _real(self, v)
+
+        monkeypatch.setattr(Point, name, counted)
+    point = Point(model, CrossEntropy(), x, y, generator=seeded(103))
+    op = metric.operator(point)
+    (op + 0.1).solve(b)
+    assert counts == {"jvp": 2, "vjp": 0}
+    (op + 1.0).solve(b)  # the retry
+    assert counts == {"jvp": 3, "vjp": 0}
+
+
+def test_a_factor_eigh_that_returns_nan_in_float32_is_redone_in_float64(monkeypatch):
+    """float32 eigh can also return NaN without raising (seen on a rank-deficient G of the
+    digits autoencoder under Preconditioner + SGD): the factor is then decomposed in float64;
+    a factor with non-finite entries is a named NonFiniteError, never a NaN direction."""
+    from steepest import kronecker
+    from steepest.errors import NonFiniteError
+
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(6, 3, generator=g)
+    m = b @ b.T  # rank 3
+    real = torch.linalg.eigh
+
+    def nan32(x, *a, **k):
+        mu, q = real(x, *a, **k)
+        if x.dtype == torch.float32:
+            return mu * float("nan"), q
+        return mu, q
+
+    monkeypatch.setattr(torch.linalg, "eigh", nan32)
+    mu, q = kronecker._eigh(m)
+    assert mu.dtype == torch.float32 and torch.isfinite(mu).all() and torch.isfinite(q).all()
+    torch.testing.assert_close(q @ torch.diag(mu) @ q.T, m, rtol=1e-5, atol=1e-5)
+    bad = m.clone()
+    bad[0, 1] = float("inf")
+    with pytest.raises(NonFiniteError, match="Kronecker factor"):
+        kronecker._eigh(bad)

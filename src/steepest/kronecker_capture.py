@@ -111,8 +111,8 @@ class _Capture:
     inputs and the gradients of its outputs along the columns of S; for the other parameters
     the exact diagonal of the base."""
 
-    def __init__(self, metric: Metric, point, sequence: str) -> None:
-        self.point, self.sequence = point, sequence
+    def __init__(self, metric: Metric, point, sequence: str, samples: Tensor | None = None) -> None:
+        self.point, self.sequence, self.samples = point, sequence, samples
         params = point.space.params
         self.params = params
         self.sizes = [p.numel() for p in params]
@@ -181,6 +181,8 @@ class _Capture:
             try:
                 with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
                     xs = point.inputs if isinstance(point.inputs, tuple) else (point.inputs,)
+                    if self.samples is not None:  # the statistics of a sub-batch
+                        xs = tuple(t[self.samples] for t in xs)
                     z = torch.func.functional_call(space.model, dict(zip(space.names, tensors)), xs)
             finally:
                 for h in handles:
@@ -191,7 +193,7 @@ class _Capture:
             kron = {layer.wi for layer in self.by_module.values()}
             kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
             self.leaves = {i: t for i, t in enumerate(tensors) if i not in kron}
-            return z, point.y
+            return z, point.y if self.samples is None else point.y[self.samples]
         handle = nn.modules.module.register_module_forward_hook(self._hook)
         try:
             with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -308,18 +310,22 @@ def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor |
         return res
 
 
-def factor_statistics(base: Metric, point, sequence: str = "expand") -> dict:
+def factor_statistics(
+    base: Metric, point, sequence: str = "expand", samples: Tensor | None = None
+) -> dict:
     r"""The Kronecker factors of one batch: one extra forward and backward pass with hooks
     (:class:`_Capture`), then per layer :math:`A = E[\bar a\bar a^T]` (grp, d, d) and
     :math:`G = E_n[\sum_k w_k g_k g_k^T]` (grp, o, o), the exact diagonal of ``base`` for every
-    other parameter, means over every rank's samples under torch.distributed.
+    other parameter, means over every rank's samples under torch.distributed. ``samples``
+    (indices into the point's batch) takes the statistics, forward and backward on that
+    sub-batch only (``KFAC(stats_batch=k)``; a model point, not a closure's).
 
     Returns ``{"blocks": {(wi, bi): (A, G)}, "others": {i: diag}, "raw": {(wi, bi): (a, g)},
     "n": N, "w": signs or None}`` (``raw``: the rows, for EKFAC's scalings).
 
     >>> factor_statistics(GGN(), point)["blocks"]
     """
-    cap = _Capture(base, point, sequence)
+    cap = _Capture(base, point, sequence, samples)
     cap.backward(base)
     blocks, grads_at = {}, 0
     raw = {}
