@@ -545,6 +545,45 @@ def test_jacobi_svd_has_the_relative_accuracy_of_a_high_precision_svd():
     assert int((s == 0).sum(-1).min()) == 2
 
 
+
+def test_jacobi_svd_of_float32_columns_whose_norm_product_overflows():
+    """Columns of norm ~1e9 in float32: the product of two squared norms (~1e37 x 1e37)
+    overflows; the rotation test must not, or no rotation happens and the column norms are
+    returned as singular values (46-57 % off before the fix)."""
+    from steepest.fit.core import _jacobi
+
+    g = seeded(6)
+    a = torch.randn(8, 20, 3, generator=g, dtype=D) * torch.tensor([1.0, 3.0, 0.5], dtype=D)
+    r = torch.linalg.qr(a, mode="r")[1]
+    r32 = (r * 1e9).to(torch.float32)
+    s = torch.linalg.vector_norm(_jacobi(r32)[0].double(), dim=1).sort(-1).values
+    ref = torch.linalg.svdvals(r32.double()).sort(-1).values
+    assert float(((s - ref).abs() / ref).max()) < 1e-5
+
+
+def test_pointwise_probe_sees_a_coupling_in_a_small_column_next_to_a_large_one():
+    """float32, a's column 1e4 times b's, b coupled over the points (a normalisation): one
+    tolerance for the whole Jacobian let the coupling through and the fits "succeeded" with b
+    wrong by 1e5 relative; the per-column tolerance keeps torch.func, and the batch equals the
+    separate fits (fails with the single tolerance: the batch's b is then off by ~1e5)."""
+
+    def f(x, a, b):
+        e = torch.exp(-b * x)
+        return 1e4 * a * x + e / e.sum(-1, keepdim=True)
+
+    g = seeded(8)
+    x = torch.linspace(0, 3, 40)
+    at = 1 + 0.1 * torch.rand(6, 1, generator=g)
+    bt = 1.5 + 0.5 * torch.rand(6, 1, generator=g)
+    y = f(x, at, bt)
+    p0 = torch.tensor([0.9, 1.0]).expand(6, 2).clone()
+    popt, _ = curve_fit(f, x, y, p0)
+    for i in range(6):
+        alone, _ = curve_fit(f, x, y[i], p0[i])
+        torch.testing.assert_close(popt[i], alone, rtol=1e-3, atol=0)
+    assert float(((popt[:, 1:] - bt) / bt).abs().max()) < 1e-2
+
+
 # ---------------------------------------------------------------------------- minimize
 def _rosen(x):
     return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2

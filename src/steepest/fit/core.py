@@ -109,7 +109,7 @@ def _jacobi(r: Tensor, sweeps: int = 30) -> tuple[Tensor, Tensor]:
                 alpha = (g[i] * g[i]).sum(0)
                 beta = (g[j] * g[j]).sum(0)
                 gamma = (g[i] * g[j]).sum(0)
-                rot = gamma.abs() > tol * (alpha * beta).sqrt()
+                rot = gamma.abs() > tol * (alpha.sqrt() * beta.sqrt())  # no overflow of alpha beta
                 zeta = (beta - alpha) / (2 * gamma)
                 t = torch.copysign(one / (zeta.abs() + torch.hypot(one, zeta)), zeta)
                 t = torch.where(rot, t, 0.0)  # no rotation: c = 1, s = 0
@@ -456,10 +456,10 @@ def _least_squares_core(
         if n_stop or nfev >= max_nfev:
             # MINPACK's tests in its order (later lines take precedence) and their
             # machine-precision variants (its info 6-8, folded into scipy's codes)
-            code = torch.where(size <= eps * xnorm, 3, -9)
+            # (lmder: info 5 max_nfev, then 6 ftol and 7 xtol at eps, a later one winning)
+            code = torch.full_like(size, 0 if nfev >= max_nfev else -9, dtype=torch.long)
             code = torch.where((aa <= eps) & (prered <= eps) & ok, 2, code)
-            if nfev >= max_nfev:
-                code = torch.zeros_like(code)
+            code = torch.where(size <= eps * xnorm, 3, code)
             code = torch.where(s.fnorm <= s.floor, 2, code)  # residual at rounding level
             small_f = (aa <= ftol) & (prered <= ftol) & ok
             small_x = size <= xtol * xnorm
