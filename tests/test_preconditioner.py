@@ -546,3 +546,22 @@ def test_optimizer_step_that_fails_restores_kfac_state_from_its_snapshot():
         assert torch.equal(before[k], after[k])
     rule.armed = False
     opt.step(x, y)  # and the optimizer goes on
+
+
+def test_step_after_a_backward_with_create_graph():
+    """``loss.backward(create_graph=True)`` leaves ``.grad`` with a graph (e.g. for a gradient
+    penalty); the preconditioned gradient is the same as after a plain backward (a regression:
+    the flat gradient was gathered with ``torch.cat(out=)``, which refuses inputs that require
+    grad)."""
+    g = seeded(31)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    grads = []
+    for create_graph in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        pre = Preconditioner(model, CrossEntropy(), damping=0.1)
+        F.cross_entropy(model(x), y).backward(create_graph=create_graph)
+        pre.step(x, y)
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

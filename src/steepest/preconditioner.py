@@ -220,7 +220,11 @@ class Preconditioner:
             buf = self._grad_buffer = torch.empty(
                 self.space.size, dtype=like.dtype, device=like.device
             )
-        pieces = [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params]
+        # detached: after backward(create_graph=True) .grad carries a graph, which cat(out=)
+        # refuses; the step only reads the values
+        pieces = [
+            (torch.zeros_like(p) if p.grad is None else p.grad.detach()).reshape(-1) for p in params
+        ]
         return torch.cat(pieces, out=buf)
 
     def remove_hooks(self) -> None:
