@@ -23,8 +23,9 @@ from reference import rel_err, seeded
 from torch import nn
 
 import steepest
+from steepest.ekfac import EKFAC
 from steepest.errors import ConfigurationError
-from steepest.kronecker import EKFAC, KFAC
+from steepest.kronecker import KFAC
 from steepest.losses import MSE, BCEWithLogits, CrossEntropy
 from steepest.metrics import GGN, EmpiricalFisher, Fisher, GaussNewton, Hessian
 from steepest.point import Point
@@ -727,7 +728,7 @@ def test_a_factor_eigh_that_fails_in_float32_is_redone_in_float64(monkeypatch):
     """LAPACK's eigh can fail to converge in float32 (seen on a float32 CNN); the factor is
     then decomposed in float64 (same eigenvalues to float32 rounding); a failure there too is
     a named SingularMatrixError, not a raw LinAlgError."""
-    from steepest import kronecker
+    from steepest import kronecker_blocks
     from steepest.errors import SingularMatrixError
 
     g = torch.Generator().manual_seed(0)
@@ -741,7 +742,7 @@ def test_a_factor_eigh_that_fails_in_float32_is_redone_in_float64(monkeypatch):
         return real(x, *a, **k)
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    mu, q = kronecker._eigh(m)
+    mu, q = kronecker_blocks._eigh(m)
     assert mu.dtype == torch.float32 and q.dtype == torch.float32
     torch.testing.assert_close(q @ torch.diag(mu) @ q.T, m, rtol=1e-5, atol=1e-5)
 
@@ -750,7 +751,7 @@ def test_a_factor_eigh_that_fails_in_float32_is_redone_in_float64(monkeypatch):
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     with pytest.raises(SingularMatrixError, match="Kronecker factor"):
-        kronecker._eigh(m)
+        kronecker_blocks._eigh(m)
 
 
 # ------------------------------------------------------------------ statistics of a sub-batch
@@ -846,7 +847,7 @@ def test_stats_batch_rescaling_uses_the_whole_batch():
 )
 def test_exact_gram_of_the_rescaling_is_the_dense_quadratic_form(base, name, loss):
     """The rescaling's V^T M V from Jacobian-vector products only equals the dense metric's."""
-    from steepest.kronecker import _exact_gram
+    from steepest.metrics import _exact_gram
 
     torch.manual_seed(22)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
@@ -928,7 +929,7 @@ def test_a_factor_eigh_that_returns_nan_in_float32_is_redone_in_float64(monkeypa
     """float32 eigh can also return NaN without raising (seen on a rank-deficient G of the
     digits autoencoder under Preconditioner + SGD): the factor is then decomposed in float64;
     a factor with non-finite entries is a named NonFiniteError, never a NaN direction."""
-    from steepest import kronecker
+    from steepest import kronecker_blocks
     from steepest.errors import NonFiniteError
 
     g = torch.Generator().manual_seed(1)
@@ -943,10 +944,10 @@ def test_a_factor_eigh_that_returns_nan_in_float32_is_redone_in_float64(monkeypa
         return mu, q
 
     monkeypatch.setattr(torch.linalg, "eigh", nan32)
-    mu, q = kronecker._eigh(m)
+    mu, q = kronecker_blocks._eigh(m)
     assert mu.dtype == torch.float32 and torch.isfinite(mu).all() and torch.isfinite(q).all()
     torch.testing.assert_close(q @ torch.diag(mu) @ q.T, m, rtol=1e-5, atol=1e-5)
     bad = m.clone()
     bad[0, 1] = float("inf")
     with pytest.raises(NonFiniteError, match="Kronecker factor"):
-        kronecker._eigh(bad)
+        kronecker_blocks._eigh(bad)

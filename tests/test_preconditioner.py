@@ -340,7 +340,7 @@ def test_damped_inverse_falls_back_to_the_eigendecomposition():
     """A group of a factor that is not positive definite after the shift (a signed G of an
     indefinite GGN, or rounding) is inverted through its eigendecomposition, eigenvalues
     clamped at 0 unless signed; the other groups keep the Cholesky inverse."""
-    from steepest.kronecker import _damped_inverse
+    from steepest.kronecker_blocks import _damped_inverse
 
     g = seeded(90)
     q, _ = torch.linalg.qr(torch.randn(2, 4, 4, generator=g, dtype=F64))
@@ -399,7 +399,7 @@ def test_recorded_rows_check_passes_cancelling_rows_and_catches_decay():
     whose rounding is then far above the plain |X| scale) still pass, since the tolerance
     follows the rows' magnitudes; on rows that do not cancel a decay of relative size 1e-3
     added to the weight or to the bias fails; a layer without bias is checked on W alone."""
-    from steepest.kronecker import _recorded_gradient
+    from steepest.kronecker_blocks import _recorded_gradient
 
     g0 = seeded(93)
     r, o, d = 8, 48, 40  # R = 16 rows: the factorised product is the cheaper

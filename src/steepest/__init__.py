@@ -13,9 +13,10 @@ from . import compare, damping, errors, fit, linop, losses, metrics, problems, s
 from .damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from .diagonal import Diagonal
 from .distributed import DataParallel
+from .ekfac import EKFAC
 from .errors import SteepestError
 from .fit import OptimizeResult, curve_fit, least_squares, minimize
-from .kronecker import EKFAC, KFAC
+from .kronecker import KFAC
 from .linop import LinearOperator
 from .losses import MSE, BCEWithLogits, CrossEntropy, GaussianNLL, Loss
 from .metrics import (

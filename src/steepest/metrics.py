@@ -342,3 +342,49 @@ METRICS = {
     "gradient-covariance": GradientCovariance,
     "hessian": Hessian,
 }
+
+
+def _exact_gram(metric: Metric, point, vs: list[Tensor], memo: dict | None = None) -> Tensor:
+    r"""The Gram matrix :math:`V^T M V` (float64, k x k) of the exact metric M on the columns
+    :math:`v_i` of V, for the rescaling of section 7. For :math:`M = \frac1N J^T A J`
+    (``Fisher()``, ``GGN()``, ``GaussNewton()``) it is :math:`\frac1N (Jv_i)^T A (Jv_j)`: one
+    Jacobian-vector product per column and products in output space, no :math:`J^T u`
+    (Martens & Grosse 2015 section 7 compute the quadratic model so); for
+    ``EmpiricalFisher()`` :math:`\frac1N (J_l v_i)^T (J_l v_j)`. Under torch.distributed, or for
+    another metric, from the whole batch's operator products. ``memo`` keeps each column's
+    products (keyed by the tensor itself) for later calls on the same point."""
+    memo = {} if memo is None else memo
+    loss, n = point.loss, point.n
+    local = getattr(point, "distributed", None) is None
+
+    def columns(v: Tensor) -> tuple[Tensor, Tensor]:  # (u, w) with v_i^T M v_j = u_i . w_j
+        if local and isinstance(metric, Fisher | GGN | GaussNewton):
+            u = point.jvp(v)
+            z = point.z.detach()
+            if isinstance(metric, GaussNewton):
+                return u, u / n
+            if isinstance(metric, Fisher):
+                return u, loss.fisher_vp(z, u) / n
+            return u, loss.hessian_vp(z, point.y, u) / n
+        if local and isinstance(metric, GradientCovariance) and not metric.centered:
+            u = point.loss_jvp(v)
+            return u, u / n
+        if "op" not in memo:
+            op = metric.operator(point)
+            if not local:  # the whole batch's
+                op = point.distributed.operator(op, point.n, point.n_total)
+            memo["op"] = op
+        return v, memo["op"].matvec(v)
+
+    cols = []
+    for v in vs:
+        hit = memo.get(id(v))
+        if hit is None or hit[0] is not v:
+            hit = (v, *columns(v))  # v kept with its products: its id stays its own
+            memo[id(v)] = hit
+        cols.append(hit[1:])
+    k = len(vs)
+    return torch.tensor(
+        [[float((cols[i][0] * cols[j][1]).sum()) for j in range(k)] for i in range(k)],
+        dtype=torch.float64,
+    )

@@ -92,7 +92,8 @@ class Preconditioner:
         generator: torch.Generator | None = None,
         distributed: DataParallel | bool | None = None,
     ) -> None:
-        from .kronecker import EKFAC, KFAC
+        from .ekfac import EKFAC
+        from .kronecker import KFAC
         from .kronecker_capture import _GradientRecorder
 
         if not isinstance(model, nn.Module):

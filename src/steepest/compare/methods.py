@@ -89,8 +89,9 @@ from torch import nn
 
 from ..damping import Constant, LevenbergMarquardt, MoreTrustRegion
 from ..diagonal import Diagonal
+from ..ekfac import EKFAC
 from ..errors import ConfigurationError, SteepestError
-from ..kronecker import EKFAC, KFAC
+from ..kronecker import KFAC
 from ..metrics import (
     GGN,
     EmpiricalFisher,
