@@ -271,11 +271,17 @@ def timed(step, reps: int) -> list[float]:
     return out
 
 
-def step_costs(models, window: int, repeats: int, only: list[str] | None = None) -> dict:
+def step_costs(
+    models, window: int, repeats: int, only: list[str] | None = None, adam: str = "window"
+) -> dict:
     """Each row's time per step over ``window`` consecutive steps (amortised: a window of 100
-    holds one eigendecomposition and ten factor refreshes at the defaults), divided by the
-    median Adam step measured just before, ``repeats`` times, interleaved. ``only``: run the
-    rows whose name contains one of these strings."""
+    holds one eigendecomposition and ten factor refreshes at the defaults), divided by Adam's
+    time per step measured just before, ``repeats`` times, interleaved. ``adam="window"``:
+    Adam's mean over as many consecutive steps as the row's window (the same estimator on both
+    sides of the ratio); ``"median5"``: the median of 5 Adam steps (the estimator of the JSONs
+    before 2026-11-29, which set a mean, inflated by every interruption of a loaded machine,
+    against a median that drops them). ``only``: run the rows whose name contains one of
+    these strings."""
     once = dict(ema=None, T_cov=1, T_inv=1)
     rows = {
         "KFAC (Optimizer, defaults)": kfac_stepper,
@@ -303,8 +309,8 @@ def step_costs(models, window: int, repeats: int, only: list[str] | None = None)
         model0, x, y = problem(name)
         entry = {"P": sum(p.numel() for p in model0.parameters()), "batch": int(x.shape[0])}
         adam_m = copy.deepcopy(model0)
-        adam = adam_stepper(adam_m, x, y)
-        timed(adam, 3)
+        adam_step = adam_stepper(adam_m, x, y)
+        timed(adam_step, 3)
         ratios: dict[str, list[float]] = {}
         adam_t: list[float] = []
         steppers = {}
@@ -318,10 +324,13 @@ def step_costs(models, window: int, repeats: int, only: list[str] | None = None)
                 entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
         for _ in range(repeats):
             for row, st in steppers.items():
-                a = statistics.median(timed(adam, 5))
+                n = 10 if "T=1" in row or "rebuilt" in row else window
+                if adam == "median5":
+                    a = statistics.median(timed(adam_step, 5))
+                else:
+                    a = sum(timed(adam_step, n)) / n
                 adam_t.append(a)
                 try:
-                    n = 10 if "T=1" in row or "rebuilt" in row else window
                     ratios.setdefault(row, []).append(sum(timed(st, n)) / n / a)
                 except Exception as err:  # noqa: BLE001 - a peer failing after warm-up
                     entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
@@ -546,6 +555,13 @@ def main() -> None:
     ap.add_argument("--markdown", default=None, help="print the tables of a results JSON")
     ap.add_argument("--rows", nargs="*", default=None, help="step-cost rows containing these")
     ap.add_argument(
+        "--adam",
+        choices=["window", "median5"],
+        default="window",
+        help="Adam's step: the mean over the row's window (default) or the median of 5 steps "
+        "(the estimator of earlier JSONs)",
+    )
+    ap.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -578,6 +594,7 @@ def main() -> None:
         "quick": args.quick,
         "note": args.note,
         "clock": args.clock,
+        "adam_estimator": args.adam,
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
     }
     res = {"meta": meta}
@@ -598,6 +615,7 @@ def main() -> None:
             window=args.window,
             repeats=args.repeats or (2 if args.quick else 3),
             only=args.rows,
+            adam=args.adam,
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)

@@ -414,14 +414,14 @@ def test_recorded_rows_check_passes_cancelling_rows_and_catches_decay():
     xc = gc.T @ acb
     assert xc.norm() < 1e-3 * (gc.norm(dim=1) * acb.norm(dim=1)).sum()
     assert _recorded_gradient(
-        xc[:, :-1].contiguous(), xc[:, -1].contiguous(), (acb, gc), True, cache
+        xc[:, :-1].contiguous(), xc[:, -1].contiguous(), (ac, gc), True, cache
     )
     x = g.T @ ab
     w, b = x[:, :-1].contiguous(), x[:, -1].contiguous()
-    assert _recorded_gradient(w, b, (ab, g), True, cache)
+    assert _recorded_gradient(w, b, (a, g), True, cache)
     decay = 1e-3 * x.norm() / x.numel() ** 0.5
-    assert not _recorded_gradient(w + decay, b, (ab, g), True, cache)
-    assert not _recorded_gradient(w, b + decay * d**0.5, (ab, g), True, cache)
+    assert not _recorded_gradient(w + decay, b, (a, g), True, cache)
+    assert not _recorded_gradient(w, b + decay * d**0.5, (a, g), True, cache)
     xw = g.T @ a
     assert _recorded_gradient(xw, None, (a, g), True, cache)
     assert not _recorded_gradient(xw * (1 + 1e-3), None, (a, g), True, cache)

@@ -81,6 +81,7 @@ from .kronecker_blocks import (
     _recorded_gradient,
     _Structure,
     _structure_copy,
+    _times_rows,
 )
 from .kronecker_capture import factor_statistics
 from .linop import LinearOperator
@@ -580,11 +581,12 @@ class KFAC(Metric):
                 ea, qa, eg, qg = (None,) * 4 if e is None else e
                 rec = None if recorded is None else recorded.get((blk.wi, blk.bi))
                 if rec is not None and self._probe(st, rows[0], blk, rec, factored):
-                    a, g = rec
+                    a, g = rec  # a without the column of ones: _times_rows adds its row
+                    bias = blk.bi is not None
                     if factored:  # (G^-1 g^T)(a A^-1)
-                        left, right = (g @ m[0][0]).T, a @ m[1][0]
+                        left, right = (g @ m[0][0]).T, _times_rows(a, m[1][0], bias)
                     else:  # Q_G ((Q_G^T g^T)(a Q_A) / (e_G e_A^T + lam)) Q_A^T
-                        y = (g @ qg[0]).T @ (a @ qa[0])
+                        y = (g @ qg[0]).T @ _times_rows(a, qa[0], bias)
                         left = qg[0] @ (y / (eg[0][:, None] * ea[0][None, :] + lam))
                         right = qa[0].T
                     _product_into(st, out[0], blk, left, right)

@@ -148,12 +148,19 @@ def _probes(cache: dict, o: int, d: int, dtype: torch.dtype, device) -> tuple[Te
     return cache[key]
 
 
+def _times_rows(a: Tensor, m: Tensor, bias: bool) -> Tensor:
+    r""":math:`\bar a M` for input rows a (R, d - 1) and M (d, k), :math:`\bar a = [a\ 1]`
+    when ``bias`` (one ``addmm``: the column of ones is never formed), else :math:`a M`."""
+    return torch.addmm(m[-1], a, m[:-1]) if bias else a @ m
+
+
 def _recorded_gradient(
     w: Tensor, b: Tensor | None, rec: tuple[Tensor, Tensor], factored: bool, cache: dict
 ) -> bool:
     r"""Whether the block :math:`X = [W\ b]` (o, d) of the right-hand side (``w`` (o, d - 1)
-    and ``b`` (o,), or ``w`` (o, d) without bias) is the recorded :math:`g^T \bar a` (R rows),
-    and the factorised product is the cheaper one (:math:`2R(o^2 + d^2 + od)` against
+    and ``b`` (o,), or ``w`` (o, d) without bias) is the recorded :math:`g^T \bar a` (input
+    rows a (R, d - 1) with :math:`\bar a = [a\ 1]`, or :math:`\bar a` = a (R, d) without
+    bias), and the factorised product is the cheaper one (:math:`2R(o^2 + d^2 + od)` against
     :math:`2(o^2 d + o d^2)` flops; the exact damping adds the dense back-projection either
     way).
 
@@ -173,8 +180,9 @@ def _recorded_gradient(
     accumulated micro-batches, another loss, a weight also used outside the layer) fails it
     and gets the dense product; a false alarm only costs the dense product."""
     a, g = rec
-    r, o, d = a.shape[0], g.shape[-1], a.shape[-1]
-    dw = d - (b is not None)
+    bias = b is not None
+    r, o, dw = a.shape[0], g.shape[-1], a.shape[-1]
+    d = dw + bias
     dt = w.dtype
     if w.shape != (o, dw) or a.dtype != dt or g.dtype != dt or g.shape[0] != r:
         return False
@@ -186,12 +194,12 @@ def _recorded_gradient(
     z = (u @ w).double()  # (2, dw): the one pass over the weight's gradient
     zv = z * v[:, :dw]
     lhs, sz2 = zv.sum(1), zv.square().sum(1)
-    if b is not None:
+    if bias:
         zb = (ud @ b.double()) * v[:, dw]
         lhs, sz2 = lhs + zb, sz2 + zb.square()
     ad, gd = a.double(), g.double()
-    rhs = ((gd @ ud.T) * (ad @ v.T)).sum(0)
-    sr2 = ((gd.square() @ ud.square().T) * (ad.square() @ v.square().T)).sum(0)
+    rhs = ((gd @ ud.T) * _times_rows(ad, v.T, bias)).sum(0)
+    sr2 = ((gd.square() @ ud.square().T) * _times_rows(ad.square(), v.square().T, bias)).sum(0)
     eps = torch.finfo(dt).eps
     tol = 4 * eps * (r * (sz2 + sr2) + o * sz2).sqrt()
     return bool(((lhs - rhs).abs() <= tol).all())

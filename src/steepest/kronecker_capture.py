@@ -399,19 +399,22 @@ class _GradientRecorder:
         output.register_hook(keep)
 
     def rows(self, space) -> dict:
-        """{(weight index, bias index): (a (R, d [+1]), g (R, o))} for every recorded layer
-        whose calls all received their gradient; the records are consumed."""
+        """{(weight index, bias index): (a (R, d), g (R, o))} for every recorded layer whose
+        calls all received their gradient (a the inputs alone: a layer with bias has
+        :math:`\\bar a = [a\\ 1]`, whose column of ones the products add); the records are
+        consumed."""
         index = {id(p): i for i, p in enumerate(space.params)}
         out = {}
         for module, calls in self.records.items():
             w, b = module.weight, module.bias
             if not calls or any(c[1] is None for c in calls) or id(w) not in index:
                 continue
-            a = torch.cat([c[0].reshape(-1, c[0].shape[-1]) for c in calls])
-            g = torch.cat([c[1].reshape(-1, c[1].shape[-1]) for c in calls])
+            a_s = [c[0].reshape(-1, c[0].shape[-1]) for c in calls]
+            g_s = [c[1].reshape(-1, c[1].shape[-1]) for c in calls]
+            # one call (the usual case): the recorded tensors themselves, no copy
+            a = a_s[0] if len(a_s) == 1 else torch.cat(a_s)
+            g = g_s[0] if len(g_s) == 1 else torch.cat(g_s)
             bi = index.get(id(b)) if b is not None else None
-            if bi is not None:
-                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
             out[(index[id(w)], bi)] = (a, g)
         self.records = {}
         return out
