@@ -565,3 +565,42 @@ def test_step_after_a_backward_with_create_graph():
         grads.append([p.grad.detach().clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_point_with_a_given_gradient():
+    """Point(grad=...) takes the caller's gradient instead of its own backward (the forward
+    and the loss checks stay); a wrong shape and distributed are named errors."""
+    x, y = data()
+    model = net()
+    p = Point(model, CrossEntropy(), x, y)
+    g = torch.randn(p.size, generator=seeded(5), dtype=F64)
+    q = Point(model, CrossEntropy(), x, y, grad=g)
+    assert q.grad.data_ptr() == g.data_ptr() and torch.equal(q.grad, g)  # no copy
+    assert q.value == p.value and torch.equal(q.z, p.z)
+    with pytest.raises(steepest.errors.ShapeError, match="flat gradient"):
+        Point(model, CrossEntropy(), x, y, grad=g[:-1])
+    with pytest.raises(ConfigurationError, match="distributed"):
+        Point(model, CrossEntropy(), x, y, grad=g, distributed=object())
+    with pytest.raises(steepest.errors.NonFiniteError):
+        Point(model, CrossEntropy(), x * float("inf"), y, grad=g)
+
+
+def test_refresh_without_the_points_backward_keeps_the_factors():
+    """A Preconditioner refresh hands .grad to the point (no backward of its own): K-FAC's
+    factors and the preconditioned gradients equal those of a refresh on a full Point."""
+    x, y = data()
+    m1 = net()
+    m2 = copy.deepcopy(m1)
+    pres = [Preconditioner(m, CrossEntropy(), damping=0.1) for m in (m1, m2)]
+    pres[1]._given_grad = False
+    assert pres[0]._given_grad
+    for _ in range(3):
+        for m, pre in zip((m1, m2), pres):
+            m.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            pre.step(x, y)
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(a.grad, b.grad)
+    f1, f2 = (p.metric.state_dict()["factors"]["blocks"] for p in pres)
+    for key in f1:
+        assert all(torch.equal(s, t) for s, t in zip(f1[key], f2[key]))

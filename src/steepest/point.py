@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import NonFiniteError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ShapeError
 from .losses import Loss, as_loss
 from .params import ParamSpace
 
@@ -386,6 +386,11 @@ class Point(GraphProducts):
         to the next step). Its theta must equal the point's bit for bit (else a
         :class:`~steepest.errors.ShapeError`); that it was made on this batch, by this loss,
         with the model's buffers and random state as they are now, is the caller's to ensure.
+    grad: the flat gradient (P,) the caller already holds, taken as ``grad`` instead of the
+        point's own backward (the forward still runs and the loss is still checked). For a
+        caller that needs only the forward and the gradient's dtype and device (the
+        :class:`~steepest.preconditioner.Preconditioner` refreshing K-FAC's factors, which
+        passes the ``.grad`` it preconditions); not with ``distributed``.
     """
 
     def __init__(
@@ -398,10 +403,16 @@ class Point(GraphProducts):
         generator: torch.Generator | None = None,
         distributed: DataParallel | None = None,
         graph: Graph | None = None,
+        grad: Tensor | None = None,
     ) -> None:
         self.distributed = distributed
+        if grad is not None and distributed is not None:
+            raise ConfigurationError(
+                "Point(grad=...) takes a gradient the caller holds; under distributed the "
+                "point reduces its own over the ranks: pass grad=None."
+            )
         if distributed is None:
-            self._evaluate(space, loss, inputs, targets, theta, generator, graph=graph)
+            self._evaluate(space, loss, inputs, targets, theta, generator, graph=graph, grad=grad)
             self.n_total = self.n
             return
         # the means over the whole batch: every rank reaches the all_reduce, also one whose
@@ -429,9 +440,10 @@ class Point(GraphProducts):
         generator: torch.Generator | None,
         local: bool = False,
         graph: Graph | None = None,
+        grad: Tensor | None = None,
     ) -> None:
         """Forward (or the given ``graph``'s) and gradient on this batch (``local``: the finite
-        checks wait for the reduction over ranks)."""
+        checks wait for the reduction over ranks; ``grad``: the caller's, no backward)."""
         self.space = space if isinstance(space, ParamSpace) else ParamSpace(space)
         self.loss = as_loss(loss)
         self.inputs, self.y = inputs, targets
@@ -459,7 +471,17 @@ class Point(GraphProducts):
         self.value = float(self.value_t.detach())
         if not (local or math.isfinite(self.value)):
             self._check_finite()
-        (g,) = torch.autograd.grad(self.value_t, self.theta, retain_graph=True, allow_unused=True)
+        if grad is not None:
+            if grad.shape != self.theta.shape:
+                raise ShapeError(
+                    f"Point(grad=...): the gradient has shape {tuple(grad.shape)}, the flat "
+                    f"parameters {tuple(self.theta.shape)}; pass the flat gradient (P,)."
+                )
+            g = grad
+        else:
+            (g,) = torch.autograd.grad(
+                self.value_t, self.theta, retain_graph=True, allow_unused=True
+            )
         self.grad = torch.zeros_like(self.theta) if g is None else g.detach()
         if not local:
             self._check_finite()

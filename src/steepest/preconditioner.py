@@ -127,6 +127,13 @@ class Preconditioner:
                 self._recorder = _GradientRecorder(model)
                 # a Preconditioner that is dropped takes its hooks off the model with it
                 weakref.finalize(self, self._recorder.remove)
+        # K-FAC (not EKFAC) without the rescaling by the exact quadratic model, one process:
+        # a refresh runs its own forward and backward with hooks and needs of the point only
+        # the forward (the loss's checks) and the gradient's dtype: the .grad it preconditions
+        # stands in for the point's gradient (Point(grad=...): no backward)
+        self._given_grad = (
+            type(self.metric) is KFAC and self.metric.rescale is None and self.distributed is None
+        )
 
     def step(self, inputs: Inputs, targets: Tensor) -> None:
         """Replace the trainable parameters' ``.grad`` by :math:`(M+\\lambda I)^{-1}` of it,
@@ -171,7 +178,13 @@ class Preconditioner:
                 else:
                     guard.point_done()
                     point = Point(
-                        self.space, self.loss, inputs, targets, generator=sampler, distributed=dp
+                        self.space,
+                        self.loss,
+                        inputs,
+                        targets,
+                        generator=sampler,
+                        distributed=dp,
+                        grad=grad if self._given_grad else None,
                     )
                 op = self.metric.operator(point)
                 if dp is not None and not getattr(self.metric, "reduces_over_ranks", False):
