@@ -337,9 +337,9 @@ def factor_statistics(
         if not layer.calls:
             continue
         a, g = cap.rows(layer, grads)  # (grp, R, d), (K, grp, R, o)
-        A = a.transpose(1, 2) @ a / a.shape[1]
+        A = (a.transpose(1, 2) @ a).div_(a.shape[1])  # new tensors: divided in place
         gw = g if w is None else g * _row_signs(w, g, cap.n)
-        G = torch.einsum("kgro,kgrp->gop", gw, g) / cap.n
+        G = torch.einsum("kgro,kgrp->gop", gw, g).div_(cap.n)
         key = (layer.wi, layer.bi)
         blocks[key] = (A, G)
         raw[key] = (a, g)

@@ -145,7 +145,10 @@ class GraphProducts:
                 "produce non-finite values (check the inputs' scale, lower the step size or "
                 "raise the damping)."
             )
-        if not torch.isfinite(self.grad).all():
+        # a finite sum answers at once (one pass); a non-finite one, which finite values can
+        # give by overflow, is decided value by value
+        g = self.grad
+        if not (math.isfinite(float(g.sum())) or bool(torch.isfinite(g).all())):
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."
