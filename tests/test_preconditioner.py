@@ -604,3 +604,106 @@ def test_refresh_without_the_points_backward_keeps_the_factors():
     f1, f2 = (p.metric.state_dict()["factors"]["blocks"] for p in pres)
     for key in f1:
         assert all(torch.equal(s, t) for s, t in zip(f1[key], f2[key]))
+
+
+# ------------------------------------------------------------------------------ kl_clip
+def _clip_pair(kl_clip, lr):
+    """Two Preconditioners on copies of one model after the same backward: without and with
+    kl_clip; returns (models, preconditioners)."""
+    x, y = data()
+    m1 = net()
+    m2 = copy.deepcopy(m1)
+    pres = [
+        Preconditioner(m1, CrossEntropy(), damping=1e-3),
+        Preconditioner(m2, CrossEntropy(), damping=1e-3, kl_clip=kl_clip, lr=lr(m2)),
+    ]
+    for m, pre in zip((m1, m2), pres):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        pre.step(x, y)
+    return (m1, m2), pres, x, y
+
+
+def test_kl_clip_scales_the_step_to_its_bound():
+    """kl_clip: .grad = nu x with nu = min(1, sqrt(kappa / (lr^2 g^T x))), so the step
+    d = -lr nu x has lr^2 nu^2 g^T x = kappa when it clips (g^T x = x^T (M + lambda I) x, the
+    quadratic model of the KL); per-group learning rates enter squared, each on its group's
+    part; a bound that is not reached leaves x as it is."""
+    x, y = data()
+    base = net()
+    base.zero_grad()
+    F.cross_entropy(base(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in base.parameters()])
+    (m1, m2), pres, _, _ = _clip_pair(1e-6, lambda m: 0.5)
+    xs = torch.cat([p.grad.reshape(-1) for p in m1.parameters()])
+    got = torch.cat([p.grad.reshape(-1) for p in m2.parameters()])
+    nu = min(1.0, (1e-6 / (0.25 * float(g @ xs))) ** 0.5)
+    assert nu < 1 and pres[1].last_scale == pytest.approx(nu, rel=1e-12)
+    torch.testing.assert_close(got, nu * xs, rtol=1e-12, atol=0)
+    assert 0.25 * nu**2 * float(g @ xs) == pytest.approx(1e-6, rel=1e-10)
+
+    # two parameter groups with their own learning rates
+    def two_groups(m):
+        ps = list(m.parameters())
+        return torch.optim.SGD([{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "lr": 0.7}])
+
+    (m1, m2), pres, _, _ = _clip_pair(1e-6, two_groups)
+    parts = [(p.grad * q.grad).sum() for p, q in zip(base.parameters(), m1.parameters())]
+    vg = 0.01 * float(parts[0] + parts[1]) + 0.49 * float(parts[2] + parts[3])
+    assert pres[1].last_scale == pytest.approx((1e-6 / vg) ** 0.5, rel=1e-12)
+    # a loose bound: nothing changes
+    (m1, m2), pres, _, _ = _clip_pair(1e6, lambda m: 0.5)
+    assert pres[1].last_scale == 1.0
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+def test_kl_clip_errors_name_the_fix_and_change_nothing():
+    model = net()
+    with pytest.raises(ConfigurationError, match="needs the learning rate"):
+        Preconditioner(model, CrossEntropy(), kl_clip=1e-3)
+    for bad in (0.0, -1.0, float("inf"), "1e-3"):
+        with pytest.raises(ConfigurationError, match="kl_clip must be"):
+            Preconditioner(model, CrossEntropy(), kl_clip=bad, lr=0.1)
+    with pytest.raises(ConfigurationError, match="lr must be"):
+        Preconditioner(model, CrossEntropy(), kl_clip=1e-3, lr=-0.1)
+    x, y = data()
+    other = torch.optim.SGD(net().parameters(), lr=0.1)
+    for lr, match in ((other, "does not hold"), (lambda: float("nan"), "finite float")):
+        pre = Preconditioner(model, CrossEntropy(), kl_clip=1e-3, lr=lr)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        with pytest.raises(ConfigurationError, match=match):
+            pre.step(x, y)
+        assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+        assert pre.metric.state_dict()["factors"] is None
+
+
+def test_kl_clip_trains_where_the_unbounded_step_diverges():
+    """On scikit-learn's digits (an MLP 64-32-10, batches of 64, SGD with momentum 0.9,
+    lr 0.3, lambda 1e-3, two epochs) the unbounded K-FAC step diverges (full-batch loss above
+    its start), while kl_clip = 1e-3 with lr=the optimizer trains (loss below 0.3)."""
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    xs, ys = torch.tensor(xs / 16, dtype=torch.float32), torch.tensor(ys)
+    torch.manual_seed(0)
+    m0 = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    start = float(F.cross_entropy(m0(xs), ys))
+    final = {}
+    for clip in (None, 1e-3):
+        m = copy.deepcopy(m0)
+        opt = torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9)
+        pre = Preconditioner(m, CrossEntropy(), damping=1e-3, kl_clip=clip, lr=opt)
+        perm = torch.randperm(len(xs), generator=seeded(3))
+        for _ in range(2):
+            for i in range(0, len(xs) - 63, 64):
+                idx = perm[i : i + 64]
+                opt.zero_grad()
+                F.cross_entropy(m(xs[idx]), ys[idx]).backward()
+                pre.step(xs[idx], ys[idx])
+                opt.step()
+        with torch.no_grad():
+            final[clip] = float(F.cross_entropy(m(xs), ys))
+    assert not final[None] < start  # diverged (or NaN)
+    assert final[1e-3] < 0.3 < start

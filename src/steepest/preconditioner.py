@@ -23,6 +23,7 @@ gradient preconditioned is the one in ``.grad``, whatever the user's loss added 
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -70,6 +71,19 @@ class Preconditioner:
     damping: :math:`\lambda > 0`, a float
     solver: ``"auto"`` (the metric's own inverse when it has one) or a solver
     generator: the ``torch.Generator`` for sampled labels (seeded 0 if None)
+    kl_clip: None (default: ``.grad`` becomes x, unscaled) or :math:`\kappa > 0`, the bound
+        on the step's quadratic model of the KL divergence (kfac-pytorch's ``kl_clip``; the
+        trust region :math:`d^T M d \le \epsilon^2` of Table 1): with x =
+        :math:`(M + \lambda I)^{-1} g` and the optimizer's learning rate :math:`\eta`,
+        ``.grad`` becomes :math:`\nu x`, :math:`\nu = \min(1, \sqrt{\kappa / (\eta^2
+        g^T x)})`, so that the step :math:`d = -\eta\nu x` has
+        :math:`d^T (M + \lambda I) d = \eta^2\nu^2 g^T x \le \kappa` (per parameter group
+        :math:`\eta_k^2 g_k^T x_k` summed, when the learning rates differ). It bounds the
+        step where M is nearly singular (a small lambda), which plain SGD on
+        :math:`(M + \lambda I)^{-1} g` does not (kfac-pytorch's default is 1e-3)
+    lr: the learning rate :math:`\eta` of the optimizer that applies the step, needed with
+        ``kl_clip``: the ``torch.optim`` optimizer itself (its parameter groups' current
+        ``lr``, so schedulers are followed), a float, or a callable returning a float
     distributed: None, True or a :class:`~steepest.distributed.DataParallel`: under
         torch.distributed each rank passes its shard to :meth:`step` and M is the whole
         batch's (K-FAC's factors reduced over the ranks, KAISA-style); ``.grad`` must already
@@ -80,6 +94,8 @@ class Preconditioner:
     -------
     >>> pre = Preconditioner(model, CrossEntropy(), metric=KFAC(), damping=1e-3)
     >>> loss.backward(); pre.step(x, y); torch_optimizer.step()
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> pre = Preconditioner(model, CrossEntropy(), kl_clip=1e-3, lr=opt)  # bounded steps
     """
 
     def __init__(
@@ -91,6 +107,8 @@ class Preconditioner:
         solver: Solver | str = "auto",
         generator: torch.Generator | None = None,
         distributed: DataParallel | bool | None = None,
+        kl_clip: float | None = None,
+        lr: float | Callable[[], float] | torch.optim.Optimizer | None = None,
     ) -> None:
         from .ekfac import EKFAC
         from .kronecker import KFAC
@@ -112,6 +130,30 @@ class Preconditioner:
                 f"{damping!r}."
             )
         self.damping = float(damping)
+        if kl_clip is not None:
+            if not (isinstance(kl_clip, int | float) and 0 < kl_clip < float("inf")):
+                raise ConfigurationError(
+                    f"kl_clip must be a finite number > 0 (the bound on the step's KL model), "
+                    f"got {kl_clip!r}; pass None for no bound."
+                )
+            if lr is None:
+                raise ConfigurationError(
+                    "kl_clip bounds the step -lr * .grad, so it needs the learning rate: pass "
+                    "lr=the torch.optim optimizer (or a float, or a callable returning one)."
+                )
+        if not (
+            lr is None
+            or isinstance(lr, torch.optim.Optimizer)
+            or callable(lr)
+            or (isinstance(lr, int | float) and 0 <= lr < float("inf"))
+        ):
+            raise ConfigurationError(
+                f"lr must be a torch.optim optimizer, a finite float >= 0 or a callable, got "
+                f"{lr!r}."
+            )
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.lr = lr
+        self.last_scale = 1.0  # nu of the last step (kl_clip), 1.0 without
         self.solver = as_solver(solver) if not isinstance(solver, Solver) else solver
         if generator is None:
             generator = torch.Generator(device=self.space.device)
@@ -204,6 +246,7 @@ class Preconditioner:
                 raise NonFiniteError(
                     f"the preconditioned gradient is not finite ({op.name}); raise the damping."
                 )
+            scale = 1.0 if self.kl_clip is None else self._kl_scale(params, grad, x)
         except BaseException:
             if "metric_snapshot" in saved:
                 self.generator.set_state(saved["generator"])
@@ -217,12 +260,45 @@ class Preconditioner:
             if recorder is not None:
                 recorder.enabled = True
         self.last_solver = "OwnInverse" if isinstance(solver, _Own) else type(solver).__name__
+        self.last_scale = scale
         with torch.no_grad():
+            if scale != 1.0:
+                x = x * scale
             for p, chunk in zip(params, self.space.unflatten(x)):
                 if p.grad is None:
                     p.grad = chunk.clone()
                 else:
                     p.grad.copy_(chunk)
+
+    def _learning_rates(self, params: list[Tensor]) -> list[float]:
+        """The learning rate of each parameter (``lr``: an optimizer's groups, a float or a
+        callable)."""
+        lr = self.lr
+        if isinstance(lr, torch.optim.Optimizer):
+            by_id = {id(p): float(g["lr"]) for g in lr.param_groups for p in g["params"]}
+            missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+            if missing:
+                raise ConfigurationError(
+                    f"kl_clip: the optimizer passed as lr does not hold {len(missing)} of the "
+                    "model's trainable parameters; pass the optimizer that steps this model."
+                )
+            return [by_id[id(p)] for p in params]
+        value = lr() if callable(lr) else lr
+        if not (isinstance(value, int | float) and 0 <= value < float("inf")):
+            raise ConfigurationError(f"lr() must return a finite float >= 0, got {value!r}.")
+        return [float(value)] * len(params)
+
+    def _kl_scale(self, params: list[Tensor], grad: Tensor, x: Tensor) -> float:
+        """nu = min(1, sqrt(kl_clip / sum_k lr_k^2 g_k^T x_k)) (the sum over parameters)."""
+        rates = self._learning_rates(params)
+        dots = torch.stack(
+            [(g * c).sum() for g, c in zip(self.space.unflatten(grad), self.space.unflatten(x))]
+        )
+        lr2 = torch.tensor(rates, dtype=torch.float64, device=dots.device).square()
+        vg = float((dots.double() * lr2).sum())
+        if not vg > 0:  # g = 0, or lr = 0: nothing to bound
+            return 1.0
+        return min(1.0, math.sqrt(self.kl_clip / vg))
 
     def _flat_grad(self, params: list[Tensor]) -> Tensor:
         """The gradients in ``.grad`` (zero where None) as one flat vector, written into a
