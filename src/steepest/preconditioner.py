@@ -74,13 +74,16 @@ class Preconditioner:
     kl_clip: None (default: ``.grad`` becomes x, unscaled) or :math:`\kappa > 0`, the bound
         on the step's quadratic model of the KL divergence (kfac-pytorch's ``kl_clip``; the
         trust region :math:`d^T M d \le \epsilon^2` of Table 1): with x =
-        :math:`(M + \lambda I)^{-1} g` and the optimizer's learning rate :math:`\eta`,
-        ``.grad`` becomes :math:`\nu x`, :math:`\nu = \min(1, \sqrt{\kappa / (\eta^2
-        g^T x)})`, so that the step :math:`d = -\eta\nu x` has
-        :math:`d^T (M + \lambda I) d = \eta^2\nu^2 g^T x \le \kappa` (per parameter group
-        :math:`\eta_k^2 g_k^T x_k` summed, when the learning rates differ). It bounds the
-        step where M is nearly singular (a small lambda), which plain SGD on
-        :math:`(M + \lambda I)^{-1} g` does not (kfac-pytorch's default is 1e-3)
+        :math:`\tilde M^{-1} g` (:math:`\tilde M` the matrix inverted: :math:`M + \lambda I`,
+        or K-FAC's factored damping, :math:`\tilde M \succeq M` as well) and the optimizer's
+        learning rate :math:`\eta`, ``.grad`` becomes :math:`\nu x`,
+        :math:`\nu = \min(1, \sqrt{\kappa / (\eta^2 g^T x)})`, so that the step
+        :math:`d = -\eta\nu x` has :math:`d^T M d \le d^T \tilde M d = \eta^2\nu^2 g^T x
+        \le \kappa`. Parameter groups with their own rates enter as
+        :math:`\sum_k \eta_k^2 g_k^T x_k` (kfac-pytorch's sum; exact for one rate); a
+        momentum buffer of the optimizer is not part of the bound. It bounds the step where M
+        is nearly singular (a small lambda), which plain SGD on x does not (kfac-pytorch's
+        default is 1e-3)
     lr: the learning rate :math:`\eta` of the optimizer that applies the step, needed with
         ``kl_clip``: the ``torch.optim`` optimizer itself (its parameter groups' current
         ``lr``, so schedulers are followed), a float, or a callable returning a float
