@@ -575,6 +575,8 @@ def test_point_with_a_given_gradient():
     p = Point(model, CrossEntropy(), x, y)
     g = torch.randn(p.size, generator=seeded(5), dtype=F64)
     q = Point(model, CrossEntropy(), x, y, grad=g)
+    with pytest.raises(steepest.errors.ShapeError, match="dtype"):
+        Point(model, CrossEntropy(), x, y, grad=g.float())
     assert q.grad.data_ptr() == g.data_ptr() and torch.equal(q.grad, g)  # no copy
     assert q.value == p.value and torch.equal(q.z, p.z)
     with pytest.raises(steepest.errors.ShapeError, match="flat gradient"):
@@ -642,19 +644,36 @@ def test_kl_clip_scales_the_step_to_its_bound():
     torch.testing.assert_close(got, nu * xs, rtol=1e-12, atol=0)
     assert 0.25 * nu**2 * float(g @ xs) == pytest.approx(1e-6, rel=1e-10)
 
-    # two parameter groups with their own learning rates
-    def two_groups(m):
-        ps = list(m.parameters())
-        return torch.optim.SGD([{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "lr": 0.7}])
-
-    (m1, m2), pres, _, _ = _clip_pair(1e-6, two_groups)
-    parts = [(p.grad * q.grad).sum() for p, q in zip(base.parameters(), m1.parameters())]
-    vg = 0.01 * float(parts[0] + parts[1]) + 0.49 * float(parts[2] + parts[3])
-    assert pres[1].last_scale == pytest.approx((1e-6 / vg) ** 0.5, rel=1e-12)
     # a loose bound: nothing changes
     (m1, m2), pres, _, _ = _clip_pair(1e6, lambda m: 0.5)
     assert pres[1].last_scale == 1.0
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(m1.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("rates", [(0.01, 1.0), (0.0, 1.0), (0.1, 0.2)])
+def test_kl_clip_with_different_rates_bounds_the_true_step(rates):
+    """Weights and biases in two groups with their own rates (one K-FAC block couples them):
+    the step d = -nu D x has d^T (M + lambda I) d = kappa exactly, M built again densely on the
+    same batch (exact damping, T = 1: x solves (M + lambda I) x = g); the per-group sum
+    sum_k lr_k^2 g_k^T x_k would leave it up to 1e3 kappa (or unclipped)."""
+    x, y = data()
+    model = net()
+    ws = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    bs = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD([{"params": ws, "lr": rates[0]}, {"params": bs, "lr": rates[1]}])
+    metric = steepest.KFAC(steepest.GGN(), damping="exact", ema=None, T_cov=1, T_inv=1)
+    lam, kappa = 1e-3, 1e-7
+    pre = Preconditioner(model, CrossEntropy(), metric=metric, damping=lam, kl_clip=kappa, lr=opt)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step(x, y)
+    assert pre.last_scale < 1
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    d = torch.cat([-lr_of[id(p)] * p.grad.reshape(-1) for p in model.parameters()])
+    point = Point(model, CrossEntropy(), x, y)
+    dense = steepest.KFAC(steepest.GGN(), damping="exact").operator(point).to_dense()
+    q = float(d @ (dense + lam * torch.eye(len(d), dtype=F64)) @ d)
+    assert q == pytest.approx(kappa, rel=1e-9)
 
 
 def test_kl_clip_errors_name_the_fix_and_change_nothing():
@@ -666,9 +685,11 @@ def test_kl_clip_errors_name_the_fix_and_change_nothing():
             Preconditioner(model, CrossEntropy(), kl_clip=bad, lr=0.1)
     with pytest.raises(ConfigurationError, match="lr must be"):
         Preconditioner(model, CrossEntropy(), kl_clip=1e-3, lr=-0.1)
+    with pytest.raises(ConfigurationError, match="does not hold 2 of"):
+        part = torch.optim.SGD(list(model.parameters())[:2], lr=0.1)
+        Preconditioner(model, CrossEntropy(), kl_clip=1e-3, lr=part)
     x, y = data()
-    other = torch.optim.SGD(net().parameters(), lr=0.1)
-    for lr, match in ((other, "does not hold"), (lambda: float("nan"), "finite float")):
+    for lr, match in ((lambda: float("nan"), "finite float"), (lambda: "0.1", "finite float")):
         pre = Preconditioner(model, CrossEntropy(), kl_clip=1e-3, lr=lr)
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()

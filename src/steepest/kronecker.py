@@ -401,18 +401,19 @@ class KFAC(Metric):
             if st["factors"] is not None and self.ema is not None:
                 eps = min(1 - 1 / k, self.ema)
                 old = st["factors"]
-                # eps old + (1 - eps) new, one pass each (lerp: new tensors, none in place)
+                # eps old + (1 - eps) new, one pass each (lerp: new tensors, none in place;
+                # the new statistics' dtype, as a loaded state may hold another)
                 blocks = {
                     key: (
-                        torch.lerp(old["blocks"][key][0], a, 1 - eps),
-                        torch.lerp(old["blocks"][key][1], g, 1 - eps),
+                        torch.lerp(old["blocks"][key][0].to(a), a, 1 - eps),
+                        torch.lerp(old["blocks"][key][1].to(g), g, 1 - eps),
                     )
                     if key in old["blocks"]
                     else (a, g)
                     for key, (a, g) in new["blocks"].items()
                 }
                 others = {
-                    i: torch.lerp(old["others"][i], d, 1 - eps) if i in old["others"] else d
+                    i: torch.lerp(old["others"][i].to(d), d, 1 - eps) if i in old["others"] else d
                     for i, d in new["others"].items()
                 }
             else:

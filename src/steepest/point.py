@@ -475,6 +475,12 @@ class Point(GraphProducts):
         if not (local or math.isfinite(self.value)):
             self._check_finite()
         if grad is not None:
+            if grad.dtype != self.theta.dtype or grad.device != self.theta.device:
+                raise ShapeError(
+                    f"Point(grad=...): the gradient is {grad.dtype} on {grad.device}, the "
+                    f"parameters {self.theta.dtype} on {self.theta.device}; pass the gradient "
+                    "in the parameters' dtype and device."
+                )
             if grad.shape != self.theta.shape:
                 raise ShapeError(
                     f"Point(grad=...): the gradient has shape {tuple(grad.shape)}, the flat "

@@ -79,11 +79,13 @@ class Preconditioner:
         learning rate :math:`\eta`, ``.grad`` becomes :math:`\nu x`,
         :math:`\nu = \min(1, \sqrt{\kappa / (\eta^2 g^T x)})`, so that the step
         :math:`d = -\eta\nu x` has :math:`d^T M d \le d^T \tilde M d = \eta^2\nu^2 g^T x
-        \le \kappa`. Parameter groups with their own rates enter as
-        :math:`\sum_k \eta_k^2 g_k^T x_k` (kfac-pytorch's sum; exact for one rate); a
-        momentum buffer of the optimizer is not part of the bound. It bounds the step where M
-        is nearly singular (a small lambda), which plain SGD on x does not (kfac-pytorch's
-        default is 1e-3)
+        \le \kappa`. Parameter groups with different rates (a diagonal D of rates,
+        :math:`d = -\nu D x`) take :math:`\nu` from :math:`q = (Dx)^T (M + \lambda I) (Dx)`,
+        one product with the operator, since M couples the groups (a layer's weight and
+        bias). The bound assumes the optimizer steps :math:`-\eta` ``.grad`` (SGD; a momentum
+        buffer is not part of it); Adam and AdamW rescale the gradient themselves, which undoes
+        :math:`\nu`. It bounds the step where M is nearly singular (a small lambda), which
+        plain SGD on x does not (kfac-pytorch's default is 1e-3)
     lr: the learning rate :math:`\eta` of the optimizer that applies the step, needed with
         ``kl_clip``: the ``torch.optim`` optimizer itself (its parameter groups' current
         ``lr``, so schedulers are followed), a float, or a callable returning a float
@@ -154,6 +156,14 @@ class Preconditioner:
                 f"lr must be a torch.optim optimizer, a finite float >= 0 or a callable, got "
                 f"{lr!r}."
             )
+        if isinstance(lr, torch.optim.Optimizer):
+            held = {id(p) for g in lr.param_groups for p in g["params"]}
+            missing = sum(id(p) not in held for p in self.space.params)
+            if missing:
+                raise ConfigurationError(
+                    f"lr: the optimizer passed does not hold {missing} of the model's trainable "
+                    "parameters; pass the optimizer that steps this model."
+                )
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.lr = lr
         self.last_scale = 1.0  # nu of the last step (kl_clip), 1.0 without
@@ -249,7 +259,7 @@ class Preconditioner:
                 raise NonFiniteError(
                     f"the preconditioned gradient is not finite ({op.name}); raise the damping."
                 )
-            scale = 1.0 if self.kl_clip is None else self._kl_scale(params, grad, x)
+            scale = 1.0 if self.kl_clip is None else self._kl_scale(params, grad, x, op)
         except BaseException:
             if "metric_snapshot" in saved:
                 self.generator.set_state(saved["generator"])
@@ -279,29 +289,26 @@ class Preconditioner:
         lr = self.lr
         if isinstance(lr, torch.optim.Optimizer):
             by_id = {id(p): float(g["lr"]) for g in lr.param_groups for p in g["params"]}
-            missing = [i for i, p in enumerate(params) if id(p) not in by_id]
-            if missing:
-                raise ConfigurationError(
-                    f"kl_clip: the optimizer passed as lr does not hold {len(missing)} of the "
-                    "model's trainable parameters; pass the optimizer that steps this model."
-                )
-            return [by_id[id(p)] for p in params]
+            return [by_id[id(p)] for p in params]  # all present: checked at construction
         value = lr() if callable(lr) else lr
         if not (isinstance(value, int | float) and 0 <= value < float("inf")):
             raise ConfigurationError(f"lr() must return a finite float >= 0, got {value!r}.")
         return [float(value)] * len(params)
 
-    def _kl_scale(self, params: list[Tensor], grad: Tensor, x: Tensor) -> float:
-        """nu = min(1, sqrt(kl_clip / sum_k lr_k^2 g_k^T x_k)) (the sum over parameters)."""
+    def _kl_scale(self, params: list[Tensor], grad: Tensor, x: Tensor, op) -> float:
+        """nu = min(1, sqrt(kl_clip / q)), q the step's size d^T M d for d = -D x (D the
+        learning rates): one rate eta gives q = eta^2 g^T x (= d^T M~ d, M~ the matrix
+        inverted, >= M); rates that differ between parameters (e.g. weights and biases of one
+        block) need the product q = (D x)^T (M + lambda I) (D x), since M couples them."""
         rates = self._learning_rates(params)
-        dots = torch.stack(
-            [(g * c).sum() for g, c in zip(self.space.unflatten(grad), self.space.unflatten(x))]
-        )
-        lr2 = torch.tensor(rates, dtype=torch.float64, device=dots.device).square()
-        vg = float((dots.double() * lr2).sum())
-        if not vg > 0:  # g = 0, or lr = 0: nothing to bound
+        if len(set(rates)) == 1:
+            q = rates[0] ** 2 * abs(float(grad.double() @ x.double()))
+        else:
+            dx = torch.cat([r * c.reshape(-1) for r, c in zip(rates, self.space.unflatten(x))])
+            q = abs(float(dx.double() @ op.matvec(dx).double()))
+        if not q > 0:  # g = 0, or every rate 0: nothing to bound
             return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / vg))
+        return min(1.0, math.sqrt(self.kl_clip / q))
 
     def _flat_grad(self, params: list[Tensor]) -> Tensor:
         """The gradients in ``.grad`` (zero where None) as one flat vector, written into a
