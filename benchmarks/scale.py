@@ -336,6 +336,7 @@ def step_costs(
                     entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
             steppers = {r: s for r, s in steppers.items() if "error" not in entry.get(r, {})}
         entry["adam_step_s"] = statistics.median(adam_t)
+        entry["adam_estimator"] = adam  # per entry: --merge may keep another run's
         for row, r in ratios.items():
             if "error" in entry.get(row, {}):
                 continue
