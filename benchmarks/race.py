@@ -257,9 +257,11 @@ def make_stepper(kind: str, value: float | None, model: nn.Module, prob: dict):
         metric = steepest.KFAC(**KFAC_KINDS[kind](prob))
         opt = steepest.Optimizer(model, loss, metric=metric, damping=damping)
         return lambda x, y: opt.step(x, y)
-    if kind == "kfac-pre":  # Preconditioner mode: .grad <- K-FAC^-1 .grad, then torch.optim
-        pre = steepest.Preconditioner(model, loss)  # KFAC(damping="factored"), lambda 1e-3
+    if kind in ("kfac-pre", "kfac-pre-kl"):  # .grad <- K-FAC^-1 .grad, then torch.optim
         sgd = torch.optim.SGD(model.parameters(), lr=value, momentum=0.9)
+        # KFAC(damping="factored"), lambda 1e-3; kfac-pre-kl: the step's KL bounded by 1e-3
+        clip = {"kl_clip": 1e-3, "lr": sgd} if kind == "kfac-pre-kl" else {}
+        pre = steepest.Preconditioner(model, loss, **clip)
 
         def pre_step(x, y):
             sgd.zero_grad()
@@ -368,6 +370,7 @@ ROWS = {  # row name -> (kind, tuned key: "lr" / "damping" / None)
         "damping",
     ),
     "K-FAC Preconditioner + SGD (momentum 0.9; tuned lr)": ("kfac-pre", "lr"),
+    "K-FAC Preconditioner kl_clip=1e-3 + SGD (momentum 0.9; tuned lr)": ("kfac-pre-kl", "lr"),
 }
 GRID_KEY = {
     "adam": "adam",
@@ -380,6 +383,7 @@ GRID_KEY = {
     "kfac-full2": "kfac_damping",
     "kfac-full-half": "kfac_damping",
     "kfac-pre": "pre_lr",
+    "kfac-pre-kl": "pre_lr",
 }
 
 
