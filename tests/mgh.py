@@ -148,17 +148,20 @@ def as_model(name: str):
     return Residuals(r, x0), torch.zeros(m, 1, dtype=D), torch.zeros(m, 1, dtype=D)
 
 
-def fit(name: str, max_nfev: int | None = None, reuse: bool = True):
+def fit(name: str, max_nfev: int | None = None, reuse: bool = True, **options):
     """The model path on problem ``name`` (MSE + GaussNewton + MoreTrustRegion, the default
-    tolerances): steps until a stopping rule fires or MINPACK's default max_nfev = 100 (P + 1).
-    Returns (the StepInfos, the final cost 1/2 ||r||^2)."""
+    tolerances, or ``options`` of the Optimizer such as ``gtol=1e-8``): steps until a stopping
+    rule fires or MINPACK's default max_nfev = 100 (P + 1). Returns (the StepInfos, the final
+    cost 1/2 ||r||^2)."""
     from steepest import Optimizer
     from steepest.damping import MoreTrustRegion
     from steepest.losses import MSE
     from steepest.metrics import GaussNewton
 
     model, x, y = as_model(name)
-    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), reuse=reuse)
+    opt = Optimizer(
+        model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), reuse=reuse, **options
+    )
     limit = max_nfev or 100 * (opt.space.size + 1)
     infos = []
     while sum(i.nfev for i in infos) < limit:

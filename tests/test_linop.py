@@ -91,9 +91,13 @@ def test_chunked_fallbacks_above_256():
         return a @ v
 
     op = LinearOperator(mv, p, F64)
-    assert rel_err(op.to_dense(), a) < 1e-14
     assert rel_err(op.diagonal(), a.diagonal()) < 1e-14
+    assert rel_err(op.to_dense(), a) < 1e-14
     assert len(calls) == 2 * p  # one product per column for each
+    # once the dense matrix is formed, the diagonal is read from it: no product more
+    assert torch.equal(op.diagonal(), op.to_dense().diagonal())
+    assert torch.equal(op.add_diagonal(2.0).diagonal(), op.to_dense().diagonal() + 2.0)
+    assert len(calls) == 2 * p
     assert not op.has_factor()
     with pytest.raises(NotImplementedError, match="no sample-space factor"):
         op.factor()

@@ -290,9 +290,13 @@ def test_least_squares_method_fits_the_noisy_file(noisy_file, formulas):
 
 def test_gn_more_ftol_stops_where_the_optimizer_converges(noisy_file, formulas):
     """gn-more-ftol: the same Optimizer as gn-more, stopped by StepInfo.converged (its own
-    MINPACK tests, ftol = xtol = 1e-8) instead of running to the float64 floor: fewer
-    evaluations, and a converged status."""
+    MINPACK tests with scipy's tolerances, ftol = xtol = gtol = 1e-8, gtol MINPACK's cosine)
+    instead of running to the float64 floor: fewer evaluations, and a converged status."""
     prob = nist.parse(noisy_file)
+    model = nist.NistModel(nist.formula_of(prob, formulas), prob.starts[0])
+    opt = nist.make_optimizer("gn-more-ftol", model)
+    assert (opt.ftol, opt.xtol, opt.gtol) == (1e-8, 1e-8, 1e-8)
+    assert nist.make_optimizer("gn-more", model).gtol == 0.0
     short = nist.fit(prob, 1, "gn-more-ftol", formulas=formulas)
     full = nist.fit(prob, 1, "gn-more", formulas=formulas)
     assert short.status.startswith("converged: "), short.status

@@ -104,6 +104,71 @@ def test_xtol_fires_at_a_zero_solution_and_gtol_on_the_gradient():
             Optimizer(Fun(1.0, lambda th: th), VALUE, ftol=bad)
 
 
+def _decay_problem():
+    t = torch.linspace(0, 4, 12, dtype=DT)[:, None]
+    return t, 2.5 * torch.exp(-1.3 * t) + 0.5 + 0.05 * torch.sin(7 * t)
+
+
+def _cosine_reference(t, y, sigma: float) -> float:
+    """MINPACK's gtol quantity max_j |J_j^T r| / (|J_j| |r|) of r(p) = (f(t; p) - y) / sigma
+    at the start, with J by torch.autograd.functional (dense, float64)."""
+
+    def r(p):
+        a, b, c = p
+        return ((a * torch.exp(-b * t) + c - y) / sigma).reshape(-1)
+
+    p0 = Decay().p.detach()
+    jac = torch.autograd.functional.jacobian(r, p0)
+    res = r(p0)
+    return float(((jac.T @ res).abs() / (jac.norm(dim=0) * res.norm())).max())
+
+
+@pytest.mark.parametrize(
+    "metric, damping, sigma, options",
+    [
+        ("gauss-newton", "more", 1.0, {}),  # diag(J^T J) from the matrix MoreTrustRegion forms
+        ("gauss-newton", "more", 0.5, {}),  # GaussNewton's M has no 1/sigma^2: divided out
+        ("ggn", "lm", 0.5, {}),  # GGN = J^T J / sigma^2: its own diagonal
+        ("identity", "lm", 1.0, {}),  # another metric: one GGN diagonal computed apart
+        ("ggn", "lm", 1.0, {"curvature_batch_size": 4}),  # M on a sub-batch: not used
+    ],
+)
+def test_gtol_is_minpacks_cosine_for_a_least_squares_loss(metric, damping, sigma, options):
+    """For an MSE loss gtol tests MINPACK's cosine between the residual and the columns of its
+    Jacobian, against a dense reference: just above it the step stops converged before any
+    try (parameters, lambda and the generator unchanged); just below it a step is made."""
+    from steepest.metrics import GGN, Identity
+
+    t, y = _decay_problem()
+    cos = _cosine_reference(t, y, sigma)
+    make = {"gauss-newton": GaussNewton, "ggn": GGN, "identity": Identity}[metric]
+    for factor, stops in ((1 + 1e-9, True), (1 - 1e-9, False)):
+        model = Decay()
+        rule = MoreTrustRegion() if damping == "more" else LevenbergMarquardt()
+        opt = Optimizer(
+            model, MSE(sigma), metric=make(), damping=rule, gtol=cos * factor, **options
+        )
+        gen = opt.generator.get_state()
+        info = opt.step(t, y)
+        assert info.converged == stops and (info.reason == "gtol") == stops
+        if stops:
+            assert info.tries == 0 and info.nfev == 1 and "<= gtol" in info.message
+            assert torch.equal(model.p.detach(), Decay().p.detach())
+            assert torch.equal(opt.generator.get_state(), gen)
+        else:
+            assert info.tries >= 1
+    # the gradient test max_j |g_j| <= gtol would decide otherwise on one side of the pair
+    point = Point(Decay(), MSE(sigma), t, y)
+    assert abs(float(point.grad.abs().max()) - cos) > 0.1 * cos
+
+
+def test_gtol_keeps_the_gradient_test_for_other_losses():
+    """A loss without residuals (the model's output itself) keeps max_j |g_j| <= gtol."""
+    opt = Optimizer(Fun(1.0 + 1e-4, lambda th: (th - 1) ** 2), VALUE, metric=Hessian(), gtol=3e-4)
+    info = opt.step(X0, X0)
+    assert info.converged and info.reason == "gtol" and "max |g_j|" in info.message
+
+
 def test_messages_are_bounded_over_many_rejected_tries():
     # LM from a tiny lambda on a stiff problem: many rejected tries in one step
     opt = Optimizer(

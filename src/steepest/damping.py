@@ -49,6 +49,11 @@ from torch import Tensor
 from .errors import ConfigurationError, DenseTooLargeError
 from .linop import LinearOperator, eigh
 
+#: MoreTrustRegion decomposes M through the SVD of its sample-space factor (R x P) also when
+#: R >= P, as long as R P is at most this many entries (32 MiB in float64); above, through the
+#: eigen-decomposition of the dense P x P matrix (which squares the conditioning)
+FACTOR_SVD_MAX = 2**22
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -248,37 +253,51 @@ class MoreTrustRegion(Damping):
     (MINPACK: 1e-4) and the loss did not go up; otherwise it is rejected and retried with the
     smaller radius.
 
-    lambda is found from the eigen-decomposition of the scaled metric
-    :math:`D^{-1} M D^{-1}` (dense, or from the SVD of the factor :math:`U D^{-1}` when M has
-    fewer factor rows than parameters): :math:`\|D\delta(\lambda)\|^2 = \sum_i c_i^2 /
-    (\mu_i + \lambda)^2`, solved to relative accuracy ``sigma`` by safeguarded Newton on
-    :math:`1/\|D\delta\|` (Moré and Sorensen 1983). This costs one P x P eigen-decomposition
-    per step: the rule is for problems where M fits in memory (nonlinear least squares, small
+    lambda is MINPACK's (``lmpar``, Moré 1978 section 5): in the eigen-coordinates of the scaled
+    metric :math:`D^{-1} M D^{-1}`, :math:`\|D\delta(\lambda)\|^2 = \sum_i c_i^2 /
+    (\mu_i + \lambda)^2`; lambda = 0 when the Gauss-Newton step fits,
+    :math:`\|D\delta(0)\| \le (1 + \sigma)\Delta`, else Newton on :math:`1/\|D\delta\| -
+    1/\Delta` from the previous try's lambda (carried as MINPACK's ``par``: divided by mu when
+    the radius shrinks, halved when it doubles) inside MINPACK's bracket, until
+    :math:`|\|D\delta\| - \Delta| \le \sigma\Delta` or 10 iterations. With the default
+    ``sigma = 0.1`` the tries are lmder's: on the NIST StRD problems and the Moré-Garbow-Hillstrom
+    set the model path evaluates the residuals at lmder's points, up to rounding
+    (tests/test_evaluations.py, benchmarks/fit.md).
+
+    The spectrum comes from the SVD of the factor :math:`U D^{-1}` when M has a sample-space
+    factor (``GaussNewton()``, ``GGN()``, ``Fisher()``) with fewer rows than parameters or at
+    most :data:`FACTOR_SVD_MAX` entries, else from the eigen-decomposition of the dense M. On
+    the SVD route the damped operator carries its own inverse from that SVD, which the default
+    solver (``Auto``) uses: the step then has the accuracy of MINPACK's QR of :math:`J D^{-1}`
+    (the conditioning of J, where a Cholesky of :math:`M + \lambda D^2` squares it; Powell's
+    singular function converges only this way). This costs one decomposition per step: the
+    rule is for problems where M or its factor fits in memory (nonlinear least squares, small
     models; benchmarks/nist.md). When M is singular (a factor with fewer rows than parameters,
-    or :math:`\mu_{min} \le 0` in the eigen-decomposition) lambda is never 0 but at least
-    :math:`100\,P\,\epsilon\,\mu_{max}`, so the damped matrix stays numerically positive
-    definite (MINPACK's ``lmpar`` takes a least-squares step there instead). For an indefinite
-    M (Hessian) lambda stays above :math:`-\mu_{min}` by at least that margin (the hard case of
-    Moré and Sorensen is not treated further). Each try's solve is
-    then made by the optimizer's solver.
+    singular values below :math:`\epsilon \max(R, P)\, s_{max}`, or :math:`\mu_{min} \le
+    0`) lambda is never 0 but at least :math:`100\,P\,\epsilon\,\mu_{max}`, so the damped
+    matrix stays numerically positive definite (MINPACK's ``lmpar`` takes a least-squares step
+    there instead; a try at that floor counts as lambda = 0 for the radius update, as in
+    MINPACK). For an indefinite M (Hessian) lambda stays above :math:`-\mu_{min}` by at least
+    that margin (the hard case of Moré and Sorensen is not treated further).
 
     Parameters
     ----------
     factor: the initial radius is ``factor`` ||D theta_0|| (MINPACK's default 100)
-    sigma: relative accuracy of ||D delta|| = Delta (MINPACK uses 0.1)
+    sigma: relative accuracy of ||D delta|| = Delta (MINPACK's 0.1, the default; smaller
+        values solve the trust-region problem more exactly, but leave MINPACK's tries)
     min_rho: the least reduction ratio of an accepted step (MINPACK's 1e-4)
     radius_min: the radius never falls below this
     max_tries: solves per optimizer step (rejected steps are retried)
 
     >>> opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(),
-    ...                 solver="cholesky")
+    ...                 gtol=1e-8)              # MINPACK lmder with scipy's tolerances
     >>> info = opt.step(x, y); opt.damping.radius, info.damping     # Delta, lambda
     """
 
     adaptive = True
     reject = True
 
-    def __init__(self, factor: float = 100.0, sigma: float = 1e-2, min_rho: float = 1e-4,
+    def __init__(self, factor: float = 100.0, sigma: float = 0.1, min_rho: float = 1e-4,
                  radius_min: float = 1e-300, max_tries: int = 30) -> None:
         for name, val in (("factor", factor), ("sigma", sigma), ("radius_min", radius_min)):
             if not (isinstance(val, int | float) and math.isfinite(val) and val > 0):
@@ -300,6 +319,10 @@ class MoreTrustRegion(Damping):
         self.scale: Tensor | None = None  # D
         self._first = True  # the first try adjusts Delta to min(Delta, ||D delta||)
         self._spectrum: tuple | None = None  # (refs to op and g, D, mu, c, ...) of this step
+        self._basis: Tensor | None = None  # V^T of the factor's SVD (None: the dense path)
+        self._floor = False  # lambda is the singular margin standing for MINPACK's 0
+        self._tiny = False  # this step's factor is numerically rank deficient
+        self._lift = False
 
     def __repr__(self) -> str:
         return f"MoreTrustRegion(radius={self.radius}, lam={self.lam:g})"
@@ -309,29 +332,48 @@ class MoreTrustRegion(Damping):
         return self.lam
 
     # ------------------------------------------------------------------ lambda from Delta
+    @staticmethod
+    def _uses_factor(op: LinearOperator) -> bool:
+        """Whether lambda comes from the SVD of M's sample-space factor (fewer rows than
+        parameters, or at most :data:`FACTOR_SVD_MAX` entries) rather than the
+        eigen-decomposition of the dense M."""
+        rows = op.factor_rows if op.has_factor() else None
+        return rows is not None and (rows < op.size or rows * op.size <= FACTOR_SVD_MAX)
+
+    def form(self, op: LinearOperator) -> Tensor:
+        """The matrix this rule decomposes for M = ``op``: its sample-space factor U (on the
+        SVD route, see the class) or the dense M; cached on ``op``, so that whoever reads
+        diag(M) first (the optimizer's gtol cosine) costs nothing more.
+
+        >>> rule.form(op)                  # then op.diagonal() reads it
+        """
+        if self._uses_factor(op):
+            return op.factor().U
+        try:
+            return op.to_dense()
+        except DenseTooLargeError as err:
+            raise DenseTooLargeError(
+                f"MoreTrustRegion solves lambda from the eigendecomposition of the dense "
+                f"{op.size} x {op.size} scaled metric, whatever the solver, and {op.size} "
+                "parameters exceed the dense limit (steepest.linop.DENSE_LIMIT). Use "
+                "damping=LevenbergMarquardt() (lambda I: no decomposition, works with "
+                "solver=CG()), or a metric with a sample-space factor (GaussNewton(), GGN(), "
+                "Fisher()) on a curvature batch with fewer rows than parameters "
+                "(curvature_batch_size), or raise the limit with "
+                "steepest.linop.set_dense_limit(n) if the matrix fits in memory."
+            ) from err
+
     def _scaled_spectrum(self, op: LinearOperator, g: Tensor) -> tuple:
         """(D, mu, c, c_perp2, singular) for this step's M and g, computed once per step."""
         cached = self._spectrum
         if cached is not None and cached[0]() is op and cached[1]() is g:
             return cached[2:]
-        factor = op.has_factor() and op.factor_rows is not None and op.factor_rows < op.size
+        factor = self._uses_factor(op)
         if factor:
             f = op.factor()
             diag = f.U.pow(2).sum(0) / f.n
         else:
-            try:
-                m = op.to_dense()
-            except DenseTooLargeError as err:
-                raise DenseTooLargeError(
-                    f"MoreTrustRegion solves lambda from the eigendecomposition of the dense "
-                    f"{op.size} x {op.size} scaled metric, whatever the solver, and {op.size} "
-                    "parameters exceed the dense limit (steepest.linop.DENSE_LIMIT). Use "
-                    "damping=LevenbergMarquardt() (lambda I: no decomposition, works with "
-                    "solver=CG()), or a metric with a sample-space factor (GaussNewton(), GGN(), "
-                    "Fisher()) on a curvature batch with fewer rows than parameters "
-                    "(curvature_batch_size), or raise the limit with "
-                    "steepest.linop.set_dense_limit(n) if the matrix fits in memory."
-                ) from err
+            m = self.form(op)
             diag = m.diagonal()
         d = diag.clamp_min(0).sqrt()
         d = torch.where(d > 0, d, torch.ones_like(d))
@@ -342,17 +384,27 @@ class MoreTrustRegion(Damping):
             _, sv, vh = torch.linalg.svd(f.U / d / math.sqrt(f.n), full_matrices=False)
             mu = sv.pow(2)
             c = vh @ gs
-            c_perp2 = max(float(gs @ gs - c @ c), 0.0)
+            # g outside the row space of the factor (only when it has fewer rows than P)
+            c_perp2 = max(float(gs @ gs - c @ c), 0.0) if mu.numel() < op.size else 0.0
         else:
             mu, q = eigh(m / d[:, None] / d[None, :], f"the scaled {op.name}")
             c = q.T @ gs
             c_perp2 = 0.0
+            vh = None
         # singular: fewer singular values than parameters, or an eigenvalue at or below 0. A tiny
         # positive one is kept: a nearly flat direction with a tiny gradient still has a
         # well-defined Gauss-Newton step c_i / mu_i (MINPACK treats only exact zeros as singular)
         singular = mu.numel() < op.size or float(mu.min()) <= 0
+        # numerically rank deficient (numpy's rank test on the singular values): lambda is
+        # still MINPACK's, which treats only exact zeros as singular, but kept at least at the
+        # margin below, so that M + lambda D^2 stays positive definite for any solver
+        eps = torch.finfo(mu.dtype).eps
+        self._tiny = vh is not None and not singular and (
+            float(mu.min()) <= (eps * max(f.U.shape)) ** 2 * float(mu.max()))
+        self._lift = False  # lambda lifted to the margin after a failed factorisation
         # weak references: the step's operator (and its graph) is not kept alive after it
         self._spectrum = (weakref.ref(op), weakref.ref(g), d, mu, c, c_perp2, singular)
+        self._basis = vh
         return self._spectrum[2:]
 
     @staticmethod
@@ -369,12 +421,25 @@ class MoreTrustRegion(Damping):
 
     def _solve_lambda(self, mu: Tensor, c: Tensor, c_perp2: float, radius: float,
                       singular: bool = False) -> float:
-        """The lambda of the class docstring for the scaled spectrum (mu, c)."""
+        """The lambda of the class docstring for the scaled spectrum (mu, c): MINPACK's
+        ``lmpar`` (:meth:`_lmpar`) when M is positive definite, else the safeguarded Newton
+        iteration kept above the singular or indefinite margin."""
+        self._floor = False
         eps = torch.finfo(mu.dtype).eps
         mu_min = float(mu.min()) if mu.numel() else 0.0
         mu_max = float(mu.abs().max()) if mu.numel() else 1.0
         # the least lambda that keeps Cholesky of M + lambda D^2 stable in this precision
         margin = 100 * mu.numel() * eps * max(abs(mu_min), mu_max, eps)
+        if not singular and c_perp2 == 0.0 and mu.numel():
+            lam = self._lmpar(mu, c, radius, self.lam)
+            if self._tiny and lam < margin and (lam == 0 or self._lift):
+                # MINPACK's lambda 0 on a numerically rank-deficient M, or a tiny lambda that a
+                # solver could not factorise (raise_for_retry): the margin, counted as 0 by
+                # update() when it stands for 0
+                self._floor = lam == 0
+                return margin
+            if math.isfinite(lam):
+                return lam
         if mu_min < 0:
             lo = -mu_min + margin  # M + lambda D^2 positive definite
         elif singular:
@@ -383,7 +448,10 @@ class MoreTrustRegion(Damping):
             lo = 0.0
         phi_lo, _ = self._norm(mu, c, c_perp2, lo)
         if phi_lo <= (1 + self.sigma) * radius:
-            return lo  # the (near-)undamped step fits in the region
+            # the (near-)undamped step fits in the region; on a singular PSD M this is
+            # MINPACK's lambda = 0 (its least-squares step), kept at the margin for the solve
+            self._floor = mu_min >= 0
+            return lo
         gnorm = math.sqrt(float(c @ c) + c_perp2)
         hi = lo + gnorm / radius  # ||D delta(hi)|| <= radius
         lam = hi
@@ -404,6 +472,52 @@ class MoreTrustRegion(Damping):
             lam = new
         return lam
 
+    def _lmpar(self, mu: Tensor, c: Tensor, radius: float, par: float) -> float:
+        r"""MINPACK's ``lmpar`` (Moré 1978, section 5) in the eigen-coordinates of the
+        positive definite scaled metric: :math:`\|D\delta(\lambda)\| = \|w(\lambda)\|`,
+        :math:`w_i = c_i / (\mu_i + \lambda)`. lambda = 0 when the Gauss-Newton step fits,
+        :math:`\|w(0)\| \le (1 + \sigma)\Delta`; else Newton on the concave
+        :math:`1/\|w(\lambda)\| - 1/\Delta` from ``par`` (the previous try's lambda, raised
+        or lowered with the radius by :meth:`update`, as MINPACK carries ``par`` from try to
+        try) clipped to the bracket [l, u], :math:`l = (\|w(0)\| - \Delta)/\Delta \cdot
+        \|w(0)\|^2 / \sum_i w_i(0)^2/\mu_i`, :math:`u = \|c\|/\Delta`, the bracket narrowed
+        on every iterate, until :math:`|\|w\| - \Delta| \le \sigma\Delta` or 10 iterations
+        (the 10th lambda kept, as MINPACK does). With ``sigma = 0.1`` and the same D, radius and
+        par this is lmder's lambda, so the tries are MINPACK's (up to rounding)."""
+        dwarf = torch.finfo(mu.dtype).tiny
+        w0 = c / mu
+        gn_norm = float(w0.norm())
+        fp = gn_norm - radius
+        if fp <= self.sigma * radius:
+            return 0.0
+        parl = fp / radius * gn_norm**2 / float((w0 * w0 / mu).sum())
+        gnorm = float(c.norm())
+        paru = gnorm / radius
+        if paru == 0:
+            paru = dwarf / min(radius, 0.1)
+        lam = min(max(par, parl), paru)
+        if lam == 0:
+            lam = gnorm / gn_norm
+        prev = fp
+        for it in range(10):
+            if lam == 0:
+                lam = max(dwarf, 1e-3 * paru)
+            den = mu + lam
+            wl = c / den
+            phi = float(wl.norm())
+            fp = phi - radius
+            if abs(fp) <= self.sigma * radius or (parl == 0 and fp <= prev < 0) or it == 9:
+                break
+            q = float((wl * wl / den).sum())
+            parc = fp / radius * phi * phi / max(q, dwarf)
+            if fp > 0:
+                parl = max(parl, lam)
+            elif fp < 0:
+                paru = min(paru, lam)
+            lam = max(parl, lam + parc)
+            prev = fp
+        return lam
+
     def damped(self, op: LinearOperator, g: Tensor, theta: Tensor) -> LinearOperator:
         r""":math:`M + \lambda D^2` with lambda solved from the radius (see the class)."""
         d, mu, c, c_perp2, singular = self._scaled_spectrum(op, g)
@@ -412,7 +526,35 @@ class MoreTrustRegion(Damping):
             self.radius = self.factor * size if size > 0 else self.factor
         self.lam = self._solve_lambda(mu, c, c_perp2, self.radius, singular)
         self.scale = d.detach().clone()  # D only grows (MINPACK mode 1)
-        return op.add_diagonal(self.lam * d.pow(2))
+        damped = op.add_diagonal(self.lam * d.pow(2))
+        vh = self._basis
+        if vh is None or op.is_damped() or (self.lam <= 0 and mu.numel() < op.size):
+            return damped
+        return damped.with_inverse(self._svd_inverse(d, mu, vh, self.lam))
+
+    @staticmethod
+    def _svd_inverse(d: Tensor, mu: Tensor, vh: Tensor, lam: float):
+        r"""The inverse of :math:`M + \lambda D^2` from the SVD of the scaled factor,
+        :math:`U D^{-1}/\sqrt n = W S V^T`, :math:`\mu = s^2`:
+
+        .. math:: (M + \lambda D^2)^{-1} b = D^{-1}\big(V (\mathrm{diag}(\mu) +
+                  \lambda)^{-1} V^T + \lambda^{-1}(I - V V^T)\big) D^{-1} b
+
+        (the last term only when the factor has fewer rows than parameters). The step then
+        has the accuracy of MINPACK's QR of :math:`J D^{-1}`: the conditioning of J, not of
+        :math:`J^T J` (a Cholesky of the damped M squares it)."""
+        inv = 1.0 / (mu + lam)
+        full = vh.shape[0] == vh.shape[1]
+
+        def inverse(b: Tensor, shift: float | Tensor) -> Tensor:
+            y = b / d
+            w = vh @ y
+            x = vh.T @ (inv * w)
+            if not full:
+                x = x + (y - vh.T @ w) / lam
+            return x / d
+
+        return inverse
 
     # ------------------------------------------------------------------ the radius
     def update(self, rho: float, trial: Trial | None = None) -> None:
@@ -436,23 +578,33 @@ class MoreTrustRegion(Damping):
                     mu = -trial.gdelta / (2 * curv) if curv > 0 else 0.1
             mu = min(max(mu, 0.1), 0.5)
             self.radius = max(mu * min(self.radius, pnorm / 0.1), self.radius_min)
-        elif self.lam == 0 or rho >= 0.75:
+            # the next try's lmpar starts here (MINPACK: par / temp; 0 after a lambda = 0 step)
+            self.lam = 0.0 if self._floor else self.lam / mu
+        elif self.lam == 0 or self._floor or rho >= 0.75:
             self.radius = max(2 * pnorm, self.radius_min)
+            self.lam = 0.0 if self._floor else 0.5 * self.lam
         if delta is not None and math.isfinite(rho) and rho >= max(self.min_rho, 0.0):
             self._first = False  # the first step is accepted
 
     def raise_for_retry(self) -> None:
-        """The damped system could not be solved (lambda = 0 on a singular M): shrink Delta."""
+        """The damped system could not be solved (lambda = 0 on a singular M): shrink Delta;
+        on a numerically rank-deficient factor first retry at the same radius with lambda
+        lifted to the margin (a solver other than the rule's own inverse, e.g. Cholesky, failed
+        on MINPACK's tiny lambda; no evaluation is lost)."""
+        if self._tiny and not self._lift:
+            self._lift = True
+            return
         if self.radius is not None:
             self.radius = max(0.25 * self.radius, self.radius_min)
 
     def parameters_changed(self) -> None:
         """A new parameter set: D, the radius and the first-step rule start afresh."""
         self.radius, self.scale, self._first, self._spectrum = None, None, True, None
+        self._basis = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_spectrum"] = None  # a per-step cache holding weak references
+        state["_spectrum"] = state["_basis"] = None  # per-step caches
         return state
 
     def state_dict(self) -> dict:
@@ -462,7 +614,7 @@ class MoreTrustRegion(Damping):
     def load_state_dict(self, state: dict) -> None:
         self.radius, self.lam, self._first = state["radius"], float(state["lam"]), state["first"]
         self.scale = None if state["scale"] is None else state["scale"].clone()
-        self._spectrum = None
+        self._spectrum = self._basis = None
 
 
 def as_damping(damping: Damping | float) -> Damping:

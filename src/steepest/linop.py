@@ -110,6 +110,7 @@ class LinearOperator:
         self.inverse_exact = inverse_exact
         self.inverse_diagonal = inverse_diagonal
         self._sketch = sketch
+        self._inverse_shift: float | Tensor | None = None  # the damping an inverse is for
         # the damping of M + lambda I (a float) or of M + diag(s) (a (P,) tensor, e.g. the
         # lambda D^2 of a scaled trust region); a damped operator records it
         self.shift: float | Tensor = 0.0
@@ -169,6 +170,8 @@ class LinearOperator:
     def has_inverse(self) -> bool:
         """Whether M carries its own inverse for the current damping (lambda I, or diag(s)
         where the inverse accepts a diagonal)."""
+        if self._inverse_shift is not None and self.shift is not self._inverse_shift:
+            return False  # an inverse made for one damping (with_inverse), now another
         return self._inverse is not None and (self.inverse_diagonal or not self.diagonal_shift())
 
     def has_sketch(self) -> bool:
@@ -243,8 +246,14 @@ class LinearOperator:
         return m
 
     def diagonal(self) -> Tensor:
-        """diag(M) as a vector of size P."""
-        if self._diagonal is not None:
+        """diag(M) as a vector of size P (read from the dense M or its factor when one was
+        already formed)."""
+        if "dense" in self._cache:
+            d = self._cache["dense"].diagonal()
+        elif "factor" in self._cache:
+            f = self._cache["factor"]
+            d = f.U.pow(2).sum(0) / f.n
+        elif self._diagonal is not None:
             d = self._diagonal()
         elif self._factor is not None:
             f = self.factor()
@@ -276,6 +285,21 @@ class LinearOperator:
         op.shift = self.shift + lam
         op.psd = self.psd and lam >= 0
         op.name = self.name if lam == 0 else f"{self.name} + {lam:g} I"
+        return op
+
+    def with_inverse(self, inverse: Callable[[Tensor, float | Tensor], Tensor],
+                     exact: bool = True) -> LinearOperator:
+        r"""This operator, damping included, with its own inverse ``inverse(b, shift)`` =
+        :math:`(M + S)^{-1} b` for its present damping S only (a copy; the caches are shared;
+        a further :meth:`add_diagonal` drops the inverse). For a rule that has already
+        decomposed :math:`M + S` for this damping, so that
+        :class:`~steepest.solvers.Auto` solves with that decomposition.
+
+        >>> damped = op.add_diagonal(lam * d**2).with_inverse(lambda b, s: ...)
+        """
+        op = copy.copy(self)
+        op._inverse, op.inverse_exact, op.inverse_diagonal = inverse, exact, True
+        op._inverse_shift = self.shift  # valid for this damping only (not after add_diagonal)
         return op
 
     def __add__(self, lam: float) -> LinearOperator:

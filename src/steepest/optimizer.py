@@ -48,7 +48,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .damping import Damping, Trial, as_damping
+from .damping import Damping, MoreTrustRegion, Trial, as_damping
 from .distributed import DataParallel, as_data_parallel
 from .errors import (
     ConfigurationError,
@@ -59,8 +59,8 @@ from .errors import (
 )
 from .hessian_free import backtrack_iterates, keeping_iterates, preconditioner
 from .linop import LinearOperator
-from .losses import Loss, as_loss
-from .metrics import GradientCovariance, Metric
+from .losses import MSE, Loss, as_loss
+from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
 from .params import ParamSpace
 from .point import ForwardGuard, Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, as_solver
@@ -134,10 +134,18 @@ class Optimizer:
 
     ftol, xtol, gtol: stopping rules with MINPACK's meanings (default 1e-8, 1e-8, 0), checked on
         every try: ftol on the relative actual and predicted reductions of L, xtol on the step
-        norm relative to :math:`\|\theta\| +` xtol, gtol on :math:`\max_j |g_j|` (MINPACK's
-        cosine needs residuals; a model's loss has none). When one fires, ``StepInfo.converged``
-        is True with the ``reason`` and no further try is made: a converged run no longer
-        burns its tries on rejected steps. Set a tolerance to 0 to turn it off.
+        norm relative to :math:`\|\theta\| +` xtol; gtol, checked at the start of a step, is
+        MINPACK's cosine for an MSE loss (no weight decay), the largest cosine between the
+        residual :math:`r = (z - y)/\sigma` and a column of its Jacobian,
+        :math:`\max_j |J_j^T r| / (\|J_j\| \|r\|) = \max_j |g_j| / \sqrt{2 L\, G_{jj}}`
+        (G the GGN of MSE: its diagonal read from the metric's M when M is GaussNewton, GGN
+        or the exact Fisher on the whole batch, else one GGN diagonal more per step), and
+        :math:`\max_j |g_j|` for any other loss, which has no residuals. gtol's default 0
+        (off) spares that diagonal; ``gtol=1e-8`` with MSE, GaussNewton and MoreTrustRegion is
+        scipy's ``least_squares(method="lm")`` with its default tolerances, try for try
+        (benchmarks/fit.md). When one fires, ``StepInfo.converged`` is True with the
+        ``reason`` and no further try is made: a converged run no longer burns its tries on
+        rejected steps. Set a tolerance to 0 to turn it off.
 
     reuse: when a step is accepted, its trial's forward at :math:`\theta + \delta` becomes the
         next step's point (:class:`~steepest.point.Point` built on that forward's autograd
@@ -189,7 +197,7 @@ class Optimizer:
         gtol: float = 0.0,
         reuse: bool = True,
     ) -> None:
-        from .metrics import GGN, Hessian
+        from .metrics import Hessian
 
         if not isinstance(model, nn.Module):
             raise ConfigurationError(
@@ -435,6 +443,37 @@ class Optimizer:
             warnings.warn(change.note, ParameterChangeWarning, stacklevel=3)
         return change.note
 
+    def _least_squares(self) -> bool:
+        """Whether the objective is a sum of squares whose residual and Jacobian the optimizer
+        sees (an MSE loss, no weight decay): then gtol is MINPACK's cosine test."""
+        return isinstance(self.loss, MSE) and self._l2 is None
+
+    def _cosine(self, point: Point, cpoint: Point, op: LinearOperator, value0: float,
+                g: Tensor) -> float:
+        r"""MINPACK's gtol quantity for the residual :math:`r = (z - y)/\sigma` of an MSE loss,
+        :math:`\max_j |J_j^T r| / (\|J_j\| \|r\|)`, the largest cosine between r and a
+        column of its Jacobian (0 for a zero column). With :math:`L = \|r\|^2/(2N)`,
+        :math:`g = J^T r/N` and :math:`G = J^T J/N` (the GGN, = Fisher, of MSE) it is
+        :math:`\max_j |g_j| / \sqrt{2 L\, G_{jj}}`. diag(G) is read from this step's metric
+        when it is G up to a constant (GaussNewton, GGN, Fisher on the whole batch), from the
+        matrix ``MoreTrustRegion`` forms anyway; otherwise it costs one GGN diagonal (the
+        per-sample Jacobians)."""
+        sigma2 = self.loss.sigma**2
+        metric = type(self.metric)
+        exact = metric in (GGN, GaussNewton) or (
+            metric is Fisher and self.metric.mc_samples is None)
+        if cpoint is point and exact:
+            if isinstance(self.damping, MoreTrustRegion):
+                self.damping.form(op)  # cached on op: the rule's decomposition reuses it
+            diag = op.diagonal()
+            if isinstance(self.metric, GaussNewton):  # J^T J / N without the 1/sigma^2
+                diag = diag / sigma2
+        else:
+            diag = self._operator(GGN(), point).diagonal()
+        den = (2 * value0 * diag.clamp_min(0)).sqrt()
+        cos = torch.where(den > 0, g.abs() / den, torch.zeros_like(den))
+        return float(cos.max())
+
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
         guard = self._guard or ForwardGuard()
         if curvature is not None:
@@ -501,7 +540,8 @@ class Optimizer:
                 value0, self.damping.value, 0.0,
                 "zero gradient: theta is a stationary point, no step taken",
                 converged=True, reason="gtol")
-        if self.gtol > 0 and float(g.abs().max()) <= self.gtol:
+        cosine = self.gtol > 0 and self._least_squares()
+        if self.gtol > 0 and not cosine and float(g.abs().max()) <= self.gtol:
             return StepInfo.no_step(
                 value0, self.damping.value, gnorm,
                 f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
@@ -513,6 +553,14 @@ class Optimizer:
                 "damping unchanged")
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
+        if cosine:
+            cos = self._cosine(point, cpoint, op, value0, g)
+            if cos <= self.gtol:
+                self.generator.set_state(saved["generator"])  # a sub-batch draw undone
+                return StepInfo.no_step(
+                    value0, self.damping.value, gnorm,
+                    f"converged: max_j |J_j^T r| / (||J_j|| ||r||) = {cos:.3g} <= gtol = "
+                    f"{self.gtol:g}, no step taken", converged=True, reason="gtol")
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
             op = _plus_diagonal(op, self._l2)
         trials = Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
