@@ -425,3 +425,47 @@ def test_more_first_step_rule_lasts_until_a_step_is_accepted():
     assert rule._first
     rule.update(0.5, Trial(delta, float(g @ delta), 1.0, 0.5))
     assert not rule._first
+
+
+class _Gated(torch.nn.Module):
+    """A linear model of 6 weights and two gates entering only through relu(gate - 5): at
+    gate = 0 their columns of J are exactly zero (the SVD then gives singular values ~1e-17
+    s_max, not 0)."""
+
+    def __init__(self):
+        super().__init__()
+        f64 = torch.float64
+        self.w1 = torch.nn.Parameter(0.1 * torch.ones(2, 1, dtype=f64))
+        self.gate1 = torch.nn.Parameter(torch.zeros(1, dtype=f64))
+        self.w2 = torch.nn.Parameter(0.1 * torch.ones(2, 1, dtype=f64))
+        self.gate2 = torch.nn.Parameter(torch.zeros(1, dtype=f64))
+        self.w3 = torch.nn.Parameter(0.1 * torch.ones(2, 1, dtype=f64))
+
+    def forward(self, x):
+        w = torch.cat([self.w1, self.w2, self.w3])
+        on1, on2 = torch.relu(self.gate1 - 5.0), torch.relu(self.gate2 - 5.0)
+        return x @ w + on1 * x[:, :1] + on2 * x[:, 1:2]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_more_trust_region_leaves_zero_jacobian_columns_alone(seed):
+    """Parameters whose Jacobian column is exactly zero get no step, as in MINPACK (a zero R_kk:
+    nsing) and scipy's least_squares(method="lm"): singular values at rounding level count as
+    zeros on the SVD route (before: their rounding-noise c_i / (mu_i + tiny lambda) threw the
+    gates by about the trust radius, e.g. to -764, or past 5, switching their relu on)."""
+    g = seeded(seed)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.logspace(
+        0, 2, 6, dtype=torch.float64
+    )
+    y = x @ torch.randn(6, 1, generator=g, dtype=torch.float64)
+    y = y + 0.1 * torch.randn(40, 1, generator=g, dtype=torch.float64)
+    model = _Gated()
+    opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), gtol=1e-8)
+    for _ in range(10):
+        info = opt.step(x, y)
+        if info.converged:
+            break
+    gates = torch.cat([model.gate1, model.gate2]).detach()
+    assert float(gates.abs().max()) < 1e-10  # rounding of the kept singular vectors
+    w = torch.cat([model.w1, model.w2, model.w3]).detach()
+    assert rel_err(w, torch.linalg.lstsq(x, y).solution) < 1e-8

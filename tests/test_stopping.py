@@ -264,3 +264,24 @@ def test_outputs_not_per_sample_take_the_batched_route():
     opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=LevenbergMarquardt())
     infos = run(opt, x, y, 50)
     assert infos[-1].converged and infos[-1].loss < infos[0].loss
+
+
+def test_a_gtol_stop_leaves_a_stateful_metric_unchanged():
+    """The cosine is computed after the metric's operator is built: a gtol stop undoes that
+    build (K-FAC's counters, factors and eigendecompositions), as a failed step does."""
+    import copy
+
+    from steepest import KFAC
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(15, 3, dtype=torch.float64)
+    y = torch.randn(15, 2, dtype=torch.float64)
+    opt = Optimizer(model, MSE(), metric=KFAC(), damping=LevenbergMarquardt(), gtol=1.0)
+    before = copy.deepcopy(opt.state_dict())
+    info = opt.step(x, y)
+    assert info.converged and info.reason == "gtol"
+    after = opt.state_dict()
+    assert after["metric"]["calls"] == before["metric"]["calls"] == 0
+    assert after["metric"]["factors"] is None and after["metric"]["eig"] is None
+    assert torch.equal(after["generator"], before["generator"])

@@ -319,7 +319,8 @@ class MoreTrustRegion(Damping):
         self.scale: Tensor | None = None  # D
         self._first = True  # the first try adjusts Delta to min(Delta, ||D delta||)
         self._spectrum: tuple | None = None  # (refs to op and g, D, mu, c, ...) of this step
-        self._basis: Tensor | None = None  # V^T of the factor's SVD (None: the dense path)
+        # V^T of the factor's SVD (kept rows, and all rows where a complement exists)
+        self._basis: tuple | None = None
         self._floor = False  # lambda is the singular margin standing for MINPACK's 0
         self._tiny = False  # this step's factor is numerically rank deficient
         self._lift = False
@@ -380,12 +381,25 @@ class MoreTrustRegion(Damping):
         if self.scale is not None:
             d = torch.maximum(self.scale.to(d), d)
         gs = g / d
+        vh_all = None
         if factor:
             _, sv, vh = torch.linalg.svd(f.U / d / math.sqrt(f.n), full_matrices=False)
             mu = sv.pow(2)
             c = vh @ gs
             # g outside the row space of the factor (only when it has fewer rows than P)
-            c_perp2 = max(float(gs @ gs - c @ c), 0.0) if mu.numel() < op.size else 0.0
+            fewer = mu.numel() < op.size
+            c_perp2 = max(float(gs @ gs - c @ c), 0.0) if fewer else 0.0
+            # singular values at rounding level (numpy's rank test: a column of J that is
+            # exactly zero gives s ~ 1e-17 s_max, not 0) are MINPACK's exact zeros of R: their
+            # directions get no step (nsing), their c_i (rounding noise) is dropped, where
+            # c_i / (mu_i + lambda) would spend the whole radius on a direction J does not see
+            eps = torch.finfo(mu.dtype).eps
+            keep = mu > (eps * max(f.U.shape)) ** 2 * mu.max()
+            if not bool(keep.all()):
+                vh_all = vh if fewer else None  # the complement term keeps its projection
+                mu, c, vh = mu[keep], c[keep], vh[keep]
+            elif fewer:
+                vh_all = vh
         else:
             mu, q = eigh(m / d[:, None] / d[None, :], f"the scaled {op.name}")
             c = q.T @ gs
@@ -394,17 +408,17 @@ class MoreTrustRegion(Damping):
         # singular: fewer singular values than parameters, or an eigenvalue at or below 0. A tiny
         # positive one is kept: a nearly flat direction with a tiny gradient still has a
         # well-defined Gauss-Newton step c_i / mu_i (MINPACK treats only exact zeros as singular)
-        singular = mu.numel() < op.size or float(mu.min()) <= 0
+        dropped = factor and mu.numel() < min(f.U.shape)
+        singular = (mu.numel() < op.size and not dropped) or (
+            mu.numel() > 0 and float(mu.min()) <= 0) or (dropped and vh_all is not None)
         # numerically rank deficient (numpy's rank test on the singular values): lambda is
-        # still MINPACK's, which treats only exact zeros as singular, but kept at least at the
-        # margin below, so that M + lambda D^2 stays positive definite for any solver
-        eps = torch.finfo(mu.dtype).eps
-        self._tiny = vh is not None and not singular and (
-            float(mu.min()) <= (eps * max(f.U.shape)) ** 2 * float(mu.max()))
+        # MINPACK's on the kept directions, but kept at least at the margin below, so that
+        # M + lambda D^2 stays positive definite for any other solver (Cholesky)
+        self._tiny = dropped and vh_all is None
         self._lift = False  # lambda lifted to the margin after a failed factorisation
         # weak references: the step's operator (and its graph) is not kept alive after it
         self._spectrum = (weakref.ref(op), weakref.ref(g), d, mu, c, c_perp2, singular)
-        self._basis = vh
+        self._basis = (vh, vh_all)
         return self._spectrum[2:]
 
     @staticmethod
@@ -527,31 +541,34 @@ class MoreTrustRegion(Damping):
         self.lam = self._solve_lambda(mu, c, c_perp2, self.radius, singular)
         self.scale = d.detach().clone()  # D only grows (MINPACK mode 1)
         damped = op.add_diagonal(self.lam * d.pow(2))
-        vh = self._basis
-        if vh is None or op.is_damped() or (self.lam <= 0 and mu.numel() < op.size):
+        vh, vh_all = self._basis if self._basis is not None else (None, None)
+        if vh is None or op.is_damped() or (self.lam <= 0 and vh_all is not None):
             return damped
-        return damped.with_inverse(self._svd_inverse(d, mu, vh, self.lam))
+        return damped.with_inverse(self._svd_inverse(d, mu, vh, self.lam, vh_all))
 
     @staticmethod
-    def _svd_inverse(d: Tensor, mu: Tensor, vh: Tensor, lam: float):
+    def _svd_inverse(d: Tensor, mu: Tensor, vh: Tensor, lam: float,
+                     vh_all: Tensor | None = None):
         r"""The inverse of :math:`M + \lambda D^2` from the SVD of the scaled factor,
         :math:`U D^{-1}/\sqrt n = W S V^T`, :math:`\mu = s^2`:
 
         .. math:: (M + \lambda D^2)^{-1} b = D^{-1}\big(V (\mathrm{diag}(\mu) +
                   \lambda)^{-1} V^T + \lambda^{-1}(I - V V^T)\big) D^{-1} b
 
-        (the last term only when the factor has fewer rows than parameters). The step then
-        has the accuracy of MINPACK's QR of :math:`J D^{-1}`: the conditioning of J, not of
+        (the last term only when the factor has fewer rows than parameters, V then all its
+        right singular vectors ``vh_all``). Directions of singular values at rounding level,
+        dropped from ``vh`` (MINPACK's exact zeros of R), get no component: a pseudo-inverse
+        there, as MINPACK's step has none along a zero column of J. The step then has the
+        accuracy of MINPACK's QR of :math:`J D^{-1}`: the conditioning of J, not of
         :math:`J^T J` (a Cholesky of the damped M squares it)."""
         inv = 1.0 / (mu + lam)
-        full = vh.shape[0] == vh.shape[1]
 
         def inverse(b: Tensor, shift: float | Tensor) -> Tensor:
             y = b / d
             w = vh @ y
             x = vh.T @ (inv * w)
-            if not full:
-                x = x + (y - vh.T @ w) / lam
+            if vh_all is not None:
+                x = x + (y - vh_all.T @ (vh_all @ y)) / lam
             return x / d
 
         return inverse

@@ -556,7 +556,9 @@ class Optimizer:
         if cosine:
             cos = self._cosine(point, cpoint, op, value0, g)
             if cos <= self.gtol:
-                self.generator.set_state(saved["generator"])  # a sub-batch draw undone
+                # no step: the operator's build (a stateful metric's refresh, a sub-batch
+                # draw) is undone, as by a failed step
+                self._load_state(saved)
                 return StepInfo.no_step(
                     value0, self.damping.value, gnorm,
                     f"converged: max_j |J_j^T r| / (||J_j|| ||r||) = {cos:.3g} <= gtol = "
