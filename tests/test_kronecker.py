@@ -951,3 +951,57 @@ def test_a_factor_eigh_that_returns_nan_in_float32_is_redone_in_float64(monkeypa
     bad[0, 1] = float("inf")
     with pytest.raises(NonFiniteError, match="Kronecker factor"):
         kronecker_blocks._eigh(bad)
+
+
+def _factored_dense(metric: KFAC, model: nn.Module, lam: float) -> torch.Tensor:
+    """Martens & Grosse's factored damping (G + sqrt(lam)/pi I) (x) (A + pi sqrt(lam) I) of
+    every Linear block, built densely with torch.kron from the metric's factors, in the flat
+    parameter order (float64)."""
+    size = sum(p.numel() for p in model.parameters())
+    out = torch.zeros(size, size, dtype=F64)
+    blocks = metric.state_dict()["factors"]["blocks"]
+    offset = 0
+    for i, m in enumerate(mod for mod in model if isinstance(mod, nn.Linear)):
+        A, G = blocks[(2 * i, 2 * i + 1)]
+        A, G = A[0], G[0]
+        pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+        ea, eg = torch.eye(A.shape[0], dtype=F64), torch.eye(G.shape[0], dtype=F64)
+        k = torch.kron(G + lam**0.5 / pi * eg, A + pi * lam**0.5 * ea)
+        perm = layer_perm(m.out_features, m.in_features, offset)
+        out[torch.tensor(perm)[:, None], torch.tensor(perm)[None, :]] = k
+        offset += m.weight.numel() + m.bias.numel()
+    return out
+
+
+def test_factored_damping_follows_levenberg_marquardts_lambda_on_every_try():
+    """``KFAC(damping="factored")`` on the Optimizer path with Levenberg-Marquardt: the
+    inverse of the damped factors is kept per lambda, so a try solved again at another lambda
+    (a rejected step) and every later step invert the factored matrix of their own lambda:
+    each accepted step is -(factored K-FAC at the step's last lambda)^-1 g, built densely."""
+    torch.manual_seed(26)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    g = seeded(104)
+    x, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randn(16, 2, generator=g, dtype=F64)
+    metric = KFAC(GGN(), damping="factored", ema=None, T_cov=1, T_inv=1)
+    op = metric.operator(Point(model, MSE(), x, y))
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    for lam in (0.3, 3.0, 0.3):  # the same operator, lambda changed between solves
+        assert (
+            rel_err((op + lam).solve(b), torch.linalg.solve(_factored_dense(metric, model, lam), b))
+            < 1e-12
+        )
+    opt = steepest.Optimizer(
+        model, MSE(), metric=metric, damping=steepest.LevenbergMarquardt(init=1e-4)
+    )
+    retried = 0
+    for _ in range(8):
+        theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        point = Point(model, MSE(), x, y)
+        info = opt.step(x, y)
+        theta1 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        if not info.accepted:
+            continue
+        retried += info.tries > 1
+        want = -torch.linalg.solve(_factored_dense(metric, model, info.damping), point.grad)
+        assert rel_err(theta1 - theta0, want) < 1e-10
+    assert retried >= 1  # a try rejected and solved again at a raised lambda
