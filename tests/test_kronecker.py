@@ -674,20 +674,28 @@ def test_layer_called_twice_per_sample_signs_and_scalings():
     assert rel_err(ekfac.scalings()[(0, 1)][0], want) < 1e-12
 
 
-def test_capture_forward_sees_the_point_dropout_masks():
-    """Inside Optimizer.step, K-FAC's capture forward draws the same Dropout masks as the
-    point's forward (and the trial's), so its factors belong to the same network."""
+@pytest.mark.parametrize("stats_batch", [None, 5])
+def test_capture_forward_sees_the_point_dropout_masks(stats_batch):
+    """Inside Optimizer.step, K-FAC's factors come from the point's forward (recorded: no
+    forward of their own) or, with ``stats_batch`` (a forward of the capture), from the same
+    Dropout masks as the point's forward (and the trial's): they belong to the same network,
+    A = E[a a^T] of the inputs the point's forward saw."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 2)).double()
     x = torch.randn(5, 6, generator=seeded(80), dtype=F64) + 3
     y = torch.randn(5, 2, generator=seeded(81), dtype=F64)
     seen = []
-    model[1].register_forward_hook(lambda m, i, o: seen.append((i[0] != 0).detach().clone()))
-    opt = steepest.Optimizer(model, MSE(), metric=KFAC(GGN()), damping=1e-2)
+    model[1].register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    metric = KFAC(GGN(), stats_batch=stats_batch)
+    opt = steepest.Optimizer(model, MSE(), metric=metric, damping=1e-2)
     opt.step(x, y)
-    assert len(seen) >= 3  # the point, the capture, the trial
-    assert all(torch.equal(s, seen[0]) for s in seen)
-    assert not seen[0].all()  # Dropout really dropped something
+    # the point, the trial, and the capture's own forward with stats_batch only
+    assert len(seen) == (2 if stats_batch is None else 3)
+    assert all(torch.equal(s != 0, seen[0] != 0) for s in seen)
+    assert not (seen[0] != 0).all()  # Dropout really dropped something
+    a = torch.cat([seen[0], torch.ones(5, 1, dtype=F64)], 1)
+    A = metric.state_dict()["factors"]["blocks"][(0, 1)][0][0]
+    assert rel_err(A, a.T @ a / 5) < 1e-13
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
@@ -1005,3 +1013,53 @@ def test_factored_damping_follows_levenberg_marquardts_lambda_on_every_try():
         want = -torch.linalg.solve(_factored_dense(metric, model, info.damping), point.grad)
         assert rel_err(theta1 - theta0, want) < 1e-10
     assert retried >= 1  # a try rejected and solved again at a raised lambda
+
+
+class _OwnForwardKFAC(KFAC):
+    """K-FAC whose factors always come from a forward of their own (nothing recorded)."""
+
+    record_layers = ()
+
+
+def test_factors_from_the_recorded_forward_equal_those_of_a_second_forward():
+    """The Optimizer's forwards record K-FAC's layers (``record_layers``) so that a refresh
+    differentiates the point's own graph: on a model with BatchNorm in training mode, an
+    in-place ReLU, Dropout and a LayerNorm (a diagonal block from the per-parameter views),
+    three steps are those of K-FAC with a second forward for its factors, with one forward
+    fewer per step."""
+    g = seeded(105)
+    x, y = torch.randn(12, 4, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+
+    def run(cls):
+        torch.manual_seed(27)
+        model = nn.Sequential(
+            nn.Linear(4, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(6, 5),
+            nn.LayerNorm(5),
+            nn.Linear(5, 3),
+        ).to(F64)
+        forwards = []
+        model[0].register_forward_hook(lambda m, i, o: forwards.append(1))
+        metric = cls(ema=None, T_cov=1, T_inv=1, rescale="momentum")
+        opt = steepest.Optimizer(
+            model, CrossEntropy(), metric=metric, damping=steepest.LevenbergMarquardt(1e-1)
+        )
+        for _ in range(3):
+            opt.step(x, y)
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return theta, metric.state_dict()["factors"], len(forwards), model[1].running_mean
+
+    theta, fac, n_rec, bn = run(KFAC)
+    theta2, fac2, n_own, bn2 = run(_OwnForwardKFAC)
+    assert rel_err(theta, theta2) < 1e-12
+    for key, (A, G) in fac2["blocks"].items():
+        assert rel_err(fac["blocks"][key][0], A) < 1e-12
+        assert rel_err(fac["blocks"][key][1], G) < 1e-12
+    assert fac["others"].keys() == fac2["others"].keys()
+    for i, d in fac2["others"].items():
+        assert rel_err(fac["others"][i], d) < 1e-12
+    assert torch.equal(bn, bn2)  # the running statistics moved once a step in both
+    assert n_rec == n_own - 3  # no capture forward

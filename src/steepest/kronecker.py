@@ -31,10 +31,13 @@ expand over the spatial positions of the unfolded patches, one block per group. 
 trainable parameter (LayerNorm, BatchNorm affine, embeddings, custom modules, a weight shared
 by several layers) gets the exact diagonal of the same base, so no model is refused.
 
-The factors come from module hooks on one extra forward and backward pass of the batch: the
-layers' inputs and the gradients of their outputs, never hand-written per-layer derivatives
+The factors come from module hooks: the layers' inputs and the gradients of their outputs
+(one backward of the columns of S), never hand-written per-layer derivatives
 (:mod:`steepest.kronecker_capture`: the capture and the factor statistics; this module builds
-the operators and their inverses from them).
+the operators and their inverses from them). Under ``Optimizer`` the point's own forward
+records the layers (``record_layers``), so a refresh adds only that backward; elsewhere
+(``steepest.curvature``, ``TorchOptimizer``, the Preconditioner, ``stats_batch``) the capture
+runs one forward of its own.
 
 :class:`EKFAC` (George et al. 2018) keeps the eigenbasis :math:`Q_G \otimes Q_A` of the factors
 and re-estimates the diagonal in it from per-sample gradients,
@@ -82,7 +85,7 @@ from .kronecker_blocks import (
     _Structure,
     _structure_copy,
 )
-from .kronecker_capture import factor_statistics
+from .kronecker_capture import _KRON_TYPES, factor_statistics
 from .linop import LinearOperator
 from .metrics import (
     GGN,
@@ -241,6 +244,17 @@ class KFAC(Metric):
         self._recorded: dict | None = None  # rows of the gradient being solved (Preconditioner)
         self.fast_blocks = 0  # blocks the last solve preconditioned from recorded rows
         self._probe_cache: dict = {}  # the recorded-rows check's probe vectors, per shape
+
+    @property
+    def record_layers(self) -> tuple[type, ...]:
+        """The layer types whose calls the optimizer's forwards record for the next
+        :meth:`operator` call (:func:`steepest.point.forward`'s ``record``): the Kronecker
+        layers when that call refreshes the factors from the whole batch, so that the refresh
+        differentiates the point's own graph instead of running a second forward; none
+        otherwise (``stats_batch`` forwards its sub-batch itself)."""
+        st = self._state
+        due = st["factors"] is None or st["calls"] % self.T_cov == 0
+        return _KRON_TYPES if due and self.stats_batch is None else ()
 
     def needs_point(self) -> bool:
         """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
