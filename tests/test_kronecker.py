@@ -1063,3 +1063,45 @@ def test_factors_from_the_recorded_forward_equal_those_of_a_second_forward():
         assert rel_err(fac["others"][i], d) < 1e-12
     assert torch.equal(bn, bn2)  # the running statistics moved once a step in both
     assert n_rec == n_own - 3  # no capture forward
+
+
+def test_conv_factors_from_the_recorded_forward_equal_those_of_a_second_forward():
+    """The same for KFC (Conv2d with padding and stride, the unfolded patches of the recorded
+    input) and a Conv1d called twice (two calls of one module, both recorded)."""
+    g = seeded(106)
+    x, y = torch.randn(6, 2, 5, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+            self.conv1 = nn.Conv1d(3, 3, 2)
+            self.out = nn.Linear(12, 3)
+
+        def forward(self, inp):
+            h = torch.tanh(self.conv(inp)).flatten(2)  # (N, 3, 9)
+            h = torch.tanh(self.conv1(torch.tanh(self.conv1(h))))  # (N, 3, 8), (N, 3, 7)
+            return self.out(h[..., :4].flatten(1))
+
+    def run(cls):
+        torch.manual_seed(28)
+        model = Net().to(F64)
+        forwards = []
+        model.conv.register_forward_hook(lambda m, i, o: forwards.append(1))
+        metric = cls(GGN(), ema=None, T_cov=1, T_inv=1)
+        opt = steepest.Optimizer(
+            model, CrossEntropy(), metric=metric, damping=steepest.LevenbergMarquardt(1e-1)
+        )
+        for _ in range(2):
+            opt.step(x, y)
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return theta, metric.state_dict()["factors"], len(forwards)
+
+    theta, fac, n_rec = run(KFAC)
+    theta2, fac2, n_own = run(_OwnForwardKFAC)
+    assert n_rec == n_own - 2  # the recorded forward served both refreshes
+    assert rel_err(theta, theta2) < 1e-12
+    assert fac["blocks"].keys() == fac2["blocks"].keys() and len(fac2["blocks"]) == 3
+    for key, (A, G) in fac2["blocks"].items():
+        assert rel_err(fac["blocks"][key][0], A) < 1e-12
+        assert rel_err(fac["blocks"][key][1], G) < 1e-12
