@@ -37,6 +37,11 @@ Methods
   eigendecompositions at every step); ``T=2``: ``T_cov=T_inv=2``, every other step;
   ``stats_batch=N/2``: the factors of every step from a random half of the batch
   (``KFAC(stats_batch=k)``, k in the problem's ``stats_batch``).
+- ``K-FAC full batch T=1 factored damping (...)``: the T=1 row with ``damping="factored"``,
+  Martens & Grosse's factored Tikhonov damping (A + pi sqrt(lambda) I) (x) (G + sqrt(lambda)/pi
+  I) (section 6.3), its damped factors inverted by Cholesky at each try's
+  lambda instead of twelve eigendecompositions; ``stats_batch=N/2``: with the factors from half
+  the batch as above.
 - ``K-FAC Preconditioner + SGD (momentum 0.9; tuned lr)``: the Preconditioner mode
   (``steepest.Preconditioner(model, loss)`` at its defaults: ``KFAC(damping="factored")``,
   lambda 1e-3) preconditioning ``.grad`` after ``loss.backward()``, then
@@ -242,6 +247,14 @@ KFAC_KINDS: dict[str, Callable[[dict], dict]] = {
         **FULL,
         "stats_batch": prob["stats_batch"],
     },
+    # Martens & Grosse's factored Tikhonov damping: the damped factors inverted by Cholesky
+    "kfac-full-fact": lambda prob: {"rescale": "momentum", **FULL, "damping": "factored"},
+    "kfac-full-fact-half": lambda prob: {
+        "rescale": "momentum",
+        **FULL,
+        "damping": "factored",
+        "stats_batch": prob["stats_batch"],
+    },
 }
 
 
@@ -369,6 +382,14 @@ ROWS = {  # row name -> (kind, tuned key: "lr" / "damping" / None)
         "kfac-full-half",
         "damping",
     ),
+    "K-FAC full batch T=1 factored damping (rescale=momentum; tuned damping)": (
+        "kfac-full-fact",
+        "damping",
+    ),
+    "K-FAC full batch T=1 factored damping stats_batch=N/2 (rescale=momentum; tuned damping)": (
+        "kfac-full-fact-half",
+        "damping",
+    ),
     "K-FAC Preconditioner + SGD (momentum 0.9; tuned lr)": ("kfac-pre", "lr"),
     "K-FAC Preconditioner kl_clip=1e-3 + SGD (momentum 0.9; tuned lr)": ("kfac-pre-kl", "lr"),
 }
@@ -382,6 +403,8 @@ GRID_KEY = {
     "kfac-full": "kfac_damping",
     "kfac-full2": "kfac_damping",
     "kfac-full-half": "kfac_damping",
+    "kfac-full-fact": "kfac_damping",
+    "kfac-full-fact-half": "kfac_damping",
     "kfac-pre": "pre_lr",
     "kfac-pre-kl": "pre_lr",
 }

@@ -674,20 +674,28 @@ def test_layer_called_twice_per_sample_signs_and_scalings():
     assert rel_err(ekfac.scalings()[(0, 1)][0], want) < 1e-12
 
 
-def test_capture_forward_sees_the_point_dropout_masks():
-    """Inside Optimizer.step, K-FAC's capture forward draws the same Dropout masks as the
-    point's forward (and the trial's), so its factors belong to the same network."""
+@pytest.mark.parametrize("stats_batch", [None, 5])
+def test_capture_forward_sees_the_point_dropout_masks(stats_batch):
+    """Inside Optimizer.step, K-FAC's factors come from the point's forward (recorded: no
+    forward of their own) or, with ``stats_batch`` (a forward of the capture), from the same
+    Dropout masks as the point's forward (and the trial's): they belong to the same network,
+    A = E[a a^T] of the inputs the point's forward saw."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 2)).double()
     x = torch.randn(5, 6, generator=seeded(80), dtype=F64) + 3
     y = torch.randn(5, 2, generator=seeded(81), dtype=F64)
     seen = []
-    model[1].register_forward_hook(lambda m, i, o: seen.append((i[0] != 0).detach().clone()))
-    opt = steepest.Optimizer(model, MSE(), metric=KFAC(GGN()), damping=1e-2)
+    model[1].register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    metric = KFAC(GGN(), stats_batch=stats_batch)
+    opt = steepest.Optimizer(model, MSE(), metric=metric, damping=1e-2)
     opt.step(x, y)
-    assert len(seen) >= 3  # the point, the capture, the trial
-    assert all(torch.equal(s, seen[0]) for s in seen)
-    assert not seen[0].all()  # Dropout really dropped something
+    # the point, the trial, and the capture's own forward with stats_batch only
+    assert len(seen) == (2 if stats_batch is None else 3)
+    assert all(torch.equal(s != 0, seen[0] != 0) for s in seen)
+    assert not (seen[0] != 0).all()  # Dropout really dropped something
+    a = torch.cat([seen[0], torch.ones(5, 1, dtype=F64)], 1)
+    A = metric.state_dict()["factors"]["blocks"][(0, 1)][0][0]
+    assert rel_err(A, a.T @ a / 5) < 1e-13
 
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
@@ -951,3 +959,166 @@ def test_a_factor_eigh_that_returns_nan_in_float32_is_redone_in_float64(monkeypa
     bad[0, 1] = float("inf")
     with pytest.raises(NonFiniteError, match="Kronecker factor"):
         kronecker_blocks._eigh(bad)
+
+
+def _factored_dense(metric: KFAC, model: nn.Module, lam: float) -> torch.Tensor:
+    """Martens & Grosse's factored damping (G + sqrt(lam)/pi I) (x) (A + pi sqrt(lam) I) of
+    every Linear block, built densely with torch.kron from the metric's factors, in the flat
+    parameter order (float64)."""
+    size = sum(p.numel() for p in model.parameters())
+    out = torch.zeros(size, size, dtype=F64)
+    blocks = metric.state_dict()["factors"]["blocks"]
+    offset = 0
+    for i, m in enumerate(mod for mod in model if isinstance(mod, nn.Linear)):
+        A, G = blocks[(2 * i, 2 * i + 1)]
+        A, G = A[0], G[0]
+        pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+        ea, eg = torch.eye(A.shape[0], dtype=F64), torch.eye(G.shape[0], dtype=F64)
+        k = torch.kron(G + lam**0.5 / pi * eg, A + pi * lam**0.5 * ea)
+        perm = layer_perm(m.out_features, m.in_features, offset)
+        out[torch.tensor(perm)[:, None], torch.tensor(perm)[None, :]] = k
+        offset += m.weight.numel() + m.bias.numel()
+    return out
+
+
+def test_factored_damping_follows_levenberg_marquardts_lambda_on_every_try():
+    """``KFAC(damping="factored")`` on the Optimizer path with Levenberg-Marquardt: the
+    inverse of the damped factors is kept per lambda, so a try solved again at another lambda
+    (a rejected step) and every later step invert the factored matrix of their own lambda:
+    each accepted step is -(factored K-FAC at the step's last lambda)^-1 g, built densely."""
+    torch.manual_seed(26)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(F64)
+    g = seeded(104)
+    x, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randn(16, 2, generator=g, dtype=F64)
+    metric = KFAC(GGN(), damping="factored", ema=None, T_cov=1, T_inv=1)
+    op = metric.operator(Point(model, MSE(), x, y))
+    b = torch.randn(op.size, generator=g, dtype=F64)
+    for lam in (0.3, 3.0, 0.3):  # the same operator, lambda changed between solves
+        assert (
+            rel_err((op + lam).solve(b), torch.linalg.solve(_factored_dense(metric, model, lam), b))
+            < 1e-12
+        )
+    opt = steepest.Optimizer(
+        model, MSE(), metric=metric, damping=steepest.LevenbergMarquardt(init=1e-4)
+    )
+    retried = 0
+    for _ in range(8):
+        theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        point = Point(model, MSE(), x, y)
+        info = opt.step(x, y)
+        theta1 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        if not info.accepted:
+            continue
+        retried += info.tries > 1
+        want = -torch.linalg.solve(_factored_dense(metric, model, info.damping), point.grad)
+        assert rel_err(theta1 - theta0, want) < 1e-10
+    assert retried >= 1  # a try rejected and solved again at a raised lambda
+
+
+class _OwnForwardKFAC(KFAC):
+    """K-FAC whose factors always come from a forward of their own (nothing recorded)."""
+
+    record_layers = ()
+
+
+def test_factors_from_the_recorded_forward_equal_those_of_a_second_forward():
+    """The Optimizer's forwards record K-FAC's layers (``record_layers``) so that a refresh
+    differentiates the point's own graph: on a model with BatchNorm in training mode, an
+    in-place ReLU, Dropout and a LayerNorm (a diagonal block from the per-parameter views),
+    three steps are those of K-FAC with a second forward for its factors, with one forward
+    fewer per step."""
+    g = seeded(105)
+    x, y = torch.randn(12, 4, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+
+    def run(cls):
+        torch.manual_seed(27)
+        model = nn.Sequential(
+            nn.Linear(4, 6),
+            nn.BatchNorm1d(6),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.3),
+            nn.Linear(6, 5),
+            nn.LayerNorm(5),
+            nn.Linear(5, 3),
+        ).to(F64)
+        forwards = []
+        model[0].register_forward_hook(lambda m, i, o: forwards.append(1))
+        metric = cls(ema=None, T_cov=1, T_inv=1, rescale="momentum")
+        opt = steepest.Optimizer(
+            model, CrossEntropy(), metric=metric, damping=steepest.LevenbergMarquardt(1e-1)
+        )
+        for _ in range(3):
+            opt.step(x, y)
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return theta, metric.state_dict()["factors"], len(forwards), model[1].running_mean
+
+    theta, fac, n_rec, bn = run(KFAC)
+    theta2, fac2, n_own, bn2 = run(_OwnForwardKFAC)
+    assert rel_err(theta, theta2) < 1e-12
+    for key, (A, G) in fac2["blocks"].items():
+        assert rel_err(fac["blocks"][key][0], A) < 1e-12
+        assert rel_err(fac["blocks"][key][1], G) < 1e-12
+    assert fac["others"].keys() == fac2["others"].keys()
+    for i, d in fac2["others"].items():
+        assert rel_err(fac["others"][i], d) < 1e-12
+    assert torch.equal(bn, bn2)  # the running statistics moved once a step in both
+    assert n_rec == n_own - 3  # no capture forward
+
+
+def test_conv_factors_from_the_recorded_forward_equal_those_of_a_second_forward():
+    """The same for KFC (Conv2d with padding and stride, the unfolded patches of the recorded
+    input) and a Conv1d called twice (two calls of one module, both recorded)."""
+    g = seeded(106)
+    x, y = torch.randn(6, 2, 5, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+            self.conv1 = nn.Conv1d(3, 3, 2)
+            self.out = nn.Linear(12, 3)
+
+        def forward(self, inp):
+            h = torch.tanh(self.conv(inp)).flatten(2)  # (N, 3, 9)
+            h = torch.tanh(self.conv1(torch.tanh(self.conv1(h))))  # (N, 3, 8), (N, 3, 7)
+            return self.out(h[..., :4].flatten(1))
+
+    def run(cls):
+        torch.manual_seed(28)
+        model = Net().to(F64)
+        forwards = []
+        model.conv.register_forward_hook(lambda m, i, o: forwards.append(1))
+        metric = cls(GGN(), ema=None, T_cov=1, T_inv=1)
+        opt = steepest.Optimizer(
+            model, CrossEntropy(), metric=metric, damping=steepest.LevenbergMarquardt(1e-1)
+        )
+        for _ in range(2):
+            opt.step(x, y)
+        theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return theta, metric.state_dict()["factors"], len(forwards)
+
+    theta, fac, n_rec = run(KFAC)
+    theta2, fac2, n_own = run(_OwnForwardKFAC)
+    assert n_rec == n_own - 2  # the recorded forward served both refreshes
+    assert rel_err(theta, theta2) < 1e-12
+    assert fac["blocks"].keys() == fac2["blocks"].keys() and len(fac2["blocks"]) == 3
+    for key, (A, G) in fac2["blocks"].items():
+        assert rel_err(fac["blocks"][key][0], A) < 1e-12
+        assert rel_err(fac["blocks"][key][1], G) < 1e-12
+
+
+def test_a_point_recording_fewer_layer_types_gets_a_forward_of_its_own():
+    """Point(record=...) with only some of the Kronecker types (here Linear, not Conv2d): the
+    capture runs its own forward, so the conv keeps its Kronecker block (before: it silently
+    became a diagonal block; with record=(ReLU,) no block at all)."""
+    g = seeded(107)
+    x, y = torch.randn(5, 1, 4, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    torch.manual_seed(29)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).to(F64)
+    ref_point = Point(model, CrossEntropy(), x, y)
+    want = KFAC(GGN()).operator(ref_point).to_dense()
+    for record in ((nn.Linear,), (nn.ReLU,), (nn.Linear, nn.Conv2d)):
+        metric = KFAC(GGN())
+        got = metric.operator(Point(model, CrossEntropy(), x, y, record=record)).to_dense()
+        assert set(metric.state_dict()["factors"]["blocks"]) == {(0, 1), (2, 3)}, record
+        assert rel_err(got, want) < 1e-12, record

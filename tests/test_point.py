@@ -70,3 +70,38 @@ def test_hmm_equals_hvp_columns_and_shapes_are_checked():
                 torch.randn(point.size + 1, dtype=torch.float64)):
         with pytest.raises(ShapeError, match="flat parameters"):
             point.jvp(bad)
+
+
+def test_forward_records_layer_calls_without_changing_the_graph():
+    """``forward(..., record=types)`` keeps each recorded module call's input and output (a
+    tensor of the graph, untouched by a later in-place ReLU) and the per-parameter views of
+    theta, while the outputs, loss and gradient stay bit for bit those of a plain forward;
+    the gradient with respect to a recorded output is dL/ds (here the last layer: (z - y)/N)."""
+    from steepest.params import ParamSpace
+    from steepest.point import forward
+
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)).to(F64)
+    g = torch.Generator().manual_seed(32)
+    x, y = torch.randn(7, 3, generator=g, dtype=F64), torch.randn(7, 2, generator=g, dtype=F64)
+    space = ParamSpace(model)
+    plain = forward(space, MSE(), x, y, space.get())
+    rec = forward(space, MSE(), x, y, space.get(), record=(nn.Linear,))
+    assert plain.calls is None and plain.pieces is None
+    assert torch.equal(rec.z, plain.z) and torch.equal(rec.value_t, plain.value_t)
+    (g0,) = torch.autograd.grad(plain.value_t, plain.theta)
+    (g1,) = torch.autograd.grad(rec.value_t, rec.theta, retain_graph=True)
+    assert torch.equal(g0, g1)
+    assert list(rec.calls) == [model[0], model[2]]
+    assert all(len(c) == 1 for c in rec.calls.values())
+    (a0, s0), (a2, s2) = rec.calls[model[0]][0], rec.calls[model[2]][0]
+    assert torch.equal(a0, x)
+    pre = x @ model[0].weight.T + model[0].bias
+    assert torch.allclose(s0, pre, rtol=1e-14, atol=1e-14) and (s0 < 0).any()
+    assert torch.equal(a2, torch.relu(pre.detach()))
+    (ds,) = torch.autograd.grad(rec.value_t, s2)
+    assert torch.allclose(ds, (rec.z.detach() - y) / 7, rtol=1e-14, atol=1e-14)
+    assert [tuple(p.shape) for p in rec.pieces] == [tuple(p.shape) for p in model.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(rec.pieces, model.parameters()))
+    point = Point(model, MSE(), x, y, record=(nn.Linear,))
+    assert list(point.calls) == [model[0], model[2]] and torch.equal(point.grad, g0)

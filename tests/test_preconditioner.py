@@ -356,6 +356,25 @@ def test_damped_inverse_falls_back_to_the_eigendecomposition():
     torch.testing.assert_close(got[1], clamped, rtol=1e-12, atol=1e-12)
 
 
+def test_damped_inverse_of_a_zero_pivot_falls_back_too():
+    """A shift below the rounding of a singular factor leaves an exact zero pivot in the partial
+    Cholesky factor (seen on the digits autoencoder with factored damping and
+    LevenbergMarquardt(reject=False), float32): that group is inverted through its
+    eigendecomposition like any other failed group (before, ``cholesky_inverse`` of the whole
+    batch raised a raw LinAlgError)."""
+    from steepest.kronecker_blocks import _damped_inverse
+
+    m = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[2.0, 0.5], [0.5, 1.0]]], dtype=F64)
+    shift = torch.tensor([1e-20, 1e-20], dtype=F64)[:, None, None]  # 1 + 1e-20 == 1
+    assert torch.linalg.cholesky_ex(m + shift * torch.eye(2, dtype=F64))[1].tolist() == [2, 0]
+    got = _damped_inverse(m, shift, False)
+    mu, q = torch.linalg.eigh(m[0])
+    want = q @ torch.diag(1 / (mu.clamp_min(0) + 1e-20)) @ q.T
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[1], torch.linalg.inv(m[1]), rtol=1e-12, atol=1e-12)
+
+
 def test_state_resumes_bit_for_bit_across_refreshes_and_inverses():
     """Preconditioner.state_dict mid-run, loaded into a fresh Preconditioner on a copy of the
     model: the next steps (factor refreshes, Cholesky inverses, recorded-rows products, the

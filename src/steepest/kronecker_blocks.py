@@ -215,8 +215,12 @@ def _damped_inverse(m: Tensor, shift: Tensor, signed: bool) -> Tensor:
     sym = 0.5 * (m + m.transpose(-1, -2))
     damped = sym + shift * torch.eye(n, dtype=m.dtype, device=m.device)
     chol, info = torch.linalg.cholesky_ex(damped)
+    bad = torch.nonzero(info).flatten().tolist()
+    if bad:  # a failed group's partial factor can hold a zero pivot: cholesky_inverse raises
+        chol = chol.clone()
+        chol[bad] = torch.eye(n, dtype=m.dtype, device=m.device)
     out = torch.cholesky_inverse(chol)
-    for k in torch.nonzero(info).flatten().tolist():
+    for k in bad:
         mu, q = _eigh_signed(m[k]) if signed else _eigh(m[k])
         out[k] = (q / (mu + shift[k, 0])) @ q.T
     return out

@@ -1,10 +1,11 @@
 r"""What K-FAC measures: the layers' inputs and output gradients, and the factor statistics.
 
-For each Kronecker-shaped layer (``Linear``, ``Conv1d``, ``Conv2d``) one extra forward and
-backward pass with module hooks (:class:`_Capture`) gives the input rows :math:`\bar a` (a bias
-column when the layer has a trainable bias; unfolded patches for convolutions, KFC) and the
-gradients :math:`g_k` of its outputs along the columns of a square root S of the base's
-output-space matrix (:func:`_sqrt_cotangents`); :func:`factor_statistics` turns them into
+For each Kronecker-shaped layer (``Linear``, ``Conv1d``, ``Conv2d``) a forward with module hooks
+(the point's own when it recorded the layers, :func:`steepest.point.forward`'s ``record``; else
+one extra) and a backward (:class:`_Capture`) give the input rows :math:`\bar a` (a bias column
+when the layer has a trainable bias; unfolded patches for convolutions, KFC) and the gradients
+:math:`g_k` of its outputs along the columns of a square root S of the base's output-space
+matrix (:func:`_sqrt_cotangents`); :func:`factor_statistics` turns them into
 :math:`A = E[\bar a\bar a^T]` and :math:`G = E_n[\sum_k g_k g_k^T]` (expand or reduce over
 shared dimensions), and every other parameter gets the exact diagonal of the base.
 :class:`_GradientRecorder` keeps the rows of the user's own backward (the Preconditioner's fast
@@ -168,9 +169,31 @@ class _Capture:
         layer.calls.append((inputs[0].detach(), s))
         return s.clone()  # later in-place ops (ReLU(inplace=True)) must not touch s
 
+    def _kept(self, tensors: list[Tensor]) -> Tensor:
+        """Drop the layers whose forward never ran (MultiheadAttention's out_proj is applied
+        functionally: a diagonal block like any other parameter); the other parameters'
+        tensors of the forward (``tensors``, per parameter) are the leaves of their diagonal.
+        Returns the point's outputs (for the recorded forward)."""
+        self.by_module = {k: v for k, v in self.by_module.items() if v.calls}
+        kron = {layer.wi for layer in self.by_module.values()}
+        kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
+        self.leaves = {i: t for i, t in enumerate(tensors) if i not in kron}
+        return self.point.z
+
     def run(self) -> tuple[Tensor, object]:
         """Evaluate the model with hooks; returns (z, y)."""
         point = self.point
+        recorded = getattr(point, "calls", None)
+        # the point's recording serves only if it covers every Kronecker layer (a forward
+        # recording fewer types would turn the others into diagonal blocks): else a forward
+        if recorded is not None and not all(m.module in recorded for m in self.by_module.values()):
+            recorded = None
+        if not self.closure and self.samples is None and recorded is not None:
+            # the point's own forward recorded the layers (Optimizer, K-FAC's record_layers):
+            # its graph, outputs and per-parameter views serve, no second forward
+            for layer in self.by_module.values():
+                layer.calls = list(recorded.get(layer.module, ()))
+            return self._kept(point.pieces), point.y
         if not self.closure:
             space = point.space
             pieces = space.unflatten(point.theta.detach())
@@ -187,12 +210,7 @@ class _Capture:
             finally:
                 for h in handles:
                     h.remove()
-            # a Kronecker-shaped module whose forward never ran (MultiheadAttention's out_proj
-            # is applied functionally) gets a diagonal block like any other parameter
-            self.by_module = {k: v for k, v in self.by_module.items() if v.calls}
-            kron = {layer.wi for layer in self.by_module.values()}
-            kron |= {layer.bi for layer in self.by_module.values() if layer.bi is not None}
-            self.leaves = {i: t for i, t in enumerate(tensors) if i not in kron}
+            self._kept(tensors)
             return z, point.y if self.samples is None else point.y[self.samples]
         handle = nn.modules.module.register_module_forward_hook(self._hook)
         try:

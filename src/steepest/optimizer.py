@@ -362,7 +362,7 @@ class Optimizer:
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
         return Point(self.space, self.loss, inputs, targets, generator=self._sampler,
-                     distributed=self.distributed)
+                     distributed=self.distributed, record=self._record())
 
     def step(self, inputs: Inputs, targets: Tensor,
              curvature: tuple[Inputs, Tensor] | None = None) -> StepInfo:
@@ -418,6 +418,11 @@ class Optimizer:
             info = dataclasses.replace(info, message="; ".join(m for m in (note, info.message)
                                                                if m))
         return info
+
+    def _record(self) -> tuple[type, ...]:
+        """The module types whose calls the step's forwards record for the metric (K-FAC's
+        ``record_layers``: its factors then need no forward of their own)."""
+        return tuple(getattr(self.metric, "record_layers", ()))
 
     def _reuses(self) -> bool:
         """Whether this optimizer may reuse the accepted trial's forward (``reuse`` on, one
@@ -566,7 +571,8 @@ class Optimizer:
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
             op = _plus_diagonal(op, self._l2)
         trials = Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                        self._guard, point, self._l2, keep_graph=self._keep_graph)
+                        self._guard, point, self._l2, keep_graph=self._keep_graph,
+                        record=self._record())
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:

@@ -27,6 +27,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -115,6 +116,9 @@ class GraphProducts:
 
     distributed: DataParallel | None = None  # set by a point on a rank's shard
     n_total: int
+    # the forward's per-parameter views and recorded layer calls (Graph.pieces, Graph.calls)
+    pieces: list[Tensor] | None = None
+    calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] | None = None
 
     def mean_over_ranks(self, tensors: list[Tensor]) -> list[Tensor]:
         r"""Statistics that are means over this point's n samples, made means over the
@@ -325,34 +329,69 @@ class GraphProducts:
 class Graph(NamedTuple):
     r"""One forward of the model and loss at theta on a batch, with its autograd graph: the
     leaf ``theta`` (flat, requires grad), the outputs :math:`z = f(x, \theta)`, the per-sample
-    losses :math:`l_i` and their mean :math:`L` (a 0-dim tensor), as :func:`forward` makes it."""
+    losses :math:`l_i` and their mean :math:`L` (a 0-dim tensor), as :func:`forward` makes it.
+    With ``record`` (:func:`forward`) also ``pieces``, the per-parameter views of theta the
+    forward used, and ``calls``, for each recorded module the (input, output) of each of its
+    calls, the output a tensor of the graph (what K-FAC's factors need, with no forward of
+    their own); otherwise both None."""
 
     theta: Tensor
     z: Tensor
     losses: Tensor
     value_t: Tensor
+    pieces: list[Tensor] | None = None
+    calls: dict[nn.Module, list[tuple[Tensor, Tensor]]] | None = None
+
+
+def _record_call(calls: dict, module: nn.Module, inputs: tuple, output: Any) -> Tensor | None:
+    """Forward hook of :func:`forward`'s ``record``: keep the call's input (detached) and
+    output; the rest of the forward gets a copy of the output, so that an in-place operation
+    after the layer (``ReLU(inplace=True)``) cannot change the tensor kept."""
+    if not (isinstance(output, Tensor) and output.requires_grad and inputs):
+        return None
+    if not isinstance(inputs[0], Tensor):
+        return None
+    calls.setdefault(module, []).append((inputs[0].detach(), output))
+    return output.clone()
 
 
 def forward(space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-            theta: Tensor) -> Graph:
+            theta: Tensor, record: tuple[type[nn.Module], ...] = ()) -> Graph:
     r"""The model and loss at ``theta`` with the autograd graph kept, as :class:`Point` builds
     it (a fresh leaf :math:`\theta`, :math:`z = f(x, \theta)`, :math:`l_i`, :math:`L`).
 
     Attention runs with the math kernel of ``scaled_dot_product_attention`` (the fused ones
     have no double backward, which J v, H v and per-sample gradients need; same values).
     The model must return one tensor of the parameters' dtype, else a
-    :class:`~steepest.errors.ShapeError`; the loss checks the targets.
+    :class:`~steepest.errors.ShapeError`; the loss checks the targets. ``record``: module
+    types (e.g. ``(nn.Linear,)``) whose calls' inputs and outputs the graph keeps
+    (``Graph.calls``, with ``Graph.pieces``), by forward hooks for the duration of this forward.
 
     >>> graph = forward(ParamSpace(model), MSE(), x, y, ParamSpace(model).get())
     >>> float(graph.value_t), Point(model, MSE(), x, y, graph=graph).grad
     """
     theta = theta.detach().clone().requires_grad_(True)
+    pieces = calls = None
+    handles = []
+    if record and space.model is not None:
+        # every module of the recorded types has an entry, also one whose forward does not run
+        # (an empty list): a reader tells "recorded, not called" from "not recorded"
+        mods = [m for m in space.model.modules() if isinstance(m, record)]
+        pieces, calls = space.unflatten(theta), {m: [] for m in mods}
+        handles = [m.register_forward_hook(functools.partial(_record_call, calls)) for m in mods]
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         try:
-            z = space.function()(theta, inputs)
+            if pieces is None:
+                z = space.function()(theta, inputs)
+            else:
+                args = inputs if isinstance(inputs, tuple) else (inputs,)
+                z = torch.func.functional_call(space.model, dict(zip(space.names, pieces)), args)
         except RuntimeError as err:
             _explain_forward_error(err, inputs, theta)
             raise
+        finally:
+            for h in handles:
+                h.remove()
         if not isinstance(z, Tensor):
             raise ShapeError(
                 f"the model must return one tensor of outputs, got {type(z).__name__}; "
@@ -365,7 +404,7 @@ def forward(space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
             )
         loss.check(z.detach(), targets)
         losses = loss.value(z, targets)
-        return Graph(theta, z, losses, losses.mean())
+        return Graph(theta, z, losses, losses.mean(), pieces, calls)
 
 
 class Point(GraphProducts):
@@ -394,6 +433,10 @@ class Point(GraphProducts):
         caller that needs only the forward and the gradient's dtype and device (the
         :class:`~steepest.preconditioner.Preconditioner` refreshing K-FAC's factors, which
         passes the ``.grad`` it preconditions); not with ``distributed``.
+    record: module types whose calls the forward records (:func:`forward`; ``pieces`` and
+        ``calls`` of the point): K-FAC's factors then come from this forward, not a second
+        one (the optimizer passes its metric's ``record_layers``); ignored with ``graph``,
+        which keeps what its own forward recorded
     """
 
     def __init__(
@@ -407,6 +450,7 @@ class Point(GraphProducts):
         distributed: DataParallel | None = None,
         graph: Graph | None = None,
         grad: Tensor | None = None,
+        record: tuple[type[nn.Module], ...] = (),
     ) -> None:
         self.distributed = distributed
         if grad is not None and distributed is not None:
@@ -415,7 +459,8 @@ class Point(GraphProducts):
                 "point reduces its own over the ranks: pass grad=None."
             )
         if distributed is None:
-            self._evaluate(space, loss, inputs, targets, theta, generator, graph=graph, grad=grad)
+            self._evaluate(space, loss, inputs, targets, theta, generator, graph=graph,
+                           grad=grad, record=record)
             self.n_total = self.n
             return
         # the means over the whole batch: every rank reaches the all_reduce, also one whose
@@ -423,7 +468,8 @@ class Point(GraphProducts):
         space = space if isinstance(space, ParamSpace) else ParamSpace(space)
         error = None
         try:
-            self._evaluate(space, loss, inputs, targets, theta, generator, local=True)
+            self._evaluate(space, loss, inputs, targets, theta, generator, local=True,
+                           record=record)
         except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
             error = err
         like = space.get()
@@ -444,6 +490,7 @@ class Point(GraphProducts):
         local: bool = False,
         graph: Graph | None = None,
         grad: Tensor | None = None,
+        record: tuple[type[nn.Module], ...] = (),
     ) -> None:
         """Forward (or the given ``graph``'s) and gradient on this batch (``local``: the finite
         checks wait for the reduction over ranks; ``grad``: the caller's, no backward)."""
@@ -460,7 +507,7 @@ class Point(GraphProducts):
                 )
         base = self.space.get() if theta is None else theta.detach()
         if graph is None:
-            graph = forward(self.space, self.loss, inputs, targets, base)
+            graph = forward(self.space, self.loss, inputs, targets, base, record)
         elif not (graph.theta.dtype == base.dtype and torch.equal(graph.theta.detach(), base)):
             raise ShapeError(
                 "Point(graph=...): the graph was evaluated at another theta than the point's; "
@@ -468,7 +515,7 @@ class Point(GraphProducts):
             )
         else:
             self.loss.check(graph.z.detach(), targets)
-        self.theta, self.z, self.losses, self.value_t = graph
+        self.theta, self.z, self.losses, self.value_t, self.pieces, self.calls = graph
         self.size = self.space.size
         self.n = int(self.z.shape[0])
         self.value = float(self.value_t.detach())

@@ -58,6 +58,8 @@ class Trials:
     l2: weight decay :math:`\eta` (TorchOptimizer), added to each trial's loss
     keep_graph: evaluate each trial with its autograd graph and keep the last pure one
         (:meth:`graph_at`); off for the rest of the step once a trial's forward was not pure
+    record: module types whose calls a kept graph records (:func:`~steepest.point.forward`):
+        the next step's point, and K-FAC's factors taken from it, are then this forward's
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Trials:
         point: Point | None = None,
         l2: Tensor | None = None,
         keep_graph: bool = False,
+        record: tuple[type[nn.Module], ...] = (),
     ) -> None:
         self.space, self.loss, self.inputs, self.targets = space, loss, inputs, targets
         self.theta0, self.z0, self.l2 = theta0, z0, l2
@@ -80,6 +83,7 @@ class Trials:
         self.distributed = None if point is None else point.distributed
         self.weight = 1.0 if point is None else point.n / point.n_total
         self.keep_graph = keep_graph
+        self.record = record
         self.count = 0
         self._memo: list[tuple[Tensor, float, Tensor]] = []
         self._graph: tuple[Tensor, Graph] | None = None  # (delta, graph) of the last trial
@@ -91,7 +95,12 @@ class Trials:
         with self.guard.trial():  # the point's buffers and Dropout masks, never written
             if self.keep_graph:
                 graph = forward(
-                    self.space, self.loss, self.inputs, self.targets, self.theta0 + delta
+                    self.space,
+                    self.loss,
+                    self.inputs,
+                    self.targets,
+                    self.theta0 + delta,
+                    self.record,
                 )
                 pure = self.guard.trial_was_pure()
                 value, z = float(graph.value_t.detach()), graph.z.detach()
