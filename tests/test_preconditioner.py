@@ -747,3 +747,33 @@ def test_kl_clip_trains_where_the_unbounded_step_diverges():
             final[clip] = float(F.cross_entropy(m(xs), ys))
     assert not final[None] < start  # diverged (or NaN)
     assert final[1e-3] < 0.3 < start
+
+
+def test_a_refresh_takes_the_factors_from_the_points_recorded_forward():
+    """A Preconditioner refresh records the Kronecker layers in its point's forward: the
+    factors and preconditioned gradients equal those of a capture with a forward of its own
+    (float64), with one forward fewer per refresh."""
+
+    class OwnForward(steepest.KFAC):
+        record_layers = ()
+
+    x, y = data()
+    runs = []
+    for cls in (steepest.KFAC, OwnForward):
+        model = net()
+        calls = []
+        model[0].register_forward_hook(lambda m, i, o, calls=calls: calls.append(1))
+        pre = Preconditioner(model, CrossEntropy(), metric=cls(T_cov=2), damping=0.1)
+        for _ in range(4):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            pre.step(x, y)
+        grads = [p.grad.clone() for p in model.parameters()]
+        runs.append((grads, pre.metric.state_dict()["factors"], len(calls)))
+    (g1, f1, n1), (g2, f2, n2) = runs
+    assert n1 == n2 - 2  # two refreshes (steps 1 and 3), one forward fewer each
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for key, (A, G) in f2["blocks"].items():
+        torch.testing.assert_close(f1["blocks"][key][0], A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(f1["blocks"][key][1], G, rtol=1e-12, atol=1e-14)

@@ -240,6 +240,8 @@ class Preconditioner:
                         generator=sampler,
                         distributed=dp,
                         grad=grad if self._given_grad else None,
+                        # K-FAC's factors from this forward's recorded layers: no second one
+                        record=tuple(getattr(self.metric, "record_layers", ())),
                     )
                 op = self.metric.operator(point)
                 if dp is not None and not getattr(self.metric, "reduces_over_ranks", False):
