@@ -381,25 +381,30 @@ class MoreTrustRegion(Damping):
         if self.scale is not None:
             d = torch.maximum(self.scale.to(d), d)
         gs = g / d
-        vh_all = None
+        vh_all = live = None
+        n_live = op.size
         if factor:
-            _, sv, vh = torch.linalg.svd(f.U / d / math.sqrt(f.n), full_matrices=False)
+            us = f.U / d / math.sqrt(f.n)
+            # a column of J that is exactly zero (a parameter the residuals do not see here) is
+            # MINPACK's zero R_kk: no step along it. In an SVD of the whole factor it would get
+            # a singular value ~1e-17 s_max, not 0, and the c_i / (mu_i + lambda) of its
+            # rounding-noise c_i would spend the trust radius on a direction J does not see
+            dead = (f.U == 0).all(0)
+            if bool(dead.any()):
+                live = ~dead
+                n_live = int(live.sum())
+                _, sv, vh_live = torch.linalg.svd(us[:, live], full_matrices=False)
+                vh = us.new_zeros(vh_live.shape[0], op.size)
+                vh[:, live] = vh_live
+            else:
+                _, sv, vh = torch.linalg.svd(us, full_matrices=False)
             mu = sv.pow(2)
             c = vh @ gs
-            # g outside the row space of the factor (only when it has fewer rows than P)
-            fewer = mu.numel() < op.size
+            # g outside the row space of the factor (only when it has fewer rows than the
+            # parameters it sees; g is exactly 0 on a zero column)
+            fewer = mu.numel() < n_live
             c_perp2 = max(float(gs @ gs - c @ c), 0.0) if fewer else 0.0
-            # singular values at rounding level (numpy's rank test: a column of J that is
-            # exactly zero gives s ~ 1e-17 s_max, not 0) are MINPACK's exact zeros of R: their
-            # directions get no step (nsing), their c_i (rounding noise) is dropped, where
-            # c_i / (mu_i + lambda) would spend the whole radius on a direction J does not see
-            eps = torch.finfo(mu.dtype).eps
-            keep = mu > (eps * max(f.U.shape)) ** 2 * mu.max()
-            if not bool(keep.all()):
-                vh_all = vh if fewer else None  # the complement term keeps its projection
-                mu, c, vh = mu[keep], c[keep], vh[keep]
-            elif fewer:
-                vh_all = vh
+            vh_all = vh if fewer else None
         else:
             mu, q = eigh(m / d[:, None] / d[None, :], f"the scaled {op.name}")
             c = q.T @ gs
@@ -408,17 +413,18 @@ class MoreTrustRegion(Damping):
         # singular: fewer singular values than parameters, or an eigenvalue at or below 0. A tiny
         # positive one is kept: a nearly flat direction with a tiny gradient still has a
         # well-defined Gauss-Newton step c_i / mu_i (MINPACK treats only exact zeros as singular)
-        dropped = factor and mu.numel() < min(f.U.shape)
-        singular = (mu.numel() < op.size and not dropped) or (
-            mu.numel() > 0 and float(mu.min()) <= 0) or (dropped and vh_all is not None)
-        # numerically rank deficient (numpy's rank test on the singular values): lambda is
-        # MINPACK's on the kept directions, but kept at least at the margin below, so that
-        # M + lambda D^2 stays positive definite for any other solver (Cholesky)
-        self._tiny = dropped and vh_all is None
+        singular = mu.numel() < n_live or (mu.numel() > 0 and float(mu.min()) <= 0)
+        # numerically rank deficient (numpy's rank test on the singular values), or zero
+        # columns: lambda is still MINPACK's (on the live columns), but kept at least at the
+        # margin below, so that M + lambda D^2 stays positive definite for any other solver
+        eps = torch.finfo(mu.dtype).eps
+        self._tiny = vh is not None and not singular and (
+            live is not None
+            or float(mu.min()) <= (eps * max(f.U.shape)) ** 2 * float(mu.max()))
         self._lift = False  # lambda lifted to the margin after a failed factorisation
         # weak references: the step's operator (and its graph) is not kept alive after it
         self._spectrum = (weakref.ref(op), weakref.ref(g), d, mu, c, c_perp2, singular)
-        self._basis = (vh, vh_all)
+        self._basis = (vh, vh_all, live)
         return self._spectrum[2:]
 
     @staticmethod
@@ -541,24 +547,24 @@ class MoreTrustRegion(Damping):
         self.lam = self._solve_lambda(mu, c, c_perp2, self.radius, singular)
         self.scale = d.detach().clone()  # D only grows (MINPACK mode 1)
         damped = op.add_diagonal(self.lam * d.pow(2))
-        vh, vh_all = self._basis if self._basis is not None else (None, None)
+        vh, vh_all, live = self._basis if self._basis is not None else (None, None, None)
         if vh is None or op.is_damped() or (self.lam <= 0 and vh_all is not None):
             return damped
-        return damped.with_inverse(self._svd_inverse(d, mu, vh, self.lam, vh_all))
+        return damped.with_inverse(self._svd_inverse(d, mu, vh, self.lam, vh_all, live))
 
     @staticmethod
     def _svd_inverse(d: Tensor, mu: Tensor, vh: Tensor, lam: float,
-                     vh_all: Tensor | None = None):
+                     vh_all: Tensor | None = None, live: Tensor | None = None):
         r"""The inverse of :math:`M + \lambda D^2` from the SVD of the scaled factor,
         :math:`U D^{-1}/\sqrt n = W S V^T`, :math:`\mu = s^2`:
 
         .. math:: (M + \lambda D^2)^{-1} b = D^{-1}\big(V (\mathrm{diag}(\mu) +
                   \lambda)^{-1} V^T + \lambda^{-1}(I - V V^T)\big) D^{-1} b
 
-        (the last term only when the factor has fewer rows than parameters, V then all its
-        right singular vectors ``vh_all``). Directions of singular values at rounding level,
-        dropped from ``vh`` (MINPACK's exact zeros of R), get no component: a pseudo-inverse
-        there, as MINPACK's step has none along a zero column of J. The step then has the
+        (the last term only when the factor has fewer rows than the parameters it sees,
+        ``vh_all``). Parameters whose column of the factor is exactly zero (``live`` False:
+        MINPACK's zero R_kk) get no component: a pseudo-inverse there, as MINPACK's step has
+        none along a zero column of J. The step then has the
         accuracy of MINPACK's QR of :math:`J D^{-1}`: the conditioning of J, not of
         :math:`J^T J` (a Cholesky of the damped M squares it)."""
         inv = 1.0 / (mu + lam)
@@ -568,7 +574,8 @@ class MoreTrustRegion(Damping):
             w = vh @ y
             x = vh.T @ (inv * w)
             if vh_all is not None:
-                x = x + (y - vh_all.T @ (vh_all @ y)) / lam
+                rest = y - vh_all.T @ (vh_all @ y)
+                x = x + (rest if live is None else rest * live) / lam
             return x / d
 
         return inverse
