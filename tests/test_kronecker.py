@@ -1122,3 +1122,16 @@ def test_a_point_recording_fewer_layer_types_gets_a_forward_of_its_own():
         got = metric.operator(Point(model, CrossEntropy(), x, y, record=record)).to_dense()
         assert set(metric.state_dict()["factors"]["blocks"]) == {(0, 1), (2, 3)}, record
         assert rel_err(got, want) < 1e-12, record
+
+
+def test_the_optimizer_records_no_layers_for_a_curvature_sub_batch():
+    """With curvature_batch_size the metric's point is the sub-batch's (a forward of its own):
+    the main point records nothing (no kept activations for nothing); without it, it records."""
+    g = seeded(108)
+    x, y = torch.randn(8, 4, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(30)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    for k, recorded in ((None, True), (4, False)):
+        opt = steepest.Optimizer(model, CrossEntropy(), metric=KFAC(), curvature_batch_size=k)
+        assert (opt.point(x, y).calls is not None) == recorded
+        opt.step(x, y)

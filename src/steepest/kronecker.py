@@ -34,10 +34,11 @@ by several layers) gets the exact diagonal of the same base, so no model is refu
 The factors come from module hooks: the layers' inputs and the gradients of their outputs
 (one backward of the columns of S), never hand-written per-layer derivatives
 (:mod:`steepest.kronecker_capture`: the capture and the factor statistics; this module builds
-the operators and their inverses from them). Under ``Optimizer`` the point's own forward
-records the layers (``record_layers``), so a refresh adds only that backward; elsewhere
-(``steepest.curvature``, ``TorchOptimizer``, the Preconditioner, ``stats_batch``) the capture
-runs one forward of its own.
+the operators and their inverses from them). Under ``Optimizer`` and the Preconditioner the
+point's own forward records the layers (``record_layers``), so a refresh adds only that
+backward; elsewhere (``steepest.curvature``, ``TorchOptimizer``, ``stats_batch``, an
+``Optimizer`` with ``curvature_batch_size`` or ``curvature=``) the capture runs one forward of
+its own.
 
 :class:`EKFAC` (George et al. 2018) keeps the eigenbasis :math:`Q_G \otimes Q_A` of the factors
 and re-estimates the diagonal in it from per-sample gradients,

@@ -421,7 +421,11 @@ class Optimizer:
 
     def _record(self) -> tuple[type, ...]:
         """The module types whose calls the step's forwards record for the metric (K-FAC's
-        ``record_layers``: its factors then need no forward of their own)."""
+        ``record_layers``: its factors then need no forward of their own); none when the
+        metric is built on a curvature sub-batch (``curvature_batch_size``), whose point has
+        a forward of its own."""
+        if self.curvature_batch_size is not None:
+            return ()
         return tuple(getattr(self.metric, "record_layers", ()))
 
     def _reuses(self) -> bool:
