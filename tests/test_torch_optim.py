@@ -462,3 +462,30 @@ def test_newton_from_a_plain_scalar_closure_and_float32():
     assert all(v.dtype == torch.float32 for s in opt.state_dict()["state"].values()
                if isinstance(s, dict) for v in s.values() if isinstance(v, torch.Tensor)
                and v.is_floating_point())
+
+
+def test_stopping_rules_pass_through_to_the_core():
+    """TorchOptimizer(ftol=, xtol=, gtol=) are the core Optimizer's rules: a model that fits
+    its targets exactly stops on gtol (MINPACK's cosine for MSE) with the same StepInfo as the
+    core optimizer with the same settings; ftol = xtol = 0 turns those two off; a bad value is
+    the core's named error."""
+    torch.manual_seed(3)
+    x = torch.randn(12, 3, dtype=torch.float64)
+    model = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        y = model(x) + 0.01 * torch.randn(12, 1, dtype=torch.float64)
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
+    kw = dict(metric=steepest.GaussNewton(), damping=steepest.MoreTrustRegion())
+    opt = TorchOptimizer(m1, loss=MSE(), gtol=1e-6, ftol=0.0, xtol=0.0, **kw)
+    core = steepest.Optimizer(m2, MSE(), gtol=1e-6, ftol=0.0, xtol=0.0, **kw)
+    assert (opt.steepest.ftol, opt.steepest.xtol, opt.steepest.gtol) == (0.0, 0.0, 1e-6)
+    for _ in range(6):
+        opt.step(outputs_closure(m1, x, y))
+        info = core.step(x, y)
+        assert opt.last_info.converged == info.converged and opt.last_info.reason == info.reason
+        if info.converged:
+            break
+    assert info.converged and info.reason == "gtol"
+    assert torch.equal(flat(m1), flat(m2))
+    with pytest.raises(ConfigurationError, match="gtol"):
+        TorchOptimizer(model, loss=MSE(), gtol=-1.0)

@@ -134,6 +134,9 @@ class TorchOptimizer(torch.optim.Optimizer):
     momentum: heavy-ball mu, ``param_groups[g]["momentum"]``.
     warm_start, preconditioner, xi, cg_backtracking, generator: as in
         :class:`steepest.Optimizer`.
+    ftol, xtol, gtol: the stopping rules of :class:`steepest.Optimizer` (MINPACK's meanings;
+        defaults 1e-8, 1e-8, 0): ``opt.last_info.converged`` and ``.reason`` say when one
+        fired; a converged step takes no further tries (the caller decides to stop).
     distributed: data parallelism over ``torch.distributed`` ranks, as in
         :class:`steepest.Optimizer` (None, True or a
         :class:`~steepest.distributed.DataParallel`): each rank's closure evaluates its shard
@@ -172,6 +175,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         cg_backtracking: bool = False,
         generator: torch.Generator | None = None,
         distributed: DataParallel | bool | None = None,
+        ftol: float = 1e-8,
+        xtol: float = 1e-8,
+        gtol: float = 0.0,
     ) -> None:
         distributed, params = as_data_parallel(distributed, params)
         _check_weight_decay(weight_decay)
@@ -205,6 +211,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             LearningRate(lr) if step is None else step, momentum=momentum,
             warm_start=warm_start, preconditioner=preconditioner, xi=xi,
             cg_backtracking=cg_backtracking, generator=generator, distributed=distributed,
+            ftol=ftol, xtol=xtol, gtol=gtol,
         )
         self.last_info: StepInfo | None = None
         self._note = ""
