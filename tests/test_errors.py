@@ -152,6 +152,12 @@ def test_non_finite_inputs_targets_loss_gradient():
 
     with pytest.raises(NonFiniteError, match=r"gradient holds NaN.*sqrt\(0\)"):
         Point(Sqrt(), CrossEntropy(), x5, y5)
+    # the closure path (TorchOptimizer) says the same, parameters unchanged
+    model = Sqrt()
+    opt = steepest.TorchOptimizer(model, loss=CrossEntropy())
+    with pytest.raises(NonFiniteError, match=r"gradient holds NaN.*sqrt\(0\)"):
+        opt.step(lambda: (model(x5), y5))
+    assert torch.equal(model.w.detach(), torch.zeros(3, dtype=F64))
 
 
 # ------------------------------------------------------------------------------ singular, size

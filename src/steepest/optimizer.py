@@ -63,7 +63,7 @@ from .losses import MSE, Loss, as_loss
 from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
 from .params import ParamSpace
 from .point import ForwardGuard, Inputs, Point
-from .solvers import CG, Auto, Solution, Solver, as_solver
+from .solvers import CG, Auto, Solution, Solver, all_finite, as_solver
 from .state import check_state, follow_parameters
 from .stepinfo import Notes, StepInfo, converged
 from .steps import LearningRate, StepContext, StepRule, as_step
@@ -608,7 +608,7 @@ class Optimizer:
                     if retry:
                         continue
                     return self._unsolved(value0, gnorm, lam, tries, notes, saved, str(err))
-                if not torch.isfinite(sol.x).all():
+                if not all_finite(sol.x):
                     raise SolverError(
                         f"the solver ({sol.message or self._solver_name(damped)}) returned a "
                         "non-finite direction; raise the damping or use another solver."
