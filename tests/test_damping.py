@@ -470,3 +470,35 @@ def test_more_trust_region_leaves_zero_jacobian_columns_alone(seed):
     assert torch.equal(gates, torch.zeros(2, dtype=torch.float64))
     w = torch.cat([model.w1, model.w2, model.w3]).detach()
     assert rel_err(w, torch.linalg.lstsq(x, y).solution) < 1e-8
+
+
+class _Rare(torch.nn.Module):
+    """20 weights and a parameter p that only 4 of 200 samples see (x[:, 20] = 0 elsewhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(20, 1, dtype=torch.float64))
+        self.p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x):
+        return x[:, :20] @ self.w + self.p * x[:, 20:21]
+
+
+def test_more_trust_region_steps_along_a_zero_column_the_gradient_sees():
+    """On a curvature sub-batch that misses p, p's column of the factor is zero but the
+    full-batch gradient on p is not: the step is the exact (M + lambda D^2)^-1 there (1/lambda),
+    and the fit reaches p = 3 as with the whole batch (a pseudo-inverse, right for a zero
+    column of the gradient's own rows, froze p at 0.07 with the loss at 7.35)."""
+    g = seeded(0)
+    x = torch.randn(200, 21, generator=g, dtype=torch.float64)
+    x[:, 20] = 0
+    x[:4, 20] = 10.0
+    y = x[:, :20] @ torch.randn(20, 1, generator=g, dtype=torch.float64) + 3 * x[:, 20:21]
+    torch.manual_seed(0)
+    model = _Rare()
+    opt = Optimizer(
+        model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), curvature_batch_size=8
+    )
+    for _ in range(30):
+        info = opt.step(x, y)
+    assert abs(float(model.p.detach()) - 3.0) < 1e-4 and info.loss < 1e-8

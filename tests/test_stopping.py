@@ -285,3 +285,26 @@ def test_a_gtol_stop_leaves_a_stateful_metric_unchanged():
     assert after["metric"]["calls"] == before["metric"]["calls"] == 0
     assert after["metric"]["factors"] is None and after["metric"]["eig"] is None
     assert torch.equal(after["generator"], before["generator"])
+
+
+def test_a_gtol_stop_after_a_layout_change_keeps_the_new_layout():
+    """A gtol stop right after the trainable parameters changed (a bias frozen) keeps the state
+    reset for the new layout (before: the whole pre-step state came back, D and the previous
+    solution of the old size, and the next step failed on a shape mismatch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 1).double())
+    x = torch.randn(30, 3, dtype=torch.float64)
+    y = torch.randn(30, 1, dtype=torch.float64)
+    opt = Optimizer(
+        model, MSE(), metric=GaussNewton(), damping=MoreTrustRegion(), gtol=1e-6, warm_start=0.5
+    )
+    for _ in range(50):
+        if opt.step(x, y).reason == "gtol":
+            break
+    model[0].bias.requires_grad_(False)
+    with pytest.warns(Warning):
+        info = opt.step(x, y)
+    assert info.reason == "gtol"
+    assert opt.damping.scale is None and opt._prev_solution is None
+    info = opt.step(x, y + 0.3 * torch.randn(30, 1, dtype=torch.float64))
+    assert info.accepted

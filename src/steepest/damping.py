@@ -400,9 +400,16 @@ class MoreTrustRegion(Damping):
                 _, sv, vh = torch.linalg.svd(us, full_matrices=False)
             mu = sv.pow(2)
             c = vh @ gs
-            # g outside the row space of the factor (only when it has fewer rows than the
-            # parameters it sees; g is exactly 0 on a zero column)
-            fewer = mu.numel() < n_live
+            # g on a zero column: exactly 0 when g and the factor come from the same rows
+            # (MINPACK: no step there, a pseudo-inverse); not when M is built on a curvature
+            # sub-batch that does not see the parameter: there (M + lambda D^2)^-1 is exact,
+            # 1/lambda on those coordinates, and they count in g outside the row space
+            seen = live is not None and bool((gs[~live] != 0).any())
+            if seen:
+                live = None  # the complement term covers the zero columns too
+            # g outside the row space of the factor (when it has fewer rows than the parameters
+            # it sees, or g lives on zero columns)
+            fewer = mu.numel() < n_live or seen
             c_perp2 = max(float(gs @ gs - c @ c), 0.0) if fewer else 0.0
             vh_all = vh if fewer else None
         else:
@@ -413,7 +420,8 @@ class MoreTrustRegion(Damping):
         # singular: fewer singular values than parameters, or an eigenvalue at or below 0. A tiny
         # positive one is kept: a nearly flat direction with a tiny gradient still has a
         # well-defined Gauss-Newton step c_i / mu_i (MINPACK treats only exact zeros as singular)
-        singular = mu.numel() < n_live or (mu.numel() > 0 and float(mu.min()) <= 0)
+        singular = (vh_all is not None or mu.numel() < n_live) or (
+            mu.numel() > 0 and float(mu.min()) <= 0)
         # numerically rank deficient (numpy's rank test on the singular values), or zero
         # columns: lambda is still MINPACK's (on the live columns), but kept at least at the
         # margin below, so that M + lambda D^2 stays positive definite for any other solver

@@ -344,6 +344,26 @@ class Optimizer:
             "metric_snapshot": snapshot(),
         }
 
+    def _metric_state(self):
+        """The metric's state as it is now (K-FAC's cheap snapshot, else a copy of its
+        ``state_dict``; None for a metric without state)."""
+        snapshot = getattr(self.metric, "_snapshot", None)
+        if snapshot is not None:
+            return ("snapshot", snapshot())
+        if hasattr(self.metric, "state_dict"):
+            return ("state", copy.deepcopy(self.metric.state_dict()))
+        return None
+
+    def _set_metric_state(self, state) -> None:
+        """Put back what :meth:`_metric_state` returned."""
+        if state is None:
+            return
+        kind, value = state
+        if kind == "snapshot":
+            self.metric._restore(value)
+        else:
+            self.metric.load_state_dict(value)
+
     def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self.damping.load_state_dict({k: v for k, v in state["damping"].items() if k != "rule"})
@@ -560,14 +580,18 @@ class Optimizer:
                 value0, self.damping.value, gnorm,
                 "learning rate 0 (e.g. a scheduler at its minimum): no step taken, no solve, "
                 "damping unchanged")
+        # the metric's state before its operator is built (a gtol stop puts it back; taken
+        # here, after a change of the parameters' layout has reset it, not from ``saved``)
+        before = self._metric_state() if cosine else None
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
         if cosine:
             cos = self._cosine(point, cpoint, op, value0, g)
             if cos <= self.gtol:
                 # no step: the operator's build (a stateful metric's refresh, a sub-batch
-                # draw) is undone, as by a failed step
-                self._load_state(saved)
+                # draw) is undone
+                self.generator.set_state(saved["generator"])
+                self._set_metric_state(before)
                 return StepInfo.no_step(
                     value0, self.damping.value, gnorm,
                     f"converged: max_j |J_j^T r| / (||J_j|| ||r||) = {cos:.3g} <= gtol = "
