@@ -1,4 +1,4 @@
-"""Cost of the per-step buffer/random-state guard (issue 9, ``steepest.point.ForwardGuard``).
+"""Cost of the per-step buffer/random-state guard (issue 9, ``steepest.guard.ForwardGuard``).
 
 Times ``Optimizer.step`` with the guard and with a no-op stand-in, interleaved in one process
 (same machine load for both), on a small MLP and on an MLP with BatchNorm and Dropout; writes
@@ -23,8 +23,8 @@ from torch import nn
 
 import steepest.optimizer as optimizer_module
 from steepest import GGN, LevenbergMarquardt, Optimizer
+from steepest.guard import ForwardGuard
 from steepest.losses import MSE
-from steepest.point import ForwardGuard
 
 
 class NullGuard:

@@ -57,12 +57,13 @@ from .errors import (
     SingularMatrixError,
     SolverError,
 )
+from .guard import ForwardGuard
 from .hessian_free import backtrack_iterates, keeping_iterates, preconditioner
 from .linop import LinearOperator
 from .losses import MSE, Loss, as_loss
 from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
 from .params import ParamSpace
-from .point import ForwardGuard, Inputs, Point
+from .point import Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, all_finite, as_solver
 from .state import check_state, follow_parameters
 from .stepinfo import Notes, StepInfo, converged

@@ -33,10 +33,11 @@ from torch import Tensor, nn
 
 from .distributed import DataParallel, as_data_parallel
 from .errors import ConfigurationError, NonFiniteError
+from .guard import ForwardGuard, _rng_state, _set_rng_state
 from .losses import Loss, as_loss
 from .metrics import Metric
 from .params import ParamSpace
-from .point import ForwardGuard, Inputs, Point, _rng_state, _set_rng_state
+from .point import Inputs, Point
 from .solvers import Auto, OwnInverse, Solution, Solver, all_finite, as_solver
 
 

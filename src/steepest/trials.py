@@ -15,7 +15,7 @@ buffers, and theta (bit for bit the trial's). The reused point is then the fresh
 the same function at the same theta on the same tensors.
 
 A trial's forward is reused only when it was *pure*: it drew no random numbers and wrote no
-buffer (:meth:`~steepest.point.ForwardGuard.trial_was_pure`). Dropout in training mode draws
+buffer (:meth:`~steepest.guard.ForwardGuard.trial_was_pure`). Dropout in training mode draws
 masks, BatchNorm in training mode writes its running statistics: a fresh forward at the next
 step would draw other masks from the random state of that step, and move the statistics, so
 such a model never reuses (its trials then run without a graph for the rest of the step).
@@ -35,9 +35,10 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from .guard import ForwardGuard
 from .losses import Loss
 from .params import ParamSpace
-from .point import ForwardGuard, Graph, Inputs, Point, evaluate, forward
+from .point import Graph, Inputs, Point, evaluate, forward
 
 
 def l2_penalty(eta: Tensor, theta: Tensor) -> float:
@@ -53,7 +54,7 @@ class Trials:
     ----------
     space, loss, inputs, targets: the step's model, loss and batch
     theta0: the step's point :math:`\theta_0`; z0: its outputs (for KL trials)
-    guard: the step's :class:`~steepest.point.ForwardGuard` (trials run in ``guard.trial()``)
+    guard: the step's :class:`~steepest.guard.ForwardGuard` (trials run in ``guard.trial()``)
     point: the step's point (its rank share under torch.distributed)
     l2: weight decay :math:`\eta` (TorchOptimizer), added to each trial's loss
     keep_graph: evaluate each trial with its autograd graph and keep the last pure one
