@@ -39,7 +39,6 @@ Example
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import warnings
@@ -65,7 +64,7 @@ from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
 from .params import ParamSpace
 from .point import Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, all_finite, as_solver
-from .state import check_state, follow_parameters
+from .state import OptimizerState, follow_parameters
 from .stepinfo import Notes, StepInfo, converged
 from .steps import LearningRate, StepContext, StepRule, as_step
 from .trials import Batch, NextPoint, Trials, l2_penalty
@@ -83,7 +82,7 @@ def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
     )
 
 
-class Optimizer:
+class Optimizer(OptimizerState):
     r"""Unified first/second-order optimizer on any ``nn.Module`` (000, problem (1)):
     :math:`\theta \leftarrow \theta + \alpha d`, :math:`d = -(M + \lambda I)^{-1} g`.
 
@@ -292,93 +291,6 @@ class Optimizer:
         return max(self.damping.max_tries, self.step_rule.max_tries)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Everything needed to continue bit for bit (parameters excluded, as in torch.optim)."""
-        def clone(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.clone()
-
-        return {
-            "steps": self.steps,
-            "damping": {"rule": type(self.damping).__name__, **self.damping.state_dict()},
-            "step_rule": {"rule": type(self.step_rule).__name__, **self.step_rule.state_dict()},
-            "prev_direction": clone(self._prev_solution),
-            "momentum_buffer": clone(self._momentum_buffer),
-            "generator": self.generator.get_state(),
-            # a metric that keeps state across steps (KFAC's running factors) saves it here
-            **({"metric": self.metric.state_dict()} if hasattr(self.metric, "state_dict")
-               else {}),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` saved.
-
-        Validated first and atomic: a state of another damping rule or step rule, of a model
-        with another number of parameters, or with keys missing raises a
-        :class:`~steepest.errors.ConfigurationError` before anything changes.
-        """
-        check_state(state, space=self.space, damping=self.damping, step_rule=self.step_rule,
-                    generator=self.generator, metric=self.metric)
-        self._next = None  # another run's state: the next step evaluates its point afresh
-        before = copy.deepcopy(self.state_dict())
-        try:
-            self._load_state(state)
-        except BaseException:
-            self._load_state(before)
-            raise
-
-    def _rollback_state(self) -> dict:
-        """What a failed step restores: :meth:`state_dict`, deep-copied, except what is only
-        ever replaced, never changed in place, which is kept by reference: the previous
-        solution and momentum buffer (P values each), and the state of a metric with a cheap
-        snapshot (K-FAC's factors and eigendecompositions: copying them cost more than one
-        K-FAC product per step on a 670k-parameter MLP)."""
-        snapshot = getattr(self.metric, "_snapshot", None)
-        if snapshot is None:
-            return copy.deepcopy(self.state_dict())
-        return {
-            "steps": self.steps,
-            "damping": copy.deepcopy(self.damping.state_dict()),
-            "step_rule": copy.deepcopy(self.step_rule.state_dict()),
-            "prev_direction": self._prev_solution,
-            "momentum_buffer": self._momentum_buffer,
-            "generator": self.generator.get_state(),
-            "metric_snapshot": snapshot(),
-        }
-
-    def _metric_state(self):
-        """The metric's state as it is now (K-FAC's cheap snapshot, else a copy of its
-        ``state_dict``; None for a metric without state)."""
-        snapshot = getattr(self.metric, "_snapshot", None)
-        if snapshot is not None:
-            return ("snapshot", snapshot())
-        if hasattr(self.metric, "state_dict"):
-            return ("state", copy.deepcopy(self.metric.state_dict()))
-        return None
-
-    def _set_metric_state(self, state) -> None:
-        """Put back what :meth:`_metric_state` returned."""
-        if state is None:
-            return
-        kind, value = state
-        if kind == "snapshot":
-            self.metric._restore(value)
-        else:
-            self.metric.load_state_dict(value)
-
-    def _load_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.damping.load_state_dict({k: v for k, v in state["damping"].items() if k != "rule"})
-        self.step_rule.load_state_dict(
-            {k: v for k, v in state["step_rule"].items() if k != "rule"})
-        pd, mb = state.get("prev_direction"), state.get("momentum_buffer")
-        self._prev_solution = None if pd is None else pd.clone()
-        self._momentum_buffer = None if mb is None else mb.clone()
-        self.generator.set_state(state["generator"])
-        if "metric_snapshot" in state:  # a rollback (_rollback_state)
-            self.metric._restore(state["metric_snapshot"])
-        elif "metric" in state and hasattr(self.metric, "load_state_dict"):
-            self.metric.load_state_dict(state["metric"])
-
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
