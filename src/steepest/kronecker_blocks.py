@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError, SingularMatrixError
+from .errors import ConfigurationError, NonFiniteError, SingularMatrixError
 from .linop import eigh
 
 
@@ -232,3 +232,65 @@ def _pi(A: Tensor, G: Tensor) -> Tensor:
     tg = G.diagonal(dim1=-2, dim2=-1).mean(-1)
     tiny = torch.finfo(A.dtype).tiny
     return (ta.clamp_min(tiny) / tg.clamp_min(tiny)).sqrt()[:, None, None]
+
+
+def check_saved_state(name: str, state: dict, space) -> None:
+    """:meth:`KFAC.check_state` for the metric named ``name``: raise a
+    :class:`~steepest.errors.ConfigurationError` unless the saved K-FAC / EKFAC ``state``
+    fits the parameters of ``space`` (blocks, diagonals, eigendecompositions, scalings).
+    Changes nothing."""
+
+    def fail(what: str) -> None:
+        raise ConfigurationError(
+            f"cannot load this {name} state: {what}. Load a state saved by the same metric "
+            "on the same model."
+        )
+
+    if not isinstance(state, dict) or "calls" not in state:
+        fail("it is no dict saved by state_dict()")
+    sizes = [p.numel() for p in space.params]
+    shapes = [tuple(p.shape) for p in space.params]
+    fac = state.get("factors")
+    blocks = {} if fac is None else fac.get("blocks", {})
+    dims = {}
+    for key, (A, G) in blocks.items():
+        wi, bi = key
+        if not (0 <= wi < len(sizes)) or (bi is not None and not 0 <= bi < len(sizes)):
+            fail(f"block {key} names parameters the model (with {len(sizes)}) lacks")
+        grp, o, d = G.shape[0], G.shape[-1], A.shape[-1]
+        dw = d - (bi is not None)
+        ok = (
+            G.shape == (grp, o, o)
+            and A.shape == (grp, d, d)
+            and shapes[wi][0] == grp * o
+            and sizes[wi] == grp * o * dw
+            and (bi is None or sizes[bi] == grp * o)
+        )
+        if not ok:
+            fail(
+                f"block {key} has G {tuple(G.shape)} and A {tuple(A.shape)}, which do not fit "
+                f"a weight of shape {shapes[wi]}"
+            )
+        dims[key] = (grp, o, d)
+    for i, diag in ({} if fac is None else fac.get("others", {})).items():
+        if not (0 <= i < len(sizes)) or diag.numel() != sizes[i]:
+            fail(f"the diagonal of parameter {i} does not fit the model's parameters")
+    eig = state.get("eig")
+    for key, (_ea, qa, _eg, qg) in ({} if eig is None else eig).items():
+        if key not in dims:
+            fail(f"eigendecomposition {key} has no block")
+        grp, o, d = dims[key]
+        if qa.shape != (grp, d, d) or qg.shape != (grp, o, o):
+            fail(f"eigendecomposition {key} does not fit its block")
+    for key, (A, G) in (state.get("eig_factors") or {}).items():
+        if key not in dims or (G.shape, A.shape) != (
+            (dims[key][0], dims[key][1], dims[key][1]),
+            (dims[key][0], dims[key][2], dims[key][2]),
+        ):
+            fail(f"the decomposed factors {key} do not fit their block")
+    for key, sc in state.get("scalings", {}).items():
+        if key not in dims or tuple(sc.shape) != dims[key][:1] + (dims[key][1], dims[key][2]):
+            fail(f"scalings {key} do not fit their block")
+    prev = state.get("previous")
+    if prev is not None and prev.numel() != sum(sizes):
+        fail(f"the previous answer holds {prev.numel()} values, the model {sum(sizes)}")
