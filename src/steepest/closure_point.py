@@ -19,7 +19,6 @@ Example
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .distributed import DataParallel
-from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ShapeError, all_finite
 from .losses import CallableLoss, Loss
 from .metrics import GradientCovariance, Hessian, Identity, Metric
 from .params import ParamSpace, check_dtype_device
@@ -294,8 +293,7 @@ class ClosurePoint(GraphProducts):
             )
         self.grad = self._flatten(grads).detach()
         self.unused = [i for i, g in enumerate(grads) if g is None]  # grad None: skipped
-        g = self.grad  # a finite sum answers at once; a non-finite one value by value
-        if not local and not (math.isfinite(float(g.sum())) or bool(torch.isfinite(g).all())):
+        if not local and not all_finite(self.grad):
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."

@@ -2,10 +2,16 @@
 
 Every error raised by ``steepest`` derives from :class:`SteepestError`, and from the builtin
 class that fits (``ValueError``, ``TypeError``, ...), so ``except ValueError`` keeps working.
-Each message says what was wrong, the values seen, and what to do.
+Each message says what was wrong, the values seen, and what to do. :func:`all_finite` is the
+test behind :class:`NonFiniteError`, shared by the points, the solvers and the preconditioner.
 """
 
 from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
 
 
 class SteepestError(Exception):
@@ -63,3 +69,23 @@ class ConvergenceError(SteepestError, RuntimeError):
 
 class RankError(SteepestError, RuntimeError):
     """Under torch.distributed, another rank failed its part of the step (every rank raises)."""
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of t is finite. One pass of ``sum``: a NaN or an infinity makes the
+    sum non-finite, so a finite sum answers True; a non-finite sum (which finite values can
+    also give, by overflow) is decided by ``torch.aminmax`` (NaN propagates into both
+    extremes, an infinity into one). ``torch.isfinite(t).all()`` runs four element-wise
+    kernels with two boolean temporaries (20 times slower on 670k floats, 1 thread); the sum
+    is about twice as fast as ``aminmax``.
+
+    >>> all_finite(torch.tensor([1.0, float("nan")]))
+    False
+    """
+    if t.numel() == 0:
+        return True
+    t = t.detach()
+    if math.isfinite(float(t.sum())):
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ConfigurationError, NonFiniteError, ShapeError
+from .errors import ConfigurationError, NonFiniteError, ShapeError, all_finite
 from .losses import Loss, as_loss
 from .params import ParamSpace
 
@@ -148,10 +148,7 @@ class GraphProducts:
                 "produce non-finite values (check the inputs' scale, lower the step size or "
                 "raise the damping)."
             )
-        # a finite sum answers at once (one pass); a non-finite one, which finite values can
-        # give by overflow, is decided value by value
-        g = self.grad
-        if not (math.isfinite(float(g.sum())) or bool(torch.isfinite(g).all())):
+        if not all_finite(self.grad):
             raise NonFiniteError(
                 "the gradient holds NaN or infinite values although the loss is finite; check "
                 "for operations with infinite derivatives (sqrt(0), log(0)) in the model."

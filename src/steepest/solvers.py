@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from . import linop
-from .errors import ConfigurationError, SingularMatrixError, SolverError
+from .errors import ConfigurationError, SingularMatrixError, SolverError, all_finite
 from .linop import Factor, LinearOperator, eigh
 
 
@@ -45,26 +45,6 @@ class Solution:
     exact: bool = False  # solved to machine precision by a direct method
     message: str = ""
     iterates: dict[int, Tensor] = field(default_factory=dict)  # CG iterates kept on request
-
-
-def all_finite(t: Tensor) -> bool:
-    """Whether every value of t is finite. One pass of ``sum``: a NaN or an infinity makes the
-    sum non-finite, so a finite sum answers True; a non-finite sum (which finite values can
-    also give, by overflow) is decided by ``torch.aminmax`` (NaN propagates into both
-    extremes, an infinity into one). ``torch.isfinite(t).all()`` runs four element-wise
-    kernels with two boolean temporaries (20 times slower on 670k floats, 1 thread); the sum
-    is about twice as fast as ``aminmax``.
-
-    >>> all_finite(torch.tensor([1.0, float("nan")]))
-    False
-    """
-    if t.numel() == 0:
-        return True
-    t = t.detach()
-    if math.isfinite(float(t.sum())):
-        return True
-    lo, hi = torch.aminmax(t)
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _relres(a: LinearOperator, x: Tensor, b: Tensor) -> float:
