@@ -39,6 +39,7 @@ from .metrics import Metric
 from .params import ParamSpace
 from .point import Inputs, Point
 from .solvers import Auto, OwnInverse, Solution, Solver, all_finite, as_solver
+from .state import metric_state, set_metric_state
 
 
 class _Own(Solver):
@@ -207,12 +208,7 @@ class Preconditioner:
         # K-FAC between refreshes: the operator comes from the metric's state alone, no
         # forward runs (no buffers to guard, no random state to put back)
         forward = lazy is None or lazy()
-        snapshot = getattr(self.metric, "_snapshot", None)
-        saved = (
-            {"generator": self.generator.get_state(), "metric_snapshot": snapshot()}
-            if snapshot is not None
-            else self.state_dict()
-        )
+        saved = (self.generator.get_state(), metric_state(self.metric))
         recorder = self._recorder
         recorded = None
         if recorder is not None:
@@ -264,11 +260,8 @@ class Preconditioner:
                 )
             scale = 1.0 if self.kl_clip is None else self._kl_scale(params, grad, x, op)
         except BaseException:
-            if "metric_snapshot" in saved:
-                self.generator.set_state(saved["generator"])
-                self.metric._restore(saved["metric_snapshot"])
-            else:
-                self.load_state_dict(saved)
+            self.generator.set_state(saved[0])
+            set_metric_state(self.metric, saved[1])
             raise
         finally:
             if rng is not None:

@@ -129,6 +129,29 @@ def follow_parameters(space: ParamSpace) -> ParameterChange:
     return ParameterChange(new, note, layout_changed=True)
 
 
+def metric_state(metric):
+    """A metric's state as it is now, to put back with :func:`set_metric_state`: K-FAC's
+    cheap snapshot (its tensors are replaced, never changed in place), else a copy of its
+    ``state_dict``; None for a metric without state."""
+    snapshot = getattr(metric, "_snapshot", None)
+    if snapshot is not None:
+        return ("snapshot", snapshot())
+    if hasattr(metric, "state_dict"):
+        return ("state", copy.deepcopy(metric.state_dict()))
+    return None
+
+
+def set_metric_state(metric, state) -> None:
+    """Put back what :func:`metric_state` returned."""
+    if state is None:
+        return
+    kind, value = state
+    if kind == "snapshot":
+        metric._restore(value)
+    else:
+        metric.load_state_dict(value)
+
+
 class OptimizerState:
     """The state half of :class:`steepest.Optimizer` (a mixin): ``state_dict`` /
     ``load_state_dict`` (validated by :func:`check_state`, atomic) and the snapshot a failed
@@ -188,24 +211,10 @@ class OptimizerState:
         }
 
     def _metric_state(self):
-        """The metric's state as it is now (K-FAC's cheap snapshot, else a copy of its
-        ``state_dict``; None for a metric without state)."""
-        snapshot = getattr(self.metric, "_snapshot", None)
-        if snapshot is not None:
-            return ("snapshot", snapshot())
-        if hasattr(self.metric, "state_dict"):
-            return ("state", copy.deepcopy(self.metric.state_dict()))
-        return None
+        return metric_state(self.metric)
 
     def _set_metric_state(self, state) -> None:
-        """Put back what :meth:`_metric_state` returned."""
-        if state is None:
-            return
-        kind, value = state
-        if kind == "snapshot":
-            self.metric._restore(value)
-        else:
-            self.metric.load_state_dict(value)
+        set_metric_state(self.metric, state)
 
     def _load_state(self, state: dict) -> None:
         self.steps = int(state["steps"])
