@@ -7,7 +7,8 @@ Three measurements, each side by side in one process (median and spread of repea
    as most scipy users call it); this is the per-step overhead of torch.
 2. ``nist``: NIST StRD problems (``--data``) fitted by ``steepest.least_squares`` and by
    ``scipy.optimize.least_squares(method="lm")`` with the same torch Jacobian (``jacrev``), as
-   ``benchmarks/nist.py`` does; goal: within 5x scipy's time.
+   ``benchmarks/nist.py`` does, both with scipy's tolerances (ftol = 1e-8, max_nfev = 100 P;
+   ``least_squares``' own defaults are tighter); goal: within 5x scipy's time.
 3. ``batched``: B = 10,000 exponential-decay curves of 50 points each (random a, b, c, noise
    0.01), one batched ``steepest.curve_fit`` against a Python loop of
    ``scipy.optimize.curve_fit`` over the curves; goal: the batch at least 20x faster. Two
@@ -128,8 +129,10 @@ def bench_nist(data: Path, names: list[str], repeats: int) -> dict:
             y1 = y[:, 0]
             b0 = torch.tensor(problem.starts[start - 1], dtype=D)
 
-            def ours(f=f, x=x, y1=y1, b0=b0):
-                return steepest.least_squares(lambda b: f(b, x) - y1, b0)
+            def ours(f=f, x=x, y1=y1, b0=b0):  # with scipy's tolerances: like with like
+                return steepest.least_squares(
+                    lambda b: f(b, x) - y1, b0, ftol=1e-8, max_nfev=100 * len(b0)
+                )
 
             ours_t, res = timed(ours, repeats)
             ref_t, ref = timed(lambda p=problem, s=start: nist.fit_scipy(p, s, "scipy-lm"), repeats)
