@@ -207,7 +207,7 @@ class GraphProducts:
             full = torch.zeros_like(self.z.detach()).reshape(self.n, -1)
             full[samples] = u
             want = self.vjp(full.reshape(self.z.shape))
-            got = torch.einsum("ncp,nc->p", rows, u)
+            got = u.reshape(-1) @ rows.reshape(-1, rows.shape[-1])  # a GEMV, not einsum's bmm
         else:
             losses = self._need_losses().detach()
             w = torch.randn(zf.shape[0], generator=gen, dtype=losses.dtype).to(losses.device)
