@@ -5,9 +5,23 @@ optimizer as theta (not a module's) and the closure contract's checks.
 The closure returns the scalar loss :math:`L = \frac1N\sum_i l_i`, the per-sample losses
 :math:`(l_i)_i`, or ``(outputs, targets)``; from the last the products are built on the
 closure's graph (:class:`~steepest.point.GraphProducts`): :math:`J^T u` by one backward pass,
-:math:`J v` by the double-backward trick, :math:`H v` by reverse over reverse. When the model
-that owns the parameters can be traced, per-sample Jacobians and gradients come from
-``torch.func.vmap`` over a functional call of that module instead of a batched backward.
+:math:`J v` by the double-backward trick, :math:`H v` by reverse over reverse.
+
+Per-sample Jacobians :math:`J_i` and gradients :math:`\nabla l_i` (what ``to_dense()``,
+``diagonal()``, Cholesky, Woodbury and ``Diagonal`` need) take one of two routes. The vmap fast
+path: ``torch.func.vmap`` over one-sample functional calls of the module whose output the
+closure returned (found by a forward hook while the closure ran), when that module holds all the
+optimizer's parameters, takes the batch as positional tensors of leading dimension N, and has no
+BatchNorm in training mode or Dropout. The batched route otherwise: a backward through the
+closure's graph for every output row (vmapped over the rows), exact for any closure, slower.
+The fast path is checked against the batch before its rows are used
+(:meth:`~steepest.point.GraphProducts._agrees`, on each point): the one-sample outputs must
+equal z, and once per point a random contraction of the rows must equal the same product on
+the closure's graph (one backward), to :math:`\sqrt{\epsilon}` of the dtype. A module that
+mixes its samples in a way its type does not show (``h - h.mean(0)``, a batch term of zero
+weight), that does not reproduce z from its positional inputs, or whose outputs do not follow
+its inputs sample by sample (a residual vector posed as samples) fails it, and the point takes
+the batched route from then on: the route changes the time, not the result (beyond rounding).
 
 Example
 -------
@@ -52,14 +66,20 @@ def _describe(result: Any) -> str:
     if isinstance(result, Tensor):
         return f"a tensor of shape {tuple(result.shape)}"
     if isinstance(result, tuple | list):
-        return f"a {type(result).__name__} of {len(result)} items (" + ", ".join(
-            _describe(r) if isinstance(r, Tensor) else type(r).__name__ for r in result) + ")"
+        return (
+            f"a {type(result).__name__} of {len(result)} items ("
+            + ", ".join(_describe(r) if isinstance(r, Tensor) else type(r).__name__ for r in result)
+            + ")"
+        )
     return f"a {type(result).__name__}"
 
 
 def _kind_of(result: Any) -> str | None:
-    if isinstance(result, tuple | list) and len(result) == 2 and all(
-            isinstance(r, Tensor) for r in result):
+    if (
+        isinstance(result, tuple | list)
+        and len(result) == 2
+        and all(isinstance(r, Tensor) for r in result)
+    ):
         return _OUTPUTS
     if isinstance(result, Tensor) and result.is_floating_point():
         if result.ndim == 0:
@@ -69,8 +89,12 @@ def _kind_of(result: Any) -> str | None:
     return None
 
 
-_GRAPH_ERRORS = ("does not require grad", "backward through the graph a second time",
-                 "have already been freed", "modified by an inplace operation")
+_GRAPH_ERRORS = (
+    "does not require grad",
+    "backward through the graph a second time",
+    "have already been freed",
+    "modified by an inplace operation",
+)
 
 
 @contextlib.contextmanager
@@ -180,10 +204,17 @@ class ClosurePoint(GraphProducts):
     >>> GGN().operator(point) @ v
     """
 
-    def __init__(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
-                 metric: Metric, generator: torch.Generator | None = None,
-                 need_per_sample: bool = False, need_outputs: bool = False,
-                 distributed: DataParallel | None = None) -> None:
+    def __init__(
+        self,
+        space: _ClosureSpace,
+        loss: Loss | None,
+        closure: Closure,
+        metric: Metric,
+        generator: torch.Generator | None = None,
+        need_per_sample: bool = False,
+        need_outputs: bool = False,
+        distributed: DataParallel | None = None,
+    ) -> None:
         self.distributed = distributed
         args = (space, loss, closure, metric, generator, need_per_sample, need_outputs)
         if distributed is None:
@@ -197,14 +228,26 @@ class ClosurePoint(GraphProducts):
         except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
             error = err
         value, grad, self.n_total = distributed.mean(
-            getattr(self, "value_t", None), getattr(self, "grad", None),
-            getattr(self, "n", 0), space.get(), error)
+            getattr(self, "value_t", None),
+            getattr(self, "grad", None),
+            getattr(self, "n", 0),
+            space.get(),
+            error,
+        )
         self.value, self.grad = float(value), grad
         self._check_finite()
 
-    def _evaluate(self, space: _ClosureSpace, loss: Loss | None, closure: Closure,
-                  metric: Metric, generator: torch.Generator | None, need_per_sample: bool,
-                  need_outputs: bool, local: bool = False) -> None:
+    def _evaluate(
+        self,
+        space: _ClosureSpace,
+        loss: Loss | None,
+        closure: Closure,
+        metric: Metric,
+        generator: torch.Generator | None,
+        need_per_sample: bool,
+        need_outputs: bool,
+        local: bool = False,
+    ) -> None:
         if not callable(closure):
             raise ConfigurationError(
                 f"step() needs a closure (a function of no arguments), got {_describe(closure)}; "
@@ -227,11 +270,18 @@ class ClosurePoint(GraphProducts):
             raise ConfigurationError(
                 f"with metric {metric!r} the closure must return "
                 f"{' or '.join(accepted)}, but it returned {_describe(result)}. "
-                + ("The Gauss-Newton/Fisher family needs the model outputs with their graph: "
-                   "closure = lambda: (model(x), y). " if _OUTPUTS in accepted else "")
-                + ("Per-sample losses are a tensor of shape (N,), e.g. "
-                   "F.cross_entropy(model(x), y, reduction='none'). "
-                   if _PER_SAMPLE in accepted else "")
+                + (
+                    "The Gauss-Newton/Fisher family needs the model outputs with their graph: "
+                    "closure = lambda: (model(x), y). "
+                    if _OUTPUTS in accepted
+                    else ""
+                )
+                + (
+                    "Per-sample losses are a tensor of shape (N,), e.g. "
+                    "F.cross_entropy(model(x), y, reduction='none'). "
+                    if _PER_SAMPLE in accepted
+                    else ""
+                )
             )
         if local and kind == _SCALAR:
             raise ConfigurationError(
@@ -284,8 +334,9 @@ class ClosurePoint(GraphProducts):
                 "or raise the damping)."
             )
         with _explain_graph_errors():
-            grads = torch.autograd.grad(self.value_t, self.params, retain_graph=True,
-                                        allow_unused=True)
+            grads = torch.autograd.grad(
+                self.value_t, self.params, retain_graph=True, allow_unused=True
+            )
         if all(g is None for g in grads):
             raise ConfigurationError(
                 "none of the optimizer's parameters is in the graph of the closure's result; "
@@ -308,20 +359,18 @@ class ClosurePoint(GraphProducts):
     def _per_sample(self, samples: slice, kind: str) -> Tensor | None:
         """Per-sample output Jacobians (kind='jacobian', (n, C*, P)) or loss gradients
         (kind='grad', (n, P)) by ``torch.func.vmap`` over a functional call of the module whose
-        output the closure returned (found while the closure ran, and checked once to
-        reproduce the outputs from its positional inputs); None (the batched backward) where
-        there is no such module, where it couples the samples (BatchNorm in training mode,
-        Dropout) or where vmap cannot trace it."""
+        output the closure returned (found while the closure ran). None, and the batched
+        backward from then on, where there is no such module, where it couples the samples by
+        its type (BatchNorm in training mode, Dropout), where its one-sample results differ
+        from the batch's (:meth:`~steepest.point.GraphProducts._agrees`: a custom coupling
+        such as ``h - h.mean(0)``, outputs that do not follow the inputs sample by sample, or a
+        call that does not reproduce z from its positional inputs) or where vmap cannot trace
+        it."""
         if self._owner is None:
             return None
         from torch.func import functional_call, grad, jacrev, vmap
 
         module, names, args = self._owner
-        if not getattr(self, "_owner_checked", False):
-            if not _reproduces(module, args, self.z):
-                self._owner = None
-                return None
-            self._owner_checked = True
         fixed = {n: t.detach() for n, t in module.named_parameters() if n not in names}
         space, loss = self.space, self.loss
         xs = tuple(a[samples] for a in args)
@@ -330,21 +379,34 @@ class ClosurePoint(GraphProducts):
             params = dict(fixed, **dict(zip(names, space.unflatten(th))))
             return functional_call(module, params, tuple(t.unsqueeze(0) for t in xi))
 
-        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> Tensor:
-            return loss.value(f(th, *xi), yi.unsqueeze(0)).sum()
+        def out(th: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
+            z = f(th, *xi).reshape(-1)
+            return z, z.detach()
+
+        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
+            z = f(th, *xi)
+            if z.shape[:1] != (1,):  # not one output row per sample: refused by _agrees
+                return z.sum(), z.detach().reshape(-1)
+            return loss.value(z, yi.unsqueeze(0)).sum(), z.detach().reshape(-1)
 
         theta = self.theta.detach()
         try:
             with sdpa_kernel(SDPBackend.MATH):
                 if kind == "jacobian":
                     dims = (None,) + (0,) * len(xs)
-                    jac = vmap(jacrev(lambda th, *xi: f(th, *xi).reshape(-1)), in_dims=dims)
-                    return jac(theta, *xs).detach()
-                dims = (None, 0) + (0,) * len(xs)
-                return vmap(grad(one_loss), in_dims=dims)(theta, self.y[samples], *xs).detach()
+                    rows, outs = vmap(jacrev(out, has_aux=True), in_dims=dims)(theta, *xs)
+                else:
+                    dims = (None, 0) + (0,) * len(xs)
+                    rows, outs = vmap(grad(one_loss, has_aux=True), in_dims=dims)(
+                        theta, self.y[samples], *xs
+                    )
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             self._owner = None
             return None
+        if not self._agrees(samples, kind, rows.detach(), outs):
+            self._owner = None
+            return None
+        return rows.detach()
 
     def _need_losses(self) -> Tensor:
         if self.losses is None:
@@ -375,8 +437,11 @@ def _record_calls() -> Iterator[list]:
 
 def _find_owner(calls: list, point: ClosurePoint) -> tuple | None:
     """(module, the names of the optimizer's parameters in it, its batched inputs) for the
-    outermost module call whose output is the closure's outputs z, when a functional call of
-    it reproduces z and it does not couple samples; else None."""
+    outermost module call whose output is the closure's outputs z, when the module holds all
+    the optimizer's parameters, its positional inputs all have the batch's leading dimension
+    and no BatchNorm in training mode or Dropout in it couples the samples; else None. That
+    its one-sample calls reproduce the batch is checked when they run
+    (:meth:`ClosurePoint._per_sample`)."""
     z, n = point.z, point.n
     if not isinstance(point.y, Tensor) or point.y.shape[:1] != (n,):
         return None
@@ -386,25 +451,13 @@ def _find_owner(calls: list, point: ClosurePoint) -> tuple | None:
         named = {id(p): name for name, p in module.named_parameters()}
         if not all(id(p) in named for p in point.params):
             return None
-        if any(m.training and isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout)
-               for m in module.modules()):
+        if any(
+            m.training and isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout)
+            for m in module.modules()
+        ):
             return None
         if not args or not all(isinstance(a, Tensor) and a.shape[:1] == (n,) for a in args):
             return None
         names = [named[id(p)] for p in point.params]
         return module, names, tuple(a.detach() for a in args)
     return None
-
-
-def _reproduces(module: nn.Module, args: tuple, z: Tensor) -> bool:
-    """Whether a call of the module on its positional inputs gives z again (no kwargs, no
-    hidden state): checked once before the vmapped per-sample path is trusted."""
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-            again = module(*args)
-    except Exception:  # noqa: BLE001 - any failure: use the batched backward instead
-        return False
-    tol = 100 * torch.finfo(z.dtype).eps
-    scale = float(z.detach().abs().max())
-    return (isinstance(again, Tensor) and again.shape == z.shape
-            and torch.allclose(again, z.detach(), rtol=tol, atol=tol * scale))

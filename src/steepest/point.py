@@ -131,8 +131,12 @@ class GraphProducts:
             return tensors
         return self.distributed.weighted_sum(tensors, self.n / self.n_total)
 
-    def spread_over_ranks(self, fn: Callable[[Tensor], tuple[Tensor, ...]], items: list[Tensor],
-                          shapes: Callable[[Tensor], list]) -> list[tuple[Tensor, ...]]:
+    def spread_over_ranks(
+        self,
+        fn: Callable[[Tensor], tuple[Tensor, ...]],
+        items: list[Tensor],
+        shapes: Callable[[Tensor], list],
+    ) -> list[tuple[Tensor, ...]]:
         """``[fn(x) for x in items]``; under torch.distributed item i is computed on rank
         i mod R only and its result broadcast to every rank (``shapes(x)``: the (shape, dtype)
         of each tensor ``fn(x)`` returns)."""
@@ -168,16 +172,64 @@ class GraphProducts:
         gradients (kind='grad', (n, P)); None uses the batched backward."""
         return None
 
+    _rows_checked: bool = False  # the per-sample rows passed _agrees' product check
+
+    def _agrees(self, samples: slice, kind: str, rows: Tensor, outs: Tensor) -> bool:
+        r"""Whether per-sample results computed one sample at a time (``torch.func.vmap``
+        over a model call on a batch of one) are those of the batch, i.e. whether the model
+        treats its samples independently. Two checks, with the tolerance
+        :math:`\sqrt{\epsilon}` of the dtype (TF32's on CUDA where it is on) relative to the
+        largest entry:
+
+        - every call: the outputs ``outs`` (n, C*) of the one-sample calls equal the batch
+          outputs z of these samples (same shape, same values; free, vmap returns them);
+        - once per point: the rows contracted with a fixed random vector equal the same
+          product on the batch's graph, :math:`\sum_i J_i^T u_i = J^T u` with u zero outside
+          these samples (kind 'jacobian'), :math:`\sum_i w_i \nabla l_i = J_l^T w`
+          (kind 'grad'): one backward pass. It catches a coupling that leaves the outputs
+          unchanged at this theta but not their derivatives (a batch term of zero weight).
+
+        A model that mixes its samples (batch statistics, ``h - h.mean(0)``) or whose outputs
+        do not follow its inputs sample by sample fails one of them; the caller then takes the
+        batched backward, which differentiates the batch as it was computed.
+        """
+        zf = self.z.detach().reshape(self.n, -1)[samples]
+        if outs.shape != zf.shape or rows.shape[0] != zf.shape[0]:
+            return False
+        tol = _working_eps(zf) ** 0.5
+        if not _close(outs, zf, tol):
+            return False
+        if self._rows_checked:
+            return True
+        gen = torch.Generator().manual_seed(0)  # a fixed vector: the check is reproducible
+        if kind == "jacobian":
+            u = torch.randn(zf.shape, generator=gen, dtype=zf.dtype).to(zf.device)
+            full = torch.zeros_like(self.z.detach()).reshape(self.n, -1)
+            full[samples] = u
+            want = self.vjp(full.reshape(self.z.shape))
+            got = u.reshape(-1) @ rows.reshape(-1, rows.shape[-1])  # a GEMV, not einsum's bmm
+        else:
+            losses = self._need_losses().detach()
+            w = torch.randn(zf.shape[0], generator=gen, dtype=losses.dtype).to(losses.device)
+            full = torch.zeros_like(losses)
+            full[samples] = w
+            want = self.loss_vjp(full)
+            got = w @ rows
+        self._rows_checked = _close(got, want, tol)
+        return self._rows_checked
+
     # ------------------------------------------------------------------ flat <-> pieces
     def _unflatten(self, v: Tensor, batch: int | None = None) -> list[Tensor]:
         """Split flat v (P,) (rows (batch, P) if batch) into pieces shaped like ``_wrt()``."""
         wrt = self._wrt()
         lead = () if batch is None else (batch,)
         if tuple(v.shape) != (*lead, self.size):
-            raise ShapeError(f"expected a vector of shape {(*lead, self.size)} (the flat "
-                             f"parameters), got {tuple(v.shape)}.")
+            raise ShapeError(
+                f"expected a vector of shape {(*lead, self.size)} (the flat "
+                f"parameters), got {tuple(v.shape)}."
+            )
         parts = torch.split(v, [w.numel() for w in wrt], dim=-1)
-        return [c.reshape(*lead, *w.shape) for c, w in zip(parts, wrt)]
+        return [c.reshape((*lead, *w.shape)) for c, w in zip(parts, wrt)]
 
     def _flatten(self, parts: Iterable[Tensor | None], batch: int | None = None) -> Tensor:
         """Join per-tensor pieces into flat (P,) (rows (batch, P)), zeros for None."""
@@ -322,6 +374,31 @@ class GraphProducts:
         return self._batched(gs, [chunks[i] for i in idx], k).T
 
 
+def _working_eps(t: Tensor) -> float:
+    """The rounding unit of ``t``'s dtype as the kernels compute in it: float32 on CUDA with
+    TF32 allowed (cuDNN's default for convolutions) or a lower matmul precision rounds products
+    to 10 (bfloat16: 7) mantissa bits, so the batch and the one-sample calls may differ by more
+    than float32's epsilon."""
+    eps = torch.finfo(t.dtype).eps
+    if t.dtype == torch.float32 and t.device.type == "cuda":
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            return max(eps, 2.0**-7)
+        if (
+            precision == "high"
+            or torch.backends.cuda.matmul.allow_tf32
+            or (torch.backends.cudnn.allow_tf32)
+        ):
+            return max(eps, 2.0**-10)
+    return eps
+
+
+def _close(a: Tensor, b: Tensor, tol: float) -> bool:
+    """Entrywise |a - b| <= tol s, s the largest magnitude in a and b (False if not finite)."""
+    scale = max(float(a.abs().max()), float(b.abs().max())) if a.numel() else 0.0
+    return bool(((a - b).abs() <= tol * scale).all()) if math.isfinite(scale) else False
+
+
 class Graph(NamedTuple):
     r"""One forward of the model and loss at theta on a batch, with its autograd graph: the
     leaf ``theta`` (flat, requires grad), the outputs :math:`z = f(x, \theta)`, the per-sample
@@ -351,8 +428,14 @@ def _record_call(calls: dict, module: nn.Module, inputs: tuple, output: Any) -> 
     return output.clone()
 
 
-def forward(space: ParamSpace, loss: Loss, inputs: Inputs, targets: Tensor,
-            theta: Tensor, record: tuple[type[nn.Module], ...] = ()) -> Graph:
+def forward(
+    space: ParamSpace,
+    loss: Loss,
+    inputs: Inputs,
+    targets: Tensor,
+    theta: Tensor,
+    record: tuple[type[nn.Module], ...] = (),
+) -> Graph:
     r"""The model and loss at ``theta`` with the autograd graph kept, as :class:`Point` builds
     it (a fresh leaf :math:`\theta`, :math:`z = f(x, \theta)`, :math:`l_i`, :math:`L`).
 
@@ -455,8 +538,17 @@ class Point(GraphProducts):
                 "point reduces its own over the ranks: pass grad=None."
             )
         if distributed is None:
-            self._evaluate(space, loss, inputs, targets, theta, generator, graph=graph,
-                           grad=grad, record=record)
+            self._evaluate(
+                space,
+                loss,
+                inputs,
+                targets,
+                theta,
+                generator,
+                graph=graph,
+                grad=grad,
+                record=record,
+            )
             self.n_total = self.n
             return
         # the means over the whole batch: every rank reaches the all_reduce, also one whose
@@ -464,14 +556,19 @@ class Point(GraphProducts):
         space = space if isinstance(space, ParamSpace) else ParamSpace(space)
         error = None
         try:
-            self._evaluate(space, loss, inputs, targets, theta, generator, local=True,
-                           record=record)
+            self._evaluate(
+                space, loss, inputs, targets, theta, generator, local=True, record=record
+            )
         except Exception as err:  # noqa: BLE001 (re-raised on this rank by distributed.mean)
             error = err
         like = space.get()
         value, grad, self.n_total = distributed.mean(
-            getattr(self, "value_t", None), getattr(self, "grad", None),
-            getattr(self, "n", 0), like, error)
+            getattr(self, "value_t", None),
+            getattr(self, "grad", None),
+            getattr(self, "n", 0),
+            like,
+            error,
+        )
         self.value, self.grad = float(value), grad
         self._check_finite()
 
@@ -552,8 +649,11 @@ class Point(GraphProducts):
         """Per-sample output Jacobians (kind='jacobian', (n, C*, P)) or loss gradients
         (kind='grad', (n, P)) by ``torch.func.vmap`` over samples: O(n) model evaluations of
         one sample each, instead of a batched backward through the whole batch per row.
-        Returns None where vmap cannot trace the model (e.g. BatchNorm in training mode,
-        which couples the samples); the caller then uses the batched backward."""
+        Returns None, and the caller uses the batched backward from then on, where the model
+        couples its samples: BatchNorm in training mode (known by its type), any other model
+        whose one-sample results differ from the batch's (:meth:`GraphProducts._agrees`: a
+        custom ``h - h.mean(0)``, outputs that do not follow the inputs sample by sample), or
+        where vmap cannot trace it (Dropout in training: random)."""
         if self._vmap_failed:
             return None
         from torch.func import grad, jacrev, vmap
@@ -569,22 +669,31 @@ class Point(GraphProducts):
                 raise ValueError("the model's outputs do not follow its inputs sample by sample")
             return z
 
-        def out(th: Tensor, *xi: Tensor) -> Tensor:
-            return one(th, xi).reshape(-1)
+        def out(th: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
+            z = one(th, xi).reshape(-1)
+            return z, z.detach()
 
-        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> Tensor:
-            return loss.value(one(th, xi), yi.unsqueeze(0)).sum()
+        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
+            z = one(th, xi)
+            return loss.value(z, yi.unsqueeze(0)).sum(), z.detach().reshape(-1)
 
         try:
             with sdpa_kernel(SDPBackend.MATH):
                 if kind == "jacobian":
                     dims = (None,) + (0,) * len(xs)
-                    return vmap(jacrev(out), in_dims=dims)(theta, *xs).detach()
-                dims = (None, 0) + (0,) * len(xs)
-                return vmap(grad(one_loss), in_dims=dims)(theta, self.y[samples], *xs).detach()
+                    rows, outs = vmap(jacrev(out, has_aux=True), in_dims=dims)(theta, *xs)
+                else:
+                    dims = (None, 0) + (0,) * len(xs)
+                    rows, outs = vmap(grad(one_loss, has_aux=True), in_dims=dims)(
+                        theta, self.y[samples], *xs
+                    )
         except (RuntimeError, ValueError, TypeError, NotImplementedError):
             self._vmap_failed = True
             return None
+        if not self._agrees(samples, kind, rows.detach(), outs):
+            self._vmap_failed = True
+            return None
+        return rows.detach()
 
 
 def evaluate(

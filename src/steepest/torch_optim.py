@@ -149,6 +149,17 @@ class TorchOptimizer(torch.optim.Optimizer):
     the full :class:`~steepest.optimizer.StepInfo` is ``opt.last_info``. A step that raises
     leaves the parameters and the optimizer state unchanged.
 
+    Per-sample Jacobians and gradients (the dense and Woodbury solvers, ``Diagonal``,
+    ``diagonal()``) come by ``torch.func.vmap`` over one-sample calls of the module whose output
+    the closure returns, when it holds all the parameters, takes the batch as positional tensors
+    and has no BatchNorm in training mode or Dropout; otherwise (outputs changed outside any
+    module, such layers, a model vmap cannot trace) by a batched backward through the closure's
+    graph, exact for any model but slower. Each step checks the vmapped rows against the batch
+    (the one-sample outputs against the outputs, a random contraction of the rows against one
+    backward) and takes the batched route where they differ, so a model that mixes its samples
+    in its own way (``h - h.mean(0)``) or whose outputs are not per sample gets the right
+    curvature (:mod:`steepest.closure_point`).
+
     Examples
     --------
     >>> opt = TorchOptimizer(model, loss=MSE(), metric=GGN(), damping=LevenbergMarquardt(1e-2))
