@@ -306,6 +306,48 @@ def test_weight_decay_is_the_l2_term_in_g_and_m():
         TorchOptimizer(model, loss=loss, weight_decay=-1.0)
 
 
+OWN_INVERSE_METRICS = {
+    "KFAC": lambda: steepest.KFAC(steepest.GGN(), ema=None, T_cov=1, T_inv=3),
+    "EKFAC": lambda: steepest.EKFAC(steepest.GGN(), ema=None, T_cov=1, T_inv=3),
+    "Diagonal": lambda: steepest.Diagonal(steepest.GGN()),
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_INVERSE_METRICS))
+@pytest.mark.parametrize("groups", ["one decay", "per group"])
+def test_weight_decay_keeps_the_metrics_own_inverse(name, groups):
+    """weight_decay adds diag(eta) to M; the metric's own inverse (K-FAC's and EKFAC's
+    per-block eigendecompositions, the diagonal) stays the solver: at lambda + eta for one
+    decay shared by all parameters, and for the diagonal with any eta. The step equals the
+    dense float64 solve of (M + diag(eta) + lambda I) d = -(g + eta theta), M the metric's
+    matrix at theta; the sketched residual of the exact inverse sees eta. K-FAC and EKFAC
+    with different decays per group have no Kronecker inverse of M + diag(eta): Cholesky,
+    the same step."""
+    make = OWN_INVERSE_METRICS[name]
+    model, loss, x, y = problem("ce")
+    theta = flat(model)
+    lam = 1e-2
+    n0 = sum(p.numel() for p in model[0].parameters())
+    eta = torch.full_like(theta, 0.3)
+    params = model.parameters()
+    if groups == "per group":
+        eta[n0:] = 0.05
+        params = [{"params": model[0].parameters(), "weight_decay": 0.3},
+                  {"params": model[2].parameters(), "weight_decay": 0.05}]
+    M = make().operator(steepest.point.Point(model, loss, x, y)).to_dense()
+    g = torch.autograd.grad(loss.value(model(x), y).mean(), list(model.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g]) + eta * theta
+    expected = -torch.linalg.solve(M + torch.diag(eta) + lam * torch.eye(theta.numel(),
+                                                                          dtype=DT), g)
+    opt = TorchOptimizer(params, loss=loss, metric=make(), damping=lam,
+                         weight_decay=0.3)
+    opt.step(outputs_closure(model, x, y))
+    own = groups == "one decay" or name == "Diagonal"
+    assert opt.last_info.solver == ("OwnInverse" if own else "Cholesky")
+    assert torch.allclose(flat(model) - theta, expected, atol=1e-10, rtol=0)
+    assert opt.last_info.residual < 1e-10  # the true (or sketched) residual of M + diag(eta)
+
+
 def test_add_param_group_extends_theta():
     model, loss, x, y = problem("mse")
     opt = TorchOptimizer(model[2].parameters(), loss=loss, metric=steepest.GGN(), damping=0.1)

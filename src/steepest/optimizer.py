@@ -72,14 +72,12 @@ from .trials import Batch, NextPoint, Trials, l2_penalty
 
 def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
     r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
-    as damping: the quadratic model and the damping rules see it in M."""
-    return LinearOperator(
-        lambda v: op.matvec(v) + eta * v, op.size, op.dtype, op.device,
-        matmat=lambda V: op @ V + eta[:, None] * V,
-        dense=lambda: op.to_dense() + torch.diag(eta),
-        diagonal=lambda: op.diagonal() + eta,
-        psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
-    )
+    as damping: the quadratic model and the damping rules see it in M. The metric's own
+    inverse is kept (:meth:`~steepest.linop.LinearOperator.plus_diagonal`): a diagonal
+    metric's for any eta, K-FAC's and EKFAC's for one weight decay shared by all parameters
+    (the inverse at :math:`\lambda + \eta`); with different decays per group those two fall
+    back to Cholesky or CG."""
+    return op.plus_diagonal(eta, name=f"{op.name} + weight decay")
 
 
 class Optimizer(OptimizerState):

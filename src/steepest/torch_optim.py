@@ -126,7 +126,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         :math:`\eta\theta` joins g, its curvature :math:`\mathrm{diag}(\eta)` joins M (part of
         the metric, not of the damping), and the losses of rho and of the line searches include
         it (``StepInfo.loss`` is then the objective with the L2 term; ``step()`` returns the
-        closure's loss as ``torch.optim`` does).
+        closure's loss as ``torch.optim`` does). The metric's own inverse stays the solver
+        (:meth:`~steepest.linop.LinearOperator.plus_diagonal`): ``Diagonal`` for any eta,
+        ``KFAC`` and ``EKFAC`` for one decay shared by all parameters (their inverse at
+        :math:`\lambda + \eta`); with different decays per group, K-FAC and EKFAC have no
+        Kronecker inverse of :math:`M + \mathrm{diag}(\eta)` and ``solver="auto"`` falls back
+        to Cholesky (small P) or CG.
     damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``).
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance.
     step: None (``LearningRate(lr)``) or a :mod:`steepest.steps` rule (``TrustRegion``,
