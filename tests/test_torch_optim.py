@@ -348,6 +348,38 @@ def test_weight_decay_keeps_the_metrics_own_inverse(name, groups):
     assert opt.last_info.residual < 1e-10  # the true (or sketched) residual of M + diag(eta)
 
 
+@pytest.mark.parametrize("config", ["defaults", "newton trust region"])
+def test_defaults_are_the_core_optimizers(config):
+    """Every keyword TorchOptimizer shares with steepest.Optimizer has the same default, and
+    the same configuration builds the same rules: damping (the Optimizer's rule: 0 for
+    Newton under an adaptive trust region, else 1e-3), solver, step rule, generator state,
+    tolerances, momentum, CG options."""
+    import inspect
+
+    core_sig = inspect.signature(steepest.Optimizer.__init__).parameters
+    adapter_sig = inspect.signature(TorchOptimizer.__init__).parameters
+    shared = [n for n in core_sig if n in adapter_sig and n != "self"
+              and core_sig[n].default is not inspect.Parameter.empty]
+    assert {n: adapter_sig[n].default for n in shared} == \
+        {n: core_sig[n].default for n in shared}
+    model, loss, x, y = problem("mse")
+
+    def kw():
+        if config == "defaults":
+            return {}
+        return dict(metric=steepest.Hessian(), step=steepest.TrustRegion(1.0, adaptive=True))
+
+    core = steepest.Optimizer(model, loss, **kw())
+    adapter = TorchOptimizer(model, loss=loss, **kw()).steepest
+    for name in ("damping", "solver", "step_rule", "metric"):
+        assert repr(getattr(adapter, name)) == repr(getattr(core, name))
+    for name in ("momentum", "warm_start", "preconditioner", "xi", "cg_backtracking", "ftol",
+                 "xtol", "gtol", "max_tries", "curvature_batch_size"):
+        assert getattr(adapter, name) == getattr(core, name)
+    assert adapter.damping.value == (1e-3 if config == "defaults" else 0.0)
+    assert torch.equal(adapter.generator.get_state(), core.generator.get_state())
+
+
 def test_add_param_group_extends_theta():
     model, loss, x, y = problem("mse")
     opt = TorchOptimizer(model[2].parameters(), loss=loss, metric=steepest.GGN(), damping=0.1)

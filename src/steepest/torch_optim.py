@@ -132,7 +132,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         :math:`\lambda + \eta`); with different decays per group, K-FAC and EKFAC have no
         Kronecker inverse of :math:`M + \mathrm{diag}(\eta)` and ``solver="auto"`` falls back
         to Cholesky (small P) or CG.
-    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``).
+    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``); default
+        None, the rule of :class:`steepest.Optimizer`: 1e-3, but 0 for Newton (``Hessian()``)
+        under an adaptive trust region (``step=TrustRegion(adaptive=True)``), where a constant
+        shift would make convergence only linear wherever the curvature is below it.
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance.
     step: None (``LearningRate(lr)``) or a :mod:`steepest.steps` rule (``TrustRegion``,
         ``Armijo``, ``KLLineSearch``).
@@ -168,7 +171,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         loss: Loss | Callable[[Tensor, Tensor], Tensor] | None = None,
         metric: Metric | None = None,
         lr: float = 1.0,
-        damping: Damping | float = 1e-3,
+        damping: Damping | float | None = None,
         solver: Solver | str = "auto",
         step: StepRule | None = None,
         *,
