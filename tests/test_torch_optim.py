@@ -384,6 +384,23 @@ def test_weight_decay_keeps_the_metrics_own_inverse(name, groups):
     assert opt.last_info.residual < 1e-10  # the true (or sketched) residual of M + diag(eta)
 
 
+def test_weight_decay_per_group_keeps_the_diagonal_inverse_under_a_scaled_trust_region():
+    """Diagonal metric, different decays per group and MoreTrustRegion's lambda D^2: the own
+    inverse takes the diagonal damping plus diag(eta); its true residual on
+    M + diag(eta) + lambda D^2 is at rounding level, and the loss decreases."""
+    model, loss, x, y = problem("ce")
+    groups = [{"params": model[0].parameters(), "weight_decay": 0.3},
+              {"params": model[2].parameters(), "weight_decay": 0.0}]
+    opt = TorchOptimizer(groups, loss=loss, metric=steepest.Diagonal(steepest.GGN()),
+                         damping=steepest.MoreTrustRegion())
+    infos = []
+    for _ in range(4):
+        opt.step(outputs_closure(model, x, y))
+        infos.append(opt.last_info)
+    assert all(i.solver == "OwnInverse" and i.residual < 1e-12 for i in infos)
+    assert infos[-1].loss < infos[0].loss
+
+
 @pytest.mark.parametrize("config", ["defaults", "newton trust region"])
 def test_defaults_are_the_core_optimizers(config):
     """Every keyword TorchOptimizer shares with steepest.Optimizer has the same default, and
