@@ -19,9 +19,9 @@ certified starts ("Start 1" far, "Start 2" near) by
 - ``hessian-tr``: Newton (the exact Hessian, clipped to its absolute eigenvalues when indefinite)
   with the same adaptive trust region;
 - ``least-squares``: ``steepest.least_squares`` with ALL its defaults (MINPACK's trust region,
-  ``ftol = 1e-14``, ``xtol = gtol = 1e-8``, ``max_nfev = 300 P``, the Jacobian by autograd) on the residuals
-  :math:`f_i(b) - y_i`, its own stopping rule (not the one below); ``least-squares-tight`` with
-  ``ftol = xtol = gtol = 1e-15``, as ``scipy-lm-tight``;
+  ``ftol = 1e-14``, ``xtol = gtol = 1e-8``, ``max_nfev = 300 P``, the Jacobian by autograd) on
+  the residuals :math:`f_i(b) - y_i`, its own stopping rule (not the one below);
+  ``least-squares-tight`` with ``ftol = xtol = gtol = 1e-15``, as ``scipy-lm-tight``;
 - ``scipy-lm`` / ``scipy-trf``: ``scipy.optimize.least_squares`` with its default tolerances,
   and ``scipy-lm-tight`` / ``scipy-trf-tight`` with ``ftol = xtol = gtol = 1e-15`` (the analytic
   Jacobian from ``torch.func.jacrev`` in all four).

@@ -84,9 +84,9 @@ def digits_cnn(bn: bool = False) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def problem(name: str):
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
+def problem(name: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     if name == "mlp":
         model = nn.Sequential(
             nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
@@ -272,7 +272,12 @@ def timed(step, reps: int) -> list[float]:
 
 
 def step_costs(
-    models, window: int, repeats: int, only: list[str] | None = None, adam: str = "window"
+    models,
+    window: int,
+    repeats: int,
+    only: list[str] | None = None,
+    adam: str = "window",
+    seeds: int = 1,
 ) -> dict:
     """Each row's time per step over ``window`` consecutive steps (amortised: a window of 100
     holds one eigendecomposition and ten factor refreshes at the defaults), divided by Adam's
@@ -281,7 +286,8 @@ def step_costs(
     sides of the ratio); ``"median5"``: the median of 5 Adam steps (the estimator of the JSONs
     before 2026-11-29, which set a mean, inflated by every interruption of a loaded machine,
     against a median that drops them). ``only``: run the rows whose name contains one of
-    these strings."""
+    these strings. ``seeds``: the whole measurement on models and batches drawn from seeds
+    0 .. seeds-1 (median, min and max over seeds x repeats; each seed's median kept)."""
     once = dict(ema=None, T_cov=1, T_inv=1)
     rows = {
         "KFAC (Optimizer, defaults)": kfac_stepper,
@@ -306,49 +312,59 @@ def step_costs(
         rows = {k: v for k, v in rows.items() if any(o in k for o in only)}
     res = {}
     for name in models:
-        model0, x, y = problem(name)
-        entry = {"P": sum(p.numel() for p in model0.parameters()), "batch": int(x.shape[0])}
-        adam_m = copy.deepcopy(model0)
-        adam_step = adam_stepper(adam_m, x, y)
-        timed(adam_step, 3)
-        ratios: dict[str, list[float]] = {}
-        adam_t: list[float] = []
-        steppers = {}
-        for row, make in rows.items():
-            m = copy.deepcopy(model0)
-            try:
-                steppers[row] = make(m, x, y)
-                timed(steppers[row], 2)  # warm-up (torch.func imports, first factors)
-            except Exception as err:  # noqa: BLE001 - a peer that cannot run this model
-                steppers.pop(row, None)
-                entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-        for _ in range(repeats):
-            for row, st in steppers.items():
-                n = 10 if "T=1" in row or "rebuilt" in row else window
-                if adam == "median5":
-                    a = statistics.median(timed(adam_step, 5))
-                else:
-                    a = sum(timed(adam_step, n)) / n
-                adam_t.append(a)
-                try:
-                    ratios.setdefault(row, []).append(sum(timed(st, n)) / n / a)
-                except Exception as err:  # noqa: BLE001 - a peer failing after warm-up
-                    entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
-            steppers = {r: s for r, s in steppers.items() if "error" not in entry.get(r, {})}
+        entry, ratios, adam_t = {}, {}, []
+        for seed in range(seeds):
+            _seed_costs(name, seed, rows, window, repeats, adam, entry, ratios, adam_t)
         entry["adam_step_s"] = statistics.median(adam_t)
         entry["adam_estimator"] = adam  # per entry: --merge may keep another run's
+        entry["seeds"] = seeds
         for row, r in ratios.items():
             if "error" in entry.get(row, {}):
                 continue
+            flat = [v for per_seed in r.values() for v in per_seed]
             entry[row] = {
-                "median": statistics.median(r),
-                "min": min(r),
-                "max": max(r),
-                "repeats": len(r),
+                "median": statistics.median(flat),
+                "min": min(flat),
+                "max": max(flat),
+                "repeats": len(flat),
+                "seed_medians": {k: statistics.median(v) for k, v in r.items()},
             }
         res[name] = entry
         print(name, json.dumps(entry, indent=1), flush=True)
     return res
+
+
+def _seed_costs(name, seed, rows, window, repeats, adam, entry, ratios, adam_t) -> None:
+    """One seed's model and batch: every row ``repeats`` times, interleaved with Adam; ratios
+    appended per row (one list per seed)."""
+    model0, x, y = problem(name, seed)
+    entry.update(P=sum(p.numel() for p in model0.parameters()), batch=int(x.shape[0]))
+    adam_m = copy.deepcopy(model0)
+    adam_step = adam_stepper(adam_m, x, y)
+    timed(adam_step, 3)
+    steppers = {}
+    for row, make in rows.items():
+        m = copy.deepcopy(model0)
+        try:
+            steppers[row] = make(m, x, y)
+            timed(steppers[row], 2)  # warm-up (torch.func imports, first factors)
+        except Exception as err:  # noqa: BLE001 - a peer that cannot run this model
+            steppers.pop(row, None)
+            entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+    for _ in range(repeats):
+        for row, st in steppers.items():
+            n = 10 if "T=1" in row or "rebuilt" in row else window
+            if adam == "median5":
+                a = statistics.median(timed(adam_step, 5))
+            else:
+                a = sum(timed(adam_step, n)) / n
+            adam_t.append(a)
+            try:
+                per_seed = ratios.setdefault(row, {}).setdefault(seed, [])
+                per_seed.append(sum(timed(st, n)) / n / a)
+            except Exception as err:  # noqa: BLE001 - a peer failing after warm-up
+                entry[row] = {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        steppers = {r: s for r, s in steppers.items() if "error" not in entry.get(r, {})}
 
 
 # ---------------------------------------------------------------------------------- floor
@@ -488,7 +504,8 @@ def markdown(res: dict) -> str:
     lines = []
     m = res["meta"]
     lines.append(
-        f"Run {m['date']}, torch {m['torch']}, {m['cores']} cores, "
+        f"Run {m['date']}, torch {m['torch']}, {m.get('cpu_model', m['cpu'])}, "
+        f"{m['cores']} cores, "
         f"{m['torch_threads']} torch thread(s), load average before "
         f"{m['load_before'][0]:.1f} and after {m['load_after'][0]:.1f} "
         f"({m['note']}), quick={m['quick']}."
@@ -499,7 +516,7 @@ def markdown(res: dict) -> str:
         rows = [k for k in sc[names[0]] if isinstance(sc[names[0]][k], dict)]
         lines += [
             "",
-            "Step cost as a multiple of one Adam step (median [min, max] over repeats):",
+            "Step cost as a multiple of one Adam step (median [min, max] over seeds x repeats):",
             "",
             "| method | "
             + " | ".join(f"{n} (P={sc[n]['P']:,}, N={sc[n]['batch']})" for n in names)
@@ -541,6 +558,18 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -550,6 +579,7 @@ def main() -> None:
         "--parts", nargs="*", default=["cost", "closure", "agreement"], help="also: floor"
     )
     ap.add_argument("--window", type=int, default=100, help="steps per amortised timing")
+    ap.add_argument("--seeds", type=int, default=3, help="models and batches from seeds 0..n-1")
     ap.add_argument("--repeats", type=int, default=None, help="step-cost repeats (3; quick 2)")
     ap.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer", "cnn-bn"])
     ap.add_argument("--merge", default=None, help="a JSON whose step_cost entries to keep")
@@ -589,6 +619,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_before": os.getloadavg(),
@@ -617,6 +648,7 @@ def main() -> None:
             repeats=args.repeats or (2 if args.quick else 3),
             only=args.rows,
             adam=args.adam,
+            seeds=args.seeds,
         )
     if "closure" in args.parts:
         res["closure_path"] = closure_path(repeats=2 if args.quick else 3)

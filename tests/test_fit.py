@@ -333,6 +333,40 @@ def test_curve_fit_default_max_nfev_is_lmder_s():
         curve_fit(_decay, t, y, [1.0, 1.0, 0.0])
 
 
+def test_curve_fit_refuses_an_f_of_the_wrong_shape():
+    """Before: xdata and ydata of different lengths gave a bare broadcasting RuntimeError, an f
+    returning (N, 1) was reported as 'fun returned shape (30, 30)', and a scalar f 'fitted'."""
+    y = _decay(T, 2.0, 1.3, 0.5)
+    bad = {
+        "short xdata": (_decay, T[:20]),
+        "column": (lambda x, a, b, c: _decay(x, a, b, c).unsqueeze(-1), T),
+        "scalar": (lambda x, a, b, c: _decay(x, a, b, c).sum(), T),
+    }
+    for name, (f, x) in bad.items():
+        with pytest.raises(ShapeError, match=r"one value per point of ydata, shape \(N,\)"):
+            curve_fit(f, x, y, [1.0, 1.0, 0.0])
+        with pytest.raises(ShapeError, match="for the first curve"):
+            curve_fit(f, x, torch.stack([y, y]), torch.tensor([[1.0, 1.0, 0.0]] * 2, dtype=D))
+        assert name
+
+
+def test_vectorize_runs_a_one_problem_fun_over_a_batch_of_starts():
+    """vectorize=True: fun written for one x (P,) and vmapped; fun sees only x, so the batch is
+    one data set from several starts (multi-start): each fit equals the separate fit from its
+    start, evaluation for evaluation."""
+    y = _decay(T, 2.0, 1.3, 0.5) + 0.01 * torch.randn(30, generator=seeded(4), dtype=D)
+
+    def fun(p):
+        return p[0] * torch.exp(-p[1] * T) + p[2] - y
+
+    x0 = torch.tensor([[1.0, 1.0, 0.0], [5.0, 0.1, -3.0], [0.5, 3.0, 1.0]], dtype=D)
+    res = least_squares(fun, x0, vectorize=True)
+    for i in range(3):
+        one = least_squares(fun, x0[i])
+        torch.testing.assert_close(res.x[i], one.x, rtol=1e-10, atol=1e-12)
+        assert (int(res.nfev[i]), int(res.status[i])) == (one.nfev, one.status)
+
+
 # ---------------------------------------------------------------------------- batched
 def _batch(n: int, device: str = "cpu"):
     g = seeded(3)
@@ -661,6 +695,54 @@ def test_minimize_radius_is_scale_free():
     assert res.nit == 1 and float(res.x) == pytest.approx(1e6)
 
 
+def test_minimize_gradient_descent_is_table_1_s_identity_row():
+    """M = I: d = -eps g / ||g|| in a trust radius driven by rho against the linear model. On a
+    quadratic with condition number 10 it reaches A^-1 b (gtol), forms no Hessian (one
+    Hessian-vector product for the first radius), and is scale-free: F and 1e6 F take the same
+    iterations (gtol scaled with F)."""
+    g = seeded(5)
+    q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=D))
+    a = q @ torch.diag(torch.linspace(1, 10, 10, dtype=D)) @ q.T
+    b = torch.randn(10, generator=g, dtype=D)
+    want = torch.linalg.solve(a, b)
+    runs = []
+    for scale in (1.0, 1e6):
+        res = steepest.minimize(
+            lambda x, s=scale: s * (0.5 * x @ a @ x - b @ x),
+            torch.zeros(10, dtype=D),
+            method="gradient-descent",
+            gtol=1e-6 * scale,
+        )
+        assert res.success and res.status == 0 and "hess" not in res
+        assert float(res.jac.norm()) < 1e-6 * scale and res.nhev == 1
+        torch.testing.assert_close(res.x, want, rtol=0, atol=1e-5)
+        runs.append((res.nit, res.nfev))
+    assert runs[0] == runs[1] and runs[0][0] > 10  # linear convergence: many steps, both scales
+    first = steepest.minimize(
+        lambda x: 0.5 * x @ a @ x - b @ x, torch.zeros(10, dtype=D), "gradient-descent", maxiter=1
+    )
+    # the first step: along -g (g = -b at 0), of the Cauchy length ||g||^3 / (g^T A g)
+    cauchy = b.norm() ** 3 / (b @ a @ b)
+    torch.testing.assert_close(first.x, cauchy * b / b.norm())
+
+
+def test_least_squares_hessian_row_through_minimize():
+    """The Hessian row for 1/2 ||f||^2 (J^T J + sum f_i grad^2 f_i, what least_squares'
+    Gauss-Newton leaves out) is minimize(..., "trust-exact") on the sum of squares, as the
+    least_squares docstring says: on a large-residual problem it reaches the same minimum as
+    MINPACK's Gauss-Newton trust region, in fewer iterations (Newton converges quadratically,
+    Gauss-Newton only linearly when the residual is large)."""
+    fun, x0 = PROBLEMS["freudenstein-roth"]
+    gn = least_squares(fun, x0)
+    newton = steepest.minimize(
+        lambda x: 0.5 * fun(x).square().sum(), torch.tensor(x0, dtype=D), gtol=1e-8
+    )
+    assert newton.success
+    torch.testing.assert_close(newton.x, gn.x, rtol=1e-7, atol=1e-7)
+    assert newton.fun == pytest.approx(gn.cost, rel=1e-12)
+    assert newton.nit < gn.nit, (newton.nit, gn.nit)
+
+
 def test_minimize_newton_lm_on_an_indefinite_hessian_does_not_livelock():
     """x^4 - 1e7 x^2 from x = 1e-3: H + lambda I indefinite; lambda jumps above the lowest
     eigenvalue instead of failing Cholesky forever."""
@@ -673,7 +755,7 @@ def test_minimize_newton_lm_on_an_indefinite_hessian_does_not_livelock():
 def test_minimize_errors():
     with pytest.raises(ShapeError, match="scalar"):
         steepest.minimize(lambda x: x**2, [1.0, 2.0])
-    with pytest.raises(ConfigurationError, match="trust-exact"):
+    with pytest.raises(ConfigurationError, match="gradient-descent"):
         steepest.minimize(_rosen, [1.0, 2.0], method="bfgs")
     with pytest.raises(NonFiniteError):
         steepest.minimize(lambda x: torch.log(x[0]), [-1.0])

@@ -165,6 +165,16 @@ def curve_fit(
             raise NonFiniteError("sigma must be finite and > 0.")
     x_per = batched and xd.ndim >= 2 and tuple(xd.shape[:2]) == tuple(y.shape)
     s_per = s is not None and s.ndim == 2
+    with torch.no_grad():  # one value per data point, before any subtraction broadcasts
+        first = f(xd[0] if x_per else xd, *(x0[0] if batched else x0).unbind(-1))
+    if not isinstance(first, Tensor) or tuple(first.shape) != (n,):
+        got = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
+        raise ShapeError(
+            f"f(xdata, *p0) returned {got}{' for the first curve' if batched else ''}; "
+            f"curve_fit needs one value per point of ydata, shape (N,) = ({n},): check that "
+            f"xdata has ydata's N points and that f returns a flat vector (no trailing axis "
+            f"of 1, no sum)."
+        )
 
     def resid(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
         r = f(xx, *pp.unbind(-1)) - yy

@@ -49,7 +49,11 @@ def least_squares(
     x0 : the start, (P,) or (B, P). dtype and device follow x0 (float64 for a list).
     method : ``"trust-region"`` (default, MINPACK's ``lmder``; alias ``"lm"``),
         ``"levenberg-marquardt"`` (plain LM) or ``"gauss-newton"`` (with a line search); see
-        :mod:`steepest.fit`.
+        :mod:`steepest.fit`. Other rows of Table 1: for :math:`\tfrac12\|f\|^2` the loss'
+        Hessian is I, so the GGN is this Gauss-Newton metric; the Hessian row,
+        :math:`J^T J + \sum_i f_i \nabla^2 f_i` (faster than Gauss-Newton when the residual at
+        the minimum is large), is ``steepest.minimize(lambda x: 0.5 * fun(x).square().sum(),
+        x0, method="trust-exact")``.
     jac : ``"auto"`` (autograd: reverse mode while B M^2 <= 2e5 or P > M, else forward),
         ``"jacfwd"``,
         ``"jacrev"``, or a callable ``jac(x) -> J`` of shape (M, P) (batched: (B, M, P)).

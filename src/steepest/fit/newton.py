@@ -1,5 +1,6 @@
 """``minimize``: a scalar function by Newton's method with the exact Hessian, in a trust
-region (Moré-Sorensen, Steihaug-CG) or with LM damping (see :mod:`steepest.fit`)."""
+region (Moré-Sorensen, Steihaug-CG) or with LM damping, or by gradient descent in a trust
+region (see :mod:`steepest.fit`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .core import _as_x0, _check_tol, _evaluate
 from .result import OptimizeResult
 
 # ---------------------------------------------------------------------------------- minimize
-MINIMIZE_METHODS = ("trust-exact", "trust-ncg", "newton-lm")
+MINIMIZE_METHODS = ("trust-exact", "trust-ncg", "newton-lm", "gradient-descent")
 MINIMIZE_MESSAGES = {
     0: "Optimization terminated successfully.",
     1: "Maximum number of iterations has been exceeded.",
@@ -120,7 +121,13 @@ def minimize(
 ) -> OptimizeResult:
     r"""Minimise a scalar function :math:`F(x)` with Newton's metric, the exact Hessian
     :math:`M = \nabla^2 F` by autograd (000 Table 1's Hessian row), as
-    ``scipy.optimize.minimize`` with the trust-region methods.
+    ``scipy.optimize.minimize`` with the trust-region methods, or with the identity metric
+    (Table 1's first row, gradient descent).
+
+    Of Table 1's rows only these two apply to a bare scalar F: Gauss-Newton, the GGN, the Fisher
+    and the gradient covariance need the residuals or the per-sample likelihood behind F (use
+    :func:`least_squares`, where GGN = Gauss-Newton for :math:`\tfrac12\|f\|^2`, or
+    :class:`~steepest.Optimizer` on a model).
 
     - ``"trust-exact"``: :math:`\min_p g^T p + \tfrac12 p^T H p` s.t. :math:`\|p\| \le \Delta`
       solved exactly (Moré and Sorensen 1983, dense eigen-decomposition, hard case included);
@@ -129,7 +136,15 @@ def minimize(
     - ``"newton-lm"``: :math:`\delta = -(H + \lambda I)^{-1} g` by Cholesky, lambda times 1/3
       when rho > 3/4 and times 3 when rho < 1/4, kept within :math:`[\epsilon, 1/\epsilon]`
       times :math:`\|H\|` (relative bounds); when :math:`H + \lambda I` is not positive definite
-      lambda jumps to :math:`2|\mu_{min}|` (the lowest eigenvalue), so it never livelocks.
+      lambda jumps to :math:`2|\mu_{min}|` (the lowest eigenvalue), so it never livelocks;
+    - ``"gradient-descent"``: M = I, problem (1) of 000 as it stands,
+      :math:`\min_d g^T d` s.t. :math:`\|d\| \le \epsilon`, so
+      :math:`d = -\epsilon\, g / \|g\|` (:math:`\alpha = \epsilon / \sqrt{g^T g}`), with
+      :math:`\epsilon` the trust radius, rho measured against the linear model
+      :math:`-g^T d = \epsilon \|g\|` (0.5 at the exact line minimum of a quadratic) and the
+      same radius rule; no Hessian is formed (one Hessian-vector product sets the first radius).
+      It converges linearly, at a rate set by the condition number of the Hessian: for
+      comparison and teaching, or where Newton's steps cost too much.
 
     The trust radius follows scipy's rule (times 1/4 when rho < 1/4, doubled on the boundary
     when rho > 3/4, a step accepted when rho > eta), but starts scale-free: by default at the
@@ -144,7 +159,7 @@ def minimize(
     ----------
     fun : ``fun(x) -> scalar tensor``, written in torch; x (P,).
     x0 : the start; dtype and device follow it (float64 for a list).
-    method : ``"trust-exact"``, ``"trust-ncg"`` or ``"newton-lm"``.
+    method : ``"trust-exact"``, ``"trust-ncg"``, ``"newton-lm"`` or ``"gradient-descent"``.
     gtol : stop when the gradient norm is below this.
     initial_trust_radius, max_trust_radius : radius bounds (default: scale-free start, no cap).
     eta : the least rho of an accepted step.
@@ -187,7 +202,7 @@ def minimize(
         counts["njev"] += 1
         g = grad_fn(z).detach()
         h = None
-        if method != "trust-ncg":
+        if method in ("trust-exact", "newton-lm"):
             counts["nhev"] += 1
             h = torch.func.jacfwd(grad_fn)(z).detach()
             h = (h + h.T) / 2
@@ -231,6 +246,8 @@ def minimize(
             elif method == "trust-ncg":
                 tol = min(0.5, math.sqrt(float(g.norm()))) * float(g.norm())
                 step, hits = _steihaug(hvp_at(x), g, radius, tol, 10 * p + 10)
+            elif method == "gradient-descent":
+                step = -radius / float(g.norm()) * g
             else:
                 hnorm = max(float(h.abs().max()), torch.finfo(x.dtype).tiny)
                 if lam is None:
@@ -250,7 +267,9 @@ def minimize(
         except torch.linalg.LinAlgError:
             status = 3
             break
-        if h is not None:
+        if method == "gradient-descent":  # the linear model of problem (1)
+            predicted = -float(g @ step)
+        elif h is not None:
             predicted = -(float(g @ step) + 0.5 * float(step @ (h @ step)))
         else:
             predicted = -(float(g @ step) + 0.5 * float(step @ hvp_at(x)(step)))
