@@ -38,20 +38,30 @@ ROUNDS, STEPS, WARMUP = 7, 5, 2
 def without_inverse(op: LinearOperator, eta: torch.Tensor) -> LinearOperator:
     """M + diag(eta) as the code before this change built it: no own inverse."""
     return LinearOperator(
-        lambda v: op.matvec(v) + eta * v, op.size, op.dtype, op.device,
+        lambda v: op.matvec(v) + eta * v,
+        op.size,
+        op.dtype,
+        op.device,
         matmat=lambda V: op @ V + eta[:, None] * V,
         dense=lambda: op.to_dense() + torch.diag(eta),
         diagonal=lambda: op.diagonal() + eta,
-        psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
+        psd=op.psd and bool((eta >= 0).all()),
+        name=f"{op.name} + weight decay",
     )
 
 
 def setup(wd: float):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                          nn.Linear(256, 10))
-    opt = TorchOptimizer(model.parameters(), loss=CrossEntropy(), metric=KFAC(),
-                         weight_decay=wd, damping=LevenbergMarquardt(1e-1))
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+    opt = TorchOptimizer(
+        model.parameters(),
+        loss=CrossEntropy(),
+        metric=KFAC(),
+        weight_decay=wd,
+        damping=LevenbergMarquardt(1e-1),
+    )
     return model, opt
 
 
@@ -59,8 +69,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(128, 64, generator=g), torch.randint(0, 10, (128,), generator=g)
     own = optimizer_module._plus_diagonal
-    configs = {"no weight decay": (0.0, own), "weight decay 1e-4, own inverse": (1e-4, own),
-               "weight decay 1e-4, before (no inverse)": (1e-4, without_inverse)}
+    configs = {
+        "no weight decay": (0.0, own),
+        "weight decay 1e-4, own inverse": (1e-4, own),
+        "weight decay 1e-4, before (no inverse)": (1e-4, without_inverse),
+    }
     runs = {}
     for name, (wd, plus) in configs.items():
         model, opt = setup(wd)
@@ -83,17 +96,21 @@ def main() -> None:
     out = {
         "model": "MLP 64-256-256-10 (85,002 parameters), batch 128, float32",
         "optimizer": "TorchOptimizer(metric=KFAC(), damping=LevenbergMarquardt(0.1)), "
-                     "KFAC defaults (T_cov=10, T_inv=100)",
-        "rounds": ROUNDS, "steps_per_round": STEPS,
+        "KFAC defaults (T_cov=10, T_inv=100)",
+        "rounds": ROUNDS,
+        "steps_per_round": STEPS,
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "results": {
             name: {
                 "solver": solvers[name],
                 "ms_per_step_median": statistics.median(t),
-                "ms_per_step_min": min(t), "ms_per_step_max": max(t),
+                "ms_per_step_min": min(t),
+                "ms_per_step_max": max(t),
                 "ratio_to_no_weight_decay_median": statistics.median(
-                    a / b for a, b in zip(t, base)),
+                    a / b for a, b in zip(t, base)
+                ),
             }
             for name, t in times.items()
         },

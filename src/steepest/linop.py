@@ -275,8 +275,10 @@ class LinearOperator:
         op = copy.copy(self)
         if isinstance(lam, Tensor):
             if lam.shape != (self.size,):
-                raise ShapeError(f"{self.name}: a diagonal damping needs shape ({self.size},), "
-                                 f"got {tuple(lam.shape)}.")
+                raise ShapeError(
+                    f"{self.name}: a diagonal damping needs shape ({self.size},), "
+                    f"got {tuple(lam.shape)}."
+                )
             op.shift = self.shift + lam.to(self.dtype)
             op.psd = self.psd and bool((lam >= 0).all())
             op.name = f"{self.name} + diag(s)"
@@ -315,8 +317,9 @@ class LinearOperator:
         >>> (wd + 1e-3).solve(b)          # (M + 1e-4 I + 1e-3 I)^-1 b by K-FAC's inverse
         """
         if eta.shape != (self.size,):
-            raise ShapeError(f"{self.name}: a diagonal term needs shape ({self.size},), got "
-                             f"{tuple(eta.shape)}.")
+            raise ShapeError(
+                f"{self.name}: a diagonal term needs shape ({self.size},), got {tuple(eta.shape)}."
+            )
         eta = eta.to(self.dtype)
         base = self  # products include this operator's own damping, if any
         total = eta + self.shift  # the diagonal added to the undamped M
@@ -333,6 +336,7 @@ class LinearOperator:
 
                 def inverse(b: Tensor, s: float | Tensor) -> Tensor:
                     return own(b, s + total)
+
         sketch = None
         if self._sketch is not None:
             probes = self._sketch
@@ -342,19 +346,24 @@ class LinearOperator:
                 return u, mu + u * total.double()
 
         return LinearOperator(
-            lambda v: base.matvec(v) + eta * v, self.size, self.dtype, self.device,
+            lambda v: base.matvec(v) + eta * v,
+            self.size,
+            self.dtype,
+            self.device,
             matmat=lambda V: base.matmat(V) + eta[:, None] * V,
             dense=lambda: base.to_dense() + torch.diag(eta),
             diagonal=lambda: base.diagonal() + eta,
             psd=self.psd and bool((eta >= 0).all()),
             name=name or f"{self.name} + diag(eta)",
-            inverse=inverse, inverse_exact=self.inverse_exact,
+            inverse=inverse,
+            inverse_exact=self.inverse_exact,
             inverse_diagonal=inverse is not None and self.inverse_diagonal,
             sketch=sketch,
         )
 
-    def with_inverse(self, inverse: Callable[[Tensor, float | Tensor], Tensor],
-                     exact: bool = True) -> LinearOperator:
+    def with_inverse(
+        self, inverse: Callable[[Tensor, float | Tensor], Tensor], exact: bool = True
+    ) -> LinearOperator:
         r"""This operator, damping included, with its own inverse ``inverse(b, shift)`` =
         :math:`(M + S)^{-1} b` for its present damping S only (a copy; the caches are shared;
         a further :meth:`add_diagonal` drops the inverse). For a rule that has already

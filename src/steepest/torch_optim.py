@@ -70,7 +70,6 @@ from .steps import KLLineSearch, LearningRate, StepRule
 _STATE_KEY = "steepest"
 
 
-
 class _ClosureOptimizer(Optimizer):
     """:class:`steepest.Optimizer` whose Point comes from a closure, not from (x, y)."""
 
@@ -81,11 +80,16 @@ class _ClosureOptimizer(Optimizer):
         self.space, self.user_loss = space, loss
 
     def point(self, inputs: Any, targets: Any) -> ClosurePoint:
-        point = ClosurePoint(self.space, self.user_loss, inputs, self.metric,
-                             generator=self._sampler,
-                             need_per_sample=self.preconditioner == "empirical-fisher",
-                             need_outputs=isinstance(self.step_rule, KLLineSearch),
-                             distributed=self.distributed)
+        point = ClosurePoint(
+            self.space,
+            self.user_loss,
+            inputs,
+            self.metric,
+            generator=self._sampler,
+            need_per_sample=self.preconditioner == "empirical-fisher",
+            need_outputs=isinstance(self.step_rule, KLLineSearch),
+            distributed=self.distributed,
+        )
         self.closure_loss = point.value  # the closure's loss, without a weight-decay term
         if point.unused:  # as torch.optim skips a parameter whose grad is None: a zero block
             mask = torch.ones(self.space.size, dtype=self.space.dtype, device=self.space.device)
@@ -198,8 +202,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                 "give a learning rate as lr=."
             )
         try:
-            super().__init__(params, {"lr": float(lr), "momentum": float(momentum),
-                                      "weight_decay": float(weight_decay)})
+            super().__init__(
+                params,
+                {"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay)},
+            )
         except (ValueError, TypeError) as err:  # torch.optim's "empty parameter list", ...
             raise ConfigurationError(
                 f"TorchOptimizer: {err}; pass model.parameters() (or the model) with at least "
@@ -207,19 +213,33 @@ class TorchOptimizer(torch.optim.Optimizer):
             ) from err
         metric = GGN() if metric is None else metric
         user_loss = None if loss is None else as_loss(loss)
-        if isinstance(metric, Metric) and user_loss is None and \
-                _accepted_kinds(metric) == (_OUTPUTS,):
+        if (
+            isinstance(metric, Metric)
+            and user_loss is None
+            and _accepted_kinds(metric) == (_OUTPUTS,)
+        ):
             raise ConfigurationError(
                 f"the metric {metric!r} needs the loss l(y, z) in output space: pass "
                 "loss=steepest.losses.MSE() / CrossEntropy() / ..., and a closure returning "
                 "(outputs, targets)."
             )
         self._inner = _ClosureOptimizer(
-            _ClosureSpace(self._trainable()), user_loss, metric, damping, solver,
-            LearningRate(lr) if step is None else step, momentum=momentum,
-            warm_start=warm_start, preconditioner=preconditioner, xi=xi,
-            cg_backtracking=cg_backtracking, generator=generator, distributed=distributed,
-            ftol=ftol, xtol=xtol, gtol=gtol,
+            _ClosureSpace(self._trainable()),
+            user_loss,
+            metric,
+            damping,
+            solver,
+            LearningRate(lr) if step is None else step,
+            momentum=momentum,
+            warm_start=warm_start,
+            preconditioner=preconditioner,
+            xi=xi,
+            cg_backtracking=cg_backtracking,
+            generator=generator,
+            distributed=distributed,
+            ftol=ftol,
+            xtol=xtol,
+            gtol=gtol,
         )
         self.last_info: StepInfo | None = None
         self._note = ""
@@ -259,8 +279,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         params = self._trainable()
         old = self._inner.space
         if len(params) == len(old.params) and all(
-                p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
-                for p, q, s in zip(params, old.params, old.shapes)):
+            p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
+            for p, q, s in zip(params, old.params, old.shapes)
+        ):
             return ""
         inner = self._inner
         inner.space = _ClosureSpace(params)
@@ -269,9 +290,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         reset = getattr(inner.metric, "parameters_changed", None)  # a metric with state (KFAC)
         if reset is not None:
             reset()
-        note = (f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
-                "followed; the previous solution, momentum buffer, damping scaling and the "
-                "metric's running state were reset")
+        note = (
+            f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
+            "followed; the previous solution, momentum buffer, damping scaling and the "
+            "metric's running state were reset"
+        )
         if warn:
             warnings.warn(note, ParameterChangeWarning, stacklevel=4)
         return note
@@ -293,9 +316,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         group_of = {id(p): g for g in groups for p in g["params"]}
 
         def per_element(key: str) -> Tensor:
-            return torch.cat([torch.full((p.numel(),), float(group_of[id(p)].get(key, 0.0)),
-                                         dtype=space.dtype, device=space.device)
-                              for p in space.params])
+            return torch.cat(
+                [
+                    torch.full(
+                        (p.numel(),),
+                        float(group_of[id(p)].get(key, 0.0)),
+                        dtype=space.dtype,
+                        device=space.device,
+                    )
+                    for p in space.params
+                ]
+            )
 
         lrs = {float(group_of[id(p)]["lr"]) for p in space.params}
         scale = None
@@ -340,8 +371,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
             self._inner._l2, self._inner._step_scale = saved_hooks
-            if isinstance(err, RuntimeError) and "not currently support double backward" in \
-                    str(err):
+            if isinstance(err, RuntimeError) and "not currently support double backward" in str(
+                err
+            ):
                 raise ConfigurationError(
                     f"the closure runs a torch.compile'd module, whose graph has no double "
                     f"backward, which {self._inner.metric!r} needs (J v, H v); call the original "
@@ -350,8 +382,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 ) from err
             raise
         if self._note:
-            info = dataclasses.replace(info, message="; ".join(
-                m for m in (self._note, info.message) if m))
+            info = dataclasses.replace(
+                info, message="; ".join(m for m in (self._note, info.message) if m)
+            )
         self.last_info = info
         self._state_out()
         return torch.tensor(self._inner.closure_loss, dtype=self._inner.space.dtype)
@@ -420,19 +453,31 @@ class TorchOptimizer(torch.optim.Optimizer):
 
 
 def _is_flat(value: Any, size: int) -> bool:
-    return isinstance(value, Tensor) and value.ndim == 1 and value.numel() == size and \
-        value.is_floating_point()
+    return (
+        isinstance(value, Tensor)
+        and value.ndim == 1
+        and value.numel() == size
+        and value.is_floating_point()
+    )
 
 
 def _check_weight_decay(eta: Any) -> None:
-    if not (isinstance(eta, int | float) and not isinstance(eta, bool) and eta >= 0
-            and eta != float("inf")):
+    if not (
+        isinstance(eta, int | float)
+        and not isinstance(eta, bool)
+        and eta >= 0
+        and eta != float("inf")
+    ):
         raise ConfigurationError(f"weight_decay must be a finite number >= 0, got {eta!r}.")
 
 
 def _check_hyper(lr: Any, momentum: Any, allow_zero_lr: bool = False) -> None:
-    ok_lr = isinstance(lr, int | float) and lr == lr and lr != float("inf") and (
-        lr >= 0 if allow_zero_lr else lr > 0)
+    ok_lr = (
+        isinstance(lr, int | float)
+        and lr == lr
+        and lr != float("inf")
+        and (lr >= 0 if allow_zero_lr else lr > 0)
+    )
     if not ok_lr:
         raise ConfigurationError(f"lr must be a finite positive number, got {lr!r}.")
     if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
