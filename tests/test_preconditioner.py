@@ -375,17 +375,22 @@ def test_damped_inverse_of_a_zero_pivot_falls_back_too():
     torch.testing.assert_close(got[1], torch.linalg.inv(m[1]), rtol=1e-12, atol=1e-12)
 
 
-def test_state_resumes_bit_for_bit_across_refreshes_and_inverses():
+@pytest.mark.parametrize("cls", [steepest.KFAC, steepest.EKFAC])
+def test_state_resumes_bit_for_bit_across_refreshes_and_inverses(cls):
     """Preconditioner.state_dict mid-run, loaded into a fresh Preconditioner on a copy of the
-    model: the next steps (factor refreshes, Cholesky inverses, recorded-rows products, the
-    flat-gradient buffer) give bit-for-bit the same .grad."""
+    model: the next steps (factor refreshes, K-FAC's Cholesky inverses and recorded-rows
+    products, EKFAC's eigenbases and re-estimated scalings, the flat-gradient buffer) give
+    bit-for-bit the same .grad."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 24), nn.Tanh(), nn.Linear(24, 3))
     x = torch.randn(16, 30, generator=seeded(91))
     y = torch.randint(0, 3, (16,), generator=seeded(92))
 
     def make(m):
-        metric = steepest.KFAC(T_cov=2, T_inv=3, damping="factored")
+        if cls is steepest.EKFAC:  # its damping is always exact (the eigenbasis is M's)
+            metric = steepest.EKFAC(T_cov=2, T_inv=3)
+        else:
+            metric = steepest.KFAC(T_cov=2, T_inv=3, damping="factored")
         return Preconditioner(m, CrossEntropy(), metric=metric, damping=0.1)
 
     def run(m, pre, sgd, steps):
@@ -404,7 +409,10 @@ def test_state_resumes_bit_for_bit_across_refreshes_and_inverses():
     saved = copy.deepcopy(pre.state_dict())
     model2 = copy.deepcopy(model)
     ref_grads = run(model, pre, sgd, 5)
-    assert pre.metric.fast_blocks == 1
+    if cls is steepest.KFAC:
+        assert pre.metric.fast_blocks == 1
+    else:
+        assert pre.metric.scalings()  # EKFAC's own state: its scalings
     pre2 = make(model2)
     pre2.load_state_dict(saved)
     got = run(model2, pre2, torch.optim.SGD(model2.parameters(), lr=0.1), 5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from steepest import Optimizer
+from steepest import Optimizer, TorchOptimizer
 from steepest.damping import LevenbergMarquardt, MoreTrustRegion
 from steepest.errors import ConfigurationError
 from steepest.losses import MSE, CallableLoss
@@ -209,6 +209,19 @@ def test_no_constant_damping_under_newton_with_a_trust_region():
     opt.step(X0, X0)
     assert abs(float(model.theta.detach())) < 1e-12  # the Newton step: one step
     assert Optimizer(Fun(1.0, lambda th: th), MSE()).damping.value == 1e-3  # elsewhere
+
+
+def test_no_constant_damping_under_newton_with_a_trust_region_through_torch_optimizer():
+    """The same default rule through TorchOptimizer (its damping default was a fixed 1e-3:
+    152 steps on 1e-4 theta^2, lambda 1e-3 throughout): one Newton step."""
+    theta = nn.Parameter(torch.tensor([1.0], dtype=DT))
+    opt = TorchOptimizer([theta], metric=Hessian(), step=TrustRegion(1.0, adaptive=True))
+    assert opt.steepest.damping.value == 0.0
+    opt.step(lambda: 1e-4 * (theta**2).sum())
+    assert abs(float(theta.detach())) < 1e-12
+    assert opt.last_info.damping == 0.0
+    other = nn.Parameter(torch.tensor([1.0], dtype=DT))
+    assert TorchOptimizer([other], metric=Hessian()).steepest.damping.value == 1e-3
 
 
 @pytest.mark.parametrize("solver", ["cholesky", "auto"])

@@ -99,11 +99,14 @@ def test_closure_contract_gives_the_core_step(metric_f, loss_name, kind, solver)
     _same_steps(metric_f, loss_name, kind, solver, lambda: steepest.LevenbergMarquardt(0.1))
 
 
-@pytest.mark.parametrize("metric_f, loss_name, kind, solver", [
-    (steepest.GaussNewton, "mse", "outputs", "cholesky"),
-    (steepest.GGN, "ce", "outputs", "woodbury"),
-    (steepest.Hessian, "mse", "scalar", "cg"),
-])
+@pytest.mark.parametrize(
+    "metric_f, loss_name, kind, solver",
+    [
+        (steepest.GaussNewton, "mse", "outputs", "cholesky"),
+        (steepest.GGN, "ce", "outputs", "woodbury"),
+        (steepest.Hessian, "mse", "scalar", "cg"),
+    ],
+)
 def test_closure_contract_with_the_scaled_trust_region(metric_f, loss_name, kind, solver):
     """The same with MoreTrustRegion (damping lambda D^2, lambda solved from the radius)."""
     _same_steps(metric_f, loss_name, kind, solver, steepest.MoreTrustRegion)
@@ -114,8 +117,11 @@ def _same_steps(metric_f, loss_name, kind, solver, damping_f):
     model = copy.deepcopy(ref_model)
 
     def kw():  # fresh rules for each optimizer: they hold state
-        return dict(metric=metric_f(), damping=damping_f(),
-                    solver=steepest.CG(maxiter=12) if solver == "cg" else solver)
+        return dict(
+            metric=metric_f(),
+            damping=damping_f(),
+            solver=steepest.CG(maxiter=12) if solver == "cg" else solver,
+        )
 
     ref = steepest.Optimizer(ref_model, loss, step=steepest.LearningRate(0.7), **kw())
     opt = TorchOptimizer(model.parameters(), loss=loss, lr=0.7, **kw())
@@ -125,12 +131,10 @@ def _same_steps(metric_f, loss_name, kind, solver, damping_f):
         r = ref.step(x, y)
         returned = opt.step(closure)
         info = opt.last_info
-        assert torch.allclose(flat(model) - theta0, flat(ref_model) - theta0, rtol=0,
-                              atol=1e-10)
+        assert torch.allclose(flat(model) - theta0, flat(ref_model) - theta0, rtol=0, atol=1e-10)
         assert float(returned) == pytest.approx(r.loss, abs=1e-12)
         assert info.accepted == r.accepted and info.tries == r.tries
-        assert info.predicted_reduction == pytest.approx(r.predicted_reduction, rel=1e-8,
-                                                         abs=1e-14)
+        assert info.predicted_reduction == pytest.approx(r.predicted_reduction, rel=1e-8, abs=1e-14)
         assert info.damping == pytest.approx(r.damping, rel=1e-12)
     assert r.step_norm > 0  # the comparison was about real steps
 
@@ -170,9 +174,15 @@ def test_lr_zero_leaves_parameters_unchanged():
 
 def _configured(model, loss):
     return TorchOptimizer(
-        model.parameters(), loss=loss, metric=steepest.Fisher(mc_samples=2), lr=0.8,
-        damping=steepest.LevenbergMarquardt(1.0), solver=steepest.CG(maxiter=4),
-        momentum=0.5, warm_start=0.9, generator=torch.Generator().manual_seed(3),
+        model.parameters(),
+        loss=loss,
+        metric=steepest.Fisher(mc_samples=2),
+        lr=0.8,
+        damping=steepest.LevenbergMarquardt(1.0),
+        solver=steepest.CG(maxiter=4),
+        momentum=0.5,
+        warm_start=0.9,
+        generator=torch.Generator().manual_seed(3),
     )
 
 
@@ -204,6 +214,46 @@ def test_state_dict_round_trip_gives_bit_identical_next_steps():
         assert torch.equal(flat(model), flat(twin))
         assert opt.last_info == opt2.last_info
     assert opt.last_info.step_norm > 0
+
+
+@pytest.mark.parametrize("cls", [steepest.KFAC, steepest.EKFAC])
+def test_kronecker_state_dict_resumes_bit_for_bit(cls):
+    """K-FAC's and EKFAC's running state (moving averages of the factors, eigenbases, EKFAC's
+    re-estimated scalings, the refresh counters) travels in TorchOptimizer.state_dict (through
+    torch.save): after loading, the next steps (across a refresh and a new eigenbasis) are
+    bit-identical, with LM damping and weight decay."""
+    g = torch.Generator().manual_seed(17)
+    x, y = torch.randn(24, 3, generator=g, dtype=DT), torch.randint(0, 3, (24,), generator=g)
+
+    def make(model):
+        return TorchOptimizer(
+            model.parameters(),
+            loss=CrossEntropy(),
+            metric=cls(ema=0.9, T_cov=2, T_inv=3),
+            weight_decay=1e-3,
+            damping=steepest.LevenbergMarquardt(1e-1),
+        )
+
+    model = mlp(n_out=3)
+    opt = make(model)
+    for _ in range(3):
+        opt.step(outputs_closure(model, x, y))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    twin = mlp(n_out=3, seed=5)
+    twin.load_state_dict(saved["model"])
+    opt2 = make(twin)
+    opt2.step(outputs_closure(twin, x, y))  # state of its own, overwritten by the load
+    twin.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    for _ in range(4):
+        opt.step(outputs_closure(model, x, y))
+        opt2.step(outputs_closure(twin, x, y))
+        assert torch.equal(flat(model), flat(twin))
+        assert opt.last_info == opt2.last_info
+    assert opt.last_info.solver == "OwnInverse" and opt.last_info.step_norm > 0
 
 
 def test_load_state_dict_of_another_optimizer_is_refused():
@@ -248,16 +298,20 @@ def test_param_groups_are_solved_together_and_lr_scales_their_blocks():
     steepest.Optimizer(unit, loss, metric=steepest.GGN(), damping=0.1, step=1.0).step(x, y)
     d = flat(unit) - flat(model)
     n0 = sum(p.numel() for p in model[0].parameters())
-    scale = torch.cat([torch.full((n0,), 0.5, dtype=d.dtype),
-                       torch.full((d.numel() - n0,), 0.1, dtype=d.dtype)])
+    scale = torch.cat(
+        [torch.full((n0,), 0.5, dtype=d.dtype), torch.full((d.numel() - n0,), 0.1, dtype=d.dtype)]
+    )
     before = flat(model)
     opt.param_groups[1]["lr"] = 0.1
     opt.step(outputs_closure(model, x, y))
     assert torch.allclose(flat(model) - before, scale * d, atol=1e-12, rtol=0)
     assert opt.last_info.step_norm == pytest.approx(float((scale * d).norm()), rel=1e-9)
     # another step rule picks alpha itself: different lrs are refused before anything changes
-    tr = TorchOptimizer([{"params": model[0].parameters()}, {"params": model[2].parameters(),
-                         "lr": 0.1}], loss=loss, step=steepest.TrustRegion(0.1))
+    tr = TorchOptimizer(
+        [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.1}],
+        loss=loss,
+        step=steepest.TrustRegion(0.1),
+    )
     before = flat(model)
     with pytest.raises(ConfigurationError, match="LearningRate"):
         tr.step(outputs_closure(model, x, y))
@@ -273,8 +327,9 @@ def test_weight_decay_is_the_l2_term_in_g_and_m():
     eta = 0.3
     model, loss, x, y = problem("mse")
     explicit = copy.deepcopy(model)
-    opt = TorchOptimizer(model, metric=steepest.Hessian(), damping=1.0, solver="cholesky",
-                         weight_decay=eta)
+    opt = TorchOptimizer(
+        model, metric=steepest.Hessian(), damping=1.0, solver="cholesky", weight_decay=eta
+    )
     ref = TorchOptimizer(explicit, metric=steepest.Hessian(), damping=1.0, solver="cholesky")
 
     def l2(m):
@@ -295,8 +350,7 @@ def test_weight_decay_is_the_l2_term_in_g_and_m():
     g = torch.cat([t.reshape(-1) for t in g])
     eye = torch.eye(theta.numel(), dtype=theta.dtype)
     expected = -torch.linalg.solve(G + (eta + lam) * eye, g + eta * theta)
-    opt = TorchOptimizer(model, loss=loss, metric=steepest.GGN(), damping=lam,
-                         weight_decay=eta)
+    opt = TorchOptimizer(model, loss=loss, metric=steepest.GGN(), damping=lam, weight_decay=eta)
     loss0 = float(loss.value(model(x), y).mean().detach())
     returned = opt.step(outputs_closure(model, x, y))
     assert torch.allclose(flat(model) - theta, expected, atol=1e-10, rtol=0)
@@ -304,6 +358,117 @@ def test_weight_decay_is_the_l2_term_in_g_and_m():
     assert opt.last_info.loss == pytest.approx(loss0 + 0.5 * eta * float(theta @ theta))
     with pytest.raises(ConfigurationError, match="weight_decay"):
         TorchOptimizer(model, loss=loss, weight_decay=-1.0)
+
+
+OWN_INVERSE_METRICS = {
+    "KFAC": lambda: steepest.KFAC(steepest.GGN(), ema=None, T_cov=1, T_inv=3),
+    "EKFAC": lambda: steepest.EKFAC(steepest.GGN(), ema=None, T_cov=1, T_inv=3),
+    "Diagonal": lambda: steepest.Diagonal(steepest.GGN()),
+}
+
+
+@pytest.mark.parametrize("name", list(OWN_INVERSE_METRICS))
+@pytest.mark.parametrize("groups", ["one decay", "per group"])
+def test_weight_decay_keeps_the_metrics_own_inverse(name, groups):
+    """weight_decay adds diag(eta) to M; the metric's own inverse (K-FAC's and EKFAC's
+    per-block eigendecompositions, the diagonal) stays the solver: at lambda + eta for one
+    decay shared by all parameters, and for the diagonal with any eta. The step equals the
+    dense float64 solve of (M + diag(eta) + lambda I) d = -(g + eta theta), M the metric's
+    matrix at theta; the sketched residual of the exact inverse sees eta. K-FAC and EKFAC
+    with different decays per group have no Kronecker inverse of M + diag(eta): Cholesky,
+    the same step."""
+    make = OWN_INVERSE_METRICS[name]
+    model, loss, x, y = problem("ce")
+    theta = flat(model)
+    lam = 1e-2
+    n0 = sum(p.numel() for p in model[0].parameters())
+    eta = torch.full_like(theta, 0.3)
+    params = model.parameters()
+    if groups == "per group":
+        eta[n0:] = 0.05
+        params = [
+            {"params": model[0].parameters(), "weight_decay": 0.3},
+            {"params": model[2].parameters(), "weight_decay": 0.05},
+        ]
+    M = make().operator(steepest.point.Point(model, loss, x, y)).to_dense()
+    g = torch.autograd.grad(loss.value(model(x), y).mean(), list(model.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g]) + eta * theta
+    expected = -torch.linalg.solve(
+        M + torch.diag(eta) + lam * torch.eye(theta.numel(), dtype=DT), g
+    )
+    opt = TorchOptimizer(params, loss=loss, metric=make(), damping=lam, weight_decay=0.3)
+    opt.step(outputs_closure(model, x, y))
+    own = groups == "one decay" or name == "Diagonal"
+    assert opt.last_info.solver == ("OwnInverse" if own else "Cholesky")
+    assert torch.allclose(flat(model) - theta, expected, atol=1e-10, rtol=0)
+    assert opt.last_info.residual < 1e-10  # the true (or sketched) residual of M + diag(eta)
+
+
+def test_weight_decay_per_group_keeps_the_diagonal_inverse_under_a_scaled_trust_region():
+    """Diagonal metric, different decays per group and MoreTrustRegion's lambda D^2: the own
+    inverse takes the diagonal damping plus diag(eta); its true residual on
+    M + diag(eta) + lambda D^2 is at rounding level, and the loss decreases."""
+    model, loss, x, y = problem("ce")
+    groups = [
+        {"params": model[0].parameters(), "weight_decay": 0.3},
+        {"params": model[2].parameters(), "weight_decay": 0.0},
+    ]
+    opt = TorchOptimizer(
+        groups,
+        loss=loss,
+        metric=steepest.Diagonal(steepest.GGN()),
+        damping=steepest.MoreTrustRegion(),
+    )
+    infos = []
+    for _ in range(4):
+        opt.step(outputs_closure(model, x, y))
+        infos.append(opt.last_info)
+    assert all(i.solver == "OwnInverse" and i.residual < 1e-12 for i in infos)
+    assert infos[-1].loss < infos[0].loss
+
+
+@pytest.mark.parametrize("config", ["defaults", "newton trust region"])
+def test_defaults_are_the_core_optimizers(config):
+    """Every keyword TorchOptimizer shares with steepest.Optimizer has the same default, and
+    the same configuration builds the same rules: damping (the Optimizer's rule: 0 for
+    Newton under an adaptive trust region, else 1e-3), solver, step rule, generator state,
+    tolerances, momentum, CG options."""
+    import inspect
+
+    core_sig = inspect.signature(steepest.Optimizer.__init__).parameters
+    adapter_sig = inspect.signature(TorchOptimizer.__init__).parameters
+    shared = [
+        n
+        for n in core_sig
+        if n in adapter_sig and n != "self" and core_sig[n].default is not inspect.Parameter.empty
+    ]
+    assert {n: adapter_sig[n].default for n in shared} == {n: core_sig[n].default for n in shared}
+    model, loss, x, y = problem("mse")
+
+    def kw():
+        if config == "defaults":
+            return {}
+        return dict(metric=steepest.Hessian(), step=steepest.TrustRegion(1.0, adaptive=True))
+
+    core = steepest.Optimizer(model, loss, **kw())
+    adapter = TorchOptimizer(model, loss=loss, **kw()).steepest
+    for name in ("damping", "solver", "step_rule", "metric"):
+        assert repr(getattr(adapter, name)) == repr(getattr(core, name))
+    for name in (
+        "momentum",
+        "warm_start",
+        "preconditioner",
+        "xi",
+        "cg_backtracking",
+        "ftol",
+        "xtol",
+        "gtol",
+        "max_tries",
+        "curvature_batch_size",
+    ):
+        assert getattr(adapter, name) == getattr(core, name)
+    assert adapter.damping.value == (1e-3 if config == "defaults" else 0.0)
+    assert torch.equal(adapter.generator.get_state(), core.generator.get_state())
 
 
 def test_add_param_group_extends_theta():
@@ -323,23 +488,29 @@ def _assert_unchanged(model, opt, before, state):
     assert repr(opt.steepest.state_dict()) == repr(state)
 
 
-@pytest.mark.parametrize("metric, closure_name, match", [
-    (steepest.GGN(), "scalar", r"must return \(outputs, targets\)"),
-    (steepest.Fisher(), "per-sample", r"must return \(outputs, targets\)"),
-    (steepest.GradientCovariance(), "scalar", "per-sample losses"),
-    (steepest.Hessian(), "detached", "no autograd graph"),
-    (steepest.Identity(), "backward", r"must not call loss\.backward\(\)"),
-    (steepest.GGN(), "backward-outputs", r"must not call loss\.backward\(\)"),
-    (steepest.Identity(), "string", "returned a str"),
-    (steepest.Identity(), "matrix", r"shape \(24, 2\)"),
-    (steepest.Identity(), "other-params", "none of the optimizer's parameters"),
-    (steepest.GGN(), "no-closure", "needs a closure"),
-])
+@pytest.mark.parametrize(
+    "metric, closure_name, match",
+    [
+        (steepest.GGN(), "scalar", r"must return \(outputs, targets\)"),
+        (steepest.Fisher(), "per-sample", r"must return \(outputs, targets\)"),
+        (steepest.GradientCovariance(), "scalar", "per-sample losses"),
+        (steepest.Hessian(), "detached", "no autograd graph"),
+        (steepest.Identity(), "backward", r"must not call loss\.backward\(\)"),
+        (steepest.GGN(), "backward-outputs", r"must not call loss\.backward\(\)"),
+        (steepest.Identity(), "string", "returned a str"),
+        (steepest.Identity(), "matrix", r"shape \(24, 2\)"),
+        (steepest.Identity(), "other-params", "none of the optimizer's parameters"),
+        (steepest.GGN(), "no-closure", "needs a closure"),
+    ],
+)
 def test_bad_closures_give_clear_errors_and_change_nothing(metric, closure_name, match):
     model, loss, x, y = problem("mse")
     opt = TorchOptimizer(model, loss=loss, metric=metric, damping=0.1, solver="cg")
-    opt.step(per_sample_closure(model, x, y, loss) if not isinstance(
-        metric, steepest.GGN | steepest.Fisher) else outputs_closure(model, x, y))
+    opt.step(
+        per_sample_closure(model, x, y, loss)
+        if not isinstance(metric, steepest.GGN | steepest.Fisher)
+        else outputs_closure(model, x, y)
+    )
     before, state = flat(model), copy.deepcopy(opt.steepest.state_dict())
     other = mlp(seed=5)
 
@@ -429,10 +600,16 @@ def test_dataloader_training_loop_lowers_the_loss():
     x = torch.randn(256, 2, generator=g, dtype=DT)
     y = (x[:, 0] * x[:, 1] > 0).long() + (x[:, 0] > 1).long()
     model = mlp(n_in=2, n_out=3, hidden=16)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64,
-                                         shuffle=True, generator=g)
-    opt = TorchOptimizer(model, loss=CrossEntropy(), metric=steepest.GGN(), lr=1.0,
-                         damping=steepest.LevenbergMarquardt(1.0))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True, generator=g
+    )
+    opt = TorchOptimizer(
+        model,
+        loss=CrossEntropy(),
+        metric=steepest.GGN(),
+        lr=1.0,
+        damping=steepest.LevenbergMarquardt(1.0),
+    )
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
     start = float(F.cross_entropy(model(x), y).detach())
     for _ in range(4):
@@ -453,15 +630,23 @@ def test_newton_from_a_plain_scalar_closure_and_float32():
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
     x = torch.randn(64, 3)
     y = x.sum(1, keepdim=True).sin()
-    opt = TorchOptimizer(model, metric=steepest.Hessian(), solver=steepest.CG(maxiter=20),
-                         damping=steepest.LevenbergMarquardt(1.0))
+    opt = TorchOptimizer(
+        model,
+        metric=steepest.Hessian(),
+        solver=steepest.CG(maxiter=20),
+        damping=steepest.LevenbergMarquardt(1.0),
+    )
     start = float(F.mse_loss(model(x), y).detach())
     for _ in range(10):
         opt.step(lambda: F.mse_loss(model(x), y))
     assert float(F.mse_loss(model(x), y).detach()) < 0.5 * start
-    assert all(v.dtype == torch.float32 for s in opt.state_dict()["state"].values()
-               if isinstance(s, dict) for v in s.values() if isinstance(v, torch.Tensor)
-               and v.is_floating_point())
+    assert all(
+        v.dtype == torch.float32
+        for s in opt.state_dict()["state"].values()
+        if isinstance(s, dict)
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
 
 
 def test_stopping_rules_pass_through_to_the_core():

@@ -275,8 +275,10 @@ class LinearOperator:
         op = copy.copy(self)
         if isinstance(lam, Tensor):
             if lam.shape != (self.size,):
-                raise ShapeError(f"{self.name}: a diagonal damping needs shape ({self.size},), "
-                                 f"got {tuple(lam.shape)}.")
+                raise ShapeError(
+                    f"{self.name}: a diagonal damping needs shape ({self.size},), "
+                    f"got {tuple(lam.shape)}."
+                )
             op.shift = self.shift + lam.to(self.dtype)
             op.psd = self.psd and bool((lam >= 0).all())
             op.name = f"{self.name} + diag(s)"
@@ -287,8 +289,81 @@ class LinearOperator:
         op.name = self.name if lam == 0 else f"{self.name} + {lam:g} I"
         return op
 
-    def with_inverse(self, inverse: Callable[[Tensor, float | Tensor], Tensor],
-                     exact: bool = True) -> LinearOperator:
+    def plus_diagonal(self, eta: Tensor, name: str | None = None) -> LinearOperator:
+        r""":math:`M' = M + \mathrm{diag}(\eta)` as a new operator whose *own* term is
+        :math:`\mathrm{diag}(\eta)` (the curvature of an L2 term
+        :math:`\tfrac12\sum_j\eta_j\theta_j^2`: part of M, not damping, so
+        :meth:`damping_quad` and a later :meth:`add_diagonal` do not see it).
+
+        Products, ``to_dense()`` and ``diagonal()`` follow; the sample-space factor is
+        dropped (:math:`M'` is no :math:`U^TU/n`). The own inverse is kept where it stays
+        the inverse of :math:`M'`, for any later damping S:
+
+        - an inverse that accepts a diagonal damping (``inverse_diagonal``, e.g.
+          :class:`~steepest.diagonal.Diagonal`): :math:`(M' + S)^{-1} b`
+          = ``inverse(b, S + eta)`` for any :math:`\eta`;
+        - an inverse for :math:`\lambda I` only (K-FAC's and EKFAC's per-block
+          eigendecompositions): when :math:`\eta = e\mathbf 1` is uniform,
+          :math:`(M' + \lambda I)^{-1} b` = ``inverse(b, lambda + e)``; for a
+          non-uniform :math:`\eta` (different weight decays per parameter group) a
+          Kronecker block with :math:`\mathrm{diag}(\eta)` added has no Kronecker
+          eigenbasis, so :math:`M'` carries no inverse and the solver falls back to
+          Cholesky or CG.
+
+        An inverse made for one damping only (:meth:`with_inverse`) is not kept. The residual
+        sketch follows: :math:`M' U^T = M U^T + \mathrm{diag}(\eta) U^T`.
+
+        >>> wd = (KFAC().operator(point)).plus_diagonal(torch.full((P,), 1e-4))
+        >>> (wd + 1e-3).solve(b)          # (M + 1e-4 I + 1e-3 I)^-1 b by K-FAC's inverse
+        """
+        if eta.shape != (self.size,):
+            raise ShapeError(
+                f"{self.name}: a diagonal term needs shape ({self.size},), got {tuple(eta.shape)}."
+            )
+        eta = eta.to(self.dtype)
+        base = self  # products include this operator's own damping, if any
+        total = eta + self.shift  # the diagonal added to the undamped M
+        inverse = None
+        if self._inverse is not None and self._inverse_shift is None:
+            own = self._inverse
+            uniform = bool((total == total[0]).all())
+            if uniform:
+                e = float(total[0])  # the cheaper scalar shift, also for a diagonal inverse
+
+                def inverse(b: Tensor, s: float | Tensor) -> Tensor:
+                    return own(b, s + e)
+            elif self.inverse_diagonal:
+
+                def inverse(b: Tensor, s: float | Tensor) -> Tensor:
+                    return own(b, s + total)
+
+        sketch = None
+        if self._sketch is not None:
+            probes = self._sketch
+
+            def sketch() -> tuple[Tensor, Tensor]:
+                u, mu = probes()
+                return u, mu + u * total.double()
+
+        return LinearOperator(
+            lambda v: base.matvec(v) + eta * v,
+            self.size,
+            self.dtype,
+            self.device,
+            matmat=lambda V: base.matmat(V) + eta[:, None] * V,
+            dense=lambda: base.to_dense() + torch.diag(eta),
+            diagonal=lambda: base.diagonal() + eta,
+            psd=self.psd and bool((eta >= 0).all()),
+            name=name or f"{self.name} + diag(eta)",
+            inverse=inverse,
+            inverse_exact=self.inverse_exact,
+            inverse_diagonal=inverse is not None and self.inverse_diagonal,
+            sketch=sketch,
+        )
+
+    def with_inverse(
+        self, inverse: Callable[[Tensor, float | Tensor], Tensor], exact: bool = True
+    ) -> LinearOperator:
         r"""This operator, damping included, with its own inverse ``inverse(b, shift)`` =
         :math:`(M + S)^{-1} b` for its present damping S only (a copy; the caches are shared;
         a further :meth:`add_diagonal` drops the inverse). For a rule that has already

@@ -72,14 +72,12 @@ from .trials import Batch, NextPoint, Trials, l2_penalty
 
 def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
     r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
-    as damping: the quadratic model and the damping rules see it in M."""
-    return LinearOperator(
-        lambda v: op.matvec(v) + eta * v, op.size, op.dtype, op.device,
-        matmat=lambda V: op @ V + eta[:, None] * V,
-        dense=lambda: op.to_dense() + torch.diag(eta),
-        diagonal=lambda: op.diagonal() + eta,
-        psd=op.psd and bool((eta >= 0).all()), name=f"{op.name} + weight decay",
-    )
+    as damping: the quadratic model and the damping rules see it in M. The metric's own
+    inverse is kept (:meth:`~steepest.linop.LinearOperator.plus_diagonal`): a diagonal
+    metric's for any eta, K-FAC's and EKFAC's for one weight decay shared by all parameters
+    (the inverse at :math:`\lambda + \eta`); with different decays per group those two fall
+    back to Cholesky or CG."""
+    return op.plus_diagonal(eta, name=f"{op.name} + weight decay")
 
 
 class Optimizer(OptimizerState):
@@ -234,8 +232,10 @@ class Optimizer(OptimizerState):
             )
         if not (isinstance(xi, int | float) and 0 < xi <= 1):
             raise ConfigurationError(f"xi must lie in (0, 1], got {xi!r} (Martens: 0.75).")
-        for name, on in (("preconditioner", preconditioner is not None),
-                         ("cg_backtracking", cg_backtracking)):
+        for name, on in (
+            ("preconditioner", preconditioner is not None),
+            ("cg_backtracking", cg_backtracking),
+        ):
             if on and not isinstance(self.solver, CG):
                 raise ConfigurationError(
                     f"{name} needs the CG solver, got {self.solver!r}; pass solver=CG(...)."
@@ -247,10 +247,15 @@ class Optimizer(OptimizerState):
                 f"curvature_batch_size must be a positive integer, got {curvature_batch_size!r}."
             )
         for name, val in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
-            if not (isinstance(val, int | float) and not isinstance(val, bool)
-                    and math.isfinite(val) and val >= 0):
+            if not (
+                isinstance(val, int | float)
+                and not isinstance(val, bool)
+                and math.isfinite(val)
+                and val >= 0
+            ):
                 raise ConfigurationError(
-                    f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}.")
+                    f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}."
+                )
         self.ftol, self.xtol, self.gtol = float(ftol), float(xtol), float(gtol)
         if not isinstance(reuse, bool):
             raise ConfigurationError(f"reuse must be True or False, got {reuse!r}.")
@@ -294,11 +299,19 @@ class Optimizer(OptimizerState):
     # ------------------------------------------------------------------ the step
     def point(self, inputs: Inputs, targets: Tensor) -> Point:
         """The model and loss evaluated at the current parameters on a batch."""
-        return Point(self.space, self.loss, inputs, targets, generator=self._sampler,
-                     distributed=self.distributed, record=self._record())
+        return Point(
+            self.space,
+            self.loss,
+            inputs,
+            targets,
+            generator=self._sampler,
+            distributed=self.distributed,
+            record=self._record(),
+        )
 
-    def step(self, inputs: Inputs, targets: Tensor,
-             curvature: tuple[Inputs, Tensor] | None = None) -> StepInfo:
+    def step(
+        self, inputs: Inputs, targets: Tensor, curvature: tuple[Inputs, Tensor] | None = None
+    ) -> StepInfo:
         """One step on the batch (inputs, targets); returns a :class:`StepInfo`.
 
         ``curvature=(x_c, y_c)`` computes M on another (smaller) batch than the gradient.
@@ -318,11 +331,20 @@ class Optimizer(OptimizerState):
                 note = self._follow_parameters()
                 if self.distributed is not None:  # independent samples per rank, one state
                     self._sampler = self.distributed.generator(self.generator)
-                reused = kept is not None and not note and kept.matches(
-                    self.space, self.loss, inputs, targets)
+                reused = (
+                    kept is not None
+                    and not note
+                    and kept.matches(self.space, self.loss, inputs, targets)
+                )
                 if reused:  # the forward at theta was the accepted trial's: no new one
-                    point = Point(self.space, self.loss, inputs, targets,
-                                  generator=self._sampler, graph=kept.graph)
+                    point = Point(
+                        self.space,
+                        self.loss,
+                        inputs,
+                        targets,
+                        generator=self._sampler,
+                        graph=kept.graph,
+                    )
                 else:
                     point = self.point(inputs, targets)  # validates; raises before any change
                 guard.point_done()
@@ -331,7 +353,8 @@ class Optimizer(OptimizerState):
                 # keep trial graphs when the batch is the previous step's (a full-batch fit):
                 # not for mini-batches, whose next step sees another batch
                 self._keep_graph = self._reuses() and (
-                    self._batch is None or self._batch.same(inputs, targets))
+                    self._batch is None or self._batch.same(inputs, targets)
+                )
                 self._batch = Batch(inputs, targets) if self._reuses() else None
                 self._points = 1
                 info = self._step(point, inputs, targets, curvature, theta0, saved)
@@ -345,11 +368,11 @@ class Optimizer(OptimizerState):
                 raise
             finally:
                 self._guard = None
-        info = dataclasses.replace(info, nfev=int(not reused) + info.evaluations,
-                                   njev=self._points)
+        info = dataclasses.replace(info, nfev=int(not reused) + info.evaluations, njev=self._points)
         if note:
-            info = dataclasses.replace(info, message="; ".join(m for m in (note, info.message)
-                                                               if m))
+            info = dataclasses.replace(
+                info, message="; ".join(m for m in (note, info.message) if m)
+            )
         return info
 
     def _record(self) -> tuple[type, ...]:
@@ -390,8 +413,9 @@ class Optimizer(OptimizerState):
         sees (an MSE loss, no weight decay): then gtol is MINPACK's cosine test."""
         return isinstance(self.loss, MSE) and self._l2 is None
 
-    def _cosine(self, point: Point, cpoint: Point, op: LinearOperator, value0: float,
-                g: Tensor) -> float:
+    def _cosine(
+        self, point: Point, cpoint: Point, op: LinearOperator, value0: float, g: Tensor
+    ) -> float:
         r"""MINPACK's gtol quantity for the residual :math:`r = (z - y)/\sigma` of an MSE loss,
         :math:`\max_j |J_j^T r| / (\|J_j\| \|r\|)`, the largest cosine between r and a
         column of its Jacobian (0 for a zero column). With :math:`L = \|r\|^2/(2N)`,
@@ -403,7 +427,8 @@ class Optimizer(OptimizerState):
         sigma2 = self.loss.sigma**2
         metric = type(self.metric)
         exact = metric in (GGN, GaussNewton) or (
-            metric is Fisher and self.metric.mc_samples is None)
+            metric is Fisher and self.metric.mc_samples is None
+        )
         if cpoint is point and exact:
             if isinstance(self.damping, MoreTrustRegion):
                 self.damping.form(op)  # cached on op: the rule's decomposition reuses it
@@ -421,8 +446,14 @@ class Optimizer(OptimizerState):
         if curvature is not None:
             self._points += 1
             with guard.trial():  # a forward like a trial's: buffers untouched
-                return Point(self.space, self.loss, curvature[0], curvature[1],
-                             generator=self._sampler, distributed=self.distributed)
+                return Point(
+                    self.space,
+                    self.loss,
+                    curvature[0],
+                    curvature[1],
+                    generator=self._sampler,
+                    distributed=self.distributed,
+                )
         k = self.curvature_batch_size
         # under torch.distributed every rank builds the sub-batch point (its reduction is a
         # collective), also one whose shard is not larger than k
@@ -434,8 +465,14 @@ class Optimizer(OptimizerState):
         xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
         self._points += 1
         with guard.trial():
-            return Point(self.space, self.loss, xs, point.y[idx], generator=self._sampler,
-                         distributed=self.distributed)
+            return Point(
+                self.space,
+                self.loss,
+                xs,
+                point.y[idx],
+                generator=self._sampler,
+                distributed=self.distributed,
+            )
 
     def _operator(self, metric: Metric, point: Point) -> LinearOperator:
         """The metric's M on the point; under torch.distributed the whole batch's
@@ -457,8 +494,9 @@ class Optimizer(OptimizerState):
             return op.diagonal().clamp_min(0)
         return self._operator(GradientCovariance(), point).diagonal()  # = empirical Fisher
 
-    def _solve(self, a: LinearOperator, b: Tensor, pre_base: Tensor | None,
-               x0: Tensor | None) -> Solution:
+    def _solve(
+        self, a: LinearOperator, b: Tensor, pre_base: Tensor | None, x0: Tensor | None
+    ) -> Solution:
         if not isinstance(self.solver, CG):
             return self.solver.solve(a, b, x0)
         solver = keeping_iterates(self.solver) if self.cg_backtracking else self.solver
@@ -469,9 +507,15 @@ class Optimizer(OptimizerState):
         solver = self.solver.choose(a) if isinstance(self.solver, Auto) else self.solver
         return type(solver).__name__
 
-    def _step(self, point: Point, inputs: Inputs, targets: Tensor,
-              curvature: tuple[Inputs, Tensor] | None, theta0: Tensor,
-              saved: dict) -> StepInfo:
+    def _step(
+        self,
+        point: Point,
+        inputs: Inputs,
+        targets: Tensor,
+        curvature: tuple[Inputs, Tensor] | None,
+        theta0: Tensor,
+        saved: dict,
+    ) -> StepInfo:
         value0, g = point.value, point.grad
         if self._l2 is not None:  # weight decay: L + 1/2 sum_j eta_j theta_j^2 (TorchOptimizer)
             value0 = value0 + l2_penalty(self._l2, theta0)
@@ -479,20 +523,31 @@ class Optimizer(OptimizerState):
         gnorm = float(g.norm())
         if gnorm == 0:
             return StepInfo.no_step(
-                value0, self.damping.value, 0.0,
+                value0,
+                self.damping.value,
+                0.0,
                 "zero gradient: theta is a stationary point, no step taken",
-                converged=True, reason="gtol")
+                converged=True,
+                reason="gtol",
+            )
         cosine = self.gtol > 0 and self._least_squares()
         if self.gtol > 0 and not cosine and float(g.abs().max()) <= self.gtol:
             return StepInfo.no_step(
-                value0, self.damping.value, gnorm,
+                value0,
+                self.damping.value,
+                gnorm,
                 f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
-                converged=True, reason="gtol")
+                converged=True,
+                reason="gtol",
+            )
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
             return StepInfo.no_step(
-                value0, self.damping.value, gnorm,
+                value0,
+                self.damping.value,
+                gnorm,
                 "learning rate 0 (e.g. a scheduler at its minimum): no step taken, no solve, "
-                "damping unchanged")
+                "damping unchanged",
+            )
         # the metric's state before its operator is built (a gtol stop puts it back; taken
         # here, after a change of the parameters' layout has reset it, not from ``saved``)
         before = self._metric_state() if cosine else None
@@ -506,14 +561,29 @@ class Optimizer(OptimizerState):
                 self.generator.set_state(saved["generator"])
                 self._set_metric_state(before)
                 return StepInfo.no_step(
-                    value0, self.damping.value, gnorm,
+                    value0,
+                    self.damping.value,
+                    gnorm,
                     f"converged: max_j |J_j^T r| / (||J_j|| ||r||) = {cos:.3g} <= gtol = "
-                    f"{self.gtol:g}, no step taken", converged=True, reason="gtol")
+                    f"{self.gtol:g}, no step taken",
+                    converged=True,
+                    reason="gtol",
+                )
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
             op = _plus_diagonal(op, self._l2)
-        trials = Trials(self.space, self.loss, inputs, targets, theta0, point.z.detach(),
-                        self._guard, point, self._l2, keep_graph=self._keep_graph,
-                        record=self._record())
+        trials = Trials(
+            self.space,
+            self.loss,
+            inputs,
+            targets,
+            theta0,
+            point.z.detach(),
+            self._guard,
+            point,
+            self._l2,
+            keep_graph=self._keep_graph,
+            record=self._record(),
+        )
         pre_base = self._preconditioner_base(point, op)
         x0 = None
         if self.warm_start and self._prev_solution is not None:
@@ -540,8 +610,10 @@ class Optimizer(OptimizerState):
                     # an adaptive rule keeps the raised lambda even after the last try, so the
                     # next step starts from it (no livelock of restored lambdas)
                     self.damping.raise_for_retry()
-                    notes.add("singular", f"{damped.name} not positive definite: damping "
-                                          f"raised ({self.damping!r})")
+                    notes.add(
+                        "singular",
+                        f"{damped.name} not positive definite: damping raised ({self.damping!r})",
+                    )
                     if retry:
                         continue
                     return self._unsolved(value0, gnorm, lam, tries, notes, saved, str(err))
@@ -553,12 +625,16 @@ class Optimizer(OptimizerState):
                 if not float(g @ sol.x) < 0:
                     if self.damping.adaptive:
                         self.damping.raise_for_retry()
-                        notes.add("descent", f"no descent direction at lambda {lam:.3g}: "
-                                             f"damping raised ({self.damping!r})")
+                        notes.add(
+                            "descent",
+                            f"no descent direction at lambda {lam:.3g}: "
+                            f"damping raised ({self.damping!r})",
+                        )
                         if retry:
                             continue
-                        return self._unsolved(value0, gnorm, lam, tries, notes, saved,
-                                              "no descent direction")
+                        return self._unsolved(
+                            value0, gnorm, lam, tries, notes, saved, "no descent direction"
+                        )
                     raise SolverError(
                         f"the direction is not a descent direction (g^T d = "
                         f"{float(g @ sol.x):.3g} >= 0) for {damped.name}; the matrix is "
@@ -582,8 +658,7 @@ class Optimizer(OptimizerState):
             # --- d^T (M + lambda I) d: free for an exact solve, one product otherwise
             dAd = -gd if (sol.exact and d is sol.x) else float(d @ damped.matvec(d))
             norm2 = dAd if dAd > 0 else -gd  # negative curvature: measure d by -g^T d > 0
-            ctx = StepContext(value0, g, d, damped, norm2, sol, trials.loss_at,
-                              trials.kl_at)
+            ctx = StepContext(value0, g, d, damped, norm2, sol, trials.loss_at, trials.kl_at)
             choice = self.step_rule.choose(ctx)
             alpha = float(choice.alpha)
             delta = alpha * d
@@ -600,9 +675,10 @@ class Optimizer(OptimizerState):
                 finite = math.isfinite(loss_new)
                 rho = actual / predicted if (predicted > 0 and finite) else -math.inf
             # --- adapt lambda and the radius, accept or reject
-            self.damping.update(-math.inf if rho is None else rho,
-                                Trial(delta if alpha > 0 else None, gdelta, value0,
-                                      loss_new))
+            self.damping.update(
+                -math.inf if rho is None else rho,
+                Trial(delta if alpha > 0 else None, gdelta, value0, loss_new),
+            )
             self.step_rule.update(-math.inf if rho is None else rho)
             if loss_new is None:
                 rejected, why = True, choice.message or "the step rule chose alpha = 0"
@@ -611,19 +687,28 @@ class Optimizer(OptimizerState):
             elif reject_increase and loss_new > value0:
                 rejected, why = True, f"the loss went up ({value0:.6g} -> {loss_new:.6g})"
             elif rho is not None and rho < self.damping.min_rho:
-                rejected, why = True, (f"rho = {rho:.3g} below {self.damping.min_rho:g}: the "
-                                       "decrease is too small for the model's prediction")
+                rejected, why = (
+                    True,
+                    (
+                        f"rho = {rho:.3g} below {self.damping.min_rho:g}: the "
+                        "decrease is too small for the model's prediction"
+                    ),
+                )
             else:
                 rejected, why = False, ""
             if self.ftol > 0 or self.xtol > 0:
-                reason = converged(self.ftol, self.xtol, value0, actual, predicted, rho,
-                                    float(delta.norm()), xnorm)
+                reason = converged(
+                    self.ftol, self.xtol, value0, actual, predicted, rho, float(delta.norm()), xnorm
+                )
             if rejected and retry and not reason:
                 notes.add("rejected", f"try rejected: {why}")
                 continue
             break
-        if loss_new is not None and not math.isfinite(loss_new) and not (
-                reject_increase or self.damping.adaptive or self.step_rule.adaptive):
+        if (
+            loss_new is not None
+            and not math.isfinite(loss_new)
+            and not (reject_increase or self.damping.adaptive or self.step_rule.adaptive)
+        ):
             # nothing adapts to a non-finite trial loss: the same step would fail again
             raise NonFiniteError(
                 f"the loss is not finite after the step (alpha {alpha:.3g}, lambda {lam:.3g}, "
@@ -648,20 +733,43 @@ class Optimizer(OptimizerState):
             notes.add("converged", f"converged ({reason})")
         message = "; ".join(m for m in (sol.message, choice.message, *notes.render()) if m)
         return StepInfo(
-            loss=value0, alpha=alpha, predicted_reduction=predicted, quad_form=quad,
-            damping=lam, iterations=sol.iterations, residual=sol.residual,
-            negative_curvature=sol.negative_curvature, grad_norm=gnorm,
-            step_norm=float(delta.norm()) if accepted else 0.0, directional_derivative=gdelta,
-            accepted=accepted, tries=tries, loss_new=loss_new, actual_reduction=actual, rho=rho,
-            evaluations=trials.count, solver=self._solver_name(damped), message=message,
-            converged=bool(reason), reason=reason,
+            loss=value0,
+            alpha=alpha,
+            predicted_reduction=predicted,
+            quad_form=quad,
+            damping=lam,
+            iterations=sol.iterations,
+            residual=sol.residual,
+            negative_curvature=sol.negative_curvature,
+            grad_norm=gnorm,
+            step_norm=float(delta.norm()) if accepted else 0.0,
+            directional_derivative=gdelta,
+            accepted=accepted,
+            tries=tries,
+            loss_new=loss_new,
+            actual_reduction=actual,
+            rho=rho,
+            evaluations=trials.count,
+            solver=self._solver_name(damped),
+            message=message,
+            converged=bool(reason),
+            reason=reason,
         )
 
-    def _unsolved(self, value0: float, gnorm: float, lam: float, tries: int, notes: Notes,
-                  saved: dict, why: str) -> StepInfo:
+    def _unsolved(
+        self,
+        value0: float,
+        gnorm: float,
+        lam: float,
+        tries: int,
+        notes: Notes,
+        saved: dict,
+        why: str,
+    ) -> StepInfo:
         """A step none of whose tries gave a usable direction: rejected, parameters unchanged,
         lambda left raised."""
         self.generator.set_state(saved["generator"])
         notes.add("step", f"step rejected: {why}; parameters unchanged")
-        return StepInfo.no_step(value0, lam, gnorm, "; ".join(notes.render()),
-                                residual=math.inf, tries=tries)
+        return StepInfo.no_step(
+            value0, lam, gnorm, "; ".join(notes.render()), residual=math.inf, tries=tries
+        )

@@ -70,7 +70,6 @@ from .steps import KLLineSearch, LearningRate, StepRule
 _STATE_KEY = "steepest"
 
 
-
 class _ClosureOptimizer(Optimizer):
     """:class:`steepest.Optimizer` whose Point comes from a closure, not from (x, y)."""
 
@@ -81,11 +80,16 @@ class _ClosureOptimizer(Optimizer):
         self.space, self.user_loss = space, loss
 
     def point(self, inputs: Any, targets: Any) -> ClosurePoint:
-        point = ClosurePoint(self.space, self.user_loss, inputs, self.metric,
-                             generator=self._sampler,
-                             need_per_sample=self.preconditioner == "empirical-fisher",
-                             need_outputs=isinstance(self.step_rule, KLLineSearch),
-                             distributed=self.distributed)
+        point = ClosurePoint(
+            self.space,
+            self.user_loss,
+            inputs,
+            self.metric,
+            generator=self._sampler,
+            need_per_sample=self.preconditioner == "empirical-fisher",
+            need_outputs=isinstance(self.step_rule, KLLineSearch),
+            distributed=self.distributed,
+        )
         self.closure_loss = point.value  # the closure's loss, without a weight-decay term
         if point.unused:  # as torch.optim skips a parameter whose grad is None: a zero block
             mask = torch.ones(self.space.size, dtype=self.space.dtype, device=self.space.device)
@@ -126,8 +130,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         :math:`\eta\theta` joins g, its curvature :math:`\mathrm{diag}(\eta)` joins M (part of
         the metric, not of the damping), and the losses of rho and of the line searches include
         it (``StepInfo.loss`` is then the objective with the L2 term; ``step()`` returns the
-        closure's loss as ``torch.optim`` does).
-    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``).
+        closure's loss as ``torch.optim`` does). The metric's own inverse stays the solver
+        (:meth:`~steepest.linop.LinearOperator.plus_diagonal`): ``Diagonal`` for any eta,
+        ``KFAC`` and ``EKFAC`` for one decay shared by all parameters (their inverse at
+        :math:`\lambda + \eta`); with different decays per group, K-FAC and EKFAC have no
+        Kronecker inverse of :math:`M + \mathrm{diag}(\eta)` and ``solver="auto"`` falls back
+        to Cholesky (small P) or CG.
+    damping: lambda >= 0 or a :mod:`steepest.damping` rule (``LevenbergMarquardt``); default
+        None, the rule of :class:`steepest.Optimizer`: 1e-3, but 0 for Newton (``Hessian()``)
+        under an adaptive trust region (``step=TrustRegion(adaptive=True)``), where a constant
+        shift would make convergence only linear wherever the curvature is below it.
     solver: ``"auto"``, ``"cholesky"``, ``"cg"``, ``"woodbury"`` or a solver instance.
     step: None (``LearningRate(lr)``) or a :mod:`steepest.steps` rule (``TrustRegion``,
         ``Armijo``, ``KLLineSearch``).
@@ -174,7 +186,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         loss: Loss | Callable[[Tensor, Tensor], Tensor] | None = None,
         metric: Metric | None = None,
         lr: float = 1.0,
-        damping: Damping | float = 1e-3,
+        damping: Damping | float | None = None,
         solver: Solver | str = "auto",
         step: StepRule | None = None,
         *,
@@ -201,8 +213,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                 "give a learning rate as lr=."
             )
         try:
-            super().__init__(params, {"lr": float(lr), "momentum": float(momentum),
-                                      "weight_decay": float(weight_decay)})
+            super().__init__(
+                params,
+                {"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay)},
+            )
         except (ValueError, TypeError) as err:  # torch.optim's "empty parameter list", ...
             raise ConfigurationError(
                 f"TorchOptimizer: {err}; pass model.parameters() (or the model) with at least "
@@ -210,19 +224,33 @@ class TorchOptimizer(torch.optim.Optimizer):
             ) from err
         metric = GGN() if metric is None else metric
         user_loss = None if loss is None else as_loss(loss)
-        if isinstance(metric, Metric) and user_loss is None and \
-                _accepted_kinds(metric) == (_OUTPUTS,):
+        if (
+            isinstance(metric, Metric)
+            and user_loss is None
+            and _accepted_kinds(metric) == (_OUTPUTS,)
+        ):
             raise ConfigurationError(
                 f"the metric {metric!r} needs the loss l(y, z) in output space: pass "
                 "loss=steepest.losses.MSE() / CrossEntropy() / ..., and a closure returning "
                 "(outputs, targets)."
             )
         self._inner = _ClosureOptimizer(
-            _ClosureSpace(self._trainable()), user_loss, metric, damping, solver,
-            LearningRate(lr) if step is None else step, momentum=momentum,
-            warm_start=warm_start, preconditioner=preconditioner, xi=xi,
-            cg_backtracking=cg_backtracking, generator=generator, distributed=distributed,
-            ftol=ftol, xtol=xtol, gtol=gtol,
+            _ClosureSpace(self._trainable()),
+            user_loss,
+            metric,
+            damping,
+            solver,
+            LearningRate(lr) if step is None else step,
+            momentum=momentum,
+            warm_start=warm_start,
+            preconditioner=preconditioner,
+            xi=xi,
+            cg_backtracking=cg_backtracking,
+            generator=generator,
+            distributed=distributed,
+            ftol=ftol,
+            xtol=xtol,
+            gtol=gtol,
         )
         self.last_info: StepInfo | None = None
         self._note = ""
@@ -262,8 +290,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         params = self._trainable()
         old = self._inner.space
         if len(params) == len(old.params) and all(
-                p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
-                for p, q, s in zip(params, old.params, old.shapes)):
+            p is q and p.shape == s and p.dtype == old.dtype and p.device == old.device
+            for p, q, s in zip(params, old.params, old.shapes)
+        ):
             return ""
         inner = self._inner
         inner.space = _ClosureSpace(params)
@@ -272,9 +301,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         reset = getattr(inner.metric, "parameters_changed", None)  # a metric with state (KFAC)
         if reset is not None:
             reset()
-        note = (f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
-                "followed; the previous solution, momentum buffer, damping scaling and the "
-                "metric's running state were reset")
+        note = (
+            f"the trainable parameters changed ({old.size} -> {inner.space.size} values): "
+            "followed; the previous solution, momentum buffer, damping scaling and the "
+            "metric's running state were reset"
+        )
         if warn:
             warnings.warn(note, ParameterChangeWarning, stacklevel=4)
         return note
@@ -296,9 +327,17 @@ class TorchOptimizer(torch.optim.Optimizer):
         group_of = {id(p): g for g in groups for p in g["params"]}
 
         def per_element(key: str) -> Tensor:
-            return torch.cat([torch.full((p.numel(),), float(group_of[id(p)].get(key, 0.0)),
-                                         dtype=space.dtype, device=space.device)
-                              for p in space.params])
+            return torch.cat(
+                [
+                    torch.full(
+                        (p.numel(),),
+                        float(group_of[id(p)].get(key, 0.0)),
+                        dtype=space.dtype,
+                        device=space.device,
+                    )
+                    for p in space.params
+                ]
+            )
 
         lrs = {float(group_of[id(p)]["lr"]) for p in space.params}
         scale = None
@@ -343,8 +382,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
             self._inner._l2, self._inner._step_scale = saved_hooks
-            if isinstance(err, RuntimeError) and "not currently support double backward" in \
-                    str(err):
+            if isinstance(err, RuntimeError) and "not currently support double backward" in str(
+                err
+            ):
                 raise ConfigurationError(
                     f"the closure runs a torch.compile'd module, whose graph has no double "
                     f"backward, which {self._inner.metric!r} needs (J v, H v); call the original "
@@ -353,8 +393,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 ) from err
             raise
         if self._note:
-            info = dataclasses.replace(info, message="; ".join(
-                m for m in (self._note, info.message) if m))
+            info = dataclasses.replace(
+                info, message="; ".join(m for m in (self._note, info.message) if m)
+            )
         self.last_info = info
         self._state_out()
         return torch.tensor(self._inner.closure_loss, dtype=self._inner.space.dtype)
@@ -423,19 +464,31 @@ class TorchOptimizer(torch.optim.Optimizer):
 
 
 def _is_flat(value: Any, size: int) -> bool:
-    return isinstance(value, Tensor) and value.ndim == 1 and value.numel() == size and \
-        value.is_floating_point()
+    return (
+        isinstance(value, Tensor)
+        and value.ndim == 1
+        and value.numel() == size
+        and value.is_floating_point()
+    )
 
 
 def _check_weight_decay(eta: Any) -> None:
-    if not (isinstance(eta, int | float) and not isinstance(eta, bool) and eta >= 0
-            and eta != float("inf")):
+    if not (
+        isinstance(eta, int | float)
+        and not isinstance(eta, bool)
+        and eta >= 0
+        and eta != float("inf")
+    ):
         raise ConfigurationError(f"weight_decay must be a finite number >= 0, got {eta!r}.")
 
 
 def _check_hyper(lr: Any, momentum: Any, allow_zero_lr: bool = False) -> None:
-    ok_lr = isinstance(lr, int | float) and lr == lr and lr != float("inf") and (
-        lr >= 0 if allow_zero_lr else lr > 0)
+    ok_lr = (
+        isinstance(lr, int | float)
+        and lr == lr
+        and lr != float("inf")
+        and (lr >= 0 if allow_zero_lr else lr > 0)
+    )
     if not ok_lr:
         raise ConfigurationError(f"lr must be a finite positive number, got {lr!r}.")
     if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
