@@ -1135,3 +1135,120 @@ def test_the_optimizer_records_no_layers_for_a_curvature_sub_batch():
         opt = steepest.Optimizer(model, CrossEntropy(), metric=KFAC(), curvature_batch_size=k)
         assert (opt.point(x, y).calls is not None) == recorded
         opt.step(x, y)
+
+
+# ------------------------------------------------------------------------------ batch axis
+class _Encoder(nn.Module):
+    """A transformer encoder layer on (N, T, d) inputs, batch-first or sequence-first inside
+    (torch's default ``batch_first=False``: its Linear layers see (T, N, d))."""
+
+    def __init__(self, batch_first: bool, d: int = 4):
+        super().__init__()
+        self.batch_first = batch_first
+        self.enc = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0, batch_first=batch_first)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.enc(x if self.batch_first else x.transpose(0, 1))
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+def _factors(metric, model, loss, x, y) -> tuple[dict, torch.Tensor]:
+    op = metric.operator(Point(model, loss, x, y))
+    return metric.state_dict(), op.to_dense()
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("sequence", ["expand", "reduce"])
+@pytest.mark.parametrize("n,t", [(3, 5), (4, 4)])  # T = N: two axes of size N
+def test_sequence_first_layers_get_the_batch_first_factors(cls, sequence, n, t):
+    """torch's TransformerEncoderLayer(batch_first=False) feeds its Linear layers (T, N, d):
+    K-FAC's factors (expand and reduce) and EKFAC's scalings equal those of the same weights
+    with batch_first=True, also where T = N (the batch axis told by the gradient of one
+    sample's outputs)."""
+    g = seeded(90)
+    x = torch.randn(n, t, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    torch.manual_seed(0)
+    bf = _Encoder(True).to(F64).eval()
+    sf = _Encoder(False).to(F64).eval()
+    sf.load_state_dict(bf.state_dict())
+    (sb, db), (ss, ds) = (
+        _factors(cls(GGN(), sequence=sequence), m, CrossEntropy(), x, y) for m in (bf, sf)
+    )
+    assert set(sb["factors"]["blocks"]) == set(ss["factors"]["blocks"]) and sb["factors"]["blocks"]
+    for key, (A, G) in sb["factors"]["blocks"].items():
+        assert rel_err(ss["factors"]["blocks"][key][0], A) < 1e-12
+        assert rel_err(ss["factors"]["blocks"][key][1], G) < 1e-12
+    if cls is EKFAC:
+        for key, s in sb["scalings"].items():
+            assert rel_err(ss["scalings"][key], s) < 1e-10
+    assert rel_err(ds, db) < 1e-10
+
+
+class _SeqFirstMean(nn.Module):
+    """(N, T, d) -> Linear on (T, N, d) -> mean over T -> Linear: K-FAC-reduce's exact setting
+    with a sequence-first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x.transpose(0, 1)).mean(0))
+
+
+def test_reduce_is_exact_on_sequence_first_inputs():
+    torch.manual_seed(5)
+    g = seeded(91)
+    x = torch.randn(4, 5, 3, generator=g, dtype=F64)
+    y = torch.randn(4, 2, generator=g, dtype=F64)
+    model = _SeqFirstMean().to(F64)
+    dense = ref.metric("ggn", model, MSE(), x, y)
+    op = KFAC(GGN(), sequence="reduce").operator(Point(model, MSE(), x, y))
+    _kron_dense_ok(op, dense, block_mask(model))
+    # EKFAC's scalings are the exact projected diagonal (per-sample gradients: sums over t)
+    metric = EKFAC(GGN())
+    metric.operator(Point(model, MSE(), x, y))
+    state = metric.state_dict()
+    _, qa, _, qg = state["eig"][(0, 1)]
+    q = torch.kron(qg[0], qa[0])
+    perm = layer_perm(4, 3, 0)
+    s_ref = (q.T @ dense[perm][:, perm] @ q).diagonal().reshape(4, 4)
+    assert rel_err(state["scalings"][(0, 1)][0], s_ref) < 1e-12
+
+
+class _NoBatchAxis(nn.Module):
+    """A Linear on a batch summary (T, d): no axis of its input is the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):  # x (N, T, d)
+        return self.b(x.mean(1)) + self.a(x.mean(0)).mean(0)
+
+
+@pytest.mark.parametrize("cls,sequence", [(KFAC, "reduce"), (EKFAC, "expand")])
+def test_a_layer_without_batch_axis_is_refused_by_name_before_any_change(cls, sequence):
+    """Where the per-sample rows matter (reduce, EKFAC's scalings) and no axis of a layer's
+    input is the batch, a named error says which layer and what to do; the metric's state
+    is untouched and the optimizer's parameters too."""
+    from steepest.errors import BatchAxisError
+
+    g = seeded(92)
+    x = torch.randn(4, 5, 3, generator=g, dtype=F64)
+    y = torch.randn(4, 2, generator=g, dtype=F64)
+    torch.manual_seed(0)
+    model = _NoBatchAxis().to(F64)
+    metric = cls(GGN(), sequence=sequence)
+    opt = steepest.Optimizer(model, MSE(), metric=metric, damping=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(BatchAxisError, match=r"'a'.*batch_first=True") as err:
+        opt.step(x, y)
+    assert isinstance(err.value, ValueError)
+    assert metric.state_dict()["calls"] == 0 and metric.state_dict()["factors"] is None
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    # K-FAC-expand needs no per-sample rows: the same model is served (A, G sums over rows)
+    op = KFAC(GGN()).operator(Point(model, MSE(), x, y))
+    assert bool(torch.isfinite(op.to_dense()).all())

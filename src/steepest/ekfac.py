@@ -32,6 +32,7 @@ class EKFAC(KFAC):
     """
 
     name = "EKFAC"
+    per_sample_rows = True
 
     def _decomposes(self) -> bool:
         return True  # the eigenbasis is the operator

@@ -15,14 +15,14 @@ knows nothing of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ConfigurationError
+from .errors import BatchAxisError, ConfigurationError
 from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
 
 try:  # whether a torch.func transform (vmap, grad) is running: the recorder stays out of it
@@ -48,6 +48,8 @@ class _Layer:
     groups: int
     out_g: int  # output rows per group
     calls: list  # [(input a, output s)] of the forward, one per call of the module
+    # per call, the axis of the input that holds the samples (None: none found)
+    axes: list = field(default_factory=list)
 
 
 def _sqrt_cotangents(metric: Metric, point, z: Tensor, y) -> tuple[Tensor, Tensor | None]:
@@ -112,8 +114,16 @@ class _Capture:
     inputs and the gradients of its outputs along the columns of S; for the other parameters
     the exact diagonal of the base."""
 
-    def __init__(self, metric: Metric, point, sequence: str, samples: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        metric: Metric,
+        point,
+        sequence: str,
+        samples: Tensor | None = None,
+        per_sample: bool = False,
+    ) -> None:
         self.point, self.sequence, self.samples = point, sequence, samples
+        self.per_sample = per_sample
         params = point.space.params
         self.params = params
         self.sizes = [p.numel() for p in params]
@@ -151,6 +161,7 @@ class _Capture:
             shared = set()
         self.by_module = by_module
         self.closure = closure
+        self.names = {} if closure else {id(m): nm for nm, m in model.named_modules()}
         self.consider = consider
 
     # ------------------------------------------------------------------ the forward
@@ -240,6 +251,9 @@ class _Capture:
         s, w = _sqrt_cotangents(metric, self.point, z, y)
         k = s.shape[-1]
         self.n, self.k, self.w = n, k, w
+        # each call's batch axis; the per-sample rows matter for K-FAC-reduce, EKFAC's
+        # scalings and a signed GGN's rows (expand's sums over rows ignore their order)
+        self._batch_axes(z, n, self.per_sample or self.sequence == "reduce" or w is not None)
         cots = s.permute(2, 0, 1).reshape(k, *z.shape)  # (K, *z.shape)
         outs = [c[1] for layer in self.by_module.values() for c in layer.calls]
         self.out_grads: list[Tensor] = []
@@ -270,15 +284,83 @@ class _Capture:
                     sq = sq * weight[:, None]
                 self.other_diag[i] = sq.sum(0) / n
 
+    def _batch_axes(self, z: Tensor, n: int, need: bool) -> None:
+        """Find the axis of each call's input that holds the N samples of the loss (sets
+        ``layer.axes``): a Linear's input (..., d) may hold them on any leading axis (a
+        sequence-first (T, N, d) as torch's ``TransformerEncoderLayer(batch_first=False)``
+        feeds its Linear layers), a convolution's on axis 0. The one axis of size N; where
+        several have size N (T = N), the one along which the gradient of the first sample's
+        outputs (a random cotangent on z[0], one backward for all such calls) vanishes beyond
+        index 0, and axis 0 where that tells nothing (a model that couples its samples).
+        Where no axis is found and ``need`` (the per-sample rows matter), raise
+        :class:`~steepest.errors.BatchAxisError` naming the layer; nothing has changed yet."""
+        pending = []
+        for layer in self.by_module.values():
+            layer.axes = []
+            for j, (a, _) in enumerate(layer.calls):
+                lead = a.shape[:-1] if isinstance(layer.module, nn.Linear) else a.shape[:1]
+                cand = [i for i, size in enumerate(lead) if size == n]
+                layer.axes.append(cand[0] if len(cand) == 1 else None)
+                if len(cand) > 1:
+                    pending.append((layer, j, cand))
+        if pending:
+            gen = torch.Generator(device=z.device).manual_seed(0)
+            u = torch.zeros_like(z)
+            u[0] = torch.randn(z.shape[1:], generator=gen, dtype=z.dtype, device=z.device)
+            outs = [layer.calls[j][1] for layer, j, _ in pending]
+            grads = torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True)
+            for (layer, j, cand), gr in zip(pending, grads):
+                ok = []
+                if gr is not None:
+                    ok = [
+                        c
+                        for c in cand
+                        if bool((gr.narrow(c, 1, gr.shape[c] - 1) == 0).all())
+                        and bool((gr.select(c, 0) != 0).any())
+                    ]
+                layer.axes[j] = ok[0] if len(ok) == 1 else (0 if 0 in cand else None)
+        if not need:
+            return
+        for layer in self.by_module.values():
+            for (a, _), ax in zip(layer.calls, layer.axes):
+                if ax is not None:
+                    continue
+                m = layer.module
+                name = self.names.get(id(m), "")
+                lead = a.shape[:-1] if isinstance(m, nn.Linear) else a.shape[:1]
+                sizes = [i for i, size in enumerate(lead) if size == n]
+                found = (
+                    "no axis has that size"
+                    if not sizes
+                    else f"axes {sizes} have that size and the model couples them"
+                )
+                raise BatchAxisError(
+                    f"KFAC/EKFAC: cannot tell which axis of the input of layer {name!r} "
+                    f"({type(m).__name__}) holds the samples: its shape is {tuple(a.shape)}, "
+                    f"the loss has N = {n} samples and {found}. K-FAC-reduce, EKFAC's scalings "
+                    "and a signed GGN need each sample's rows. Make one axis of the layer's "
+                    "input the batch, preferably axis 0 (e.g. nn.TransformerEncoderLayer(..., "
+                    "batch_first=True) and nn.MultiheadAttention(..., batch_first=True)), or "
+                    "use KFAC(sequence='expand') with an unsigned base, which needs no "
+                    "per-sample rows."
+                )
+
     def rows(self, layer: _Layer, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-group input rows a (groups, R, d) and output-gradient rows g (K, groups, R, o)
-        of all calls of a layer, R = N * positions (expand) or N (reduce)."""
-        a_all, g_all = [], []
-        for (a, _), gs in zip(layer.calls, grads):
+        of all calls of a layer, R = N * positions (expand) or N (reduce), grouped by sample
+        (each call's batch axis, :meth:`_batch_axes`, moved first). A call without batch axis
+        (only where the order of the rows does not matter) makes the rows ungrouped."""
+        a_all, g_all, grouped = [], [], True
+        n_all = self.n
+        for (a, _), gs, ax in zip(layer.calls, grads, layer.axes):
             if isinstance(layer.module, nn.Linear):
-                n = a.shape[0]
-                a3 = a.reshape(n, -1, a.shape[-1])  # (N, T, d)
-                g3 = gs.reshape(gs.shape[0], n, -1, gs.shape[-1])  # (K, N, T, o)
+                d, o, k = a.shape[-1], gs.shape[-1], gs.shape[0]
+                if ax is None:
+                    grouped = False
+                    a3, g3 = a.reshape(1, -1, d), gs.reshape(k, 1, -1, o)
+                else:
+                    a3 = a.movedim(ax, 0).reshape(n_all, -1, d)  # (N, T, d)
+                    g3 = gs.movedim(ax + 1, 1).reshape(k, n_all, -1, o)  # (K, N, T, o)
                 if self.sequence == "reduce":
                     a3 = a3.mean(1, keepdim=True)
                     g3 = g3.sum(2, keepdim=True)
@@ -289,6 +371,7 @@ class _Capture:
             else:  # KFC: unfolded patches, expand over the L output positions
                 pat = _conv_patches(layer.module, a)  # (N, Cin*kk, L)
                 n, _, length = pat.shape
+                grouped = grouped and ax is not None
                 grp = layer.groups
                 pat = pat.reshape(n, grp, -1, length).permute(1, 0, 3, 2)  # (grp, N, L, d)
                 if layer.bi is not None:
@@ -299,9 +382,9 @@ class _Capture:
                 g_all.append(go)  # (K, grp, N, L, o)
         # rows grouped by sample (a module called several times: its calls' positions side by
         # side within each sample), as _scalings and _row_signs read them
-        if len({t.shape[1] for t in a_all}) == 1:
+        if grouped:
             return torch.cat(a_all, 2).flatten(1, 2), torch.cat(g_all, 3).flatten(2, 3)
-        # calls on batches of different sizes: no per-sample grouping exists
+        # a call without batch axis: no per-sample grouping exists
         a = torch.cat([t.flatten(1, 2) for t in a_all], 1)
         return a, torch.cat([t.flatten(2, 3) for t in g_all], 2)
 
@@ -329,21 +412,27 @@ def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor |
 
 
 def factor_statistics(
-    base: Metric, point, sequence: str = "expand", samples: Tensor | None = None
+    base: Metric,
+    point,
+    sequence: str = "expand",
+    samples: Tensor | None = None,
+    per_sample: bool = False,
 ) -> dict:
     r"""The Kronecker factors of one batch: one extra forward and backward pass with hooks
     (:class:`_Capture`), then per layer :math:`A = E[\bar a\bar a^T]` (grp, d, d) and
     :math:`G = E_n[\sum_k w_k g_k g_k^T]` (grp, o, o), the exact diagonal of ``base`` for every
     other parameter, means over every rank's samples under torch.distributed. ``samples``
     (indices into the point's batch) takes the statistics, forward and backward on that
-    sub-batch only (``KFAC(stats_batch=k)``; a model point, not a closure's).
+    sub-batch only (``KFAC(stats_batch=k)``; a model point, not a closure's). ``per_sample``:
+    the rows must be grouped by sample (EKFAC's scalings); a layer whose input has no batch
+    axis is then refused (:class:`~steepest.errors.BatchAxisError`), as with ``"reduce"``.
 
     Returns ``{"blocks": {(wi, bi): (A, G)}, "others": {i: diag}, "raw": {(wi, bi): (a, g)},
     "n": N, "w": signs or None}`` (``raw``: the rows, for EKFAC's scalings).
 
     >>> factor_statistics(GGN(), point)["blocks"]
     """
-    cap = _Capture(base, point, sequence, samples)
+    cap = _Capture(base, point, sequence, samples, per_sample)
     cap.backward(base)
     blocks, grads_at = {}, 0
     raw = {}
