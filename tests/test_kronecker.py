@@ -1252,3 +1252,71 @@ def test_a_layer_without_batch_axis_is_refused_by_name_before_any_change(cls, se
     # K-FAC-expand needs no per-sample rows: the same model is served (A, G sums over rows)
     op = KFAC(GGN()).operator(Point(model, MSE(), x, y))
     assert bool(torch.isfinite(op.to_dense()).all())
+
+
+class _LinearAttention(nn.Module):
+    """Self-attention written with nn.Linear query/key/value/output projections."""
+
+    def __init__(self, d: int = 4, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):  # (N, T, d)
+        n, t, d = x.shape
+
+        def split(h):
+            return h.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
+
+        att = nn.functional.scaled_dot_product_attention(
+            split(self.q(x)), split(self.k(x)), split(self.v(x))
+        )
+        return self.head(self.o(att.transpose(1, 2).reshape(n, t, d)).mean(1))
+
+
+@pytest.mark.parametrize("sequence", ["expand", "reduce"])
+def test_attention_with_linear_projections_gets_kronecker_blocks(sequence):
+    """The q/k/v/o projections of an attention written with nn.Linear are Kronecker blocks
+    whose factors equal their definition (Eschenhagen et al. 2023) from explicit per-sample,
+    per-output gradients g_ntc = dz_nc/ds_nt (GaussNewton: S = I)."""
+    torch.manual_seed(7)
+    model = _LinearAttention().to(F64)
+    g = seeded(93)
+    x, y = torch.randn(3, 5, 4, generator=g, dtype=F64), torch.randint(0, 3, (3,), generator=g)
+    n = x.shape[0]
+    metric = KFAC(GaussNewton(), sequence=sequence)
+    metric.operator(Point(model, CrossEntropy(), x, y))
+    blocks = metric.state_dict()["factors"]["blocks"]
+    names = [nm for nm, _ in model.named_parameters()]
+    assert {names[wi] for wi, _ in blocks} == {f"{c}.weight" for c in "qkvo"} | {"head.weight"}
+    calls = {}
+    hooks = [
+        getattr(model, c).register_forward_hook(
+            lambda m, i, o, c=c: calls.__setitem__(c, (i[0].detach(), o))
+        )
+        for c in "qkvo"
+    ]
+    z = model(x)
+    for h in hooks:
+        h.remove()
+    for c in "qkvo":
+        a, s = calls[c]
+        a = torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=F64)], -1)  # (N, T, d + 1)
+        G_ref = torch.zeros(4, 4, dtype=F64)
+        for i in range(n):
+            for k in range(z.shape[1]):
+                (gs,) = torch.autograd.grad(z[i, k], s, retain_graph=True)
+                rows = gs[i] if sequence == "expand" else gs[i].sum(0, keepdim=True)
+                G_ref += rows.T @ rows / n
+        if sequence == "expand":
+            A_ref = a.reshape(-1, 5).T @ a.reshape(-1, 5) / a.shape[0] / a.shape[1]
+        else:
+            am = a.mean(1)
+            A_ref = am.T @ am / n
+        wi = names.index(f"{c}.weight")
+        A, G = blocks[(wi, wi + 1)]
+        assert rel_err(A[0], A_ref) < 1e-12, c
+        # (reduce: the key projection's summed gradients vanish, softmax ignores a shift of
+        # all scores; G is rounding there, hence the absolute tolerance)
+        torch.testing.assert_close(G[0], G_ref, rtol=1e-10, atol=1e-20, msg=c)
