@@ -1320,3 +1320,14 @@ def test_attention_with_linear_projections_gets_kronecker_blocks(sequence):
         # (reduce: the key projection's summed gradients vanish, softmax ignores a shift of
         # all scores; G is rounding there, hence the absolute tolerance)
         torch.testing.assert_close(G[0], G_ref, rtol=1e-10, atol=1e-20, msg=c)
+
+
+def test_ekfac_refuses_factored_damping_by_name():
+    """EKFAC's inverse damps its scalings exactly: damping="factored" would be silently
+    ignored, so it is refused at construction (KFAC keeps it)."""
+    with pytest.raises(ConfigurationError, match=r"damping='factored'.*KFAC\(damping='factored'\)"):
+        EKFAC(damping="factored")
+    with pytest.raises(ConfigurationError, match="damping"):
+        EKFAC(damping="tikhonov")
+    assert KFAC(damping="factored").damping == "factored"
+    assert EKFAC().damping == "exact"

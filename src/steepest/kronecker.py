@@ -198,6 +198,8 @@ class KFAC(Metric):
     # whether the statistics need each sample's rows (EKFAC's scalings); K-FAC's sums over
     # rows do not (unless "reduce" or a signed GGN)
     per_sample_rows = False
+    # whether damping="factored" is offered (EKFAC: no, its inverse damps the scalings)
+    factored_damping = True
     # the factors are reduced over ranks (Point.mean_over_ranks), so the operator is already
     # the whole batch's: the optimizer does not reduce its products again
     reduces_over_ranks = True
@@ -228,6 +230,13 @@ class KFAC(Metric):
         if sequence not in ("expand", "reduce"):
             raise ConfigurationError(
                 f"{type(self).__name__}: sequence must be 'expand' or 'reduce', got {sequence!r}."
+            )
+        if damping == "factored" and not self.factored_damping:
+            raise ConfigurationError(
+                f"{type(self).__name__}: damping='factored' (Martens & Grosse's factored "
+                "Tikhonov damping of G and A) does not apply: its own inverse "
+                "Q diag(1/(s + lambda)) Q^T damps the re-estimated scalings s exactly. Use "
+                f"{type(self).__name__}() (damping='exact'), or KFAC(damping='factored')."
             )
         if damping not in ("exact", "factored"):
             raise ConfigurationError(
