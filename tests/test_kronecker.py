@@ -1331,3 +1331,100 @@ def test_ekfac_refuses_factored_damping_by_name():
         EKFAC(damping="tikhonov")
     assert KFAC(damping="factored").damping == "factored"
     assert EKFAC().damping == "exact"
+
+
+# ------------------------------------------------------------------------------ more bases
+def test_monte_carlo_fisher_factors_converge_to_the_exact_fisher_ones():
+    """KFAC(Fisher(mc_samples=k)) is an unbiased estimate of KFAC(Fisher()) (G is linear in
+    the sampled gradients' outer products, A does not depend on them): its error falls like
+    1/sqrt(k): 0.079 at k = 10 and 0.0095 at k = 1000 with this seed (over five seeds the
+    median error times sqrt(k) stays 0.16-0.19 from k = 1 to k = 1000)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    g = seeded(94)
+    x, y = torch.randn(20, 3, generator=g, dtype=F64), torch.randint(0, 3, (20,), generator=g)
+
+    def dense(base, seed=None):
+        point = Point(model, CrossEntropy(), x, y, generator=None if seed is None else seeded(seed))
+        return KFAC(base, ema=None, T_cov=1, T_inv=1).operator(point).to_dense()
+
+    exact = dense(Fisher())
+    err = {k: rel_err(dense(Fisher(mc_samples=k), 3), exact) for k in (10, 1000)}
+    assert err[1000] < err[10] / 3 and err[1000] < 0.03, err
+
+
+def test_empirical_fisher_one_sample_is_exact():
+    """One sample: the empirical Fisher's [W b] block is g g^T of the per-sample gradient,
+    g = (dl/ds) (x) a-bar, which K-FAC's G (x) A reproduces exactly."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    x, y = torch.randn(1, 3, generator=seeded(95), dtype=F64), torch.tensor([2])
+    dense = ref.metric("empirical-fisher", model, CrossEntropy(), x, y)
+    op = KFAC(EmpiricalFisher()).operator(Point(model, CrossEntropy(), x, y))
+    _kron_dense_ok(op, dense, block_mask(model))
+
+
+def _conv_mask(model: nn.Sequential) -> torch.Tensor:
+    """Mask of K-FAC's blocks in flat parameter order for Conv2d -> ... -> Linear: one block
+    per group of the convolution (its output channels' weights and biases) and the Linear."""
+    conv, lin = model[0], model[-1]
+    size = sum(p.numel() for p in model.parameters())
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    per = conv.weight[0].numel()  # one output channel's weights
+    n_w = conv.weight.numel()
+    o = conv.out_channels // conv.groups
+    for gi in range(conv.groups):
+        rows = []
+        for c in range(gi * o, (gi + 1) * o):
+            rows += list(range(c * per, (c + 1) * per))
+            rows += [n_w + c] if conv.bias is not None else []
+        r = torch.tensor(rows)
+        mask[r[:, None], r[None, :]] = True
+    n_conv = sum(p.numel() for p in conv.parameters())
+    n_lin = sum(p.numel() for p in lin.parameters())
+    mask[n_conv : n_conv + n_lin, n_conv : n_conv + n_lin] = True
+    return mask
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (1, False), (2, True), (2, False)])
+def test_conv_operator_is_the_dense_ggn_block_for_one_sample_at_one_position(groups, bias):
+    """One sample and one output position (the kernel covers the input): KFC is exact, so the
+    operator's to_dense(), @ and diagonal() in the flat parameter order equal the dense GGN's
+    blocks (one per group of the convolution, weight and bias rows interleaved as in
+    model.parameters())."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, (3, 2), groups=groups, bias=bias), nn.Tanh(), nn.Flatten(), nn.Linear(6, 3)
+    ).to(F64)
+    x, y = torch.randn(1, 4, 3, 2, generator=seeded(96), dtype=F64), torch.tensor([1])
+    dense = ref.metric("ggn", model, CrossEntropy(), x, y)
+    op = KFAC(GGN()).operator(Point(model, CrossEntropy(), x, y))
+    _kron_dense_ok(op, dense, _conv_mask(model))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ekfac_conv_scalings_are_the_exact_projected_diagonal(groups):
+    """EKFAC on a convolution (several samples, four output positions): per group, the
+    scalings equal diag(Q^T M Q) of the dense GGN's block, Q = Q_G (x) Q_A (per-sample
+    gradients summed over positions)."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 4, 2, groups=groups)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).to(F64)
+    g = seeded(97)
+    x, y = torch.randn(5, 2, 3, 3, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    dense = ref.metric("ggn", model, CrossEntropy(), x, y)
+    metric = EKFAC(GGN())
+    metric.operator(Point(model, CrossEntropy(), x, y))
+    state = metric.state_dict()
+    _, qa, _, qg = state["eig"][(0, 1)]
+    s = state["scalings"][(0, 1)]
+    assert s.shape[0] == groups
+    per = conv.weight[0].numel()
+    o = 4 // groups
+    for gi in range(groups):
+        rows = []
+        for c in range(gi * o, (gi + 1) * o):  # [W_c b_c] row-major: the order of G (x) A
+            rows += list(range(c * per, (c + 1) * per)) + [4 * per + c]
+        q = torch.kron(qg[gi], qa[gi])
+        s_ref = (q.T @ dense[rows][:, rows] @ q).diagonal().reshape(o, per + 1)
+        assert rel_err(s[gi], s_ref) < 1e-12
