@@ -8,7 +8,14 @@ loops over patches and positions), in float64.
   built by explicit unfolding;
 - the other parameters' blocks (LayerNorm, BatchNorm in eval mode, Embedding, a custom module)
   equal the exact diagonal of the base; the own inverse is the inverse at rounding level;
-- EKFAC's scalings equal the exact projected diagonal;
+- EKFAC's scalings equal the exact projected diagonal (Linear and Conv2d layers);
+- sequence-first layers (torch's ``TransformerEncoderLayer(batch_first=False)``) get the
+  factors and scalings of batch-first ones; a layer without batch axis is refused by name
+  where the per-sample rows matter; attention with ``nn.Linear`` projections gets Kronecker
+  blocks equal to their definition;
+- K-FAC with a Monte-Carlo Fisher converges to the exact Fisher's; with the empirical Fisher
+  it is exact on one sample; a convolution's operator equals the dense GGN's blocks where
+  KFC is exact (one sample, one position);
 - models train with ``Optimizer`` and ``TorchOptimizer``; state_dict resumes bit for bit.
 """
 
@@ -1184,6 +1191,31 @@ def test_sequence_first_layers_get_the_batch_first_factors(cls, sequence, n, t):
         for key, s in sb["scalings"].items():
             assert rel_err(ss["scalings"][key], s) < 1e-10
     assert rel_err(ds, db) < 1e-10
+
+
+@pytest.mark.parametrize("path", ["Optimizer", "TorchOptimizer"])
+def test_sequence_first_layers_in_the_optimizers_own_forwards(path):
+    """The same through Optimizer (the point's recorded forward) and TorchOptimizer (the
+    closure's forward), T = N: EKFAC-reduce's scalings and the step equal batch-first's."""
+    g = seeded(90)
+    x = torch.randn(4, 4, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (4,), generator=g)
+    out = []
+    for batch_first in (True, False):
+        torch.manual_seed(0)
+        model = _Encoder(batch_first).to(F64).eval()
+        metric = EKFAC(GGN(), sequence="reduce")
+        if path == "Optimizer":
+            steepest.Optimizer(model, CrossEntropy(), metric=metric, damping=1e-2).step(x, y)
+        else:
+            opt = steepest.TorchOptimizer(
+                model.parameters(), loss=CrossEntropy(), metric=metric, damping=1e-2
+            )
+            opt.step(lambda model=model: (model(x), y))
+        out.append((metric.scalings(), torch.cat([p.reshape(-1) for p in model.parameters()])))
+    (sb, pb), (ss, ps) = out
+    assert set(sb) == set(ss) and all(rel_err(ss[k], sb[k]) < 1e-10 for k in sb)
+    assert rel_err(ps, pb) < 1e-12
 
 
 class _SeqFirstMean(nn.Module):
