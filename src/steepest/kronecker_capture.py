@@ -292,7 +292,9 @@ class _Capture:
         several have size N (T = N), the one along which the gradient of the first sample's
         outputs (a random cotangent on z[0], one backward for all such calls) vanishes beyond
         index 0, and axis 0 where that tells nothing (a model that couples its samples).
-        Where no axis is found and ``need`` (the per-sample rows matter), raise
+        Only where ``need`` (the per-sample rows matter: K-FAC-reduce, EKFAC's scalings, a
+        signed GGN's rows); otherwise the order of the rows is immaterial (expand's sums) and
+        no backward is spent. Where no axis is found and ``need``, raise
         :class:`~steepest.errors.BatchAxisError` naming the layer; nothing has changed yet."""
         pending = []
         for layer in self.by_module.values():
@@ -300,9 +302,14 @@ class _Capture:
             for j, (a, _) in enumerate(layer.calls):
                 lead = a.shape[:-1] if isinstance(layer.module, nn.Linear) else a.shape[:1]
                 cand = [i for i, size in enumerate(lead) if size == n]
+                if not need:  # any order of the rows serves: no probe
+                    layer.axes.append(cand[0] if cand else None)
+                    continue
                 layer.axes.append(cand[0] if len(cand) == 1 else None)
                 if len(cand) > 1:
                     pending.append((layer, j, cand))
+        if not need:
+            return
         if pending:
             gen = torch.Generator(device=z.device).manual_seed(0)
             u = torch.zeros_like(z)
@@ -319,8 +326,6 @@ class _Capture:
                         and bool((gr.select(c, 0) != 0).any())
                     ]
                 layer.axes[j] = ok[0] if len(ok) == 1 else (0 if 0 in cand else None)
-        if not need:
-            return
         for layer in self.by_module.values():
             for (a, _), ax in zip(layer.calls, layer.axes):
                 if ax is not None:
