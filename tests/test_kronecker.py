@@ -1149,14 +1149,16 @@ class _Encoder(nn.Module):
     """A transformer encoder layer on (N, T, d) inputs, batch-first or sequence-first inside
     (torch's default ``batch_first=False``: its Linear layers see (T, N, d))."""
 
-    def __init__(self, batch_first: bool, d: int = 4):
+    def __init__(self, batch_first: bool, d: int = 4, readout: str = "mean"):
         super().__init__()
-        self.batch_first = batch_first
+        self.batch_first, self.readout = batch_first, readout
         self.enc = nn.TransformerEncoderLayer(d, 2, 6, dropout=0.0, batch_first=batch_first)
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
         h = self.enc(x if self.batch_first else x.transpose(0, 1))
+        if self.readout == "first":  # a class token: position 0 only
+            return self.head(h[:, 0] if self.batch_first else h[0])
         return self.head(h.mean(1 if self.batch_first else 0))
 
 
@@ -1167,18 +1169,18 @@ def _factors(metric, model, loss, x, y) -> tuple[dict, torch.Tensor]:
 
 @pytest.mark.parametrize("cls", [KFAC, EKFAC])
 @pytest.mark.parametrize("sequence", ["expand", "reduce"])
-@pytest.mark.parametrize("n,t", [(3, 5), (4, 4)])  # T = N: two axes of size N
-def test_sequence_first_layers_get_the_batch_first_factors(cls, sequence, n, t):
+@pytest.mark.parametrize("n,t,readout", [(3, 5, "mean"), (4, 4, "mean"), (4, 4, "first")])
+def test_sequence_first_layers_get_the_batch_first_factors(cls, sequence, n, t, readout):
     """torch's TransformerEncoderLayer(batch_first=False) feeds its Linear layers (T, N, d):
     K-FAC's factors (expand and reduce) and EKFAC's scalings equal those of the same weights
-    with batch_first=True, also where T = N (the batch axis told by the gradient of one
-    sample's outputs)."""
+    with batch_first=True, also where T = N (two axes of size N: the batch axis told by the
+    gradient of one sample's outputs), with a class-token readout too (position 0 only)."""
     g = seeded(90)
     x = torch.randn(n, t, 4, generator=g, dtype=F64)
     y = torch.randint(0, 3, (n,), generator=g)
     torch.manual_seed(0)
-    bf = _Encoder(True).to(F64).eval()
-    sf = _Encoder(False).to(F64).eval()
+    bf = _Encoder(True, readout=readout).to(F64).eval()
+    sf = _Encoder(False, readout=readout).to(F64).eval()
     sf.load_state_dict(bf.state_dict())
     (sb, db), (ss, ds) = (
         _factors(cls(GGN(), sequence=sequence), m, CrossEntropy(), x, y) for m in (bf, sf)
@@ -1284,6 +1286,9 @@ def test_a_layer_without_batch_axis_is_refused_by_name_before_any_change(cls, se
     # K-FAC-expand needs no per-sample rows: the same model is served (A, G sums over rows)
     op = KFAC(GGN()).operator(Point(model, MSE(), x, y))
     assert bool(torch.isfinite(op.to_dense()).all())
+    # one sample: every row is its own, no axis needed
+    one = cls(GGN(), sequence=sequence)
+    assert bool(torch.isfinite(one.operator(Point(model, MSE(), x[:1], y[:1])).diagonal()).all())
 
 
 class _LinearAttention(nn.Module):

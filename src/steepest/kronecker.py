@@ -119,12 +119,13 @@ class KFAC(Metric):
     sequence: ``"expand"`` (default) or ``"reduce"`` for Linear layers on inputs with shared
         dimensions, ``(N, T, d)`` or sequence-first ``(T, N, d)``: the batch axis of each
         call's input is the one axis of size N (the loss's number of samples); where several
-        have size N (T = N), the one along which the gradient of the first sample's outputs
-        vanishes beyond index 0 (one extra backward), else axis 0. Where none is found and the
-        per-sample rows matter (``"reduce"``, :class:`EKFAC`'s scalings, a signed GGN) the
-        metric raises :class:`~steepest.errors.BatchAxisError` naming the layer (fix: make
-        the batch an axis of the layer's input, e.g. ``batch_first=True``); expand with an
-        unsigned base sums over the rows in any order and needs no batch axis.
+        have size N (T = N), the one along which the gradient of the second sample's outputs
+        vanishes except at index 1 (one extra backward, only where the per-sample rows
+        matter), else axis 0. Where none is found and the per-sample rows matter
+        (``"reduce"``, :class:`EKFAC`'s scalings, a signed GGN) the metric raises
+        :class:`~steepest.errors.BatchAxisError` naming the layer (fix: make the batch an
+        axis of the layer's input, e.g. ``batch_first=True``); expand with an unsigned base
+        sums over the rows in any order and needs no batch axis.
         Attention: ``nn.Linear`` projections get these blocks; ``nn.MultiheadAttention``'s
         packed projections get the exact diagonal of the base (see the module docstring)
     damping: ``"exact"`` (default): the own inverse is exact for :math:`G\otimes A+\lambda I`;

@@ -289,13 +289,17 @@ class _Capture:
         ``layer.axes``): a Linear's input (..., d) may hold them on any leading axis (a
         sequence-first (T, N, d) as torch's ``TransformerEncoderLayer(batch_first=False)``
         feeds its Linear layers), a convolution's on axis 0. The one axis of size N; where
-        several have size N (T = N), the one along which the gradient of the first sample's
-        outputs (a random cotangent on z[0], one backward for all such calls) vanishes beyond
-        index 0, and axis 0 where that tells nothing (a model that couples its samples).
+        several have size N (T = N), the one along which the gradient of the second sample's
+        outputs (a random cotangent on z[1], one backward for all such calls) vanishes except
+        at index 1 (the second, not the first: a model reading position 0, a class token,
+        leaves the first sample's gradient at [0, 0] only, on either axis), and axis 0 where
+        that tells nothing (a model that couples its samples). One sample (N = 1): all rows
+        are its own, no axis needed.
         Only where ``need`` (the per-sample rows matter: K-FAC-reduce, EKFAC's scalings, a
         signed GGN's rows); otherwise the order of the rows is immaterial (expand's sums) and
         no backward is spent. Where no axis is found and ``need``, raise
         :class:`~steepest.errors.BatchAxisError` naming the layer; nothing has changed yet."""
+        need = need and n > 1
         pending = []
         for layer in self.by_module.values():
             layer.axes = []
@@ -313,18 +317,13 @@ class _Capture:
         if pending:
             gen = torch.Generator(device=z.device).manual_seed(0)
             u = torch.zeros_like(z)
-            u[0] = torch.randn(z.shape[1:], generator=gen, dtype=z.dtype, device=z.device)
+            u[1] = torch.randn(z.shape[1:], generator=gen, dtype=z.dtype, device=z.device)
             outs = [layer.calls[j][1] for layer, j, _ in pending]
             grads = torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True)
             for (layer, j, cand), gr in zip(pending, grads):
                 ok = []
                 if gr is not None:
-                    ok = [
-                        c
-                        for c in cand
-                        if bool((gr.narrow(c, 1, gr.shape[c] - 1) == 0).all())
-                        and bool((gr.select(c, 0) != 0).any())
-                    ]
+                    ok = [c for c in cand if _only_at_index_one(gr, c)]
                 layer.axes[j] = ok[0] if len(ok) == 1 else (0 if 0 in cand else None)
         for layer in self.by_module.values():
             for (a, _), ax in zip(layer.calls, layer.axes):
@@ -392,6 +391,12 @@ class _Capture:
         # a call without batch axis: no per-sample grouping exists
         a = torch.cat([t.flatten(1, 2) for t in a_all], 1)
         return a, torch.cat([t.flatten(2, 3) for t in g_all], 2)
+
+
+def _only_at_index_one(gr: Tensor, c: int) -> bool:
+    """Whether ``gr`` vanishes along axis c except at index 1, where it does not."""
+    rest = torch.cat([gr.narrow(c, 0, 1), gr.narrow(c, 2, gr.shape[c] - 2)], c)
+    return bool((rest == 0).all()) and bool((gr.select(c, 1) != 0).any())
 
 
 def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor | None]:
