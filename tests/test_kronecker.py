@@ -1252,6 +1252,70 @@ def test_reduce_is_exact_on_sequence_first_inputs():
     assert rel_err(state["scalings"][(0, 1)][0], s_ref) < 1e-12
 
 
+class _Flat(nn.Module):
+    """A Linear on (N, T, d) as is, or flattened batch-major (N T, d) or time-major (T N, d)."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        if self.order == "as-is":
+            h = self.a(x)
+        elif self.order == "batch-major":
+            h = self.a(x.reshape(n * t, d)).reshape(n, t, -1)
+        else:
+            h = self.a(x.transpose(0, 1).reshape(t * n, d)).reshape(t, n, -1).transpose(0, 1)
+        return self.b(torch.tanh(h).mean(1))
+
+
+class _Frames(nn.Module):
+    """A Conv2d on each frame of a clip (N, m, C, H, W): frame by frame, or on the batch
+    merged with the frames (N m, C, H, W)."""
+
+    def __init__(self, merged: bool):
+        super().__init__()
+        self.merged = merged
+        self.c, self.lin = nn.Conv2d(2, 3, 2), nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        n, m = x.shape[:2]
+        if self.merged:
+            h = self.c(x.reshape(n * m, *x.shape[2:])).reshape(n, m, -1)
+        else:
+            h = torch.stack([self.c(x[:, i]) for i in range(m)], 1).reshape(n, m, -1)
+        return self.lin(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("n,t", [(3, 5), (4, 4)])
+def test_a_batch_merged_with_another_axis_is_told_apart(n, t):
+    """A Linear on a flattened (N T, d) input, batch-major or time-major, and a Conv2d on a
+    batch merged with frames: K-FAC-reduce's factors and EKFAC's scalings equal those of the
+    same weights on unmerged inputs (the merged axis split by the gradient of one sample)."""
+    g = seeded(98)
+    x = torch.randn(n, t, 3, generator=g, dtype=F64)
+    y = torch.randn(n, 2, generator=g, dtype=F64)
+    for cls, sequence in ((KFAC, "reduce"), (EKFAC, "expand")):
+        got = []
+        for order in ("as-is", "batch-major", "time-major"):
+            torch.manual_seed(0)
+            got.append(_factors(cls(GGN(), sequence=sequence), _Flat(order).to(F64), MSE(), x, y))
+        for st, dense in got[1:]:
+            for key, (A, G) in got[0][0]["factors"]["blocks"].items():
+                assert rel_err(st["factors"]["blocks"][key][0], A) < 1e-12
+                assert rel_err(st["factors"]["blocks"][key][1], G) < 1e-12
+            assert rel_err(dense, got[0][1]) < 1e-12
+    clips = torch.randn(n, 3, 2, 3, 3, generator=g, dtype=F64)
+    got = []
+    for merged in (False, True):
+        torch.manual_seed(0)
+        got.append(_factors(EKFAC(GGN()), _Frames(merged).to(F64), MSE(), clips, y))
+    assert rel_err(got[1][0]["scalings"][(0, 1)], got[0][0]["scalings"][(0, 1)]) < 1e-12
+    assert rel_err(got[1][1], got[0][1]) < 1e-12
+
+
 class _NoBatchAxis(nn.Module):
     """A Linear on a batch summary (T, d): no axis of its input is the batch."""
 

@@ -119,9 +119,11 @@ class KFAC(Metric):
     sequence: ``"expand"`` (default) or ``"reduce"`` for Linear layers on inputs with shared
         dimensions, ``(N, T, d)`` or sequence-first ``(T, N, d)``: the batch axis of each
         call's input is the one axis of size N (the loss's number of samples); where several
-        have size N (T = N), the one along which the gradient of the second sample's outputs
-        vanishes except at index 1 (one extra backward, only where the per-sample rows
-        matter), else axis 0. Where none is found and the per-sample rows matter
+        have size N (T = N), or an axis of size m N merges the batch with another dimension
+        (a flattened (N T, d), batch-major or time-major; a convolution on frames), the one
+        along which the gradient of the second sample's outputs vanishes except at index 1
+        (one extra backward, only where the per-sample rows matter), else axis 0 where it
+        has size N. Where none is found and the per-sample rows matter
         (``"reduce"``, :class:`EKFAC`'s scalings, a signed GGN) the metric raises
         :class:`~steepest.errors.BatchAxisError` naming the layer (fix: make the batch an
         axis of the layer's input, e.g. ``batch_first=True``); expand with an unsigned base

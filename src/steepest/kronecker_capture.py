@@ -285,68 +285,80 @@ class _Capture:
                 self.other_diag[i] = sq.sum(0) / n
 
     def _batch_axes(self, z: Tensor, n: int, need: bool) -> None:
-        """Find the axis of each call's input that holds the N samples of the loss (sets
-        ``layer.axes``): a Linear's input (..., d) may hold them on any leading axis (a
-        sequence-first (T, N, d) as torch's ``TransformerEncoderLayer(batch_first=False)``
-        feeds its Linear layers), a convolution's on axis 0. The one axis of size N; where
-        several have size N (T = N), the one along which the gradient of the second sample's
+        """Find where each call's input holds the N samples of the loss (sets ``layer.axes``
+        to (leading shape, batch axis) per call, None where none is found): a Linear's input
+        (..., d) may hold them on any leading axis (a sequence-first (T, N, d) as torch's
+        ``TransformerEncoderLayer(batch_first=False)`` feeds its Linear layers), a
+        convolution's on axis 0, and an axis of size m N may hold them merged with another
+        dimension (a flattened (N T, d), batch-major (N, m) or inner-major (m, N)).
+
+        The one axis of size N when there is exactly one. Otherwise (several axes of size N,
+        T = N; or merged axes) the candidate along which the gradient of the second sample's
         outputs (a random cotangent on z[1], one backward for all such calls) vanishes except
-        at index 1 (the second, not the first: a model reading position 0, a class token,
-        leaves the first sample's gradient at [0, 0] only, on either axis), and axis 0 where
-        that tells nothing (a model that couples its samples). One sample (N = 1): all rows
-        are its own, no axis needed.
+        at index 1 (the second sample, not the first: a model reading position 0, a class
+        token, leaves the first sample's gradient at [0, 0] only, on either axis); axis 0
+        where that tells nothing (a model that couples its samples) and axis 0 has size N.
         Only where ``need`` (the per-sample rows matter: K-FAC-reduce, EKFAC's scalings, a
         signed GGN's rows); otherwise the order of the rows is immaterial (expand's sums) and
-        no backward is spent. Where no axis is found and ``need``, raise
-        :class:`~steepest.errors.BatchAxisError` naming the layer; nothing has changed yet."""
+        no backward is spent. One sample (N = 1): all rows are its own. Where nothing is
+        found and ``need``, raise :class:`~steepest.errors.BatchAxisError` naming the layer;
+        nothing has changed yet."""
         need = need and n > 1
         pending = []
         for layer in self.by_module.values():
             layer.axes = []
             for j, (a, _) in enumerate(layer.calls):
-                lead = a.shape[:-1] if isinstance(layer.module, nn.Linear) else a.shape[:1]
-                cand = [i for i, size in enumerate(lead) if size == n]
+                lead = tuple(a.shape[:-1] if isinstance(layer.module, nn.Linear) else a.shape[:1])
+                axes = [(lead, c) for c, size in enumerate(lead) if size == n]
                 if not need:  # any order of the rows serves: no probe
-                    layer.axes.append(cand[0] if cand else None)
+                    layer.axes.append(axes[0] if axes else None)
                     continue
-                layer.axes.append(cand[0] if len(cand) == 1 else None)
-                if len(cand) > 1:
-                    pending.append((layer, j, cand))
+                layer.axes.append(axes[0] if len(axes) == 1 else None)
+                if len(axes) == 1:
+                    continue
+                merged = []
+                for c, size in enumerate(lead):
+                    if size > n and size % n == 0:
+                        m = size // n
+                        merged.append((lead[:c] + (n, m) + lead[c + 1 :], c))
+                        merged.append((lead[:c] + (m, n) + lead[c + 1 :], c + 1))
+                if axes or merged:
+                    pending.append((layer, j, axes + merged, len(lead)))
         if not need:
             return
         if pending:
             gen = torch.Generator(device=z.device).manual_seed(0)
             u = torch.zeros_like(z)
             u[1] = torch.randn(z.shape[1:], generator=gen, dtype=z.dtype, device=z.device)
-            outs = [layer.calls[j][1] for layer, j, _ in pending]
+            outs = [layer.calls[j][1] for layer, j, _, _ in pending]
             grads = torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True)
-            for (layer, j, cand), gr in zip(pending, grads):
+            for (layer, j, cand, nlead), gr in zip(pending, grads):
                 ok = []
                 if gr is not None:
-                    ok = [c for c in cand if _only_at_index_one(gr, c)]
-                layer.axes[j] = ok[0] if len(ok) == 1 else (0 if 0 in cand else None)
+                    rest = gr.shape[nlead:]  # the output's dimensions after the leading ones
+                    ok = [
+                        (shape, c)
+                        for shape, c in cand
+                        if _only_at_index_one(gr.reshape(*shape, *rest), c)
+                    ]
+                first = [(shape, c) for shape, c in cand if c == 0 and shape[0] == n]
+                layer.axes[j] = ok[0] if len(ok) == 1 else (first[0] if first else None)
         for layer in self.by_module.values():
             for (a, _), ax in zip(layer.calls, layer.axes):
                 if ax is not None:
                     continue
                 m = layer.module
                 name = self.names.get(id(m), "")
-                lead = a.shape[:-1] if isinstance(m, nn.Linear) else a.shape[:1]
-                sizes = [i for i, size in enumerate(lead) if size == n]
-                found = (
-                    "no axis has that size"
-                    if not sizes
-                    else f"axes {sizes} have that size and the model couples them"
-                )
                 raise BatchAxisError(
-                    f"KFAC/EKFAC: cannot tell which axis of the input of layer {name!r} "
-                    f"({type(m).__name__}) holds the samples: its shape is {tuple(a.shape)}, "
-                    f"the loss has N = {n} samples and {found}. K-FAC-reduce, EKFAC's scalings "
-                    "and a signed GGN need each sample's rows. Make one axis of the layer's "
-                    "input the batch, preferably axis 0 (e.g. nn.TransformerEncoderLayer(..., "
-                    "batch_first=True) and nn.MultiheadAttention(..., batch_first=True)), or "
-                    "use KFAC(sequence='expand') with an unsigned base, which needs no "
-                    "per-sample rows."
+                    f"KFAC/EKFAC: cannot tell where the input of layer {name!r} "
+                    f"({type(m).__name__}) holds the samples: its shape is {tuple(a.shape)} and "
+                    f"the loss has N = {n} samples, and no axis (of size N, or of a multiple of "
+                    "N that merges the batch with another dimension) is the one the gradient "
+                    "of a sample's outputs is confined to. K-FAC-reduce, EKFAC's scalings and a "
+                    "signed GGN need each sample's rows. Make one axis of the layer's input "
+                    "the batch, preferably axis 0 (e.g. nn.TransformerEncoderLayer(..., "
+                    "batch_first=True)), or use KFAC(sequence='expand') with an unsigned base, "
+                    "which needs no per-sample rows."
                 )
 
     def rows(self, layer: _Layer, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -363,8 +375,9 @@ class _Capture:
                     grouped = False
                     a3, g3 = a.reshape(1, -1, d), gs.reshape(k, 1, -1, o)
                 else:
-                    a3 = a.movedim(ax, 0).reshape(n_all, -1, d)  # (N, T, d)
-                    g3 = gs.movedim(ax + 1, 1).reshape(k, n_all, -1, o)  # (K, N, T, o)
+                    shape, b = ax
+                    a3 = a.reshape(*shape, d).movedim(b, 0).reshape(n_all, -1, d)  # (N, T, d)
+                    g3 = gs.reshape(k, *shape, o).movedim(b + 1, 1).reshape(k, n_all, -1, o)
                 if self.sequence == "reduce":
                     a3 = a3.mean(1, keepdim=True)
                     g3 = g3.sum(2, keepdim=True)
@@ -375,13 +388,22 @@ class _Capture:
             else:  # KFC: unfolded patches, expand over the L output positions
                 pat = _conv_patches(layer.module, a)  # (N, Cin*kk, L)
                 n, _, length = pat.shape
-                grouped = grouped and ax is not None
                 grp = layer.groups
                 pat = pat.reshape(n, grp, -1, length).permute(1, 0, 3, 2)  # (grp, N, L, d)
                 if layer.bi is not None:
                     pat = torch.cat([pat, torch.ones_like(pat[..., :1])], -1)
-                go = gs.reshape(gs.shape[0], n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
+                k = gs.shape[0]
+                go = gs.reshape(k, n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
                 go = go.permute(0, 2, 1, 4, 3)  # (K, grp, N, L, o)
+                if ax is None:
+                    grouped = False
+                elif len(ax[0]) > 1:  # a merged batch (N m or m N): each sample's rows
+                    shape, b = ax
+                    dp, o = pat.shape[-1], go.shape[-1]
+                    pat = pat.reshape(grp, *shape, length, dp).movedim(1 + b, 1)
+                    pat = pat.reshape(grp, n_all, -1, dp)
+                    go = go.reshape(k, grp, *shape, length, o).movedim(2 + b, 2)
+                    go = go.reshape(k, grp, n_all, -1, o)
                 a_all.append(pat)  # (grp, N, L, d)
                 g_all.append(go)  # (K, grp, N, L, o)
         # rows grouped by sample (a module called several times: its calls' positions side by
