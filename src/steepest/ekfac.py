@@ -25,13 +25,16 @@ class EKFAC(KFAC):
     sequences and convolutions), the exact diagonal of the base in that basis. The other
     parameters get the exact diagonal of the base, as in :class:`KFAC`.
 
-    Parameters are those of :class:`KFAC` (``damping`` is always exact here: the inverse is
-    :math:`Q\,\mathrm{diag}(1/(s + \lambda))\,Q^T`).
+    Parameters are those of :class:`KFAC`, except ``damping``: always ``"exact"`` here (the
+    inverse is :math:`Q\,\mathrm{diag}(1/(s + \lambda))\,Q^T`); ``damping="factored"`` is
+    refused with a :class:`~steepest.errors.ConfigurationError`.
 
     >>> opt = Optimizer(model, CrossEntropy(), metric=EKFAC(), damping=LevenbergMarquardt(1e-2))
     """
 
     name = "EKFAC"
+    per_sample_rows = True
+    factored_damping = False
 
     def _decomposes(self) -> bool:
         return True  # the eigenbasis is the operator

@@ -54,6 +54,12 @@ class ConfigurationTypeError(ConfigurationError, TypeError):
     """An option has the wrong type (a class where an instance is due, ...)."""
 
 
+class BatchAxisError(ConfigurationError):
+    """K-FAC / EKFAC cannot tell which axis of a layer's input holds the samples (no axis has
+    the batch's size, or several do and the model couples them), where the per-sample rows
+    matter (K-FAC-reduce, EKFAC's scalings, a signed GGN)."""
+
+
 class SteepestWarning(UserWarning):
     """Base class of every warning issued by steepest."""
 

@@ -23,13 +23,18 @@ base                           S (per sample, output space)
 ``GaussNewton()``              :math:`I`
 =============================  ===========================================================
 
-Inputs with shared dimensions (sequences, attention: ``(N, T, d)``) use K-FAC-expand
+``Linear`` layers on inputs with shared dimensions (sequences: ``(N, T, d)``, or sequence-first
+``(T, N, d)`` as torch's ``TransformerEncoderLayer(batch_first=False)`` feeds them; a
+transformer's feed-forward layers, and attention whose query/key/value/output projections are
+``nn.Linear`` modules) use K-FAC-expand
 (``sequence="expand"``: :math:`A = \frac{1}{NT}\sum_{n,t}\bar a_{nt}\bar a_{nt}^T`,
 :math:`G = \frac1N\sum_{n,t,k} g_{ntk}g_{ntk}^T`) or K-FAC-reduce (``"reduce"``: a averaged and g
 summed over t first) (Eschenhagen et al. 2023). Convolutions are KFC (Grosse & Martens 2016):
 expand over the spatial positions of the unfolded patches, one block per group. Every other
 trainable parameter (LayerNorm, BatchNorm affine, embeddings, custom modules, a weight shared
-by several layers) gets the exact diagonal of the same base, so no model is refused.
+by several layers, and ``nn.MultiheadAttention``'s packed ``in_proj_weight``/``in_proj_bias``
+and its ``out_proj``, which it applies functionally, never calling them as modules) gets the
+exact diagonal of the same base, so no model is refused.
 
 The factors come from module hooks: the layers' inputs and the gradients of their outputs
 (one backward of the columns of S), never hand-written per-layer derivatives
@@ -112,7 +117,19 @@ class KFAC(Metric):
     base: ``Fisher(mc_samples=1)`` (default), ``Fisher()``, ``GGN()``, ``EmpiricalFisher()`` or
         ``GaussNewton()``
     sequence: ``"expand"`` (default) or ``"reduce"`` for Linear layers on inputs with shared
-        dimensions ``(N, T, d)``
+        dimensions, ``(N, T, d)`` or sequence-first ``(T, N, d)``: the batch axis of each
+        call's input is the one axis of size N (the loss's number of samples); where several
+        have size N (T = N), or an axis of size m N merges the batch with another dimension
+        (a flattened (N T, d), batch-major or time-major; a convolution on frames), the one
+        along which the gradient of the second sample's outputs vanishes except at index 1
+        (one extra backward, only where the per-sample rows matter), else axis 0 where it
+        has size N. Where none is found and the per-sample rows matter
+        (``"reduce"``, :class:`EKFAC`'s scalings, a signed GGN) the metric raises
+        :class:`~steepest.errors.BatchAxisError` naming the layer (fix: make the batch an
+        axis of the layer's input, e.g. ``batch_first=True``); expand with an unsigned base
+        sums over the rows in any order and needs no batch axis.
+        Attention: ``nn.Linear`` projections get these blocks; ``nn.MultiheadAttention``'s
+        packed projections get the exact diagonal of the base (see the module docstring)
     damping: ``"exact"`` (default): the own inverse is exact for :math:`G\otimes A+\lambda I`;
         ``"factored"``: the inverse of Martens & Grosse's factored Tikhonov damping with the
         pi-correction (an approximation of the damped block, flagged inexact); its damped
@@ -181,6 +198,11 @@ class KFAC(Metric):
     """
 
     name = "KFAC"
+    # whether the statistics need each sample's rows (EKFAC's scalings); K-FAC's sums over
+    # rows do not (unless "reduce" or a signed GGN)
+    per_sample_rows = False
+    # whether damping="factored" is offered (EKFAC: no, its inverse damps the scalings)
+    factored_damping = True
     # the factors are reduced over ranks (Point.mean_over_ranks), so the operator is already
     # the whole batch's: the optimizer does not reduce its products again
     reduces_over_ranks = True
@@ -211,6 +233,13 @@ class KFAC(Metric):
         if sequence not in ("expand", "reduce"):
             raise ConfigurationError(
                 f"{type(self).__name__}: sequence must be 'expand' or 'reduce', got {sequence!r}."
+            )
+        if damping == "factored" and not self.factored_damping:
+            raise ConfigurationError(
+                f"{type(self).__name__}: damping='factored' (Martens & Grosse's factored "
+                "Tikhonov damping of G and A) does not apply: its own inverse "
+                "Q diag(1/(s + lambda)) Q^T damps the re-estimated scalings s exactly. Use "
+                f"{type(self).__name__}() (damping='exact'), or KFAC(damping='factored')."
             )
         if damping not in ("exact", "factored"):
             raise ConfigurationError(
@@ -350,7 +379,9 @@ class KFAC(Metric):
         return idx.sort().values.to(point.z.device)
 
     def _new_factors(self, point) -> dict:
-        new = factor_statistics(self.base, point, self.sequence, self._samples(point))
+        new = factor_statistics(
+            self.base, point, self.sequence, self._samples(point), self.per_sample_rows
+        )
         self._state["signed"] = new["w"] is not None
         return new
 

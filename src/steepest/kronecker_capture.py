@@ -15,14 +15,14 @@ knows nothing of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .errors import ConfigurationError
+from .errors import BatchAxisError, ConfigurationError
 from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
 
 try:  # whether a torch.func transform (vmap, grad) is running: the recorder stays out of it
@@ -48,6 +48,8 @@ class _Layer:
     groups: int
     out_g: int  # output rows per group
     calls: list  # [(input a, output s)] of the forward, one per call of the module
+    # per call, the axis of the input that holds the samples (None: none found)
+    axes: list = field(default_factory=list)
 
 
 def _sqrt_cotangents(metric: Metric, point, z: Tensor, y) -> tuple[Tensor, Tensor | None]:
@@ -112,8 +114,16 @@ class _Capture:
     inputs and the gradients of its outputs along the columns of S; for the other parameters
     the exact diagonal of the base."""
 
-    def __init__(self, metric: Metric, point, sequence: str, samples: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        metric: Metric,
+        point,
+        sequence: str,
+        samples: Tensor | None = None,
+        per_sample: bool = False,
+    ) -> None:
         self.point, self.sequence, self.samples = point, sequence, samples
+        self.per_sample = per_sample
         params = point.space.params
         self.params = params
         self.sizes = [p.numel() for p in params]
@@ -151,6 +161,7 @@ class _Capture:
             shared = set()
         self.by_module = by_module
         self.closure = closure
+        self.names = {} if closure else {id(m): nm for nm, m in model.named_modules()}
         self.consider = consider
 
     # ------------------------------------------------------------------ the forward
@@ -240,6 +251,9 @@ class _Capture:
         s, w = _sqrt_cotangents(metric, self.point, z, y)
         k = s.shape[-1]
         self.n, self.k, self.w = n, k, w
+        # each call's batch axis; the per-sample rows matter for K-FAC-reduce, EKFAC's
+        # scalings and a signed GGN's rows (expand's sums over rows ignore their order)
+        self._batch_axes(z, n, self.per_sample or self.sequence == "reduce" or w is not None)
         cots = s.permute(2, 0, 1).reshape(k, *z.shape)  # (K, *z.shape)
         outs = [c[1] for layer in self.by_module.values() for c in layer.calls]
         self.out_grads: list[Tensor] = []
@@ -270,15 +284,100 @@ class _Capture:
                     sq = sq * weight[:, None]
                 self.other_diag[i] = sq.sum(0) / n
 
+    def _batch_axes(self, z: Tensor, n: int, need: bool) -> None:
+        """Find where each call's input holds the N samples of the loss (sets ``layer.axes``
+        to (leading shape, batch axis) per call, None where none is found): a Linear's input
+        (..., d) may hold them on any leading axis (a sequence-first (T, N, d) as torch's
+        ``TransformerEncoderLayer(batch_first=False)`` feeds its Linear layers), a
+        convolution's on axis 0, and an axis of size m N may hold them merged with another
+        dimension (a flattened (N T, d), batch-major (N, m) or inner-major (m, N)).
+
+        The one axis of size N when there is exactly one. Otherwise (several axes of size N,
+        T = N; or merged axes) the candidate along which the gradient of the second sample's
+        outputs (a random cotangent on z[1], one backward for all such calls) vanishes except
+        at index 1 (the second sample, not the first: a model reading position 0, a class
+        token, leaves the first sample's gradient at [0, 0] only, on either axis); axis 0
+        where that tells nothing (a model that couples its samples) and axis 0 has size N.
+        Only where ``need`` (the per-sample rows matter: K-FAC-reduce, EKFAC's scalings, a
+        signed GGN's rows); otherwise the order of the rows is immaterial (expand's sums) and
+        no backward is spent. One sample (N = 1): all rows are its own. Where nothing is
+        found and ``need``, raise :class:`~steepest.errors.BatchAxisError` naming the layer;
+        nothing has changed yet."""
+        need = need and n > 1
+        pending = []
+        for layer in self.by_module.values():
+            layer.axes = []
+            for j, (a, _) in enumerate(layer.calls):
+                lead = tuple(a.shape[:-1] if isinstance(layer.module, nn.Linear) else a.shape[:1])
+                axes = [(lead, c) for c, size in enumerate(lead) if size == n]
+                if not need:  # any order of the rows serves: no probe
+                    layer.axes.append(axes[0] if axes else None)
+                    continue
+                layer.axes.append(axes[0] if len(axes) == 1 else None)
+                if len(axes) == 1:
+                    continue
+                merged = []
+                for c, size in enumerate(lead):
+                    if size > n and size % n == 0:
+                        m = size // n
+                        merged.append((lead[:c] + (n, m) + lead[c + 1 :], c))
+                        merged.append((lead[:c] + (m, n) + lead[c + 1 :], c + 1))
+                if axes or merged:
+                    pending.append((layer, j, axes + merged, len(lead)))
+        if not need:
+            return
+        if pending:
+            gen = torch.Generator(device=z.device).manual_seed(0)
+            u = torch.zeros_like(z)
+            u[1] = torch.randn(z.shape[1:], generator=gen, dtype=z.dtype, device=z.device)
+            outs = [layer.calls[j][1] for layer, j, _, _ in pending]
+            grads = torch.autograd.grad(z, outs, u, retain_graph=True, allow_unused=True)
+            for (layer, j, cand, nlead), gr in zip(pending, grads):
+                ok = []
+                if gr is not None:
+                    rest = gr.shape[nlead:]  # the output's dimensions after the leading ones
+                    ok = [
+                        (shape, c)
+                        for shape, c in cand
+                        if _only_at_index_one(gr.reshape(*shape, *rest), c)
+                    ]
+                first = [(shape, c) for shape, c in cand if c == 0 and shape[0] == n]
+                layer.axes[j] = ok[0] if len(ok) == 1 else (first[0] if first else None)
+        for layer in self.by_module.values():
+            for (a, _), ax in zip(layer.calls, layer.axes):
+                if ax is not None:
+                    continue
+                m = layer.module
+                name = self.names.get(id(m), "")
+                raise BatchAxisError(
+                    f"KFAC/EKFAC: cannot tell where the input of layer {name!r} "
+                    f"({type(m).__name__}) holds the samples: its shape is {tuple(a.shape)} and "
+                    f"the loss has N = {n} samples, and no axis (of size N, or of a multiple of "
+                    "N that merges the batch with another dimension) is the one the gradient "
+                    "of a sample's outputs is confined to. K-FAC-reduce, EKFAC's scalings and a "
+                    "signed GGN need each sample's rows. Make one axis of the layer's input "
+                    "the batch, preferably axis 0 (e.g. nn.TransformerEncoderLayer(..., "
+                    "batch_first=True)), or use KFAC(sequence='expand') with an unsigned base, "
+                    "which needs no per-sample rows."
+                )
+
     def rows(self, layer: _Layer, grads: list[Tensor]) -> tuple[Tensor, Tensor]:
         """Per-group input rows a (groups, R, d) and output-gradient rows g (K, groups, R, o)
-        of all calls of a layer, R = N * positions (expand) or N (reduce)."""
-        a_all, g_all = [], []
-        for (a, _), gs in zip(layer.calls, grads):
+        of all calls of a layer, R = N * positions (expand) or N (reduce), grouped by sample
+        (each call's batch axis, :meth:`_batch_axes`, moved first). A call without batch axis
+        (only where the order of the rows does not matter) makes the rows ungrouped."""
+        a_all, g_all, grouped = [], [], True
+        n_all = self.n
+        for (a, _), gs, ax in zip(layer.calls, grads, layer.axes):
             if isinstance(layer.module, nn.Linear):
-                n = a.shape[0]
-                a3 = a.reshape(n, -1, a.shape[-1])  # (N, T, d)
-                g3 = gs.reshape(gs.shape[0], n, -1, gs.shape[-1])  # (K, N, T, o)
+                d, o, k = a.shape[-1], gs.shape[-1], gs.shape[0]
+                if ax is None:
+                    grouped = False
+                    a3, g3 = a.reshape(1, -1, d), gs.reshape(k, 1, -1, o)
+                else:
+                    shape, b = ax
+                    a3 = a.reshape(*shape, d).movedim(b, 0).reshape(n_all, -1, d)  # (N, T, d)
+                    g3 = gs.reshape(k, *shape, o).movedim(b + 1, 1).reshape(k, n_all, -1, o)
                 if self.sequence == "reduce":
                     a3 = a3.mean(1, keepdim=True)
                     g3 = g3.sum(2, keepdim=True)
@@ -293,17 +392,33 @@ class _Capture:
                 pat = pat.reshape(n, grp, -1, length).permute(1, 0, 3, 2)  # (grp, N, L, d)
                 if layer.bi is not None:
                     pat = torch.cat([pat, torch.ones_like(pat[..., :1])], -1)
-                go = gs.reshape(gs.shape[0], n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
+                k = gs.shape[0]
+                go = gs.reshape(k, n, grp, layer.out_g, -1)  # (K, N, grp, o, L)
                 go = go.permute(0, 2, 1, 4, 3)  # (K, grp, N, L, o)
+                if ax is None:
+                    grouped = False
+                elif len(ax[0]) > 1:  # a merged batch (N m or m N): each sample's rows
+                    shape, b = ax
+                    dp, o = pat.shape[-1], go.shape[-1]
+                    pat = pat.reshape(grp, *shape, length, dp).movedim(1 + b, 1)
+                    pat = pat.reshape(grp, n_all, -1, dp)
+                    go = go.reshape(k, grp, *shape, length, o).movedim(2 + b, 2)
+                    go = go.reshape(k, grp, n_all, -1, o)
                 a_all.append(pat)  # (grp, N, L, d)
                 g_all.append(go)  # (K, grp, N, L, o)
         # rows grouped by sample (a module called several times: its calls' positions side by
         # side within each sample), as _scalings and _row_signs read them
-        if len({t.shape[1] for t in a_all}) == 1:
+        if grouped:
             return torch.cat(a_all, 2).flatten(1, 2), torch.cat(g_all, 3).flatten(2, 3)
-        # calls on batches of different sizes: no per-sample grouping exists
+        # a call without batch axis: no per-sample grouping exists
         a = torch.cat([t.flatten(1, 2) for t in a_all], 1)
         return a, torch.cat([t.flatten(2, 3) for t in g_all], 2)
+
+
+def _only_at_index_one(gr: Tensor, c: int) -> bool:
+    """Whether ``gr`` vanishes along axis c except at index 1, where it does not."""
+    rest = torch.cat([gr.narrow(c, 0, 1), gr.narrow(c, 2, gr.shape[c] - 2)], c)
+    return bool((rest == 0).all()) and bool((gr.select(c, 1) != 0).any())
 
 
 def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor | None]:
@@ -329,21 +444,27 @@ def _batched_grad(out: Tensor, wrt: list[Tensor], cots: Tensor) -> list[Tensor |
 
 
 def factor_statistics(
-    base: Metric, point, sequence: str = "expand", samples: Tensor | None = None
+    base: Metric,
+    point,
+    sequence: str = "expand",
+    samples: Tensor | None = None,
+    per_sample: bool = False,
 ) -> dict:
     r"""The Kronecker factors of one batch: one extra forward and backward pass with hooks
     (:class:`_Capture`), then per layer :math:`A = E[\bar a\bar a^T]` (grp, d, d) and
     :math:`G = E_n[\sum_k w_k g_k g_k^T]` (grp, o, o), the exact diagonal of ``base`` for every
     other parameter, means over every rank's samples under torch.distributed. ``samples``
     (indices into the point's batch) takes the statistics, forward and backward on that
-    sub-batch only (``KFAC(stats_batch=k)``; a model point, not a closure's).
+    sub-batch only (``KFAC(stats_batch=k)``; a model point, not a closure's). ``per_sample``:
+    the rows must be grouped by sample (EKFAC's scalings); a layer whose input has no batch
+    axis is then refused (:class:`~steepest.errors.BatchAxisError`), as with ``"reduce"``.
 
     Returns ``{"blocks": {(wi, bi): (A, G)}, "others": {i: diag}, "raw": {(wi, bi): (a, g)},
     "n": N, "w": signs or None}`` (``raw``: the rows, for EKFAC's scalings).
 
     >>> factor_statistics(GGN(), point)["blocks"]
     """
-    cap = _Capture(base, point, sequence, samples)
+    cap = _Capture(base, point, sequence, samples, per_sample)
     cap.backward(base)
     blocks, grads_at = {}, 0
     raw = {}
