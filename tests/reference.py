@@ -251,3 +251,21 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     """||a - b|| / max(||b||, tiny) in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+class ResidualsAsSamples(nn.Module):
+    """A residual vector r(theta) in R^3 posed as 3 samples of one output: r_i depends on all
+    of theta, not on the i-th input (issue 12, defect D6: the per-sample route must not be
+    taken)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+
+    @staticmethod
+    def r(theta):
+        a, b = theta
+        return torch.stack([a - 1, 10 * (b - a**2), a * b - 0.5])
+
+    def forward(self, x):
+        return self.r(self.theta).unsqueeze(1)

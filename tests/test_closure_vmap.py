@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from reference import rel_err, seeded
+from reference import ResidualsAsSamples, rel_err, seeded
 from torch import nn
 
 import steepest
 from steepest.closure_point import ClosurePoint, _ClosureSpace
-from steepest.losses import CrossEntropy
+from steepest.losses import MSE, CrossEntropy
 from steepest.point import Point
 
 F64 = torch.float64
@@ -252,23 +252,6 @@ def test_uncoupled_model_keeps_the_vmap_route(routes):
 
 
 # ------------------------------------------------------------------ outputs not per sample
-class Residuals(nn.Module):
-    """A residual vector r(theta) (3,) posed as 3 samples of one output: the outputs depend on
-    theta, not on the i-th input (issue 12, D6)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
-
-    @staticmethod
-    def r(theta):
-        a, b = theta
-        return torch.stack([a - 1, 10 * (b - a**2), a * b - 0.5])
-
-    def forward(self, x):
-        return self.r(self.theta).unsqueeze(1)
-
-
 def test_outputs_not_per_sample_take_the_batched_route_in_torch_optimizer(routes):
     """TorchOptimizer on a model whose outputs do not follow its inputs sample by sample (the
     vmap path would give each 'sample' the whole residual vector): the closure point's
@@ -278,10 +261,10 @@ def test_outputs_not_per_sample_take_the_batched_route_in_torch_optimizer(routes
     from steepest.losses import MSE
 
     x, y = torch.zeros(3, 1, dtype=F64), torch.zeros(3, 1, dtype=F64)
-    model = Residuals()
+    model = ResidualsAsSamples()
     th = model.theta.detach().clone()
-    jac = torch.autograd.functional.jacobian(Residuals.r, th)  # (3, 2)
-    r = Residuals.r(th)
+    jac = torch.autograd.functional.jacobian(ResidualsAsSamples.r, th)  # (3, 2)
+    r = ResidualsAsSamples.r(th)
     space = _ClosureSpace(list(model.parameters()))
     point = ClosurePoint(space, MSE(), lambda: (model(x), y), steepest.GaussNewton())
     assert rel_err(point.jacobian(), jac[:, None, :]) < 1e-14
@@ -316,5 +299,53 @@ def test_outputs_not_per_sample_take_the_batched_route_in_torch_optimizer(routes
     assert opt.last_info.converged and opt.last_info.loss < first
     # near the minimiser: the gradient J^T r down by 1e-6 from its start, (-197, 101.5)
     th = model.theta.detach()
-    g = torch.autograd.functional.jacobian(Residuals.r, th).T @ Residuals.r(th)
+    g = torch.autograd.functional.jacobian(ResidualsAsSamples.r, th).T @ ResidualsAsSamples.r(th)
     assert float(g.norm()) < 1e-6 * float(torch.tensor([-197.0, 101.5]).norm())
+
+
+class Squeezed(nn.Module):
+    """forward ends in .squeeze(): a batch of one gives a 0-d output (review: a bare IndexError
+    in the per-sample path, before it took the batched route)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).to(F64)
+
+    def forward(self, x):
+        return self.net(x).squeeze()
+
+
+@pytest.mark.parametrize("metric", ["ef", "ggn"])
+def test_squeezed_outputs_take_the_batched_route(metric):
+    g = seeded(8)
+    x, y = torch.randn(16, 3, generator=g, dtype=F64), torch.randn(16, generator=g, dtype=F64)
+    torch.manual_seed(0)
+    model = Squeezed()
+    point = Point(model, MSE(), x, y)
+    rows = point.per_sample_grads()
+    want = torch.stack(
+        [
+            torch.cat(
+                [
+                    t.reshape(-1)
+                    for t in torch.autograd.grad(
+                        0.5 * (model(x)[i] - y[i]) ** 2, list(model.parameters())
+                    )
+                ]
+            )
+            for i in range(16)
+        ]
+    )
+    assert rel_err(rows, want) < 1e-12
+    base = steepest.EmpiricalFisher() if metric == "ef" else steepest.GGN()
+    twins = [Squeezed() for _ in range(2)]
+    for t in twins:
+        t.load_state_dict(model.state_dict())
+    core = steepest.Optimizer(twins[0], MSE(), metric=steepest.Diagonal(base), damping=1e-2)
+    torch_opt = steepest.TorchOptimizer(
+        twins[1], loss=MSE(), metric=steepest.Diagonal(base), damping=1e-2
+    )
+    core.step(x, y)
+    torch_opt.step(lambda: (twins[1](x), y))
+    for p, q in zip(twins[0].parameters(), twins[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)

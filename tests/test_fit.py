@@ -348,6 +348,15 @@ def test_curve_fit_refuses_an_f_of_the_wrong_shape():
         with pytest.raises(ShapeError, match="for the first curve"):
             curve_fit(f, x, torch.stack([y, y]), torch.tensor([[1.0, 1.0, 0.0]] * 2, dtype=D))
         assert name
+    calls = []  # bad settings are refused before f is called
+
+    def counted(x, a, b, c):
+        calls.append(1)
+        return _decay(x, a, b, c)
+
+    with pytest.raises(ConfigurationError, match="unknown method"):
+        curve_fit(counted, T, y, [1.0, 1.0, 0.0], method="bogus")
+    assert not calls
 
 
 def test_vectorize_runs_a_one_problem_fun_over_a_batch_of_starts():

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from reference import ResidualsAsSamples
 from torch import nn
 
 from steepest import Optimizer, TorchOptimizer
@@ -248,30 +249,13 @@ def test_lm_bounds_are_relative_to_the_metric():
     assert abs(float(model.theta.detach())) < 1e-6
 
 
-class Residuals(nn.Module):
-    """A residual vector r(theta) in R^3 posed as 3 samples of one output: r_i depends on all
-    of theta, not on the i-th input."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(torch.tensor([1.0, 2.0], dtype=DT))
-
-    @staticmethod
-    def r(theta):
-        a, b = theta
-        return torch.stack([a - 1, 10 * (b - a**2), a * b - 0.5])
-
-    def forward(self, x):
-        return self.r(self.theta).unsqueeze(1)
-
-
 def test_outputs_not_per_sample_take_the_batched_route():
     x, y = torch.zeros(3, 1, dtype=DT), torch.zeros(3, 1, dtype=DT)
-    model = Residuals()
+    model = ResidualsAsSamples()
     point = Point(model, MSE(), x, y)
-    ref = torch.autograd.functional.jacobian(Residuals.r, model.theta.detach())  # (3, 2)
+    ref = torch.autograd.functional.jacobian(ResidualsAsSamples.r, model.theta.detach())  # (3, 2)
     torch.testing.assert_close(point.jacobian(), ref[:, None, :], rtol=1e-12, atol=1e-12)
-    r = Residuals.r(model.theta.detach())
+    r = ResidualsAsSamples.r(model.theta.detach())
     # per-sample loss gradients of l_i = r_i^2 / 2: r_i J_i
     torch.testing.assert_close(point.per_sample_grads(), r[:, None] * ref, rtol=1e-12, atol=1e-12)
     opt = Optimizer(model, MSE(), metric=GaussNewton(), damping=LevenbergMarquardt())

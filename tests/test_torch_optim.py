@@ -404,6 +404,32 @@ def test_weight_decay_keeps_the_metrics_own_inverse(name, groups):
     assert opt.last_info.residual < 1e-10  # the true (or sketched) residual of M + diag(eta)
 
 
+@pytest.mark.parametrize("name", ["KFAC", "EKFAC"])
+def test_weight_decay_with_an_unused_parameter_keeps_the_own_inverse(name):
+    """A parameter outside the closure's graph (grad None: torch.optim skips it) has its decay
+    masked out of the gradient, but M keeps it: its rows of M are zero and its step zero, so
+    the decay there changes no other step, and one shared decay stays uniform (review: masked,
+    K-FAC fell to Cholesky/CG). The used parameters' step equals the dense solve without the
+    unused one; the unused parameter does not move."""
+    model, loss, x, y = problem("ce")
+    spare = nn.Linear(2, 2).to(DT)  # never called
+    theta = flat(model)
+    lam, eta = 1e-2, 0.3
+    make = OWN_INVERSE_METRICS[name]
+    M = make().operator(steepest.point.Point(model, loss, x, y)).to_dense()
+    g = torch.autograd.grad(loss.value(model(x), y).mean(), list(model.parameters()))
+    g = torch.cat([t.reshape(-1) for t in g]) + eta * theta
+    eye = torch.eye(theta.numel(), dtype=DT)
+    expected = -torch.linalg.solve(M + (eta + lam) * eye, g)
+    before = [p.detach().clone() for p in spare.parameters()]
+    params = list(model.parameters()) + list(spare.parameters())
+    opt = TorchOptimizer(params, loss=loss, metric=make(), damping=lam, weight_decay=eta)
+    opt.step(outputs_closure(model, x, y))
+    assert opt.last_info.solver == "OwnInverse"
+    assert torch.allclose(flat(model) - theta, expected, atol=1e-10, rtol=0)
+    assert all(torch.equal(p, q) for p, q in zip(spare.parameters(), before, strict=True))
+
+
 def test_weight_decay_per_group_keeps_the_diagonal_inverse_under_a_scaled_trust_region():
     """Diagonal metric, different decays per group and MoreTrustRegion's lambda D^2: the own
     inverse takes the diagonal damping plus diag(eta); its true residual on

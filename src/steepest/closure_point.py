@@ -12,7 +12,7 @@ Per-sample Jacobians :math:`J_i` and gradients :math:`\nabla l_i` (what ``to_den
 path: ``torch.func.vmap`` over one-sample functional calls of the module whose output the
 closure returned (found by a forward hook while the closure ran), when that module holds all the
 optimizer's parameters, takes the batch as positional tensors of leading dimension N, and has no
-BatchNorm in training mode or Dropout. The batched route otherwise: a backward through the
+BatchNorm or Dropout in training mode. The batched route otherwise: a backward through the
 closure's graph for every output row (vmapped over the rows), exact for any closure, slower.
 The fast path is checked against the batch before its rows are used
 (:meth:`~steepest.point.GraphProducts._agrees`, on each point): the one-sample outputs must
@@ -385,8 +385,8 @@ class ClosurePoint(GraphProducts):
 
         def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
             z = f(th, *xi)
-            if z.shape[:1] != (1,):  # not one output row per sample: refused by _agrees
-                return z.sum(), z.detach().reshape(-1)
+            if z.shape[:1] != (1,):  # not one output row per sample: the batched route
+                raise ValueError("the model's outputs do not follow its inputs sample by sample")
             return loss.value(z, yi.unsqueeze(0)).sum(), z.detach().reshape(-1)
 
         theta = self.theta.detach()
@@ -439,7 +439,7 @@ def _find_owner(calls: list, point: ClosurePoint) -> tuple | None:
     """(module, the names of the optimizer's parameters in it, its batched inputs) for the
     outermost module call whose output is the closure's outputs z, when the module holds all
     the optimizer's parameters, its positional inputs all have the batch's leading dimension
-    and no BatchNorm in training mode or Dropout in it couples the samples; else None. That
+    and no BatchNorm or Dropout in training mode in it couples the samples; else None. That
     its one-sample calls reproduce the batch is checked when they run
     (:meth:`ClosurePoint._per_sample`)."""
     z, n = point.z, point.n

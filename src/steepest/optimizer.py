@@ -278,6 +278,9 @@ class Optimizer(OptimizerState):
         # set by TorchOptimizer: weight decay eta_j (an L2 term in the objective, its gradient
         # and eta in M) and per-group learning rates (a scaling of each block of the step)
         self._l2: Tensor | None = None
+        # eta as the metric sees it when it differs from the gradient's (TorchOptimizer: an
+        # unused parameter's decay is masked out of g but kept in M, see torch_optim)
+        self._l2_metric: Tensor | None = None
         self._step_scale: Tensor | None = None
         self._prev_solution: Tensor | None = None  # last CG solution x_{k-1}, for warm start
         self._momentum_buffer: Tensor | None = None  # d~_{k-1}
@@ -570,7 +573,7 @@ class Optimizer(OptimizerState):
                     reason="gtol",
                 )
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
-            op = _plus_diagonal(op, self._l2)
+            op = _plus_diagonal(op, self._l2 if self._l2_metric is None else self._l2_metric)
         trials = Trials(
             self.space,
             self.loss,

@@ -97,7 +97,11 @@ class _ClosureOptimizer(Optimizer):
                 if i in point.unused:
                     block.zero_()
             self._step_scale = mask if self._step_scale is None else self._step_scale * mask
-            self._l2 = None if self._l2 is None else self._l2 * mask
+            if self._l2 is not None:
+                # an unused parameter's rows of M are zero and its step is zeroed, so the decay
+                # M keeps there changes no other step; kept, one shared decay stays uniform
+                # and K-FAC/EKFAC keep their own inverse (review: masked, it fell to CG)
+                self._l2_metric, self._l2 = self._l2, self._l2 * mask
         return point
 
 
@@ -164,7 +168,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     Per-sample Jacobians and gradients (the dense and Woodbury solvers, ``Diagonal``,
     ``diagonal()``) come by ``torch.func.vmap`` over one-sample calls of the module whose output
     the closure returns, when it holds all the parameters, takes the batch as positional tensors
-    and has no BatchNorm in training mode or Dropout; otherwise (outputs changed outside any
+    and has no BatchNorm or Dropout in training mode; otherwise (outputs changed outside any
     module, such layers, a model vmap cannot trace) by a batched backward through the closure's
     graph, exact for any model but slower. Each step checks the vmapped rows against the batch
     (the one-sample outputs against the outputs, a random contraction of the rows against one
@@ -356,6 +360,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         inner._step_scale = scale
         wds = {float(group_of[id(p)].get("weight_decay", 0.0)) for p in space.params}
         inner._l2 = per_element("weight_decay") if wds != {0.0} else None
+        inner._l2_metric = None
         inner.momentum = mu
 
     # -------------------------------------------------------------------- the step
@@ -373,7 +378,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             )
         rule_alpha = getattr(self._inner.step_rule, "alpha", None)
         saved_mu = self._inner.momentum
-        saved_hooks = self._inner._l2, self._inner._step_scale
+        saved_hooks = self._inner._l2, self._inner._l2_metric, self._inner._step_scale
         try:
             self._sync_groups()
             info = self._inner.step(closure, None)
@@ -381,7 +386,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if rule_alpha is not None:
                 self._inner.step_rule.alpha = rule_alpha
             self._inner.momentum = saved_mu
-            self._inner._l2, self._inner._step_scale = saved_hooks
+            self._inner._l2, self._inner._l2_metric, self._inner._step_scale = saved_hooks
             if isinstance(err, RuntimeError) and "not currently support double backward" in str(
                 err
             ):

@@ -165,16 +165,6 @@ def curve_fit(
             raise NonFiniteError("sigma must be finite and > 0.")
     x_per = batched and xd.ndim >= 2 and tuple(xd.shape[:2]) == tuple(y.shape)
     s_per = s is not None and s.ndim == 2
-    with torch.no_grad():  # one value per data point, before any subtraction broadcasts
-        first = f(xd[0] if x_per else xd, *(x0[0] if batched else x0).unbind(-1))
-    if not isinstance(first, Tensor) or tuple(first.shape) != (n,):
-        got = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
-        raise ShapeError(
-            f"f(xdata, *p0) returned {got}{' for the first curve' if batched else ''}; "
-            f"curve_fit needs one value per point of ydata, shape (N,) = ({n},): check that "
-            f"xdata has ydata's N points and that f returns a flat vector (no trailing axis "
-            f"of 1, no sum)."
-        )
 
     def resid(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
         r = f(xx, *pp.unbind(-1)) - yy
@@ -187,6 +177,16 @@ def curve_fit(
     max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
     if not (isinstance(max_nfev, int) and max_nfev >= 1):
         raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
+    with torch.no_grad():  # one value per data point, before any subtraction broadcasts
+        first = f(xd[0] if x_per else xd, *(x0[0] if batched else x0).unbind(-1))
+    if not isinstance(first, Tensor) or tuple(first.shape) != (n,):
+        got = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
+        raise ShapeError(
+            f"f(xdata, *p0) returned {got}{' for the first curve' if batched else ''}; "
+            f"curve_fit needs one value per point of ydata, shape (N,) = ({n},): check that "
+            f"xdata has ydata's N points and that f returns a flat vector (no trailing axis "
+            f"of 1, no sum; a constant model: return c + 0 * x)."
+        )
     jac_r = None  # torch.func's, unless the formula is pointwise (below)
     if batched:  # one curve's residual, vmapped over the rows asked for
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
