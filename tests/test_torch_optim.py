@@ -186,6 +186,14 @@ def _configured(model, loss):
     )
 
 
+def _through_torch_save(model: nn.Module, opt: TorchOptimizer) -> dict:
+    """The model's and the optimizer's state_dict after a torch.save / torch.load round trip."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
 def test_state_dict_round_trip_gives_bit_identical_next_steps():
     """Save after 3 steps (through torch.save), load into a fresh optimizer on a copy of the
     model: the next 3 steps are bit-identical (lambda, warm start, momentum, generator)."""
@@ -193,10 +201,7 @@ def test_state_dict_round_trip_gives_bit_identical_next_steps():
     opt = _configured(model, loss)
     for _ in range(3):
         opt.step(outputs_closure(model, x, y))
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = _through_torch_save(model, opt)
     sd = saved["opt"]
     assert set(sd) == {"state", "param_groups"}
     assert sd["param_groups"][0]["lr"] == 0.8 and sd["param_groups"][0]["params"] == [0, 1, 2, 3]
@@ -238,10 +243,7 @@ def test_kronecker_state_dict_resumes_bit_for_bit(cls):
     opt = make(model)
     for _ in range(3):
         opt.step(outputs_closure(model, x, y))
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = _through_torch_save(model, opt)
     twin = mlp(n_out=3, seed=5)
     twin.load_state_dict(saved["model"])
     opt2 = make(twin)
