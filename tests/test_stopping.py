@@ -203,18 +203,6 @@ def test_adaptive_trust_radius_is_scale_free(eps, steps):
     assert abs(float(small.theta.detach())) < 1e-8
 
 
-@pytest.mark.parametrize("a", [1e16, 1e-4])
-def test_adaptive_trust_region_default_takes_the_first_newton_step(a):
-    """TrustRegion(adaptive=True) with its default radius (1: the first full step, as MINPACK
-    starts at 100 ||D x0||): Newton on a x^2 from 1 takes one step at any scale (with the old
-    default 0.1 of the first step: 4)."""
-    model = Fun(1.0, lambda th: a * th**2)
-    opt = Optimizer(model, VALUE, metric=Hessian(), step=TrustRegion(adaptive=True))
-    assert opt.step_rule.eps == 1.0 and TrustRegion().eps == 0.1
-    opt.step(X0, X0)
-    assert abs(float(model.theta.detach())) < 1e-12
-
-
 def test_no_constant_damping_under_newton_with_a_trust_region():
     model = Fun(1.0, lambda th: 1e-4 * th**2)  # curvature 2e-4, below the default 1e-3
     opt = Optimizer(model, VALUE, metric=Hessian(), step=TrustRegion(1.0, adaptive=True))

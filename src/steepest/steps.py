@@ -132,14 +132,11 @@ class TrustRegion(StepRule):
     (as MINPACK's, relative to the problem's own scale): eps, eps_min and eps_max are fractions
     of the length :math:`\sqrt{d_0^T (M+\lambda I) d_0}` of the first full step, measured at
     the first step (``relative=False`` keeps them absolute). Minimising :math:`10^{16} x^2`
-    from x = 1 with Newton and the adaptive default eps = 1 takes one step.
+    from x = 1 with Newton and eps = 1 takes one step.
 
     Parameters
     ----------
-    eps: the radius epsilon; default 0.1 (the paper's step on the boundary), and 1 when
-        adaptive: the first full step, relative to its own length (MINPACK starts at 100
-        ||D x0||, also no constraint on a first Newton step), so Newton on a quadratic takes
-        one step at any scale
+    eps: the radius epsilon
     adaptive: adapt epsilon from rho, cap alpha, reject increases (see above)
     grow, shrink: factors of epsilon on good (rho > 3/4) and poor (rho < 1/4) agreement
     eps_min, eps_max: bounds of epsilon
@@ -152,12 +149,10 @@ class TrustRegion(StepRule):
     >>> TrustRegion(eps=1.0, adaptive=True)   # classical trust region
     """
 
-    def __init__(self, eps: float | None = None, adaptive: bool = False, grow: float = 2.0,
+    def __init__(self, eps: float = 0.1, adaptive: bool = False, grow: float = 2.0,
                  shrink: float = 0.25, eps_min: float = 1e-12, eps_max: float = 1e6,
                  max_alpha: float | None = None, max_tries: int = 20,
                  relative: bool = True) -> None:
-        if eps is None:  # the paper's step; adaptive: the first full step, as MINPACK's
-            eps = 1.0 if adaptive else 0.1
         _positive("TrustRegion", eps=eps, grow=grow, shrink=shrink, eps_min=eps_min,
                   eps_max=eps_max)
         if not eps_max <= _MAX_RADIUS:
