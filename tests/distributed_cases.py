@@ -356,6 +356,45 @@ def case_torch_optimizer(rank: int, dp: DataParallel | None, ddp: bool = False) 
     return {"theta": flat(m)}
 
 
+class Gated(nn.Module):
+    """The first k samples of the batch pass through an extra layer; with k = 0 the layer is
+    not called (its gradient is None on that rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = model()
+        torch.manual_seed(2)
+        self.extra = nn.Linear(C, C).double()
+
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        z = self.net(x)
+        return torch.cat([z[:k] + self.extra(z[:k]), z[k:]]) if k else z
+
+
+def case_unused_on_one_rank(rank: int, dp: DataParallel | None) -> dict:
+    """TorchOptimizer with weight decay, a layer used by rank 0's samples only: unused on rank
+    1 alone, it must still be a used parameter on every rank (the reduced gradient sees it);
+    one process on the whole batch is the reference (review: the mask was per rank)."""
+    x, labels, _ = data()
+    k = SPLIT  # rank 0's shard, the first SPLIT samples of the whole batch
+    if dp is not None:
+        x, labels = shard(x, rank), shard(labels, rank)
+        k = SPLIT if rank == 0 else 0
+    m = Gated()
+    opt = st.TorchOptimizer(
+        m,
+        loss=st.CrossEntropy(),
+        metric=st.GGN(),
+        damping=st.LevenbergMarquardt(1e-2),
+        solver="cholesky",
+        weight_decay=1e-2,
+        distributed=dp,
+    )
+    for _ in range(STEPS):
+        opt.step(lambda: (m(x, k), labels))
+    return {"theta": flat(m)}
+
+
 def case_optimizer_ddp(rank: int) -> dict:
     """steepest.Optimizer given a DistributedDataParallel model: unwrapped, its group used."""
     x, labels, _ = data()
@@ -452,6 +491,9 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
             results, "dist/torch_optimizer_ddp", lambda: case_torch_optimizer(rank, dp, ddp=True)
         )
         _record(results, "dist/optimizer_ddp", lambda: case_optimizer_ddp(rank))
+        if rank == 1:
+            _record(results, "ref/unused_on_one_rank", lambda: case_unused_on_one_rank(rank, None))
+        _record(results, "dist/unused_on_one_rank", lambda: case_unused_on_one_rank(rank, dp))
         _record(results, "dist/curvature_batch", lambda: case_curvature_batch(rank, dp))
         if rank == 1:
             _record(results, "ref/preconditioner", lambda: case_preconditioner(rank, False))

@@ -105,6 +105,15 @@ def test_torch_optimizer_and_ddp(results, name):
     assert torch.allclose(r0["theta"], ref["theta"], rtol=0, atol=TOL)
 
 
+def test_a_parameter_unused_on_one_rank_only(results):
+    """A layer only rank 0's samples use: both ranks step it, as one process on the whole
+    batch does (before, rank 1 masked it: the ranks drifted apart)."""
+    ref = _ref(results, "ref/unused_on_one_rank")
+    r0, r1 = _get(results, "dist/unused_on_one_rank")
+    assert torch.equal(r0["theta"], r1["theta"])
+    assert torch.allclose(r0["theta"], ref["theta"], rtol=0, atol=TOL)
+
+
 def test_curvature_sub_batch_per_rank(results):
     r0, r1 = _get(results, "dist/curvature_batch")
     assert torch.equal(r0["theta"], r1["theta"]) and any(r0["accepted"])

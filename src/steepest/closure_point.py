@@ -235,6 +235,12 @@ class ClosurePoint(GraphProducts):
             error,
         )
         self.value, self.grad = float(value), grad
+        # a parameter is skipped only if no rank's samples use it (the gradient is reduced:
+        # a mask decided per rank would step it on some ranks only, and the ranks drift)
+        used = torch.ones(len(self.params), dtype=grad.dtype, device=grad.device)
+        used[self.unused] = 0.0
+        used = distributed.sum(used)
+        self.unused = [i for i in range(len(self.params)) if float(used[i]) == 0.0]
         self._check_finite()
 
     def _evaluate(
