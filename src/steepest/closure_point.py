@@ -15,7 +15,7 @@ optimizer's parameters, takes the batch as positional tensors of leading dimensi
 BatchNorm or Dropout in training mode. The batched route otherwise: a backward through the
 closure's graph for every output row (vmapped over the rows), exact for any closure, slower.
 The fast path is checked against the batch before its rows are used
-(:meth:`~steepest.point.GraphProducts._agrees`, on each point): the one-sample outputs must
+(:func:`~steepest.per_sample.rows_agree`, on each point): the one-sample outputs must
 equal z, and once per point a random contraction of the rows must equal the same product on
 the closure's graph (one backward), to :math:`\sqrt{\epsilon}` of the dtype. A module that
 mixes its samples in a way its type does not show (``h - h.mean(0)``, a batch term of zero
@@ -45,6 +45,7 @@ from .errors import ConfigurationError, NonFiniteError, ShapeError, all_finite
 from .losses import CallableLoss, Loss
 from .metrics import GradientCovariance, Hessian, Identity, Metric
 from .params import ParamSpace, check_dtype_device
+from .per_sample import vmapped_rows
 from .point import GraphProducts
 
 Closure = Callable[[], Any]
@@ -368,51 +369,25 @@ class ClosurePoint(GraphProducts):
         output the closure returned (found while the closure ran). None, and the batched
         backward from then on, where there is no such module, where it couples the samples by
         its type (BatchNorm in training mode, Dropout), where its one-sample results differ
-        from the batch's (:meth:`~steepest.point.GraphProducts._agrees`: a custom coupling
+        from the batch's (:func:`~steepest.per_sample.rows_agree`: a custom coupling
         such as ``h - h.mean(0)``, outputs that do not follow the inputs sample by sample, or a
         call that does not reproduce z from its positional inputs) or where vmap cannot trace
         it."""
         if self._owner is None:
             return None
-        from torch.func import functional_call, grad, jacrev, vmap
+        from torch.func import functional_call
 
         module, names, args = self._owner
         fixed = {n: t.detach() for n, t in module.named_parameters() if n not in names}
-        space, loss = self.space, self.loss
-        xs = tuple(a[samples] for a in args)
+        space = self.space
 
-        def f(th: Tensor, *xi: Tensor) -> Tensor:
-            params = dict(fixed, **dict(zip(names, space.unflatten(th))))
-            return functional_call(module, params, tuple(t.unsqueeze(0) for t in xi))
+        def f(th: Tensor, xs: tuple[Tensor, ...]) -> Tensor:
+            return functional_call(module, dict(fixed, **dict(zip(names, space.unflatten(th)))), xs)
 
-        def out(th: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
-            z = f(th, *xi).reshape(-1)
-            return z, z.detach()
-
-        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
-            z = f(th, *xi)
-            if z.shape[:1] != (1,):  # not one output row per sample: the batched route
-                raise ValueError("the model's outputs do not follow its inputs sample by sample")
-            return loss.value(z, yi.unsqueeze(0)).sum(), z.detach().reshape(-1)
-
-        theta = self.theta.detach()
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                if kind == "jacobian":
-                    dims = (None,) + (0,) * len(xs)
-                    rows, outs = vmap(jacrev(out, has_aux=True), in_dims=dims)(theta, *xs)
-                else:
-                    dims = (None, 0) + (0,) * len(xs)
-                    rows, outs = vmap(grad(one_loss, has_aux=True), in_dims=dims)(
-                        theta, self.y[samples], *xs
-                    )
-        except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        rows = vmapped_rows(self, f, tuple(a[samples] for a in args), samples, kind)
+        if rows is None:
             self._owner = None
-            return None
-        if not self._agrees(samples, kind, rows.detach(), outs):
-            self._owner = None
-            return None
-        return rows.detach()
+        return rows
 
     def _need_losses(self) -> Tensor:
         if self.losses is None:

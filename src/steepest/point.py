@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .errors import ConfigurationError, NonFiniteError, ShapeError, all_finite
 from .losses import Loss, as_loss
 from .params import ParamSpace
+from .per_sample import vmapped_rows
 
 if TYPE_CHECKING:
     from .distributed import DataParallel
@@ -172,51 +173,7 @@ class GraphProducts:
         gradients (kind='grad', (n, P)); None uses the batched backward."""
         return None
 
-    _rows_checked: bool = False  # the per-sample rows passed _agrees' product check
-
-    def _agrees(self, samples: slice, kind: str, rows: Tensor, outs: Tensor) -> bool:
-        r"""Whether per-sample results computed one sample at a time (``torch.func.vmap``
-        over a model call on a batch of one) are those of the batch, i.e. whether the model
-        treats its samples independently. Two checks, with the tolerance
-        :math:`\sqrt{\epsilon}` of the dtype (8 rounding units of TF32 on CUDA where it is on,
-        :func:`_check_tol`) relative to the largest entry:
-
-        - every call: the outputs ``outs`` (n, C*) of the one-sample calls equal the batch
-          outputs z of these samples (same shape, same values; free, vmap returns them);
-        - once per point: the rows contracted with a fixed random vector equal the same
-          product on the batch's graph, :math:`\sum_i J_i^T u_i = J^T u` with u zero outside
-          these samples (kind 'jacobian'), :math:`\sum_i w_i \nabla l_i = J_l^T w`
-          (kind 'grad'): one backward pass. It catches a coupling that leaves the outputs
-          unchanged at this theta but not their derivatives (a batch term of zero weight).
-
-        A model that mixes its samples (batch statistics, ``h - h.mean(0)``) or whose outputs
-        do not follow its inputs sample by sample fails one of them; the caller then takes the
-        batched backward, which differentiates the batch as it was computed.
-        """
-        zf = self.z.detach().reshape(self.n, -1)[samples]
-        if outs.shape != zf.shape or rows.shape[0] != zf.shape[0]:
-            return False
-        tol = _check_tol(zf)
-        if not _close(outs, zf, tol):
-            return False
-        if self._rows_checked:
-            return True
-        gen = torch.Generator().manual_seed(0)  # a fixed vector: the check is reproducible
-        if kind == "jacobian":
-            u = torch.randn(zf.shape, generator=gen, dtype=zf.dtype).to(zf.device)
-            full = torch.zeros_like(self.z.detach()).reshape(self.n, -1)
-            full[samples] = u
-            want = self.vjp(full.reshape(self.z.shape))
-            got = u.reshape(-1) @ rows.reshape(-1, rows.shape[-1])  # a GEMV, not einsum's bmm
-        else:
-            losses = self._need_losses().detach()
-            w = torch.randn(zf.shape[0], generator=gen, dtype=losses.dtype).to(losses.device)
-            full = torch.zeros_like(losses)
-            full[samples] = w
-            want = self.loss_vjp(full)
-            got = w @ rows
-        self._rows_checked = _close(got, want, tol)
-        return self._rows_checked
+    _rows_checked: bool = False  # the per-sample rows passed the product check (per_sample)
 
     # ------------------------------------------------------------------ flat <-> pieces
     def _unflatten(self, v: Tensor, batch: int | None = None) -> list[Tensor]:
@@ -372,39 +329,6 @@ class GraphProducts:
         k = V.shape[1]
         chunks = self._unflatten(V.T.contiguous(), batch=k)
         return self._batched(gs, [chunks[i] for i in idx], k).T
-
-
-def _working_eps(t: Tensor) -> float:
-    """The rounding unit of ``t``'s dtype as the kernels compute in it: float32 on CUDA with
-    TF32 allowed (cuDNN's default for convolutions) or a lower matmul precision rounds products
-    to 10 (bfloat16: 7) mantissa bits, so the batch and the one-sample calls may differ by more
-    than float32's epsilon."""
-    eps = torch.finfo(t.dtype).eps
-    if t.dtype == torch.float32 and t.device.type == "cuda":
-        precision = torch.get_float32_matmul_precision()
-        if precision == "medium":
-            return max(eps, 2.0**-7)
-        if (
-            precision == "high"
-            or torch.backends.cuda.matmul.allow_tf32
-            or (torch.backends.cudnn.allow_tf32)
-        ):
-            return max(eps, 2.0**-10)
-    return eps
-
-
-def _check_tol(t: Tensor) -> float:
-    r"""The check's relative tolerance: :math:`\sqrt{\epsilon}` of the dtype, or 8 rounding
-    units of the kernels' working precision where that is coarser (TF32 on CUDA: 8 x 2^-10,
-    not its square root, which would let a 3 % coupling through; untested without a GPU)."""
-    eps, working = torch.finfo(t.dtype).eps, _working_eps(t)
-    return max(eps**0.5, 8 * working) if working > eps else eps**0.5
-
-
-def _close(a: Tensor, b: Tensor, tol: float) -> bool:
-    """Entrywise |a - b| <= tol s, s the largest magnitude in a and b (False if not finite)."""
-    scale = max(float(a.abs().max()), float(b.abs().max())) if a.numel() else 0.0
-    return bool(((a - b).abs() <= tol * scale).all()) if math.isfinite(scale) else False
 
 
 class Graph(NamedTuple):
@@ -659,50 +583,16 @@ class Point(GraphProducts):
         one sample each, instead of a batched backward through the whole batch per row.
         Returns None, and the caller uses the batched backward from then on, where the model
         couples its samples: BatchNorm in training mode (known by its type), any other model
-        whose one-sample results differ from the batch's (:meth:`GraphProducts._agrees`: a
+        whose one-sample results differ from the batch's (:func:`~steepest.per_sample.rows_agree`: a
         custom ``h - h.mean(0)``, outputs that do not follow the inputs sample by sample), or
         where vmap cannot trace it (Dropout in training: random)."""
         if self._vmap_failed:
             return None
-        from torch.func import grad, jacrev, vmap
-
-        f, loss = self.space.function(), self.loss
+        f = self.space.function()
         xs = self.inputs if isinstance(self.inputs, tuple) else (self.inputs,)
-        xs = tuple(t[samples] for t in xs)
-        theta = self.theta.detach()
-
-        def one(th: Tensor, xi: tuple[Tensor, ...]) -> Tensor:
-            z = f(th, tuple(t.unsqueeze(0) for t in xi))
-            if z.ndim == 0 or z.shape[0] != 1:  # outputs not per sample (a residual vector
-                # posed as samples, or a forward that squeezes a batch of one to 0-d)
-                raise ValueError("the model's outputs do not follow its inputs sample by sample")
-            return z
-
-        def out(th: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
-            z = one(th, xi).reshape(-1)
-            return z, z.detach()
-
-        def one_loss(th: Tensor, yi: Tensor, *xi: Tensor) -> tuple[Tensor, Tensor]:
-            z = one(th, xi)
-            return loss.value(z, yi.unsqueeze(0)).sum(), z.detach().reshape(-1)
-
-        try:
-            with sdpa_kernel(SDPBackend.MATH):
-                if kind == "jacobian":
-                    dims = (None,) + (0,) * len(xs)
-                    rows, outs = vmap(jacrev(out, has_aux=True), in_dims=dims)(theta, *xs)
-                else:
-                    dims = (None, 0) + (0,) * len(xs)
-                    rows, outs = vmap(grad(one_loss, has_aux=True), in_dims=dims)(
-                        theta, self.y[samples], *xs
-                    )
-        except (RuntimeError, ValueError, TypeError, NotImplementedError):
-            self._vmap_failed = True
-            return None
-        if not self._agrees(samples, kind, rows.detach(), outs):
-            self._vmap_failed = True
-            return None
-        return rows.detach()
+        rows = vmapped_rows(self, f, tuple(t[samples] for t in xs), samples, kind)
+        self._vmap_failed = rows is None
+        return rows
 
 
 def evaluate(
