@@ -95,3 +95,21 @@ def all_finite(t: Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def check_tolerances(**tols: float) -> None:
+    """Each stopping tolerance a finite number >= 0 (0 turns its rule off), before any state
+    changes; a ConfigurationError naming the keyword otherwise.
+
+    >>> check_tolerances(ftol=1e-8, gtol=0.0)
+    """
+    for name, val in tols.items():
+        if not (
+            isinstance(val, int | float)
+            and not isinstance(val, bool)
+            and math.isfinite(val)
+            and val >= 0
+        ):
+            raise ConfigurationError(
+                f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}."
+            )

@@ -55,6 +55,7 @@ from .errors import (
     ParameterChangeWarning,
     SingularMatrixError,
     SolverError,
+    check_tolerances,
 )
 from .guard import ForwardGuard
 from .hessian_free import backtrack_iterates, keeping_iterates, preconditioner
@@ -246,16 +247,7 @@ class Optimizer(OptimizerState):
             raise ConfigurationError(
                 f"curvature_batch_size must be a positive integer, got {curvature_batch_size!r}."
             )
-        for name, val in (("ftol", ftol), ("xtol", xtol), ("gtol", gtol)):
-            if not (
-                isinstance(val, int | float)
-                and not isinstance(val, bool)
-                and math.isfinite(val)
-                and val >= 0
-            ):
-                raise ConfigurationError(
-                    f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}."
-                )
+        check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
         self.ftol, self.xtol, self.gtol = float(ftol), float(xtol), float(gtol)
         if not isinstance(reuse, bool):
             raise ConfigurationError(f"reuse must be True or False, got {reuse!r}.")

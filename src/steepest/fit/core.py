@@ -36,14 +36,6 @@ def _as_x0(x0) -> Tensor:
     return x
 
 
-def _check_tol(**tols: float) -> None:
-    for name, val in tols.items():
-        if not (isinstance(val, int | float) and math.isfinite(val) and val >= 0):
-            raise ConfigurationError(
-                f"{name} must be a finite number >= 0, got {val!r}; MINPACK's default is 1e-8."
-            )
-
-
 def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     out = fun(x)
     if not isinstance(out, Tensor):

@@ -10,8 +10,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError, ConvergenceError, NonFiniteError, ShapeError
-from .core import _as_x0, _check_tol, _evaluate, _jacobian
+from ..errors import (
+    ConfigurationError,
+    ConvergenceError,
+    NonFiniteError,
+    ShapeError,
+    check_tolerances,
+)
+from .core import _as_x0, _evaluate, _jacobian
 from .lsq import ALIASES, METHODS, _run
 from .result import _result
 
@@ -172,7 +178,7 @@ def curve_fit(
 
     if method not in ALIASES:
         raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    _check_tol(ftol=ftol, xtol=xtol, gtol=gtol)
+    check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     p = x0.shape[-1]
     max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
     if not (isinstance(max_nfev, int) and max_nfev >= 1):

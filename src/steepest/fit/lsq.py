@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError, NonFiniteError, ShapeError
-from .core import _as_x0, _check_tol, _evaluate, _jacobian, _least_squares_core
+from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
+from .core import _as_x0, _evaluate, _jacobian, _least_squares_core
 from .result import OptimizeResult, _result
 
 METHODS = ("trust-region", "levenberg-marquardt", "gauss-newton")
@@ -103,7 +103,7 @@ def least_squares(
             f"{', '.join(METHODS)} ('lm' is an alias of 'trust-region')."
         )
     method = ALIASES[method]
-    _check_tol(ftol=ftol, xtol=xtol, gtol=gtol)
+    check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
         raise ConfigurationError(f"factor must be a finite number > 0, got {factor!r}.")
     x0 = _as_x0(x0)

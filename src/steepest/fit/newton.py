@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError, NonFiniteError, ShapeError
-from .core import _as_x0, _check_tol, _evaluate
+from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
+from .core import _as_x0, _evaluate
 from .result import OptimizeResult
 
 # ---------------------------------------------------------------------------------- minimize
@@ -178,7 +178,7 @@ def minimize(
         raise ConfigurationError(
             f"unknown method {method!r}; choose from {', '.join(MINIMIZE_METHODS)}."
         )
-    _check_tol(gtol=gtol)
+    check_tolerances(gtol=gtol)
     if not (isinstance(eta, int | float) and 0 <= eta < 0.25):
         raise ConfigurationError(f"eta must lie in [0, 1/4), got {eta!r}.")
     x = _as_x0(x0)
