@@ -47,7 +47,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .damping import Damping, MoreTrustRegion, Trial, as_damping
+from .damping import Damping, Trial, as_damping
 from .distributed import DataParallel, as_data_parallel
 from .errors import (
     ConfigurationError,
@@ -60,28 +60,19 @@ from .errors import (
 from .guard import ForwardGuard
 from .hessian_free import backtrack_iterates, keeping_iterates, preconditioner
 from .linop import LinearOperator
-from .losses import MSE, Loss, as_loss
-from .metrics import GGN, Fisher, GaussNewton, GradientCovariance, Metric
+from .losses import Loss, as_loss
+from .metrics import GGN, GradientCovariance, Metric
 from .params import ParamSpace
 from .point import Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, all_finite, as_solver
 from .state import OptimizerState, follow_parameters
-from .stepinfo import Notes, StepInfo, converged
+from .stepinfo import Notes, StepInfo
 from .steps import LearningRate, StepContext, StepRule, as_step
+from .stopping import StoppingTests, converged
 from .trials import Batch, NextPoint, Trials, l2_penalty
 
 
-def _plus_diagonal(op: LinearOperator, eta: Tensor) -> LinearOperator:
-    r""":math:`M + \mathrm{diag}(\eta)` as part of the metric (the curvature of an L2 term), not
-    as damping: the quadratic model and the damping rules see it in M. The metric's own
-    inverse is kept (:meth:`~steepest.linop.LinearOperator.plus_diagonal`): a diagonal
-    metric's for any eta, K-FAC's and EKFAC's for one weight decay shared by all parameters
-    (the inverse at :math:`\lambda + \eta`); with different decays per group those two fall
-    back to Cholesky or CG."""
-    return op.plus_diagonal(eta, name=f"{op.name} + weight decay")
-
-
-class Optimizer(OptimizerState):
+class Optimizer(OptimizerState, StoppingTests):
     r"""Unified first/second-order optimizer on any ``nn.Module`` (000, problem (1)):
     :math:`\theta \leftarrow \theta + \alpha d`, :math:`d = -(M + \lambda I)^{-1} g`.
 
@@ -403,70 +394,26 @@ class Optimizer(OptimizerState):
             warnings.warn(change.note, ParameterChangeWarning, stacklevel=3)
         return change.note
 
-    def _least_squares(self) -> bool:
-        """Whether the objective is a sum of squares whose residual and Jacobian the optimizer
-        sees (an MSE loss, no weight decay): then gtol is MINPACK's cosine test."""
-        return isinstance(self.loss, MSE) and self._l2 is None
-
-    def _cosine(
-        self, point: Point, cpoint: Point, op: LinearOperator, value0: float, g: Tensor
-    ) -> float:
-        r"""MINPACK's gtol quantity for the residual :math:`r = (z - y)/\sigma` of an MSE loss,
-        :math:`\max_j |J_j^T r| / (\|J_j\| \|r\|)`, the largest cosine between r and a
-        column of its Jacobian (0 for a zero column). With :math:`L = \|r\|^2/(2N)`,
-        :math:`g = J^T r/N` and :math:`G = J^T J/N` (the GGN, = Fisher, of MSE) it is
-        :math:`\max_j |g_j| / \sqrt{2 L\, G_{jj}}`. diag(G) is read from this step's metric
-        when it is G up to a constant (GaussNewton, GGN, Fisher on the whole batch), from the
-        matrix ``MoreTrustRegion`` forms anyway; otherwise it costs one GGN diagonal (the
-        per-sample Jacobians)."""
-        sigma2 = self.loss.sigma**2
-        metric = type(self.metric)
-        exact = metric in (GGN, GaussNewton) or (
-            metric is Fisher and self.metric.mc_samples is None
-        )
-        if cpoint is point and exact:
-            if isinstance(self.damping, MoreTrustRegion):
-                self.damping.form(op)  # cached on op: the rule's decomposition reuses it
-            diag = op.diagonal()
-            if isinstance(self.metric, GaussNewton):  # J^T J / N without the 1/sigma^2
-                diag = diag / sigma2
-        else:
-            diag = self._operator(GGN(), point).diagonal()
-        den = (2 * value0 * diag.clamp_min(0)).sqrt()
-        cos = torch.where(den > 0, g.abs() / den, torch.zeros_like(den))
-        return float(cos.max())
-
     def _curvature_point(self, point: Point, curvature: tuple[Inputs, Tensor] | None) -> Point:
-        guard = self._guard or ForwardGuard()
+        """The point M is built on: ``curvature`` given to ``step``, a random sub-batch of
+        ``curvature_batch_size`` samples, or the step's own point."""
         if curvature is not None:
-            self._points += 1
-            with guard.trial():  # a forward like a trial's: buffers untouched
-                return Point(
-                    self.space,
-                    self.loss,
-                    curvature[0],
-                    curvature[1],
-                    generator=self._sampler,
-                    distributed=self.distributed,
-                )
-        k = self.curvature_batch_size
-        # under torch.distributed every rank builds the sub-batch point (its reduction is a
-        # collective), also one whose shard is not larger than k
-        if k is None or (k >= point.n and self.distributed is None):
-            return point
-        idx = torch.randperm(point.n, generator=self._sampler, device=self._sampler.device)[:k]
-        idx = idx.to(point.z.device)
-        x = point.inputs
-        xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
+            xs, ys = curvature
+        else:
+            k = self.curvature_batch_size
+            # under torch.distributed every rank builds the sub-batch point (its reduction is a
+            # collective), also one whose shard is not larger than k
+            if k is None or (k >= point.n and self.distributed is None):
+                return point
+            idx = torch.randperm(point.n, generator=self._sampler, device=self._sampler.device)
+            idx = idx[:k].to(point.z.device)
+            x = point.inputs
+            xs = tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
+            ys = point.y[idx]
         self._points += 1
-        with guard.trial():
+        with (self._guard or ForwardGuard()).trial():  # like a trial's forward: buffers kept
             return Point(
-                self.space,
-                self.loss,
-                xs,
-                point.y[idx],
-                generator=self._sampler,
-                distributed=self.distributed,
+                self.space, self.loss, xs, ys, generator=self._sampler, distributed=self.distributed
             )
 
     def _operator(self, metric: Metric, point: Point) -> LinearOperator:
@@ -516,25 +463,10 @@ class Optimizer(OptimizerState):
             value0 = value0 + l2_penalty(self._l2, theta0)
             g = g + self._l2 * theta0
         gnorm = float(g.norm())
-        if gnorm == 0:
-            return StepInfo.no_step(
-                value0,
-                self.damping.value,
-                0.0,
-                "zero gradient: theta is a stationary point, no step taken",
-                converged=True,
-                reason="gtol",
-            )
         cosine = self.gtol > 0 and self._least_squares()
-        if self.gtol > 0 and not cosine and float(g.abs().max()) <= self.gtol:
-            return StepInfo.no_step(
-                value0,
-                self.damping.value,
-                gnorm,
-                f"converged: max |g_j| <= gtol = {self.gtol:g}, no step taken",
-                converged=True,
-                reason="gtol",
-            )
+        stop = self._gradient_stop(value0, g, gnorm, cosine)
+        if stop is not None:
+            return stop
         if isinstance(self.step_rule, LearningRate) and self.step_rule.alpha == 0:
             return StepInfo.no_step(
                 value0,
@@ -549,23 +481,17 @@ class Optimizer(OptimizerState):
         cpoint = self._curvature_point(point, curvature)
         op = self._operator(self.metric, cpoint)
         if cosine:
-            cos = self._cosine(point, cpoint, op, value0, g)
-            if cos <= self.gtol:
-                # no step: the operator's build (a stateful metric's refresh, a sub-batch
-                # draw) is undone
+            stop = self._cosine_stop(point, cpoint, op, value0, g, gnorm)
+            if stop is not None:  # no step: the operator's build (a stateful metric's
+                # refresh, a sub-batch draw) is undone
                 self.generator.set_state(saved["generator"])
                 self._set_metric_state(before)
-                return StepInfo.no_step(
-                    value0,
-                    self.damping.value,
-                    gnorm,
-                    f"converged: max_j |J_j^T r| / (||J_j|| ||r||) = {cos:.3g} <= gtol = "
-                    f"{self.gtol:g}, no step taken",
-                    converged=True,
-                    reason="gtol",
-                )
+                return stop
         if self._l2 is not None:  # after the reduction over ranks: eta is not a mean
-            op = _plus_diagonal(op, self._l2 if self._l2_metric is None else self._l2_metric)
+            # M + diag(eta), eta part of M (the curvature of the L2 term), not damping; the
+            # metric's own inverse is kept where it stays exact (LinearOperator.plus_diagonal)
+            eta = self._l2 if self._l2_metric is None else self._l2_metric
+            op = op.plus_diagonal(eta, name=f"{op.name} + weight decay")
         trials = Trials(
             self.space,
             self.loss,

@@ -8,13 +8,10 @@ Example
 -------
 >>> info = opt.step(x, y)
 >>> info.loss, info.rho, info.accepted, info.nfev, info.converged, info.reason
->>> converged(1e-8, 1e-8, value0=1.0, actual=1e-9, predicted=1e-9, rho=1.0, step=1.0, xnorm=1.0)
-'ftol'
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -110,30 +107,3 @@ class Notes:
         return [
             text if n == 1 else f"{n} times, the last: {text}" for n, text in self._notes.values()
         ]
-
-
-def converged(
-    ftol: float,
-    xtol: float,
-    value0: float,
-    actual: float | None,
-    predicted: float,
-    rho: float | None,
-    step: float,
-    xnorm: float,
-) -> str:
-    r"""MINPACK's tests (lmder) on one try; returns the names of those that fire ('' if
-    none): ftol when :math:`|L - L_{new}| \le` ftol :math:`|L|`, :math:`q(0) - q(\delta) \le`
-    ftol :math:`|L|` and :math:`\rho \le 2`; xtol when :math:`\|\delta\| \le` xtol
-    :math:`(\|\theta\| +` xtol) (the added xtol lets it fire at :math:`\theta^* = 0`)."""
-    scale = abs(value0)
-    f = (
-        actual is not None
-        and math.isfinite(actual)
-        and abs(actual) <= ftol * scale
-        and predicted <= ftol * scale
-        and rho is not None
-        and rho <= 2
-    )
-    x = actual is not None and step <= xtol * (xnorm + xtol)
-    return " and ".join(n for n, on in (("ftol", f), ("xtol", x)) if on)
