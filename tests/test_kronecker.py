@@ -1133,7 +1133,8 @@ def test_a_point_recording_fewer_layer_types_gets_a_forward_of_its_own():
 
 def test_the_optimizer_records_no_layers_for_a_curvature_sub_batch():
     """With curvature_batch_size the metric's point is the sub-batch's (a forward of its own):
-    the main point records nothing (no kept activations for nothing); without it, it records."""
+    the main point records nothing (no kept activations for nothing), nor with step(curvature=...);
+    without them, it records."""
     g = seeded(108)
     x, y = torch.randn(8, 4, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g)
     torch.manual_seed(30)
@@ -1142,6 +1143,19 @@ def test_the_optimizer_records_no_layers_for_a_curvature_sub_batch():
         opt = steepest.Optimizer(model, CrossEntropy(), metric=KFAC(), curvature_batch_size=k)
         assert (opt.point(x, y).calls is not None) == recorded
         opt.step(x, y)
+    # step(curvature=...): M from that batch's point, so the step's own point records nothing
+    opt = steepest.Optimizer(model, CrossEntropy(), metric=KFAC(ema=None, T_cov=1))
+    seen, own = [], opt.point
+
+    def spy(xx, yy):
+        p = own(xx, yy)
+        seen.append(p.calls is not None)
+        return p
+
+    opt.point = spy
+    opt.step(x, y, curvature=(x[:4], y[:4]))
+    opt.step(x[:6], y[:6])  # another batch: a point of its own, which records
+    assert seen == [False, True]
 
 
 # ------------------------------------------------------------------------------ batch axis

@@ -288,9 +288,13 @@ class KFAC(Metric):
         layers when that call refreshes the factors from the whole batch, so that the refresh
         differentiates the point's own graph instead of running a second forward; none
         otherwise (``stats_batch`` forwards its sub-batch itself)."""
-        st = self._state
-        due = st["factors"] is None or st["calls"] % self.T_cov == 0
+        due = self._refresh_due(self._state["calls"])
         return _KRON_TYPES if due and self.stats_batch is None else ()
+
+    def _refresh_due(self, calls: int) -> bool:
+        """Whether the :meth:`operator` call numbered ``calls`` refreshes the factors (every
+        ``T_cov`` calls, and the first)."""
+        return self._state["factors"] is None or calls % self.T_cov == 0
 
     def needs_point(self) -> bool:
         """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
@@ -298,8 +302,7 @@ class KFAC(Metric):
         otherwise it needs only the parameter layout."""
         st = self._state
         return (
-            st["factors"] is None
-            or st["calls"] % self.T_cov == 0
+            self._refresh_due(st["calls"])
             or self.rescale is not None
             or (self.spread_inverses and (st["eig"] is None or st["calls"] % self.T_inv == 0))
         )
@@ -389,7 +392,7 @@ class KFAC(Metric):
         """The factors to use at this call (refreshed, averaged); whether they are new."""
         st = self._state
         calls = st["calls"]
-        fresh = st["factors"] is None or calls % self.T_cov == 0
+        fresh = self._refresh_due(calls)
         new = None
         if fresh:
             new = self._new_factors(point)

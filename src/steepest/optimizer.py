@@ -55,6 +55,7 @@ from .errors import (
     ParameterChangeWarning,
     SingularMatrixError,
     SolverError,
+    all_finite,
     check_tolerances,
 )
 from .guard import ForwardGuard
@@ -64,7 +65,7 @@ from .losses import Loss, as_loss
 from .metrics import GGN, GradientCovariance, Metric
 from .params import ParamSpace
 from .point import Inputs, Point
-from .solvers import CG, Auto, Solution, Solver, all_finite, as_solver
+from .solvers import CG, Auto, Solution, Solver, as_solver
 from .state import OptimizerState, follow_parameters
 from .stepinfo import Notes, StepInfo
 from .steps import LearningRate, StepContext, StepRule, as_step
@@ -308,6 +309,7 @@ class Optimizer(OptimizerState, StoppingTests):
                 "step() cannot run under torch.inference_mode() (it needs autograd); call it "
                 "outside the inference_mode block."
             )
+        self._curvature_given = curvature is not None
         saved = self._rollback_state()  # its generator state is the shared one
         space0, theta0 = self.space, None
         guard = ForwardGuard(getattr(self, "model", None))
@@ -364,11 +366,13 @@ class Optimizer(OptimizerState, StoppingTests):
     def _record(self) -> tuple[type, ...]:
         """The module types whose calls the step's forwards record for the metric (K-FAC's
         ``record_layers``: its factors then need no forward of their own); none when the
-        metric is built on a curvature sub-batch (``curvature_batch_size``), whose point has
-        a forward of its own."""
-        if self.curvature_batch_size is not None:
+        metric is built on a curvature sub-batch (``curvature_batch_size`` or ``step``'s
+        ``curvature``), whose point has a forward of its own."""
+        if self.curvature_batch_size is not None or self._curvature_given:
             return ()
         return tuple(getattr(self.metric, "record_layers", ()))
+
+    _curvature_given = False  # this step's M comes from step(curvature=...)
 
     def _reuses(self) -> bool:
         """Whether this optimizer may reuse the accepted trial's forward (``reuse`` on, one

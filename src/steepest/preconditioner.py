@@ -32,13 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import DataParallel, as_data_parallel
-from .errors import ConfigurationError, NonFiniteError
+from .errors import ConfigurationError, NonFiniteError, all_finite
 from .guard import ForwardGuard, _rng_state, _set_rng_state
 from .losses import Loss, as_loss
 from .metrics import Metric
 from .params import ParamSpace
 from .point import Inputs, Point
-from .solvers import Auto, OwnInverse, Solution, Solver, all_finite, as_solver
+from .solvers import Auto, OwnInverse, Solution, Solver, as_solver
 from .state import metric_state, set_metric_state
 
 
@@ -185,8 +185,8 @@ class Preconditioner:
                 # a Preconditioner that is dropped takes its hooks off the model with it
                 weakref.finalize(self, self._recorder.remove)
         # K-FAC (not EKFAC) without the rescaling by the exact quadratic model, one process:
-        # a refresh runs its own forward and backward with hooks and needs of the point only
-        # the forward (the loss's checks) and the gradient's dtype: the .grad it preconditions
+        # a refresh differentiates the point's recorded forward (record_layers) and needs of
+        # the point no gradient: the .grad it preconditions
         # stands in for the point's gradient (Point(grad=...): no backward)
         self._given_grad = (
             type(self.metric) is KFAC and self.metric.rescale is None and self.distributed is None
