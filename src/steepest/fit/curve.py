@@ -17,7 +17,7 @@ from ..errors import (
     ShapeError,
     check_tolerances,
 )
-from .core import _as_x0, _evaluate, _jacobian
+from .core import _as_x0, _evaluate, _jacobian, _svd_values
 from .lsq import ALIASES, METHODS, _run
 from .result import _result
 
@@ -231,9 +231,9 @@ def curve_fit(
     res = _result(out, batched, ALIASES[method])
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
-    _, sv, vh = torch.linalg.svd(jac, full_matrices=False)
+    sv, vh = _svd_values(jac)
     eps = torch.finfo(x0.dtype).eps
-    keep = sv > eps * max(n, p) * sv[:, :1]
+    keep = sv > eps * max(n, p) * sv.amax(-1, keepdim=True)
     inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)
     pcov = vh.transpose(1, 2) @ (inv.unsqueeze(-1) * vh)
     if not absolute_sigma:
