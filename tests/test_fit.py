@@ -466,6 +466,30 @@ def test_batched_curve_fit_equals_separate_curve_fits():
     torch.testing.assert_close(popt2, popt)
 
 
+def test_large_batch_pcov_by_jacobi_equals_the_lapack_svd(monkeypatch):
+    """B >= JACOBI_MIN_BATCH (forced to 1 here): pcov comes from the QR of J and the Jacobi SVD
+    of R (unsorted singular values), and equals the pcov of separate fits (LAPACK's SVD of J),
+    also where a column of J is zero (b unused: the pseudo-inverse drops it)."""
+    y = _batch(6)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 6, dtype=D)
+    _, ref = curve_fit(_decay, T, y, p0)  # B = 6 < 512: LAPACK
+    monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 1)
+    _, pcov = curve_fit(_decay, T, y, p0)
+    torch.testing.assert_close(pcov, ref, rtol=1e-9, atol=1e-18)
+
+    def flat(x, a, b, c):  # b has no effect: a zero column
+        return a * x + 0 * b + c
+
+    jac = torch.stack([T, torch.zeros_like(T), torch.ones_like(T)], -1).expand(3, -1, -1)
+    s, vh = steepest.fit.core._svd_values(jac)
+    assert float(s.amin()) == 0.0
+    _, pc = curve_fit(flat, T, y[:3], p0[:3])
+    assert bool((pc[:, 1, :] == 0).all()) and bool(torch.isfinite(pc).all())
+    monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 512)
+    _, pc_ref = curve_fit(flat, T, y[:3], p0[:3])
+    torch.testing.assert_close(pc, pc_ref, rtol=1e-9, atol=1e-18)
+
+
 def test_total_evaluations_no_more_than_minpack():
     ours = sum(least_squares(*PROBLEMS[k], **scipy_tol(PROBLEMS[k][1])).nfev for k in PROBLEMS)
     ref = sum(scipy_lm(*PROBLEMS[k]).nfev for k in PROBLEMS)
