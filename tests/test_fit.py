@@ -563,6 +563,41 @@ def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
             torch.testing.assert_close(res.jac[i], ref, rtol=1e-10, atol=1e-12)
 
 
+def test_single_curve_takes_the_pointwise_jacobian_only_when_pointwise():
+    """One curve: a pointwise formula's J comes from one backward pass through the parameters
+    spread over the points (a (1, 30) copy of each reaches f), a formula normalised over the
+    points keeps torch.func (0-d parameters under vmap); both fits and Jacobians equal
+    scipy's optimum and a dense torch.autograd.functional Jacobian."""
+    seen = []
+
+    def coupled(x, a, b, c):
+        seen.append(tuple(a.shape))
+        e = torch.exp(-b * x)
+        return a * e / e.mean(-1, keepdim=True) + c
+
+    def pointwise(x, a, b, c):
+        seen.append(tuple(a.shape))
+        return a * torch.exp(-b * x) + c
+
+    for formula in (pointwise, coupled):
+        seen.clear()
+        popt, _, res = curve_fit(formula, T, Y, [1.0, 1.0, 0.0], full_output=True)
+        assert res.success
+        spread = seen.count((1, 30))
+        assert spread >= (res.njev if formula is pointwise else 1), (formula, seen)
+        if formula is coupled:
+            assert spread == 1  # the probe only
+        ref = jacobian(lambda q, f=formula: f(T, *q) - Y, popt)
+        torch.testing.assert_close(res.jac, ref, rtol=1e-10, atol=1e-12)
+        ref_p = sopt.curve_fit(
+            lambda x, *q, f=formula: f(torch.as_tensor(x), *map(torch.tensor, q)).numpy(),
+            T.numpy(),
+            Y.numpy(),
+            [1.0, 1.0, 0.0],
+        )[0]
+        np.testing.assert_allclose(popt.numpy(), ref_p, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("jacobi", [False, True])
 def test_large_batch_takes_the_qr_route_and_equals_separate_fits(jacobi, monkeypatch):
     """B >= 64: the factorisation is the SVD of R of J D^-1 = QR (by LAPACK, or for batches of
@@ -635,7 +670,6 @@ def test_jacobi_svd_has_the_relative_accuracy_of_a_high_precision_svd():
     )
     s = torch.linalg.vector_norm(_jacobi(singular)[0], dim=1)
     assert int((s == 0).sum(-1).min()) == 2
-
 
 
 def test_jacobi_svd_of_float32_columns_whose_norm_product_overflows():
