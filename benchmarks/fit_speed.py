@@ -199,6 +199,9 @@ def bench_batched(b: int, repeats: int) -> dict:
             "failed_in_both": int((~res.success.numpy() & ~np.isfinite(ref).all(1)).sum()),
             "max_abs_popt_diff_both_succeeded": float(np.abs(popt.numpy() - ref)[both].max()),
         }
+        floor = bench_floor(t, y, res, len(ours_t))
+        floor["speedup_bound"] = statistics.median(ref_t) / floor["median_s"]
+        result[kind]["floor"] = floor
         # the tail: the fits that ran to max_nfev, alone (max_nfev - 1 sequential iterations)
         tail = (res.status == 0).nonzero().squeeze(-1)
         if tail.numel():
@@ -217,6 +220,41 @@ def bench_batched(b: int, repeats: int) -> dict:
                 "ms_per_iteration_median": 1e3 * statistics.median(tail_t) / (n_max[kind] - 1),
             }
     return result
+
+
+def bench_floor(t: torch.Tensor, y: torch.Tensor, res, repeats: int) -> dict:
+    """A lower bound for any batched implementation of the same fits in eager torch: for each
+    evaluation i, on the fits that made more than i evaluations (``res.nfev``), one
+    evaluation of the residuals, and on the fits that took more than i Jacobians
+    (``res.njev``), the pointwise Jacobian (the fit's own route) and one Householder QR of
+    [J f]; nothing else (no SVD, lmpar, tests, bookkeeping). The row sets are made before
+    the clock starts."""
+    from steepest.fit.curve import _pointwise_jac
+
+    def resid(pp, xx, yy, ss):
+        return decay(xx, *pp.unbind(-1)) - yy
+
+    x = res.x
+    sets, last = [], None
+    for i in range(int(res.nfev.max())):
+        rf = (res.nfev > i).nonzero().squeeze(-1)
+        rj = (res.njev > i).nonzero().squeeze(-1)
+        key = (rf.numel(), rj.numel())
+        if key != last:  # one gather per distinct set, outside the clock
+            item = (x[rf].unsqueeze(-2), y[rf], x[rj], y[rj])
+            last = key
+        sets.append(item)
+
+    def run():
+        for xf, yf, xj, yj in sets:
+            f = resid(xf, t, yf, None)
+            if xj.shape[0]:
+                j = _pointwise_jac(resid, xj, (t, yj, None))
+                torch.linalg.qr(torch.cat([j, yj[..., None]], -1), mode="r")  # f: any column
+        return f
+
+    times, _ = timed(run, repeats)
+    return {"iterations": len(sets), **summary(times)}
 
 
 def machine(threads: int) -> dict:
@@ -266,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"batched {kind}: steepest {v['steepest']['median_s']:.3f} s, scipy loop "
             f"{v['scipy_loop']['median_s']:.3f} s, speedup {v['speedup_median']:.2f}x; tail "
-            f"{v.get('tail', {}).get('ms_per_iteration_median', math.nan):.2f} ms/iteration"
+            f"{v.get('tail', {}).get('ms_per_iteration_median', math.nan):.2f} ms/iteration; "
+            f"floor {v['floor']['median_s']:.3f} s (bound {v['floor']['speedup_bound']:.1f}x)"
         )
     result["machine"]["loadavg_end"] = os.getloadavg()
     if args.out:
