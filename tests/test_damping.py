@@ -225,7 +225,7 @@ def _scaled_factor(seed: int, m: int, p: int, spread: float = 3.0):
     g = seeded(seed)
     a = torch.randn(1, m, p, generator=g, dtype=F64) * torch.logspace(0, spread, p, dtype=F64)
     f = torch.randn(1, m, generator=g, dtype=F64)
-    return _factor(a, f, False, 0.0)
+    return _factor(a, f, 0.0)
 
 
 @pytest.mark.parametrize("seed", range(3))

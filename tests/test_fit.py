@@ -132,7 +132,7 @@ def test_lmpar_meets_the_radius_against_a_dense_solve(m):
     a = jac / d.unsqueeze(1)  # J D^-1; u = D delta, the least-norm solution below
     gn = torch.linalg.lstsq(a, -f.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
     gn_norm = gn.norm(dim=-1)
-    fac = _factor(a, f, False, 0.0)
+    fac = _factor(a, f, 0.0)
     radius = gn_norm * torch.tensor([2.0, 1.05, 0.5, 0.1, 1e-3, 1e-6], dtype=D)
     active = torch.ones(b, dtype=torch.bool)
     for par0 in (
@@ -488,6 +488,52 @@ def test_large_batch_pcov_by_jacobi_equals_the_lapack_svd(monkeypatch):
     monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 512)
     _, pc_ref = curve_fit(flat, T, y[:3], p0[:3])
     torch.testing.assert_close(pc, pc_ref, rtol=1e-9, atol=1e-18)
+
+
+@pytest.mark.parametrize("jacobi", [False, True])
+def test_pcov_of_a_fit_whose_jacobian_is_not_finite_is_inf(jacobi, monkeypatch):
+    """sqrt(c) at c = 0: J is infinite at x0, that fit stops with status -1. Its pcov is inf
+    (no covariance), the batch does not raise (LAPACK's SVD refused the non-finite J; Jacobi
+    gave a zero matrix, i.e. perfect certainty) and the other fits' pcov equal their separate
+    fits'; a single such fit raises ConvergenceError, not a linear-algebra error."""
+    if jacobi:
+        monkeypatch.setattr(steepest.fit.core, "JACOBI_MIN_BATCH", 1)
+
+    def f(x, a, b, c):
+        return a * torch.exp(-b * x) + torch.sqrt(c) * x
+
+    y = _batch(4)
+    p0 = torch.tensor([[1.0, 1.0, 0.2]] * 4, dtype=D)
+    p0[0, 2] = 0.0
+    with pytest.warns(UserWarning, match="1 of 4 fits ended without success"):
+        _, pcov, res = curve_fit(f, T, y, p0, full_output=True)
+    assert int(res.status[0]) == -1 and bool(torch.isinf(pcov[0]).all())
+    for i in (1, 3):
+        _, c1 = curve_fit(f, T, y[i], p0[i])
+        torch.testing.assert_close(pcov[i], c1, rtol=1e-8, atol=1e-16)
+    with pytest.raises(ConvergenceError, match="not finite"):
+        curve_fit(f, T, y[0], p0[0])
+
+
+@pytest.mark.parametrize("method", ["trust-region", "levenberg-marquardt"])
+def test_an_unused_parameter_stays_where_it_started(method):
+    """a t + 0 b + c: J's column for b is exactly 0. LAPACK's SVD of J D^-1 gives it a singular
+    value of ~1e-17 with a c' of rounding noise, and the damped step c'/(s^2 + lambda) sent b
+    from -2 to 6588 (scipy's lm, MINPACK's QR with an exactly zero column, keeps b = -2). Now
+    the direction of an exactly zero column is dropped: b stays, a and c equal scipy's, alone
+    and in a batch of 80 (QR route)."""
+
+    def fun(p):
+        return p[..., :1] * T + 0 * p[..., 1:2] + p[..., 2:] - Y
+
+    x0 = [5.0, -2.0, 3.0]
+    one = least_squares(fun, x0, method=method)
+    assert one.success and float(one.x[1]) == -2.0
+    ref = scipy_lm(lambda p: fun(p), x0)
+    np.testing.assert_allclose(one.x.numpy()[[0, 2]], ref.x[[0, 2]], rtol=1e-9)
+    many = least_squares(fun, torch.tensor([x0] * 80, dtype=D), method=method)
+    assert bool(many.success.all()) and bool((many.x[:, 1] == -2.0).all())
+    torch.testing.assert_close(many.x, one.x.expand(80, 3), rtol=1e-9, atol=1e-12)
 
 
 def test_total_evaluations_no_more_than_minpack():

@@ -26,19 +26,21 @@ where the method decides lambda and the scaling D:
   backtracking (Armijo) line search on the step length.
 
 Every solve uses the thin SVD of :math:`J D^{-1}` of each problem (one batched
-``torch.linalg.svd`` per accepted step; for a batch of B >= 64 problems with M > P, P <= 16,
-the SVD of the P x P factor R of the QR decomposition of :math:`[J D^{-1}\ f]`, cheaper and as
-accurate, by LAPACK or, for B >= 512, by one-sided Jacobi rotations in batched torch, which
-also gives the small singular values to full relative accuracy), so lambda costs no further
-factorisation and a rank-deficient J is handled exactly: the damped methods drop only exactly
-zero singular values (as MINPACK drops only exact zeros of R), Gauss-Newton's least-norm step
-also those below :math:`\epsilon \max(M, P)\, s_{max}`. Fits of a batch that have stopped
-leave the working set: ``fun`` is then called on the rows still running (with
-``vectorize=True`` and in :func:`curve_fit`), or on the whole batch with the stopped rows held
-at x0. :func:`curve_fit` on a batch calls an elementwise formula once on the parameter columns
-and, when the formula is pointwise (residual i depends on the parameters through point i
-only; checked by a probe), takes J by one backward pass through the parameters spread to one
-copy per point.
+``torch.linalg.svd`` per accepted step; while at least 64 fits of a batch are running, with
+M > P and P <= 16, the SVD of the P x P factor R of the Householder QR of :math:`[J\ f]`
+instead, cheaper and as accurate: J's column norms and :math:`J^T f` come from R too, and
+:math:`R D^{-1}` is still triangular; R's SVD by LAPACK or, for at least 512 fits, by one-sided
+Jacobi rotations in batched torch, which also gives the small singular values to full relative
+accuracy), so lambda costs no further factorisation and a rank-deficient J is handled exactly:
+the damped methods drop only zero singular values and the directions of exactly zero columns
+of J (as MINPACK drops only exact zeros of R), Gauss-Newton's least-norm step also those below
+:math:`\epsilon \max(M, P)\, s_{max}`. Fits of a batch that have stopped leave the working
+set: ``fun`` is then called on the rows still running (with ``vectorize=True`` and in
+:func:`curve_fit`), or on the whole batch with the stopped rows held at x0. :func:`curve_fit`
+on a batch calls an elementwise formula once on the parameter columns and, when the formula
+is pointwise (residual i depends on the parameters through point i only; checked by a probe
+near p0 and again at popt), takes J by one backward pass through the parameters spread to one
+copy per point, on one curve as on a batch.
 
 Stopping rules, with MINPACK's meanings (and scipy's status codes):
 

@@ -134,33 +134,27 @@ class _Factor(NamedTuple):
     lo: Tensor
 
 
-def _factor(jd: Tensor, f: Tensor, qr: bool, cut: float) -> _Factor:
-    r"""The :class:`_Factor` of :math:`A` = ``jd`` (n, M, P) with residuals f (n, M): the thin
-    SVD of A, or (``qr``, M > P) the SVD of the P x P factor R of the Householder QR of the
-    augmented matrix :math:`[A\ f] = Q [R\ Q^Tf; 0\ \rho]` (R and :math:`Q^T f` from one
-    factorisation, Q never formed), :math:`R = U_R S V^T`, :math:`U^T f = U_R^T (Q^T f)`: the
-    same accuracy (the condition number is not squared, as it would be by the
-    eigen-decomposition of :math:`A^T A`). For a batch of at least :data:`JACOBI_MIN_BATCH`
-    the SVD of R is :func:`_jacobi`'s, with :math:`SU_R^T = G^T`. Singular values at most
-    ``cut`` :math:`s_{max}`, or 0, are dropped."""
-    n, m, p = jd.shape
-    if qr:
-        r = torch.linalg.qr(torch.cat([jd, f.unsqueeze(-1)], -1), mode="r")[1]
-        return _factor_r(r[:, :p, :p], r[:, :p, p], cut)
+def _factor(jd: Tensor, f: Tensor, cut: float, zero: Tensor | None = None) -> _Factor:
+    r"""The :class:`_Factor` of :math:`A` = ``jd`` (n, M, P) with residuals f (n, M) from the
+    thin SVD of A (LAPACK's); see :func:`_factor_svd` for ``cut`` and ``zero``."""
     u, s, vh = torch.linalg.svd(jd, full_matrices=False)
-    return _factor_svd(s, -s * (f.unsqueeze(1) @ u).squeeze(1), vh, p, cut)
+    return _factor_svd(s, -s * (f.unsqueeze(1) @ u).squeeze(1), vh, cut, zero)
 
 
-def _factor_r(rr: Tensor, qtf: Tensor, cut: float) -> _Factor:
-    r"""The :class:`_Factor` from the triangular factor R = ``rr`` (n, P, P) of :math:`A = QR`
-    and :math:`Q^T f` = ``qtf`` (n, P): the SVD of R (:func:`_jacobi` for a batch of at least
-    :data:`JACOBI_MIN_BATCH`, else LAPACK's), :math:`U^T f = U_R^T (Q^T f)`."""
+def _factor_r(rr: Tensor, qtf: Tensor, cut: float, zero: Tensor | None = None) -> _Factor:
+    r"""The :class:`_Factor` of :math:`A = QR` from its triangular factor R = ``rr`` (n, P, P)
+    and :math:`Q^T f` = ``qtf`` (n, P), the two taken from one Householder QR of the augmented
+    matrix :math:`[A\ f] = Q [R\ Q^Tf; 0\ \rho]` (Q never formed): :math:`R = U_R S V^T`,
+    :math:`U^T f = U_R^T (Q^T f)`, the same accuracy as the SVD of A (the condition number is
+    not squared, as it would be by the eigen-decomposition of :math:`A^T A`). For a batch of at
+    least :data:`JACOBI_MIN_BATCH` the SVD of R is :func:`_jacobi`'s, with
+    :math:`SU_R^T = G^T`, else LAPACK's."""
     if rr.shape[0] >= JACOBI_MIN_BATCH:
         g, v = _jacobi(rr)
         s = torch.linalg.vector_norm(g, dim=1)
-        return _factor_svd(s, -(qtf.unsqueeze(1) @ g).squeeze(1), v.mT, rr.shape[-1], cut)
+        return _factor_svd(s, -(qtf.unsqueeze(1) @ g).squeeze(1), v.mT, cut, zero)
     u, s, vh = torch.linalg.svd(rr)
-    return _factor_svd(s, -s * (qtf.unsqueeze(1) @ u).squeeze(1), vh, rr.shape[-1], cut)
+    return _factor_svd(s, -s * (qtf.unsqueeze(1) @ u).squeeze(1), vh, cut, zero)
 
 
 def _svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,12 +170,22 @@ def _svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
     return s, vh
 
 
-def _factor_svd(s: Tensor, cp: Tensor, vh: Tensor, p: int, cut: float) -> _Factor:
-    """The :class:`_Factor` from the singular values s, :math:`c' = -SU^Tf` and :math:`V^T`."""
+def _factor_svd(
+    s: Tensor, cp: Tensor, vh: Tensor, cut: float, zero: Tensor | None = None
+) -> _Factor:
+    r"""The :class:`_Factor` from the singular values s, :math:`c' = -SU^Tf` and :math:`V^T`.
+    Dropped: singular values that are 0 or at most ``cut`` :math:`s_{max}`, and those whose
+    right singular vector lies mostly (weight > 1/2) on the columns ``zero`` (n, P) of A that
+    are exactly 0: the exact SVD gives them :math:`s = 0`, :math:`v = e_j` (MINPACK's QR an
+    exactly zero column of R), but LAPACK's rounding gives ~1e-17 with a c' of rounding noise,
+    whose step :math:`c'/(s^2 + \lambda)` sent the unused parameter off by thousands."""
+    p = vh.shape[-1]
     mu = s * s
     keep = mu > 0
     if cut > 0:
         keep = keep & (s > cut * s.amax(-1, keepdim=True))
+    if zero is not None:
+        keep = keep & ((vh * vh) * zero.unsqueeze(1)).sum(-1).le(0.5)
     mu = torch.where(keep, mu, math.inf)
     cp = torch.where(keep, cp, 0.0)
     gn = cp / mu
@@ -298,11 +302,12 @@ def _least_squares_core(
     gtol: float,
     max_nfev: int,
     factor: float,
-    qr: bool | None = None,
 ) -> dict:
     """B independent fits at once; see the module docstring. ``fun_r(x, rows)`` and
     ``jac_r(x, rows)`` evaluate the problems ``rows`` of the batch at x (len(rows), P). Fits
-    that stopped leave the working set, so a few slow fits do not keep the batch busy.
+    that stopped leave the working set, so a few slow fits do not keep the batch busy. A
+    Jacobian stage on at least :data:`QR_MIN_BATCH` fits with P <= 16 and M > P factors by the
+    QR of [J f] (:func:`_factor_r`), a smaller one by the SVD of J D^-1 (:func:`_factor`).
 
     Every fit of the working set is tried on every iteration, so their evaluation count is one
     Python integer. One host synchronisation an iteration tells whether any fit stopped (the
@@ -312,8 +317,10 @@ def _least_squares_core(
     m = f0.shape[1]
     dtype, dev = x0.dtype, x0.device
     eps = torch.finfo(dtype).eps
-    qr = (qr if qr is not None else p <= 16) and m > p  # for working sets >= QR_MIN_BATCH
-    cut = eps * max(m, p) if method == "gauss-newton" else 0.0  # else only exact zeros
+    qr = p <= 16 and m > p  # for working sets of at least QR_MIN_BATCH fits
+    # dropped singular values: rounding-level ones for Gauss-Newton (its least-norm step), only
+    # exact zeros and exactly zero columns of J for the damped methods (as MINPACK)
+    cut = eps * max(m, p) if method == "gauss-newton" else 0.0
     trust = method == "trust-region"
     out = {"x": x0.clone(), "fun": f0.clone()}
     out["jac"] = torch.zeros(bsz, m, p, dtype=dtype, device=dev)
@@ -383,12 +390,12 @@ def _least_squares_core(
                 if n_bad:
                     rd = torch.where(bad[:, None, None], 0.0, rd)
                     qtf = torch.where(bad[:, None], 0.0, qtf)
-                fac = _factor_r(rd, qtf, cut)
+                fac = _factor_r(rd, qtf, cut, acnorm == 0)
             else:
                 jd = j / ds.unsqueeze(1) if trust else j
                 if n_bad:
                     jd = torch.where(bad[:, None, None], 0.0, jd)
-                fac = _factor(jd, fs, False, cut)
+                fac = _factor(jd, fs, cut, acnorm == 0)
             if s.jac is None:  # at x0
                 if trust:
                     xnorm = torch.linalg.vector_norm(ds * s.x, dim=-1)

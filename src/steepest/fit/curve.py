@@ -110,7 +110,8 @@ def curve_fit(
     The covariance is scipy's, from the SVD :math:`J = U S V^T` of the Jacobian of the weighted
     residuals at popt (singular values below :math:`\epsilon \max(N, P) s_1` dropped):
     :math:`\mathrm{pcov} = V S^{-2} V^T`, times :math:`s^2 = \sum_i r_i^2 / (N - P)` unless
-    ``absolute_sigma`` (inf when N <= P).
+    ``absolute_sigma`` (inf when N <= P, and for a fit whose Jacobian at popt is not finite,
+    status -1).
 
     A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
     (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N); f is
@@ -239,11 +240,13 @@ def curve_fit(
     res = _result(out, batched, ALIASES[method])
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
-    sv, vh = _svd_values(jac)
+    finite = torch.isfinite(jac).all(-1).all(-1)  # J not finite (status -1): pcov = inf
+    sv, vh = _svd_values(torch.where(finite[:, None, None], jac, 0.0))
     eps = torch.finfo(x0.dtype).eps
     keep = sv > eps * max(n, p) * sv.amax(-1, keepdim=True)
     inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)
     pcov = vh.transpose(1, 2) @ (inv.unsqueeze(-1) * vh)
+    pcov = torch.where(finite[:, None, None], pcov, math.inf)
     if not absolute_sigma:
         if n > p:
             pcov = pcov * (2 * cost / (n - p))[:, None, None]
