@@ -119,7 +119,11 @@ def curve_fit(
 
     Parameters
     ----------
-    f : ``f(xdata, p_1, ..., p_P) -> (N,)`` in torch, each p_j a 0-d tensor.
+    f : ``f(xdata, p_1, ..., p_P) -> (N,)`` in torch, each p_j a 0-d tensor. A formula that
+        broadcasts (``a * torch.exp(-b * x)``) is also called with each p_j a column (B, 1) of
+        a batch and, for its Jacobian, with one copy per point, (B, N) or (1, N), after a probe
+        near p0 (and a check at popt) against torch.func says that gives the same values and
+        derivatives; otherwise it is vmapped with 0-d parameters.
     xdata, ydata : the data (ydata (N,) or (B, N)).
     p0 : the start (there is no default: scipy's ones are rarely a good start).
     sigma : standard deviations of ydata (not a covariance matrix), (N,) or (B, N).
@@ -220,6 +224,9 @@ def curve_fit(
                 def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
                     return _pointwise_jac(resid, pp, args(rows))
 
+        def pointwise_at(x: Tensor, rows: Tensor) -> bool:
+            return _is_pointwise(resid, vres, x, args(rows), n)
+
     else:
 
         def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
@@ -233,10 +240,32 @@ def curve_fit(
             def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
                 return _pointwise_jac(resid, pp, (xd, y, s))
 
+        def pointwise_at(x: Tensor, rows: Tensor) -> bool:
+            return _is_pointwise(resid, one, x, (xd, y, s), n)
+
     xb = x0 if batched else x0.unsqueeze(0)
-    out = _run(
-        fun_r, jac_r, xb, batched, ALIASES[method], ftol, xtol, gtol, max_nfev, 100.0, None, "auto"
-    )
+
+    def fit(jac):
+        return _run(
+            fun_r,
+            jac,
+            xb,
+            batched,
+            ALIASES[method],
+            ftol,
+            xtol,
+            gtol,
+            max_nfev,
+            100.0,
+            None,
+            "auto",
+        )
+
+    out = fit(jac_r)
+    if jac_r is not None:  # the probe was near p0: check again at popt (up to 4 solved fits)
+        done = (out["status"] > 0).nonzero().squeeze(-1)[:4]
+        if done.numel() and not pointwise_at(out["x"][done], done):
+            out = fit(None)  # f couples the points away from p0: torch.func's Jacobian
     res = _result(out, batched, ALIASES[method])
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
