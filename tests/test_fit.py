@@ -536,6 +536,41 @@ def test_an_unused_parameter_stays_where_it_started(method):
     torch.testing.assert_close(many.x, one.x.expand(80, 3), rtol=1e-9, atol=1e-12)
 
 
+def test_a_parameter_autograd_cannot_see_is_refused():
+    """float(a) or .item() in fun cuts the graph: J's column is exactly 0 while fun moves with
+    that parameter, and the fit used to leave it at x0 and report success (popt off scipy's
+    by ~1). A forward difference at x0 finds the dependence: ConfigurationError naming the
+    parameter and the fix; in a batch, vmap's bare RuntimeError becomes one too. A wrong jac=
+    with a zero column is refused the same way; a parameter that has no effect, or one whose
+    derivative is 0 at x0 only to first order (a^2 at a = 0), is not."""
+
+    def f(x, a, b, c):
+        return float(a) * torch.exp(-b * x) + c
+
+    with pytest.raises(ConfigurationError, match=r"column 0 is exactly 0 .* does not see"):
+        curve_fit(f, T, Y, [1.0, 1.0, 0.0])
+    with pytest.raises(ConfigurationError, match="could not be vmapped"):
+        curve_fit(f, T, Y.expand(3, 30), torch.tensor([[1.0, 1.0, 0.0]] * 3, dtype=D))
+
+    def g(p):
+        return p[0] * torch.exp(-p[1] * T) + p[2].item() - Y
+
+    with pytest.raises(ConfigurationError, match=r"column 2 is exactly 0"):
+        least_squares(g, [1.0, 1.0, 0.0])
+
+    def h(p):
+        return p[0] * torch.exp(-p[1] * T) + p[2] - Y
+
+    def bad_jac(p):
+        j = torch.func.jacrev(h)(p)
+        return torch.cat([j[:, :2], torch.zeros(30, 1, dtype=D)], 1)
+
+    with pytest.raises(ConfigurationError, match="or jac= is wrong"):
+        least_squares(h, [1.0, 1.0, 0.0], jac=bad_jac)
+    res = least_squares(lambda p: p[0] ** 2 * T + p[1] - Y, [0.0, 0.0])
+    assert float(res.x[0]) == 0.0  # a saddle in a: the first-order test does not fire
+
+
 def test_total_evaluations_no_more_than_minpack():
     ours = sum(least_squares(*PROBLEMS[k], **scipy_tol(PROBLEMS[k][1])).nfev for k in PROBLEMS)
     ref = sum(scipy_lm(*PROBLEMS[k]).nfev for k in PROBLEMS)

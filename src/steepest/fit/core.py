@@ -37,7 +37,16 @@ def _as_x0(x0) -> Tensor:
 
 
 def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    out = fun(x)
+    try:
+        out = fun(x)
+    except RuntimeError as e:
+        if "vmap" not in str(e):
+            raise
+        raise ConfigurationError(
+            f"fun could not be vmapped over the problems of the batch ({e}); write it with "
+            f"torch operations on the parameters (no .item(), float(), numpy or data-dependent "
+            f"Python control flow), or give least_squares a fun that takes the batch (B, P)."
+        ) from e
     if not isinstance(out, Tensor):
         raise ConfigurationError(
             f"fun must return a torch.Tensor (written with torch operations, so that autograd "
@@ -69,6 +78,37 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
             f"torch operations only (no .item(), numpy or in-place writes to x), or pass "
             f"jac=callable."
         ) from e
+
+
+def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Tensor) -> None:
+    """Refuse, before the fit starts, a Jacobian whose column j is exactly 0 at x0 while fun
+    moves along x[j] to first order (a forward difference, h = sqrt(eps) (|x_j| + 1), larger
+    than 1e-6 of the larger of J's largest column norm and ||f|| / (|x_j| + 1)): autograd does
+    not see that parameter (``.item()``, ``float()``, numpy, a detached tensor), or ``jac=`` is
+    wrong; the fit would leave it at x0 and report success. Fits with f = 0 are skipped."""
+    zero = (acnorm == 0) & (torch.linalg.vector_norm(f, dim=-1) > 0).unsqueeze(-1)
+    if not bool(zero.any()):
+        return
+    i, col = zero.nonzero(as_tuple=True)
+    xj = x[i, col]
+    h = math.sqrt(torch.finfo(x.dtype).eps) * (xj.abs() + 1)
+    xp = x[i].clone()
+    xp[torch.arange(len(i), device=x.device), col] = xj + h
+    with torch.no_grad():
+        df = torch.linalg.vector_norm(fun_r(xp, rows[i]) - f[i], dim=-1) / h
+    fnorm = torch.linalg.vector_norm(f[i], dim=-1)
+    scale = torch.maximum(acnorm[i].amax(-1), fnorm / (xj.abs() + 1))
+    seen = ~(df > 1e-6 * scale)  # NaN (fun not finite there): no evidence
+    if bool(seen.all()):
+        return
+    k = int((~seen).nonzero()[0, 0])
+    raise ConfigurationError(
+        f"the Jacobian's column {int(col[k])} is exactly 0 at x0 (problem {int(rows[i[k]])}), "
+        f"but fun changes with x[{int(col[k])}] there (|df/dx| ~ {float(df[k]):.3g} by a "
+        f"forward difference): autograd does not see that parameter (a .item(), float(), "
+        f"numpy call or detached tensor in fun breaks the graph), or jac= is wrong; write fun "
+        f"with torch operations on x (for curve_fit: on the parameters p_j), or fix jac."
+    )
 
 
 # ---------------------------------------------------------------------------------- factor
@@ -397,6 +437,7 @@ def _least_squares_core(
                     jd = torch.where(bad[:, None, None], 0.0, jd)
                 fac = _factor(jd, fs, cut, acnorm == 0)
             if s.jac is None:  # at x0
+                _check_seen(fun_r, xs, fs, rs, acnorm)
                 if trust:
                     xnorm = torch.linalg.vector_norm(ds * s.x, dim=-1)
                     s.radius = torch.where(xnorm > 0, factor * xnorm, factor)
