@@ -567,6 +567,8 @@ def test_a_parameter_autograd_cannot_see_is_refused():
 
     with pytest.raises(ConfigurationError, match="or jac= is wrong"):
         least_squares(h, [1.0, 1.0, 0.0], jac=bad_jac)
+    with pytest.raises(ConfigurationError, match="kink"):  # |a| at a = 0: autograd says 0
+        least_squares(lambda p: p[0].abs() * T + p[1] - Y, [0.0, 0.0])
     res = least_squares(lambda p: p[0] ** 2 * T + p[1] - Y, [0.0, 0.0])
     assert float(res.x[0]) == 0.0  # a saddle in a: the first-order test does not fire
 

@@ -84,8 +84,9 @@ def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Ten
     """Refuse, before the fit starts, a Jacobian whose column j is exactly 0 at x0 while fun
     moves along x[j] to first order (a forward difference, h = sqrt(eps) (|x_j| + 1), larger
     than 1e-6 of the larger of J's largest column norm and ||f|| / (|x_j| + 1)): autograd does
-    not see that parameter (``.item()``, ``float()``, numpy, a detached tensor), or ``jac=`` is
-    wrong; the fit would leave it at x0 and report success. Fits with f = 0 are skipped."""
+    not see that parameter (``.item()``, ``float()``, numpy, a detached tensor), x0 sits on a
+    kink whose autograd derivative is 0 (``abs``, ``relu`` at 0), or ``jac=`` is wrong; the fit
+    would leave it at x0 and report success. Fits with f = 0 are skipped."""
     zero = (acnorm == 0) & (torch.linalg.vector_norm(f, dim=-1) > 0).unsqueeze(-1)
     if not bool(zero.any()):
         return
@@ -106,8 +107,10 @@ def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Ten
         f"the Jacobian's column {int(col[k])} is exactly 0 at x0 (problem {int(rows[i[k]])}), "
         f"but fun changes with x[{int(col[k])}] there (|df/dx| ~ {float(df[k]):.3g} by a "
         f"forward difference): autograd does not see that parameter (a .item(), float(), "
-        f"numpy call or detached tensor in fun breaks the graph), or jac= is wrong; write fun "
-        f"with torch operations on x (for curve_fit: on the parameters p_j), or fix jac."
+        f"numpy call or detached tensor in fun breaks the graph), fun has a kink there whose "
+        f"autograd derivative is 0 (abs, relu, max at x0: start beside it), or jac= is wrong; "
+        f"write fun with torch operations on x (for curve_fit: on the parameters p_j), or fix "
+        f"jac."
     )
 
 
