@@ -144,8 +144,10 @@ def curve_fit(
     ConvergenceError: a single fit ended without success (scipy raises RuntimeError; this is
     one). A batch never raises: failed fits are named in a warning, their ``success`` is False
     in the result (``full_output=True``).
-    ConfigurationError: f cuts autograd's graph for a parameter (``float(a)``, ``.item()``,
-    numpy: its Jacobian column is 0 while f moves with it), or cannot be vmapped over a batch.
+    ConfigurationError: f cannot be vmapped over a batch (``float(a)``, ``.item()``, numpy).
+    A SteepestWarning names a parameter whose Jacobian column is exactly 0 at p0 while f
+    moves with it (autograd's graph cut by ``float(a)``, ``.item()``, numpy): see
+    :func:`least_squares`.
     ShapeError, NonFiniteError: as :func:`least_squares` (f's output not (N,), data or sigma
     of the wrong shape, not finite at p0).
 

@@ -85,9 +85,13 @@ def least_squares(
     NonFiniteError: x0 or the residuals at x0 are not finite.
     ShapeError: fun returns a scalar, or shapes of x0, fun's output, weights or jac disagree.
     ConfigurationError: an unknown method, a bad tolerance, fun not differentiable by torch.func,
-        a column of the Jacobian exactly 0 at x0 while fun moves with that parameter (a forward
-        difference tells: ``.item()``, ``float()`` or numpy in fun cut autograd's graph, or
-        ``jac`` is wrong), a fun that cannot be vmapped (``vectorize=True``).
+        a fun that cannot be vmapped (``vectorize=True``).
+
+    Warns
+    -----
+    SteepestWarning: a column of the Jacobian is exactly 0 at x0 while fun moves with that
+    parameter (a central difference tells: ``.item()``, ``float()`` or numpy in fun cut
+    autograd's graph, x0 on a kink, or ``jac`` is wrong): the fit cannot move it.
 
     Example
     -------
