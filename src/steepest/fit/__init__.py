@@ -39,8 +39,9 @@ set: ``fun`` is then called on the rows still running (with ``vectorize=True`` a
 :func:`curve_fit`), or on the whole batch with the stopped rows held at x0. :func:`curve_fit`
 on a batch calls an elementwise formula once on the parameter columns and, when the formula
 is pointwise (residual i depends on the parameters through point i only; checked by a probe
-near p0 and again at popt), takes J by one backward pass through the parameters spread to one
-copy per point, on one curve as on a batch.
+near p0 and again at popt on up to 4 solved fits: a formula coupling the points only far
+from both on other fits is not caught), takes J by one backward pass through the parameters
+spread to one copy per point, on one curve as on a batch.
 
 Stopping rules, with MINPACK's meanings (and scipy's status codes):
 

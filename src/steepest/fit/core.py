@@ -46,7 +46,7 @@ def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         raise ConfigurationError(
             f"fun could not be vmapped over the problems of the batch ({e}); write it with "
             f"torch operations on the parameters (no .item(), float(), numpy or data-dependent "
-            f"Python control flow), or give least_squares a fun that takes the batch (B, P)."
+            f"Python control flow), or (least_squares) pass a fun that takes the batch (B, P)."
         ) from e
     if not isinstance(out, Tensor):
         raise ConfigurationError(

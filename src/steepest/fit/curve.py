@@ -122,8 +122,8 @@ def curve_fit(
     f : ``f(xdata, p_1, ..., p_P) -> (N,)`` in torch, each p_j a 0-d tensor. A formula that
         broadcasts (``a * torch.exp(-b * x)``) is also called with each p_j a column (B, 1) of
         a batch and, for its Jacobian, with one copy per point, (B, N) or (1, N), after a probe
-        near p0 (and a check at popt) against torch.func says that gives the same values and
-        derivatives; otherwise it is vmapped with 0-d parameters.
+        near p0 (and a check at popt, up to 4 fits) against torch.func says that gives the
+        same values and derivatives; otherwise it is vmapped with 0-d parameters.
     xdata, ydata : the data (ydata (N,) or (B, N)).
     p0 : the start (there is no default: scipy's ones are rarely a good start).
     sigma : standard deviations of ydata (not a covariance matrix), (N,) or (B, N).
