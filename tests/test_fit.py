@@ -636,14 +636,9 @@ def test_batched_curve_fit_calls_an_elementwise_formula_once_without_vmap():
     torch.testing.assert_close(popt2, popt, rtol=1e-9, atol=1e-12)
 
 
-def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
-    """The batched curve_fit takes J by one backward pass through the parameters spread to one
-    copy per point only when residual i depends on them through point i alone (checked by a
-    probe against torch.func); a formula normalised over the points is elementwise across the
-    batch but couples the points, and keeps torch.func. Both Jacobians at the solution equal a
-    dense one of torch.autograd.functional, and both fits equal the separate fits."""
-    y = _batch(5)
-    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 5, dtype=D)
+def _recorded_formulas():
+    """(seen, coupled, pointwise): a decay normalised over the points (it couples them) and a
+    pointwise decay, each appending the shape of the parameter a it is called with to seen."""
     seen = []
 
     def coupled(x, a, b, c):
@@ -654,6 +649,19 @@ def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
     def pointwise(x, a, b, c):
         seen.append(tuple(a.shape))
         return a * torch.exp(-b * x) + c
+
+    return seen, coupled, pointwise
+
+
+def test_pointwise_jacobian_only_for_formulas_that_are_pointwise():
+    """The batched curve_fit takes J by one backward pass through the parameters spread to one
+    copy per point only when residual i depends on them through point i alone (checked by a
+    probe against torch.func); a formula normalised over the points is elementwise across the
+    batch but couples the points, and keeps torch.func. Both Jacobians at the solution equal a
+    dense one of torch.autograd.functional, and both fits equal the separate fits."""
+    y = _batch(5)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 5, dtype=D)
+    seen, coupled, pointwise = _recorded_formulas()
 
     curve_fit(pointwise, T.float(), y.float(), p0.float())
     assert (5, 30) in seen  # float32 too: the probe's tolerance follows the dtype
@@ -676,16 +684,7 @@ def test_single_curve_takes_the_pointwise_jacobian_only_when_pointwise():
     spread over the points (a (1, 30) copy of each reaches f), a formula normalised over the
     points keeps torch.func (0-d parameters under vmap); both fits and Jacobians equal
     scipy's optimum and a dense torch.autograd.functional Jacobian."""
-    seen = []
-
-    def coupled(x, a, b, c):
-        seen.append(tuple(a.shape))
-        e = torch.exp(-b * x)
-        return a * e / e.mean(-1, keepdim=True) + c
-
-    def pointwise(x, a, b, c):
-        seen.append(tuple(a.shape))
-        return a * torch.exp(-b * x) + c
+    seen, coupled, pointwise = _recorded_formulas()
 
     for formula in (pointwise, coupled):
         seen.clear()
