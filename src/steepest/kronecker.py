@@ -288,13 +288,14 @@ class KFAC(Metric):
         layers when that call refreshes the factors from the whole batch, so that the refresh
         differentiates the point's own graph instead of running a second forward; none
         otherwise (``stats_batch`` forwards its sub-batch itself)."""
-        due = self._refresh_due(self._state["calls"])
+        due = self._refresh_due()
         return _KRON_TYPES if due and self.stats_batch is None else ()
 
-    def _refresh_due(self, calls: int) -> bool:
-        """Whether the :meth:`operator` call numbered ``calls`` refreshes the factors (every
-        ``T_cov`` calls, and the first)."""
-        return self._state["factors"] is None or calls % self.T_cov == 0
+    def _refresh_due(self) -> bool:
+        """Whether the next :meth:`operator` call (number ``state["calls"]``) refreshes the
+        factors (every ``T_cov`` calls, and the first)."""
+        st = self._state
+        return st["factors"] is None or st["calls"] % self.T_cov == 0
 
     def needs_point(self) -> bool:
         """Whether the next :meth:`operator` call evaluates the model (a factor refresh, or
@@ -302,7 +303,7 @@ class KFAC(Metric):
         otherwise it needs only the parameter layout."""
         st = self._state
         return (
-            self._refresh_due(st["calls"])
+            self._refresh_due()
             or self.rescale is not None
             or (self.spread_inverses and (st["eig"] is None or st["calls"] % self.T_inv == 0))
         )
@@ -392,7 +393,7 @@ class KFAC(Metric):
         """The factors to use at this call (refreshed, averaged); whether they are new."""
         st = self._state
         calls = st["calls"]
-        fresh = self._refresh_due(calls)
+        fresh = self._refresh_due()
         new = None
         if fresh:
             new = self._new_factors(point)

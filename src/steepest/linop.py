@@ -323,12 +323,14 @@ class LinearOperator:
         eta = eta.to(self.dtype)
         base = self  # products include this operator's own damping, if any
         total = eta + self.shift  # the diagonal added to the undamped M
+        # one host synchronisation: is the diagonal uniform, is it >= 0, its first entry
+        uniform, nonneg, e = torch.stack(
+            ((total == total[0]).all().to(total.dtype), (eta >= 0).all().to(total.dtype), total[0])
+        ).tolist()
         inverse = None
         if self._inverse is not None and self._inverse_shift is None:
             own = self._inverse
-            uniform = bool((total == total[0]).all())
-            if uniform:
-                e = float(total[0])  # the cheaper scalar shift, also for a diagonal inverse
+            if uniform:  # the cheaper scalar shift e, also for a diagonal inverse
 
                 def inverse(b: Tensor, s: float | Tensor) -> Tensor:
                     return own(b, s + e)
@@ -353,7 +355,7 @@ class LinearOperator:
             matmat=lambda V: base.matmat(V) + eta[:, None] * V,
             dense=lambda: base.to_dense() + torch.diag(eta),
             diagonal=lambda: base.diagonal() + eta,
-            psd=self.psd and bool((eta >= 0).all()),
+            psd=self.psd and bool(nonneg),
             name=name or f"{self.name} + diag(eta)",
             inverse=inverse,
             inverse_exact=self.inverse_exact,

@@ -64,7 +64,7 @@ from .linop import LinearOperator
 from .losses import Loss, as_loss
 from .metrics import GGN, GradientCovariance, Metric
 from .params import ParamSpace
-from .point import Inputs, Point
+from .point import Graph, Inputs, Point
 from .solvers import CG, Auto, Solution, Solver, as_solver
 from .state import OptimizerState, follow_parameters
 from .stepinfo import Notes, StepInfo
@@ -282,10 +282,10 @@ class Optimizer(OptimizerState, StoppingTests):
         """The most solves one step makes (rejected tries are retried up to this bound)."""
         return max(self.damping.max_tries, self.step_rule.max_tries)
 
-    # ------------------------------------------------------------------ state
     # ------------------------------------------------------------------ the step
-    def point(self, inputs: Inputs, targets: Tensor) -> Point:
-        """The model and loss evaluated at the current parameters on a batch."""
+    def point(self, inputs: Inputs, targets: Tensor, graph: Graph | None = None) -> Point:
+        """The model and loss evaluated at the current parameters on a batch (``graph``: the
+        forward an accepted trial already made there)."""
         return Point(
             self.space,
             self.loss,
@@ -294,6 +294,7 @@ class Optimizer(OptimizerState, StoppingTests):
             generator=self._sampler,
             distributed=self.distributed,
             record=self._record(),
+            graph=graph,
         )
 
     def step(
@@ -324,17 +325,13 @@ class Optimizer(OptimizerState, StoppingTests):
                     and not note
                     and kept.matches(self.space, self.loss, inputs, targets)
                 )
-                if reused:  # the forward at theta was the accepted trial's: no new one
-                    point = Point(
-                        self.space,
-                        self.loss,
-                        inputs,
-                        targets,
-                        generator=self._sampler,
-                        graph=kept.graph,
-                    )
-                else:
-                    point = self.point(inputs, targets)  # validates; raises before any change
+                # validates; raises before any change. Reused (only Optimizer's own point):
+                # the forward at theta was the accepted trial's, no new one
+                point = (
+                    self.point(inputs, targets, kept.graph)
+                    if reused
+                    else self.point(inputs, targets)
+                )
                 guard.point_done()
                 theta0 = point.theta.detach().clone()
                 self._guard = guard
