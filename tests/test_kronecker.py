@@ -1205,8 +1205,8 @@ def test_sequence_first_layers_get_the_batch_first_factors(cls, sequence, n, t, 
         assert rel_err(ss["factors"]["blocks"][key][1], G) < 1e-12
     if cls is EKFAC:
         for key, s in sb["scalings"].items():
-            assert rel_err(ss["scalings"][key], s) < 1e-10
-    assert rel_err(ds, db) < 1e-10
+            assert rel_err(ss["scalings"][key], s) < 1e-12
+    assert rel_err(ds, db) < 1e-12
 
 
 @pytest.mark.parametrize("path", ["Optimizer", "TorchOptimizer"])
@@ -1230,7 +1230,7 @@ def test_sequence_first_layers_in_the_optimizers_own_forwards(path):
             opt.step(lambda model=model: (model(x), y))
         out.append((metric.scalings(), torch.cat([p.reshape(-1) for p in model.parameters()])))
     (sb, pb), (ss, ps) = out
-    assert set(sb) == set(ss) and all(rel_err(ss[k], sb[k]) < 1e-10 for k in sb)
+    assert set(sb) == set(ss) and all(rel_err(ss[k], sb[k]) < 1e-12 for k in sb)
     assert rel_err(ps, pb) < 1e-12
 
 
@@ -1465,7 +1465,7 @@ def test_monte_carlo_fisher_factors_converge_to_the_exact_fisher_ones():
 
     exact = dense(Fisher())
     err = {k: rel_err(dense(Fisher(mc_samples=k), 3), exact) for k in (10, 1000)}
-    assert err[1000] < err[10] / 3 and err[1000] < 0.03, err
+    assert err[1000] < err[10] / 5 and err[1000] < 0.015, err  # 1/sqrt(k): ~1/10
 
 
 def test_empirical_fisher_one_sample_is_exact():
