@@ -257,7 +257,7 @@ def bench_floor(t: torch.Tensor, y: torch.Tensor, res, repeats: int) -> dict:
     return {"iterations": len(sets), **summary(times)}
 
 
-def machine(threads: int) -> dict:
+def machine(threads: int, note: str) -> dict:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -267,7 +267,7 @@ def machine(threads: int) -> dict:
         "loadavg_start": os.getloadavg(),
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "note": "shared machine: other jobs ran at the same time (see loadavg)",
+        "note": note,
     }
 
 
@@ -282,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-repeats", type=int, default=3, help="repeats of the 10,000 fits")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--note", default="", help="what else ran on the machine (goes into the JSON with the load)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine(args.threads)
+    info = machine(args.threads, args.note)
     # warm-up: the first torch.func calls import and trace (reverse mode for small batches,
     # forward mode for large ones); not part of any timing
     for b in (1, 4, 128):
