@@ -358,6 +358,131 @@ def test_curve_fit_refuses_an_f_of_the_wrong_shape():
     assert not calls
 
 
+def _decay_jac(x, a, b, c):
+    e = torch.exp(-b * x)
+    return torch.stack([e, -a * x * e, torch.ones_like(e)], -1)
+
+
+def _decay_jac_np(x, a, b, c):
+    e = np.exp(-b * x)
+    return np.stack([e, -a * x * e, np.ones_like(x)], -1)
+
+
+@pytest.mark.parametrize("sigma,absolute", [(None, False), ("s", False), ("s", True)])
+def test_curve_fit_with_jac_matches_scipy_with_jac(sigma, absolute):
+    """curve_fit(jac=) is scipy's: the Jacobian of f, divided by sigma inside. popt, pcov and
+    the evaluation count equal scipy's curve_fit(jac=) (MINPACK lmder), and the fit equals the
+    one with autograd's Jacobian."""
+    s = 0.01 + 0.02 * torch.rand(30, generator=seeded(2), dtype=D) if sigma else None
+    p0 = [1.0, 1.0, 0.0]
+    kw = {"sigma": s, "absolute_sigma": absolute, "full_output": True}
+    popt, pcov, res = curve_fit(_decay, T, Y, p0, jac=_decay_jac, **kw)
+    ref_p, ref_c, info, _, _ = sopt.curve_fit(
+        _decay_np,
+        T.numpy(),
+        Y.numpy(),
+        p0,
+        sigma=None if s is None else s.numpy(),
+        absolute_sigma=absolute,
+        jac=_decay_jac_np,
+        full_output=True,
+    )
+    torch.testing.assert_close(popt, torch.tensor(ref_p), rtol=1e-8, atol=0)
+    torch.testing.assert_close(pcov, torch.tensor(ref_c), rtol=1e-5, atol=1e-14)
+    assert res.nfev == info["nfev"]
+    auto_p, auto_c, auto = curve_fit(_decay, T, Y, p0, **kw)
+    torch.testing.assert_close(popt, auto_p, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pcov, auto_c, rtol=1e-10, atol=0)
+    assert (res.nfev, res.njev) == (auto.nfev, auto.njev)
+
+
+@pytest.mark.parametrize("route", ["broadcast", "vmap"])
+def test_batched_curve_fit_with_jac_equals_separate_fits(route):
+    """A jac that broadcasts is called once a Jacobian stage with the parameter columns (B, 1)
+    (no vmap); one that does not (``torch.ones_like(x)`` has shape (N,) and does not stack
+    with (B, N)) is caught by the probe and vmapped. Both, with a sigma per curve, equal the
+    separate fits with jac (which equal scipy's, above)."""
+    y = _batch(5)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 5, dtype=D)
+    s = 0.01 + 0.02 * torch.rand(5, 30, generator=seeded(4), dtype=D)
+    seen = []
+
+    def jac(x, a, b, c):
+        seen.append(tuple(a.shape))
+        e = torch.exp(-b * x)
+        one = torch.ones_like(e if route == "broadcast" else x)
+        return torch.stack([e, -a * x * e, one], -1)
+
+    popt, pcov = curve_fit(_decay, T, y, p0, sigma=s, jac=jac)
+    columns = [sh for sh in seen if sh != ()]
+    assert all(sh[1:] == (1,) for sh in columns)
+    if route == "broadcast":
+        # 0-d only in the shape check and the probe's vmapped reference
+        assert len(columns) >= 2 and len(seen) - len(columns) == 2
+    else:
+        assert columns == [(5, 1)]  # the probe only; then 0-d parameters under vmap
+    for i in (0, 4):
+        one, cov = curve_fit(_decay, T, y[i], [1.0, 1.0, 0.0], sigma=s[i], jac=_decay_jac)
+        torch.testing.assert_close(popt[i], one, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(pcov[i], cov, rtol=1e-7, atol=1e-16)
+
+
+def test_a_wrong_jac_is_named_and_bad_jac_input_refused():
+    """jac= is checked at x0 against a central difference of fun (two evaluations; a wrong
+    one named by its columns in a SteepestWarning, single and batched, curve_fit and
+    least_squares); right Jacobians, also in float32 and on a steep exponential where the
+    first difference is off by its truncation error, pass silently. A jac of the wrong shape
+    is a ShapeError, a string a ConfigurationError, both before f is evaluated for the fit."""
+    import warnings as w
+
+    from steepest.errors import SteepestWarning
+
+    def scaled(x, a, b, c):  # column 2 twice too large: the same minimum, a wrong pcov
+        return _decay_jac(x, a, b, c) * torch.tensor([1.0, 1.0, 2.0], dtype=x.dtype)
+
+    with pytest.warns(SteepestWarning, match=r"jac disagrees .* in the columns \[2\]"):
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], jac=scaled)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 3, dtype=D)
+    with pytest.warns(SteepestWarning, match=r"in the columns \[2\]"):
+        curve_fit(_decay, T, _batch(3), p0, jac=scaled)
+
+    def h(p):
+        return p[0] * torch.exp(-p[1] * T) + p[2] - Y
+
+    def swapped(p):  # the columns of b and c exchanged
+        return torch.func.jacrev(h)(p)[:, [0, 2, 1]]
+
+    with pytest.warns(SteepestWarning, match=r"in the columns \[1, 2\]"):
+        least_squares(h, [1.0, 1.0, 0.0], jac=swapped)
+    with pytest.warns(SteepestWarning, match=r"in the columns \[1, 2\]"):
+        least_squares(h, p0, jac=swapped, vectorize=True)
+    with w.catch_warnings():
+        w.simplefilter("error", SteepestWarning)
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], jac=_decay_jac)
+        curve_fit(_decay, T, _batch(3), p0, jac=_decay_jac)
+        t32, y32 = T.float(), Y.float()
+        curve_fit(_decay, t32, y32, torch.tensor([1.0, 1.0, 0.0]), jac=_decay_jac)
+        least_squares(h, [1.0, 1.0, 0.0], jac=torch.func.jacrev(h))
+
+        def steep(p):  # d (|x| + 1) h ~ 6e-6 in p, times 2e4: the first difference is off
+            return torch.exp(2e4 * p) - 1.5
+
+        least_squares(steep, [1e-5], jac=torch.func.jacrev(steep))
+    calls = []
+
+    def counted(x, a, b, c):
+        calls.append(1)
+        return _decay(x, a, b, c)
+
+    with pytest.raises(ShapeError, match=r"jac\(xdata, \*p0\) returned \(3, 30\)"):
+        curve_fit(counted, T, Y, [1.0, 1.0, 0.0], jac=lambda x, *p: _decay_jac(x, *p).T)
+    assert len(calls) == 1  # f's own shape check only
+    calls.clear()
+    with pytest.raises(ConfigurationError, match="jac must be a callable"):
+        curve_fit(counted, T, Y, [1.0, 1.0, 0.0], jac="2-point")
+    assert not calls
+
+
 def test_vectorize_runs_a_one_problem_fun_over_a_batch_of_starts():
     """vectorize=True: fun written for one x (P,) and vmapped; fun sees only x, so the batch is
     one data set from several starts (multi-start): each fit equals the separate fit from its

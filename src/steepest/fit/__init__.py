@@ -41,7 +41,9 @@ on a batch calls an elementwise formula once on the parameter columns and, when 
 is pointwise (residual i depends on the parameters through point i only; checked by a probe
 near p0 and again at popt on up to 4 solved fits: a formula coupling the points only far
 from both on other fits is not caught), takes J by one backward pass through the parameters
-spread to one copy per point, on one curve as on a batch.
+spread to one copy per point, on one curve as on a batch. A ``jac=`` given to either front end
+is checked at x0 against a central difference of ``fun`` along a random direction (two
+evaluations, not counted in nfev; a SteepestWarning names the columns that disagree).
 
 Stopping rules, with MINPACK's meanings (and scipy's status codes):
 

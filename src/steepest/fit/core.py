@@ -37,21 +37,23 @@ def _as_x0(x0) -> Tensor:
     return x
 
 
-def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor, name: str = "fun") -> Tensor:
     try:
         out = fun(x)
     except RuntimeError as e:
         if "vmap" not in str(e):
             raise
         raise ConfigurationError(
-            f"fun could not be vmapped over the problems of the batch ({e}); write it with "
+            f"{name} could not be vmapped over the problems of the batch ({e}); write it with "
             f"torch operations on the parameters (no .item(), float(), numpy or data-dependent "
-            f"Python control flow), or (least_squares) pass a fun that takes the batch (B, P)."
+            f"Python control flow), or (least_squares) pass a {name} that takes the batch "
+            f"(B, P)."
         ) from e
     if not isinstance(out, Tensor):
         raise ConfigurationError(
-            f"fun must return a torch.Tensor (written with torch operations, so that autograd "
-            f"gives its Jacobian), got {type(out).__name__}."
+            f"{name} must return a torch.Tensor (written with torch operations"
+            f"{', so that autograd gives its Jacobian' if name == 'fun' else ''}), got "
+            f"{type(out).__name__}."
         )
     return out
 
@@ -122,6 +124,59 @@ def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Ten
                 stacklevel=5,
             )
             return
+
+
+def _check_jac(fun_r: Callable, jac_r: Callable, x: Tensor, f: Tensor, rows: Tensor) -> None:
+    r"""Warn, before the fit starts, where a given ``jac`` disagrees with fun at x0: on up to 4
+    problems, :math:`Jd` against the central difference :math:`(f(x + hd) - f(x - hd)) / 2h`
+    along a fixed random direction :math:`d_j = v_j (|x_j| + 1)`, :math:`h =
+    \epsilon^{1/3}` (error :math:`O(h^2)` from the third derivative, :math:`O(\epsilon/h)
+    \|f\|` from rounding). A disagreement above :math:`\tau \|Jd\| + 10^3 (\epsilon / h)
+    \|f\|`, :math:`\tau = \max(10^{-4}, 10^3 \epsilon^{2/3})`, that persists at h/10 (a
+    truncation error falls 100-fold there, a wrong jac stays) gives a SteepestWarning naming
+    the columns that disagree on their own (one central difference each). Two evaluations of
+    fun when jac is right (four when the first test fails), not counted in nfev. A warning,
+    not an error: a kink of fun within h of x0 trips it too."""
+    n = min(4, x.shape[0])
+    x, f, rows = x[:n], f[:n], rows[:n]
+    eps = torch.finfo(x.dtype).eps
+    tau = max(1e-4, 1e3 * eps ** (2 / 3))
+    g = torch.Generator(device="cpu").manual_seed(2)
+    d = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device) * (x.abs() + 1)
+    fnorm = torch.linalg.vector_norm(f, dim=-1)
+    with torch.no_grad():
+        jac = jac_r(x, rows)
+
+        def off(h: float, step: Tensor, want: Tensor) -> Tensor:
+            fd = (fun_r(x + h * step, rows) - fun_r(x - h * step, rows)) / (2 * h)
+            err = torch.linalg.vector_norm(fd - want, dim=-1)
+            tol = tau * torch.linalg.vector_norm(want, dim=-1) + 1e3 * eps / h * fnorm
+            return err > tol  # NaN (fun not finite there): no evidence
+
+        jd = (jac @ d.unsqueeze(-1)).squeeze(-1)
+        h = eps ** (1 / 3)
+        bad = off(h, d, jd)
+        if not bool(bad.any()):
+            return
+        bad = bad & off(h / 10, d, jd)
+        if not bool(bad.any()):
+            return
+        k = int(bad.nonzero()[0, 0])
+        cols = []
+        for j in range(x.shape[1]):
+            e = torch.zeros_like(x)
+            e[:, j] = x[:, j].abs() + 1
+            if bool(off(h, e, jac[..., j] * e[:, j : j + 1])[k]):
+                cols.append(j)
+    where = f"in the columns {cols}" if cols else "along a random direction (no single column)"
+    warnings.warn(
+        f"jac disagrees with a central difference of fun at x0 (problem {int(rows[k])}) "
+        f"{where}: check jac (a sign, a missing factor, the columns in the order of the "
+        f"parameters; jac is of the unweighted residuals: weights and sigma are applied to it "
+        f"here). The fit follows jac and may stop away from a minimum.",
+        SteepestWarning,
+        stacklevel=4,
+    )
 
 
 # ---------------------------------------------------------------------------------- factor

@@ -89,6 +89,45 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int) -> bool:
     return bool(((got - ref).abs() <= tol * (ref.abs() + scale)).all())
 
 
+def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread):
+    """``jac_r(pp, rows)`` of curve_fit's ``jac=`` (of the residuals: divided by sigma), after a
+    check of its shape on the first curve at p0: a batch calls it once with the parameter
+    columns (B, 1) when :func:`_broadcasts` says that equals the vmapped jac, else vmaps it."""
+    n, p = y.shape[-1], xb.shape[-1]
+    with torch.no_grad():
+        j0 = jac(xd[0] if x_per else xd, *xb[0].unbind(-1))
+    if not isinstance(j0, Tensor) or tuple(j0.shape) != (n, p):
+        got = tuple(j0.shape) if isinstance(j0, Tensor) else type(j0).__name__
+        raise ShapeError(
+            f"jac(xdata, *p0) returned {got}{' for the first curve' if batched else ''}; "
+            f"expected a torch tensor of shape (N, P) = ({n}, {p}): a row per point of ydata, "
+            f"a column per parameter (scipy's layout)."
+        )
+
+    def jres(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
+        jj = jac(xx, *pp.unbind(-1))
+        return jj / ss.unsqueeze(-1) if ss is not None else jj
+
+    if not batched:
+
+        def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(lambda q: jres(q, xd, y, s), pp.squeeze(0), "jac").unsqueeze(0)
+
+        return jac_r
+    vjres = torch.func.vmap(jres, in_dims=dims)
+    if spread and _broadcasts(jres, vjres, xb, args(torch.arange(xb.shape[0], device=xb.device))):
+
+        def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows)), pp, "jac")
+
+        return jac_r
+
+    def jac_v(pp: Tensor, rows: Tensor) -> Tensor:
+        return _evaluate(lambda q: vjres(q, *args(rows)), pp, "jac")
+
+    return jac_v
+
+
 def curve_fit(
     f: Callable[..., Tensor],
     xdata: Tensor,
@@ -98,6 +137,7 @@ def curve_fit(
     absolute_sigma: bool = False,
     *,
     method: str = "trust-region",
+    jac: Callable[..., Tensor] | None = None,
     full_output: bool = False,
     ftol: float = 1.49012e-8,
     xtol: float = 1.49012e-8,
@@ -130,6 +170,12 @@ def curve_fit(
     absolute_sigma : sigma in absolute units: pcov is not rescaled by the residual variance.
     method, ftol, xtol, gtol : as :func:`least_squares` (defaults: scipy's curve_fit/leastsq
         tolerances).
+    jac : ``jac(xdata, p_1, ..., p_P) -> (N, P)``, the Jacobian
+        :math:`\partial f(x_i; p) / \partial p_j` in torch, as scipy's callable ``jac`` (divided
+        by sigma here, as there; checked at p0 against a central difference of f, a
+        SteepestWarning if they disagree). For a batch it is written for one curve and vmapped,
+        or called once with the parameter columns (B, 1) when a probe says that gives the same
+        (B, N, P). Default None: autograd (one backward pass for a pointwise f, as above).
     max_nfev : the most evaluations of f per curve; default 100 (P + 1), MINPACK ``lmder``'s
         (what ``scipy.optimize.curve_fit`` uses when given ``jac=``). The Jacobian here is
         analytic (autograd) and, as in ``lmder``, not counted in nfev; scipy's default without
@@ -189,6 +235,12 @@ def curve_fit(
 
     if method not in ALIASES:
         raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+    if jac is not None and not callable(jac):
+        raise ConfigurationError(
+            f"jac must be a callable jac(xdata, *params) -> (N, P) in torch, or None for "
+            f"autograd, got {jac!r} (scipy's finite-difference strings are not needed: the "
+            f"Jacobian is analytic here)."
+        )
     check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     p = x0.shape[-1]
     max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
@@ -204,7 +256,7 @@ def curve_fit(
             f"xdata has ydata's N points and that f returns a flat vector (no trailing axis "
             f"of 1, no sum; a constant model: return c + 0 * x)."
         )
-    jac_r = None  # torch.func's, unless the formula is pointwise (below)
+    jac_r = None  # torch.func's, unless the formula is pointwise (below) or jac is given
     if batched:  # one curve's residual, vmapped over the rows asked for
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
 
@@ -244,10 +296,14 @@ def curve_fit(
     # a pointwise f: J by one backward pass through the parameters spread over the points
     # (13 curves of 50 points: 0.25 ms against 0.9 ms for M vmapped vjps; one curve 0.22 ms
     # against 1.0 ms; torch 2.13, CPU)
-    if spread and _is_pointwise(resid, vres, xb[few], args(few), n):
+    pointwise = jac is None and spread and _is_pointwise(resid, vres, xb[few], args(few), n)
+    if pointwise:
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _pointwise_jac(resid, pp, args(rows))
+
+    elif jac is not None:
+        jac_r = _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread)
 
     def fit(jac):
         return _run(
@@ -266,7 +322,7 @@ def curve_fit(
         )
 
     out = fit(jac_r)
-    if jac_r is not None:  # the probe was near p0: check again at popt (up to 4 solved fits)
+    if pointwise:  # the probe was near p0: check again at popt (up to 4 solved fits)
         done = (out["status"] > 0).nonzero().squeeze(-1)[:4]
         if done.numel() and not _is_pointwise(resid, vres, out["x"][done], args(done), n):
             out = fit(None)  # f couples the points away from p0: torch.func's Jacobian

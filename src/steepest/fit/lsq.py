@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
-from .core import _as_x0, _evaluate, _jacobian, _least_squares_core
+from .core import _as_x0, _check_jac, _evaluate, _jacobian, _least_squares_core
 from .result import OptimizeResult, _result
 
 METHODS = ("trust-region", "levenberg-marquardt", "gauss-newton")
@@ -56,7 +56,8 @@ def least_squares(
         x0, method="trust-exact")``.
     jac : ``"auto"`` (autograd: reverse mode while B M^2 <= 2e5 or P > M, else forward),
         ``"jacfwd"``,
-        ``"jacrev"``, or a callable ``jac(x) -> J`` of shape (M, P) (batched: (B, M, P)).
+        ``"jacrev"``, or a callable ``jac(x) -> J`` of shape (M, P) (batched: (B, M, P)) of the
+        unweighted residuals, checked at x0 against a central difference of fun.
     ftol, xtol, gtol : MINPACK's relative tolerances on the reduction of F, on the trust radius
         relative to :math:`\|Dx\|`, and on the cosine between f and the columns of J. Defaults
         1e-14, 1e-8, 1e-8: scipy's are 1e-8 for all three, but a relative reduction of F below
@@ -91,7 +92,9 @@ def least_squares(
     -----
     SteepestWarning: a column of the Jacobian is exactly 0 at x0 while fun moves with that
     parameter (a central difference tells: ``.item()``, ``float()`` or numpy in fun cut
-    autograd's graph, x0 on a kink, or ``jac`` is wrong): the fit cannot move it.
+    autograd's graph, x0 on a kink, or ``jac`` is wrong): the fit cannot move it. A callable
+    ``jac`` that disagrees with a central difference of fun at x0 (on up to 4 problems, along a
+    random direction, at two step sizes): its columns that disagree are named.
 
     Example
     -------
@@ -264,6 +267,8 @@ def _run(
                     f"{'(B, M, P) = ' + str((xb.shape[0], m, p)) if batched else (m, p)}."
                 )
             return jj * sw[rows].unsqueeze(-1) if sw is not None else jj
+
+        _check_jac(res_nograd, jac_w, xb, f0, rows)
 
     return _least_squares_core(
         res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
