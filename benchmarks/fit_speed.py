@@ -11,12 +11,14 @@ Three measurements, each side by side in one process (median and spread of repea
    ``least_squares``' own defaults are tighter); goal: within 5x scipy's time.
 3. ``batched``: B = 10,000 exponential-decay curves of 50 points each (random a, b, c, noise
    0.01), one batched ``steepest.curve_fit`` against a Python loop of
-   ``scipy.optimize.curve_fit`` over the curves; goal: the batch at least 20x faster. Two
-   matching pairs, interleaved: ``lmder`` (steepest's default max_nfev 100 (P + 1) against
+   ``scipy.optimize.curve_fit`` over the curves; goal: the batch at least 20x faster. Three
+   pairs, interleaved: ``lmder`` (steepest's default max_nfev 100 (P + 1) against
    scipy with ``jac=`` a numpy Jacobian, whose default is the same) and ``lmdif`` (steepest with
    max_nfev = 200 (P + 1) against scipy without ``jac``, its default: forward differences,
-   counted in nfev). Then ``tail``: the fits that ran to max_nfev, fitted alone as one batch
-   (the sequential iterations that bound the batch's time), in ms per iteration.
+   counted in nfev), and ``lmder-jac``: steepest given the same Jacobian in torch
+   (``curve_fit(jac=)``) against the same lmder loop, like with like. Then ``tail``: the fits
+   that ran to max_nfev, fitted alone as one batch (the sequential iterations that bound the
+   batch's time), in ms per iteration.
 
 Usage (from the repository root)::
 
@@ -93,6 +95,11 @@ def decay(x, a, b, c):
     return a * torch.exp(-b * x) + c
 
 
+def decay_jac(x, a, b, c):
+    e = torch.exp(-b * x)
+    return torch.stack([e, -a * x * e, torch.ones_like(e)], -1)
+
+
 def decay_np(x, a, b, c):
     return a * np.exp(-b * x) + c
 
@@ -154,9 +161,11 @@ def bench_batched(b: int, repeats: int) -> dict:
     p0 = torch.tensor([P0] * b, dtype=D)
     tn, yn = t.numpy(), y.numpy()
     n_max = {"lmder": 100 * (len(P0) + 1), "lmdif": 200 * (len(P0) + 1)}
+    n_max["lmder-jac"] = n_max["lmder"]  # scipy's side: the lmder loop of the same repeat
 
     def ours(kind):
-        return steepest.curve_fit(decay, t, y, p0, full_output=True, max_nfev=n_max[kind])
+        jac = decay_jac if kind == "lmder-jac" else None
+        return steepest.curve_fit(decay, t, y, p0, jac=jac, full_output=True, max_nfev=n_max[kind])
 
     def scipy_loop(kind):
         jac = decay_jac_np if kind == "lmder" else None
@@ -177,6 +186,10 @@ def bench_batched(b: int, repeats: int) -> dict:
             for kind in n_max:
                 dt, (popt, _, res) = timed(lambda k=kind: ours(k), 1)
                 times[kind]["steepest"] += dt
+                if kind == "lmder-jac":
+                    times[kind]["scipy_loop"] = times["lmder"]["scipy_loop"]
+                    fits[kind] = popt, res, fits["lmder"][2]
+                    continue
                 dt, ref = timed(lambda k=kind: scipy_loop(k), 1)
                 times[kind]["scipy_loop"] += dt
                 fits[kind] = popt, res, ref
@@ -186,7 +199,10 @@ def bench_batched(b: int, repeats: int) -> dict:
         both = res.success.numpy() & np.isfinite(ref).all(1)
         result[kind] = {
             "max_nfev": n_max[kind],
-            "scipy_call": "curve_fit(jac=numpy Jacobian)" if kind == "lmder" else "curve_fit()",
+            "steepest_call": "curve_fit(jac=torch Jacobian)"
+            if kind == "lmder-jac"
+            else "curve_fit() (autograd Jacobian)",
+            "scipy_call": "curve_fit()" if kind == "lmdif" else "curve_fit(jac=numpy Jacobian)",
             "steepest": summary(ours_t),
             "scipy_loop": summary(ref_t),
             "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
@@ -199,8 +215,9 @@ def bench_batched(b: int, repeats: int) -> dict:
             "failed_in_both": int((~res.success.numpy() & ~np.isfinite(ref).all(1)).sum()),
             "max_abs_popt_diff_both_succeeded": float(np.abs(popt.numpy() - ref)[both].max()),
         }
-        floor = bench_floor(t, y, res, len(ours_t))
+        floor = bench_floor(t, y, res, len(ours_t), kind == "lmder-jac")
         floor["speedup_bound"] = statistics.median(ref_t) / floor["median_s"]
+        floor["speedup_bound_no_qr"] = statistics.median(ref_t) / floor["no_qr_median_s"]
         result[kind]["floor"] = floor
         # the tail: the fits that ran to max_nfev, alone (max_nfev - 1 sequential iterations)
         tail = (res.status == 0).nonzero().squeeze(-1)
@@ -209,7 +226,12 @@ def bench_batched(b: int, repeats: int) -> dict:
                 warnings.simplefilter("ignore")
                 tail_t, _ = timed(
                     lambda k=kind, i=tail: steepest.curve_fit(
-                        decay, t, y[i], p0[i], max_nfev=n_max[k]
+                        decay,
+                        t,
+                        y[i],
+                        p0[i],
+                        jac=decay_jac if k == "lmder-jac" else None,
+                        max_nfev=n_max[k],
                     ),
                     repeats,
                 )
@@ -222,13 +244,16 @@ def bench_batched(b: int, repeats: int) -> dict:
     return result
 
 
-def bench_floor(t: torch.Tensor, y: torch.Tensor, res, repeats: int) -> dict:
-    """A lower bound for any batched implementation of the same fits in eager torch: for each
-    evaluation i, on the fits that made more than i evaluations (``res.nfev``), one
-    evaluation of the residuals, and on the fits that took more than i Jacobians
-    (``res.njev``), the pointwise Jacobian (the fit's own route) and one Householder QR of
-    [J f]; nothing else (no SVD, lmpar, tests, bookkeeping). The row sets are made before
-    the clock starts."""
+def bench_floor(
+    t: torch.Tensor, y: torch.Tensor, res, repeats: int, analytic: bool = False
+) -> dict:
+    """A lower bound for any batched implementation of the same fits in eager torch that
+    factors J by Householder QR: for each evaluation i, on the fits that made more than i
+    evaluations (``res.nfev``), one evaluation of the residuals, and on the fits that took
+    more than i Jacobians (``res.njev``), the Jacobian (the fit's own route: pointwise
+    autograd, or ``decay_jac`` when ``analytic``) and one Householder QR of [J f]; nothing
+    else (no SVD, lmpar, tests, bookkeeping). The row sets are made before the clock starts.
+    The same without the QR (``no_qr_*``): what is left when the factorisation is free."""
     from steepest.fit.curve import _pointwise_jac
 
     def resid(pp, xx, yy, ss):
@@ -245,16 +270,26 @@ def bench_floor(t: torch.Tensor, y: torch.Tensor, res, repeats: int) -> dict:
             last = key
         sets.append(item)
 
-    def run():
+    def run(qr: bool = True):
         for xf, yf, xj, yj in sets:
             f = resid(xf, t, yf, None)
             if xj.shape[0]:
-                j = _pointwise_jac(resid, xj, (t, yj, None))
-                torch.linalg.qr(torch.cat([j, yj[..., None]], -1), mode="r")  # f: any column
+                if analytic:
+                    j = decay_jac(t, *xj.unsqueeze(-2).unbind(-1))
+                else:
+                    j = _pointwise_jac(resid, xj, (t, yj, None))
+                if qr:
+                    torch.linalg.qr(torch.cat([j, yj[..., None]], -1), mode="r")  # f: any column
         return f
 
     times, _ = timed(run, repeats)
-    return {"iterations": len(sets), **summary(times)}
+    bare, _ = timed(lambda: run(False), repeats)
+    return {
+        "iterations": len(sets),
+        "jacobian": "decay_jac" if analytic else "pointwise autograd",
+        **summary(times),
+        **{f"no_qr_{k}": v for k, v in summary(bare).items()},
+    }
 
 
 def machine(threads: int, note: str) -> dict:
@@ -302,13 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in result["nist"].items():
             print(f"NIST {k}: ratio {v['ratio_median']:.2f}, nfev {v['nfev']}")
     result["batched"] = bench_batched(args.batch, args.batch_repeats)
-    for kind in ("lmder", "lmdif"):
+    for kind in ("lmder", "lmder-jac", "lmdif"):
         v = result["batched"][kind]
         print(
             f"batched {kind}: steepest {v['steepest']['median_s']:.3f} s, scipy loop "
             f"{v['scipy_loop']['median_s']:.3f} s, speedup {v['speedup_median']:.2f}x; tail "
             f"{v.get('tail', {}).get('ms_per_iteration_median', math.nan):.2f} ms/iteration; "
-            f"floor {v['floor']['median_s']:.3f} s (bound {v['floor']['speedup_bound']:.1f}x)"
+            f"floor {v['floor']['median_s']:.3f} s (bound {v['floor']['speedup_bound']:.1f}x; "
+            f"without the QR {v['floor']['no_qr_median_s']:.3f} s, "
+            f"{v['floor']['speedup_bound_no_qr']:.1f}x)"
         )
     result["machine"]["loadavg_end"] = os.getloadavg()
     if args.out:
