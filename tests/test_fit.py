@@ -483,6 +483,76 @@ def test_a_wrong_jac_is_named_and_bad_jac_input_refused():
     assert not calls
 
 
+def test_jac_check_scales_runs_only_on_a_given_jac_and_points_at_the_caller(monkeypatch):
+    """The check of a given jac (review of 3f309fa): silent on right Jacobians at scales that
+    tripped its first version (a time constant of 1e-6, a Gaussian line at c/w = 3e5, a fixed
+    offset of 1e9 in the model), a wrong column hidden under a large one named (a background
+    of 10 under an amplitude of 1e6, its sign wrong: the fit 'succeeded' at -15758), the
+    warning attributed to the caller's line, never run on curve_fit's own autograd Jacobian,
+    and a jac of another dtype refused by name."""
+    import warnings as w
+
+    import steepest.fit.core as core
+    from steepest.errors import SteepestWarning
+
+    t6 = torch.linspace(0, 5e-6, 50, dtype=D)
+    y6 = 2 * torch.exp(-t6 / 1e-6) + 1e-3 * torch.sin(1e7 * t6)
+    tg = 1e9 + torch.linspace(-5e3, 5e3, 60, dtype=D)
+    yg = torch.exp(-(((tg - 1e9) / 3.3e3) ** 2))
+    to = torch.linspace(0, 1, 40, dtype=D)
+    yo = 1e9 + 2 * to + 3 * to**2
+
+    def gauss(p):
+        return p[0] * torch.exp(-(((tg - p[1]) / p[2]) ** 2)) - yg
+
+    right = [
+        (lambda p: p[0] * torch.exp(-t6 / p[1]) - y6, [1.5, 1.2e-6]),
+        (gauss, [0.9, 1e9 + 100, 3e3]),
+        (lambda p: 1e9 + p[0] * to + p[1] * to**2 - yo, [1.0, 1.0]),
+    ]
+    with w.catch_warnings():
+        w.simplefilter("error", SteepestWarning)
+        for fun, x0 in right:
+            least_squares(fun, x0, jac=torch.func.jacrev(fun), max_nfev=2)
+    yb = 1e6 * torch.exp(-1.3 * T) + 10 + 3 * torch.randn(30, generator=seeded(5), dtype=D)
+
+    def hb(p):
+        return p[0] * torch.exp(-p[1] * T) + p[2] - yb
+
+    flip = torch.tensor([1.0, 1.0, -1.0], dtype=D)
+    with pytest.warns(SteepestWarning, match=r"in the columns \[2\]") as rec:
+        least_squares(hb, [8e5, 1.0, 5.0], jac=lambda p: torch.func.jacrev(hb)(p) * flip)
+    assert [r.filename for r in rec if "jac disagrees" in str(r.message)] == [__file__]
+    with pytest.warns(SteepestWarning, match=r"in the columns \[2\]") as rec:
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], jac=lambda x, *p: _decay_jac(x, *p) * flip)
+    assert [r.filename for r in rec if "jac disagrees" in str(r.message)] == [__file__]
+    calls = []
+    real = core._check_jac
+    monkeypatch.setattr(core, "_check_jac", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import steepest.fit.lsq as lsq
+
+    monkeypatch.setattr(lsq, "_check_jac", core._check_jac)
+    curve_fit(_decay, T, Y, [1.0, 1.0, 0.0])  # pointwise autograd: not the user's jac
+    curve_fit(_decay, T, _batch(3), torch.tensor([[1.0, 1.0, 0.0]] * 3, dtype=D))
+    assert not calls
+    curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], jac=_decay_jac)
+    assert calls == [1]
+    with pytest.raises(ShapeError, match="in p0's torch.float64"):
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], jac=lambda x, *p: _decay_jac(x, *p).float())
+    x0 = torch.tensor([[1.5, 1.6, 0.1]] * 2, dtype=D)
+    with pytest.raises(ShapeError, match="jac returned torch.float32"):
+        least_squares(
+            PROBLEMS["expfit"][0],
+            x0,
+            vectorize=True,
+            jac=lambda p: torch.func.jacrev(PROBLEMS["expfit"][0])(p).float(),
+        )
+    with pytest.raises(ConfigurationError, match="jac could not be vmapped"):
+        least_squares(
+            PROBLEMS["expfit"][0], x0, vectorize=True, jac=lambda p: torch.ones(30, 3) * p[0].item()
+        )
+
+
 def test_vectorize_runs_a_one_problem_fun_over_a_batch_of_starts():
     """vectorize=True: fun written for one x (P,) and vmapped; fun sees only x, so the batch is
     one data set from several starts (multi-start): each fit equals the separate fit from its

@@ -3,12 +3,15 @@
 Every error raised by ``steepest`` derives from :class:`SteepestError`, and from the builtin
 class that fits (``ValueError``, ``TypeError``, ...), so ``except ValueError`` keeps working.
 Each message says what was wrong, the values seen, and what to do. :func:`all_finite` is the
-test behind :class:`NonFiniteError`, shared by the points, the solvers and the preconditioner.
+test behind :class:`NonFiniteError`, shared by the points, the solvers and the preconditioner;
+:func:`user_stacklevel` points a warning raised deep in the library at the user's line.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import torch
 from torch import Tensor
@@ -113,3 +116,17 @@ def check_tolerances(**tols: float) -> None:
             raise ConfigurationError(
                 f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}."
             )
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` called by the caller of this function that
+    attributes the warning to the first frame outside the ``steepest`` package: the user's
+    line, however deep in the library the warning was raised.
+
+    >>> warnings.warn("...", SteepestWarning, stacklevel=user_stacklevel())
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -45,6 +45,14 @@ spread to one copy per point, on one curve as on a batch. A ``jac=`` given to ei
 is checked at x0 against a central difference of ``fun`` along a random direction (two
 evaluations, not counted in nfev; a SteepestWarning names the columns that disagree).
 
+Bounds :math:`l \le x \le u` (``bounds=(lb, ub)``, any method, :mod:`.bounds`): at every
+Jacobian the parameters on a bound whose gradient :math:`J^Tf` points out of the box are held
+(their columns left out of the factorisation, as exactly zero columns are), the method's step
+is taken in the others and the trial point projected on the box; the step is judged by the
+Gauss-Newton model's reduction :math:`-2g^T\delta' - \|J\delta'\|^2` for the projected step
+:math:`\delta'` (a projected Levenberg-Marquardt method with an active set). Every evaluation
+of ``fun`` lies in the box; the result adds scipy's ``active_mask``.
+
 Stopping rules, with MINPACK's meanings (and scipy's status codes):
 
 - ``ftol`` (status 2): both the actual and the predicted relative reductions of the sum of

@@ -13,7 +13,13 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError, NonFiniteError, ShapeError, SteepestWarning
+from ..errors import (
+    ConfigurationError,
+    NonFiniteError,
+    ShapeError,
+    SteepestWarning,
+    user_stacklevel,
+)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -43,11 +49,13 @@ def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor, name: str = "fun") -> 
     except RuntimeError as e:
         if "vmap" not in str(e):
             raise
+        hint = (
+            ", or (least_squares) pass a fun that takes the batch (B, P)" if name == "fun" else ""
+        )
         raise ConfigurationError(
             f"{name} could not be vmapped over the problems of the batch ({e}); write it with "
             f"torch operations on the parameters (no .item(), float(), numpy or data-dependent "
-            f"Python control flow), or (least_squares) pass a {name} that takes the batch "
-            f"(B, P)."
+            f"Python control flow){hint}."
         ) from e
     if not isinstance(out, Tensor):
         raise ConfigurationError(
@@ -83,7 +91,14 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
         ) from e
 
 
-def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Tensor) -> None:
+def _check_seen(
+    fun_r: Callable,
+    x: Tensor,
+    f: Tensor,
+    rows: Tensor,
+    acnorm: Tensor,
+    box: tuple[Tensor, Tensor] | None = None,
+) -> None:
     """Warn, before the fit starts, where a Jacobian column j is exactly 0 at x0 while fun
     moves along x[j] to first order: a central difference, h = sqrt(eps) (|x_j| + 1) (even
     terms such as a^2 or cos(a) at 0 cancel), larger than 1e-6 of the larger of J's largest
@@ -103,9 +118,15 @@ def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Ten
         xp, xm = xi.clone(), xi.clone()
         xp[:, col] += h
         xm[:, col] -= h
+        if box is not None:  # one-sided on a bound: every evaluation in the box
+            lo, hi = box[0][rows[i]], box[1][rows[i]]
+            xp, xm = (
+                torch.minimum(torch.maximum(xp, lo), hi),
+                torch.minimum(torch.maximum(xm, lo), hi),
+            )
         with torch.no_grad():
             df = torch.linalg.vector_norm(fun_r(xp, rows[i]) - fun_r(xm, rows[i]), dim=-1)
-        df = df / (2 * h)
+        df = df / (xp - xm)[:, col]  # 2h, or h on a bound
         scale = torch.maximum(
             acnorm[i].amax(-1), torch.linalg.vector_norm(f[i], dim=-1) / (xi[:, col].abs() + 1)
         )
@@ -121,52 +142,82 @@ def _check_seen(fun_r: Callable, x: Tensor, f: Tensor, rows: Tensor, acnorm: Ten
                 f"wrong; the fit cannot move x[{col}]. Write fun with torch operations on x "
                 f"(for curve_fit: on the parameters p_j), or fix jac.",
                 SteepestWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
             return
 
 
-def _check_jac(fun_r: Callable, jac_r: Callable, x: Tensor, f: Tensor, rows: Tensor) -> None:
-    r"""Warn, before the fit starts, where a given ``jac`` disagrees with fun at x0: on up to 4
-    problems, :math:`Jd` against the central difference :math:`(f(x + hd) - f(x - hd)) / 2h`
-    along a fixed random direction :math:`d_j = v_j (|x_j| + 1)`, :math:`h =
-    \epsilon^{1/3}` (error :math:`O(h^2)` from the third derivative, :math:`O(\epsilon/h)
-    \|f\|` from rounding). A disagreement above :math:`\tau \|Jd\| + 10^3 (\epsilon / h)
-    \|f\|`, :math:`\tau = \max(10^{-4}, 10^3 \epsilon^{2/3})`, that persists at h/10 (a
-    truncation error falls 100-fold there, a wrong jac stays) gives a SteepestWarning naming
-    the columns that disagree on their own (one central difference each). Two evaluations of
-    fun when jac is right (four when the first test fails), not counted in nfev. A warning,
-    not an error: a kink of fun within h of x0 trips it too."""
+def _check_jac(
+    fun_r: Callable,
+    jac_r: Callable,
+    x: Tensor,
+    f: Tensor,
+    rows: Tensor,
+    box: tuple[Tensor, Tensor] | None = None,
+) -> None:
+    r"""Warn, before the fit starts, where a given ``jac`` disagrees with fun at x0. On up to 4
+    problems, :math:`J(x_+ - x_-)` against :math:`f(x_+) - f(x_-)`, :math:`x_\pm = x \pm hd`
+    (projected on the box when there are bounds: then one-sided), along a fixed random
+    direction balanced over the columns, :math:`d_j = v_j s_j \min(1, \max(10^{-3}, r_{min} /
+    r_j))` with :math:`s_j = |x_j| + 1`, :math:`r_j = \|J_{:,j}\| s_j` (so that a small
+    column's error is not hidden under a large column), at :math:`h = \epsilon^{1/3}, h/10,
+    h/100, h/1000` while undecided: a disagreement at most :math:`\tau\|J(x_+ - x_-)\| +
+    2\cdot10^3\epsilon\|f\|`, :math:`\tau = \max(10^{-4}, 10^3\epsilon^{2/3})`, clears
+    jac; one that, divided by h, grows more than 3x as h falls is rounding (no evidence); one
+    that, divided by h, stays within a factor 0.3-3 from one h to the next, above the
+    tolerance, is a wrong jac (a truncation error falls 10-100x per unit of h). Then a
+    SteepestWarning names the columns that disagree on their own (the same test per column,
+    2P more evaluations at least). Two evaluations of fun when jac is right at h, not counted
+    in nfev. A warning, not an error: a kink of fun near x0 can trip it."""
     n = min(4, x.shape[0])
     x, f, rows = x[:n], f[:n], rows[:n]
     eps = torch.finfo(x.dtype).eps
     tau = max(1e-4, 1e3 * eps ** (2 / 3))
-    g = torch.Generator(device="cpu").manual_seed(2)
-    d = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device) * (x.abs() + 1)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     fnorm = torch.linalg.vector_norm(f, dim=-1)
+    lo, hi = (box[0][rows], box[1][rows]) if box is not None else (None, None)
     with torch.no_grad():
         jac = jac_r(x, rows)
+        scale = x.abs() + 1
+        reach = torch.linalg.vector_norm(jac, dim=-2) * scale  # a column's effect on f, (n, P)
+        least = torch.where(reach > 0, reach, math.inf).amin(-1, keepdim=True)
+        bal = torch.where(reach > 0, (least / reach).clamp(1e-3, 1), 1.0)
+        bal = torch.where(torch.isfinite(bal), bal, 1.0)
 
-        def off(h: float, step: Tensor, want: Tensor) -> Tensor:
-            fd = (fun_r(x + h * step, rows) - fun_r(x - h * step, rows)) / (2 * h)
-            err = torch.linalg.vector_norm(fd - want, dim=-1)
-            tol = tau * torch.linalg.vector_norm(want, dim=-1) + 1e3 * eps / h * fnorm
-            return err > tol  # NaN (fun not finite there): no evidence
+        def wrong(step: Tensor) -> Tensor:
+            h, prev = eps ** (1 / 3), None
+            cleared = torch.zeros(n, dtype=torch.bool, device=x.device)
+            flagged = torch.zeros_like(cleared)
+            for _ in range(4):
+                xp, xm = x + h * step, x - h * step
+                if lo is not None:  # every evaluation in the box
+                    xp, xm = torch.clamp(xp, lo, hi), torch.clamp(xm, lo, hi)
+                diff = fun_r(xp, rows) - fun_r(xm, rows)
+                want = (jac @ (xp - xm).unsqueeze(-1)).squeeze(-1)
+                # per unit of h: a wrong jac's error stays, a truncation error falls with h
+                err = torch.linalg.vector_norm(diff - want, dim=-1) / (2 * h)
+                tol = (tau * torch.linalg.vector_norm(want, dim=-1) + 2e3 * eps * fnorm) / (2 * h)
+                cleared = cleared | (err <= tol)  # NaN (fun not finite there): neither
+                if prev is not None:
+                    rounding = err > 3 * prev
+                    steady = (err > tol) & (err >= 0.3 * prev) & ~rounding
+                    flagged = flagged | (~cleared & steady)
+                    cleared = cleared | (rounding & ~flagged)
+                if bool((cleared | flagged).all()):
+                    break
+                prev, h = err, h / 10
+            return flagged & ~cleared
 
-        jd = (jac @ d.unsqueeze(-1)).squeeze(-1)
-        h = eps ** (1 / 3)
-        bad = off(h, d, jd)
-        if not bool(bad.any()):
-            return
-        bad = bad & off(h / 10, d, jd)
+        bad = wrong(v * scale * bal)
         if not bool(bad.any()):
             return
         k = int(bad.nonzero()[0, 0])
         cols = []
         for j in range(x.shape[1]):
             e = torch.zeros_like(x)
-            e[:, j] = x[:, j].abs() + 1
-            if bool(off(h, e, jac[..., j] * e[:, j : j + 1])[k]):
+            e[:, j] = scale[:, j]
+            if bool(wrong(e)[k]):
                 cols.append(j)
     where = f"in the columns {cols}" if cols else "along a random direction (no single column)"
     warnings.warn(
@@ -175,7 +226,7 @@ def _check_jac(fun_r: Callable, jac_r: Callable, x: Tensor, f: Tensor, rows: Ten
         f"parameters; jac is of the unweighted residuals: weights and sigma are applied to it "
         f"here). The fit follows jac and may stop away from a minimum.",
         SteepestWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -376,7 +427,7 @@ class _Fits:
     """The state of the fits still running (a subset of the batch: ``rows``)."""
 
     FIELDS = ("rows", "x", "f", "fnorm", "floor", "nit", "first", "d", "radius", "lam")
-    FIELDS += ("alpha", "jac", "fac", "need_jac")
+    FIELDS += ("alpha", "jac", "fac", "need_jac", "lo", "hi", "g")
 
     def select(self, keep: Tensor) -> None:
         for name in self.FIELDS:
@@ -410,8 +461,10 @@ def _least_squares_core(
     gtol: float,
     max_nfev: int,
     factor: float,
+    box: tuple[Tensor, Tensor] | None = None,
 ) -> dict:
-    """B independent fits at once; see the module docstring. ``fun_r(x, rows)`` and
+    """B independent fits at once; see the module docstring. ``box``: bounds (lb, ub), each
+    (B, P), kept by an active set and a projection (:mod:`.bounds`). ``fun_r(x, rows)`` and
     ``jac_r(x, rows)`` evaluate the problems ``rows`` of the batch at x (len(rows), P). Fits
     that stopped leave the working set, so a few slow fits do not keep the batch busy. A
     Jacobian stage on at least :data:`QR_MIN_BATCH` fits with P <= 16 and M > P factors by the
@@ -450,6 +503,8 @@ def _least_squares_core(
     s.lam = torch.zeros(bsz, dtype=dtype, device=dev)  # lambda
     s.alpha = torch.ones(bsz, dtype=dtype, device=dev) if method == "gauss-newton" else None
     s.jac = s.fac = s.need_jac = None
+    s.lo, s.hi = box if box is not None else (None, None)
+    s.g = torch.zeros(bsz, p, dtype=dtype, device=dev) if box is not None else None  # J^T f
     nfev = 1
 
     def retire(done: Tensor, code: Tensor) -> None:
@@ -476,16 +531,21 @@ def _least_squares_core(
                 xs, fs, fn, rs = s.x, s.f, s.fnorm, s.rows
             else:
                 xs, fs, fn, rs = s.x[idx], s.f[idx], s.fnorm[idx], s.rows[idx]
-            j = jac_r(xs, rs)
+            j = jm = jac_r(xs, rs)
+            if box is not None:  # hold the parameters on a bound whose gradient points out
+                lo, hi = (s.lo, s.hi) if idx is None else (s.lo[idx], s.hi[idx])
+                g0 = (fs.unsqueeze(1) @ j).squeeze(1)
+                held = ((xs <= lo) & (g0 > 0)) | ((xs >= hi) & (g0 < 0))
+                jm = torch.where(held.unsqueeze(1), 0.0, j)
             by_qr = qr and j.shape[0] >= QR_MIN_BATCH
             if by_qr:  # [J f] = Q [R Q^T f; 0 rho]: J's column norms and J^T f from R
-                r = torch.linalg.qr(torch.cat([j, fs.unsqueeze(-1)], -1), mode="r")[1]
+                r = torch.linalg.qr(torch.cat([jm, fs.unsqueeze(-1)], -1), mode="r")[1]
                 rj, qtf = r[:, :p, :p], r[:, :p, p]
                 acnorm = torch.linalg.vector_norm(rj, dim=1)
                 g = (qtf.unsqueeze(1) @ rj).squeeze(1)
             else:
-                acnorm = torch.linalg.vector_norm(j, dim=1)  # column norms (n, P)
-                g = (fs.unsqueeze(1) @ j).squeeze(1)  # J^T f
+                acnorm = torch.linalg.vector_norm(jm, dim=1)  # column norms (n, P)
+                g = (fs.unsqueeze(1) @ jm).squeeze(1)  # J^T f
             bad = ~torch.isfinite(acnorm).all(-1) | ~torch.isfinite(g).all(-1)
             # gtol: the largest cosine between f and a column of J at most gtol (0 at f = 0)
             stop = (g.abs() <= (gtu * fn).unsqueeze(-1) * acnorm).all(-1) | bad
@@ -500,12 +560,19 @@ def _least_squares_core(
                     qtf = torch.where(bad[:, None], 0.0, qtf)
                 fac = _factor_r(rd, qtf, cut, acnorm == 0)
             else:
-                jd = j / ds.unsqueeze(1) if trust else j
+                jd = jm / ds.unsqueeze(1) if trust else jm
                 if n_bad:
                     jd = torch.where(bad[:, None, None], 0.0, jd)
                 fac = _factor(jd, fs, cut, acnorm == 0)
             if s.jac is None:  # at x0
-                _check_seen(fun_r, xs, fs, rs, acnorm)
+                _check_seen(
+                    fun_r,
+                    xs,
+                    fs,
+                    rs,
+                    acnorm if j is jm else torch.linalg.vector_norm(j, dim=1),
+                    box,
+                )
                 if trust:
                     xnorm = torch.linalg.vector_norm(ds * s.x, dim=-1)
                     s.radius = torch.where(xnorm > 0, factor * xnorm, factor)
@@ -515,10 +582,14 @@ def _least_squares_core(
                 s.jac, s.fac = j, fac
                 if trust:
                     s.d = ds
+                if box is not None:
+                    s.g = g
             else:
                 s.jac[idx] = j
                 if trust:
                     s.d[idx] = ds
+                if box is not None:
+                    s.g[idx] = g
                 for old, new in zip(s.fac, fac, strict=True):
                     old[idx] = new
             s.need_jac = None
@@ -538,12 +609,14 @@ def _least_squares_core(
         else:
             w = s.fac.gn * s.alpha.unsqueeze(-1)
         q = (w.unsqueeze(1) @ s.fac.vh).squeeze(1)  # D delta
+        xt = s.x + q / s.d if trust else s.x + q
+        if box is not None:  # projected on the box: the step actually taken
+            xt = torch.minimum(torch.maximum(xt, s.lo), s.hi)
+            step = xt - s.x
+            q = step * s.d if trust else step
         pnorm = torch.linalg.vector_norm(q, dim=-1)
         if trust:
             s.radius = torch.where(s.first, torch.minimum(s.radius, pnorm), s.radius)
-            xt = s.x + q / s.d
-        else:
-            xt = s.x + q
         ft = fun_r(xt, s.rows)
         nfev += 1
         fnorm, fnorm1 = s.fnorm, torch.linalg.vector_norm(ft, dim=-1)
@@ -555,12 +628,19 @@ def _least_squares_core(
         cz = (s.fac.c * w).sum(-1)  # -f^T J delta
         # 1 - ||f + J delta||^2 / ||f||^2 = (||J delta||^2 + 2 lambda ||D delta||^2) / ||f||^2
         # with ||J delta||^2 = cz - lambda ||w||^2 (Gauss-Newton: alpha cz)
-        if method == "gauss-newton":
+        if box is not None:  # the Gauss-Newton model's reduction for the projected step
+            cz = -(s.g * step).sum(-1)
+            jstep = (s.jac @ step.unsqueeze(-1)).squeeze(-1)
+            prered = (2 * cz - jstep.square().sum(-1)) / fn2
+        elif method == "gauss-newton":
             prered = (2 - s.alpha) * cz / fn2
         else:
             prered = (cz + s.lam * pnorm * pnorm) / fn2
         dirder = -cz / fn2
-        ratio = torch.where(prered != k.zero, actred / prered, k.zero)
+        # (with bounds a projected step may predict no reduction: never accepted on rho)
+        ratio = torch.where(
+            prered > k.zero if box is not None else prered != k.zero, actred / prered, k.zero
+        )
         # ---- the method's update
         if trust:
             temp = k.half * dirder / (dirder + k.half * actred)

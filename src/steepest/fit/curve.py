@@ -17,19 +17,30 @@ from ..errors import (
     ShapeError,
     check_tolerances,
 )
+from .bounds import _as_bounds
 from .core import _as_x0, _evaluate, _jacobian, _svd_values
 from .lsq import ALIASES, METHODS, _run
 from .result import _result
 
 
-def _broadcasts(resid, vres, x0: Tensor, args: tuple) -> bool:
+def _inside(x: Tensor, box) -> Tensor:
+    """x projected on the box (lb, ub) of its rows, or x when there are no bounds: the probes
+    of the routes below stay where f is asked to be evaluated."""
+    return x if box is None else torch.minimum(torch.maximum(x, box[0]), box[1])
+
+
+def _rows(box, rows: Tensor):
+    return None if box is None else (box[0][rows], box[1][rows])
+
+
+def _broadcasts(resid, vres, x0: Tensor, args: tuple, box=None) -> bool:
     """Whether ``resid`` called once on the parameter columns (B, 1, P) of a batch gives what
     the vmapped one-curve residual gives, row by row, at a point near x0 where the rows differ
     (so a formula that mixes rows, e.g. through a mean over the batch, is caught): then the
     batch needs no vmap."""
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-    probe = x0 + 1e-3 * (x0.abs() + 1) * noise
+    probe = _inside(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -63,15 +74,14 @@ def _pointwise_jac(resid, pp: Tensor, args: tuple) -> Tensor:
     return jac.permute(1, 2, 0)
 
 
-def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int) -> bool:
+def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> bool:
     """Whether :func:`_pointwise_jac` gives the Jacobian of ``resid`` (residual i of a curve
     depends on the parameters only through their copy at point i): checked near x0 on up to 4
     curves against ``torch.func.jacrev`` of the vmapped residual. A formula that couples the
     points (a normalisation over x, a cumulative sum) fails it and keeps ``torch.func``."""
     g = torch.Generator(device="cpu").manual_seed(1)
-    probe = x0 + 1e-3 * (x0.abs() + 1) * torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(
-        x0.device
-    )
+    noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
+    probe = _inside(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -89,19 +99,20 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int) -> bool:
     return bool(((got - ref).abs() <= tol * (ref.abs() + scale)).all())
 
 
-def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread):
+def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box):
     """``jac_r(pp, rows)`` of curve_fit's ``jac=`` (of the residuals: divided by sigma), after a
     check of its shape on the first curve at p0: a batch calls it once with the parameter
     columns (B, 1) when :func:`_broadcasts` says that equals the vmapped jac, else vmaps it."""
     n, p = y.shape[-1], xb.shape[-1]
     with torch.no_grad():
         j0 = jac(xd[0] if x_per else xd, *xb[0].unbind(-1))
-    if not isinstance(j0, Tensor) or tuple(j0.shape) != (n, p):
+    if not isinstance(j0, Tensor) or tuple(j0.shape) != (n, p) or j0.dtype != xb.dtype:
         got = tuple(j0.shape) if isinstance(j0, Tensor) else type(j0).__name__
+        got = f"{got} {j0.dtype}" if isinstance(j0, Tensor) else got
         raise ShapeError(
             f"jac(xdata, *p0) returned {got}{' for the first curve' if batched else ''}; "
-            f"expected a torch tensor of shape (N, P) = ({n}, {p}): a row per point of ydata, "
-            f"a column per parameter (scipy's layout)."
+            f"expected a torch tensor of shape (N, P) = ({n}, {p}) in p0's {xb.dtype}: a row "
+            f"per point of ydata, a column per parameter (scipy's layout)."
         )
 
     def jres(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
@@ -115,7 +126,8 @@ def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread):
 
         return jac_r
     vjres = torch.func.vmap(jres, in_dims=dims)
-    if spread and _broadcasts(jres, vjres, xb, args(torch.arange(xb.shape[0], device=xb.device))):
+    every = torch.arange(xb.shape[0], device=xb.device)
+    if spread and _broadcasts(jres, vjres, xb, args(every), box):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows)), pp, "jac")
@@ -138,6 +150,7 @@ def curve_fit(
     *,
     method: str = "trust-region",
     jac: Callable[..., Tensor] | None = None,
+    bounds: tuple | None = None,
     full_output: bool = False,
     ftol: float = 1.49012e-8,
     xtol: float = 1.49012e-8,
@@ -176,13 +189,17 @@ def curve_fit(
         SteepestWarning if they disagree). For a batch it is written for one curve and vmapped,
         or called once with the parameter columns (B, 1) when a probe says that gives the same
         (B, N, P). Default None: autograd (one backward pass for a pointwise f, as above).
+    bounds : ``(lb, ub)``, as scipy's: each a number, one value per parameter (P,) or, for a
+        batch, per curve (B, P); -inf / inf where a side is free; with any method, as in
+        :func:`least_squares`. pcov is from the Jacobian at popt, as scipy's (a parameter on
+        its bound is not held fixed in pcov). Default None: no bounds.
     max_nfev : the most evaluations of f per curve; default 100 (P + 1), MINPACK ``lmder``'s
         (what ``scipy.optimize.curve_fit`` uses when given ``jac=``). The Jacobian here is
-        analytic (autograd) and, as in ``lmder``, not counted in nfev; scipy's default without
-        ``jac``, ``lmdif``'s 200 (P + 1), budgets the P evaluations of each forward-difference
-        Jacobian too, so it stops after about 200 (P + 1) / (P + 1) = 200 iterations, where the
-        same 200 (P + 1) here would allow 200 (P + 1) iterations. With 100 (P + 1) a fit is
-        MINPACK's ``lmder`` evaluation by evaluation, limit included.
+        analytic (autograd, or ``jac=``) and, as in ``lmder``, not counted in nfev; scipy's
+        default without ``jac``, ``lmdif``'s 200 (P + 1), budgets the P evaluations of each
+        forward-difference Jacobian too, so it stops after about 200 (P + 1) / (P + 1) = 200
+        iterations, where the same 200 (P + 1) here would allow 200 (P + 1) iterations. With
+        100 (P + 1) a fit is MINPACK's ``lmder`` evaluation by evaluation, limit included.
     full_output : also return the :class:`OptimizeResult` of the fit.
 
     Raises
@@ -246,6 +263,7 @@ def curve_fit(
     max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
     if not (isinstance(max_nfev, int) and max_nfev >= 1):
         raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
+    box = _as_bounds(bounds, x0 if batched else x0.unsqueeze(0))
     with torch.no_grad():  # one value per data point, before any subtraction broadcasts
         first = f(xd[0] if x_per else xd, *(x0[0] if batched else x0).unbind(-1))
     if not isinstance(first, Tensor) or tuple(first.shape) != (n,):
@@ -279,7 +297,8 @@ def curve_fit(
 
         # f elementwise in its parameters: called once on the columns (B, 1) of the batch (no
         # vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
-        spread = _broadcasts(resid, vres, x0, args(torch.arange(x0.shape[0], device=x0.device)))
+        every = torch.arange(x0.shape[0], device=x0.device)
+        spread = _broadcasts(resid, vres, x0, args(every), box)
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
@@ -296,19 +315,25 @@ def curve_fit(
     # a pointwise f: J by one backward pass through the parameters spread over the points
     # (13 curves of 50 points: 0.25 ms against 0.9 ms for M vmapped vjps; one curve 0.22 ms
     # against 1.0 ms; torch 2.13, CPU)
-    pointwise = jac is None and spread and _is_pointwise(resid, vres, xb[few], args(few), n)
+    pointwise = (
+        jac is None
+        and spread
+        and _is_pointwise(resid, vres, xb[few], args(few), n, _rows(box, few))
+    )
     if pointwise:
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _pointwise_jac(resid, pp, args(rows))
 
     elif jac is not None:
-        jac_r = _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread)
+        jac_r = _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
 
-    def fit(jac):
+    given = jac is not None
+
+    def fit(jac_route):
         return _run(
             fun_r,
-            jac,
+            jac_route,
             xb,
             batched,
             ALIASES[method],
@@ -319,14 +344,18 @@ def curve_fit(
             100.0,
             None,
             "auto",
+            box,
+            check_jac=given,
         )
 
     out = fit(jac_r)
     if pointwise:  # the probe was near p0: check again at popt (up to 4 solved fits)
         done = (out["status"] > 0).nonzero().squeeze(-1)[:4]
-        if done.numel() and not _is_pointwise(resid, vres, out["x"][done], args(done), n):
+        if done.numel() and not _is_pointwise(
+            resid, vres, out["x"][done], args(done), n, _rows(box, done)
+        ):
             out = fit(None)  # f couples the points away from p0: torch.func's Jacobian
-    res = _result(out, batched, ALIASES[method])
+    res = _result(out, batched, ALIASES[method], box)
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
     finite = torch.isfinite(jac).all(-1).all(-1)  # J not finite (status -1): pcov = inf

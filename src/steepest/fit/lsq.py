@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
+from .bounds import _as_bounds
 from .core import _as_x0, _check_jac, _evaluate, _jacobian, _least_squares_core
 from .result import OptimizeResult, _result
 
@@ -34,6 +35,7 @@ def least_squares(
     gtol: float = 1e-8,
     max_nfev: int | None = None,
     weights: Tensor | None = None,
+    bounds: tuple | None = None,
     vectorize: bool = False,
     factor: float = 100.0,
 ) -> OptimizeResult:
@@ -71,6 +73,14 @@ def least_squares(
     weights : w_i >= 0, (M,) or (B, M); the residuals become :math:`\sqrt{w_i} f_i` (1/sigma^2
         for data with standard deviations sigma). ``fun``, ``jac`` and ``cost`` of the result are
         those of the weighted residuals.
+    bounds : ``(lb, ub)``, each a number, (P,) or (B, P); -inf / inf where a side is free
+        (scipy's form); x0 must lie in the box (on a bound is fine). Kept by an active set and
+        a projection (:mod:`steepest.fit.bounds`): parameters on a bound whose gradient points
+        out are held, the method's step is taken in the others and projected on the box, and
+        judged by the Gauss-Newton model's reduction for the projected step; every evaluation
+        lies in the box. The result also has ``active_mask`` (-1 on a lower bound, 1 on an
+        upper one, as scipy's) and ``optimality`` becomes :math:`\|x - P(x - J^Tf)\|_\infty`
+        (P the projection on the box). Default None: no bounds.
     vectorize : fun takes one problem's x (P,) even for a batch (it is applied with
         ``torch.func.vmap``).
     factor : the initial trust radius is factor * ||D x0|| (MINPACK's 100).
@@ -86,6 +96,7 @@ def least_squares(
     NonFiniteError: x0 or the residuals at x0 are not finite.
     ShapeError: fun returns a scalar, or shapes of x0, fun's output, weights or jac disagree.
     ConfigurationError: an unknown method, a bad tolerance, fun not differentiable by torch.func,
+        bounds with lb >= ub or an x0 outside them (ShapeError: bounds of the wrong shape),
         a fun that cannot be vmapped (``vectorize=True``).
 
     Warns
@@ -104,7 +115,7 @@ def least_squares(
     """
     if method not in ALIASES:
         hint = (
-            " (scipy's trf/dogbox handle bounds; steepest has no bounds)"
+            " (scipy's trf/dogbox are its bounded methods; here pass bounds=(lb, ub) to any method)"
             if method in ("trf", "dogbox")
             else ""
         )
@@ -124,6 +135,7 @@ def least_squares(
     if not (isinstance(max_nfev, int) and max_nfev >= 1):
         raise ConfigurationError(f"max_nfev must be an integer >= 1, got {max_nfev!r}.")
     xb = x0 if batched else x0.unsqueeze(0)
+    box = _as_bounds(bounds, xb)
     if not batched:
 
         def fun_r(xs: Tensor, rows: Tensor) -> Tensor:
@@ -153,7 +165,7 @@ def least_squares(
             vjac = torch.func.vmap(jac)
 
             def user_jac(xs: Tensor, rows: Tensor) -> Tensor:
-                return vjac(xs)
+                return _evaluate(vjac, xs, "jac")
 
         else:
 
@@ -179,8 +191,10 @@ def least_squares(
         float(factor),
         weights,
         "auto" if callable(jac) else jac,
+        box,
+        check_jac=callable(jac),
     )
-    return _result(out, batched, method)
+    return _result(out, batched, method, box)
 
 
 def _run(
@@ -196,8 +210,12 @@ def _run(
     factor: float,
     weights: Tensor | None,
     mode: str,
+    box: tuple[Tensor, Tensor] | None = None,
+    check_jac: bool = False,
 ) -> dict:
-    """Checks f(x0), weights and jac, then runs the core (shared by the front ends)."""
+    """Checks f(x0), weights and jac, then runs the core (shared by the front ends); ``box``:
+    the bounds (lb, ub) from :func:`~.bounds._as_bounds`, or None; ``check_jac``: jac_r is the
+    user's, checked against fun (:func:`~.core._check_jac`)."""
     rows = torch.arange(xb.shape[0], device=xb.device)
     p = xb.shape[1]
     with torch.no_grad():
@@ -263,13 +281,20 @@ def _run(
             if jj.shape != (xs.shape[0], m, p):
                 got = tuple(jj.shape if batched else jj.shape[1:])
                 raise ShapeError(
-                    f"jac returned shape {got}; expected "
-                    f"{'(B, M, P) = ' + str((xb.shape[0], m, p)) if batched else (m, p)}."
+                    f"jac returned shape {got}"
+                    f"{f' for {xs.shape[0]} problems' if batched else ''}; expected "
+                    f"{'(B, M, P) = ' + str((xs.shape[0], m, p)) if batched else (m, p)}."
+                )
+            if jj.dtype != xs.dtype or jj.device != xs.device:
+                raise ShapeError(
+                    f"jac returned {jj.dtype} on {jj.device} for x of {xs.dtype} on "
+                    f"{xs.device}; compute the Jacobian in x0's dtype and device."
                 )
             return jj * sw[rows].unsqueeze(-1) if sw is not None else jj
 
-        _check_jac(res_nograd, jac_w, xb, f0, rows)
+        if check_jac:
+            _check_jac(res_nograd, jac_w, xb, f0, rows, box)
 
     return _least_squares_core(
-        res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
+        res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
     )

@@ -3,6 +3,8 @@ messages of :func:`~steepest.fit.least_squares`."""
 
 from __future__ import annotations
 
+from .bounds import _active, _optimality
+
 MESSAGES = {
     -1: "The Jacobian is not finite at x: the fit stopped there.",
     0: "The maximum number of function evaluations is exceeded.",
@@ -45,7 +47,8 @@ class OptimizeResult(dict):
         return list(self.keys())
 
 
-def _result(out: dict, batched: bool, method: str) -> OptimizeResult:
+def _result(out: dict, batched: bool, method: str, box=None) -> OptimizeResult:
+    """The OptimizeResult of the core's output ``out``; ``box``: the bounds (lb, ub) or None."""
     f, jac = out["fun"], out["jac"]
     grad = (jac * f.unsqueeze(-1)).sum(1)
     cost = 0.5 * f.pow(2).sum(-1)
@@ -64,8 +67,11 @@ def _result(out: dict, batched: bool, method: str) -> OptimizeResult:
     )
     res["success"] = status > 0
     res["message"] = [MESSAGES[int(s)] for s in status.tolist()]
+    if box is not None:  # bounds: the projected gradient's norm, and which bounds bind
+        res["optimality"] = _optimality(out["x"], grad, *box)
+        res["active_mask"] = _active(out["x"], *box)
     if not batched:
-        for key in ("x", "fun", "jac", "grad"):
+        for key in ("x", "fun", "jac", "grad") + (("active_mask",) if box is not None else ()):
             res[key] = res[key].squeeze(0)
         for key in ("cost", "optimality"):
             res[key] = float(res[key][0])
