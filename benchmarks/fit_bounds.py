@@ -11,6 +11,11 @@ Two sets of problems, every fit with a box that binds or a start on or near a bo
    is below it, a lower one otherwise), so that the constrained minimum lies on it (not
    certified: the two libraries are compared with each other, by cost).
 
+3. ``speed`` (``--speed B``): B decay curves of 50 points (``fit_speed.py``'s data), one
+   batched ``steepest.curve_fit(bounds=)`` against a loop of ``scipy.optimize.curve_fit(...,
+   jac=numpy Jacobian, bounds=)`` (scipy's ``trf``), box lb = 0, c <= 0.3 (binding on most
+   curves), repeats interleaved; popt compared where both succeed.
+
 steepest runs with its defaults (``ftol = 1e-14``, ``max_nfev = 300 P``); trf with ``ftol =
 xtol = gtol = 1e-15`` and ``max_nfev = 300 P``, the same torch Jacobian (``jacrev``). A fit
 *agrees* when the costs agree to 1e-8 relative (and, for ``decay``, x to 1e-6 of the unbounded
@@ -155,10 +160,63 @@ def bench_nist(data: Path) -> dict:
     return out
 
 
+def bench_speed(b: int, repeats: int) -> dict:
+    import statistics
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench_fit_speed", HERE / "fit_speed.py")
+    fs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fs)
+    t, y = fs.decay_data(b)
+    p0 = torch.tensor([fs.P0] * b, dtype=D)
+    lb, ub = [0.0, 0.0, 0.0], [math.inf, math.inf, 0.3]
+    tn, yn = t.numpy(), y.numpy()
+    with warnings.catch_warnings():  # warm-up (torch.func's first traces), not timed
+        warnings.simplefilter("ignore")
+        steepest.curve_fit(fs.decay, t, y[:128], p0[:128], bounds=(lb, ub))
+    ours_t, ref_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            popt, _, res = steepest.curve_fit(fs.decay, t, y, p0, bounds=(lb, ub), full_output=True)
+        ours_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref = torch.full((b, 3), math.nan, dtype=D)
+        for i in range(b):
+            try:
+                ref[i] = torch.as_tensor(
+                    sopt.curve_fit(
+                        fs.decay_np, tn, yn[i], fs.P0, jac=fs.decay_jac_np, bounds=(lb, ub)
+                    )[0]
+                )
+            except RuntimeError:
+                pass
+        ref_t.append(time.perf_counter() - t0)
+    both = res.success & torch.isfinite(ref).all(-1)
+    return {
+        "B": b,
+        "N": y.shape[1],
+        "bounds": {"lb": lb, "ub": ub},
+        "steepest_s": ours_t,
+        "scipy_loop_s": ref_t,
+        "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
+        "speedups": [r / o for r, o in zip(ref_t, ours_t, strict=True)],
+        "steepest_success": int(res.success.sum()),
+        "scipy_success": int(torch.isfinite(ref).all(-1).sum()),
+        "on_c_bound": int((res.active_mask[:, 2] == 1).sum()),
+        "max_abs_popt_diff_both": float((popt - ref)[both].abs().max()),
+        "nfev_mean": float(res.nfev.double().mean()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=None, help="folder of the NIST StRD .dat files")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--speed", type=int, default=0, help="B curves for the timing (0: none)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-fits", action="store_true", help="the timing only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     result = {
@@ -170,9 +228,15 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_start": os.getloadavg(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
-        "decay": bench_decay(),
     }
-    for row in result["decay"]["fits"]:
+    if args.speed:
+        result["speed"] = bench_speed(args.speed, args.repeats)
+        print("speed:", json.dumps(result["speed"]))
+    if args.skip_fits:
+        args.data = None
+    else:
+        result["decay"] = bench_decay()
+    for row in result.get("decay", {}).get("fits", []):
         print(
             f"decay x0={row['x0']}: steepest nfev {row['steepest']['nfev']} x_err "
             f"{row['steepest']['x_err']:.1e} | trf nfev {row['trf']['nfev']} x_err "
