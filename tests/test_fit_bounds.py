@@ -216,3 +216,81 @@ def test_a_large_batch_with_bounds_equals_separate_fits_and_probes_stay_in_the_b
         one, cov = curve_fit(_decay, T, y[i], p0[i], bounds=(lb, ub))
         torch.testing.assert_close(popt[i], one, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(pcov[i], cov, rtol=1e-6, atol=1e-14)
+
+
+def test_review_cases_of_the_projection_reach_trf_s_minimum():
+    """Found by a review of the first version: (1) trust-region let the radius grow after a
+    rejected projected step that does not descend (MINPACK's shrink factor above 1/2) and
+    cycled to max_nfev at x0 (Rosenbrock with x1 >= 1.5; a bounded decay raised
+    ConvergenceError); (2) gauss-newton, from 1e-14 above a bound, clipped every halved step
+    and stopped with 'success' (xtol) at a point 15.8 above the minimum. Both now reach
+    trf's minimum."""
+
+    def rosen(x):
+        return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
+
+    res = least_squares(rosen, [-1.2, 2.0], bounds=([-INF, 1.5], INF))
+    assert res.success and res.nfev < 100
+    torch.testing.assert_close(res.x, torch.tensor([-1.22103, 1.5], dtype=D), rtol=0, atol=1e-5)
+    t = torch.linspace(0, 4, 30, dtype=D)
+    y = 1.1 * (2.5 * torch.exp(-1.3 * t) + 0.5)
+    lb, ub = [0.0, 0.0, -1.0], [3.0, 1.3, 0.3]
+    popt, _ = curve_fit(_decay, t, y, [3.0, 0.0, 0.3], bounds=(lb, ub), ftol=1e-14, xtol=1e-14)
+    tight = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15}
+    ref, _ = sopt.curve_fit(
+        _decay_np, t.numpy(), y.numpy(), [3.0, 0.0, 0.3], bounds=(lb, ub), **tight
+    )
+    torch.testing.assert_close(popt, torch.tensor(ref), rtol=1e-7, atol=1e-9)
+    a = torch.tensor(
+        [
+            [-0.69034765759017, -0.6569643630097021, 1.1038422775260375],
+            [0.21248471505412922, 0.18789586320393187, -1.6894078432479247],
+            [0.8133772228465739, 0.17014205668436075, 0.15670719948949033],
+            [0.8441293042591376, 0.322253750991433, -0.026573949132331097],
+        ],
+        dtype=D,
+    )
+    b = torch.tensor(
+        [1.2886169642917, -2.1551754068302613, -2.759143025732489, -4.130858049409679], dtype=D
+    )
+    x0 = [1e-14, 0.9888535724704282, -0.6619219906078346]
+    box = ([0, -INF, -1], [INF, INF, 1])
+    ref = sopt.least_squares(
+        lambda x: a.numpy() @ x - b.numpy(),
+        x0,
+        bounds=box,
+        method="trf",
+        ftol=1e-15,
+        xtol=1e-15,
+        gtol=1e-15,
+    )
+    for method in ("gauss-newton", "trust-region", "levenberg-marquardt"):
+        res = least_squares(lambda x: a @ x - b, x0, method=method, bounds=box)
+        assert res.success
+        assert abs(res.cost - ref.cost) <= 1e-10 * ref.cost, (method, res.cost, ref.cost)
+        assert res.optimality < 1e-6
+
+
+def test_odd_inputs_of_bounds():
+    """A start on a bound where fun is even in that parameter gets no 'unseen parameter'
+    warning (a one-sided difference is checked at h/10 too); bounds that require grad do not
+    leak into x; non-numbers are a ConfigurationError; infinite bounds on every side are the
+    unbounded fit, with scipy's all-zero active_mask."""
+    import warnings as w
+
+    from steepest.errors import SteepestWarning
+
+    t = torch.linspace(0, 2, 10, dtype=D)
+    with w.catch_warnings():
+        w.simplefilter("error", SteepestWarning)
+        least_squares(
+            lambda x: x[0] ** 2 * torch.exp(-t) - 1e-3 * torch.exp(-t), [0.0], bounds=(0, INF)
+        )
+    res = least_squares(_fun, [1.5, 1.6, 0.1], bounds=(torch.zeros(3, requires_grad=True), 5))
+    assert not res.x.requires_grad
+    with pytest.raises(ConfigurationError, match="bounds' lb must be a number"):
+        least_squares(_fun, [1.5, 1.6, 0.1], bounds=("a", 1))
+    free = least_squares(_fun, [1.5, 1.6, 0.1])
+    same = least_squares(_fun, [1.5, 1.6, 0.1], bounds=(-INF, INF))
+    assert torch.equal(same.x, free.x) and same.nfev == free.nfev
+    assert same.active_mask.tolist() == [0, 0, 0]

@@ -127,6 +127,8 @@ def user_stacklevel() -> int:
     """
     package = os.path.dirname(os.path.abspath(__file__))
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        package + os.sep
+    ):
         frame, level = frame.f_back, level + 1
     return level

@@ -23,7 +23,7 @@ RSTEP = 1e-10
 
 def _as_bounds(bounds, x0: Tensor) -> tuple[Tensor, Tensor] | None:
     """Checks ``bounds = (lb, ub)`` against x0 (B, P) and returns them as (B, P) tensors (-inf /
-    inf where free), or None when no bound is finite. Each of lb, ub a number, (P,) or (B, P).
+    inf where free; None for ``bounds=None``). Each of lb, ub a number, (P,) or (B, P).
     Raised before anything is evaluated: the wrong shape, NaN, lb >= ub, x0 outside the box."""
     if bounds is None:
         return None
@@ -35,7 +35,12 @@ def _as_bounds(bounds, x0: Tensor) -> tuple[Tensor, Tensor] | None:
     b, p = x0.shape
     out = []
     for name, v in zip(("lb", "ub"), bounds, strict=True):
-        t = torch.as_tensor(v, dtype=x0.dtype, device=x0.device)
+        try:
+            t = torch.as_tensor(v, dtype=x0.dtype, device=x0.device).detach()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ConfigurationError(
+                f"bounds' {name} must be a number or numbers, one per parameter, got {v!r}."
+            ) from e
         if t.ndim > 2 or t.shape not in ((), (p,), (1, p), (b, p)):
             rows = f" or one row per problem (B, P) = ({b}, {p})" if b > 1 else ""
             raise ShapeError(
@@ -52,8 +57,6 @@ def _as_bounds(bounds, x0: Tensor) -> tuple[Tensor, Tensor] | None:
             f"each lower bound must be below its upper bound; lb >= ub at {i[1] if b == 1 else i}"
             f" ({float(lb[tuple(i)])} >= {float(ub[tuple(i)])})."
         )
-    if not bool((torch.isfinite(lb) | torch.isfinite(ub)).any()):
-        return None
     outside = (x0 < lb) | (x0 > ub)
     if bool(outside.any()):
         i = outside.nonzero()[0].tolist()
@@ -62,6 +65,13 @@ def _as_bounds(bounds, x0: Tensor) -> tuple[Tensor, Tensor] | None:
             f"its bounds [{float(lb[tuple(i)])}, {float(ub[tuple(i)])}]; start inside the box."
         )
     return lb, ub
+
+
+def _finite(box: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+    """The box, or None when it has no finite bound (then the fit is the unbounded one)."""
+    if box is None or not bool((torch.isfinite(box[0]) | torch.isfinite(box[1])).any()):
+        return None
+    return box
 
 
 def _active(x: Tensor, lb: Tensor, ub: Tensor) -> Tensor:

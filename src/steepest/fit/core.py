@@ -20,6 +20,7 @@ from ..errors import (
     SteepestWarning,
     user_stacklevel,
 )
+from .bounds import RSTEP as _RSTEP
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -91,6 +92,21 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
         ) from e
 
 
+def _quotient(fun_r, x: Tensor, rows: Tensor, col: int, h: Tensor, lo, hi):
+    """||f(x + h e_col) - f(x - h e_col)|| / (the span), both points projected on the box
+    [lo, hi] when given, and where the span is one-sided (a bound cut it)."""
+    xp, xm = x.clone(), x.clone()
+    xp[:, col] += h
+    xm[:, col] -= h
+    if lo is not None:  # every evaluation in the box
+        xp = torch.minimum(torch.maximum(xp, lo), hi)
+        xm = torch.minimum(torch.maximum(xm, lo), hi)
+    with torch.no_grad():
+        df = torch.linalg.vector_norm(fun_r(xp, rows) - fun_r(xm, rows), dim=-1)
+    span = (xp - xm)[:, col]
+    return df / span, span < 2 * h * (1 - 1e-12)
+
+
 def _check_seen(
     fun_r: Callable,
     x: Tensor,
@@ -102,10 +118,11 @@ def _check_seen(
     """Warn, before the fit starts, where a Jacobian column j is exactly 0 at x0 while fun
     moves along x[j] to first order: a central difference, h = sqrt(eps) (|x_j| + 1) (even
     terms such as a^2 or cos(a) at 0 cancel), larger than 1e-6 of the larger of J's largest
-    column norm and ||f|| / (|x_j| + 1). Then autograd does not see that parameter
-    (``.item()``, ``float()``, numpy, a detached tensor), x0 sits within h of a kink whose
-    autograd derivative is 0, or ``jac=`` is wrong: the fit would leave x_j at x0 and may report
-    success. One column at a time, on the fits where it is zero (f = 0 skipped); the 2 probes
+    column norm and ||f|| / (|x_j| + 1); on a bound (``box``) the difference is one-sided and
+    must keep its size at h/10 too (an even term falls 10x). Then autograd does not see that
+    parameter (``.item()``, ``float()``, numpy, a detached tensor), x0 sits within h of a kink
+    whose autograd derivative is 0, or ``jac=`` is wrong: the fit would leave x_j at x0 and may
+    report success. One column at a time, on the fits where it is zero (f = 0 skipped); the 2 probes
     a column are not counted in nfev. A warning, not an error: the test is a heuristic."""
     zero = (acnorm == 0) & (torch.linalg.vector_norm(f, dim=-1) > 0).unsqueeze(-1)
     if not bool(zero.any()):
@@ -114,29 +131,23 @@ def _check_seen(
     for col in zero.any(0).nonzero().flatten().tolist():
         i = zero[:, col].nonzero().squeeze(-1)  # distinct rows, in order
         xi = x[i]
+        lo, hi = (box[0][rows[i]], box[1][rows[i]]) if box is not None else (None, None)
         h = root * (xi[:, col].abs() + 1)
-        xp, xm = xi.clone(), xi.clone()
-        xp[:, col] += h
-        xm[:, col] -= h
-        if box is not None:  # one-sided on a bound: every evaluation in the box
-            lo, hi = box[0][rows[i]], box[1][rows[i]]
-            xp, xm = (
-                torch.minimum(torch.maximum(xp, lo), hi),
-                torch.minimum(torch.maximum(xm, lo), hi),
-            )
-        with torch.no_grad():
-            df = torch.linalg.vector_norm(fun_r(xp, rows[i]) - fun_r(xm, rows[i]), dim=-1)
-        df = df / (xp - xm)[:, col]  # 2h, or h on a bound
+        df, one_sided = _quotient(fun_r, xi, rows[i], col, h, lo, hi)
         scale = torch.maximum(
             acnorm[i].amax(-1), torch.linalg.vector_norm(f[i], dim=-1) / (xi[:, col].abs() + 1)
         )
         moved = df > 1e-6 * scale  # NaN (fun not finite there): no evidence
+        if bool((moved & one_sided).any()):  # an even term does not cancel one-sided: a
+            # first-order change keeps its quotient at h/10, a second-order one loses 10x
+            df10, _ = _quotient(fun_r, xi, rows[i], col, h / 10, lo, hi)
+            moved = moved & (~one_sided | ((df10 > 1e-6 * scale) & (df10 >= 0.3 * df)))
         if bool(moved.any()):
             k = int(moved.nonzero()[0, 0])
             warnings.warn(
                 f"the Jacobian's column {col} is exactly 0 at x0 (problem {int(rows[i[k]])}), "
                 f"but fun changes with x[{col}] there (|df/dx| ~ {float(df[k]):.3g} by a "
-                f"central difference): autograd does not see that parameter (a .item(), "
+                f"finite difference): autograd does not see that parameter (a .item(), "
                 f"float(), numpy call or detached tensor in fun breaks the graph), x0 sits on a "
                 f"kink whose autograd derivative is 0 (relu, max: start beside it), or jac= is "
                 f"wrong; the fit cannot move x[{col}]. Write fun with torch operations on x "
@@ -535,7 +546,9 @@ def _least_squares_core(
             if box is not None:  # hold the parameters on a bound whose gradient points out
                 lo, hi = (s.lo, s.hi) if idx is None else (s.lo[idx], s.hi[idx])
                 g0 = (fs.unsqueeze(1) @ j).squeeze(1)
-                held = ((xs <= lo) & (g0 > 0)) | ((xs >= hi) & (g0 < 0))
+                near_lo = lo.isfinite() & (xs - lo <= _RSTEP * lo.abs().clamp(min=1))  # 1e-10
+                near_hi = hi.isfinite() & (hi - xs <= _RSTEP * hi.abs().clamp(min=1))
+                held = (near_lo & (g0 > 0)) | (near_hi & (g0 < 0))
                 jm = torch.where(held.unsqueeze(1), 0.0, j)
             by_qr = qr and j.shape[0] >= QR_MIN_BATCH
             if by_qr:  # [J f] = Q [R Q^T f; 0 rho]: J's column norms and J^T f from R
@@ -613,6 +626,16 @@ def _least_squares_core(
         if box is not None:  # projected on the box: the step actually taken
             xt = torch.minimum(torch.maximum(xt, s.lo), s.hi)
             step = xt - s.x
+            if method == "gauss-newton":  # a projected step that does not descend: the
+                # projected Cauchy step along -g instead (the safeguard of Kanzow et al.)
+                uphill = (s.g * step).sum(-1) >= 0
+                if bool(uphill.any()):
+                    jg = (s.jac @ s.g.unsqueeze(-1)).squeeze(-1)
+                    tc = (s.g * s.g).sum(-1) / jg.square().sum(-1).clamp_min(k.dwarf)
+                    xg = s.x - (s.alpha * tc).unsqueeze(-1) * s.g
+                    xg = torch.minimum(torch.maximum(xg, s.lo), s.hi)
+                    xt = torch.where(uphill.unsqueeze(-1), xg, xt)
+                    step = xt - s.x
             q = step * s.d if trust else step
         pnorm = torch.linalg.vector_norm(q, dim=-1)
         if trust:
@@ -646,6 +669,9 @@ def _least_squares_core(
             temp = k.half * dirder / (dirder + k.half * actred)
             temp = torch.where(actred >= k.zero, k.half, temp)
             temp = torch.where(~near | ~(temp >= k.tenth), k.tenth, temp)
+            # MINPACK's temp is at most 1/2 by construction; a projected step that does not
+            # descend (dirder > 0, bounds) can give more: the radius would grow on a rejection
+            temp = torch.where(temp > k.half, k.tenth, temp)
             poor = ratio <= k.quarter
             good = (s.lam == k.zero) | (ratio >= k.three_quarters)
             s.radius = torch.where(
@@ -674,7 +700,7 @@ def _least_squares_core(
         xnorm = torch.linalg.vector_norm(s.d * s.x if trust else s.x, dim=-1)
         size = s.radius if trust else pnorm
         # ---- stopping rules: their union on the common path, one host synchronisation
-        ok = k.half * ratio <= k.one
+        ok = (k.half * ratio <= k.one) & (prered >= k.zero)  # (prered < 0 only with bounds)
         aa = actred.abs()
         stop = (aa <= k.ftu) & (prered <= k.ftu) & ok
         stop = stop | (size <= k.xtu * xnorm) | (s.fnorm <= s.floor)

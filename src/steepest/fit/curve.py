@@ -207,7 +207,9 @@ def curve_fit(
     ConvergenceError: a single fit ended without success (scipy raises RuntimeError; this is
     one). A batch never raises: failed fits are named in a warning, their ``success`` is False
     in the result (``full_output=True``).
-    ConfigurationError: f cannot be vmapped over a batch (``float(a)``, ``.item()``, numpy).
+    ConfigurationError: f cannot be vmapped over a batch (``float(a)``, ``.item()``, numpy);
+    jac not callable; bounds with lb >= ub, not numbers, or p0 outside them (ShapeError:
+    bounds or jac of the wrong shape or dtype; NonFiniteError: NaN bounds).
     A SteepestWarning names a parameter whose Jacobian column is exactly 0 at p0 while f
     moves with it (autograd's graph cut by ``float(a)``, ``.item()``, numpy): see
     :func:`least_squares`.

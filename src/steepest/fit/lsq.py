@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
-from .bounds import _as_bounds
+from .bounds import _as_bounds, _finite
 from .core import _as_x0, _check_jac, _evaluate, _jacobian, _least_squares_core
 from .result import OptimizeResult, _result
 
@@ -93,7 +93,7 @@ def least_squares(
 
     Raises
     ------
-    NonFiniteError: x0 or the residuals at x0 are not finite.
+    NonFiniteError: x0 or the residuals at x0 are not finite; bounds hold NaN.
     ShapeError: fun returns a scalar, or shapes of x0, fun's output, weights or jac disagree.
     ConfigurationError: an unknown method, a bad tolerance, fun not differentiable by torch.func,
         bounds with lb >= ub or an x0 outside them (ShapeError: bounds of the wrong shape),
@@ -294,6 +294,7 @@ def _run(
 
         if check_jac:
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
+    box = _finite(box)
 
     return _least_squares_core(
         res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
