@@ -50,10 +50,10 @@ D = torch.float64
 HERE = Path(__file__).resolve().parent
 
 
-def _nist():
-    spec = importlib.util.spec_from_file_location("bench_nist", HERE / "nist.py")
+def _fit_speed():
+    """benchmarks/fit_speed.py as a module: its data, formulas and NIST loader."""
+    spec = importlib.util.spec_from_file_location("bench_fit_speed", HERE / "fit_speed.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_nist"] = module
     spec.loader.exec_module(module)
     return module
 
@@ -128,7 +128,7 @@ def bench_decay() -> dict:
 
 
 def bench_nist(data: Path) -> dict:
-    nist = _nist()
+    nist = _fit_speed()._nist()
     out = {}
     for path in sorted(data.glob("*.dat")):
         problem = nist.parse(path)
@@ -164,9 +164,7 @@ def bench_speed(b: int, repeats: int) -> dict:
     import statistics
     import time
 
-    spec = importlib.util.spec_from_file_location("bench_fit_speed", HERE / "fit_speed.py")
-    fs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fs)
+    fs = _fit_speed()
     t, y = fs.decay_data(b)
     p0 = torch.tensor([fs.P0] * b, dtype=D)
     lb, ub = [0.0, 0.0, 0.0], [math.inf, math.inf, 0.3]

@@ -197,6 +197,15 @@ def least_squares(
     return _result(out, batched, method, box)
 
 
+def _same_kind(out: Tensor, x: Tensor, name: str, what: str) -> None:
+    """A ShapeError unless ``out`` (what ``name`` returned) has x's dtype and device."""
+    if out.dtype != x.dtype or out.device != x.device:
+        raise ShapeError(
+            f"{name} returned {out.dtype} on {out.device} for x of {x.dtype} on {x.device}; "
+            f"compute {what} in x0's dtype and device."
+        )
+
+
 def _run(
     fun_r,
     jac_r,
@@ -235,11 +244,7 @@ def _run(
             f"fun returned shape {got}; expected {want}: one flat residual vector "
             f"per problem (flatten it)."
         )
-    if f0.dtype != xb.dtype or f0.device != xb.device:
-        raise ShapeError(
-            f"fun returned {f0.dtype} on {f0.device} for x0 of {xb.dtype} on "
-            f"{xb.device}; compute the residuals in x0's dtype and device."
-        )
+    _same_kind(f0, xb, "fun", "the residuals")
     m = f0.shape[1]
     sw = None
     if weights is not None:
@@ -285,11 +290,7 @@ def _run(
                     f"{f' for {xs.shape[0]} problems' if batched else ''}; expected "
                     f"{'(B, M, P) = ' + str((xs.shape[0], m, p)) if batched else (m, p)}."
                 )
-            if jj.dtype != xs.dtype or jj.device != xs.device:
-                raise ShapeError(
-                    f"jac returned {jj.dtype} on {jj.device} for x of {xs.dtype} on "
-                    f"{xs.device}; compute the Jacobian in x0's dtype and device."
-                )
+            _same_kind(jj, xs, "jac", "the Jacobian")
             return jj * sw[rows].unsqueeze(-1) if sw is not None else jj
 
         if check_jac:
