@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import seeded
+from reference import DEVICES, seeded
 from scipy import optimize as sopt
 from torch.autograd.functional import jacobian
 
@@ -294,3 +294,22 @@ def test_odd_inputs_of_bounds():
     same = least_squares(_fun, [1.5, 1.6, 0.1], bounds=(-INF, INF))
     assert torch.equal(same.x, free.x) and same.nfev == free.nfev
     assert same.active_mask.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bounded_batch_on_the_device_of_x0_equals_the_cpu_fit(device):
+    """A bounded batch (bounds per problem) runs on x0's device, every tensor of the result
+    there, and gives the CPU fit's result."""
+    lb = torch.tensor([[-INF, 0, -INF], [0, 1.5, 0], [1.0, -INF, 0.6]], dtype=D)
+    ub = torch.tensor([[INF, INF, 0.3], [INF, INF, INF], [2.0, 1.2, INF]], dtype=D)
+    x0 = torch.tensor([[1.5, 1.6, 0.1], [1.5, 1.6, 0.1], [1.5, 1.1, 0.61]], dtype=D)
+    ref = least_squares(_fun, x0, bounds=(lb, ub), vectorize=True)
+    t, y = T.to(device), Y.to(device)
+
+    def fun(p):
+        return p[0] * torch.exp(-p[1] * t) + p[2] - y
+
+    res = least_squares(fun, x0.to(device), bounds=(lb.to(device), ub.to(device)), vectorize=True)
+    assert res.x.device.type == device and res.active_mask.device.type == device
+    torch.testing.assert_close(res.x.cpu(), ref.x, rtol=1e-9, atol=1e-11)
+    assert res.active_mask.cpu().tolist() == ref.active_mask.tolist()
