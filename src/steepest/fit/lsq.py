@@ -80,7 +80,9 @@ def least_squares(
         judged by the Gauss-Newton model's reduction for the projected step; every evaluation
         lies in the box. The result also has ``active_mask`` (-1 on a lower bound, 1 on an
         upper one, as scipy's) and ``optimality`` becomes :math:`\|x - P(x - J^Tf)\|_\infty`
-        (P the projection on the box). Default None: no bounds.
+        (P the projection on the box). A fit may end in another local minimum than scipy's
+        ``trf`` (on a bound where trf finds an interior one, or the reverse): a local method
+        keeps the basin its path enters. Default None: no bounds.
     vectorize : fun takes one problem's x (P,) even for a batch (it is applied with
         ``torch.func.vmap``).
     factor : the initial trust radius is factor * ||D x0|| (MINPACK's 100).
