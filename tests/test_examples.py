@@ -27,3 +27,12 @@ def test_least_squares_matches_minpack_where_plain_lm_stalls(capsys):
     assert result["agreement"] < 1e-8  # MoreTrustRegion == scipy's lm (MINPACK)
     assert np.max(np.abs(result["lm"] - result["scipy"]) / np.abs(result["scipy"])) > 1
     assert "MoreTrustRegion" in capsys.readouterr().out
+
+
+def test_dose_response_batch_matches_scipy_curve_by_curve(capsys):
+    g = runpy.run_path(str(EXAMPLES / "dose_response.py"), run_name="__main__")
+    result = g["result"]
+    assert result["success"] == 1000
+    assert np.abs(result["cost_rel_diff"]).max() < 1e-6  # the bounded minima are scipy's
+    assert result["ec50_rel_err_median"] < 0.1
+    assert "1000 curves in" in capsys.readouterr().out
