@@ -80,8 +80,9 @@ into the status above). Example::
     >>> res.x, res.cost, res.status, res.nfev
 """
 
-# the package: result (OptimizeResult, messages) <- core (the batched MINPACK loop) <- lsq
-# (least_squares) <- curve (curve_fit); newton (minimize) uses result and core only
+# the package: bounds (their checks, active mask) <- result (OptimizeResult, messages) <- core
+# (the batched MINPACK loop) <- lsq (least_squares) <- curve (curve_fit); newton (minimize)
+# uses result and core only
 from .core import _factor as _factor
 from .core import _lmpar as _lmpar
 from .curve import curve_fit
