@@ -80,9 +80,10 @@ into the status above). Example::
     >>> res.x, res.cost, res.status, res.nfev
 """
 
-# the package: bounds (their checks, active mask) <- result (OptimizeResult, messages) <- core
-# (the batched MINPACK loop) <- lsq (least_squares) <- curve (curve_fit); newton (minimize)
-# uses result and core only
+# the package: bounds (their checks, active mask) <- result (OptimizeResult, messages); checks
+# (before a fit: x0, fun's output, unseen parameters, a given jac); bounds, checks <- core (the
+# batched MINPACK loop) <- lsq (least_squares) <- curve (curve_fit); newton (minimize) uses
+# result, checks and core only
 from .core import _factor as _factor
 from .core import _lmpar as _lmpar
 from .curve import curve_fit

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError
 
-#: how near a bound (relative to max(1, |bound|)) a parameter counts as on it in
-#: ``active_mask`` (scipy's rtol of ``find_active_constraints``)
+#: how near a bound (relative to max(1, |bound|)) a parameter counts as on it, for the held
+#: set and ``active_mask`` (scipy's rtol of ``find_active_constraints``)
 RSTEP = 1e-10
 
 
@@ -74,10 +74,17 @@ def _finite(box: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
     return box
 
 
-def _active(x: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
-    """scipy's ``active_mask``: -1 where x is within 1e-10 max(1, |l|) of l, 1 of u, else 0."""
+def _on_bounds(x: Tensor, lb: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+    """Where x is on its (finite) lower and upper bound, to within 1e-10 max(1, |bound|): the
+    held set of the core and scipy's ``active_mask`` use the same rule."""
     at_lo = torch.isfinite(lb) & (x - lb <= RSTEP * lb.abs().clamp(min=1))
     at_hi = torch.isfinite(ub) & (ub - x <= RSTEP * ub.abs().clamp(min=1))
+    return at_lo, at_hi
+
+
+def _active(x: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
+    """scipy's ``active_mask``: -1 where x is on its lower bound, 1 on its upper, else 0."""
+    at_lo, at_hi = _on_bounds(x, lb, ub)
     zero = torch.zeros(x.shape, dtype=torch.long, device=x.device)
     return torch.where(at_lo, -1, torch.where(at_hi, 1, zero))
 
@@ -86,4 +93,4 @@ def _optimality(x: Tensor, grad: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
     r"""The first-order optimality of the box-constrained problem,
     :math:`\|x - P(x - g)\|_\infty` (P the projection on the box; the uniform norm of the
     gradient where no bound binds)."""
-    return (x - torch.minimum(torch.maximum(x - grad, lb), ub)).abs().amax(-1)
+    return (x - torch.clamp(x - grad, lb, ub)).abs().amax(-1)

@@ -18,7 +18,8 @@ from ..errors import (
     check_tolerances,
 )
 from .bounds import _as_bounds
-from .core import _as_x0, _evaluate, _jacobian, _svd_values
+from .checks import _as_x0, _evaluate
+from .core import _jacobian, _svd_values
 from .lsq import ALIASES, METHODS, _run
 from .result import _result
 
@@ -26,7 +27,7 @@ from .result import _result
 def _inside(x: Tensor, box) -> Tensor:
     """x projected on the box (lb, ub) of its rows, or x when there are no bounds: the probes
     of the routes below stay where f is asked to be evaluated."""
-    return x if box is None else torch.minimum(torch.maximum(x, box[0]), box[1])
+    return x if box is None else torch.clamp(x, box[0], box[1])
 
 
 def _rows(box, rows: Tensor):
@@ -107,8 +108,7 @@ def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
     with torch.no_grad():
         j0 = jac(xd[0] if x_per else xd, *xb[0].unbind(-1))
     if not isinstance(j0, Tensor) or tuple(j0.shape) != (n, p) or j0.dtype != xb.dtype:
-        got = tuple(j0.shape) if isinstance(j0, Tensor) else type(j0).__name__
-        got = f"{got} {j0.dtype}" if isinstance(j0, Tensor) else got
+        got = f"{tuple(j0.shape)} {j0.dtype}" if isinstance(j0, Tensor) else type(j0).__name__
         raise ShapeError(
             f"jac(xdata, *p0) returned {got}{' for the first curve' if batched else ''}; "
             f"expected a torch tensor of shape (N, P) = ({n}, {p}) in p0's {xb.dtype}: a row "
@@ -185,10 +185,11 @@ def curve_fit(
         tolerances).
     jac : ``jac(xdata, p_1, ..., p_P) -> (N, P)``, the Jacobian
         :math:`\partial f(x_i; p) / \partial p_j` in torch, as scipy's callable ``jac`` (divided
-        by sigma here, as there; checked at p0 against a central difference of f, a
-        SteepestWarning if they disagree). For a batch it is written for one curve and vmapped,
-        or called once with the parameter columns (B, 1) when a probe says that gives the same
-        (B, N, P). Default None: autograd (one backward pass for a pointwise f, as above).
+        by sigma here, as there; checked at p0 against finite differences of f, a
+        SteepestWarning if they disagree: :func:`least_squares`). For a batch it is written
+        for one curve and vmapped, or called once with the parameter columns (B, 1) when a
+        probe says that gives the same (B, N, P). Default None: autograd (one backward pass
+        for a pointwise f, as above).
     bounds : ``(lb, ub)``, as scipy's: each a number, one value per parameter (P,) or, for a
         batch, per curve (B, P); -inf / inf where a side is free; with any method, as in
         :func:`least_squares`. pcov is from the Jacobian at popt, as scipy's (a parameter on

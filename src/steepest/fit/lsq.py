@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
 from .bounds import _as_bounds, _finite
-from .core import _as_x0, _check_jac, _evaluate, _jacobian, _least_squares_core
+from .checks import _as_x0, _check_jac, _evaluate
+from .core import _jacobian, _least_squares_core
 from .result import OptimizeResult, _result
 
 METHODS = ("trust-region", "levenberg-marquardt", "gauss-newton")
@@ -59,7 +60,7 @@ def least_squares(
     jac : ``"auto"`` (autograd: reverse mode while B M^2 <= 2e5 or P > M, else forward),
         ``"jacfwd"``,
         ``"jacrev"``, or a callable ``jac(x) -> J`` of shape (M, P) (batched: (B, M, P)) of the
-        unweighted residuals, checked at x0 against a central difference of fun.
+        unweighted residuals, checked at x0 against finite differences of fun (below).
     ftol, xtol, gtol : MINPACK's relative tolerances on the reduction of F, on the trust radius
         relative to :math:`\|Dx\|`, and on the cosine between f and the columns of J. Defaults
         1e-14, 1e-8, 1e-8: scipy's are 1e-8 for all three, but a relative reduction of F below
@@ -106,8 +107,9 @@ def least_squares(
     SteepestWarning: a column of the Jacobian is exactly 0 at x0 while fun moves with that
     parameter (a central difference tells: ``.item()``, ``float()`` or numpy in fun cut
     autograd's graph, x0 on a kink, or ``jac`` is wrong): the fit cannot move it. A callable
-    ``jac`` that disagrees with a central difference of fun at x0 (on up to 4 problems, along a
-    random direction, at two step sizes): its columns that disagree are named.
+    ``jac`` that disagrees with finite differences of fun at x0 (on up to 4 problems, along a
+    random direction balanced over the columns, at up to four step sizes): its columns that
+    disagree are named.
 
     Example
     -------
@@ -226,7 +228,7 @@ def _run(
 ) -> dict:
     """Checks f(x0), weights and jac, then runs the core (shared by the front ends); ``box``:
     the bounds (lb, ub) from :func:`~.bounds._as_bounds`, or None; ``check_jac``: jac_r is the
-    user's, checked against fun (:func:`~.core._check_jac`)."""
+    user's, checked against fun (:func:`~.checks._check_jac`)."""
     rows = torch.arange(xb.shape[0], device=xb.device)
     p = xb.shape[1]
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
-from .core import _as_x0, _evaluate
+from .checks import _as_x0, _evaluate
 from .result import OptimizeResult
 
 # ---------------------------------------------------------------------------------- minimize
