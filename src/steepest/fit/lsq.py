@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
+from . import compiled
 from .bounds import _as_bounds, _finite
 from .checks import _as_x0, _check_jac, _evaluate
 from .core import _jacobian, _least_squares_core
@@ -39,6 +40,7 @@ def least_squares(
     bounds: tuple | None = None,
     vectorize: bool = False,
     factor: float = 100.0,
+    engine: str = "auto",
 ) -> OptimizeResult:
     r"""Minimise :math:`F(x) = \tfrac12 \sum_i w_i f_i(x)^2` over x, for one problem or a batch
     of independent problems, with the Gauss-Newton metric :math:`M = J^T J` and the step
@@ -87,6 +89,13 @@ def least_squares(
     vectorize : fun takes one problem's x (P,) even for a batch (it is applied with
         ``torch.func.vmap``).
     factor : the initial trust radius is factor * ||D x0|| (MINPACK's 100).
+    engine : who runs the algebra between the evaluations: ``"torch"`` (batched torch
+        operations, any device and dtype), ``"numba"`` (the compiled core,
+        :mod:`steepest.fit.compiled`: float64 on the CPU, no bounds, M > P, P <= 16; numba
+        installed, ``pip install steepest[fast]``), or ``"auto"`` (default: numba where it can
+        run, else torch). The two run the same algorithm and agree to rounding; the compiled
+        one takes ~0.1 ms an iteration where torch's operations take 1.5 ms (a single fit, or
+        the last fits of a batch).
 
     Returns
     -------
@@ -128,6 +137,7 @@ def least_squares(
             f"{', '.join(METHODS)} ('lm' is an alias of 'trust-region')."
         )
     method = ALIASES[method]
+    _check_engine(engine)
     check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
         raise ConfigurationError(f"factor must be a finite number > 0, got {factor!r}.")
@@ -197,8 +207,17 @@ def least_squares(
         "auto" if callable(jac) else jac,
         box,
         check_jac=callable(jac),
+        engine=engine,
     )
     return _result(out, batched, method, box)
+
+
+ENGINES = ("auto", "torch", "numba")
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigurationError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}.")
 
 
 def _same_kind(out: Tensor, x: Tensor, name: str, what: str) -> None:
@@ -225,10 +244,12 @@ def _run(
     mode: str,
     box: tuple[Tensor, Tensor] | None = None,
     check_jac: bool = False,
+    engine: str = "auto",
 ) -> dict:
     """Checks f(x0), weights and jac, then runs the core (shared by the front ends); ``box``:
     the bounds (lb, ub) from :func:`~.bounds._as_bounds`, or None; ``check_jac``: jac_r is the
-    user's, checked against fun (:func:`~.checks._check_jac`)."""
+    user's, checked against fun (:func:`~.checks._check_jac`); ``engine``: the torch core or
+    the compiled one (:mod:`.compiled`)."""
     rows = torch.arange(xb.shape[0], device=xb.device)
     p = xb.shape[1]
     with torch.no_grad():
@@ -250,6 +271,7 @@ def _run(
         )
     _same_kind(f0, xb, "fun", "the residuals")
     m = f0.shape[1]
+    fast = compiled.choose(engine, xb, m, _finite(box))
     sw = None
     if weights is not None:
         w = torch.as_tensor(weights, dtype=xb.dtype, device=xb.device)
@@ -300,7 +322,10 @@ def _run(
         if check_jac:
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
     box = _finite(box)
-
+    if fast:
+        return compiled._least_squares_compiled(
+            res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
+        )
     return _least_squares_core(
         res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
     )

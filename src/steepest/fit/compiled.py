@@ -1,0 +1,234 @@
+r"""The compiled core: :mod:`.core`'s loop with its per-fit algebra compiled by numba, for
+float64 fits on the CPU.
+
+The torch core (:func:`.core._least_squares_core`) runs the algebra of an iteration as ~250
+batched torch operations. On a large batch each costs little per fit; on the few fits that run
+longest (the tail of a batch) each costs its fixed overhead of a few microseconds, and an
+iteration 1.5-1.8 ms. Here the same algorithm is one compiled call per stage over the fits
+still running (:mod:`.kernels`):
+
+- at a new Jacobian: J's column norms, :math:`J^Tf` and the gtol test, the scaling D, the
+  Householder QR of :math:`[J\ f]` and the one-sided Jacobi SVD of :math:`RD^{-1} = USV^T`
+  (started from the previous V: one or two sweeps), giving :math:`\mu = s^2`,
+  :math:`c' = -SU^Tf`, :math:`V^T` and the Gauss-Newton step, as :func:`.core._factor_r`;
+- the step: MINPACK's ``lmpar`` in the SVD coordinates (:func:`.core._lmpar`), or the plain
+  LM / Gauss-Newton step, :math:`D\delta = Vw`;
+- after the trial: rho, the radius or lambda, acceptance and MINPACK's stopping tests.
+
+``fun`` and ``jac`` stay the user's torch functions, evaluated on the fits still running as one
+batch (the state lives in numpy arrays shared with torch by ``torch.from_numpy``). The
+algorithm and its constants are :mod:`.core`'s, line for line; the two agree to rounding
+(``tests/test_fit_compiled.py``). Factorisations of at least :data:`PARALLEL_MIN` fits are
+shared among numba's threads (``numba.set_num_threads``).
+
+:func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
+``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
+:data:`AUTO_MIN_BATCH` fits, when numba is installed (``pip install steepest[fast]``), x0 is
+float64 on the CPU, there are no bounds, and :math:`M > P`, :math:`P \le 16`. Its first use in a
+process imports numba and loads the kernels from numba's on-disk cache (~1 s); the first use on
+a machine compiles them (~20-35 s, once).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checks import _check_seen
+
+METHOD_CODES = {"trust-region": 0, "levenberg-marquardt": 1, "gauss-newton": 2}
+
+#: the largest P the compiled core takes (the Jacobi sweeps cost ~P^3 a factorisation)
+MAX_P = 16
+
+#: factorisations of at least this many fits are shared among numba's threads (waking the
+#: threads costs more than ~100 small factorisations)
+PARALLEL_MIN = 256
+
+#: ``engine="auto"`` takes the compiled core from this many fits: below, the torch core's
+#: whole fit costs less than the one-off load of the kernels in a process (~1 s)
+AUTO_MIN_BATCH = 256
+
+
+def available() -> bool:
+    """Whether numba is installed (found without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+@functools.cache
+def _kernels():
+    """The kernels module (imports numba; the first call in a process loads the kernels)."""
+    return importlib.import_module(".kernels", __package__)
+
+
+def eligible(x0: Tensor, m: int, box) -> str | None:
+    """None when the compiled core can run the fits x0 (B, P) with M = m residuals and bounds
+    ``box``, else the reason it cannot."""
+    if not available():
+        return "numba is not installed (pip install steepest[fast])"
+    if x0.device.type != "cpu":
+        return f"x0 is on {x0.device} (the compiled core runs on the CPU)"
+    if x0.dtype != torch.float64:
+        return f"x0 is {x0.dtype} (the compiled core is float64)"
+    if box is not None:
+        return "bounds are given (the compiled core has none)"
+    p = x0.shape[-1]
+    if not m > p or p > MAX_P:
+        return f"M = {m}, P = {p} (the compiled core needs M > P and P <= {MAX_P})"
+    return None
+
+
+def choose(engine: str, x0: Tensor, m: int, box) -> bool:
+    """Whether ``engine`` ("auto", "torch" or "numba") runs the fits x0 (B, P) compiled; raises
+    for "numba" where it cannot run."""
+    if engine == "torch":
+        return False
+    why_not = eligible(x0, m, box)
+    if engine == "numba" and why_not is not None:
+        from ..errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"engine='numba' cannot run this fit: {why_not}; pass engine='auto' (numba where it "
+            f"can run, else torch) or engine='torch'."
+        )
+    return why_not is None and (engine == "numba" or x0.shape[0] >= AUTO_MIN_BATCH)
+
+
+def svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
+    """The singular values (n, P) and :math:`V^T` (n, P, P) of a batch of tall float64 CPU
+    matrices jac (n, M, P), M > P, unsorted, as :func:`.core._svd_values` (for curve_fit's
+    covariance)."""
+    a = np.ascontiguousarray(jac.detach().numpy())
+    n, _, p = a.shape
+    s, vh = np.empty((n, p)), np.empty((n, p, p))
+    kern = _kernels()
+    threads = kern.numba.get_num_threads()
+    if threads > 1 and n >= PARALLEL_MIN:
+        kern._svd_rows_parallel(threads, a, s, vh)
+    else:
+        kern._svd_rows(0, n, a, s, vh)
+    return torch.from_numpy(s), torch.from_numpy(vh)
+
+
+def _least_squares_compiled(
+    fun_r: Callable[[Tensor, Tensor], Tensor],
+    x0: Tensor,
+    f0: Tensor,
+    jac_r: Callable[[Tensor, Tensor], Tensor],
+    method: str,
+    ftol: float,
+    xtol: float,
+    gtol: float,
+    max_nfev: int,
+    factor: float,
+) -> dict:
+    """:func:`.core._least_squares_core` (without bounds) with the algebra compiled; the same
+    arguments and the same returned dict. The state lives in numpy arrays of the whole batch,
+    shared with torch (``torch.from_numpy``); the fits still running are the index array
+    ``act``; ``fun_r`` and ``jac_r`` see the running (or due) rows as one batch."""
+    bsz, p = x0.shape
+    m = f0.shape[1]
+    kern = _kernels()
+    eps = float(np.finfo(np.float64).eps)
+    meth = METHOD_CODES[method]
+    cut = eps * max(m, p) if method == "gauss-newton" else 0.0
+    x = x0.detach().numpy().copy()
+    f = f0.detach().numpy().copy()
+    fnorm = np.linalg.norm(f, axis=1)
+    floor = eps * fnorm
+    d = np.zeros((bsz, p)) if meth == 0 else np.ones((bsz, p))
+    jac = np.zeros((bsz, m, p))
+    mu, c, gn, w = (np.zeros((bsz, p)) for _ in range(4))
+    vh = np.zeros((bsz, p, p))
+    gn_norm, gnorm, lo, radius, lam, pnorm = (np.zeros(bsz) for _ in range(6))
+    alpha = np.ones(bsz)
+    nit = np.zeros(bsz, dtype=np.int64)
+    first = np.ones(bsz, dtype=np.bool_)
+    out = {name: np.zeros(bsz, dtype=np.int64) for name in ("status", "nfev", "njev", "nit")}
+    out_x, out_f = x.copy(), f.copy()
+    stale = np.zeros(bsz, dtype=np.bool_)  # J not at x (the last step accepted)
+    act = np.arange(bsz)
+    due = act
+    nfev = 1
+    gtu = max(gtol, eps)
+    ftu, xtu = max(ftol, eps), max(xtol, eps)
+
+    def rows(idx: np.ndarray) -> Tensor:
+        return torch.from_numpy(idx)
+
+    def evaluate_jac(idx: np.ndarray) -> np.ndarray:
+        j = jac_r(torch.from_numpy(x[idx]), rows(idx))
+        return np.ascontiguousarray(j.detach().numpy(), dtype=np.float64)
+
+    def retire(done: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Write the fits act[done] out (status ``codes[done]``); returns the new ``act``."""
+        nonlocal act
+        idx = act[done]
+        old = idx[stale[idx]]
+        if old.size:  # J at the last x, not counted in njev (MINPACK stops before it)
+            jac[old] = evaluate_jac(old)
+        out_x[idx], out_f[idx] = x[idx], f[idx]
+        out["status"][idx] = codes[done]
+        out["nit"][idx] = nit[idx]
+        out["njev"][idx] = nit[idx] + 1 - stale[idx]
+        out["nfev"][idx] = nfev
+        act = act[~done]
+        return act
+
+    while True:
+        if due.size:
+            j = evaluate_jac(due)
+            codes = np.zeros(due.size, dtype=np.int64)
+            at_x0 = nfev == 1
+            args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
+                    lam, meth, cut, gtu, factor, codes)  # fmt: skip
+            threads = kern.numba.get_num_threads()
+            if threads > 1 and due.size >= PARALLEL_MIN:
+                kern._jac_stage_parallel(threads, *args)
+            else:
+                kern._jac_stage(0, due.size, *args)
+            stale[due] = False
+            if at_x0:
+                jt = torch.from_numpy(j)
+                _check_seen(fun_r, x0, f0, rows(act), torch.linalg.vector_norm(jt, dim=1), None)
+            stop = codes != 0
+            if stop.any():
+                # codes are per due fit; map them onto the running set
+                mask = np.zeros(bsz, dtype=np.bool_)
+                mask[due[stop]] = True
+                full = np.zeros(bsz, dtype=np.int64)
+                full[due] = codes
+                done = mask[act]
+                retire(done, full[act])
+                if not act.size:
+                    break
+        xt = np.empty((act.size, p))
+        kern._trial(act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
+                    first, w, pnorm, xt)  # fmt: skip
+        ft = fun_r(torch.from_numpy(xt), rows(act))
+        ft = np.ascontiguousarray(ft.detach().numpy(), dtype=np.float64)
+        nfev += 1
+        codes = np.empty(act.size, dtype=np.int64)
+        need = np.empty(act.size, dtype=np.bool_)
+        kern._update(act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d,
+                     c, w, pnorm, radius, lam, alpha, nit, first, need, xt, codes)  # fmt: skip
+        stale[act[need]] = True
+        done = codes != -9
+        due = act[need & ~done]
+        if done.any():
+            retire(done, codes)
+            if not act.size:
+                break
+    res = {
+        "x": torch.from_numpy(out_x),
+        "fun": torch.from_numpy(out_f),
+        "jac": torch.from_numpy(jac),
+    }
+    res.update({k: torch.from_numpy(v) for k, v in out.items()})
+    return res

@@ -1,0 +1,411 @@
+r"""The kernels of the compiled core (:mod:`.compiled`), in numba: the per-fit algebra of
+:mod:`.core`'s loop, fit by fit (see :mod:`.compiled` for what each stage computes and
+:mod:`.core` for the math). Imported only when the compiled core first runs (numba's import
+and the load of the kernels from its on-disk cache take ~1 s; the first compilation on a
+machine ~20-35 s)."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+#: Jacobi sweeps at most (quadratic convergence: 1-2 from the previous V, 4-5 from I, P = 3)
+SWEEPS = 30
+
+# reassociation lets the compiler vectorise the sums (dot products, norms): rounding-level
+# differences only; no assumption on NaN or inf (the tests below rely on them)
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+
+@_jit
+def _norm(v):
+    """||v||_2 without overflow or underflow in the squares (NaN if v has one)."""
+    s = 0.0
+    for t in v:
+        s += t * t
+    if s != s:
+        return math.nan
+    if s > 1e-290 and s < 1e290:
+        return math.sqrt(s)
+    big = 0.0
+    for t in v:
+        big = max(big, abs(t))
+    if big == 0.0 or big == math.inf:
+        return big
+    s = 0.0
+    for t in v:
+        s += (t / big) * (t / big)
+    return big * math.sqrt(s)
+
+
+@_jit
+def _qr(at, p):
+    """Householder QR of A = at^T, at (P + 1, M) = [J f]^T (columns of A contiguous), in
+    place: R = at[:P, :P]^T (upper), Q^T f in at[P, :P]."""
+    m = at.shape[1]
+    for k in range(p):
+        alpha = _norm(at[k, k:])
+        if alpha == 0.0:
+            continue
+        beta = -alpha if at[k, k] >= 0 else alpha
+        at[k, k] -= beta  # v = A[k:, k] - beta e_1; H = I - v v^T / (-beta v_1)
+        vtv = -beta * at[k, k]
+        for j in range(k + 1, p + 1):
+            s = 0.0
+            for i in range(k, m):
+                s += at[k, i] * at[j, i]
+            s /= vtv
+            for i in range(k, m):
+                at[j, i] -= s * at[k, i]
+        at[k, k] = beta
+
+
+@_jit
+def _jacobi(g, v, sweeps):
+    """One-sided Jacobi SVD of g (P, P) in place (see :func:`.core._jacobi`): the columns
+    of g rotated until pairwise orthogonal, the rotations accumulated in v (starts I)."""
+    p = g.shape[1]
+    tol = p * 2.220446049250313e-16
+    for _ in range(sweeps):
+        moved = False
+        for i in range(p - 1):
+            for j in range(i + 1, p):
+                alpha = 0.0
+                beta = 0.0
+                gamma = 0.0
+                for r in range(g.shape[0]):
+                    alpha += g[r, i] * g[r, i]
+                    beta += g[r, j] * g[r, j]
+                    gamma += g[r, i] * g[r, j]
+                if not abs(gamma) > tol * (math.sqrt(alpha) * math.sqrt(beta)):
+                    continue
+                zeta = (beta - alpha) / (2 * gamma)
+                az = abs(zeta)
+                root = math.sqrt(1.0 + az * az) if az < 1e150 else az
+                t = math.copysign(1.0 / (az + root), zeta)
+                c = 1.0 / math.sqrt(1 + t * t)
+                sn = c * t
+                for r in range(g.shape[0]):
+                    gi, gj = g[r, i], g[r, j]
+                    g[r, i] = c * gi - sn * gj
+                    g[r, j] = sn * gi + c * gj
+                for r in range(p):
+                    vi, vj = v[r, i], v[r, j]
+                    v[r, i] = c * vi - sn * vj
+                    v[r, j] = sn * vi + c * vj
+                moved = True
+        if not moved:
+            break
+
+
+@_jit
+def _jac_stage(
+    k0, k1, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
+    radius, lam, method, cut, gtu, factor, codes,
+):  # fmt: skip
+    """At the fits ``due`` (k-th has J = jac_new[k]): store J, test gtol (codes[k] = 1, or
+    -1 for a non-finite J^T f or column norm), update D (trust region), factor
+    :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
+    :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda."""
+    _, m, p = jac_new.shape
+    trust = method == 0
+    at = np.empty((p + 1, m))
+    g = np.empty((p, p))
+    v = np.empty((p, p))
+    acnorm = np.empty(p)
+    jtf = np.empty(p)
+    for k in range(k0, k1):
+        b = due[k]
+        jb = jac_new[k]
+        jac[b] = jb
+        acnorm[:] = 0.0
+        jtf[:] = 0.0
+        for i in range(m):  # one pass: A^T = [J f]^T, the squared column norms and J^T f
+            fi = f[b, i]
+            at[p, i] = fi
+            for j in range(p):
+                t = jb[i, j]
+                at[j, i] = t
+                acnorm[j] += t * t
+                jtf[j] += t * fi
+        bad = False
+        stop = True
+        for j in range(p):
+            sq = acnorm[j]
+            acnorm[j] = math.sqrt(sq) if sq > 1e-290 and sq < 1e290 else _norm(at[j])
+            if not (math.isfinite(acnorm[j]) and math.isfinite(jtf[j])):
+                bad = True
+            if not abs(jtf[j]) <= gtu * fnorm[b] * acnorm[j]:
+                stop = False
+        codes[k] = -1 if bad else (1 if stop else 0)
+        if trust:
+            for j in range(p):
+                dj = max(d[b, j], acnorm[j])
+                d[b, j] = dj if dj > 0 else 1.0
+        if first:
+            if trust:
+                xn = 0.0
+                for j in range(p):
+                    xn += (d[b, j] * x[b, j]) ** 2
+                xn = math.sqrt(xn)
+                radius[b] = factor * xn if xn > 0 else factor
+            if method == 1:
+                big = 0.0
+                for j in range(p):
+                    big = max(big, acnorm[j] * acnorm[j])
+                lam[b] = 1e-3 * big
+        if bad:
+            continue
+        _qr(at, p)
+        # the rotations start from the previous factorisation's V (J moved little: one
+        # or two sweeps instead of four or five); at x0 from I
+        for i in range(p):
+            for j in range(p):
+                v[i, j] = (1.0 if i == j else 0.0) if first else vh[b, j, i]
+        for i in range(p):
+            for j in range(p):
+                t = 0.0
+                for r in range(i, p):  # (R D^-1 V)_ij, R upper triangular
+                    t += at[r, i] / d[b, r] * v[r, j]
+                g[i, j] = t
+        _jacobi(g, v, SWEEPS)
+        smax = 0.0
+        for i in range(p):  # singular value i: the norm of column i of G = R D^-1 V
+            sv = _norm(g[:, i])
+            ci = 0.0
+            for r in range(p):
+                ci += at[p, r] * g[r, i]
+            mu[b, i] = sv * sv
+            c[b, i] = -ci  # c' = -S U^T f = -G^T (Q^T f)
+            smax = max(smax, sv)
+            for j in range(p):
+                vh[b, i, j] = v[j, i]
+        full = True
+        for i in range(p):
+            keep = mu[b, i] > 0
+            if cut > 0 and not math.sqrt(mu[b, i]) > cut * smax:
+                keep = False
+            wz = 0.0
+            for j in range(p):
+                if acnorm[j] == 0:
+                    wz += vh[b, i, j] * vh[b, i, j]
+            if not wz <= 0.5:
+                keep = False
+            if not keep:
+                mu[b, i] = math.inf
+                c[b, i] = 0.0
+                full = False
+        gn2 = 0.0
+        q0 = 0.0
+        cn = 0.0
+        for i in range(p):
+            gn[b, i] = c[b, i] / mu[b, i]
+            gn2 += gn[b, i] * gn[b, i]
+            q0 += gn[b, i] * gn[b, i] / mu[b, i]
+            cn += c[b, i] * c[b, i]
+        gn_norm[b] = math.sqrt(gn2)
+        gnorm[b] = math.sqrt(cn)
+        lo[b] = gn_norm[b] ** 2 / q0 if full and q0 > 0 else 0.0
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _jac_stage_parallel(
+    chunks, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
+    radius, lam, method, cut, gtu, factor, codes,
+):  # fmt: skip
+    """:func:`_jac_stage` on ``chunks`` slices of the fits, one per thread."""
+    n = jac_new.shape[0]
+    for t in numba.prange(chunks):
+        _jac_stage(
+            t * n // chunks, (t + 1) * n // chunks, jac_new, due, first, f, fnorm, x, d, jac,
+            mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, method, cut, gtu, factor, codes,
+        )  # fmt: skip
+
+
+@_jit
+def _svd_rows(k0, k1, jac, s, vh):
+    """Singular values s[k] and V^T = vh[k] of jac[k] (M, P), M > P, for k0 <= k < k1:
+    Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`)."""
+    _, m, p = jac.shape
+    at = np.zeros((p + 1, m))
+    g = np.empty((p, p))
+    v = np.empty((p, p))
+    for k in range(k0, k1):
+        for i in range(m):
+            for j in range(p):
+                at[j, i] = jac[k, i, j]
+        at[p] = 0.0
+        _qr(at, p)
+        for i in range(p):
+            for j in range(p):
+                g[i, j] = at[j, i] if j >= i else 0.0
+                v[i, j] = 1.0 if i == j else 0.0
+        _jacobi(g, v, SWEEPS)
+        for i in range(p):
+            s[k, i] = _norm(g[:, i])
+            for j in range(p):
+                vh[k, i, j] = v[j, i]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _svd_rows_parallel(chunks, jac, s, vh):
+    n = jac.shape[0]
+    for t in numba.prange(chunks):
+        _svd_rows(t * n // chunks, (t + 1) * n // chunks, jac, s, vh)
+
+
+@_jit
+def _lmpar(mu, c, gn, gn_norm, gnorm, lo, radius, par, w):
+    """:func:`.core._lmpar` for one fit: writes w(lambda), returns lambda."""
+    p = mu.shape[0]
+    dwarf = 2.2250738585072014e-308
+    fp = gn_norm - radius
+    tenth = 0.1 * radius
+    if not fp > tenth:
+        w[:] = gn
+        return 0.0
+    parl = fp / radius * lo
+    paru = gnorm / radius
+    if not paru > 0:
+        paru = dwarf / min(radius, 0.1)
+    lam = min(max(par, parl), paru)
+    if lam == 0:
+        lam = gnorm / max(gn_norm, dwarf)
+    prev = fp
+    for it in range(10):
+        if lam == 0:
+            lam = max(1e-3 * paru, dwarf)
+        phi2 = 0.0
+        q = 0.0
+        for i in range(p):
+            den = mu[i] + lam
+            w[i] = c[i] / den
+            phi2 += w[i] * w[i]
+            q += w[i] * w[i] / den
+        phi = math.sqrt(phi2)
+        fp = phi - radius
+        if abs(fp) <= tenth or (parl == 0 and fp <= prev and prev < 0) or it == 9:
+            break
+        parc = fp / radius * phi * phi / max(q, dwarf)
+        if fp > 0:
+            parl = max(parl, lam)
+        if fp < 0:
+            paru = min(paru, lam)
+        lam = max(parl, lam + parc)
+        prev = fp
+    return lam
+
+
+@_jit
+def _trial(act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
+           pnorm, xt):  # fmt: skip
+    """The step of every running fit ``act`` (k-th: row k of xt)."""
+    p = x.shape[1]
+    for k in range(act.shape[0]):
+        b = act[k]
+        if method == 0:
+            lam[b] = _lmpar(mu[b], c[b], gn[b], gn_norm[b], gnorm[b], lo[b], radius[b],
+                            lam[b], w[b])  # fmt: skip
+        elif method == 1:
+            for i in range(p):
+                w[b, i] = c[b, i] / (mu[b, i] + lam[b])
+        else:
+            for i in range(p):
+                w[b, i] = gn[b, i] * alpha[b]
+        pn = 0.0
+        for j in range(p):
+            qj = 0.0
+            for i in range(p):
+                qj += w[b, i] * vh[b, i, j]
+            xt[k, j] = x[b, j] + qj / d[b, j]
+            pn += qj * qj
+        pnorm[b] = math.sqrt(pn)
+        if method == 0 and first[b]:
+            radius[b] = min(radius[b], pnorm[b])
+
+
+@_jit
+def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c,
+            w, pnorm, radius, lam, alpha, nit, first, need_jac, xt, codes):  # fmt: skip
+    """After the trial: rho, the method's update, acceptance and the stopping tests of each
+    running fit (as :func:`.core._least_squares_core`); codes[k] = the status of a fit that
+    stops, -9 for one that goes on."""
+    p = x.shape[1]
+    eps = 2.220446049250313e-16
+    for k in range(act.shape[0]):
+        b = act[k]
+        fnorm1 = _norm(ft[k])
+        if not fnorm1 <= math.inf:  # NaN
+            fnorm1 = math.inf
+        fn = fnorm[b]
+        near = 0.1 * fnorm1 < fn
+        r1 = fnorm1 / fn
+        actred = 1 - r1 * r1 if near else -1.0
+        fn2 = fn * fn
+        cz = 0.0
+        for i in range(p):
+            cz += c[b, i] * w[b, i]
+        if method == 2:
+            prered = (2 - alpha[b]) * cz / fn2
+        else:
+            prered = (cz + lam[b] * pnorm[b] * pnorm[b]) / fn2
+        dirder = -cz / fn2
+        ratio = actred / prered if prered != 0 else 0.0
+        if method == 0:
+            temp = 0.5 * dirder / (dirder + 0.5 * actred)
+            if actred >= 0:
+                temp = 0.5
+            if not near or not temp >= 0.1:
+                temp = 0.1
+            if temp > 0.5:
+                temp = 0.1
+            poor = ratio <= 0.25
+            good = lam[b] == 0 or ratio >= 0.75
+            if poor:
+                radius[b] = temp * min(radius[b], pnorm[b] / 0.1)
+                lam[b] = lam[b] / temp
+            elif good:
+                radius[b] = pnorm[b] / 0.5
+                lam[b] = 0.5 * lam[b]
+            accept = ratio >= 1e-4
+        elif method == 1:
+            accept = fnorm1 < fn
+            la = lam[b] / 3 if ratio > 0.75 else (lam[b] * 3 if ratio < 0.25 else lam[b])
+            la = la if la > 0 else eps
+            lam[b] = min(la, 1 / eps)
+        else:
+            accept = actred >= -2e-4 * dirder and fnorm1 < fn
+            alpha[b] = 1.0 if accept else alpha[b] / 2
+        if accept:
+            x[b] = xt[k]
+            f[b] = ft[k]
+            fnorm[b] = fnorm1
+            nit[b] += 1
+            first[b] = False
+        need_jac[k] = accept
+        xn = 0.0
+        for j in range(p):
+            xn += (d[b, j] * x[b, j]) ** 2
+        xnorm = math.sqrt(xn)
+        size = radius[b] if method == 0 else pnorm[b]
+        ok = 0.5 * ratio <= 1 and prered >= 0
+        aa = abs(actred)
+        stop = (aa <= ftu and prered <= ftu and ok) or size <= xtu * xnorm
+        stop = stop or fnorm[b] <= floor[b]
+        if not (stop or nfev >= max_nfev):
+            codes[k] = -9
+            continue
+        code = 0 if nfev >= max_nfev else -9
+        if aa <= eps and prered <= eps and ok:
+            code = 2
+        if size <= eps * xnorm:
+            code = 3
+        if fnorm[b] <= floor[b]:
+            code = 2
+        small_f = aa <= ftol and prered <= ftol and ok
+        small_x = size <= xtol * xnorm
+        if small_f or small_x:
+            code = 4 if small_f and small_x else (2 if small_f else 3)
+        codes[k] = code
