@@ -112,20 +112,26 @@ def decay_jac_np(x, a, b, c):
 P0 = [1.0, 1.0, 0.0]
 
 
-def bench_single(repeats: int) -> dict:
+def bench_single(repeats: int, engines: list[str]) -> dict:
     t, y = decay_data(1)
     tn, yn = t.numpy(), y[0].numpy()
-    ours_t, (popt, _) = timed(lambda: steepest.curve_fit(decay, t, y[0], P0), repeats)
-    ref_t, (ref, _) = timed(lambda: sopt.curve_fit(decay_np, tn, yn, P0), repeats)
-    return {
-        "steepest": summary(ours_t),
-        "scipy": summary(ref_t),
-        "ratio_median": statistics.median(ours_t) / statistics.median(ref_t),
-        "max_abs_popt_diff": float(np.abs(popt.numpy() - ref).max()),
-    }
+    out, times = {}, {e: [] for e in engines}
+    times["scipy"] = []
+    for _ in range(repeats):  # interleaved
+        for e in engines:
+            dt, (popt, _) = timed(lambda e=e: steepest.curve_fit(decay, t, y[0], P0, engine=e), 1)
+            times[e] += dt
+        dt, (ref, _) = timed(lambda: sopt.curve_fit(decay_np, tn, yn, P0), 1)
+        times["scipy"] += dt
+    ref = statistics.median(times["scipy"])
+    for e in engines:
+        out[e] = {**summary(times[e]), "ratio_to_scipy_median": statistics.median(times[e]) / ref}
+    out["scipy"] = summary(times["scipy"])
+    out["max_abs_popt_diff"] = float(np.abs(popt.numpy() - ref).max())
+    return out
 
 
-def bench_nist(data: Path, names: list[str], repeats: int) -> dict:
+def bench_nist(data: Path, names: list[str], repeats: int, engine: str = "torch") -> dict:
     nist = _nist()
     out = {}
     for name in names:
@@ -138,7 +144,7 @@ def bench_nist(data: Path, names: list[str], repeats: int) -> dict:
 
             def ours(f=f, x=x, y1=y1, b0=b0):  # with scipy's tolerances: like with like
                 return steepest.least_squares(
-                    lambda b: f(b, x) - y1, b0, ftol=1e-8, max_nfev=100 * len(b0)
+                    lambda b: f(b, x) - y1, b0, ftol=1e-8, max_nfev=100 * len(b0), engine=engine
                 )
 
             ours_t, res = timed(ours, repeats)
@@ -156,16 +162,18 @@ def bench_nist(data: Path, names: list[str], repeats: int) -> dict:
     return out
 
 
-def bench_batched(b: int, repeats: int) -> dict:
+def bench_batched(b: int, repeats: int, engines: list[str]) -> dict:
     t, y = decay_data(b)
     p0 = torch.tensor([P0] * b, dtype=D)
     tn, yn = t.numpy(), y.numpy()
     n_max = {"lmder": 100 * (len(P0) + 1), "lmdif": 200 * (len(P0) + 1)}
     n_max["lmder-jac"] = n_max["lmder"]  # scipy's side: the lmder loop of the same repeat
 
-    def ours(kind):
+    def ours(kind, engine):
         jac = decay_jac if kind == "lmder-jac" else None
-        return steepest.curve_fit(decay, t, y, p0, jac=jac, full_output=True, max_nfev=n_max[kind])
+        return steepest.curve_fit(
+            decay, t, y, p0, jac=jac, full_output=True, max_nfev=n_max[kind], engine=engine
+        )
 
     def scipy_loop(kind):
         jac = decay_jac_np if kind == "lmder" else None
@@ -178,66 +186,74 @@ def bench_batched(b: int, repeats: int) -> dict:
         return out
 
     result = {"B": b, "N": y.shape[1]}
-    times = {k: {"steepest": [], "scipy_loop": []} for k in n_max}
-    fits = {}
+    times = {k: {"scipy_loop": [], **{e: [] for e in engines}} for k in n_max}
+    fits, refs = {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the batch names its failed fits in a warning
-        for _ in range(repeats):  # interleaved, so that both see the same load
+        for _ in range(repeats):  # interleaved, so that all see the same load
             for kind in n_max:
-                dt, (popt, _, res) = timed(lambda k=kind: ours(k), 1)
-                times[kind]["steepest"] += dt
+                for e in engines:
+                    dt, (popt, _, res) = timed(lambda k=kind, e=e: ours(k, e), 1)
+                    times[kind][e] += dt
+                    fits[kind, e] = popt, res
                 if kind == "lmder-jac":
                     times[kind]["scipy_loop"] = times["lmder"]["scipy_loop"]
-                    fits[kind] = popt, res, fits["lmder"][2]
+                    refs[kind] = refs["lmder"]
                     continue
-                dt, ref = timed(lambda k=kind: scipy_loop(k), 1)
+                dt, refs[kind] = timed(lambda k=kind: scipy_loop(k), 1)
                 times[kind]["scipy_loop"] += dt
-                fits[kind] = popt, res, ref
     for kind in n_max:
-        popt, res, ref = fits[kind]
-        ours_t, ref_t = times[kind]["steepest"], times[kind]["scipy_loop"]
-        both = res.success.numpy() & np.isfinite(ref).all(1)
+        ref, ref_t = refs[kind], times[kind]["scipy_loop"]
         result[kind] = {
             "max_nfev": n_max[kind],
             "steepest_call": "curve_fit(jac=torch Jacobian)"
             if kind == "lmder-jac"
             else "curve_fit() (autograd Jacobian)",
             "scipy_call": "curve_fit()" if kind == "lmdif" else "curve_fit(jac=numpy Jacobian)",
-            "steepest": summary(ours_t),
             "scipy_loop": summary(ref_t),
-            "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
-            "speedups": [r / o for r, o in zip(ref_t, ours_t, strict=True)],
-            "success": int(res.success.sum()),
-            "nfev_mean": float(res.nfev.float().mean()),
-            "nfev_max": int(res.nfev.max()),
-            "fits_at_max_nfev": int((res.status == 0).sum()),
             "scipy_success": int(np.isfinite(ref).all(1).sum()),
-            "failed_in_both": int((~res.success.numpy() & ~np.isfinite(ref).all(1)).sum()),
-            "max_abs_popt_diff_both_succeeded": float(np.abs(popt.numpy() - ref)[both].max()),
         }
-        floor = bench_floor(t, y, res, len(ours_t), kind == "lmder-jac")
+        for e in engines:
+            popt, res = fits[kind, e]
+            ours_t = times[kind][e]
+            both = res.success.numpy() & np.isfinite(ref).all(1)
+            result[kind][e] = {
+                **summary(ours_t),
+                "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
+                "speedups": [r / o for r, o in zip(ref_t, ours_t, strict=True)],
+                "success": int(res.success.sum()),
+                "nfev_mean": float(res.nfev.float().mean()),
+                "nfev_max": int(res.nfev.max()),
+                "fits_at_max_nfev": int((res.status == 0).sum()),
+                "failed_in_both": int((~res.success.numpy() & ~np.isfinite(ref).all(1)).sum()),
+                "max_abs_popt_diff_both_succeeded": float(np.abs(popt.numpy() - ref)[both].max()),
+            }
+        res = fits[kind, engines[0]][1]
+        floor = bench_floor(t, y, res, repeats, kind == "lmder-jac")
         floor["speedup_bound"] = statistics.median(ref_t) / floor["median_s"]
         floor["speedup_bound_no_qr"] = statistics.median(ref_t) / floor["no_qr_median_s"]
         result[kind]["floor"] = floor
         # the tail: the fits that ran to max_nfev, alone (max_nfev - 1 sequential iterations)
         tail = (res.status == 0).nonzero().squeeze(-1)
-        if tail.numel():
+        if not tail.numel():
+            continue
+        result[kind]["tail"] = {"B": int(tail.numel()), "indices": tail.tolist()}
+        for e in engines:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tail_t, _ = timed(
-                    lambda k=kind, i=tail: steepest.curve_fit(
+                    lambda k=kind, i=tail, e=e: steepest.curve_fit(
                         decay,
                         t,
                         y[i],
                         p0[i],
                         jac=decay_jac if k == "lmder-jac" else None,
                         max_nfev=n_max[k],
+                        engine=e,
                     ),
                     repeats,
                 )
-            result[kind]["tail"] = {
-                "B": int(tail.numel()),
-                "indices": tail.tolist(),
+            result[kind]["tail"][e] = {
                 **summary(tail_t),
                 "ms_per_iteration_median": 1e3 * statistics.median(tail_t) / (n_max[kind] - 1),
             }
@@ -315,35 +331,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-repeats", type=int, default=3, help="repeats of the 10,000 fits")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch's and numba's threads")
+    ap.add_argument(
+        "--engines", default="torch,numba", help="least_squares' engines to time, comma-separated"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--note", default="", help="what else ran on the machine (goes into the JSON with the load)"
     )
     args = ap.parse_args(argv)
+    engines = args.engines.split(",")
     torch.set_num_threads(args.threads)
+    if "numba" in engines:
+        import numba
+
+        numba.set_num_threads(args.threads)
     info = machine(args.threads, args.note)
     # warm-up: the first torch.func calls import and trace (reverse mode for small batches,
-    # forward mode for large ones); not part of any timing
-    for b in (1, 4, 128):
-        t, y = decay_data(b)
-        steepest.curve_fit(
-            decay, t, y[0] if b == 1 else y, P0 if b == 1 else torch.tensor([P0] * b, dtype=D)
-        )
-    result = {"machine": info, "single": bench_single(args.repeats)}
+    # forward mode for large ones), the first compiled fit imports numba and loads its kernels
+    # (timed: once per process); not part of any other timing
+    for e in engines:
+        t0 = time.perf_counter()
+        for b in (1, 4, 128, 512):
+            t, y = decay_data(b)
+            steepest.curve_fit(
+                decay,
+                t,
+                y[0] if b == 1 else y,
+                P0 if b == 1 else torch.tensor([P0] * b, dtype=D),
+                engine=e,
+            )
+        info[f"warm_up_s_{e}"] = time.perf_counter() - t0
+    result = {"machine": info, "engines": engines, "single": bench_single(args.repeats, engines)}
     print("single fit:", json.dumps(result["single"]))
     if args.data:
-        result["nist"] = bench_nist(Path(args.data), args.nist.split(","), args.repeats)
-        for k, v in result["nist"].items():
-            print(f"NIST {k}: ratio {v['ratio_median']:.2f}, nfev {v['nfev']}")
-    result["batched"] = bench_batched(args.batch, args.batch_repeats)
+        result["nist"] = {
+            e: bench_nist(Path(args.data), args.nist.split(","), args.repeats, e) for e in engines
+        }
+        for e, rows in result["nist"].items():
+            for k, v in rows.items():
+                print(f"NIST {k} ({e}): ratio {v['ratio_median']:.2f}, nfev {v['nfev']}")
+    result["batched"] = bench_batched(args.batch, args.batch_repeats, engines)
     for kind in ("lmder", "lmder-jac", "lmdif"):
         v = result["batched"][kind]
+        for e in engines:
+            print(
+                f"batched {kind} ({e}): steepest {v[e]['median_s']:.3f} s, scipy loop "
+                f"{v['scipy_loop']['median_s']:.3f} s, speedup {v[e]['speedup_median']:.2f}x; "
+                f"tail {v.get('tail', {}).get(e, {}).get('ms_per_iteration_median', math.nan):.2f}"
+                f" ms/iteration"
+            )
         print(
-            f"batched {kind}: steepest {v['steepest']['median_s']:.3f} s, scipy loop "
-            f"{v['scipy_loop']['median_s']:.3f} s, speedup {v['speedup_median']:.2f}x; tail "
-            f"{v.get('tail', {}).get('ms_per_iteration_median', math.nan):.2f} ms/iteration; "
-            f"floor {v['floor']['median_s']:.3f} s (bound {v['floor']['speedup_bound']:.1f}x; "
+            f"  floor {v['floor']['median_s']:.3f} s (bound {v['floor']['speedup_bound']:.1f}x; "
             f"without the QR {v['floor']['no_qr_median_s']:.3f} s, "
             f"{v['floor']['speedup_bound_no_qr']:.1f}x)"
         )

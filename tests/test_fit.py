@@ -16,6 +16,19 @@ from steepest.errors import ConfigurationError, ConvergenceError, NonFiniteError
 from steepest.fit import curve_fit, least_squares
 
 D = torch.float64
+
+
+@pytest.fixture(autouse=True, params=["torch", "numba"])
+def engine(request, monkeypatch):
+    """Every test of this file runs on both engines of least_squares: the torch core, and the
+    compiled core (engine="auto" made to take numba from one fit, where it can run: float64 on
+    the CPU, no bounds, M > P; the torch core elsewhere)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+        monkeypatch.setattr(steepest.fit.compiled, "AUTO_MIN_BATCH", 1)
+    return request.param
+
+
 T = torch.linspace(0, 4, 30, dtype=D)
 Y = 2 * torch.exp(-1.3 * T) + 0.5 + 0.01 * torch.randn(30, generator=seeded(0), dtype=D)
 TI = torch.arange(1, 11, dtype=D) * 0.1

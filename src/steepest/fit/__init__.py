@@ -45,6 +45,21 @@ spread to one copy per point, on one curve as on a batch. A ``jac=`` given to ei
 is checked at x0 against a central difference of ``fun`` along a random direction (two
 evaluations, not counted in nfev; a SteepestWarning names the columns that disagree).
 
+Two engines run this algorithm (``engine=`` of :func:`least_squares` and :func:`curve_fit`):
+the torch core (:mod:`.core`: every step a few hundred batched torch operations, on any device
+and dtype) and the compiled core (:mod:`.compiled`, with its numba kernels in :mod:`.kernels`:
+the same algebra fit by fit in one compiled call per stage, the factorisations shared among
+numba's threads; float64 on the CPU without bounds, M > P, P <= 16; ``pip install
+steepest[fast]``). The two agree to rounding: on 10,000 decay curves nfev and njev are equal
+for every fit and the costs to 1.5e-11; on NIST StRD's 54 starts nfev and status are equal on
+48, the other 6 end at the same cost to 10 digits, 0-5 evaluations apart or with another
+status on a near tie (both at LRE >= 6 on all 54). The
+torch core's operations cost a few microseconds each however few fits they carry, so the
+compiled one pays most where few fits run long: the last fits of a batch (1.4 ms an iteration
+against 0.36 ms on 13 curves) and a single fit; ``engine="auto"`` takes it for batches of at
+least 256 fits (its first use in a process loads the kernels, ~1 s; the first on a machine
+compiles them, ~20-35 s).
+
 Bounds :math:`l \le x \le u` (``bounds=(lb, ub)``, any method, :mod:`.bounds`): at every
 Jacobian the parameters on a bound whose gradient :math:`J^Tf` points out of the box are held
 (their columns left out of the factorisation, as exactly zero columns are), the method's step
@@ -82,8 +97,9 @@ into the status above). Example::
 
 # the package: bounds (their checks, active mask) <- result (OptimizeResult, messages); checks
 # (before a fit: x0, fun's output, unseen parameters, a given jac); bounds, checks <- core (the
-# batched MINPACK loop) <- lsq (least_squares) <- curve (curve_fit); newton (minimize) uses
-# result, checks and core only
+# batched MINPACK loop in torch); kernels (numba only) <- compiled (the same loop, its algebra
+# compiled; checks); core, compiled <- lsq (least_squares) <- curve (curve_fit); newton
+# (minimize) uses result, checks and core only
 from .core import _factor as _factor
 from .core import _lmpar as _lmpar
 from .curve import curve_fit
