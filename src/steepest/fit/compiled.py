@@ -56,9 +56,17 @@ PARALLEL_MIN = 256
 AUTO_MIN_BATCH = 256
 
 
+@functools.cache
 def available() -> bool:
-    """Whether numba is installed (found without importing it)."""
-    return importlib.util.find_spec("numba") is not None
+    """Whether numba can be imported (installed, and importable with this numpy): the compiled
+    core can run. Imports numba (~0.4 s) on the first call."""
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:
+        importlib.import_module("numba")
+    except ImportError:  # e.g. a numba built for another numpy: the torch core runs
+        return False
+    return True
 
 
 @functools.cache
@@ -70,8 +78,6 @@ def _kernels():
 def eligible(x0: Tensor, m: int, box) -> str | None:
     """None when the compiled core can run the fits x0 (B, P) with M = m residuals and bounds
     ``box``, else the reason it cannot."""
-    if not available():
-        return "numba is not installed (pip install steepest[fast])"
     if x0.device.type != "cpu":
         return f"x0 is on {x0.device} (the compiled core runs on the CPU)"
     if x0.dtype != torch.float64:
@@ -81,6 +87,8 @@ def eligible(x0: Tensor, m: int, box) -> str | None:
     p = x0.shape[-1]
     if not m > p or p > MAX_P:
         return f"M = {m}, P = {p} (the compiled core needs M > P and P <= {MAX_P})"
+    if not available():
+        return "numba is not installed or cannot be imported (pip install steepest[fast])"
     return None
 
 
@@ -88,6 +96,8 @@ def choose(engine: str, x0: Tensor, m: int, box) -> bool:
     """Whether ``engine`` ("auto", "torch" or "numba") runs the fits x0 (B, P) compiled; raises
     for "numba" where it cannot run."""
     if engine == "torch":
+        return False
+    if engine == "auto" and x0.shape[0] < AUTO_MIN_BATCH:
         return False
     why_not = eligible(x0, m, box)
     if engine == "numba" and why_not is not None:
@@ -97,7 +107,7 @@ def choose(engine: str, x0: Tensor, m: int, box) -> bool:
             f"engine='numba' cannot run this fit: {why_not}; pass engine='auto' (numba where it "
             f"can run, else torch) or engine='torch'."
         )
-    return why_not is None and (engine == "numba" or x0.shape[0] >= AUTO_MIN_BATCH)
+    return why_not is None
 
 
 def svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,11 +166,19 @@ def _least_squares_compiled(
     act = np.arange(bsz)
     due = act
     nfev = 1
+    # one signature for the kernels: float tolerances, max_nfev within int64
+    ftol, xtol, gtol, factor = float(ftol), float(xtol), float(gtol), float(factor)
+    max_nfev = min(int(max_nfev), 2**62)
     gtu = max(gtol, eps)
     ftu, xtu = max(ftol, eps), max(xtol, eps)
 
+    held: list = [None, None]  # the last index array and its tensor (the same object back:
+    # the same tensor, so that curve_fit keeps its gathered data while the running set holds)
+
     def rows(idx: np.ndarray) -> Tensor:
-        return torch.from_numpy(idx)
+        if held[0] is not idx:
+            held[:] = idx, torch.from_numpy(idx)
+        return held[1]
 
     def evaluate_jac(idx: np.ndarray) -> np.ndarray:
         j = jac_r(torch.from_numpy(x[idx]), rows(idx))
@@ -221,6 +239,8 @@ def _least_squares_compiled(
         stale[act[need]] = True
         done = codes != -9
         due = act[need & ~done]
+        if due.size == act.size:  # every running fit moved: the same rows object
+            due = act
         if done.any():
             retire(done, codes)
             if not act.size:

@@ -35,30 +35,38 @@ def _rows(box, rows: Tensor):
     return None if box is None else (box[0][rows], box[1][rows])
 
 
-#: the rows of a batch on which the routes of f and jac are probed (a probe on all rows of a
-#: large batch cost more than the fit: 0.19 s of 0.7 s for 10,000 curves)
+#: the rows of a batch (spread evenly over it) on which the vmapped reference of a route probe
+#: runs (vmapping all rows of a large batch cost more than the fit: 0.19 s of 0.7 s for 10,000
+#: curves); the route itself is called on the whole batch, so that a formula mixing rows shows
+#: in the rows compared
 PROBE_ROWS = 8
 
 
-def _broadcasts(resid, vres, x0: Tensor, args: tuple, box=None) -> bool:
-    """Whether ``resid`` called once on the parameter columns (B, 1, P) of a batch gives what
-    the vmapped one-curve residual gives, row by row, at a point near x0 where the rows differ
-    (so a formula that mixes rows, e.g. through a mean over the batch, is caught): then the
-    batch needs no vmap. ``x0`` and ``args`` are those of a few rows (:data:`PROBE_ROWS`): the
-    fit too calls resid on varying subsets of the batch."""
+def _sample(b: int, device) -> Tensor:
+    """:data:`PROBE_ROWS` rows spread evenly over a batch of b (all of them when fewer)."""
+    return torch.linspace(0, b - 1, min(PROBE_ROWS, b), device=device).round().long().unique()
+
+
+def _broadcasts(resid, vres, x0: Tensor, args: tuple, box, sample: Tensor, sub: tuple) -> bool:
+    """Whether ``resid`` called once on the parameter columns (B, 1, P) of the whole batch
+    gives what the vmapped one-curve residual gives, on the rows ``sample`` (their data
+    ``sub``), at a point near x0 where the rows differ (so a formula that mixes rows, e.g.
+    through a sum over the batch, is caught): then the batch needs no vmap."""
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
     probe = _inside(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            want = vres(probe, *args)
+            want = vres(probe[sample], *sub)
             got = resid(probe.unsqueeze(-2), *args)
+            if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
+                return False
+            got = got[sample]
     except Exception:  # any failure: keep the general (vmap) route
         return False
     return (
-        isinstance(got, Tensor)
-        and got.shape == want.shape
+        got.shape == want.shape
         and got.dtype == want.dtype
         and bool(torch.isfinite(want).all())
         and bool(torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())))
@@ -112,9 +120,10 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> boo
     # rounding of two routes (a coupling is O(1) of its column): the tolerance of each
     # parameter's column is relative to that column's largest entry, so a large column cannot
     # hide a coupling in a small one
+    # (the projection sums M rounding errors of random signs: their l2 norm, not their sum)
     tol = 1e4 * torch.finfo(ref.dtype).eps
     scale = got.abs().amax(dim=(0, 1), keepdim=True)
-    bound = tol * (u.abs().unsqueeze(-1) * (got.abs() + scale)).sum(1)
+    bound = tol * torch.linalg.vector_norm(u.unsqueeze(-1) * (got.abs() + scale), dim=1)
     return bool(((u.unsqueeze(-1) * got).sum(1) - ref).abs().le(bound).all())
 
 
@@ -144,8 +153,9 @@ def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
 
         return jac_r
     vjres = torch.func.vmap(jres, in_dims=dims)
-    few = torch.arange(min(PROBE_ROWS, xb.shape[0]), device=xb.device)
-    if spread and _broadcasts(jres, vjres, xb[few], args(few), _rows(box, few)):
+    every = torch.arange(xb.shape[0], device=xb.device)
+    few = _sample(xb.shape[0], xb.device)
+    if spread and _broadcasts(jres, vjres, xb, args(every), box, few, args(few)):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows)), pp, "jac")
@@ -304,10 +314,17 @@ def curve_fit(
     if batched:  # one curve's residual, vmapped over the rows asked for
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
 
+        last: list = [None, None]  # the last rows asked for (the same tensor object) and args
+
         def args(rows: Tensor) -> tuple:
+            """The data of the curves ``rows``; the gather is kept while the same rows tensor
+            comes back (the running set changes only when fits stop)."""
+            if last[0] is rows:
+                return last[1]
             every = rows.numel() == y.shape[0]
             sel = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
-            return sel(xd) if x_per else xd, sel(y), sel(s) if s_per else s
+            last[:] = rows, (sel(xd) if x_per else xd, sel(y), sel(s) if s_per else s)
+            return last[1]
 
     else:  # one curve: the same routes on a batch of one
 
@@ -323,8 +340,9 @@ def curve_fit(
 
         # f elementwise in its parameters: called once on the columns (B, 1) of the batch (no
         # vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
-        few = torch.arange(min(PROBE_ROWS, x0.shape[0]), device=x0.device)
-        spread = _broadcasts(resid, vres, x0[few], args(few), _rows(box, few))
+        every = torch.arange(x0.shape[0], device=x0.device)
+        few = _sample(x0.shape[0], x0.device)
+        spread = _broadcasts(resid, vres, x0, args(every), box, few, args(few))
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811

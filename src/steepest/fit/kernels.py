@@ -14,9 +14,10 @@ import numpy as np
 #: Jacobi sweeps at most (quadratic convergence: 1-2 from the previous V, 4-5 from I, P = 3)
 SWEEPS = 30
 
-# reassociation lets the compiler vectorise the sums (dot products, norms): rounding-level
-# differences only; no assumption on NaN or inf (the tests below rely on them)
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+# fused multiply-adds only: rounding-level differences; no reassociation (it let the compiler
+# turn the QR's (s / v^T v) a into (s a) / v^T v, which overflows from entries of 1e103 and
+# underflows below 1e-105), no assumption on NaN or inf (the tests below rely on them)
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
 
 @_jit
