@@ -123,9 +123,12 @@ def bench_single(repeats: int, engines: list[str]) -> dict:
             times[e] += dt
         dt, (ref, _) = timed(lambda: sopt.curve_fit(decay_np, tn, yn, P0), 1)
         times["scipy"] += dt
-    ref = statistics.median(times["scipy"])
+    scipy_t = statistics.median(times["scipy"])
     for e in engines:
-        out[e] = {**summary(times[e]), "ratio_to_scipy_median": statistics.median(times[e]) / ref}
+        out[e] = {
+            **summary(times[e]),
+            "ratio_to_scipy_median": statistics.median(times[e]) / scipy_t,
+        }
     out["scipy"] = summary(times["scipy"])
     out["max_abs_popt_diff"] = float(np.abs(popt.numpy() - ref).max())
     return out
