@@ -55,10 +55,12 @@ for every fit and the costs to 1.5e-11; on NIST StRD's 54 starts nfev and status
 48, the other 6 end at the same cost to 10 digits, 0-5 evaluations apart or with another
 status on a near tie (both at LRE >= 6 on all 54). The
 torch core's operations cost a few microseconds each however few fits they carry, so the
-compiled one pays most where few fits run long: the last fits of a batch (1.4 ms an iteration
-against 0.36 ms on 13 curves) and a single fit; ``engine="auto"`` takes it for batches of at
-least 256 fits (its first use in a process loads the kernels, ~1 s; the first on a machine
-compiles them, ~20-35 s).
+compiled one pays most where few fits run long: the last fits of a batch (the 13 curves of
+``benchmarks/fit_speed.py`` that run to max_nfev: 0.24 ms an iteration against 1.42 ms with a
+given ``jac``, 0.47 against 1.50 ms with autograd's, evaluations included) and a single fit;
+10,000 curves take 0.39 s against 0.93 s on one thread (``benchmarks/fit.md``).
+``engine="auto"`` takes it for batches of at least 256 fits (its first use in a process loads
+the kernels, ~1 s; the first on a machine compiles them, ~20-35 s).
 
 Bounds :math:`l \le x \le u` (``bounds=(lb, ub)``, any method, :mod:`.bounds`): at every
 Jacobian the parameters on a bound whose gradient :math:`J^Tf` points out of the box are held
