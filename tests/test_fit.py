@@ -1177,3 +1177,24 @@ def test_public_names_stay_importable_from_the_package():
         assert getattr(fit, name)
     assert callable(fit.least_squares) and fit.least_squares.__name__ == "least_squares"
     assert callable(fit.minimize) and fit.minimize.__module__ == "steepest.fit.newton"
+
+
+def test_a_formula_that_mixes_the_later_rows_of_a_batch_is_vmapped():
+    """curve_fit's route probe: a formula whose batch call mixes the rows (a sum without dim,
+    over the batch when the parameters are columns (B, 1)) only where a > 10, which only rows
+    8-15 of 16 have, is caught by the probe on rows spread over the batch (the first 8 rows
+    alone missed it: fits 7.9 off) and vmapped: every curve's own parameters come back."""
+
+    def f(x, a, b, c):
+        k = torch.relu(a - 10)
+        return a * torch.exp(-b * x) + c + 0.1 * (k.sum() - k)
+
+    x = torch.linspace(0.1, 4, 30, dtype=D)
+    truth = torch.tensor([2.0, 1.3, 0.5], dtype=D).repeat(16, 1)
+    truth[8:, 0] = 20.0
+    y = torch.stack([f(x, *p) for p in truth])  # each curve alone: the vmapped meaning
+    p0 = truth.clone()
+    p0[:, 1] = 1.0
+    popt, _, res = curve_fit(f, x, y, p0, full_output=True)
+    assert bool(res.success.all())
+    torch.testing.assert_close(popt, truth, rtol=1e-8, atol=1e-8)

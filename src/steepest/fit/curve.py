@@ -35,11 +35,10 @@ def _rows(box, rows: Tensor):
     return None if box is None else (box[0][rows], box[1][rows])
 
 
-#: the rows of a batch (spread evenly over it) on which the vmapped reference of a route probe
-#: runs (vmapping all rows of a large batch cost more than the fit: 0.19 s of 0.7 s for 10,000
-#: curves); the route itself is called on the whole batch, so that a formula mixing rows shows
-#: in the rows compared
-PROBE_ROWS = 8
+#: the rows of a batch, spread evenly over it, on which the routes of f and jac are probed
+#: (probing all rows of a large batch cost more than the fit: 0.19 s of 0.7 s for 10,000
+#: curves; the first rows only missed a formula that mixed the later ones)
+PROBE_ROWS = 16
 
 
 def _sample(b: int, device) -> Tensor:
@@ -47,10 +46,10 @@ def _sample(b: int, device) -> Tensor:
     return torch.linspace(0, b - 1, min(PROBE_ROWS, b), device=device).round().long().unique()
 
 
-def _broadcasts(resid, vres, x0: Tensor, args: tuple, box, sample: Tensor, sub: tuple) -> bool:
-    """Whether ``resid`` called once on the parameter columns (B, 1, P) of the whole batch
-    gives what the vmapped one-curve residual gives, on the rows ``sample`` (their data
-    ``sub``), at a point near x0 where the rows differ (so a formula that mixes rows, e.g.
+def _broadcasts(resid, vres, x0: Tensor, args: tuple, box=None) -> bool:
+    """Whether ``resid`` called once on the parameter columns (n, 1, P) of some rows of a batch
+    (x0 and ``args`` theirs: :func:`_sample`) gives what the vmapped one-curve residual gives,
+    row by row, at a point near x0 where the rows differ (so a formula that mixes the rows, e.g.
     through a sum over the batch, is caught): then the batch needs no vmap."""
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
@@ -58,12 +57,11 @@ def _broadcasts(resid, vres, x0: Tensor, args: tuple, box, sample: Tensor, sub: 
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            want = vres(probe[sample], *sub)
+            want = vres(probe, *args)
             got = resid(probe.unsqueeze(-2), *args)
-            if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
-                return False
-            got = got[sample]
     except Exception:  # any failure: keep the general (vmap) route
+        return False
+    if not isinstance(got, Tensor):
         return False
     return (
         got.shape == want.shape
@@ -153,12 +151,11 @@ def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
 
         return jac_r
     vjres = torch.func.vmap(jres, in_dims=dims)
-    every = torch.arange(xb.shape[0], device=xb.device)
     few = _sample(xb.shape[0], xb.device)
-    if spread and _broadcasts(jres, vjres, xb, args(every), box, few, args(few)):
+    if spread and _broadcasts(jres, vjres, xb[few], args(few), _rows(box, few)):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
-            return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows)), pp, "jac")
+            return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows, False)), pp, "jac")
 
         return jac_r
 
@@ -314,21 +311,23 @@ def curve_fit(
     if batched:  # one curve's residual, vmapped over the rows asked for
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
 
-        last: list = [None, None]  # the last rows asked for (the same tensor object) and args
+        last: dict = {}  # with y or not: the last rows asked for (the same object), their data
 
-        def args(rows: Tensor) -> tuple:
-            """The data of the curves ``rows``; the gather is kept while the same rows tensor
-            comes back (the running set changes only when fits stop)."""
-            if last[0] is rows:
-                return last[1]
+        def args(rows: Tensor, with_y: bool = True) -> tuple:
+            """The data of the curves ``rows`` (ydata None unless ``with_y``: a jac does not
+            need it); the gather is kept while the same rows tensor comes back (the running set
+            changes only when fits stop)."""
+            if with_y in last and last[with_y][0] is rows:
+                return last[with_y][1]
             every = rows.numel() == y.shape[0]
             sel = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
-            last[:] = rows, (sel(xd) if x_per else xd, sel(y), sel(s) if s_per else s)
-            return last[1]
+            got = sel(xd) if x_per else xd, sel(y) if with_y else None, sel(s) if s_per else s
+            last[with_y] = rows, got
+            return got
 
     else:  # one curve: the same routes on a batch of one
 
-        def args(rows: Tensor) -> tuple:
+        def args(rows: Tensor, with_y: bool = True) -> tuple:
             return xd, y, s
 
         dims = (0, None, None, None)
@@ -340,9 +339,8 @@ def curve_fit(
 
         # f elementwise in its parameters: called once on the columns (B, 1) of the batch (no
         # vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
-        every = torch.arange(x0.shape[0], device=x0.device)
         few = _sample(x0.shape[0], x0.device)
-        spread = _broadcasts(resid, vres, x0, args(every), box, few, args(few))
+        spread = _broadcasts(resid, vres, x0[few], args(few), _rows(box, few))
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
