@@ -694,3 +694,23 @@ def test_parallel_fit_equals_the_serial_fit_bitwise(method):
     assert numba.get_num_threads() == before
     for key in ("x", "fun", "jac", "nfev", "njev", "nit", "status"):
         assert torch.equal(one[key], two[key]), key
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160])
+def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
+    """The QR's reflectors are formed from ratios of a column's entries (LAPACK's dlarfg), and
+    Jacobi scales its columns by a power of two before summing squares: at entries of 1e160
+    (the sums of squares would overflow: NaN singular values before) and 1e-160 (the
+    reflector's v^T v was subnormal: 1e-5 relative accuracy before) the singular values equal
+    LAPACK's to rounding, and R's diagonal equals LAPACK's in magnitude."""
+    j = torch.randn(6, 12, 3, dtype=D, generator=seeded(5)) * scale
+    s, _ = compiled.svd_values(j)
+    ref = torch.linalg.svdvals(j)
+    assert bool(torch.isfinite(s).all())
+    err = (s.sort(-1, descending=True).values - ref).abs() / ref[:, :1]
+    assert float(err.max()) < 1e-14
+    at = np.ascontiguousarray(torch.cat([j[0], torch.zeros(12, 1, dtype=D)], 1).T.numpy())
+    kernels._qr(at, 3)
+    r_ref = torch.linalg.qr(j[0], mode="r")[1]
+    diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
+    torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)

@@ -43,22 +43,29 @@ def _norm(v):
 
 @_jit
 def _qr(at, p):
-    """Householder QR of A = at^T, at (P + 1, M) = [J f]^T (columns of A contiguous), in
-    place: R = at[:P, :P]^T (upper), Q^T f in at[P, :P]."""
+    r"""Householder QR of A = at^T, at (P + 1, M) = [J f]^T (columns of A contiguous), in
+    place: R = at[:P, :P]^T (upper), Q^T f in at[P, :P]. Each reflector as LAPACK's ``dlarfg``
+    forms it, :math:`H = I - \tau v v^T` with :math:`v_1 = 1`: its entries are ratios of
+    the column's, so no product of two entries is formed (entries of 1e-160 or 1e160 keep
+    full accuracy)."""
     m = at.shape[1]
     for k in range(p):
         alpha = _norm(at[k, k:])
         if alpha == 0.0:
             continue
-        beta = -alpha if at[k, k] >= 0 else alpha
-        at[k, k] -= beta  # v = A[k:, k] - beta e_1; H = I - v v^T / (-beta v_1)
-        vtv = -beta * at[k, k]
+        x0 = at[k, k]
+        beta = -alpha if x0 >= 0 else alpha
+        tau = (beta - x0) / beta
+        scal = 1.0 / (x0 - beta)
+        for i in range(k + 1, m):
+            at[k, i] *= scal  # v below its leading 1
         for j in range(k + 1, p + 1):
-            s = 0.0
-            for i in range(k, m):
+            s = at[j, k]
+            for i in range(k + 1, m):
                 s += at[k, i] * at[j, i]
-            s /= vtv
-            for i in range(k, m):
+            s *= tau
+            at[j, k] -= s
+            for i in range(k + 1, m):
                 at[j, i] -= s * at[k, i]
         at[k, k] = beta
 
@@ -69,6 +76,18 @@ def _jacobi(g, v, sweeps):
     of g rotated until pairwise orthogonal, the rotations accumulated in v (starts I)."""
     p = g.shape[1]
     tol = p * 2.220446049250313e-16
+    # the sums of squares below overflow from entries of ~1e154 and lose digits below ~1e-154:
+    # scale g by a power of two (exact, the rotations do not change) into range, and back
+    big = 0.0
+    for r in range(g.shape[0]):
+        for i in range(p):
+            big = max(big, abs(g[r, i]))
+    shift = 0
+    if big > 1e100 or (0.0 < big < 1e-100):
+        shift = math.frexp(big)[1]
+        for r in range(g.shape[0]):
+            for i in range(p):
+                g[r, i] = math.ldexp(g[r, i], -shift)
     for _ in range(sweeps):
         moved = False
         for i in range(p - 1):
@@ -99,6 +118,10 @@ def _jacobi(g, v, sweeps):
                 moved = True
         if not moved:
             break
+    if shift:
+        for r in range(g.shape[0]):
+            for i in range(p):
+                g[r, i] = math.ldexp(g[r, i], shift)
 
 
 @_jit
