@@ -123,7 +123,10 @@ def test_agrees_with_scipy_lm_and_counts_no_more_evaluations(name):
     j = jacobian(fun, res.x)
     torch.testing.assert_close(res.jac, j, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(res.fun, fun(res.x))
-    torch.testing.assert_close(res.grad, j.T @ fun(res.x), rtol=1e-10, atol=1e-12)
+    # J^T f near a minimum is a sum that cancels: its rounding is ~M eps |J|^T |f|, not eps |J^T f|
+    f = fun(res.x)
+    bound = 1e-12 + 10 * len(f) * 2.2e-16 * (j.abs().T @ f.abs())
+    assert bool(((res.grad - j.T @ f).abs() <= bound).all()), (res.grad, j.T @ f)
     assert res.cost == pytest.approx(0.5 * float(fun(res.x).pow(2).sum()), rel=1e-12, abs=1e-30)
     assert res.optimality == pytest.approx(float(res.grad.abs().max()), abs=1e-30)
     assert res.message == steepest.fit.MESSAGES[res.status]
