@@ -539,7 +539,7 @@ def _fit_steepest(
 
 
 #: settings of the ``least-squares`` method other than the defaults (``--ls-ftol``,
-#: ``--ls-max-nfev-per-param``): how the defaults' choice was measured (fit.md)
+#: ``--ls-max-nfev-per-param``: how the defaults' choice was measured, fit.md; ``--ls-engine``)
 LS_SETTINGS: dict = {}
 
 
@@ -558,6 +558,8 @@ def fit_least_squares(
             tol["ftol"] = LS_SETTINGS["ftol"]
         if not tight and "max_nfev_per_param" in LS_SETTINGS:
             tol["max_nfev"] = LS_SETTINGS["max_nfev_per_param"] * problem.n_params
+        if "engine" in LS_SETTINGS:
+            tol["engine"] = LS_SETTINGS["engine"]
         res = steepest.least_squares(
             lambda b: f(b, x) - y1, torch.tensor(problem.starts[start - 1], dtype=DTYPE), **tol
         )
@@ -753,6 +755,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="ftol of the least-squares method (default: its own)",
     )
     ap.add_argument(
+        "--ls-engine",
+        default=None,
+        help="engine of the least-squares methods: auto (default: torch for one fit), torch or "
+        "numba (the compiled core)",
+    )
+    ap.add_argument(
         "--ls-max-nfev-per-param",
         type=int,
         default=None,
@@ -763,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         LS_SETTINGS["ftol"] = args.ls_ftol
     if args.ls_max_nfev_per_param is not None:
         LS_SETTINGS["max_nfev_per_param"] = args.ls_max_nfev_per_param
+    if args.ls_engine is not None:
+        LS_SETTINGS["engine"] = args.ls_engine
     data = Path(args.data)
     if not data.is_dir():
         ap.error(f"--data {data}: no such folder; pass the folder of the NIST StRD .dat files.")
