@@ -206,8 +206,8 @@ def _least_squares_compiled(
             at_x0 = nfev == 1
             args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                     lam, meth, cut, gtu, factor, codes)  # fmt: skip
-            threads = kern.numba.get_num_threads()
-            if threads > 1 and due.size >= PARALLEL_MIN:
+            threads = kern.numba.get_num_threads() if due.size >= PARALLEL_MIN else 1
+            if threads > 1:
                 kern._jac_stage_parallel(threads, *args)
             else:
                 kern._jac_stage(0, due.size, *args)
@@ -233,16 +233,15 @@ def _least_squares_compiled(
         ft = np.ascontiguousarray(ft.detach().numpy(), dtype=np.float64)
         nfev += 1
         codes = np.empty(act.size, dtype=np.int64)
-        need = np.empty(act.size, dtype=np.bool_)
-        kern._update(act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d,
-                     c, w, pnorm, radius, lam, alpha, nit, first, need, xt, codes)  # fmt: skip
-        stale[act[need]] = True
-        done = codes != -9
-        due = act[need & ~done]
-        if due.size == act.size:  # every running fit moved: the same rows object
-            due = act
-        if done.any():
-            retire(done, codes)
+        due = np.empty(act.size, dtype=np.int64)
+        n_done, n_due = kern._update(
+            act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
+            pnorm, radius, lam, alpha, nit, first, stale, xt, codes, due,
+        )  # fmt: skip
+        # every running fit moved: the same rows object (curve_fit keeps its gathered data)
+        due = act if n_due == act.size else due[:n_due]
+        if n_done:
+            retire(codes != -9, codes)
             if not act.size:
                 break
     res = {

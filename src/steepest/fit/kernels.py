@@ -352,12 +352,16 @@ def _trial(act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, al
 
 @_jit
 def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c,
-            w, pnorm, radius, lam, alpha, nit, first, need_jac, xt, codes):  # fmt: skip
+            w, pnorm, radius, lam, alpha, nit, first, stale, xt, codes, due):  # fmt: skip
     """After the trial: rho, the method's update, acceptance and the stopping tests of each
     running fit (as :func:`.core._least_squares_core`); codes[k] = the status of a fit that
-    stops, -9 for one that goes on."""
+    stops, -9 for one that goes on; stale[b] = its step was accepted (J not at x). Returns
+    (the number of fits that stop, the number n of fits due a Jacobian: due[:n], those that
+    moved and go on)."""
     p = x.shape[1]
     eps = 2.220446049250313e-16
+    n_done = 0
+    n_due = 0
     for k in range(act.shape[0]):
         b = act[k]
         fnorm1 = _norm(ft[k])
@@ -408,7 +412,7 @@ def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, 
             fnorm[b] = fnorm1
             nit[b] += 1
             first[b] = False
-        need_jac[k] = accept
+        stale[b] = accept
         xn = 0.0
         for j in range(p):
             xn += (d[b, j] * x[b, j]) ** 2
@@ -420,7 +424,11 @@ def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, 
         stop = stop or fnorm[b] <= floor[b]
         if not (stop or nfev >= max_nfev):
             codes[k] = -9
+            if accept:
+                due[n_due] = b
+                n_due += 1
             continue
+        n_done += 1
         code = 0 if nfev >= max_nfev else -9
         if aa <= eps and prered <= eps and ok:
             code = 2
@@ -433,3 +441,4 @@ def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, 
         if small_f or small_x:
             code = 4 if small_f and small_x else (2 if small_f else 3)
         codes[k] = code
+    return n_done, n_due
