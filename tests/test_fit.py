@@ -24,7 +24,7 @@ def engine(request, monkeypatch):
     compiled core (engine="auto" made to take numba from one fit, where it can run: float64 on
     the CPU, no bounds, M > P; the torch core elsewhere)."""
     if request.param == "numba":
-        pytest.importorskip("numba")
+        assert steepest.fit.compiled.available(), steepest.fit.compiled._import_error()
         monkeypatch.setattr(steepest.fit.compiled, "AUTO_MIN_BATCH", 1)
     return request.param
 
@@ -1182,22 +1182,36 @@ def test_public_names_stay_importable_from_the_package():
     assert callable(fit.minimize) and fit.minimize.__module__ == "steepest.fit.newton"
 
 
-def test_a_formula_that_mixes_the_later_rows_of_a_batch_is_vmapped():
+def test_a_formula_that_mixes_rows_of_a_batch_is_vmapped():
     """curve_fit's route probe: a formula whose batch call mixes the rows (a sum without dim,
     over the batch when the parameters are columns (B, 1)) only where a > 10, which only rows
-    8-15 of 16 have, is caught by the probe on rows spread over the batch (the first 8 rows
-    alone missed it: fits 7.9 off) and vmapped: every curve's own parameters come back."""
+    1-3 of 100 have (none of them among the rows compared against vmap), is caught because the
+    route is called on the whole batch (on the compared rows alone it was missed: fits 3.0
+    off, all reported successful) and vmapped: every curve's own parameters come back."""
 
     def f(x, a, b, c):
         k = torch.relu(a - 10)
         return a * torch.exp(-b * x) + c + 0.1 * (k.sum() - k)
 
     x = torch.linspace(0.1, 4, 30, dtype=D)
-    truth = torch.tensor([2.0, 1.3, 0.5], dtype=D).repeat(16, 1)
-    truth[8:, 0] = 20.0
+    truth = torch.tensor([2.0, 1.3, 0.5], dtype=D).repeat(100, 1)
+    truth[1:4, 0] = 20.0
     y = torch.stack([f(x, *p) for p in truth])  # each curve alone: the vmapped meaning
     p0 = truth.clone()
     p0[:, 1] = 1.0
     popt, _, res = curve_fit(f, x, y, p0, full_output=True)
     assert bool(res.success.all())
     torch.testing.assert_close(popt, truth, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("b", [1, 2, 15, 16, 17, 100, 2**24 + 3])
+def test_probe_rows_spread_over_the_batch_within_it(b):
+    """The rows compared against vmap in curve_fit's route probe: min(16, B) distinct rows
+    from the first to the last, inside the batch for any B (a float32 linspace rounded
+    2^24 + 3 - 1 up past the end)."""
+    from steepest.fit.curve import PROBE_ROWS, _sample
+
+    idx = _sample(b, torch.device("cpu"))
+    assert idx.numel() == min(PROBE_ROWS, b) == idx.unique().numel()
+    assert int(idx[0]) == 0 and int(idx[-1]) == b - 1
+    assert bool((idx[1:] > idx[:-1]).all())

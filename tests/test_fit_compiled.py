@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numba  # a test dependency: a broken install fails here, not skips
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,6 @@ import steepest
 from steepest.errors import ConfigurationError
 from steepest.fit import compiled, core, curve_fit, least_squares
 
-numba = pytest.importorskip("numba")
 kernels = compiled._kernels()
 
 D = torch.float64
@@ -601,7 +601,7 @@ def test_engine_numba_is_refused_with_the_reason_and_the_fix(monkeypatch):
     monkeypatch.setattr(compiled, "available", lambda: False)
     with pytest.raises(ConfigurationError, match="numba is not installed") as e:
         least_squares(fun, x0, engine="numba")
-    assert "pip install steepest[fast]" in str(e.value)
+    assert "pip install 'steepest[fast]'" in str(e.value)
 
 
 def test_engine_auto_takes_numba_from_auto_min_batch(monkeypatch):

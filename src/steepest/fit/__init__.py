@@ -50,7 +50,7 @@ the torch core (:mod:`.core`: every step a few hundred batched torch operations,
 and dtype) and the compiled core (:mod:`.compiled`, with its numba kernels in :mod:`.kernels`:
 the same algebra fit by fit in one compiled call per stage, the factorisations shared among
 numba's threads; float64 on the CPU without bounds, M > P, P <= 16; ``pip install
-steepest[fast]``). The two agree to rounding: on 10,000 decay curves nfev and njev are equal
+'steepest[fast]'``). The two agree to rounding: on 10,000 decay curves nfev and njev are equal
 for every fit and the costs to 4e-11 (the status differs on 0.7 %, a near tie of the ftol and
 xtol tests); on NIST StRD's 54 starts nfev and status are equal on 48, the other 6 end at the
 same cost to 10 digits, 0-16 evaluations apart or with another status on a near tie (both at

@@ -92,7 +92,7 @@ def least_squares(
     engine : who runs the algebra between the evaluations: ``"torch"`` (the torch core:
         batched torch operations, any device and dtype), ``"numba"`` (the compiled core,
         :mod:`steepest.fit.compiled`: float64 on the CPU, no bounds, M > P, P <= 16; numba
-        installed, ``pip install steepest[fast]``), or ``"auto"`` (default: numba for a batch
+        installed, ``pip install 'steepest[fast]'``), or ``"auto"`` (default: numba for a batch
         of at least 256 fits where it can run, else torch). The two run the same algorithm and
         agree to rounding; the compiled one's iteration costs 0.24-0.47 ms where the torch
         core's costs 1.4-1.5 ms on 13 curves (evaluations included), so it pays most on the
