@@ -118,6 +118,11 @@ def choose(engine: str, x0: Tensor, m: int, box) -> bool:
     return why_not is None
 
 
+def _threads(n: int) -> int:
+    """The numba threads that share a stage of n fits (1 below :data:`PARALLEL_MIN`)."""
+    return _kernels().numba.get_num_threads() if n >= PARALLEL_MIN else 1
+
+
 def svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
     """The singular values (n, P) and :math:`V^T` (n, P, P) of a batch of tall float64 CPU
     matrices jac (n, M, P), M > P, unsorted, as :func:`.core._svd_values` (for curve_fit's
@@ -126,8 +131,8 @@ def svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
     n, _, p = a.shape
     s, vh = np.empty((n, p)), np.empty((n, p, p))
     kern = _kernels()
-    threads = kern.numba.get_num_threads()
-    if threads > 1 and n >= PARALLEL_MIN:
+    threads = _threads(n)
+    if threads > 1:
         kern._svd_rows_parallel(threads, a, s, vh)
     else:
         kern._svd_rows(0, n, a, s, vh)
@@ -214,7 +219,7 @@ def _least_squares_compiled(
             at_x0 = nfev == 1
             args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                     lam, meth, cut, gtu, factor, codes)  # fmt: skip
-            threads = kern.numba.get_num_threads() if due.size >= PARALLEL_MIN else 1
+            threads = _threads(due.size)
             if threads > 1:
                 kern._jac_stage_parallel(threads, *args)
             else:

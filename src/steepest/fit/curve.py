@@ -18,7 +18,7 @@ from ..errors import (
     check_tolerances,
 )
 from . import compiled
-from .bounds import _as_bounds, _finite
+from .bounds import _as_bounds
 from .checks import _as_x0, _evaluate
 from .core import _svd_values
 from .lsq import ALIASES, METHODS, _check_engine, _run
@@ -408,8 +408,7 @@ def curve_fit(
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
     finite = torch.isfinite(jac).all(-1).all(-1)  # J not finite (status -1): pcov = inf
     jz = torch.where(finite[:, None, None], jac, 0.0)
-    fast = compiled.choose(engine, jz[:, 0, :], n, _finite(box))
-    sv, vh = compiled.svd_values(jz) if fast else _svd_values(jz)
+    sv, vh = compiled.svd_values(jz) if out["engine"] == "numba" else _svd_values(jz)
     eps = torch.finfo(x0.dtype).eps
     keep = sv > eps * max(n, p) * sv.amax(-1, keepdim=True)
     inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)

@@ -125,6 +125,20 @@ def _jacobi(g, v, sweeps):
 
 
 @_jit
+def _svd_r(at, p, d, g, v):
+    """The SVD of :math:`RD^{-1}` from the QR in ``at`` (:func:`_qr`): G = R D^-1 V rotated by
+    :func:`_jacobi` from the V given in ``v`` (the previous factorisation's, or I) until its
+    columns are orthogonal; then :math:`RD^{-1} = (GS^{-1}) S V^T`, S the column norms of G."""
+    for i in range(p):
+        for j in range(p):
+            t = 0.0
+            for r in range(i, p):  # (R D^-1 V)_ij, R upper triangular
+                t += at[r, i] / d[r] * v[r, j]
+            g[i, j] = t
+    _jacobi(g, v, SWEEPS)
+
+
+@_jit
 def _jac_stage(
     k0, k1, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
     radius, lam, method, cut, gtu, factor, codes,
@@ -188,13 +202,7 @@ def _jac_stage(
         for i in range(p):
             for j in range(p):
                 v[i, j] = (1.0 if i == j else 0.0) if first else vh[b, j, i]
-        for i in range(p):
-            for j in range(p):
-                t = 0.0
-                for r in range(i, p):  # (R D^-1 V)_ij, R upper triangular
-                    t += at[r, i] / d[b, r] * v[r, j]
-                g[i, j] = t
-        _jacobi(g, v, SWEEPS)
+        _svd_r(at, p, d[b], g, v)
         smax = 0.0
         for i in range(p):  # singular value i: the norm of column i of G = R D^-1 V
             sv = _norm(g[:, i])
@@ -255,18 +263,15 @@ def _svd_rows(k0, k1, jac, s, vh):
     _, m, p = jac.shape
     at = np.zeros((p + 1, m))
     g = np.empty((p, p))
-    v = np.empty((p, p))
+    ones = np.ones(p)
     for k in range(k0, k1):
         for i in range(m):
             for j in range(p):
                 at[j, i] = jac[k, i, j]
         at[p] = 0.0
         _qr(at, p)
-        for i in range(p):
-            for j in range(p):
-                g[i, j] = at[j, i] if j >= i else 0.0
-                v[i, j] = 1.0 if i == j else 0.0
-        _jacobi(g, v, SWEEPS)
+        v = np.eye(p)
+        _svd_r(at, p, ones, g, v)
         for i in range(p):
             s[k, i] = _norm(g[:, i])
             for j in range(p):

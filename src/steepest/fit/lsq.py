@@ -324,9 +324,12 @@ def _run(
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
     box = _finite(box)
     if fast:
-        return compiled._least_squares_compiled(
+        out = compiled._least_squares_compiled(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
         )
-    return _least_squares_core(
-        res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
-    )
+    else:
+        out = _least_squares_core(
+            res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
+        )
+    out["engine"] = "numba" if fast else "torch"  # the one that ran (curve_fit's pcov follows)
+    return out
