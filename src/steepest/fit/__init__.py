@@ -98,11 +98,11 @@ into the status above). Example::
     >>> res.x, res.cost, res.status, res.nfev
 """
 
-# the package: bounds (their checks, active mask) <- result (OptimizeResult, messages); checks
-# (before a fit: x0, fun's output, unseen parameters, a given jac); bounds, checks <- core (the
-# batched MINPACK loop in torch); kernels (numba only) <- compiled (the same loop, its algebra
-# compiled; checks); core, compiled <- lsq (least_squares) <- curve (curve_fit); newton
-# (minimize) uses result, checks and core only
+# the package: bounds (their checks, projection, active mask) <- result (OptimizeResult,
+# messages); bounds <- checks (before a fit: x0, fun's output, unseen parameters, a given jac);
+# bounds, checks <- core (the batched MINPACK loop in torch); kernels (numba only) <- compiled
+# (the same loop, its algebra compiled; checks); core, compiled <- lsq (least_squares) <- curve
+# (curve_fit); newton (minimize) uses result, checks and core only
 from .core import _factor as _factor
 from .core import _lmpar as _lmpar
 from .curve import curve_fit

@@ -94,3 +94,14 @@ def _optimality(x: Tensor, grad: Tensor, lb: Tensor, ub: Tensor) -> Tensor:
     :math:`\|x - P(x - g)\|_\infty` (P the projection on the box; the uniform norm of the
     gradient where no bound binds)."""
     return (x - torch.clamp(x - grad, lb, ub)).abs().amax(-1)
+
+
+def _project(x: Tensor, box: tuple[Tensor, Tensor] | None) -> Tensor:
+    """x projected on the box (lb, ub) of its rows, or x when there are no bounds: every
+    evaluation of fun, the checks' and probes' included, lies in the box."""
+    return x if box is None else torch.clamp(x, box[0], box[1])
+
+
+def _box_rows(box: tuple[Tensor, Tensor] | None, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The bounds of the problems ``rows`` of a batch (None without bounds)."""
+    return None if box is None else (box[0][rows], box[1][rows])

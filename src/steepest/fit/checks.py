@@ -17,6 +17,7 @@ from ..errors import (
     SteepestWarning,
     user_stacklevel,
 )
+from .bounds import _box_rows, _project
 
 
 def _as_x0(x0) -> Tensor:
@@ -62,14 +63,13 @@ def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor, name: str = "fun") -> 
     return out
 
 
-def _quotient(fun_r, x: Tensor, rows: Tensor, col: int, h: Tensor, lo, hi):
-    """||f(x + h e_col) - f(x - h e_col)|| / (the span), both points projected on the box
-    [lo, hi] when given, and where the span is one-sided (a bound cut it)."""
+def _quotient(fun_r, x: Tensor, rows: Tensor, col: int, h: Tensor, box):
+    """||f(x + h e_col) - f(x - h e_col)|| / (the span), both points projected on the box of
+    the rows (``box``, or None), and where the span is one-sided (a bound cut it)."""
     xp, xm = x.clone(), x.clone()
     xp[:, col] += h
     xm[:, col] -= h
-    if lo is not None:  # every evaluation in the box
-        xp, xm = torch.clamp(xp, lo, hi), torch.clamp(xm, lo, hi)
+    xp, xm = _project(xp, box), _project(xm, box)
     with torch.no_grad():
         df = torch.linalg.vector_norm(fun_r(xp, rows) - fun_r(xm, rows), dim=-1)
     span = (xp - xm)[:, col]
@@ -100,16 +100,16 @@ def _check_seen(
     for col in zero.any(0).nonzero().flatten().tolist():
         i = zero[:, col].nonzero().squeeze(-1)  # distinct rows, in order
         xi = x[i]
-        lo, hi = (box[0][rows[i]], box[1][rows[i]]) if box is not None else (None, None)
+        sub = _box_rows(box, rows[i])
         h = root * (xi[:, col].abs() + 1)
-        df, one_sided = _quotient(fun_r, xi, rows[i], col, h, lo, hi)
+        df, one_sided = _quotient(fun_r, xi, rows[i], col, h, sub)
         scale = torch.maximum(
             acnorm[i].amax(-1), torch.linalg.vector_norm(f[i], dim=-1) / (xi[:, col].abs() + 1)
         )
         moved = df > 1e-6 * scale  # NaN (fun not finite there): no evidence
         if bool((moved & one_sided).any()):  # an even term does not cancel one-sided: a
             # first-order change keeps its quotient at h/10, a second-order one loses 10x
-            df10, _ = _quotient(fun_r, xi, rows[i], col, h / 10, lo, hi)
+            df10, _ = _quotient(fun_r, xi, rows[i], col, h / 10, sub)
             moved = moved & (~one_sided | ((df10 > 1e-6 * scale) & (df10 >= 0.3 * df)))
         if bool(moved.any()):
             k = int(moved.nonzero()[0, 0])
@@ -156,7 +156,7 @@ def _check_jac(
     gen = torch.Generator(device="cpu").manual_seed(2)
     v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     fnorm = torch.linalg.vector_norm(f, dim=-1)
-    lo, hi = (box[0][rows], box[1][rows]) if box is not None else (None, None)
+    sub = _box_rows(box, rows)
     with torch.no_grad():
         jac = jac_r(x, rows)
         scale = x.abs() + 1
@@ -170,9 +170,7 @@ def _check_jac(
             cleared = torch.zeros(n, dtype=torch.bool, device=x.device)
             flagged = torch.zeros_like(cleared)
             for _ in range(4):
-                xp, xm = x + h * step, x - h * step
-                if lo is not None:  # every evaluation in the box
-                    xp, xm = torch.clamp(xp, lo, hi), torch.clamp(xm, lo, hi)
+                xp, xm = _project(x + h * step, sub), _project(x - h * step, sub)
                 diff = fun_r(xp, rows) - fun_r(xm, rows)
                 want = (jac @ (xp - xm).unsqueeze(-1)).squeeze(-1)
                 # per unit of h: a wrong jac's error stays, a truncation error falls with h

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError
-from .bounds import _on_bounds
+from .bounds import _box_rows, _on_bounds
 from .checks import _check_seen
 
 
@@ -347,7 +347,7 @@ def _least_squares_core(
                 xs, fs, fn, rs = s.x[idx], s.f[idx], s.fnorm[idx], s.rows[idx]
             j = jm = jac_r(xs, rs)
             if box is not None:  # hold the parameters on a bound whose gradient points out
-                lo, hi = (s.lo, s.hi) if idx is None else (s.lo[idx], s.hi[idx])
+                lo, hi = _box_rows((s.lo, s.hi), idx) if idx is not None else (s.lo, s.hi)
                 g0 = (fs.unsqueeze(1) @ j).squeeze(1)
                 at_lo, at_hi = _on_bounds(xs, lo, hi)
                 held = (at_lo & (g0 > 0)) | (at_hi & (g0 < 0))
@@ -451,16 +451,17 @@ def _least_squares_core(
         r1 = fnorm1 / fnorm
         actred = torch.where(near, k.one - r1 * r1, k.neg_one)
         fn2 = fnorm * fnorm
-        cz = (s.fac.c * w).sum(-1)  # -f^T J delta
         # 1 - ||f + J delta||^2 / ||f||^2 = (||J delta||^2 + 2 lambda ||D delta||^2) / ||f||^2
-        # with ||J delta||^2 = cz - lambda ||w||^2 (Gauss-Newton: alpha cz)
+        # with ||J delta||^2 = cz - lambda ||w||^2 (Gauss-Newton: alpha cz), cz = -f^T J delta
         if box is not None:  # the Gauss-Newton model's reduction for the projected step
             cz = -(s.g * step).sum(-1)
             jstep = (s.jac @ step.unsqueeze(-1)).squeeze(-1)
             prered = (2 * cz - jstep.square().sum(-1)) / fn2
         elif method == "gauss-newton":
+            cz = (s.fac.c * w).sum(-1)
             prered = (2 - s.alpha) * cz / fn2
         else:
+            cz = (s.fac.c * w).sum(-1)
             prered = (cz + s.lam * pnorm * pnorm) / fn2
         dirder = -cz / fn2
         # (with bounds a projected step may predict no reduction: never accepted on rho)

@@ -18,22 +18,11 @@ from ..errors import (
     check_tolerances,
 )
 from . import compiled
-from .bounds import _as_bounds
+from .bounds import _as_bounds, _box_rows, _project
 from .checks import _as_x0, _evaluate
 from .core import _svd_values
 from .lsq import ALIASES, METHODS, _check_engine, _run
 from .result import _result
-
-
-def _inside(x: Tensor, box) -> Tensor:
-    """x projected on the box (lb, ub) of its rows, or x when there are no bounds: the probes
-    of the routes below stay where f is asked to be evaluated."""
-    return x if box is None else torch.clamp(x, box[0], box[1])
-
-
-def _rows(box, rows: Tensor):
-    return None if box is None else (box[0][rows], box[1][rows])
-
 
 #: the rows of a batch, spread evenly over it, on which the routes of f and jac are compared
 #: against vmap (vmapping all rows of a large batch cost more than the fit: 0.19 s of 0.7 s for
@@ -55,7 +44,7 @@ def _broadcasts(resid, vres, x0: Tensor, args: tuple, box, sample: Tensor, sub: 
     through a sum over the batch, is caught): then the batch needs no vmap."""
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-    probe = _inside(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
+    probe = _project(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -101,7 +90,7 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> boo
     keeps ``torch.func``."""
     g = torch.Generator(device="cpu").manual_seed(1)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
-    probe = _inside(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
+    probe = _project(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
     u = torch.randn((x0.shape[0], m), generator=g, dtype=x0.dtype).to(x0.device)
     try:
         with warnings.catch_warnings(), torch.enable_grad():
@@ -365,7 +354,7 @@ def curve_fit(
     pointwise = (
         jac is None
         and spread
-        and _is_pointwise(resid, vres, xb[few], args(few), n, _rows(box, few))
+        and _is_pointwise(resid, vres, xb[few], args(few), n, _box_rows(box, few))
     )
     if pointwise:
 
@@ -400,7 +389,7 @@ def curve_fit(
     if pointwise:  # the probe was near p0: check again at popt (up to 4 solved fits)
         done = (out["status"] > 0).nonzero().squeeze(-1)[:4]
         if done.numel() and not _is_pointwise(
-            resid, vres, out["x"][done], args(done), n, _rows(box, done)
+            resid, vres, out["x"][done], args(done), n, _box_rows(box, done)
         ):
             out = fit(None)  # f couples the points away from p0: torch.func's Jacobian
     res = _result(out, batched, ALIASES[method], box)

@@ -272,7 +272,8 @@ def _run(
         )
     _same_kind(f0, xb, "fun", "the residuals")
     m = f0.shape[1]
-    fast = compiled.choose(engine, xb, m, _finite(box))
+    box = _finite(box)  # an all-infinite box is no box (the core's unbounded path)
+    fast = compiled.choose(engine, xb, m, box)
     sw = None
     if weights is not None:
         w = torch.as_tensor(weights, dtype=xb.dtype, device=xb.device)
@@ -322,7 +323,6 @@ def _run(
 
         if check_jac:
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
-    box = _finite(box)
     if fast:
         out = compiled._least_squares_compiled(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
