@@ -113,12 +113,48 @@ def test_starts_on_or_near_a_bound_reach_the_interior_minimum(x0):
     assert res.nfev <= 2 * ref.nfev + 5, (res.nfev, ref.nfev)
 
 
-def test_given_jac_is_chained_through_the_change_of_variables():
+def test_given_jac_gives_the_autograd_fit():
+    """A jac given with bounds: the same path as autograd's Jacobian, evaluation for
+    evaluation."""
     lb, ub = [1.0, -INF, 0.6], [2.0, 1.2, INF]
     auto = least_squares(_fun, [1.5, 1.1, 0.61], bounds=(lb, ub))
     given = least_squares(_fun, [1.5, 1.1, 0.61], bounds=(lb, ub), jac=torch.func.jacrev(_fun))
     torch.testing.assert_close(given.x, auto.x, rtol=1e-12, atol=1e-14)
     assert (given.nfev, given.njev) == (auto.nfev, auto.njev)
+
+
+def test_checks_at_x0_on_a_bound_are_one_sided():
+    """x0 on its bounds (b = 1.3 on its lower bound, c = 0.5 on its upper one): the check of a
+    given jac and the unseen-parameter check difference fun only inside the box, and still
+    tell: a right jac is silent, a column of the wrong sign is named, a parameter that autograd
+    cannot see (``float(p[2])``) is named; fun is never asked outside the box."""
+    import warnings
+
+    from steepest.errors import SteepestWarning
+
+    lb, ub = [0.0, 1.3, -INF], [INF, INF, 0.5]
+    x0 = [2.0, 1.3, 0.5]
+    seen = []
+
+    def fun(p):
+        seen.append(p.detach().clone())
+        return _fun(p)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SteepestWarning)
+        least_squares(fun, x0, bounds=(lb, ub), jac=torch.func.jacrev(_fun))
+    flip = torch.tensor([1.0, -1.0, 1.0], dtype=D)
+    with pytest.warns(SteepestWarning, match=r"jac disagrees .* in the columns \[1\]"):
+        least_squares(fun, x0, bounds=(lb, ub), jac=lambda p: torch.func.jacrev(_fun)(p) * flip)
+
+    def cut(p):  # float() cuts autograd's graph: c's column is exactly 0
+        seen.append(p.detach().clone())
+        return p[0] * torch.exp(-p[1] * T) + float(p[2]) - Y
+
+    with pytest.warns(SteepestWarning, match=r"parameter"):
+        least_squares(cut, x0, bounds=(lb, ub))
+    pts = torch.stack(seen)
+    assert bool((pts[:, 1] >= 1.3).all()) and bool((pts[:, 2] <= 0.5).all())
 
 
 def test_batched_bounds_per_problem_equal_separate_fits():
