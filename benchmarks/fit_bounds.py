@@ -1,5 +1,6 @@
 r"""Bounded fits: ``steepest.least_squares(bounds=)`` against ``scipy.optimize.least_squares``'s
-bounded method ``trf`` (not a speed benchmark: where each ends and at what cost).
+bounded method ``trf``: where each ends and at what cost, and (``--speed``) a batch of
+bounded curves against a loop of scipy's ``curve_fit(bounds=)``.
 
 Two sets of problems, every fit with a box that binds or a start on or near a bound:
 

@@ -32,11 +32,7 @@ truth = torch.stack(
 )
 
 
-def logistic(x, bottom, top, ec50, hill):
-    return bottom + (top - bottom) / (1 + (x / ec50) ** hill)
-
-
-def logistic_np(x, bottom, top, ec50, hill):
+def logistic(x, bottom, top, ec50, hill):  # operators only: torch tensors and numpy arrays
     return bottom + (top - bottom) / (1 + (x / ec50) ** hill)
 
 
@@ -63,9 +59,9 @@ print(
 # the same fits by scipy, one curve at a time (its bounded method, trf)
 costs = []
 for i in range(20):
-    ref, _ = curve_fit(logistic_np, dose.numpy(), y[i].numpy(), p0[i].numpy(), bounds=(lb, ub))
+    ref, _ = curve_fit(logistic, dose.numpy(), y[i].numpy(), p0[i].numpy(), bounds=(lb, ub))
     ours = 0.5 * float(((logistic(dose, *popt[i]) - y[i]) ** 2).sum())
-    theirs = 0.5 * float(((logistic_np(dose.numpy(), *ref) - y[i].numpy()) ** 2).sum())
+    theirs = 0.5 * float(((logistic(dose.numpy(), *ref) - y[i].numpy()) ** 2).sum())
     costs.append((ours - theirs) / theirs)
 result = {
     "success": int(res.success.sum()),
