@@ -185,13 +185,17 @@ def _least_squares_compiled(
     gtu = max(gtol, eps)
     ftu, xtu = max(ftol, eps), max(xtol, eps)
 
-    held: list = [None, None]  # the last index array and its tensor (the same object back:
-    # the same tensor, so that curve_fit keeps its gathered data while the running set holds)
+    held: list = []  # the last two index arrays (act, due) and their tensors: the same
+    # tensor back for the same array, so that curve_fit keeps its gathered data while the
+    # running set holds (in the tail act and due alternate when some trials are rejected)
 
     def rows(idx: np.ndarray) -> Tensor:
-        if held[0] is not idx:
-            held[:] = idx, torch.from_numpy(idx)
-        return held[1]
+        for i, t in held:
+            if i is idx:
+                return t
+        t = torch.from_numpy(idx)
+        held[:] = [*held[-1:], (idx, t)]
+        return t
 
     def evaluate_jac(idx: np.ndarray) -> np.ndarray:
         j = jac_r(torch.from_numpy(x[idx]), rows(idx))
@@ -226,8 +230,8 @@ def _least_squares_compiled(
                 kern._jac_stage(0, due.size, *args)
             stale[due] = False
             if at_x0:
-                jt = torch.from_numpy(j)
-                _check_seen(fun_r, x0, f0, rows(act), torch.linalg.vector_norm(jt, dim=1), None)
+                acn = torch.from_numpy(np.sqrt(np.einsum("bij,bij->bj", j, j)))
+                _check_seen(fun_r, x0, f0, rows(act), acn, None)
             stop = codes != 0
             if stop.any():
                 # codes are per due fit; map them onto the running set

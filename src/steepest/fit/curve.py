@@ -313,7 +313,7 @@ def curve_fit(
             if with_y in last and last[with_y][0] is rows:
                 return last[with_y][1]
             every = rows.numel() == y.shape[0]
-            sel = (lambda t: t) if every else (lambda t: t[rows])  # noqa: E731
+            sel = (lambda t: t) if every else (lambda t: t.index_select(0, rows))  # noqa: E731
             got = sel(xd) if x_per else xd, sel(y) if with_y else None, sel(s) if s_per else s
             last[with_y] = rows, got
             return got
@@ -395,8 +395,8 @@ def curve_fit(
     res = _result(out, batched, ALIASES[method], box)
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
-    finite = torch.isfinite(jac).all(-1).all(-1)  # J not finite (status -1): pcov = inf
-    jz = torch.where(finite[:, None, None], jac, 0.0)
+    finite = torch.isfinite(jac).flatten(1).all(1)  # J not finite (status -1): pcov = inf
+    jz = jac if bool(finite.all()) else torch.where(finite[:, None, None], jac, 0.0)
     sv, vh = compiled.svd_values(jz) if out["engine"] == "numba" else _svd_values(jz)
     eps = torch.finfo(x0.dtype).eps
     keep = sv > eps * max(n, p) * sv.amax(-1, keepdim=True)

@@ -324,9 +324,12 @@ def _run(
         if check_jac:
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
     if fast:
-        out = compiled._least_squares_compiled(
-            res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
-        )
+        with torch.no_grad():  # once around the loop, not once an evaluation (~2 us each);
+            # torch.func's Jacobians ignore it (a function transform), curve_fit's pointwise
+            # one enables grad for its backward pass
+            out = compiled._least_squares_compiled(
+                res_r, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
+            )
     else:
         out = _least_squares_core(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box

@@ -50,7 +50,7 @@ class OptimizeResult(dict):
 def _result(out: dict, batched: bool, method: str, box=None) -> OptimizeResult:
     """The OptimizeResult of the core's output ``out``; ``box``: the bounds (lb, ub) or None."""
     f, jac = out["fun"], out["jac"]
-    grad = (jac * f.unsqueeze(-1)).sum(1)
+    grad = (f.unsqueeze(-2) @ jac).squeeze(-2)  # J^T f (a batched matmul: no (B, M, P) temporary)
     cost = 0.5 * f.pow(2).sum(-1)
     status = out["status"]
     res = OptimizeResult(
@@ -66,7 +66,7 @@ def _result(out: dict, batched: bool, method: str, box=None) -> OptimizeResult:
         nit=out["nit"],
     )
     res["success"] = status > 0
-    res["message"] = [MESSAGES[int(s)] for s in status.tolist()]
+    res["message"] = [MESSAGES[s] for s in status.tolist()]
     if box is not None:  # bounds: the projected gradient's norm, and which bounds bind
         res["optimality"] = _optimality(out["x"], grad, *box)
         res["active_mask"] = _active(out["x"], *box)
