@@ -197,8 +197,8 @@ def _least_squares_compiled(
         held[:] = [*held[-1:], (idx, t)]
         return t
 
-    def evaluate_jac(idx: np.ndarray) -> np.ndarray:
-        j = jac_r(torch.from_numpy(x[idx]), rows(idx))
+    def evaluate_jac(xs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        j = jac_r(torch.from_numpy(xs), rows(idx))
         return np.ascontiguousarray(j.detach().numpy(), dtype=np.float64)
 
     def retire(done: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ def _least_squares_compiled(
         idx = act[done]
         old = idx[stale[idx]]
         if old.size:  # J at the last x, not counted in njev (MINPACK stops before it)
-            jac[old] = evaluate_jac(old)
+            jac[old] = evaluate_jac(x[old], old)
         out_x[idx], out_f[idx] = x[idx], f[idx]
         out["status"][idx] = codes[done]
         out["nit"][idx] = nit[idx]
@@ -216,15 +216,17 @@ def _least_squares_compiled(
         act = act[~done]
         return act
 
+    threads = kern.numba.get_num_threads()
+    xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
+    # jac never see the state itself)
     while True:
         if due.size:
-            j = evaluate_jac(due)
+            j = evaluate_jac(xdue, due)
             codes = np.zeros(due.size, dtype=np.int64)
             at_x0 = nfev == 1
             args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                     lam, meth, cut, gtu, factor, codes)  # fmt: skip
-            threads = _threads(due.size)
-            if threads > 1:
+            if threads > 1 and due.size >= PARALLEL_MIN:
                 kern._jac_stage_parallel(threads, *args)
             else:
                 kern._jac_stage(0, due.size, *args)
@@ -232,31 +234,39 @@ def _least_squares_compiled(
             if at_x0:
                 acn = torch.from_numpy(np.sqrt(np.einsum("bij,bij->bj", j, j)))
                 _check_seen(fun_r, x0, f0, rows(act), acn, None)
-            stop = codes != 0
-            if stop.any():
+            if codes.any():
                 # codes are per due fit; map them onto the running set
                 mask = np.zeros(bsz, dtype=np.bool_)
-                mask[due[stop]] = True
+                mask[due[codes != 0]] = True
                 full = np.zeros(bsz, dtype=np.int64)
                 full[due] = codes
                 done = mask[act]
                 retire(done, full[act])
                 if not act.size:
                     break
-        xt = np.empty((act.size, p))
-        kern._trial(act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
-                    first, w, pnorm, xt)  # fmt: skip
+        n = act.size
+        par = threads > 1 and n >= PARALLEL_MIN
+        xt = np.empty((n, p))
+        args = (act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
+                pnorm, xt)  # fmt: skip
+        if par:
+            kern._trial_parallel(threads, *args)
+        else:
+            kern._trial(0, n, *args)
         ft = fun_r(torch.from_numpy(xt), rows(act))
         ft = np.ascontiguousarray(ft.detach().numpy(), dtype=np.float64)
         nfev += 1
-        codes = np.empty(act.size, dtype=np.int64)
-        due = np.empty(act.size, dtype=np.int64)
-        n_done, n_due = kern._update(
-            act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
-            pnorm, radius, lam, alpha, nit, first, stale, xt, codes, due,
-        )  # fmt: skip
+        codes = np.empty(n, dtype=np.int64)
+        args = (act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
+                pnorm, radius, lam, alpha, nit, first, stale, xt, codes)  # fmt: skip
+        if par:
+            kern._update_parallel(threads, *args)
+        else:
+            kern._update(0, n, *args)
+        due, xdue = np.empty(n, dtype=np.int64), np.empty((n, p))
+        n_done, n_due = kern._sort_out(act, codes, x, due, xdue)
         # every running fit moved: the same rows object (curve_fit keeps its gathered data)
-        due = act if n_due == act.size else due[:n_due]
+        due, xdue = (act, xdue) if n_due == n else (due[:n_due], xdue[:n_due])
         if n_done:
             retire(codes != -9, codes)
             if not act.size:

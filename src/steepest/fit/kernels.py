@@ -328,11 +328,11 @@ def _lmpar(mu, c, gn, gn_norm, gnorm, lo, radius, par, w):
 
 
 @_jit
-def _trial(act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
-           pnorm, xt):  # fmt: skip
-    """The step of every running fit ``act`` (k-th: row k of xt)."""
+def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
+           first, w, pnorm, xt):  # fmt: skip
+    """The step of the running fits act[k0:k1] (k-th: row k of xt)."""
     p = x.shape[1]
-    for k in range(act.shape[0]):
+    for k in range(k0, k1):
         b = act[k]
         if method == 0:
             lam[b] = _lmpar(mu[b], c[b], gn[b], gn_norm[b], gnorm[b], lo[b], radius[b],
@@ -355,19 +355,30 @@ def _trial(act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, al
             radius[b] = min(radius[b], pnorm[b])
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _trial_parallel(
+    chunks, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
+    pnorm, xt,
+):  # fmt: skip
+    """:func:`_trial` on ``chunks`` slices of the running fits, one per thread."""
+    n = act.shape[0]
+    for t in numba.prange(chunks):
+        _trial(
+            t * n // chunks, (t + 1) * n // chunks, act, method, x, d, mu, c, vh, gn, gn_norm,
+            gnorm, lo, radius, lam, alpha, first, w, pnorm, xt,
+        )  # fmt: skip
+
+
 @_jit
-def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c,
-            w, pnorm, radius, lam, alpha, nit, first, stale, xt, codes, due):  # fmt: skip
-    """After the trial: rho, the method's update, acceptance and the stopping tests of each
-    running fit (as :func:`.core._least_squares_core`); codes[k] = the status of a fit that
-    stops, -9 for one that goes on; stale[b] = its step was accepted (J not at x). Returns
-    (the number of fits that stop, the number n of fits due a Jacobian: due[:n], those that
-    moved and go on)."""
+def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor,
+            d, c, w, pnorm, radius, lam, alpha, nit, first, stale, xt, codes):  # fmt: skip
+    """After the trial: rho, the method's update, acceptance and the stopping tests of the
+    running fits act[k0:k1] (as :func:`.core._least_squares_core`); codes[k] = the status of
+    a fit that stops, -9 for one that goes on, -8 for one that goes on and moved (due a
+    Jacobian); stale[b] = its step was accepted (J not at x)."""
     p = x.shape[1]
     eps = 2.220446049250313e-16
-    n_done = 0
-    n_due = 0
-    for k in range(act.shape[0]):
+    for k in range(k0, k1):
         b = act[k]
         fnorm1 = _norm(ft[k])
         if not fnorm1 <= math.inf:  # NaN
@@ -428,12 +439,8 @@ def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, 
         stop = (aa <= ftu and prered <= ftu and ok) or size <= xtu * xnorm
         stop = stop or fnorm[b] <= floor[b]
         if not (stop or nfev >= max_nfev):
-            codes[k] = -9
-            if accept:
-                due[n_due] = b
-                n_due += 1
+            codes[k] = -8 if accept else -9
             continue
-        n_done += 1
         code = 0 if nfev >= max_nfev else -9
         if aa <= eps and prered <= eps and ok:
             code = 2
@@ -446,4 +453,37 @@ def _update(act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, 
         if small_f or small_x:
             code = 4 if small_f and small_x else (2 if small_f else 3)
         codes[k] = code
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _update_parallel(
+    chunks, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
+    pnorm, radius, lam, alpha, nit, first, stale, xt, codes,
+):  # fmt: skip
+    """:func:`_update` on ``chunks`` slices of the running fits, one per thread."""
+    n = act.shape[0]
+    for t in numba.prange(chunks):
+        _update(
+            t * n // chunks, (t + 1) * n // chunks, act, ft, method, nfev, max_nfev, ftol, xtol,
+            ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam, alpha, nit, first, stale,
+            xt, codes,
+        )  # fmt: skip
+
+
+@_jit
+def _sort_out(act, codes, x, due, xdue):
+    """After :func:`_update`: the fits that moved and go on (codes -8) into due[:n_due] and
+    their x into xdue[:n_due] (the points of the next Jacobians), those that go on into
+    codes -9; returns (the number of fits that stop, n_due)."""
+    n_done = 0
+    n_due = 0
+    for k in range(act.shape[0]):
+        if codes[k] == -8:
+            b = act[k]
+            due[n_due] = b
+            xdue[n_due] = x[b]
+            n_due += 1
+            codes[k] = -9
+        elif codes[k] != -9:
+            n_done += 1
     return n_done, n_due
