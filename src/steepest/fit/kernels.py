@@ -18,14 +18,29 @@ SWEEPS = 30
 # turn the QR's (s / v^T v) a into (s a) / v^T v, which overflows from entries of 1e103 and
 # underflows below 1e-105), no assumption on NaN or inf (the tests below rely on them)
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+# reassociation in one place only: the sum of products in _dot (its flags stay on its own
+# additions when it is inlined, so no quotient or product around a call is reordered)
+_jit_sum = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+
+@_jit_sum
+def _dot(a, b):
+    """sum_i a[i] b[i] over i < len(a), in any order: ``reassoc`` lets the compiler split the
+    sum into independent SIMD partial sums (AVX2: 4 lanes, several accumulators) instead of
+    one serial chain of additions; the result differs at rounding level only. NaN and inf
+    propagate as in the plain sum. The loop runs from 0 (callers pass slices): an index known
+    non-negative needs no wraparound test, which otherwise kept the loads from being
+    contiguous vector loads."""
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
 
 
 @_jit
 def _norm(v):
     """||v||_2 without overflow or underflow in the squares (NaN if v has one)."""
-    s = 0.0
-    for t in v:
-        s += t * t
+    s = _dot(v, v)
     if s != s:
         return math.nan
     if s > 1e-290 and s < 1e290:
@@ -47,7 +62,9 @@ def _qr(at, p):
     place: R = at[:P, :P]^T (upper), Q^T f in at[P, :P]. Each reflector as LAPACK's ``dlarfg``
     forms it, :math:`H = I - \tau v v^T` with :math:`v_1 = 1`: its entries are ratios of
     the column's, so no product of two entries is formed (entries of 1e-160 or 1e160 keep
-    full accuracy)."""
+    full accuracy). The dot products :math:`v^T a_j` by :func:`_dot` (vectorised partial
+    sums), the updates :math:`a_j \mathrel{-}= s v` as loops from 0 over row slices
+    (contiguous, vectorised)."""
     m = at.shape[1]
     for k in range(p):
         alpha = _norm(at[k, k:])
@@ -57,16 +74,15 @@ def _qr(at, p):
         beta = -alpha if x0 >= 0 else alpha
         tau = (beta - x0) / beta
         scal = 1.0 / (x0 - beta)
-        for i in range(k + 1, m):
-            at[k, i] *= scal  # v below its leading 1
+        vk = at[k, k + 1 :]
+        for i in range(m - k - 1):
+            vk[i] *= scal  # v below its leading 1
         for j in range(k + 1, p + 1):
-            s = at[j, k]
-            for i in range(k + 1, m):
-                s += at[k, i] * at[j, i]
-            s *= tau
+            aj = at[j, k + 1 :]
+            s = (at[j, k] + _dot(vk, aj)) * tau
             at[j, k] -= s
-            for i in range(k + 1, m):
-                at[j, i] -= s * at[k, i]
+            for i in range(m - k - 1):
+                aj[i] -= s * vk[i]
         at[k, k] = beta
 
 
@@ -146,7 +162,10 @@ def _jac_stage(
     """At the fits ``due`` (k-th has J = jac_new[k]): store J, test gtol (codes[k] = 1, or
     -1 for a non-finite J^T f or column norm), update D (trust region), factor
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
-    :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda."""
+    :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda. J is copied
+    into the state and transposed into ``at`` in one pass (element by element: numba's
+    ``jac[b] = jb`` took its generic broadcasting path), then its column norms and
+    :math:`J^T f` by :func:`_dot` over the rows of ``at``."""
     _, m, p = jac_new.shape
     trust = method == 0
     at = np.empty((p + 1, m))
@@ -157,17 +176,16 @@ def _jac_stage(
     for k in range(k0, k1):
         b = due[k]
         jb = jac_new[k]
-        jac[b] = jb
-        acnorm[:] = 0.0
-        jtf[:] = 0.0
-        for i in range(m):  # one pass: A^T = [J f]^T, the squared column norms and J^T f
-            fi = f[b, i]
-            at[p, i] = fi
+        jc = jac[b]
+        for i in range(m):  # one pass: J stored and A^T = [J f]^T
+            at[p, i] = f[b, i]
             for j in range(p):
                 t = jb[i, j]
+                jc[i, j] = t
                 at[j, i] = t
-                acnorm[j] += t * t
-                jtf[j] += t * fi
+        for j in range(p):  # the squared column norms and J^T f
+            acnorm[j] = _dot(at[j], at[j])
+            jtf[j] = _dot(at[j], at[p])
         bad = False
         stop = True
         for j in range(p):
