@@ -7,6 +7,7 @@ case the compiled core takes)."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numba  # a test dependency: a broken install fails here, not skips
 import numpy as np
@@ -141,7 +142,8 @@ def test_svd_values_equal_lapack_svd(name):
     torch.linalg.svd: see _svd_ref_check; the zero column gives a singular value exactly 0
     whose right singular vector is exactly e_1 (the Jacobi rotations never touch it)."""
     j = _matrix(name)
-    s, vh = compiled.svd_values(j[None].contiguous())
+    s, vh, ok = compiled.svd_values(j[None].contiguous())
+    assert bool(ok.all())
     assert s.shape == (1, j.shape[1]) and vh.shape == (1, j.shape[1], j.shape[1])
     _svd_ref_check(j, s[0], vh[0])
     if name == "zero-column":
@@ -161,10 +163,10 @@ def test_svd_values_parallel_path_equals_the_serial_path_bitwise():
     jac[::7, :, 2] *= 1e-9  # ill-conditioned ones
     jac[3::11, :, 1] = 0.0  # exactly zero columns
     with numba_threads(1):
-        s1, v1 = compiled.svd_values(jac)
+        s1, v1, _ = compiled.svd_values(jac)
     with pytest.MonkeyPatch.context() as mp, numba_threads(2):
         calls = record(mp, kernels, "_svd_rows_parallel")
-        s2, v2 = compiled.svd_values(jac)
+        s2, v2, _ = compiled.svd_values(jac)
     assert calls == [1]
     assert torch.equal(s1, s2) and torch.equal(v1, v2)
     for i in range(0, n, 29):
@@ -172,8 +174,25 @@ def test_svd_values_parallel_path_equals_the_serial_path_bitwise():
     # an uneven split (3 chunks of 301 rows)
     a = np.ascontiguousarray(jac.numpy())
     s3, v3 = np.full((n, 3), np.nan), np.full((n, 3, 3), np.nan)
-    kernels._svd_rows_parallel(3, a, s3, v3)
-    assert np.array_equal(s3, s1.numpy()) and np.array_equal(v3, v1.numpy())
+    ok3 = np.zeros(n, dtype=np.bool_)
+    kernels._svd_rows_parallel(3, a, s3, v3, ok3)
+    assert np.array_equal(s3, s1.numpy()) and np.array_equal(v3, v1.numpy()) and ok3.all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_svd_values_flags_a_matrix_that_is_not_finite(bad):
+    """compiled.svd_values reports per matrix whether all its entries are finite (curve_fit's
+    pcov is inf where not): one entry NaN or +-inf in matrix 1 of 3 flags it alone, gives it
+    s = 0 and V = I (finite: no NaN leaks into the batch's arithmetic), and leaves the
+    others' values equal to those of a batch without it."""
+    jac = torch.randn(3, 9, 3, generator=seeded(12), dtype=D)
+    s0, v0, _ = compiled.svd_values(jac)
+    jac[1, 4, 2] = bad
+    s, vh, ok = compiled.svd_values(jac)
+    assert ok.tolist() == [True, False, True]
+    assert bool((s[1] == 0).all()) and torch.equal(vh[1], torch.eye(3, dtype=D))
+    for i in (0, 2):
+        assert torch.equal(s[i], s0[i]) and torch.equal(vh[i], v0[i])
 
 
 # ------------------------------------------------------------------------------- kernels: lmpar
@@ -704,7 +723,7 @@ def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
     reflector's v^T v was subnormal: 1e-5 relative accuracy before) the singular values equal
     LAPACK's to rounding, and R's diagonal equals LAPACK's in magnitude."""
     j = torch.randn(6, 12, 3, dtype=D, generator=seeded(5)) * scale
-    s, _ = compiled.svd_values(j)
+    s, _, _ = compiled.svd_values(j)
     ref = torch.linalg.svdvals(j)
     assert bool(torch.isfinite(s).all())
     err = (s.sort(-1, descending=True).values - ref).abs() / ref[:, :1]

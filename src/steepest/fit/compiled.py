@@ -123,20 +123,20 @@ def _threads(n: int) -> int:
     return _kernels().numba.get_num_threads() if n >= PARALLEL_MIN else 1
 
 
-def svd_values(jac: Tensor) -> tuple[Tensor, Tensor]:
+def svd_values(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The singular values (n, P) and :math:`V^T` (n, P, P) of a batch of tall float64 CPU
     matrices jac (n, M, P), M > P, unsorted, as :func:`.core._svd_values` (for curve_fit's
-    covariance)."""
+    covariance), and whether each matrix is finite (n,) (where not: s = 0, V = I)."""
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
-    s, vh = np.empty((n, p)), np.empty((n, p, p))
+    s, vh, ok = np.empty((n, p)), np.empty((n, p, p)), np.empty(n, dtype=np.bool_)
     kern = _kernels()
     threads = _threads(n)
     if threads > 1:
-        kern._svd_rows_parallel(threads, a, s, vh)
+        kern._svd_rows_parallel(threads, a, s, vh, ok)
     else:
-        kern._svd_rows(0, n, a, s, vh)
-    return torch.from_numpy(s), torch.from_numpy(vh)
+        kern._svd_rows(0, n, a, s, vh, ok)
+    return torch.from_numpy(s), torch.from_numpy(vh), torch.from_numpy(ok)
 
 
 def _least_squares_compiled(
@@ -223,17 +223,16 @@ def _least_squares_compiled(
         if due.size:
             j = evaluate_jac(xdue, due)
             codes = np.zeros(due.size, dtype=np.int64)
+            acn = np.empty((due.size, p))  # J's column norms
             at_x0 = nfev == 1
             args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
-                    lam, meth, cut, gtu, factor, codes)  # fmt: skip
+                    lam, meth, cut, gtu, factor, codes, stale, acn)  # fmt: skip
             if threads > 1 and due.size >= PARALLEL_MIN:
                 kern._jac_stage_parallel(threads, *args)
             else:
                 kern._jac_stage(0, due.size, *args)
-            stale[due] = False
             if at_x0:
-                acn = torch.from_numpy(np.sqrt(np.einsum("bij,bij->bj", j, j)))
-                _check_seen(fun_r, x0, f0, rows(act), acn, None)
+                _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
             if codes.any():
                 # codes are per due fit; map them onto the running set
                 mask = np.zeros(bsz, dtype=np.bool_)

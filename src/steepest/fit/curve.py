@@ -395,9 +395,11 @@ def curve_fit(
     res = _result(out, batched, ALIASES[method], box)
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
-    finite = torch.isfinite(jac).flatten(1).all(1)  # J not finite (status -1): pcov = inf
-    jz = jac if bool(finite.all()) else torch.where(finite[:, None, None], jac, 0.0)
-    sv, vh = compiled.svd_values(jz) if out["engine"] == "numba" else _svd_values(jz)
+    if out["engine"] == "numba":  # J not finite (status -1): pcov = inf
+        sv, vh, finite = compiled.svd_values(jac)
+    else:
+        finite = torch.isfinite(jac).flatten(1).all(1)
+        sv, vh = _svd_values(torch.where(finite[:, None, None], jac, 0.0))
     eps = torch.finfo(x0.dtype).eps
     keep = sv > eps * max(n, p) * sv.amax(-1, keepdim=True)
     inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)

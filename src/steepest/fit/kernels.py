@@ -157,9 +157,10 @@ def _svd_r(at, p, d, g, v):
 @_jit
 def _jac_stage(
     k0, k1, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, method, cut, gtu, factor, codes,
+    radius, lam, method, cut, gtu, factor, codes, stale, acn,
 ):  # fmt: skip
-    """At the fits ``due`` (k-th has J = jac_new[k]): store J, test gtol (codes[k] = 1, or
+    """At the fits ``due`` (k-th has J = jac_new[k]): store J (``stale`` False), its column
+    norms in acn[k], test gtol (codes[k] = 1, or
     -1 for a non-finite J^T f or column norm), update D (trust region), factor
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
     :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda. J is copied
@@ -188,9 +189,11 @@ def _jac_stage(
             jtf[j] = _dot(at[j], at[p])
         bad = False
         stop = True
+        stale[b] = False
         for j in range(p):
             sq = acnorm[j]
             acnorm[j] = math.sqrt(sq) if sq > 1e-290 and sq < 1e290 else _norm(at[j])
+            acn[k, j] = acnorm[j]
             if not (math.isfinite(acnorm[j]) and math.isfinite(jtf[j])):
                 bad = True
             if not abs(jtf[j]) <= gtu * fnorm[b] * acnorm[j]:
@@ -263,7 +266,7 @@ def _jac_stage(
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _jac_stage_parallel(
     chunks, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, method, cut, gtu, factor, codes,
+    radius, lam, method, cut, gtu, factor, codes, stale, acn,
 ):  # fmt: skip
     """:func:`_jac_stage` on ``chunks`` slices of the fits, one per thread."""
     n = jac_new.shape[0]
@@ -271,24 +274,39 @@ def _jac_stage_parallel(
         _jac_stage(
             t * n // chunks, (t + 1) * n // chunks, jac_new, due, first, f, fnorm, x, d, jac,
             mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, method, cut, gtu, factor, codes,
+            stale, acn,
         )  # fmt: skip
 
 
 @_jit
-def _svd_rows(k0, k1, jac, s, vh):
+def _svd_rows(k0, k1, jac, s, vh, ok):
     """Singular values s[k] and V^T = vh[k] of jac[k] (M, P), M > P, for k0 <= k < k1:
-    Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`)."""
+    Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`); ok[k] = every
+    entry of jac[k] is finite (else s[k] = 0, vh[k] = I, not factored)."""
     _, m, p = jac.shape
     at = np.zeros((p + 1, m))
     g = np.empty((p, p))
+    v = np.empty((p, p))
     ones = np.ones(p)
     for k in range(k0, k1):
+        good = True
         for i in range(m):
             for j in range(p):
-                at[j, i] = jac[k, i, j]
+                t = jac[k, i, j]
+                good = good and math.isfinite(t)
+                at[j, i] = t
+        ok[k] = good
+        for i in range(p):
+            for j in range(p):
+                v[i, j] = 1.0 if i == j else 0.0
+        if not good:
+            for i in range(p):
+                s[k, i] = 0.0
+                for j in range(p):
+                    vh[k, i, j] = v[i, j]
+            continue
         at[p] = 0.0
         _qr(at, p)
-        v = np.eye(p)
         _svd_r(at, p, ones, g, v)
         for i in range(p):
             s[k, i] = _norm(g[:, i])
@@ -297,10 +315,10 @@ def _svd_rows(k0, k1, jac, s, vh):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _svd_rows_parallel(chunks, jac, s, vh):
+def _svd_rows_parallel(chunks, jac, s, vh, ok):
     n = jac.shape[0]
     for t in numba.prange(chunks):
-        _svd_rows(t * n // chunks, (t + 1) * n // chunks, jac, s, vh)
+        _svd_rows(t * n // chunks, (t + 1) * n // chunks, jac, s, vh, ok)
 
 
 @_jit
