@@ -697,19 +697,21 @@ def test_curve_fit_engines_agree_and_match_scipy():
 # ---------------------------------------------------------------------------- numba's threads
 @pytest.mark.parametrize("method", ["trust-region", "gauss-newton"])
 def test_parallel_fit_equals_the_serial_fit_bitwise(method):
-    """A batch of 300 fits: the Jacobian stages of at least PARALLEL_MIN fits run on numba's
-    threads (kernels._jac_stage_parallel, seen to run) and give bitwise the fits of one
-    thread: x, fun, jac, nfev, njev, status. numba's thread count is restored after."""
+    """A batch of 300 fits: the Jacobian stages, trials and updates of at least PARALLEL_MIN
+    fits run on numba's threads (kernels._jac_stage_parallel, _trial_parallel and
+    _update_parallel, each seen to run) and give bitwise the fits of one thread: x, fun, jac,
+    nfev, njev, status. numba's thread count is restored after."""
     fun, jac, x0 = decay(B, seed=18)
     before = numba.get_num_threads()
+    names = ("_jac_stage_parallel", "_trial_parallel", "_update_parallel")
     with numba_threads(1), pytest.MonkeyPatch.context() as mp:
-        calls = record(mp, kernels, "_jac_stage_parallel")
+        calls = [record(mp, kernels, name) for name in names]
         one = least_squares(fun, x0, jac=jac, method=method, engine="numba")
-        assert calls == []
+        assert calls == [[], [], []]
     with numba_threads(2), pytest.MonkeyPatch.context() as mp:
-        calls = record(mp, kernels, "_jac_stage_parallel")
+        calls = [record(mp, kernels, name) for name in names]
         two = least_squares(fun, x0, jac=jac, method=method, engine="numba")
-        assert len(calls) >= 1
+        assert all(len(c) >= 1 for c in calls)
     assert numba.get_num_threads() == before
     for key in ("x", "fun", "jac", "nfev", "njev", "nit", "status"):
         assert torch.equal(one[key], two[key]), key
