@@ -697,11 +697,12 @@ def test_curve_fit_engines_agree_and_match_scipy():
 # ---------------------------------------------------------------------------- numba's threads
 @pytest.mark.parametrize("method", ["trust-region", "gauss-newton"])
 def test_parallel_fit_equals_the_serial_fit_bitwise(method):
-    """A batch of 300 fits: the Jacobian stages, trials and updates of at least PARALLEL_MIN
-    fits run on numba's threads (kernels._jac_stage_parallel, _trial_parallel and
-    _update_parallel, each seen to run) and give bitwise the fits of one thread: x, fun, jac,
-    nfev, njev, status. numba's thread count is restored after."""
-    fun, jac, x0 = decay(B, seed=18)
+    """A batch of 301 fits (odd: two threads' slices of unequal size): the Jacobian stages,
+    trials and updates of at least PARALLEL_MIN fits run on numba's threads
+    (kernels._jac_stage_parallel, _trial_parallel and _update_parallel, each seen to run) and
+    give bitwise the fits of one thread: x, fun, jac, nfev, njev, status. numba's thread
+    count is restored after."""
+    fun, jac, x0 = decay(B + 1, seed=18)
     before = numba.get_num_threads()
     names = ("_jac_stage_parallel", "_trial_parallel", "_update_parallel")
     with numba_threads(1), pytest.MonkeyPatch.context() as mp:

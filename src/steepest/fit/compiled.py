@@ -18,8 +18,11 @@ still running (:mod:`.kernels`):
 ``fun`` and ``jac`` stay the user's torch functions, evaluated on the fits still running as one
 batch (the state lives in numpy arrays shared with torch by ``torch.from_numpy``). The
 algorithm and its constants are :mod:`.core`'s, line for line; the two agree to rounding
-(``tests/test_fit_compiled.py``). Factorisations of at least :data:`PARALLEL_MIN` fits are
-shared among numba's threads (``numba.set_num_threads``).
+(``tests/test_fit_compiled.py``). Each stage over at least :data:`PARALLEL_MIN` fits is
+shared among numba's threads (``numba.set_num_threads``), in contiguous slices of the fits,
+bitwise the one-thread result. Per iteration the driver makes two calls to the user (fun at the
+trial points, jac at the accepted ones) and four kernel calls; the loop runs under one
+``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
 ``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
@@ -50,8 +53,9 @@ METHOD_CODES = {"trust-region": 0, "levenberg-marquardt": 1, "gauss-newton": 2}
 #: the largest P the compiled core takes (the Jacobi sweeps cost ~P^3 a factorisation)
 MAX_P = 16
 
-#: factorisations of at least this many fits are shared among numba's threads (a choice, not
-#: tuned: fewer take ~0.5 ms on one thread)
+#: the stages (factorisation, trial, update; curve_fit's covariance) over at least this many
+#: fits are shared among numba's threads (a choice, not tuned: fewer take ~0.5 ms on one
+#: thread)
 PARALLEL_MIN = 256
 
 #: ``engine="auto"`` takes the compiled core from this many fits (a choice: a fit of fewer
@@ -119,7 +123,8 @@ def choose(engine: str, x0: Tensor, m: int, box) -> bool:
 
 
 def _threads(n: int) -> int:
-    """The numba threads that share a stage of n fits (1 below :data:`PARALLEL_MIN`)."""
+    """The numba threads that share :func:`svd_values` over n matrices (1 below
+    :data:`PARALLEL_MIN`; the fit's own stages decide the same way in its loop)."""
     return _kernels().numba.get_num_threads() if n >= PARALLEL_MIN else 1
 
 

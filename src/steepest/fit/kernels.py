@@ -28,7 +28,9 @@ def _dot(a, b):
     """sum_i a[i] b[i] over i < len(a), in any order: ``reassoc`` lets the compiler split the
     sum into independent SIMD partial sums (AVX2: 4 lanes, several accumulators) instead of
     one serial chain of additions; the result differs at rounding level only. NaN and inf
-    propagate as in the plain sum. The loop runs from 0 (callers pass slices): an index known
+    entries propagate as in the plain sum; whether a partial sum of products near 1e308
+    overflows depends on the order (only :math:`J^Tf` can meet this, its code -1 at the edge
+    of the float64 range). The loop runs from 0 (callers pass slices): an index known
     non-negative needs no wraparound test, which otherwise kept the loads from being
     contiguous vector loads."""
     s = 0.0
