@@ -57,9 +57,9 @@ same cost to 10 digits, 0-16 evaluations apart or with another status on a near 
 LRE >= 6 on all 54). The
 torch core's operations cost a few microseconds each however few fits they carry, so the
 compiled one pays most where few fits run long: the last fits of a batch (the 13 curves of
-``benchmarks/fit_speed.py`` that run to max_nfev: 0.24-0.47 ms an iteration against
-1.10-1.47 ms with a given ``jac``, evaluations included) and a single fit; 10,000 curves take
-0.38-0.44 s against 0.92-1.01 s on one thread (``benchmarks/fit.md``).
+``benchmarks/fit_speed.py`` that run to max_nfev: 0.26-0.28 ms an iteration against
+1.42-1.71 ms with a given ``jac``, evaluations included) and a single fit; 10,000 curves take
+0.24-0.36 s against 0.82-1.10 s on one thread (``benchmarks/fit.md``).
 ``engine="auto"`` takes it for batches of at least 256 fits (its first use in a process loads
 the kernels, ~1 s; the first on a machine compiles them, ~20-35 s).
 

@@ -30,7 +30,8 @@ trial points, jac at the accepted ones) and four kernel calls; the loop runs und
 is float64 on the CPU, there are no bounds, and :math:`M > P`, :math:`P \le 16`. Its first use in a
 process imports numba and loads the kernels from numba's on-disk cache (~1 s); the first use on
 a machine compiles them (~20-35 s, once). Once loaded, it is faster than the torch core at
-every batch size (one curve 4.7 against 7.4 ms, 64 curves 11.4 against 23.2 ms, one thread):
+every batch size (one thread: one curve 7.5 against 13.9 ms, 64 curves 17.7 against 45.9 ms,
+in a slow phase of the VM; ``benchmarks/fit.md``):
 the threshold of ``"auto"`` is a design choice, so that a script with a few small fits does
 not pay the load (``engine="numba"`` takes it at any size).
 """

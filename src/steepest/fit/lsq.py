@@ -94,8 +94,8 @@ def least_squares(
         :mod:`steepest.fit.compiled`: float64 on the CPU, no bounds, M > P, P <= 16; numba
         installed, ``pip install 'steepest[fast]'``), or ``"auto"`` (default: numba for a batch
         of at least 256 fits where it can run, else torch). The two run the same algorithm and
-        agree to rounding; the compiled one's iteration costs 0.24-0.47 ms where the torch
-        core's costs 1.1-1.5 ms on 13 curves (evaluations included), so it pays most on the
+        agree to rounding; the compiled one's iteration costs 0.26-0.28 ms where the torch
+        core's costs 1.4-1.7 ms on 13 curves (evaluations included), so it pays most on the
         last fits of a batch and on a single fit (its first use in a process loads it, ~1 s).
 
     Returns
