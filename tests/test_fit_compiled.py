@@ -718,6 +718,43 @@ def test_parallel_fit_equals_the_serial_fit_bitwise(method):
         assert torch.equal(one[key], two[key]), key
 
 
+def test_the_rows_of_the_running_set_stay_one_tensor_while_the_due_ones_differ():
+    """When one fit's trial is accepted and another's rejected, jac gets the due rows and fun
+    the running ones, alternately: the driver hands fun the same rows tensor every time while
+    the running set holds (curve_fit keeps its gathered data per rows object; a new tensor
+    cost it a gather an iteration in the tail). Precondition checked: the due set differed
+    from the running set at least once."""
+    # two lines fitted by a exp(-b t) + c: the fit runs off towards b = 0, a = -c = inf (a
+    # line), accepting most trials and rejecting some, never converging
+    y = torch.stack([1 - 0.3 * T, 2 - 0.5 * T]) + 0.01 * torch.randn(2, 50, generator=seeded(4))
+    x0 = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.5, 0.0]], dtype=D)
+
+    def fun(p):
+        return p[:, :1] * torch.exp(-p[:, 1:2] * T) + p[:, 2:3] - y
+
+    def jac(p):
+        e = torch.exp(-p[:, 1:2] * T)
+        return torch.stack([e, -p[:, :1] * T * e, torch.ones_like(e)], -1)
+
+    f0 = fun(x0)
+    seen_f, seen_j = [], []
+
+    def fun_r(x, rows):
+        seen_f.append(rows)
+        return fun(x0.index_put((rows,), x))[rows]
+
+    def jac_r(x, rows):
+        seen_j.append(rows)
+        return jac(x0.index_put((rows,), x))[rows]
+
+    out = compiled._least_squares_compiled(
+        fun_r, x0, f0, jac_r, "trust-region", 0.0, 0.0, 0.0, 40, 100.0
+    )
+    assert out["nfev"].tolist() == [40, 40]  # both ran to max_nfev: the set never changed
+    assert any(r.numel() == 1 for r in seen_j)  # one accepted, one rejected, at least once
+    assert all(r is seen_f[0] for r in seen_f)
+
+
 @pytest.mark.parametrize("scale", [1e160, 1e-160])
 def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
     """The QR's reflectors are formed from ratios of a column's entries (LAPACK's dlarfg), and

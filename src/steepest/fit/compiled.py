@@ -191,13 +191,16 @@ def _least_squares_compiled(
     gtu = max(gtol, eps)
     ftu, xtu = max(ftol, eps), max(xtol, eps)
 
-    held: list = []  # the last two index arrays (act, due) and their tensors: the same
-    # tensor back for the same array, so that curve_fit keeps its gathered data while the
-    # running set holds (in the tail act and due alternate when some trials are rejected)
+    held: list = []  # the two index arrays last used (act, due) and their tensors, the most
+    # recent last: the same tensor back for the same array, so that curve_fit keeps its
+    # gathered data while the running set holds (in the tail act and a new due array
+    # alternate when some trials are rejected)
 
     def rows(idx: np.ndarray) -> Tensor:
-        for i, t in held:
+        for k, (i, t) in enumerate(held):
             if i is idx:
+                if k == 0 and len(held) == 2:  # the last used goes last: act survives a
+                    held.reverse()  # run of different due arrays
                 return t
         t = torch.from_numpy(idx)
         held[:] = [*held[-1:], (idx, t)]
