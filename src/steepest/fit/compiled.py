@@ -123,10 +123,16 @@ def choose(engine: str, x0: Tensor, m: int, box) -> bool:
     return why_not is None
 
 
-def _threads(n: int) -> int:
-    """The numba threads that share :func:`svd_values` over n matrices (1 below
-    :data:`PARALLEL_MIN`; the fit's own stages decide the same way in its loop)."""
-    return _kernels().numba.get_num_threads() if n >= PARALLEL_MIN else 1
+def _call(name: str, n: int, *args) -> None:
+    """The kernel ``name`` over items 0..n-1: ``name(0, n, *args)`` on this thread, or, from
+    :data:`PARALLEL_MIN` items with more than one numba thread, ``name_parallel(threads,
+    *args)`` (contiguous slices, one a thread: bitwise the same result)."""
+    kern = _kernels()
+    threads = kern.numba.get_num_threads() if n >= PARALLEL_MIN else 1
+    if threads > 1:
+        getattr(kern, name + "_parallel")(threads, *args)
+    else:
+        getattr(kern, name)(0, n, *args)
 
 
 def svd_values(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,12 +142,7 @@ def svd_values(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
     s, vh, ok = np.empty((n, p)), np.empty((n, p, p)), np.empty(n, dtype=np.bool_)
-    kern = _kernels()
-    threads = _threads(n)
-    if threads > 1:
-        kern._svd_rows_parallel(threads, a, s, vh, ok)
-    else:
-        kern._svd_rows(0, n, a, s, vh, ok)
+    _call("_svd_rows", n, a, s, vh, ok)
     return torch.from_numpy(s), torch.from_numpy(vh), torch.from_numpy(ok)
 
 
@@ -179,8 +180,8 @@ def _least_squares_compiled(
     alpha = np.ones(bsz)
     nit = np.zeros(bsz, dtype=np.int64)
     first = np.ones(bsz, dtype=np.bool_)
-    out = {name: np.zeros(bsz, dtype=np.int64) for name in ("status", "nfev", "njev", "nit")}
-    out_x, out_f = x.copy(), f.copy()
+    # per fit when it stops (x, f, nit and stale of a stopped fit do not change after)
+    status, nfevs = np.zeros(bsz, dtype=np.int64), np.zeros(bsz, dtype=np.int64)
     stale = np.zeros(bsz, dtype=np.bool_)  # J not at x (the last step accepted)
     act = np.arange(bsz)
     due = act
@@ -217,15 +218,11 @@ def _least_squares_compiled(
         old = idx[stale[idx]]
         if old.size:  # J at the last x, not counted in njev (MINPACK stops before it)
             jac[old] = evaluate_jac(x[old], old)
-        out_x[idx], out_f[idx] = x[idx], f[idx]
-        out["status"][idx] = codes[done]
-        out["nit"][idx] = nit[idx]
-        out["njev"][idx] = nit[idx] + 1 - stale[idx]
-        out["nfev"][idx] = nfev
+        status[idx] = codes[done]
+        nfevs[idx] = nfev
         act = act[~done]
         return act
 
-    threads = kern.numba.get_num_threads()
     xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
     # jac never see the state itself)
     while True:
@@ -236,41 +233,26 @@ def _least_squares_compiled(
             at_x0 = nfev == 1
             args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                     lam, meth, cut, gtu, factor, codes, stale, acn)  # fmt: skip
-            if threads > 1 and due.size >= PARALLEL_MIN:
-                kern._jac_stage_parallel(threads, *args)
-            else:
-                kern._jac_stage(0, due.size, *args)
+            _call("_jac_stage", due.size, *args)
             if at_x0:
                 _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
-            if codes.any():
-                # codes are per due fit; map them onto the running set
-                mask = np.zeros(bsz, dtype=np.bool_)
-                mask[due[codes != 0]] = True
+            if codes.any():  # codes are per due fit: onto the running set
                 full = np.zeros(bsz, dtype=np.int64)
                 full[due] = codes
-                done = mask[act]
-                retire(done, full[act])
+                codes = full[act]
+                retire(codes != 0, codes)
                 if not act.size:
                     break
         n = act.size
-        par = threads > 1 and n >= PARALLEL_MIN
         xt = np.empty((n, p))
-        args = (act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
-                pnorm, xt)  # fmt: skip
-        if par:
-            kern._trial_parallel(threads, *args)
-        else:
-            kern._trial(0, n, *args)
+        _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
+              first, w, pnorm, xt)  # fmt: skip
         ft = fun_r(torch.from_numpy(xt), rows(act))
         ft = np.ascontiguousarray(ft.detach().numpy(), dtype=np.float64)
         nfev += 1
         codes = np.empty(n, dtype=np.int64)
-        args = (act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
-                pnorm, radius, lam, alpha, nit, first, stale, xt, codes)  # fmt: skip
-        if par:
-            kern._update_parallel(threads, *args)
-        else:
-            kern._update(0, n, *args)
+        _call("_update", n, act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm,
+              floor, d, c, w, pnorm, radius, lam, alpha, nit, first, stale, xt, codes)  # fmt: skip
         due, xdue = np.empty(n, dtype=np.int64), np.empty((n, p))
         n_done, n_due = kern._sort_out(act, codes, x, due, xdue)
         # every running fit moved: the same rows object (curve_fit keeps its gathered data)
@@ -279,10 +261,6 @@ def _least_squares_compiled(
             retire(codes != -9, codes)
             if not act.size:
                 break
-    res = {
-        "x": torch.from_numpy(out_x),
-        "fun": torch.from_numpy(out_f),
-        "jac": torch.from_numpy(jac),
-    }
-    res.update({k: torch.from_numpy(v) for k, v in out.items()})
-    return res
+    njev = nit + 1 - stale  # stale: J evaluated at the last x after the stop, not counted
+    out = {"x": x, "fun": f, "jac": jac, "status": status, "nfev": nfevs, "njev": njev, "nit": nit}
+    return {k: torch.from_numpy(v) for k, v in out.items()}
