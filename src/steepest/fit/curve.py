@@ -37,19 +37,20 @@ def _sample(b: int, device) -> Tensor:
     return torch.arange(n, device=device) * (b - 1) // max(n - 1, 1)
 
 
-def _broadcasts(resid, vres, x0: Tensor, args: tuple, box, sample: Tensor, sub: tuple) -> bool:
+def _broadcasts(resid, vres, x0: Tensor, args, box) -> bool:
     """Whether ``resid`` called once on the parameter columns (B, 1, P) of the whole batch
-    gives what the vmapped one-curve residual gives, on the rows ``sample`` (their data
-    ``sub``), at a point near x0 where the rows differ (so a formula that mixes rows, e.g.
-    through a sum over the batch, is caught): then the batch needs no vmap."""
+    gives what the vmapped one-curve residual gives, on the rows :func:`_sample` (``args(rows)``:
+    the data of those rows), at a point near x0 where the rows differ (so a formula that mixes
+    rows, e.g. through a sum over the batch, is caught): then the batch needs no vmap."""
+    sample = _sample(x0.shape[0], x0.device)
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
     probe = _project(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            want = vres(probe[sample], *sub)
-            got = resid(probe.unsqueeze(-2), *args)
+            want = vres(probe[sample], *args(sample))
+            got = resid(probe.unsqueeze(-2), *args(torch.arange(x0.shape[0], device=x0.device)))
             if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
                 return False
             got = got[sample]
@@ -143,9 +144,7 @@ def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
 
         return jac_r
     vjres = torch.func.vmap(jres, in_dims=dims)
-    every = torch.arange(xb.shape[0], device=xb.device)
-    few = _sample(xb.shape[0], xb.device)
-    if spread and _broadcasts(jres, vjres, xb, args(every), box, few, args(few)):
+    if spread and _broadcasts(jres, vjres, xb, args, box):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows, False)), pp, "jac")
@@ -332,9 +331,7 @@ def curve_fit(
 
         # f elementwise in its parameters: called once on the columns (B, 1) of the batch (no
         # vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
-        every = torch.arange(x0.shape[0], device=x0.device)
-        few = _sample(x0.shape[0], x0.device)
-        spread = _broadcasts(resid, vres, x0, args(every), box, few, args(few))
+        spread = _broadcasts(resid, vres, x0, args, box)
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
