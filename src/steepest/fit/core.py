@@ -457,12 +457,12 @@ def _least_squares_core(
             cz = -(s.g * step).sum(-1)
             jstep = (s.jac @ step.unsqueeze(-1)).squeeze(-1)
             prered = (2 * cz - jstep.square().sum(-1)) / fn2
-        elif method == "gauss-newton":
-            cz = (s.fac.c * w).sum(-1)
-            prered = (2 - s.alpha) * cz / fn2
         else:
             cz = (s.fac.c * w).sum(-1)
-            prered = (cz + s.lam * pnorm * pnorm) / fn2
+            if method == "gauss-newton":
+                prered = (2 - s.alpha) * cz / fn2
+            else:
+                prered = (cz + s.lam * pnorm * pnorm) / fn2
         dirder = -cz / fn2
         # (with bounds a projected step may predict no reduction: never accepted on rho)
         ratio = torch.where(
