@@ -177,6 +177,7 @@ def _least_squares_compiled(
     mu, c, gn, w = (np.zeros((bsz, p)) for _ in range(4))
     vh = np.zeros((bsz, p, p))
     gn_norm, gnorm, lo, radius, lam, pnorm = (np.zeros(bsz) for _ in range(6))
+    lref = np.ones(bsz)  # LM: the largest squared column norm of J at x0 (lambda's bounds)
     alpha = np.ones(bsz)
     nit = np.zeros(bsz, dtype=np.int64)
     first = np.ones(bsz, dtype=np.bool_)
@@ -232,7 +233,7 @@ def _least_squares_compiled(
             acn = np.empty((due.size, p))  # J's column norms
             at_x0 = nfev == 1
             args = (j, due, at_x0, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
-                    lam, meth, cut, gtu, factor, codes, stale, acn)  # fmt: skip
+                    lam, lref, meth, cut, gtu, factor, codes, stale, acn)  # fmt: skip
             _call("_jac_stage", due.size, *args)
             if at_x0:
                 _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
@@ -252,7 +253,8 @@ def _least_squares_compiled(
         nfev += 1
         codes = np.empty(n, dtype=np.int64)
         _call("_update", n, act, ft, meth, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm,
-              floor, d, c, w, pnorm, radius, lam, alpha, nit, first, stale, xt, codes)  # fmt: skip
+              floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt,
+              codes)  # fmt: skip
         due, xdue = np.empty(n, dtype=np.int64), np.empty((n, p))
         n_done, n_due = kern._sort_out(act, codes, x, due, xdue)
         # every running fit moved: the same rows object (curve_fit keeps its gathered data)

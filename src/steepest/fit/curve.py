@@ -21,7 +21,7 @@ from . import compiled
 from .bounds import _as_bounds, _box_rows, _project
 from .checks import _as_x0, _evaluate
 from .core import _svd_values
-from .lsq import ALIASES, METHODS, _check_engine, _run
+from .lsq import ALIASES, METHODS, _check_engine, _run, _scales
 from .result import _result
 
 #: the rows of a batch, spread evenly over it, on which the routes of f and jac are compared
@@ -392,6 +392,11 @@ def curve_fit(
     res = _result(out, batched, ALIASES[method], box)
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
+    tau = None if absolute_sigma else _scales(out["fun"])
+    if tau is not None:  # f and J out of range: both times one power of two (pcov unchanged;
+        # cost and S^2 in user units may overflow or underflow)
+        jac = jac * tau[:, None, None]
+        cost = 0.5 * (out["fun"] * tau.unsqueeze(-1)).pow(2).sum(-1)
     if out["engine"] == "numba":  # J not finite (status -1): pcov = inf
         sv, vh, finite = compiled.svd_values(jac)
     else:

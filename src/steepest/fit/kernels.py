@@ -159,11 +159,12 @@ def _svd_r(at, p, d, g, v):
 @_jit
 def _jac_stage(
     k0, k1, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, method, cut, gtu, factor, codes, stale, acn,
+    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn,
 ):  # fmt: skip
     """At the fits ``due`` (k-th has J = jac_new[k]): store J (``stale`` False), its column
     norms in acn[k], test gtol (codes[k] = 1, or
-    -1 for a non-finite J^T f or column norm), update D (trust region), factor
+    -1 for a non-finite J^T f or column norm, or, without D, a largest column norm whose
+    square over- or underflows), update D (trust region), factor
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
     :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda. J is copied
     into the state and transposed into ``at`` in one pass (element by element: numba's
@@ -200,6 +201,12 @@ def _jac_stage(
                 bad = True
             if not abs(jtf[j]) <= gtu * fnorm[b] * acnorm[j]:
                 stop = False
+        if not trust:  # mu = s^2 of J itself (no D): J's scale must square within range
+            big = 0.0
+            for j in range(p):
+                big = max(big, acnorm[j])
+            if big > 0 and not (big * big >= 2.2250738585072014e-308 and big * big < math.inf):
+                bad = True
         codes[k] = -1 if bad else (1 if stop else 0)
         if trust:
             for j in range(p):
@@ -217,6 +224,7 @@ def _jac_stage(
                 for j in range(p):
                     big = max(big, acnorm[j] * acnorm[j])
                 lam[b] = 1e-3 * big
+                lref[b] = big if big > 0 else 1.0
         if bad:
             continue
         _qr(at, p)
@@ -268,14 +276,14 @@ def _jac_stage(
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _jac_stage_parallel(
     chunks, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, method, cut, gtu, factor, codes, stale, acn,
+    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn,
 ):  # fmt: skip
     """:func:`_jac_stage` on ``chunks`` slices of the fits, one per thread."""
     n = jac_new.shape[0]
     for t in numba.prange(chunks):
         _jac_stage(
             t * n // chunks, (t + 1) * n // chunks, jac_new, due, first, f, fnorm, x, d, jac,
-            mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, method, cut, gtu, factor, codes,
+            mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, lref, method, cut, gtu, factor, codes,
             stale, acn,
         )  # fmt: skip
 
@@ -409,7 +417,7 @@ def _trial_parallel(
 
 @_jit
 def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor,
-            d, c, w, pnorm, radius, lam, alpha, nit, first, stale, xt, codes):  # fmt: skip
+            d, c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes):  # fmt: skip
     """After the trial: rho, the method's update, acceptance and the stopping tests of the
     running fits act[k0:k1] (as :func:`.core._least_squares_core`); codes[k] = the status of
     a fit that stops, -9 for one that goes on, -8 for one that goes on and moved (due a
@@ -455,8 +463,8 @@ def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f,
         elif method == 1:
             accept = fnorm1 < fn
             la = lam[b] / 3 if ratio > 0.75 else (lam[b] * 3 if ratio < 0.25 else lam[b])
-            la = la if la > 0 else eps
-            lam[b] = min(la, 1 / eps)
+            la = la if la > 0 else eps * lref[b]
+            lam[b] = min(la, lref[b] / eps)
         else:
             accept = actred >= -2e-4 * dirder and fnorm1 < fn
             alpha[b] = 1.0 if accept else alpha[b] / 2
@@ -496,14 +504,15 @@ def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f,
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _update_parallel(
     chunks, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
-    pnorm, radius, lam, alpha, nit, first, stale, xt, codes,
+    pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes,
 ):  # fmt: skip
     """:func:`_update` on ``chunks`` slices of the running fits, one per thread."""
     n = act.shape[0]
     for t in numba.prange(chunks):
         _update(
             t * n // chunks, (t + 1) * n // chunks, act, ft, method, nfev, max_nfev, ftol, xtol,
-            ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam, alpha, nit, first, stale,
+            ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first,
+            stale,
             xt, codes,
         )  # fmt: skip
 

@@ -13,7 +13,7 @@ from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_toler
 from . import compiled
 from .bounds import _as_bounds, _finite
 from .checks import _as_x0, _check_jac, _evaluate
-from .core import _jacobian, _least_squares_core
+from .core import _jacobian, _least_squares_core, _range_scales
 from .result import OptimizeResult, _result
 
 METHODS = ("trust-region", "levenberg-marquardt", "gauss-newton")
@@ -294,9 +294,14 @@ def _run(
             f"index {where}); start where fun is defined (check divisions, logs, overflows)."
         )
 
+    inv = _scales(f0)  # out of range: the fit runs on f and J times a power of two
+    if inv is not None:
+        f0 = f0 * inv.unsqueeze(-1)
+    mult = sw if inv is None else inv.unsqueeze(-1) if sw is None else sw * inv.unsqueeze(-1)
+
     def res_r(xs: Tensor, rows: Tensor) -> Tensor:
         out = fun_r(xs, rows)
-        return out * sw[rows] if sw is not None else out
+        return out * mult[rows] if mult is not None else out
 
     def res_nograd(xs: Tensor, rows: Tensor) -> Tensor:
         with torch.no_grad():
@@ -319,7 +324,7 @@ def _run(
                     f"{'(B, M, P) = ' + str((xs.shape[0], m, p)) if batched else (m, p)}."
                 )
             _same_kind(jj, xs, "jac", "the Jacobian")
-            return jj * sw[rows].unsqueeze(-1) if sw is not None else jj
+            return jj * mult[rows].unsqueeze(-1) if mult is not None else jj
 
         if check_jac:
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
@@ -334,5 +339,21 @@ def _run(
         out = _least_squares_core(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
         )
+    if inv is not None:  # back to the user's units (exact)
+        out["fun"] = out["fun"] / inv.unsqueeze(-1)
+        out["jac"] = out["jac"] / inv[:, None, None]
     out["engine"] = "numba" if fast else "torch"  # the one that ran (curve_fit's pcov follows)
     return out
+
+
+def _scales(f: Tensor) -> Tensor | None:
+    r"""Per problem, :math:`1/\sigma`, a power of two (:func:`.core._range_scales` of
+    :math:`\max_i |f_i|`), or None when it is 1 for all. The fit runs on :math:`f / \sigma` and
+    :math:`J / \sigma`: the squares it forms (:math:`\|f\|^2`, :math:`c^T w`, the predicted
+    reduction) overflow beyond :math:`\|f\| \approx 10^{154}` and lose the ratio tests to
+    underflow below :math:`10^{-154}`, while every step and test of the three methods is
+    invariant to the scale of f and J together, and a power of two scales exactly: such a fit
+    takes the steps it takes at :math:`\|f\| \approx 1`, bit for bit (MINPACK gets the same
+    from its scaled norms, ``enorm``)."""
+    inv = _range_scales(f.detach().abs().amax(-1))
+    return None if bool((inv == 1).all()) else inv

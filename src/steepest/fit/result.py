@@ -6,7 +6,11 @@ from __future__ import annotations
 from .bounds import _active, _optimality
 
 MESSAGES = {
-    -1: "The Jacobian is not finite at x: the fit stopped there.",
+    -1: (
+        "The Jacobian is not finite at x, or (levenberg-marquardt, gauss-newton: no column "
+        "scaling) the square of its largest column norm over- or underflows: the fit stopped "
+        "there (method='trust-region' scales J's columns)."
+    ),
     0: "The maximum number of function evaluations is exceeded.",
     1: "`gtol` termination condition is satisfied.",
     2: "`ftol` termination condition is satisfied.",
