@@ -1335,3 +1335,36 @@ def test_range_scales_are_exact_powers_of_two():
     assert odd.tolist() == [1.0, 1.0, 1.0]
     f32 = _range_scales(torch.tensor([2.0**15, 2.0**17, 2.0**-18], dtype=torch.float32))
     assert f32.tolist() == [1.0, 2.0**-18, 2.0**17]  # frexp: 2^17 = 0.5 2^18
+
+
+@pytest.mark.parametrize("method", ["trust-exact", "trust-ncg", "newton-lm", "gradient-descent"])
+def test_minimize_does_not_depend_on_the_scale_of_f(method):
+    """F times s: the same steps (g^T g, the CG products and ||g|| overflowed from F ~ 1e154:
+    trust-exact and trust-ncg stopped after one step with status 2). A power of two outside
+    [2^-128, 2^128]: bit for bit (trust-ncg: scipy's CG tolerance is not scale-free, the same
+    minimum); a power of ten: the same minimum. gtol is absolute, as scipy's: scaled with F
+    here. fun, jac and hess of the result are in the user's units."""
+
+    def rosen(x):
+        return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+    x0 = torch.tensor([-1.2, 1.0], dtype=D)
+    maxiter = 400 if method != "gradient-descent" else 60  # (GD: linear, compare the path)
+    ref = steepest.minimize(rosen, x0, method=method, maxiter=maxiter)
+    for s in (2.0**-700, 2.0**600):
+        res = steepest.minimize(
+            lambda x, s=s: s * rosen(x), x0, method=method, gtol=1e-8 * s, maxiter=maxiter
+        )
+        if method == "trust-ncg":  # scipy's CG forcing term min(1/2, sqrt||g||) ||g|| is not
+            # scale-invariant: another path to the same minimum
+            assert res.success and float((res.x - 1).abs().max()) < 1e-6, s
+            continue
+        assert torch.equal(res.x, ref.x) and res.nit == ref.nit and res.status == ref.status, s
+        assert res.fun == ref.fun * s and torch.equal(res.jac, ref.jac * s)
+        if "hess" in ref:
+            assert torch.equal(res.hess, ref.hess * s)
+    if method != "gradient-descent":
+        for s in (1e-200, 1e200, 1e300):
+            res = steepest.minimize(lambda x, s=s: s * rosen(x), x0, method=method, gtol=1e-8 * s)
+            assert res.success, (s, res.message)
+            torch.testing.assert_close(res.x, torch.ones(2, dtype=D), rtol=0, atol=1e-6)

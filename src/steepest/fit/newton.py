@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
 from .checks import _as_x0, _evaluate
+from .core import _range_scales
 from .result import OptimizeResult
 
 # ---------------------------------------------------------------------------------- minimize
@@ -153,7 +154,12 @@ def minimize(
     (status 0), after ``maxiter`` iterations (200 P; status 1), when the model predicts no
     decrease above the rounding level of F, :math:`10\epsilon|F|` (status 2: x is as good as
     the precision allows, though the gradient is above gtol), or on a linear-algebra failure
-    (status 3).
+    (status 3). gtol is absolute, as scipy's (scale it with F); every other rule is invariant
+    to the scale of F, and where :math:`|F(x_0)|` lies outside :math:`[2^{-128}, 2^{128}]` the
+    method runs on F times a power of two (exact), so that F of 1e160 or 1e-160 takes the
+    steps of F (the squares of the gradient overflowed from ~1e154; ``"trust-ncg"``'s CG
+    tolerance, scipy's :math:`\min(1/2, \sqrt{\|g\|})\|g\|`, is not scale-free: the same
+    minimum by another path).
 
     Parameters
     ----------
@@ -195,6 +201,18 @@ def minimize(
         )
     if not bool(torch.isfinite(f).all()):
         raise NonFiniteError(f"F(x0) = {float(f)}; start where fun is finite.")
+    # |F(x0)| out of [2^-128, 2^128]: minimise F times a power of two (exact: the same steps as
+    # at |F| ~ 1; g^T g, the CG products and the norms would overflow beyond ~1e154), with gtol
+    # scaled alike (it stays a bound on the user's gradient)
+    inv = float(_range_scales(f.detach().abs().reshape(())))
+    user_fun = fun
+    if inv != 1.0:
+        f = f * inv
+        gtol = gtol * inv
+
+        def fun(z: Tensor) -> Tensor:
+            return user_fun(z) * inv
+
     grad_fn = torch.func.grad(lambda z: fun(z).reshape(()))
     counts = {"nfev": 1, "njev": 0, "nhev": 0}
 
@@ -301,10 +319,10 @@ def minimize(
         status = 0
     if float(g.norm()) < gtol:
         status = 0
-    res = OptimizeResult(
+    res = OptimizeResult(  # in the user's units
         x=x,
-        fun=fval,
-        jac=g,
+        fun=fval / inv,
+        jac=g / inv,
         status=status,
         message=MINIMIZE_MESSAGES[status],
         success=status == 0,
@@ -313,5 +331,5 @@ def minimize(
         method=method,
     )
     if h is not None:
-        res["hess"] = h
+        res["hess"] = h / inv
     return res
