@@ -1368,3 +1368,91 @@ def test_minimize_does_not_depend_on_the_scale_of_f(method):
             res = steepest.minimize(lambda x, s=s: s * rosen(x), x0, method=method, gtol=1e-8 * s)
             assert res.success, (s, res.message)
             torch.testing.assert_close(res.x, torch.ones(2, dtype=D), rtol=0, atol=1e-6)
+
+
+def _ar1_cov(n: int, rho: float, scale: torch.Tensor) -> torch.Tensor:
+    """An AR(1) covariance: sigma_i sigma_j rho^|i-j| (correlated measurement errors)."""
+    k = torch.arange(n, dtype=D)
+    return (
+        scale.unsqueeze(-1) * scale.unsqueeze(-2) * rho ** (k.unsqueeze(0) - k.unsqueeze(1)).abs()
+    )
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("with_jac", [False, True])
+def test_curve_fit_with_a_covariance_matrix_matches_scipy(absolute, with_jac):
+    """sigma as scipy's 2-D sigma, the covariance of ydata: residuals L^-1 (f - y) with
+    Sigma = L L^T (the Jacobian L^-1 J, a given jac included). popt equals scipy's curve_fit
+    with the same covariance; pcov equals the dense (J^T Sigma^-1 J)^-1 (times
+    r^T Sigma^-1 r / (N - P)) at popt, J by torch.autograd.functional, to 1e-10, and scipy's
+    to 1e-4 (scipy's comes from its last Jacobian, at the previous iterate: 2.4e-5 off the same
+    formula at its own popt here). A diagonal covariance equals the vector sigma of its square
+    roots."""
+    s = 0.01 + 0.02 * torch.rand(30, generator=seeded(2), dtype=D)
+    cov = _ar1_cov(30, 0.6, s)
+    jac = _decay_jac if with_jac else None
+    popt, pcov = curve_fit(
+        _decay, T, Y, [1.0, 1.0, 0.0], sigma=cov, absolute_sigma=absolute, jac=jac
+    )
+    ref_p, ref_c = sopt.curve_fit(
+        _decay_np,
+        T.numpy(),
+        Y.numpy(),
+        [1.0, 1.0, 0.0],
+        sigma=cov.numpy(),
+        jac=_decay_jac_np,
+        absolute_sigma=absolute,
+    )
+    torch.testing.assert_close(popt, torch.tensor(ref_p), rtol=1e-7, atol=0)
+    torch.testing.assert_close(pcov, torch.tensor(ref_c), rtol=1e-4, atol=0)
+    j = jacobian(lambda p: _decay(T, *p), popt)
+    r = _decay(T, *popt) - Y
+    inv = torch.linalg.inv(cov)
+    want = torch.linalg.inv(j.T @ inv @ j)
+    if not absolute:
+        want = want * (r @ inv @ r) / (30 - 3)
+    torch.testing.assert_close(pcov, want, rtol=1e-10, atol=0)
+    dp, dc = curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=torch.diag(s**2), jac=jac)
+    vp, vc = curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=s, jac=jac)
+    torch.testing.assert_close(dp, vp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dc, vc, rtol=1e-8, atol=0)
+
+
+def test_batched_curve_fit_with_covariances_equals_separate_fits():
+    """A batch with one covariance per curve (B, N, N), or one for all (1, N, N): each curve's
+    popt and pcov are those of its own fit (the broadcast route and a given jac included)."""
+    y = _batch(4)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]] * 4, dtype=D)
+    scale = 0.01 + 0.02 * torch.rand(4, 30, generator=seeded(6), dtype=D)
+    covs = _ar1_cov(30, 0.5, scale)
+    for jac in (None, _decay_jac):
+        popt, pcov = curve_fit(_decay, T, y, p0, sigma=covs, jac=jac)
+        shared_p, shared_c = curve_fit(_decay, T, y, p0, sigma=covs[:1], jac=jac)
+        for i in (0, 3):
+            one, c1 = curve_fit(_decay, T, y[i], [1.0, 1.0, 0.0], sigma=covs[i], jac=jac)
+            torch.testing.assert_close(popt[i], one, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(pcov[i], c1, rtol=1e-7, atol=1e-16)
+            s0, c0 = curve_fit(_decay, T, y[i], [1.0, 1.0, 0.0], sigma=covs[0], jac=jac)
+            torch.testing.assert_close(shared_p[i], s0, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(shared_c[i], c0, rtol=1e-7, atol=1e-16)
+
+
+def test_a_bad_covariance_sigma_is_refused_before_the_fit():
+    """Named errors: a shape that is neither standard deviations nor covariances, an
+    asymmetric or indefinite covariance, non-finite entries."""
+    s = 0.01 + 0.02 * torch.rand(30, generator=seeded(2), dtype=D)
+    cov = _ar1_cov(30, 0.6, s)
+    with pytest.raises(ShapeError, match=r"covariance \(N, N\)"):
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=cov[:, :29])
+    with pytest.raises(ShapeError, match=r"\(B, N, N\) or \(1, N, N\)"):
+        curve_fit(_decay, T, _batch(2), torch.ones(2, 3, dtype=D), sigma=cov)
+    bad = cov.clone()
+    bad[0, 1] += 1e-3
+    with pytest.raises(ConfigurationError, match="symmetric"):
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=bad)
+    with pytest.raises(ConfigurationError, match="positive definite"):
+        curve_fit(
+            _decay, T, Y, [1.0, 1.0, 0.0], sigma=cov - 2 * torch.eye(30, dtype=D) * s.max() ** 2
+        )
+    with pytest.raises(NonFiniteError, match="finite"):
+        curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=cov * math.nan)

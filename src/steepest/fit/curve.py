@@ -64,6 +64,61 @@ def _broadcasts(resid, vres, x0: Tensor, args, box) -> bool:
     )
 
 
+def _as_sigma(sigma, x0: Tensor, y: Tensor) -> tuple[Tensor | None, bool]:
+    """curve_fit's sigma as (the standard deviations, False) or (the lower Cholesky factor L of
+    a covariance, True), or (None, False); checked: shape, finite, > 0, symmetric positive
+    definite. One curve: (N,) or a covariance (N, N); a batch of B: (N,) or (B, N), or
+    covariances (B, N, N) or one for all, (1, N, N)."""
+    if sigma is None:
+        return None, False
+    s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
+    batched, n = y.ndim == 2, y.shape[-1]
+    std = ((n,), tuple(y.shape)) if batched else ((n,),)
+    covs = ((y.shape[0], n, n), (1, n, n)) if batched else ((n, n),)
+    if tuple(s.shape) not in std + covs:
+        want = (
+            "(N,) or (B, N), or covariances (B, N, N) or (1, N, N)"
+            if batched
+            else ("(N,), or a covariance (N, N)")
+        )
+        raise ShapeError(
+            f"sigma of shape {tuple(s.shape)} for ydata of shape {tuple(y.shape)}: give the "
+            f"standard deviations of ydata, {want} (N = {n}"
+            f"{f', B = {y.shape[0]}' if batched else ''})."
+        )
+    if not bool(torch.isfinite(s).all()):
+        raise NonFiniteError("sigma must be finite.")
+    if tuple(s.shape) in std:
+        if not bool((s > 0).all()):
+            raise NonFiniteError("sigma (standard deviations) must be > 0.")
+        return s, False
+    if not torch.allclose(s, s.mT, rtol=1e-12, atol=0):
+        raise ConfigurationError(
+            "sigma, a covariance matrix, must be symmetric (pass (S + S^T) / 2 if it is up to "
+            "rounding)."
+        )
+    chol, info = torch.linalg.cholesky_ex(s)
+    if bool((info != 0).any()):
+        raise ConfigurationError(
+            "sigma, a covariance matrix, must be positive definite (its Cholesky factorisation "
+            "failed); a singular covariance has no inverse to weigh the residuals with."
+        )
+    return (chol[0] if batched and s.shape[0] == 1 else chol), True  # (1, N, N): shared
+
+
+def _weigh(r: Tensor, ss: Tensor | None, cov: bool, columns: bool = False) -> Tensor:
+    r"""The residuals r (..., N) (``columns``: a Jacobian (..., N, P)) weighed by sigma:
+    :math:`r_i / \sigma_i`, or :math:`L^{-1} r` for a covariance :math:`\Sigma = LL^T` (scipy's
+    whitening: :math:`\|L^{-1}r\|^2 = r^T\Sigma^{-1}r`)."""
+    if ss is None:
+        return r
+    if not cov:
+        return r / ss.unsqueeze(-1) if columns else r / ss
+    rhs = r if columns else r.unsqueeze(-1)
+    out = torch.linalg.solve_triangular(ss, rhs, upper=False)
+    return out if columns else out.squeeze(-1)
+
+
 def _pointwise_jac(resid, pp: Tensor, args: tuple) -> Tensor:
     r"""J (n, N, P) of a pointwise formula: the parameters spread to one copy per point,
     :math:`p_{bij} = p_{bj}` (a leaf of shape (P, n, N)), and one backward pass of
@@ -118,8 +173,9 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> boo
     return bool(((u.unsqueeze(-1) * got).sum(1) - ref).abs().le(bound).all())
 
 
-def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box):
-    """``jac_r(pp, rows)`` of curve_fit's ``jac=`` (of the residuals: divided by sigma), after a
+def _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box):
+    """``jac_r(pp, rows)`` of curve_fit's ``jac=`` (of the residuals: divided by sigma, or
+    :math:`L^{-1}J` for a covariance, :func:`_weigh`), after a
     check of its shape on the first curve at p0: a batch calls it once with the parameter
     columns (B, 1) when :func:`_broadcasts` says that equals the vmapped jac, else vmaps it."""
     n, p = y.shape[-1], xb.shape[-1]
@@ -134,8 +190,7 @@ def _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
         )
 
     def jres(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
-        jj = jac(xx, *pp.unbind(-1))
-        return jj / ss.unsqueeze(-1) if ss is not None else jj
+        return _weigh(jac(xx, *pp.unbind(-1)), ss, cov, columns=True)
 
     if not batched:
 
@@ -176,13 +231,15 @@ def curve_fit(
     engine: str = "auto",
 ):
     r"""Fit ``f(xdata, *params)`` to ydata by least squares, as ``scipy.optimize.curve_fit``:
-    minimise :math:`\sum_i ((f(x_i; p) - y_i)/\sigma_i)^2` and return (popt, pcov).
+    minimise :math:`\sum_i ((f(x_i; p) - y_i)/\sigma_i)^2` (or
+    :math:`(f - y)^T \Sigma^{-1} (f - y)` for a covariance sigma) and return (popt, pcov).
 
     The covariance is scipy's, from the SVD :math:`J = U S V^T` of the Jacobian of the weighted
     residuals at popt (singular values below :math:`\epsilon \max(N, P) s_1` dropped):
     :math:`\mathrm{pcov} = V S^{-2} V^T`, times :math:`s^2 = \sum_i r_i^2 / (N - P)` unless
     ``absolute_sigma`` (inf when N <= P, and for a fit whose Jacobian at popt is not finite,
-    status -1).
+    status -1). (scipy's ``lm`` takes it from the QR of its last Jacobian, evaluated one step
+    before popt: the two may differ by ~1e-5 relative.)
 
     A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
     (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N); f is
@@ -197,7 +254,11 @@ def curve_fit(
         same values and derivatives; otherwise it is vmapped with 0-d parameters.
     xdata, ydata : the data (ydata (N,) or (B, N)).
     p0 : the start (there is no default: scipy's ones are rarely a good start).
-    sigma : standard deviations of ydata (not a covariance matrix), (N,) or (B, N).
+    sigma : the standard deviations of ydata, (N,) or (B, N): residuals
+        :math:`(f(x_i; p) - y_i)/\sigma_i`; or, as scipy's 2-D sigma, the covariance
+        :math:`\Sigma` of ydata, (N, N) (a batch: (B, N, N), or (1, N, N) for all curves):
+        residuals :math:`L^{-1}(f - y)` with :math:`\Sigma = LL^T` (Cholesky), so that the fit
+        minimises :math:`(f - y)^T \Sigma^{-1} (f - y)`.
     absolute_sigma : sigma in absolute units: pcov is not rescaled by the residual variance.
     method, ftol, xtol, gtol : as :func:`least_squares` (defaults: scipy's curve_fit/leastsq
         tolerances).
@@ -256,23 +317,12 @@ def curve_fit(
             f"ydata has shape {tuple(y.shape)}; expected {want} for p0 of shape {tuple(x0.shape)}."
         )
     n = y.shape[-1]
-    s = None
-    if sigma is not None:
-        s = torch.as_tensor(sigma, dtype=x0.dtype, device=x0.device)
-        if s.shape not in ((n,), tuple(y.shape)):
-            raise ShapeError(
-                f"sigma of shape {tuple(s.shape)}: give the standard deviations of "
-                f"ydata, shape (N,) = ({n},){' or (B, N)' if batched else ''} (a "
-                f"covariance matrix is not supported)."
-            )
-        if not bool((torch.isfinite(s) & (s > 0)).all()):
-            raise NonFiniteError("sigma must be finite and > 0.")
+    s, cov = _as_sigma(sigma, x0, y)  # cov: s is the Cholesky factor L of a covariance
     x_per = batched and xd.ndim >= 2 and tuple(xd.shape[:2]) == tuple(y.shape)
-    s_per = s is not None and s.ndim == 2
+    s_per = s is not None and s.ndim == (3 if cov else 2)  # one per curve (a batch)
 
     def resid(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
-        r = f(xx, *pp.unbind(-1)) - yy
-        return r / ss if ss is not None else r
+        return _weigh(f(xx, *pp.unbind(-1)) - yy, ss, cov)
 
     if method not in ALIASES:
         raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
@@ -350,6 +400,7 @@ def curve_fit(
     # against 1.0 ms; torch 2.13, CPU)
     pointwise = (
         jac is None
+        and not cov  # L^-1 mixes the points
         and spread
         and _is_pointwise(resid, vres, xb[few], args(few), n, _box_rows(box, few))
     )
@@ -359,7 +410,7 @@ def curve_fit(
             return _pointwise_jac(resid, pp, args(rows))
 
     elif jac is not None:
-        jac_r = _user_jac(jac, resid, xd, y, s, xb, args, dims, batched, x_per, spread, box)
+        jac_r = _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box)
 
     given = jac is not None
 
