@@ -1456,3 +1456,27 @@ def test_a_bad_covariance_sigma_is_refused_before_the_fit():
         )
     with pytest.raises(NonFiniteError, match="finite"):
         curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], sigma=cov * math.nan)
+
+
+def test_args_and_kwargs_reach_fun_and_jac_as_in_scipy():
+    """least_squares(fun, x0, args=, kwargs=) and minimize(..., args=): fun(x, *args,
+    **kwargs), a callable jac too; a non-tuple args is one argument (scipy's rule). The same fit
+    as the closure."""
+
+    def resid(p, t, y, scale=1.0):
+        return scale * (p[0] * torch.exp(-p[1] * t) + p[2] - y)
+
+    def jac(p, t, y, scale=1.0):
+        e = torch.exp(-p[1] * t)
+        return scale * torch.stack([e, -p[0] * t * e, torch.ones_like(t)], -1)
+
+    x0 = [1.0, 1.0, 0.0]
+    ref = least_squares(lambda p: 2.0 * resid(p, T, Y), x0)
+    got = least_squares(resid, x0, args=(T, Y), kwargs={"scale": 2.0})
+    assert torch.equal(got.x, ref.x) and got.nfev == ref.nfev
+    with_jac = least_squares(resid, x0, jac=jac, args=(T, Y), kwargs={"scale": 2.0})
+    torch.testing.assert_close(with_jac.x, ref.x, rtol=1e-10, atol=1e-12)
+    one = least_squares(lambda p, y: resid(p, T, y), x0, args=Y)  # one argument, not a tuple
+    torch.testing.assert_close(one.x, ref.x, rtol=1e-10, atol=1e-12)
+    m = steepest.minimize(lambda p, t, y: 0.5 * resid(p, t, y).square().sum(), x0, args=(T, Y))
+    torch.testing.assert_close(m.x, ref.x, rtol=1e-6, atol=1e-8)

@@ -40,6 +40,16 @@ def _as_x0(x0) -> Tensor:
     return x
 
 
+def _with_args(fun: Callable, args: tuple, kwargs: dict | None) -> Callable:
+    """``fun(x, *args, **kwargs)`` as a function of x (scipy's ``args``: a non-tuple is one
+    argument); fun itself when there are none."""
+    args = args if isinstance(args, tuple) else (args,)
+    if not args and not kwargs:
+        return fun
+    kw = dict(kwargs or {})
+    return lambda x: fun(x, *args, **kw)
+
+
 def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor, name: str = "fun") -> Tensor:
     try:
         out = fun(x)

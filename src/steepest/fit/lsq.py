@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
 from . import compiled
 from .bounds import _as_bounds, _finite
-from .checks import _as_x0, _check_jac, _evaluate
+from .checks import _as_x0, _check_jac, _evaluate, _with_args
 from .core import _jacobian, _least_squares_core, _range_scales
 from .result import OptimizeResult, _result
 
@@ -41,6 +41,8 @@ def least_squares(
     vectorize: bool = False,
     factor: float = 100.0,
     engine: str = "auto",
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> OptimizeResult:
     r"""Minimise :math:`F(x) = \tfrac12 \sum_i w_i f_i(x)^2` over x, for one problem or a batch
     of independent problems, with the Gauss-Newton metric :math:`M = J^T J` and the step
@@ -97,6 +99,8 @@ def least_squares(
         agree to rounding; the compiled one's iteration costs 0.26-0.28 ms where the torch
         core's costs 1.4-1.7 ms on 13 curves (evaluations included), so it pays most on the
         last fits of a batch and on a single fit (its first use in a process loads it, ~1 s).
+    args, kwargs : extra arguments of fun and of a callable jac, as scipy's:
+        ``fun(x, *args, **kwargs)`` (shared by every problem of a batch).
 
     Returns
     -------
@@ -140,6 +144,9 @@ def least_squares(
     method = ALIASES[method]
     _check_engine(engine)
     check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
+    fun = _with_args(fun, args, kwargs)
+    if callable(jac):
+        jac = _with_args(jac, args, kwargs)
     if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
         raise ConfigurationError(f"factor must be a finite number > 0, got {factor!r}.")
     x0 = _as_x0(x0)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
-from .checks import _as_x0, _evaluate
+from .checks import _as_x0, _evaluate, _with_args
 from .core import _range_scales
 from .result import OptimizeResult
 
@@ -119,6 +119,8 @@ def minimize(
     initial_trust_radius: float | None = None,
     max_trust_radius: float | None = None,
     eta: float = 0.15,
+    args: tuple = (),
+    kwargs: dict | None = None,
 ) -> OptimizeResult:
     r"""Minimise a scalar function :math:`F(x)` with Newton's metric, the exact Hessian
     :math:`M = \nabla^2 F` by autograd (000 Table 1's Hessian row), as
@@ -169,6 +171,7 @@ def minimize(
     gtol : stop when the gradient norm is below this.
     initial_trust_radius, max_trust_radius : radius bounds (default: scale-free start, no cap).
     eta : the least rho of an accepted step.
+    args, kwargs : extra arguments of fun, as scipy's: ``fun(x, *args, **kwargs)``.
 
     Returns
     -------
@@ -185,6 +188,7 @@ def minimize(
             f"unknown method {method!r}; choose from {', '.join(MINIMIZE_METHODS)}."
         )
     check_tolerances(gtol=gtol)
+    fun = _with_args(fun, args, kwargs)
     if not (isinstance(eta, int | float) and 0 <= eta < 0.25):
         raise ConfigurationError(f"eta must lie in [0, 1/4), got {eta!r}.")
     x = _as_x0(x0)
