@@ -1261,9 +1261,9 @@ def test_the_trust_region_does_not_depend_on_the_units_of_the_parameters():
     """x in units u (J times u): MINPACK's D (J's column norms) makes the trust region
     invariant, and the column norms are computed without overflow or underflow of their
     squares (MINPACK's enorm): at u = 1e200 the torch core stopped at x0 with a non-finite
-    column norm (status -1), at 1e-200 it saw zero columns and reported x0 as converged. The
-    plain LM and Gauss-Newton steps (lambda I, no D) are not invariant to the parameters' units
-    (a documented limit)."""
+    column norm (status -1), at 1e-200 it saw zero columns and reported x0 as converged. (LM
+    and Gauss-Newton form s^2 of J itself, without D: invariant to a uniform unit while that
+    square is in range, status -1 beyond: the next test.)"""
     fun, x0 = _decay_problem(1.0)
     ref = least_squares(fun, x0)
     for u in (1e-200, 1e-100, 1e100, 1e200, 2.0**-700, 2.0**700):
@@ -1480,3 +1480,38 @@ def test_args_and_kwargs_reach_fun_and_jac_as_in_scipy():
     torch.testing.assert_close(one.x, ref.x, rtol=1e-10, atol=1e-12)
     m = steepest.minimize(lambda p, t, y: 0.5 * resid(p, t, y).square().sum(), x0, args=(T, Y))
     torch.testing.assert_close(m.x, ref.x, rtol=1e-6, atol=1e-8)
+
+
+def test_extreme_scales_keep_the_pointwise_check_the_weights_and_the_result_sound():
+    """(a) curve_fit's pointwise probe compares u^T J of two routes with a bound whose squares
+    overflowed from J ~ 1e154: a model that couples the points (a normalisation over x) passed
+    it and was fitted with the wrong Jacobian (popt left at p0, or off, "successful"); now
+    scaled by a power of two first. (b) weights and the scale multiply in turn: sqrt(w) = 1e4 on
+    a zero residual with the others ~1e-306 had overflowed sqrt(w) / sigma (status -1, J inf).
+    (c) the result's grad and cost are in the user's units, inf where out of range, never
+    inf - inf = NaN."""
+
+    def coupled(x, a, b, c):
+        e = torch.exp(-b * x)
+        return a * e / e.sum(-1, keepdim=True) + c
+
+    y = coupled(T, 20.0, 1.3, 0.5) + 0.001 * torch.randn(30, generator=seeded(8), dtype=D)
+    ref, _ = curve_fit(coupled, T, y, [10.0, 1.0, 0.0])
+    for s in (1e200, 1e300):
+        got, cov = curve_fit(
+            lambda x, a, b, c, s=s: s * coupled(x, a, b, c), T, s * y, [10.0, 1.0, 0.0]
+        )
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+        assert bool(torch.isfinite(cov).all())
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0], [1.0, 3.0]], dtype=D)
+    b = torch.tensor([1.0, 2.0, 0.0, 4.0], dtype=D)
+    w = torch.tensor([1.0, 1.0, 1e8, 1.0], dtype=D)
+    base = least_squares(lambda x: a @ x - b, torch.zeros(2, dtype=D), weights=w)
+    for s in (1e-300, 1e-306):
+        res = least_squares(lambda x, s=s: s * (a @ x - b), torch.zeros(2, dtype=D), weights=w)
+        assert res.status == base.status and bool(torch.isfinite(res.jac).all()), s
+        torch.testing.assert_close(res.x, base.x, rtol=1e-3, atol=1e-12)
+    fun, x0 = _decay_problem(1e200)
+    res = least_squares(fun, x0)
+    assert bool(res.success.all()) and not bool(res.grad.isnan().any())
+    assert bool(torch.isinf(res.cost).all())  # ~1e397: beyond float64

@@ -21,9 +21,11 @@ where the method decides lambda and the scaling D:
   reduction ratio rho. Up to rounding, the path and the evaluations are MINPACK's.
 - ``"levenberg-marquardt"``: plain LM, D = I and lambda times 1/3 when rho > 3/4, times 3 when
   rho < 1/4 (the defaults of :class:`~steepest.damping.LevenbergMarquardt`), a try accepted when
-  the cost went down; lambda starts at :math:`10^{-3}\max_j \|J_{:,j}\|^2` and stays within
-  :math:`[\epsilon, 1/\epsilon]` times :math:`\max_j \|J_{:,j}\|^2` at x0 (relative bounds:
-  an absolute cap of :math:`1/\epsilon` left LM undamped once J's columns passed ~1e9).
+  the cost went down; lambda starts at :math:`10^{-3}\max_j \|J_{:,j}\|^2`, is capped at
+  :math:`1/\epsilon` times :math:`\max_j \|J_{:,j}\|^2` at x0 and restarts from
+  :math:`\epsilon` times it should it reach 0 (relative: the absolute cap :math:`1/\epsilon` it
+  had left LM undamped once J's columns passed ~1e9, ~1e5 in float32; such float32 fits now
+  take other steps).
 - ``"gauss-newton"``: lambda = 0 (the least-norm step when J is rank deficient) with a
   backtracking (Armijo) line search on the step length.
 
@@ -78,13 +80,15 @@ and the trust region's D also to the units of the parameters; in floating point 
 (:math:`\|f\|^2`, :math:`c^Tw`, J's column norms) would overflow beyond ~1e154 and underflow
 below ~1e-154. MINPACK avoids them by its scaled norms (``enorm``: scipy's ``lm`` takes the
 same steps from 1e-300 to 1e300); here a problem whose largest residual at x0 lies outside
-:math:`[2^{-128}, 2^{128}]` runs on f and J divided by a power of two (exact: the same steps,
+:math:`[2^{-129}, 2^{128})` runs on f and J divided by a power of two (exact: the same steps,
 bit for bit, as at :math:`\|f\| \approx 1`; ``fun`` and ``jac`` of the result are in the
 user's units), J's column norms are computed the same way, and :func:`curve_fit`'s pcov from
 the scaled f and J (where scipy's is inf or NaN beyond ~1e155). Without D, LM and
 Gauss-Newton form :math:`s^2` of J itself: where the square of J's largest column norm over- or
 underflows (parameters in units ~1e±160 and beyond) they stop with status -1 and a message
-naming ``"trust-region"`` (they reported x0 as converged before).
+naming ``"trust-region"`` (they reported x0, or a point ~1e-5 off, as converged before).
+``cost`` and ``grad`` of the result are in the user's units: beyond ~1e154 they are inf, the
+true values being out of range.
 
 Stopping rules, with MINPACK's meanings (and scipy's status codes):
 

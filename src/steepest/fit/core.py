@@ -46,8 +46,9 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
 
 def _range_scales(big: Tensor) -> Tensor:
     r"""Per entry of ``big`` (>= 0): :math:`2^{-e}`, where :math:`2^{e-1} \le` big
-    :math:`< 2^e`, for the entries outside :math:`[2^{-T}, 2^T]`, T = 1/8 of the dtype's largest
-    exponent (float64: 128, about 3e-39 to 3e38; float32: 16); 1 for the others, for 0, inf and
+    :math:`< 2^e`, for the entries outside :math:`[2^{-T-1}, 2^T)` (e outside [-T, T]), T = 1/8
+    of the dtype's largest exponent (float64: 128, about 3e-39 to 3e38; float32: 16); 1 for the
+    others, for 0, inf and
     NaN. A vector whose largest entry is big, times this, has its largest entry in [1/2, 1)
     exactly (a power of two; a subnormal big gets the largest power of two), so that its sum
     of squares neither overflows (beyond about 1e154 in float64) nor underflows; in range the
@@ -69,9 +70,13 @@ def _colnorms(a: Tensor) -> Tensor:
     torch core on one fit.)"""
     n = torch.linalg.vector_norm(a, dim=1)
     t = 2.0 ** (math.frexp(torch.finfo(a.dtype).max)[1] // 8)
-    if bool((n.clamp(1 / t, t) == n).all()):
+    fine = n.clamp(1 / t, t) == n
+    if bool(fine.all()):
         return n
-    s = _range_scales(a.abs().amax(1))
+    big = a.abs().amax(1)
+    if bool((fine | (big == 0)).all()):  # the others exactly zero columns (held, unused)
+        return n
+    s = _range_scales(big)
     return torch.linalg.vector_norm(a * s.unsqueeze(1), dim=1) / s
 
 

@@ -20,7 +20,7 @@ from ..errors import (
 from . import compiled
 from .bounds import _as_bounds, _box_rows, _project
 from .checks import _as_x0, _evaluate
-from .core import _svd_values
+from .core import _range_scales, _svd_values
 from .lsq import ALIASES, METHODS, _check_engine, _run, _scales
 from .result import _result
 
@@ -167,7 +167,11 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> boo
     # parameter's column is relative to that column's largest entry, so a large column cannot
     # hide a coupling in a small one
     # (the projection sums M rounding errors of random signs: their l2 norm, not their sum)
+    # (a column out of range first scaled by a power of two, exactly: the bound's squares
+    # overflowed from entries of ~1e154, and every formula passed)
     tol = 1e4 * torch.finfo(ref.dtype).eps
+    two = _range_scales(got.abs().amax(dim=(0, 1), keepdim=True))
+    got, ref = got * two, ref * two.squeeze(0)
     scale = got.abs().amax(dim=(0, 1), keepdim=True)
     bound = tol * torch.linalg.vector_norm(u.unsqueeze(-1) * (got.abs() + scale), dim=1)
     return bool(((u.unsqueeze(-1) * got).sum(1) - ref).abs().le(bound).all())

@@ -105,7 +105,8 @@ def least_squares(
     Returns
     -------
     OptimizeResult with x, cost, fun, jac, grad, optimality, status (scipy's codes: 0 max_nfev,
-    1 gtol, 2 ftol, 3 xtol, 4 ftol and xtol, -1 non-finite Jacobian), message, success
+    1 gtol, 2 ftol, 3 xtol, 4 ftol and xtol, -1 a non-finite Jacobian, or one whose scale
+    cannot be squared for levenberg-marquardt and gauss-newton), message, success
     (status > 0), nfev, njev, nit; for a batch each with a leading axis B.
 
     Raises
@@ -304,11 +305,14 @@ def _run(
     inv = _scales(f0)  # out of range: the fit runs on f and J times a power of two
     if inv is not None:
         f0 = f0 * inv.unsqueeze(-1)
-    mult = sw if inv is None else inv.unsqueeze(-1) if sw is None else sw * inv.unsqueeze(-1)
 
-    def res_r(xs: Tensor, rows: Tensor) -> Tensor:
+    def res_w(xs: Tensor, rows: Tensor) -> Tensor:  # weighted, in the user's scale
         out = fun_r(xs, rows)
-        return out * mult[rows] if mult is not None else out
+        return out * sw[rows] if sw is not None else out
+
+    def res_r(xs: Tensor, rows: Tensor) -> Tensor:  # weighted, then scaled (sw inv may overflow)
+        out = res_w(xs, rows)
+        return out * inv[rows].unsqueeze(-1) if inv is not None else out
 
     def res_nograd(xs: Tensor, rows: Tensor) -> Tensor:
         with torch.no_grad():
@@ -317,7 +321,10 @@ def _run(
     if jac_r is None:
 
         def jac_w(xs: Tensor, rows: Tensor) -> Tensor:
-            return _jacobian(lambda xx: res_r(xx, rows), xs, m, mode).detach()
+            # of the weighted residuals, then scaled: the backward pass would multiply by
+            # inv sw first, which may overflow where f sw and J sw do not
+            jj = _jacobian(lambda xx: res_w(xx, rows), xs, m, mode).detach()
+            return jj * inv[rows][:, None, None] if inv is not None else jj
 
     else:
 
@@ -331,7 +338,8 @@ def _run(
                     f"{'(B, M, P) = ' + str((xs.shape[0], m, p)) if batched else (m, p)}."
                 )
             _same_kind(jj, xs, "jac", "the Jacobian")
-            return jj * mult[rows].unsqueeze(-1) if mult is not None else jj
+            jj = jj * sw[rows].unsqueeze(-1) if sw is not None else jj
+            return jj * inv[rows][:, None, None] if inv is not None else jj
 
         if check_jac:
             _check_jac(res_nograd, jac_w, xb, f0, rows, box)
@@ -349,6 +357,7 @@ def _run(
     if inv is not None:  # back to the user's units (exact)
         out["fun"] = out["fun"] / inv.unsqueeze(-1)
         out["jac"] = out["jac"] / inv[:, None, None]
+    out["scale"] = inv  # (the result's cost and grad: computed scaled, then in user units)
     out["engine"] = "numba" if fast else "torch"  # the one that ran (curve_fit's pcov follows)
     return out
 
