@@ -75,6 +75,12 @@ Gauss-Newton model's reduction :math:`-2g^T\delta' - \|J\delta'\|^2` for the pro
 :math:`\delta'` (a projected Levenberg-Marquardt method with an active set). Every evaluation
 of ``fun`` lies in the box; the result adds scipy's ``active_mask``.
 
+Robust losses (``loss=``, ``f_scale=``, :mod:`.loss`): scipy's ``soft_l1``, ``huber``,
+``cauchy`` and ``arctan``, :math:`F = \tfrac12 \sum_i C^2\rho(f_i^2/C^2)`, with any method,
+engine and bounds (scipy: trf and dogbox only): the fit runs on residuals :math:`\hat f` with
+:math:`\tfrac12\|\hat f\|^2 = F` exactly and :math:`\hat J^T \hat f = \nabla F`, so every
+rule above applies to F; the minima are scipy's trf's (``tests/test_fit.py``).
+
 Scale. Every step and test of the three methods is invariant to the scale of f and J together,
 and the trust region's D also to the units of the parameters; in floating point the squares
 (:math:`\|f\|^2`, :math:`c^Tw`, J's column norms) would overflow beyond ~1e154 and underflow
@@ -120,8 +126,9 @@ into the status above). Example::
 # the package: bounds (their checks, projection, active mask) <- result (OptimizeResult,
 # messages); bounds <- checks (before a fit: x0, fun's output, unseen parameters, a given jac);
 # bounds, checks <- core (the batched MINPACK loop in torch); kernels (numba only) <- compiled
-# (the same loop, its algebra compiled; checks); core, compiled <- lsq (least_squares) <- curve
-# (curve_fit); newton (minimize) uses result, checks and core only
+# (the same loop, its algebra compiled; checks); loss (robust losses, torch only); core,
+# compiled, loss <- lsq (least_squares) <- curve (curve_fit); newton (minimize) uses result,
+# checks and core only
 from .core import _factor as _factor
 from .core import _lmpar as _lmpar
 from .curve import curve_fit

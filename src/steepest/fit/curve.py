@@ -21,6 +21,7 @@ from . import compiled
 from .bounds import _as_bounds, _box_rows, _project
 from .checks import _as_x0, _evaluate
 from .core import _range_scales, _svd_values
+from .loss import robust
 from .lsq import ALIASES, METHODS, _check_engine, _run, _scales
 from .result import _result
 
@@ -233,6 +234,8 @@ def curve_fit(
     gtol: float = 0.0,
     max_nfev: int | None = None,
     engine: str = "auto",
+    loss: str = "linear",
+    f_scale: float = 1.0,
 ):
     r"""Fit ``f(xdata, *params)`` to ydata by least squares, as ``scipy.optimize.curve_fit``:
     minimise :math:`\sum_i ((f(x_i; p) - y_i)/\sigma_i)^2` (or
@@ -285,6 +288,11 @@ def curve_fit(
         iterations, where the same 200 (P + 1) here would allow 200 (P + 1) iterations. With
         100 (P + 1) a fit is MINPACK's ``lmder`` evaluation by evaluation, limit included.
     full_output : also return the :class:`OptimizeResult` of the fit.
+    loss, f_scale : a robust loss of the weighted residuals, as scipy's (there with
+        method="trf"): ``"soft_l1"``, ``"huber"``, ``"cauchy"``, ``"arctan"`` or ``"linear"``
+        (default), scale C = f_scale (:func:`least_squares`); pcov is then scipy's formula with
+        the robust cost and the Jacobian :math:`\hat J` of the transformed residuals
+        (scipy's Jacobian is Triggs' correction: the two pcov differ).
     engine : ``"auto"`` (default), ``"torch"`` or ``"numba"``: who runs the algebra between
         the evaluations, as in :func:`least_squares` (numba, where installed, for float64 on
         the CPU without bounds; "auto" takes it for batches of at least 256 curves).
@@ -338,6 +346,7 @@ def curve_fit(
         )
     check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     _check_engine(engine)
+    rob = robust(loss, f_scale)
     p = x0.shape[-1]
     max_nfev = 100 * (p + 1) if max_nfev is None else max_nfev  # lmder's (see above)
     if not (isinstance(max_nfev, int) and max_nfev >= 1):
@@ -435,6 +444,7 @@ def curve_fit(
             box,
             check_jac=given,
             engine=engine,
+            loss=rob,
         )
 
     out = fit(jac_r)
@@ -447,11 +457,16 @@ def curve_fit(
     res = _result(out, batched, ALIASES[method], box)
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
-    tau = None if absolute_sigma else _scales(out["fun"])
-    if tau is not None:  # f and J out of range: both times one power of two (pcov unchanged;
-        # cost and S^2 in user units may overflow or underflow)
+    # f and J out of range: both times one power of two (pcov unchanged; cost and S^2 in user
+    # units may overflow or underflow): the fit's (a robust loss: its f-hat), else from f at popt
+    tau = None if absolute_sigma else out["scale"] if loss != "linear" else _scales(out["fun"])
+    if tau is not None:
         jac = jac * tau[:, None, None]
-        cost = 0.5 * (out["fun"] * tau.unsqueeze(-1)).pow(2).sum(-1)
+        cost = (
+            out["cost_scaled"]
+            if loss != "linear"
+            else 0.5 * (out["fun"] * tau.unsqueeze(-1)).pow(2).sum(-1)
+        )
     if out["engine"] == "numba":  # J not finite (status -1): pcov = inf
         sv, vh, finite = compiled.svd_values(jac)
     else:

@@ -14,6 +14,7 @@ from . import compiled
 from .bounds import _as_bounds, _finite
 from .checks import _as_x0, _check_jac, _evaluate, _with_args
 from .core import _jacobian, _least_squares_core, _range_scales
+from .loss import robust
 from .result import OptimizeResult, _result
 
 METHODS = ("trust-region", "levenberg-marquardt", "gauss-newton")
@@ -41,6 +42,8 @@ def least_squares(
     vectorize: bool = False,
     factor: float = 100.0,
     engine: str = "auto",
+    loss: str = "linear",
+    f_scale: float = 1.0,
     args: tuple = (),
     kwargs: dict | None = None,
 ) -> OptimizeResult:
@@ -99,6 +102,13 @@ def least_squares(
         agree to rounding; the compiled one's iteration costs 0.26-0.28 ms where the torch
         core's costs 1.4-1.7 ms on 13 curves (evaluations included), so it pays most on the
         last fits of a batch and on a single fit (its first use in a process loads it, ~1 s).
+    loss, f_scale : scipy's robust losses, :math:`F = \tfrac12 \sum_i C^2 \rho(f_i^2/C^2)` with
+        C = f_scale: ``"linear"`` (default), ``"soft_l1"``, ``"huber"``, ``"cauchy"``,
+        ``"arctan"``; any method, engine and bounds (scipy: trf and dogbox only). The fit runs
+        on residuals :math:`\hat f` with :math:`\tfrac12\|\hat f\|^2 = F`
+        (:mod:`steepest.fit.loss`); the result's ``cost`` and ``grad`` are F's, ``fun`` the
+        residuals f, ``jac`` :math:`\hat J` (as scipy's, a Jacobian whose :math:`J^TJ` is the
+        Gauss-Newton matrix of F); a given jac costs one more evaluation of fun a Jacobian.
     args, kwargs : extra arguments of fun and of a callable jac, as scipy's:
         ``fun(x, *args, **kwargs)`` (shared by every problem of a batch).
 
@@ -145,6 +155,7 @@ def least_squares(
     method = ALIASES[method]
     _check_engine(engine)
     check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
+    rob = robust(loss, f_scale)
     fun = _with_args(fun, args, kwargs)
     if callable(jac):
         jac = _with_args(jac, args, kwargs)
@@ -217,6 +228,7 @@ def least_squares(
         box,
         check_jac=callable(jac),
         engine=engine,
+        loss=rob,
     )
     return _result(out, batched, method, box)
 
@@ -254,11 +266,14 @@ def _run(
     box: tuple[Tensor, Tensor] | None = None,
     check_jac: bool = False,
     engine: str = "auto",
+    loss: tuple | None = None,
 ) -> dict:
     """Checks f(x0), weights and jac, then runs the core (shared by the front ends); ``box``:
     the bounds (lb, ub) from :func:`~.bounds._as_bounds`, or None; ``check_jac``: jac_r is the
     user's, checked against fun (:func:`~.checks._check_jac`); ``engine``: the torch core or
-    the compiled one (:mod:`.compiled`)."""
+    the compiled one (:mod:`.compiled`); ``loss``: (transform, factor) of :func:`.loss.robust`,
+    or None. The returned fun is the (weighted) residual vector, jac the core's (of the
+    transformed residuals under a robust loss), cost and grad those of the fitted F."""
     rows = torch.arange(xb.shape[0], device=xb.device)
     p = xb.shape[1]
     with torch.no_grad():
@@ -302,15 +317,19 @@ def _run(
             f"index {where}); start where fun is defined (check divisions, logs, overflows)."
         )
 
+    transform, factor_l = loss if loss is not None else (None, None)
+    if transform is not None:  # a robust loss: the fit runs on f-hat, 1/2 ||f-hat||^2 = F
+        f0 = transform(f0)
     inv = _scales(f0)  # out of range: the fit runs on f and J times a power of two
     if inv is not None:
         f0 = f0 * inv.unsqueeze(-1)
 
-    def res_w(xs: Tensor, rows: Tensor) -> Tensor:  # weighted, in the user's scale
+    def res_w(xs: Tensor, rows: Tensor) -> Tensor:  # weighted (and transformed), user's scale
         out = fun_r(xs, rows)
-        return out * sw[rows] if sw is not None else out
+        out = out * sw[rows] if sw is not None else out
+        return transform(out) if transform is not None else out
 
-    def res_r(xs: Tensor, rows: Tensor) -> Tensor:  # weighted, then scaled (sw inv may overflow)
+    def res_r(xs: Tensor, rows: Tensor) -> Tensor:  # then scaled (sw inv may overflow)
         out = res_w(xs, rows)
         return out * inv[rows].unsqueeze(-1) if inv is not None else out
 
@@ -339,6 +358,12 @@ def _run(
                 )
             _same_kind(jj, xs, "jac", "the Jacobian")
             jj = jj * sw[rows].unsqueeze(-1) if sw is not None else jj
+            if factor_l is not None:  # J-hat = diag(rho' / sqrt(h)) J, at f (one more
+                # evaluation of fun, not counted: the core keeps f-hat only)
+                with torch.no_grad():
+                    fw = fun_r(xs, rows)
+                    fw = fw * sw[rows] if sw is not None else fw
+                jj = factor_l(fw).unsqueeze(-1) * jj
             return jj * inv[rows][:, None, None] if inv is not None else jj
 
         if check_jac:
@@ -354,10 +379,21 @@ def _run(
         out = _least_squares_core(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
         )
+    # cost and grad of F from the core's (scaled) f and J, then all in the user's units (inf
+    # where out of range, never inf - inf = NaN)
+    fs, js = out["fun"], out["jac"]
+    grad = (fs.unsqueeze(-2) @ js).squeeze(-2)  # J^T f (a batched matmul: no (B, M, P) temporary)
+    cost = 0.5 * fs.pow(2).sum(-1)
+    out["scale"], out["cost_scaled"] = inv, cost  # (curve_fit's pcov)
     if inv is not None:  # back to the user's units (exact)
-        out["fun"] = out["fun"] / inv.unsqueeze(-1)
-        out["jac"] = out["jac"] / inv[:, None, None]
-    out["scale"] = inv  # (the result's cost and grad: computed scaled, then in user units)
+        grad, cost = grad / inv.square().unsqueeze(-1), cost / inv.square()
+        out["fun"] = fs / inv.unsqueeze(-1)
+        out["jac"] = js / inv[:, None, None]
+    out["grad"], out["cost"] = grad, cost
+    if transform is not None:  # fun: the residuals themselves (one more evaluation)
+        with torch.no_grad():
+            fw = fun_r(out["x"], torch.arange(xb.shape[0], device=xb.device))
+            out["fun"] = fw * sw if sw is not None else fw
     out["engine"] = "numba" if fast else "torch"  # the one that ran (curve_fit's pcov follows)
     return out
 

@@ -53,13 +53,7 @@ class OptimizeResult(dict):
 
 def _result(out: dict, batched: bool, method: str, box=None) -> OptimizeResult:
     """The OptimizeResult of the core's output ``out``; ``box``: the bounds (lb, ub) or None."""
-    f, jac = out["fun"], out["jac"]
-    inv = out.get("scale")  # the fit's power of two (f and J out of range), or None
-    fs, js = (f, jac) if inv is None else (f * inv.unsqueeze(-1), jac * inv[:, None, None])
-    grad = (fs.unsqueeze(-2) @ js).squeeze(-2)  # J^T f (a batched matmul: no (B, M, P) temporary)
-    cost = 0.5 * fs.pow(2).sum(-1)
-    if inv is not None:  # in the user's units (inf where out of range, never inf - inf = NaN)
-        grad, cost = grad / inv.square().unsqueeze(-1), cost / inv.square()
+    f, jac, grad, cost = out["fun"], out["jac"], out["grad"], out["cost"]
     status = out["status"]
     res = OptimizeResult(
         x=out["x"],
