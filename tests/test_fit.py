@@ -1535,7 +1535,25 @@ def test_robust_transform_squares_to_the_loss_and_its_factor_is_the_derivative(n
 
     c = 0.7
     transform, factor = robust(name, c)
-    f = torch.tensor([0.0, 1e-9, -1e-3, 0.004, 0.05, -0.3, 0.69, 0.7, 0.71, 3.0, -50.0], dtype=D)
+    f = torch.tensor(
+        [
+            0.0,
+            1e-9,
+            -1e-3,
+            0.004,
+            0.0069,
+            0.00699,
+            0.00701,
+            0.05,
+            -0.3,
+            0.69,
+            0.7,
+            0.71,
+            3.0,
+            -50.0,
+        ],
+        dtype=D,
+    )  # (0.00699 and 0.00701: either side of the series' edge a = 1e-4... and 1e-2 x C)
     want = c**2 * RHO[name]((f / c) ** 2)
     torch.testing.assert_close(transform(f) ** 2, want, rtol=1e-13, atol=0)
     x = f.clone().requires_grad_()
@@ -1545,6 +1563,15 @@ def test_robust_transform_squares_to_the_loss_and_its_factor_is_the_derivative(n
     huge = torch.tensor([1e100, -1e200, 1e300], dtype=D)
     assert bool(torch.isfinite(transform(huge)).all() and torch.isfinite(factor(huge)).all())
     assert bool((torch.sign(transform(huge)) == torch.sign(huge)).all())
+    edge = torch.tensor([0.99e-4, 1e-4, 1.01e-4], dtype=D) * c  # the series' edge
+    torch.testing.assert_close(
+        transform(edge) ** 2, c**2 * RHO[name]((edge / c) ** 2), rtol=1e-14, atol=0
+    )
+    f32 = torch.tensor([1e-3, 3.0, 1e20, -3e38], dtype=torch.float32)  # a^2 beyond float32
+    got = transform(f32)
+    assert bool(torch.isfinite(got).all() and torch.isfinite(factor(f32)).all())
+    want32 = (c**2 * RHO[name]((f32.double() / c) ** 2)).sqrt()
+    torch.testing.assert_close(got.double().abs(), want32, rtol=1e-5, atol=0)
 
 
 def _outliers(b: int = 1):
@@ -1634,9 +1661,13 @@ def test_a_bad_loss_is_refused_before_any_evaluation():
 
     with pytest.raises(ConfigurationError, match="unknown loss 'l1'"):
         least_squares(fun, [0.0, 0.0], loss="l1")
-    for bad in (0.0, -1.0, math.inf, "1"):
+    for bad in (0.0, -1.0, math.inf, "1", True):
         with pytest.raises(ConfigurationError, match="f_scale"):
             least_squares(fun, [0.0, 0.0], loss="soft_l1", f_scale=bad)
+    with pytest.raises(ConfigurationError, match="kwargs must be a dict"):
+        least_squares(fun, [0.0, 0.0], kwargs=[1])
+    ok = least_squares(lambda p: p - 1, [0.0, 0.0], loss="soft_l1", f_scale=torch.tensor(0.5))
+    assert ok.success
     with pytest.raises(ConfigurationError, match="unknown loss"):
         curve_fit(_decay, T, Y, [1.0, 1.0, 0.0], loss="l2")
     assert calls == []

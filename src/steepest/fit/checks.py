@@ -44,6 +44,10 @@ def _with_args(fun: Callable, args: tuple, kwargs: dict | None) -> Callable:
     """``fun(x, *args, **kwargs)`` as a function of x (scipy's ``args``: a non-tuple is one
     argument); fun itself when there are none."""
     args = args if isinstance(args, tuple) else (args,)
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigurationError(
+            f"kwargs must be a dict of keyword arguments of fun, got {type(kwargs).__name__}."
+        )
     if not args and not kwargs:
         return fun
     kw = dict(kwargs or {})

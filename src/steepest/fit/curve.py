@@ -93,7 +93,7 @@ def _as_sigma(sigma, x0: Tensor, y: Tensor) -> tuple[Tensor | None, bool]:
         if not bool((s > 0).all()):
             raise NonFiniteError("sigma (standard deviations) must be > 0.")
         return s, False
-    if not torch.allclose(s, s.mT, rtol=1e-12, atol=0):
+    if not torch.allclose(s, s.mT, rtol=1e-12, atol=1e-14 * float(s.abs().max())):
         raise ConfigurationError(
             "sigma, a covariance matrix, must be symmetric (pass (S + S^T) / 2 if it is up to "
             "rounding)."
@@ -246,7 +246,7 @@ def curve_fit(
     :math:`\mathrm{pcov} = V S^{-2} V^T`, times :math:`s^2 = \sum_i r_i^2 / (N - P)` unless
     ``absolute_sigma`` (inf when N <= P, and for a fit whose Jacobian at popt is not finite,
     status -1). (scipy's ``lm`` takes it from the QR of its last Jacobian, evaluated one step
-    before popt: the two may differ by ~1e-5 relative.)
+    before popt: the two may differ by 1e-5 to 1e-4 relative.)
 
     A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
     (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N); f is
@@ -292,7 +292,8 @@ def curve_fit(
         method="trf"): ``"soft_l1"``, ``"huber"``, ``"cauchy"``, ``"arctan"`` or ``"linear"``
         (default), scale C = f_scale (:func:`least_squares`); pcov is then scipy's formula with
         the robust cost and the Jacobian :math:`\hat J` of the transformed residuals
-        (scipy's Jacobian is Triggs' correction: the two pcov differ).
+        (scipy's Jacobian is Triggs' correction: the two pcov differ). The factor of
+        :math:`\hat J` costs one more evaluation of f a Jacobian (pointwise or given jac).
     engine : ``"auto"`` (default), ``"torch"`` or ``"numba"``: who runs the algebra between
         the evaluations, as in :func:`least_squares` (numba, where installed, for float64 on
         the CPU without bounds; "auto" takes it for batches of at least 256 curves).

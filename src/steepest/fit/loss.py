@@ -16,7 +16,10 @@ stopping rules and bounds, on F. Its Gauss-Newton matrix :math:`\hat J^T \hat J 
 J^T \mathrm{diag}(\rho'^2 / h) J` is positive semidefinite for every loss; scipy's ``trf``
 (Triggs et al.'s correction) takes :math:`J^T \mathrm{diag}(\rho' + 2\rho'' z) J`, clipped at
 :math:`\epsilon` where outliers make it negative. Both minimise the same F: the minima agree,
-the paths and ``jac`` of the result (each method's :math:`\hat J`) differ.
+the paths and ``jac`` of the result (each method's :math:`\hat J`) differ. Undamped
+Gauss-Newton can stall on a robust F (``benchmarks/fit.md``): the trust region is the default.
+Under autograd the rows of :math:`\hat J` of residuals far out on a bounded loss (arctan from
+|f|/C ~ 1e6) lose relative accuracy to cancellation; their size is ~1e-19 and less.
 
 >>> res = steepest.least_squares(fun, x0, loss="soft_l1", f_scale=0.1)
 """
@@ -41,16 +44,19 @@ def _sqrt_h(name: str, a: Tensor) -> Tensor:
     if name == "soft_l1":  # 2 / (sqrt(1 + a^2) + 1) (rsqrt: its derivative has no overflowing
         # square of the denominator)
         return math.sqrt(2) * torch.rsqrt(torch.hypot(torch.ones_like(a), a) + 1)
-    if name == "huber":  # 1, then sqrt(2a - 1) / a
+    if name == "huber":  # 1, then sqrt(2a - 1) / a (2a would overflow near the dtype's max)
         big = a > 1
         s = torch.where(big, a, 2.0)
-        return torch.where(big, torch.sqrt(2 * s - 1) / s, 1.0)
-    small = a < 1e-2
+        return torch.where(big, math.sqrt(2) * torch.sqrt(s - 0.5) / s, 1.0)
+    # the series below 1e-4: z = a^2 <= 1e-8, the first term left out ~z^3 (1e-24)
+    small = a < 1e-4
     s = torch.where(small, 1.0, a)
     t = torch.where(small, a, 0.0)
     z = t * t  # the series' z = a^2, where it is used
-    if name == "cauchy":  # log1p(a^2) / a^2: 1 - z/2 + z^2/3 - ...; 2 log(a) / a^2 for huge a
-        huge = s > 1e100
+    if name == "cauchy":  # log1p(a^2) / a^2: 1 - z/2 + z^2/3 - ...; 2 log(a) / a^2 where a^2
+        # would overflow (from the dtype's max^(1/4): float64 ~1e77, float32 ~4e9; the term
+        # left out, log1p(1/a^2) / a^2, is below 1e-19 of it there)
+        huge = s > torch.finfo(a.dtype).max ** 0.25
         m = torch.where(huge, 1.0, s)
         far = torch.sqrt(2 * torch.log(torch.where(huge, s, 2.0))) / torch.where(huge, s, 1.0)
         mid = torch.sqrt(torch.log1p(m * m)) / m
@@ -60,7 +66,9 @@ def _sqrt_h(name: str, a: Tensor) -> Tensor:
 
 
 def _drho(name: str, a: Tensor) -> Tensor:
-    r""":math:`\rho'(a^2)` (no overflowing square where it matters)."""
+    r""":math:`\rho'(a^2)` (cauchy's and arctan's underflow to 0 for a beyond ~1e154 and
+    ~1e77 in float64, where they are below 1e-154: such an outlier's row of :math:`\hat J` is
+    0, its true size ~1e-157 or less)."""
     if name == "soft_l1":
         return 1 / torch.hypot(torch.ones_like(a), a)
     if name == "huber":
@@ -77,17 +85,28 @@ def robust(loss: str, f_scale: float) -> tuple[Callable, Callable] | None:
     f_scale that is not a finite number > 0."""
     if loss not in LOSSES:
         raise ConfigurationError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}.")
-    if not (isinstance(f_scale, int | float) and math.isfinite(f_scale) and f_scale > 0):
+    if isinstance(f_scale, torch.Tensor) and f_scale.numel() == 1:
+        f_scale = float(f_scale)
+    if not (
+        isinstance(f_scale, int | float)
+        and not isinstance(f_scale, bool)
+        and math.isfinite(f_scale)
+        and f_scale > 0
+    ):
         raise ConfigurationError(f"f_scale must be a finite number > 0, got {f_scale!r}.")
     if loss == "linear":
         return None
     c = float(f_scale)
 
+    def wide(f: Tensor) -> Tensor:  # below float64, in float64 (|f| / C may overflow there)
+        return f.double() if f.dtype in (torch.float32, torch.float16, torch.bfloat16) else f
+
     def transform(f: Tensor) -> Tensor:
-        return f * _sqrt_h(loss, f.abs() / c)
+        w = wide(f)
+        return (w * _sqrt_h(loss, w.abs() / c)).to(f.dtype)
 
     def factor(f: Tensor) -> Tensor:
-        a = f.abs() / c
-        return _drho(loss, a) / _sqrt_h(loss, a)
+        a = wide(f).abs() / c
+        return (_drho(loss, a) / _sqrt_h(loss, a)).to(f.dtype)
 
     return transform, factor

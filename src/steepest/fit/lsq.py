@@ -104,7 +104,8 @@ def least_squares(
         last fits of a batch and on a single fit (its first use in a process loads it, ~1 s).
     loss, f_scale : scipy's robust losses, :math:`F = \tfrac12 \sum_i C^2 \rho(f_i^2/C^2)` with
         C = f_scale: ``"linear"`` (default), ``"soft_l1"``, ``"huber"``, ``"cauchy"``,
-        ``"arctan"``; any method, engine and bounds (scipy: trf and dogbox only). The fit runs
+        ``"arctan"``; any method, engine and bounds (scipy: trf and dogbox only; undamped
+        Gauss-Newton can stall on a robust F, the trust region suits it). The fit runs
         on residuals :math:`\hat f` with :math:`\tfrac12\|\hat f\|^2 = F`
         (:mod:`steepest.fit.loss`); the result's ``cost`` and ``grad`` are F's, ``fun`` the
         residuals f, ``jac`` :math:`\hat J` (as scipy's, a Jacobian whose :math:`J^TJ` is the

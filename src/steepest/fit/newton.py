@@ -157,7 +157,8 @@ def minimize(
     decrease above the rounding level of F, :math:`10\epsilon|F|` (status 2: x is as good as
     the precision allows, though the gradient is above gtol), or on a linear-algebra failure
     (status 3). gtol is absolute, as scipy's (scale it with F); every other rule is invariant
-    to the scale of F, and where :math:`|F(x_0)|` lies outside :math:`[2^{-128}, 2^{128}]` the
+    to the scale of F, and where :math:`|F(x_0)|` lies outside :math:`[2^{-129}, 2^{128})`
+    (float32: :math:`[2^{-17}, 2^{16})`) the
     method runs on F times a power of two (exact), so that F of 1e160 or 1e-160 takes the
     steps of F (the squares of the gradient overflowed from ~1e154; ``"trust-ncg"``'s CG
     tolerance, scipy's :math:`\min(1/2, \sqrt{\|g\|})\|g\|`, is not scale-free: the same
