@@ -902,7 +902,7 @@ def test_single_curve_takes_the_pointwise_jacobian_only_when_pointwise():
         spread = seen.count((1, 30))
         assert spread >= (res.njev if formula is pointwise else 1), (formula, seen)
         if formula is coupled:
-            assert spread == 2  # the probe only: the true u^T J and the pointwise route's
+            assert spread == 1  # the probe's pointwise route only (its true u^T J: vmapped)
         ref = jacobian(lambda q, f=formula: f(T, *q) - Y, popt)
         torch.testing.assert_close(res.jac, ref, rtol=1e-10, atol=1e-12)
         ref_p = sopt.curve_fit(
@@ -1700,3 +1700,25 @@ def test_a_robust_loss_with_bounds_reaches_scipy_trf_s_bounded_minimum():
     torch.testing.assert_close(res.x, torch.from_numpy(ref.x), rtol=1e-7, atol=1e-8)
     assert res.cost == pytest.approx(ref.cost, rel=1e-10)
     assert res.active_mask.tolist() == ref.active_mask.tolist() == [0, 0, -1]
+
+
+def test_a_single_curve_whose_formula_cumsums_over_axis_0_is_not_taken_as_pointwise():
+    """f = cumsum(a x, 0) + b couples the points of one curve; in the pointwise route's layout
+    (parameters (n, N)) axis 0 is the curves, so the route and a probe written in the same
+    layout both missed the coupling, and one curve was fitted with the wrong Jacobian (popt
+    7e-4 off, status 3). The probe now takes the true u^T J from the vmapped one-curve
+    residual: curve_fit equals least_squares on the same residual, single and batched."""
+
+    def f(x, a, b):
+        return torch.cumsum(a * x, 0) + b
+
+    x = torch.linspace(0.1, 1, 20, dtype=D)
+    y = f(x, torch.tensor(2.0, dtype=D), torch.tensor(0.5, dtype=D))
+    y = y + 0.01 * torch.randn(20, generator=seeded(0), dtype=D)
+    ref = least_squares(
+        lambda p: f(x, p[0], p[1]) - y, [1.0, 0.0], ftol=1.49012e-8, xtol=1.49012e-8
+    )
+    popt, _ = curve_fit(f, x, y, [1.0, 0.0])
+    torch.testing.assert_close(popt, ref.x, rtol=1e-9, atol=1e-10)
+    batch, _ = curve_fit(f, x, y.repeat(3, 1), torch.tensor([[1.0, 0.0]] * 3, dtype=D))
+    torch.testing.assert_close(batch, ref.x.expand(3, 2), rtol=1e-9, atol=1e-10)

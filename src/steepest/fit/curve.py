@@ -141,8 +141,8 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> boo
     """Whether :func:`_pointwise_jac` gives the Jacobian of ``resid`` (residual i of a curve
     depends on the parameters only through their copy at point i): checked near x0 on up to 4
     curves, along a random combination u of the residuals: :math:`u^T J` of the pointwise
-    route against the true :math:`u^T J`, one backward pass of :math:`u^T r` through the
-    parameters shared by all points (a coupling makes the two differ for almost every u). A
+    route against the true :math:`u^T J`, one backward pass of :math:`u^T r` of the vmapped
+    one-curve residual ``vres`` (a coupling makes the two differ for almost every u). A
     formula that couples the points (a normalisation over x, a cumulative sum) fails it and
     keeps ``torch.func``."""
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -153,7 +153,11 @@ def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> boo
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             leaf = probe.detach().clone().requires_grad_()
-            out = resid(leaf.unsqueeze(1).expand(-1, m, -1), *args)
+            # the true u^T J: the vmapped one-curve residual, 0-d parameters (the broadcast
+            # layout (n, M) would let an axis-0 operation, cumsum(a * x, 0), mix the curves
+            # instead of the points, the same way in both routes: a single curve was fitted
+            # with the wrong Jacobian, "successful")
+            out = vres(leaf, *args)
             if out.shape != u.shape:
                 return False
             (ref,) = torch.autograd.grad(out, leaf, u, allow_unused=True, materialize_grads=True)
