@@ -371,6 +371,11 @@ def test_curve_fit_refuses_an_f_of_the_wrong_shape():
 
     with pytest.raises(ConfigurationError, match="unknown method"):
         curve_fit(counted, T, y, [1.0, 1.0, 0.0], method="bogus")
+    for trf in ("trf", "dogbox"):  # a scipy user's port: pointed at bounds= and loss=
+        with pytest.raises(ConfigurationError, match="bounds= and loss= work with every method"):
+            curve_fit(counted, T, y, [1.0, 1.0, 0.0], method=trf, loss="soft_l1")
+        with pytest.raises(ConfigurationError, match="bounds= and loss= work with every method"):
+            least_squares(lambda p: counted(T, *p) - y, [1.0, 1.0, 0.0], method=trf)
     assert not calls
 
 

@@ -342,7 +342,16 @@ def curve_fit(
         return _weigh(f(xx, *pp.unbind(-1)) - yy, ss, cov)
 
     if method not in ALIASES:
-        raise ConfigurationError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+        hint = (
+            " (scipy's trf/dogbox are its methods for bounds and losses; here bounds= and loss= "
+            "work with every method)"
+            if method in ("trf", "dogbox")
+            else ""
+        )
+        raise ConfigurationError(
+            f"unknown method {method!r}{hint}; choose from {', '.join(METHODS)} ('lm' is an "
+            f"alias of 'trust-region')."
+        )
     if jac is not None and not callable(jac):
         raise ConfigurationError(
             f"jac must be a callable jac(xdata, *params) -> (N, P) in torch, or None for "

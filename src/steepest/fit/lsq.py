@@ -145,7 +145,8 @@ def least_squares(
     """
     if method not in ALIASES:
         hint = (
-            " (scipy's trf/dogbox are its bounded methods; here pass bounds=(lb, ub) to any method)"
+            " (scipy's trf/dogbox are its methods for bounds and losses; here bounds= and loss= "
+            "work with every method)"
             if method in ("trf", "dogbox")
             else ""
         )
