@@ -120,13 +120,14 @@ def _weigh(r: Tensor, ss: Tensor | None, cov: bool, columns: bool = False) -> Te
     return out if columns else out.squeeze(-1)
 
 
-def _pointwise_jac(resid, pp: Tensor, args: tuple) -> Tensor:
+def _pointwise_jac(resid, pp: Tensor, args: tuple, with_f: bool = False):
     r"""J (n, N, P) of a pointwise formula: the parameters spread to one copy per point,
     :math:`p_{bij} = p_{bj}` (a leaf of shape (P, n, N)), and one backward pass of
     :math:`\sum_{bi} r_{bi}` gives :math:`\partial r_{bi} / \partial p_{bij} = J_{bij}`
     (torch 2.13, CPU, 13 curves of 50 points: 0.25 ms against 0.9 ms for M vmapped vjps; 10,000
     curves: 21 ms against 32 ms for P vmapped jvps; dual tensors take a slow decomposition path
-    there, about 0.7 ms an operation)."""
+    there, about 0.7 ms an operation). ``with_f``: (J, r), the residuals of the same forward
+    pass too (a robust loss' factor of :math:`\hat J` needs them)."""
     n, p = pp.shape
     leaf = pp.mT.unsqueeze(-1).expand(p, n, args[1].shape[-1]).clone().requires_grad_()
     with torch.enable_grad():
@@ -134,7 +135,8 @@ def _pointwise_jac(resid, pp: Tensor, args: tuple) -> Tensor:
         (jac,) = torch.autograd.grad(
             r, leaf, torch.ones_like(r), allow_unused=True, materialize_grads=True
         )
-    return jac.permute(1, 2, 0)
+    jac = jac.permute(1, 2, 0)
+    return (jac, r.detach()) if with_f else jac
 
 
 def _is_pointwise(resid, vres, x0: Tensor, args: tuple, m: int, box=None) -> bool:
@@ -297,7 +299,8 @@ def curve_fit(
         (default), scale C = f_scale (:func:`least_squares`); pcov is then scipy's formula with
         the robust cost and the Jacobian :math:`\hat J` of the transformed residuals
         (scipy's Jacobian is Triggs' correction: the two pcov differ). The factor of
-        :math:`\hat J` costs one more evaluation of f a Jacobian (pointwise or given jac).
+        :math:`\hat J` costs one more evaluation of f a Jacobian with a given jac (the
+        pointwise route has f from its own forward pass).
     engine : ``"auto"`` (default), ``"torch"`` or ``"numba"``: who runs the algebra between
         the evaluations, as in :func:`least_squares` (numba, where installed, for float64 on
         the CPU without bounds; "auto" takes it for batches of at least 256 curves).
@@ -434,7 +437,7 @@ def curve_fit(
     if pointwise:
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
-            return _pointwise_jac(resid, pp, args(rows))
+            return _pointwise_jac(resid, pp, args(rows), with_f=rob is not None)
 
     elif jac is not None:
         jac_r = _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box)

@@ -350,7 +350,8 @@ def _run(
     else:
 
         def jac_w(xs: Tensor, rows: Tensor) -> Tensor:
-            jj = jac_r(xs, rows)
+            jj = jac_r(xs, rows)  # or (J, f): a route that has f at xs anyway
+            jj, fw = jj if isinstance(jj, tuple) else (jj, None)
             if jj.shape != (xs.shape[0], m, p):
                 got = tuple(jj.shape if batched else jj.shape[1:])
                 raise ShapeError(
@@ -360,11 +361,12 @@ def _run(
                 )
             _same_kind(jj, xs, "jac", "the Jacobian")
             jj = jj * sw[rows].unsqueeze(-1) if sw is not None else jj
-            if factor_l is not None:  # J-hat = diag(rho' / sqrt(h)) J, at f (one more
-                # evaluation of fun, not counted: the core keeps f-hat only)
-                with torch.no_grad():
-                    fw = fun_r(xs, rows)
-                    fw = fw * sw[rows] if sw is not None else fw
+            if factor_l is not None:  # J-hat = diag(rho' / sqrt(h)) J, at f (unless the
+                # route gave it, one more evaluation of fun, not counted: the core keeps f-hat)
+                if fw is None:
+                    with torch.no_grad():
+                        fw = fun_r(xs, rows)
+                fw = fw * sw[rows] if sw is not None else fw
                 jj = factor_l(fw).unsqueeze(-1) * jj
             return jj * inv[rows][:, None, None] if inv is not None else jj
 
