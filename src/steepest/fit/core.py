@@ -44,6 +44,12 @@ def _jacobian(fun_b: Callable[[Tensor], Tensor], x: Tensor, m: int, mode: str) -
         ) from e
 
 
+def _range_exponent(dtype: torch.dtype) -> int:
+    """T of :func:`_range_scales`: 1/8 of the dtype's largest binary exponent (float64 128,
+    float32 16)."""
+    return math.frexp(torch.finfo(dtype).max)[1] // 8
+
+
 def _range_scales(big: Tensor) -> Tensor:
     r"""Per entry of ``big`` (>= 0): :math:`2^{-e}`, where :math:`2^{e-1} \le` big
     :math:`< 2^e`, for the entries outside :math:`[2^{-T-1}, 2^T)` (e outside [-T, T]), T = 1/8
@@ -54,10 +60,10 @@ def _range_scales(big: Tensor) -> Tensor:
     of squares neither overflows (beyond about 1e154 in float64) nor underflows; in range the
     numbers are left as they are."""
     _, e = torch.frexp(big)
-    top = math.frexp(torch.finfo(big.dtype).max)[1]  # float64: 1024
-    out = (e > top // 8) | (e < -(top // 8))
-    # (a subnormal entry: 2^(top - 1) at most, the largest power of two there is)
-    return torch.where(out, torch.ldexp(torch.ones_like(big), (-e).clamp(max=top - 1)), 1.0)
+    t = _range_exponent(big.dtype)
+    out = (e > t) | (e < -t)
+    # (a subnormal entry: 2^(8T - 1) at most, the largest power of two there is)
+    return torch.where(out, torch.ldexp(torch.ones_like(big), (-e).clamp(max=8 * t - 1)), 1.0)
 
 
 def _colnorms(a: Tensor) -> Tensor:
@@ -69,7 +75,7 @@ def _colnorms(a: Tensor) -> Tensor:
     host synchronisation; the scaled route costs ~15 small operations, ~0.1 ms a stage of the
     torch core on one fit.)"""
     n = torch.linalg.vector_norm(a, dim=1)
-    t = 2.0 ** (math.frexp(torch.finfo(a.dtype).max)[1] // 8)
+    t = 2.0 ** _range_exponent(a.dtype)
     fine = n.clamp(1 / t, t) == n
     if bool(fine.all()):
         return n

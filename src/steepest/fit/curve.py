@@ -22,7 +22,7 @@ from .bounds import _as_bounds, _box_rows, _project
 from .checks import _as_x0, _evaluate
 from .core import _range_scales, _svd_values
 from .loss import robust
-from .lsq import ALIASES, METHODS, _check_engine, _run, _scales
+from .lsq import _check_engine, _check_method, _run
 from .result import _result
 
 #: the rows of a batch, spread evenly over it, on which the routes of f and jac are compared
@@ -344,17 +344,7 @@ def curve_fit(
     def resid(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
         return _weigh(f(xx, *pp.unbind(-1)) - yy, ss, cov)
 
-    if method not in ALIASES:
-        hint = (
-            " (scipy's trf/dogbox are its methods for bounds and losses; here bounds= and loss= "
-            "work with every method)"
-            if method in ("trf", "dogbox")
-            else ""
-        )
-        raise ConfigurationError(
-            f"unknown method {method!r}{hint}; choose from {', '.join(METHODS)} ('lm' is an "
-            f"alias of 'trust-region')."
-        )
+    method = _check_method(method)
     if jac is not None and not callable(jac):
         raise ConfigurationError(
             f"jac must be a callable jac(xdata, *params) -> (N, P) in torch, or None for "
@@ -450,7 +440,7 @@ def curve_fit(
             jac_route,
             xb,
             batched,
-            ALIASES[method],
+            method,
             ftol,
             xtol,
             gtol,
@@ -471,19 +461,14 @@ def curve_fit(
             resid, vres, out["x"][done], args(done), n, _box_rows(box, done)
         ):
             out = fit(None)  # f couples the points away from p0: torch.func's Jacobian
-    res = _result(out, batched, ALIASES[method], box)
+    res = _result(out, batched, method, box)
     jac = res.jac if batched else res.jac.unsqueeze(0)
     cost = torch.as_tensor(res.cost, dtype=x0.dtype, device=x0.device).reshape(-1)
-    # f and J out of range: both times one power of two (pcov unchanged; cost and S^2 in user
-    # units may overflow or underflow): the fit's (a robust loss: its f-hat), else from f at popt
-    tau = None if absolute_sigma else out["scale"] if loss != "linear" else _scales(out["fun"])
+    # f and J out of range: both times the power of two the fit's result was formed at (pcov
+    # unchanged; cost and S^2 in user units may overflow or underflow)
+    tau = None if absolute_sigma else out["scale"]
     if tau is not None:
-        jac = jac * tau[:, None, None]
-        cost = (
-            out["cost_scaled"]
-            if loss != "linear"
-            else 0.5 * (out["fun"] * tau.unsqueeze(-1)).pow(2).sum(-1)
-        )
+        jac, cost = jac * tau[:, None, None], out["cost_scaled"]
     if out["engine"] == "numba":  # J not finite (status -1): pcov = inf
         sv, vh, finite = compiled.svd_values(jac)
     else:

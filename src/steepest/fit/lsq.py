@@ -143,18 +143,7 @@ def least_squares(
     >>> res = least_squares(lambda p: p[0] * torch.exp(-p[1] * t) + p[2] - y, [1.0, 1.0, 0.0])
     >>> res.x, res.success, res.nfev
     """
-    if method not in ALIASES:
-        hint = (
-            " (scipy's trf/dogbox are its methods for bounds and losses; here bounds= and loss= "
-            "work with every method)"
-            if method in ("trf", "dogbox")
-            else ""
-        )
-        raise ConfigurationError(
-            f"unknown method {method!r}{hint}; choose from "
-            f"{', '.join(METHODS)} ('lm' is an alias of 'trust-region')."
-        )
-    method = ALIASES[method]
+    method = _check_method(method)
     _check_engine(engine)
     check_tolerances(ftol=ftol, xtol=xtol, gtol=gtol)
     rob = robust(loss, f_scale)
@@ -236,6 +225,23 @@ def least_squares(
 
 
 ENGINES = ("auto", "torch", "numba")
+
+
+def _check_method(method: str) -> str:
+    """The method's own name (``ALIASES``), or a ConfigurationError naming the choices (and,
+    for scipy's trf or dogbox, where its bounds and losses went)."""
+    if method not in ALIASES:
+        hint = (
+            " (scipy's trf/dogbox are its methods for bounds and losses; here bounds= and loss= "
+            "work with every method)"
+            if method in ("trf", "dogbox")
+            else ""
+        )
+        raise ConfigurationError(
+            f"unknown method {method!r}{hint}; choose from "
+            f"{', '.join(METHODS)} ('lm' is an alias of 'trust-region')."
+        )
+    return ALIASES[method]
 
 
 def _check_engine(engine: str) -> None:
@@ -384,11 +390,16 @@ def _run(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
         )
     # cost and grad of F from the core's (scaled) f and J, then all in the user's units (inf
-    # where out of range, never inf - inf = NaN)
+    # where out of range, never inf - inf = NaN); f may also have left the range during the
+    # fit (a zero-residual one): then one more power of two
     fs, js = out["fun"], out["jac"]
+    tau = _scales(fs)
+    if tau is not None:
+        fs, js = fs * tau.unsqueeze(-1), js * tau[:, None, None]
+        inv = tau if inv is None else inv * tau
     grad = (fs.unsqueeze(-2) @ js).squeeze(-2)  # J^T f (a batched matmul: no (B, M, P) temporary)
     cost = 0.5 * fs.pow(2).sum(-1)
-    out["scale"], out["cost_scaled"] = inv, cost  # (curve_fit's pcov)
+    out["scale"], out["cost_scaled"] = inv, cost  # (curve_fit's pcov: J and f scaled alike)
     if inv is not None:  # back to the user's units (exact)
         grad, cost = grad / inv.square().unsqueeze(-1), cost / inv.square()
         out["fun"] = fs / inv.unsqueeze(-1)
