@@ -1579,6 +1579,22 @@ def test_robust_transform_squares_to_the_loss_and_its_factor_is_the_derivative(n
     torch.testing.assert_close(got.double().abs(), want32, rtol=1e-5, atol=0)
 
 
+def _scipy_trf(fun, x0, **kw):
+    """scipy's least_squares(method="trf") on a torch residual, with its torch Jacobian,
+    f_scale 0.1 and tight tolerances (1e-14)."""
+    return sopt.least_squares(
+        lambda p: fun(torch.from_numpy(p)).numpy(),
+        x0,
+        jac=lambda p: torch.func.jacrev(fun)(torch.from_numpy(p)).numpy(),
+        method="trf",
+        f_scale=0.1,
+        ftol=1e-14,
+        xtol=1e-14,
+        gtol=1e-14,
+        **kw,
+    )
+
+
 def _outliers(b: int = 1):
     g = seeded(11)
     t = torch.linspace(0, 4, 60, dtype=D)
@@ -1605,17 +1621,7 @@ def test_robust_losses_reach_scipy_trf_s_minimum(loss, method):
     def cost(p):
         return 0.5 * (0.1**2 * RHO[loss]((fun(p) / 0.1) ** 2)).sum()
 
-    ref = sopt.least_squares(
-        lambda p: fun(torch.from_numpy(p)).numpy(),
-        [1.0, 1.0, 0.0],
-        jac=lambda p: torch.func.jacrev(fun)(torch.from_numpy(p)).numpy(),
-        loss=loss,
-        f_scale=0.1,
-        method="trf",
-        ftol=1e-14,
-        xtol=1e-14,
-        gtol=1e-14,
-    )
+    ref = _scipy_trf(fun, [1.0, 1.0, 0.0], loss=loss)
     res = least_squares(fun, [1.0, 1.0, 0.0], method=method, loss=loss, f_scale=0.1)
     if method == "gauss-newton" and loss == "huber":
         assert not res.success and res.status == 0
@@ -1688,18 +1694,7 @@ def test_a_robust_loss_with_bounds_reaches_scipy_trf_s_bounded_minimum():
         return p[0] * torch.exp(-p[1] * t) + p[2] - y
 
     lb, ub = [0.0, 0.0, 0.55], [10.0, 10.0, 10.0]
-    ref = sopt.least_squares(
-        lambda p: fun(torch.from_numpy(p)).numpy(),
-        [1.0, 1.0, 0.6],
-        jac=lambda p: torch.func.jacrev(fun)(torch.from_numpy(p)).numpy(),
-        loss="soft_l1",
-        f_scale=0.1,
-        bounds=(lb, ub),
-        method="trf",
-        ftol=1e-14,
-        xtol=1e-14,
-        gtol=1e-14,
-    )
+    ref = _scipy_trf(fun, [1.0, 1.0, 0.6], loss="soft_l1", bounds=(lb, ub))
     res = least_squares(fun, [1.0, 1.0, 0.6], loss="soft_l1", f_scale=0.1, bounds=(lb, ub))
     assert res.success
     torch.testing.assert_close(res.x, torch.from_numpy(ref.x), rtol=1e-7, atol=1e-8)
