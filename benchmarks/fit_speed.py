@@ -276,7 +276,10 @@ def bench_floor(
     from steepest.fit.curve import _pointwise_jac
 
     def resid(pp, xx, yy, ss):
-        return decay(xx, *pp.unbind(-1)) - yy
+        return resid_cols(pp.unbind(-1), xx, yy, ss)
+
+    def resid_cols(cols, xx, yy, ss):
+        return decay(xx, *cols) - yy
 
     x = res.x
     sets, last = [], None
@@ -296,7 +299,7 @@ def bench_floor(
                 if analytic:
                     j = decay_jac(t, *xj.unsqueeze(-2).unbind(-1))
                 else:
-                    j = _pointwise_jac(resid, xj, (t, yj, None))
+                    j = _pointwise_jac(resid_cols, xj, (t, yj, None))
                 if qr:
                     torch.linalg.qr(torch.cat([j, yj[..., None]], -1), mode="r")  # f: any column
         return f

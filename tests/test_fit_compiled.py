@@ -773,3 +773,142 @@ def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
     r_ref = torch.linalg.qr(j[0], mode="r")[1]
     diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
     torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)
+
+
+# ------------------------------------------------------------------------ a batch in parts
+def _rowwise(n: int, seed: int, columns: bool = False):
+    """n noisy decay curves as fun_r(x, rows) and jac_r(x, rows) of the rows asked for (the
+    driver's interface), with x0 and f0; ``columns``: jac_r returns J as a (n, M, P) view of
+    a contiguous (P, n, M) tensor, the layout of curve_fit's pointwise route. Some curves are
+    lines (b = 0 in the data), fits that run off and stop at max_nfev, others stop on ftol
+    after an accepted step (their J at the last x is evaluated when they stop)."""
+    g = seeded(seed)
+    a = 1 + torch.rand(n, 1, generator=g, dtype=D)
+    b = (0.3 + 2 * torch.rand(n, 1, generator=g, dtype=D)) * (torch.arange(n) % 17 != 3)[:, None]
+    c = torch.randn(n, 1, generator=g, dtype=D)
+    y = a * torch.exp(-b * T) + c + 0.02 * torch.randn(n, 50, generator=g, dtype=D)
+    x0 = torch.cat([a, b + 0.5, c], 1) * (0.7 + 0.6 * torch.rand(n, 3, generator=g, dtype=D))
+
+    def fun_r(x, rows):
+        return x[:, :1] * torch.exp(-x[:, 1:2] * T) + x[:, 2:3] - y[rows]
+
+    def jac_r(x, rows):
+        e = torch.exp(-x[:, 1:2] * T)
+        j = torch.stack([e, -x[:, :1] * T * e, torch.ones_like(e)])
+        return j.permute(1, 2, 0) if columns else j.permute(1, 2, 0).contiguous()
+
+    return fun_r, jac_r, x0, fun_r(x0, torch.arange(n))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_batch_in_parts_is_bitwise_the_batch_in_one_part(method):
+    """The driver evaluates fun and jac on parts of at most ``chunk`` rows, each part's kernel
+    stage after its evaluation: per fit the same arithmetic, so x, fun, jac, nfev, njev, nit
+    and status are bitwise those of one part, with fits that stop at max_nfev, on ftol after
+    an accepted step, and in between (parts of 7 rows: the last one short; parts of 256 on
+    two threads: each part's stages on numba's threads)."""
+    fun_r, jac_r, x0, f0 = _rowwise(301, seed=31)
+    sizes: list = []
+
+    def counted(fn):
+        def inner(x, rows):
+            assert x.shape[0] == rows.numel()
+            sizes.append(rows.numel())
+            return fn(x, rows)
+
+        return inner
+
+    args = (method, 1e-10, 1e-10, 0.0, 60, 100.0)
+    whole = compiled._least_squares_compiled(fun_r, x0, f0, jac_r, *args)
+    assert set(whole["status"].tolist()) >= {0, 2}  # at max_nfev, and on ftol
+    assert bool((whole["nfev"] < 60).any())
+    for chunk, threads in ((7, 1), (256, 2)):
+        sizes.clear()
+        with numba_threads(threads):
+            parts = compiled._least_squares_compiled(
+                counted(fun_r), x0, f0, counted(jac_r), *args, chunk
+            )
+        assert max(sizes) == chunk and min(sizes) < chunk
+        for key in ("x", "fun", "jac", "nfev", "njev", "nit", "status"):
+            assert torch.equal(whole[key], parts[key]), (key, chunk)
+
+
+def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit():
+    """jac_r's J as a view of a contiguous (P, n, M) tensor (curve_fit's pointwise route)
+    reaches the kernel as that tensor (``cols`` True: no copy to (n, M, P)), and the fit,
+    the stored J included, is bitwise that of the same J contiguous in (n, M, P)."""
+    fun_r, jac_cols, x0, f0 = _rowwise(40, seed=32, columns=True)
+    jac_rows = _rowwise(40, seed=32)[1]
+    seen: list = []
+    inner = compiled._call
+
+    def spy(name, n, *args):
+        if name == "_jac_stage":
+            seen.append((args[1], args[0].shape))
+        inner(name, n, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled, "_call", spy)
+        cols = compiled._least_squares_compiled(
+            fun_r, x0, f0, jac_cols, "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0
+        )
+    assert seen and all(c and shape[0] == 3 for c, shape in seen)
+    seen.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiled, "_call", spy)
+        rows = compiled._least_squares_compiled(
+            fun_r, x0, f0, jac_rows, "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0
+        )
+    assert seen and not any(c for c, _ in seen)
+    for key in ("x", "fun", "jac", "nfev", "njev", "nit", "status"):
+        assert torch.equal(cols[key], rows[key]), key
+
+
+def test_curve_fit_evaluates_a_large_batch_in_parts_and_least_squares_whole_batch_fun_not(
+    monkeypatch,
+):
+    """With parts of 256 fits (PART_ELEMENTS made small), curve_fit's f sees at most 256
+    curves a call (its routes evaluate each curve on its own), with popt and pcov bitwise
+    those of one part; and its autograd Jacobian reaches the kernel in columns. A
+    least_squares fun that takes the whole batch is never called in parts (each call would
+    cost the whole batch): it sees all 600 rows every time."""
+    n = 600
+    g = seeded(33)
+    a, b = 1 + torch.rand(n, 1, generator=g, dtype=D), 0.5 + torch.rand(n, 1, generator=g, dtype=D)
+    y = a * torch.exp(-b * T) + 0.01 * torch.randn(n, 50, generator=g, dtype=D)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]], dtype=D).expand(n, 3)
+    seen: list = []
+
+    def f(x, a, b, c):
+        seen.append(a.shape[0] if a.ndim else 1)  # (rows, 1) or (rows, N); 0-d inside vmap
+        return a * torch.exp(-b * x) + c
+
+    one = curve_fit(f, T, y, p0, engine="numba")
+    assert max(seen) == n
+    monkeypatch.setattr(compiled, "PART_ELEMENTS", 1)
+    assert compiled.part_rows(50, 3) == compiled.PARALLEL_MIN == 256
+    seen.clear()
+    layouts: list = []
+    inner = compiled._call
+
+    def spy(name, k, *args):
+        if name == "_jac_stage":
+            layouts.append(args[1])
+        inner(name, k, *args)
+
+    monkeypatch.setattr(compiled, "_call", spy)
+    parts = curve_fit(f, T, y, p0, engine="numba")
+    calls_in_fit = [s for s in seen if s != n]  # the route probes call f on the whole batch
+    assert calls_in_fit and max(calls_in_fit) <= 256
+    assert layouts and all(layouts)  # the pointwise route's J: in columns, uncopied
+    assert torch.equal(one[0], parts[0]) and torch.equal(one[1], parts[1])
+
+    fun, jac, x0 = decay(n, seed=34)
+    rows_seen: list = []
+
+    def whole(x):
+        rows_seen.append(x.shape[0])
+        return fun(x)
+
+    least_squares(whole, x0, jac=jac, engine="numba")
+    assert set(rows_seen) == {n}

@@ -158,11 +158,12 @@ def _svd_r(at, p, d, g, v):
 
 @_jit
 def _jac_stage(
-    k0, k1, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
+    k0, k1, jac_new, cols, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
     radius, lam, lref, method, cut, gtu, factor, codes, stale, acn,
 ):  # fmt: skip
-    """At the fits ``due`` (k-th has J = jac_new[k]): store J (``stale`` False), its column
-    norms in acn[k], test gtol (codes[k] = 1, or
+    """At the fits ``due`` (k-th has J = jac_new[k], or, ``cols``, column j of J =
+    jac_new[j, k]: a route that forms J column by column hands it over so, uncopied): store J
+    (``stale`` False), its column norms in acn[k], test gtol (codes[k] = 1, or
     -1 for a non-finite J^T f or column norm, or, without D, a largest column norm whose
     square over- or underflows), update D (trust region), factor
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
@@ -170,7 +171,10 @@ def _jac_stage(
     into the state and transposed into ``at`` in one pass (element by element: numba's
     ``jac[b] = jb`` took its generic broadcasting path), then its column norms and
     :math:`J^T f` by :func:`_dot` over the rows of ``at``."""
-    _, m, p = jac_new.shape
+    if cols:
+        p, _, m = jac_new.shape
+    else:
+        _, m, p = jac_new.shape
     trust = method == 0
     at = np.empty((p + 1, m))
     g = np.empty((p, p))
@@ -179,14 +183,24 @@ def _jac_stage(
     jtf = np.empty(p)
     for k in range(k0, k1):
         b = due[k]
-        jb = jac_new[k]
         jc = jac[b]
-        for i in range(m):  # one pass: J stored and A^T = [J f]^T
-            at[p, i] = f[b, i]
+        if cols:
             for j in range(p):
-                t = jb[i, j]
-                jc[i, j] = t
-                at[j, i] = t
+                src = jac_new[j, k]
+                for i in range(m):
+                    t = src[i]
+                    jc[i, j] = t
+                    at[j, i] = t
+            for i in range(m):
+                at[p, i] = f[b, i]
+        else:
+            jb = jac_new[k]
+            for i in range(m):  # one pass: J stored and A^T = [J f]^T
+                at[p, i] = f[b, i]
+                for j in range(p):
+                    t = jb[i, j]
+                    jc[i, j] = t
+                    at[j, i] = t
         for j in range(p):  # the squared column norms and J^T f
             acnorm[j] = _dot(at[j], at[j])
             jtf[j] = _dot(at[j], at[p])
@@ -275,14 +289,14 @@ def _jac_stage(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _jac_stage_parallel(
-    chunks, jac_new, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
+    chunks, jac_new, cols, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
     radius, lam, lref, method, cut, gtu, factor, codes, stale, acn,
 ):  # fmt: skip
     """:func:`_jac_stage` on ``chunks`` slices of the fits, one per thread."""
-    n = jac_new.shape[0]
+    n = due.shape[0]
     for t in numba.prange(chunks):
         _jac_stage(
-            t * n // chunks, (t + 1) * n // chunks, jac_new, due, first, f, fnorm, x, d, jac,
+            t * n // chunks, (t + 1) * n // chunks, jac_new, cols, due, first, f, fnorm, x, d, jac,
             mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, lref, method, cut, gtu, factor, codes,
             stale, acn,
         )  # fmt: skip

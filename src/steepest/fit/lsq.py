@@ -220,6 +220,7 @@ def least_squares(
         check_jac=callable(jac),
         engine=engine,
         loss=rob,
+        per_row=batched and vectorize,
     )
     return _result(out, batched, method, box)
 
@@ -275,12 +276,16 @@ def _run(
     check_jac: bool = False,
     engine: str = "auto",
     loss: tuple | None = None,
+    per_row: bool = False,
 ) -> dict:
     """Checks f(x0), weights and jac, then runs the core (shared by the front ends); ``box``:
     the bounds (lb, ub) from :func:`~.bounds._as_bounds`, or None; ``check_jac``: jac_r is the
     user's, checked against fun (:func:`~.checks._check_jac`); ``engine``: the torch core or
     the compiled one (:mod:`.compiled`); ``loss``: (transform, factor) of :func:`.loss.robust`,
-    or None. The returned fun is the (weighted) residual vector, jac the core's (of the
+    or None; ``per_row``: fun_r and jac_r cost in proportion to the rows asked for (each fit
+    evaluated on its own, as curve_fit's routes and a vectorized fun are; not a fun that takes
+    the whole batch), so that the compiled core may evaluate a large batch in parts. The
+    returned fun is the (weighted) residual vector, jac the core's (of the
     transformed residuals under a robust loss), cost and grad those of the fitted F."""
     rows = torch.arange(xb.shape[0], device=xb.device)
     p = xb.shape[1]
@@ -383,8 +388,9 @@ def _run(
             # torch.func's Jacobians ignore it (a function transform), curve_fit's pointwise
             # one enables grad for its backward pass
             out = compiled._least_squares_compiled(
-                res_r, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor
-            )
+                res_r, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor,
+                compiled.part_rows(m, p) if per_row else None,
+            )  # fmt: skip
     else:
         out = _least_squares_core(
             res_nograd, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor, box
