@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         kind = "given J" if given else "autograd J"
         _, ref_p, ref_c = fit(t, y, p0, given, WHOLE)  # also the warm-up
         times = {s: [] for s in sizes}
-        same = {}
+        same = dict.fromkeys(sizes, True)  # over every repeat
         for _ in range(args.repeats):
             for s in sizes:
                 dt, popt, pcov = fit(t, y, p0, given, s)
                 times[s].append(dt)
-                same[s] = torch.equal(popt, ref_p) and torch.equal(pcov, ref_c)
+                same[s] &= torch.equal(popt, ref_p) and torch.equal(pcov, ref_c)
         rows = {}
         for s in sizes:
             ratios = [a / b for a, b in zip(times[s], times[WHOLE], strict=True)]

@@ -19,7 +19,13 @@ still running (:mod:`.kernels`):
 batch (the state lives in numpy arrays shared with torch by ``torch.from_numpy``), or, where
 each fit is evaluated on its own (curve_fit, a vectorized fun), in parts of
 :func:`part_rows` fits, each part's kernel stage right after its evaluation, while its data
-are still in the cache: the same arithmetic per fit, bitwise the result of one part. A
+are still in the cache. The kernels' arithmetic per fit is the same in parts; the user's
+function may round differently on a batch of another size (torch's vectorised and scalar
+loops round ``pow`` and ``hypot`` differently, so an entry can differ in its last bit
+depending on where a loop's tail falls), as it already could when the running set shrinks:
+a fit in parts then differs from one part at rounding level (5e-15 in popt in a reviewer's
+case); the decay curves of the tests and benchmarks (``exp`` and products) fit bitwise
+alike in parts and in one. A
 Jacobian formed column by column (curve_fit's pointwise autograd route: (P, n, M)) is read
 so by the kernel, not copied to (n, M, P). The
 algorithm and its constants are :mod:`.core`'s, line for line; the two agree to rounding
@@ -138,8 +144,9 @@ def choose(engine: str, x0: Tensor, m: int, box) -> bool:
 
 def part_rows(m: int, p: int) -> int:
     """The fits per part of a batch with M = m residuals and P = p parameters
-    (:data:`PART_ELEMENTS` entries of J, and at least :data:`PARALLEL_MIN` fits, so that
-    each part's stages are still shared among numba's threads)."""
+    (:data:`PART_ELEMENTS` entries of J, and at least :data:`PARALLEL_MIN` fits, so that a
+    full part's stages are still shared among numba's threads; the last part of a set holds
+    what is left, down to one fit)."""
     return max(PARALLEL_MIN, PART_ELEMENTS // max(m * p, 1))
 
 
@@ -184,7 +191,7 @@ def _least_squares_compiled(
     shared with torch (``torch.from_numpy``); the fits still running are the index array
     ``act``; ``fun_r`` and ``jac_r`` see the running (or due) rows as one batch, or, given
     ``chunk``, in consecutive parts of at most ``chunk`` rows, each part's kernel stage right
-    after its evaluation (see :func:`chunk_rows`)."""
+    after its evaluation (see :func:`part_rows`)."""
     bsz, p = x0.shape
     m = f0.shape[1]
     kern = _kernels()

@@ -146,7 +146,7 @@ def _pointwise_jac(resid_cols, pp: Tensor, args: tuple, with_f: bool = False):
 
 
 def _is_pointwise(resid_cols, vres, x0: Tensor, args: tuple, m: int, box=None) -> bool:
-    """Whether :func:`_pointwise_jac` gives the Jacobian of ``resid`` (residual i of a curve
+    """Whether :func:`_pointwise_jac` gives the Jacobian of ``resid_cols`` (residual i of a curve
     depends on the parameters only through their copy at point i): checked near x0 on up to 4
     curves, along a random combination u of the residuals: :math:`u^T J` of the pointwise
     route against the true :math:`u^T J`, one backward pass of :math:`u^T r` of the vmapped
@@ -387,7 +387,8 @@ def curve_fit(
         def args(rows: Tensor, with_y: bool = True) -> tuple:
             """The data of the curves ``rows`` (ydata None unless ``with_y``: a jac does not
             need it); the gather is kept while the same rows tensor comes back (the running set
-            changes only when fits stop)."""
+            changes only when fits stop; a batch evaluated in parts by the compiled core
+            gathers each part's data at each call, a fraction of the part's evaluation)."""
             if with_y in last and last[with_y][0] is rows:
                 return last[with_y][1]
             every = rows.numel() == y.shape[0]
