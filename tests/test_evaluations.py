@@ -118,14 +118,21 @@ def test_without_reuse_each_step_costs_one_forward_more():
         assert sum(i.nfev for i in infos) - sum(i.nfev for i in after) == len(infos) - 1
 
 
-@pytest.mark.parametrize("gtol, reason", [(1e-8, "gtol"), (0.0, "xtol")])
-def test_powell_singular_stops_converged(gtol, reason):
+@pytest.mark.parametrize(
+    "gtol, reasons, below",
+    [(1e-5, {"gtol"}, 1e-20), (1e-8, {"gtol", "xtol"}, 1e-40), (0.0, {"xtol"}, 1e-40)],
+)
+def test_powell_singular_stops_converged(gtol, reasons, below):
     """Powell's singular function (J singular at x* = 0, zero residual; MGH problem 13): the
     model path stops converged, on MINPACK's gtol cosine as lmder does, or on xtol with the
     test off (it used to stall near |x| = 1e-8, the normal equations squaring the singular
-    Jacobian, and run to max_nfev with no stopping rule firing)."""
+    Jacobian, and run to max_nfev with no stopping rule firing). The cosine halves with each
+    step down to ~1e-7 and then wanders with rounding: on one host it passed lmder's 1e-8 (a
+    stop on gtol after 47 evaluations), on another (AVX-512) it bottomed out at 1.1e-7 and
+    xtol stopped the fit after 50, the same point as with gtol off; gtol = 1e-5 stops on the
+    cosine on every host (cost ~1e-24)."""
     ref = scipy_lm("powell_singular")
     infos, cost = fit("powell_singular", max_nfev=ref.nfev * 2, gtol=gtol)
-    assert infos[-1].converged and infos[-1].reason == reason
-    assert sum(i.nfev for i in infos) < 60  # lmder: 37 (47 and 57 here, see the docstring)
-    assert ref.status == 1 and ref.cost < 1e-40 and cost < 1e-40  # from 107.5
+    assert infos[-1].converged and infos[-1].reason in reasons
+    assert sum(i.nfev for i in infos) < 60  # lmder: 37 (47 to 57 here, see above)
+    assert ref.status == 1 and ref.cost < 1e-40 and cost < below  # from 107.5
