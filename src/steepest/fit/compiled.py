@@ -74,8 +74,9 @@ PARALLEL_MIN = 256
 #: a batch is evaluated and processed in parts of about this many entries of J (2 MB in
 #: float64: a part's residuals, Jacobian and the user's temporaries stay in the cache between
 #: the evaluation and its kernel stage; torch 2.13, one thread, 10,000 curves of 50 points:
-#: 0.91x the time of one whole-batch part with the autograd Jacobian, 0.92x with a given one;
-#: 2^16 and 2^17 entries 0.95x, 2^19 0.90-0.92x; ``benchmarks/fit_parts.py``)
+#: 0.88-0.91x the time of one whole-batch part with the autograd Jacobian, 0.92-0.95x with a
+#: given one; 2^16 entries 0.95-0.98x, 2^17 0.93-0.95x, 2^19 0.90-0.94x;
+#: ``benchmarks/fit_parts.py``, two runs)
 PART_ELEMENTS = 2**18
 
 #: ``engine="auto"`` takes the compiled core from this many fits (a choice: a fit of fewer
