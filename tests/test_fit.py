@@ -907,7 +907,7 @@ def test_single_curve_takes_the_pointwise_jacobian_only_when_pointwise():
         spread = seen.count((1, 30))
         assert spread >= (res.njev if formula is pointwise else 1), (formula, seen)
         if formula is coupled:
-            assert spread == 1  # the probe's pointwise route only (its true u^T J: vmapped)
+            assert spread == 1  # the probe's pointwise route only (its true u^T J: 0-d params)
         ref = jacobian(lambda q, f=formula: f(T, *q) - Y, popt)
         torch.testing.assert_close(res.jac, ref, rtol=1e-10, atol=1e-12)
         ref_p = sopt.curve_fit(
