@@ -31,7 +31,7 @@ where the method decides lambda and the scaling D:
 
 Every solve uses the thin SVD of :math:`J D^{-1}` of each problem (one batched
 ``torch.linalg.svd`` per accepted step; while at least 64 fits of a batch are running, with
-M > P and P <= 16, the SVD of the P x P factor R of the Householder QR of :math:`[J\ f]`
+M >= P and P <= 16, the SVD of the P x P factor R of the Householder QR of :math:`[J\ f]`
 instead, cheaper and as accurate: J's column norms and :math:`J^T f` come from R too, and
 :math:`R D^{-1}` is still triangular; R's SVD by LAPACK or, for at least 512 fits, by one-sided
 Jacobi rotations in batched torch, which also gives the small singular values to full relative
@@ -53,7 +53,7 @@ Two engines run this algorithm (``engine=`` of :func:`least_squares` and :func:`
 the torch core (:mod:`.core`: every step a few hundred batched torch operations, on any device
 and dtype) and the compiled core (:mod:`.compiled`, with its numba kernels in :mod:`.kernels`:
 the same algebra fit by fit in one compiled call per stage, the factorisations shared among
-numba's threads; float64 on the CPU without bounds, M > P, P <= 16; ``pip install
+numba's threads; float64 on the CPU without bounds, M >= P, P <= 16; ``pip install
 'steepest[fast]'``). The two agree to rounding: on 10,000 decay curves nfev and njev are equal
 for every fit and the costs to 4e-11 (the status differs on 0.7 %, a near tie of the ftol and
 xtol tests); on NIST StRD's 54 starts nfev and status are equal on 48, the other 6 end at the

@@ -323,7 +323,7 @@ def _least_squares_core(
     (B, P), kept by an active set and a projection (:mod:`.bounds`). ``fun_r(x, rows)`` and
     ``jac_r(x, rows)`` evaluate the problems ``rows`` of the batch at x (len(rows), P). Fits
     that stopped leave the working set, so a few slow fits do not keep the batch busy. A
-    Jacobian stage on at least :data:`QR_MIN_BATCH` fits with P <= 16 and M > P factors by the
+    Jacobian stage on at least :data:`QR_MIN_BATCH` fits with P <= 16 and M >= P factors by the
     QR of [J f] (:func:`_factor_r`), a smaller one by the SVD of J D^-1 (:func:`_factor`).
 
     Every fit of the working set is tried on every iteration, so their evaluation count is one
@@ -334,7 +334,7 @@ def _least_squares_core(
     m = f0.shape[1]
     dtype, dev = x0.dtype, x0.device
     eps = torch.finfo(dtype).eps
-    qr = p <= 16 and m > p  # for working sets of at least QR_MIN_BATCH fits
+    qr = p <= 16 and m >= p  # for working sets of at least QR_MIN_BATCH fits
     # dropped singular values: rounding-level ones for Gauss-Newton (its least-norm step), only
     # exact zeros and exactly zero columns of J for the damped methods (as MINPACK)
     cut = eps * max(m, p) if method == "gauss-newton" else 0.0

@@ -304,7 +304,7 @@ def _jac_stage_parallel(
 
 @_jit
 def _svd_rows(k0, k1, jac, s, vh, ok):
-    """Singular values s[k] and V^T = vh[k] of jac[k] (M, P), M > P, for k0 <= k < k1:
+    """Singular values s[k] and V^T = vh[k] of jac[k] (M, P), M >= P, for k0 <= k < k1:
     Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`); ok[k] = every
     entry of jac[k] is finite (else s[k] = 0, vh[k] = I, not factored)."""
     _, m, p = jac.shape

@@ -96,7 +96,7 @@ def least_squares(
     factor : the initial trust radius is factor * ||D x0|| (MINPACK's 100).
     engine : who runs the algebra between the evaluations: ``"torch"`` (the torch core:
         batched torch operations, any device and dtype), ``"numba"`` (the compiled core,
-        :mod:`steepest.fit.compiled`: float64 on the CPU, no bounds, M > P, P <= 16; numba
+        :mod:`steepest.fit.compiled`: float64 on the CPU, no bounds, M >= P, P <= 16; numba
         installed, ``pip install 'steepest[fast]'``), or ``"auto"`` (default: numba for a batch
         of at least 256 fits where it can run, else torch). The two run the same algorithm and
         agree to rounding; the compiled one's iteration costs 0.26-0.28 ms where the torch
