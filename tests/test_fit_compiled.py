@@ -60,8 +60,8 @@ def record(mp: pytest.MonkeyPatch, owner, name: str) -> list:
 
 # ------------------------------------------------------------------------ kernels: QR, SVD
 def _matrix(name: str) -> torch.Tensor:
-    """A small tall matrix J (M, P): random ones of several shapes, one with an exactly zero
-    column, one with singular values 1 ... 1e-10 (condition 1e10)."""
+    """A small matrix J (M, P), M >= P: random ones of several shapes (square ones too), one
+    with an exactly zero column, one with singular values 1 ... 1e-10 (condition 1e10)."""
     g = seeded(sum(map(ord, name)))
     if name == "zero-column":
         j = torch.randn(9, 4, generator=g, dtype=D)
@@ -75,7 +75,7 @@ def _matrix(name: str) -> torch.Tensor:
     return torch.randn(m, p, generator=g, dtype=D) * torch.logspace(0, 1, p, dtype=D)
 
 
-MATRICES = ["2x1", "5x2", "8x3", "7x6", "30x4", "zero-column", "ill-conditioned"]
+MATRICES = ["2x1", "5x2", "8x3", "7x6", "30x4", "3x3", "5x5", "zero-column", "ill-conditioned"]
 
 
 @pytest.mark.parametrize("name", MATRICES)
