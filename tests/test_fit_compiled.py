@@ -886,7 +886,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_batch_in_parts_is_bitwise_the_batch_in_one_part(method):
-    """The driver evaluates fun and jac on parts of at most ``chunk`` rows, each part's kernel
+    """The driver evaluates fun and jac on parts of at most ``size`` rows, each part's kernel
     stage after its evaluation: per fit the same arithmetic (and fun and jac here, exp and
     products, compute each row alike at any batch size), so x, fun, jac, nfev, njev, nit and
     status are bitwise those of one part, with fits that stop in every way (parts of 7 rows:
@@ -898,19 +898,19 @@ def test_a_batch_in_parts_is_bitwise_the_batch_in_one_part(method):
     whole = compiled._least_squares_compiled(fun_r, x0, f0, jac_r, *args)
     assert set(whole["status"].tolist()) >= ALL_STOPS
     assert bool((whole["nfev"] < 60).any())
-    for chunk, threads in ((7, 1), (256, 2)):
+    for size, threads in ((7, 1), (256, 2)):
         sizes.clear()
         with numba_threads(threads):
             parts = compiled._least_squares_compiled(
-                _sized(fun_r, sizes), x0, f0, _sized(jac_r, sizes), *args, chunk
+                _sized(fun_r, sizes), x0, f0, _sized(jac_r, sizes), *args, size
             )
-        assert max(sizes) == chunk and min(sizes) < chunk
+        assert max(sizes) == size and min(sizes) < size
         for key in KEYS:
-            assert same_bits(whole[key], parts[key]), (key, chunk)
+            assert same_bits(whole[key], parts[key]), (key, size)
 
 
-@pytest.mark.parametrize("chunk, threads", [(None, 1), (256, 2)])
-def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit(chunk, threads):
+@pytest.mark.parametrize("size, threads", [(None, 1), (256, 2)])
+def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit(size, threads):
     """jac_r's J as a view of a contiguous (P, n, M) tensor (curve_fit's pointwise route)
     reaches the kernel as that tensor (``cols`` True: no copy to (n, M, P)), and the fit,
     the stored J included, is bitwise that of the same J contiguous in (n, M, P): in one
@@ -932,7 +932,7 @@ def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit(chu
             mp.setattr(compiled, "_call", spy)
             calls = record(mp, kernels, "_jac_stage_parallel")
             fits[name] = compiled._least_squares_compiled(
-                fun_r, x0, f0, jac_r, "trust-region", 1e-10, 1e-10, 1e-12, 60, 100.0, chunk
+                fun_r, x0, f0, jac_r, "trust-region", 1e-10, 1e-10, 1e-12, 60, 100.0, size
             )
         assert seen and all(c == (name == "cols") for c, _ in seen)
         assert all(shape[0] == 3 for _, shape in seen) == (name == "cols")
@@ -967,7 +967,7 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
     assert compiled.part_rows(50, 3) == compiled.PARALLEL_MIN == 256
     seen.clear()
     layouts: list = []
-    chunks: list = []
+    sizes_asked: list = []
     inner, core = compiled._call, compiled._least_squares_compiled
 
     def spy(name, k, *args):
@@ -976,7 +976,7 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
         inner(name, k, *args)
 
     def spy_core(*args):
-        chunks.append(args[10] if len(args) > 10 else None)
+        sizes_asked.append(args[10] if len(args) > 10 else None)
         return core(*args)
 
     monkeypatch.setattr(compiled, "_call", spy)
@@ -994,18 +994,18 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
         rows_seen.append(x.shape[0])
         return fun(x)
 
-    chunks.clear()
+    sizes_asked.clear()
     least_squares(whole, x0, jac=jac, engine="numba")
-    assert set(rows_seen) == {n} and chunks == [None]
+    assert set(rows_seen) == {n} and sizes_asked == [None]
 
     def one_problem(x):  # one curve, fitted from the 600 starts x0
         return x[0] * torch.exp(-x[1] * T) + x[2] - y[0]
 
     vec = least_squares(one_problem, x0, vectorize=True, engine="numba")
-    assert chunks == [None, 256]
+    assert sizes_asked == [None, 256]
     monkeypatch.setattr(compiled, "PART_ELEMENTS", 2**62)
     vec_one = least_squares(one_problem, x0, vectorize=True, engine="numba")
-    assert chunks[-1] >= n  # one part
+    assert sizes_asked[-1] >= n  # one part
     # torch.func's Jacobian of the vmapped fun rounds differently on batches of another
     # size: the same minima to rounding amplified by the stopping tests, not bit for bit
     both = vec.success & vec_one.success

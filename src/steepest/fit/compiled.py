@@ -17,23 +17,21 @@ still running (:mod:`.kernels`):
 
 ``fun`` and ``jac`` stay the user's torch functions, evaluated on the fits still running as one
 batch (the state lives in numpy arrays shared with torch by ``torch.from_numpy``), or, where
-each fit is evaluated on its own (curve_fit, a vectorized fun), in parts of
-:func:`part_rows` fits, each part's kernel stage right after its evaluation, while its data
-are still in the cache. The kernels' arithmetic per fit is the same in parts; the user's
-function may round differently on a batch of another size (torch's vectorised and scalar
-loops round ``pow`` and ``hypot`` differently, so an entry can differ in its last bit
-depending on where a loop's tail falls), as it already could when the running set shrinks:
-a fit in parts then differs from one part at rounding level (5e-15 in popt in a reviewer's
-case); the decay curves of the tests and benchmarks (``exp`` and products) fit bitwise
-alike in parts and in one. A
-Jacobian formed column by column (curve_fit's pointwise autograd route: (P, n, M)) is read
-so by the kernel, not copied to (n, M, P). The
-algorithm and its constants are :mod:`.core`'s, line for line; the two agree to rounding
-(``tests/test_fit_compiled.py``). Each stage over at least :data:`PARALLEL_MIN` fits is
-shared among numba's threads (``numba.set_num_threads``), in contiguous slices of the fits,
-bitwise the one-thread result. Per iteration and part the driver makes two calls to the user
-(fun at the trial points, jac at the accepted ones) and two kernel calls, and per iteration
-two more (the trial steps, the sorting out); the loop runs under one
+each fit is evaluated on its own (curve_fit, a vectorized fun), in parts of :func:`part_rows`
+fits, each part's kernel stage right after its evaluation, while its data are still in the
+cache. The kernels' arithmetic per fit is the same in parts; the user's function may round
+differently on a batch of another size (torch's vectorised and scalar loops round ``pow`` and
+``hypot`` differently, so an entry can differ in its last bit depending on where a loop's tail
+falls), as it already could when the running set shrinks: a fit in parts then differs from one
+part at rounding level (5e-15 in popt in a reviewer's case); the decay curves of the tests and
+benchmarks (``exp`` and products) fit bitwise alike in parts and in one. A Jacobian formed
+column by column (curve_fit's pointwise autograd route: (P, n, M)) is read so by the kernel, not
+copied to (n, M, P). The algorithm and its constants are :mod:`.core`'s, line for line; the two
+agree to rounding (``tests/test_fit_compiled.py``). Each stage over at least
+:data:`PARALLEL_MIN` fits is shared among numba's threads (``numba.set_num_threads``), in
+contiguous slices of the fits, bitwise the one-thread result. Per iteration and part the driver
+makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
+calls, and per iteration two more (the trial steps, the sorting out); the loop runs under one
 ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
@@ -186,14 +184,14 @@ def _least_squares_compiled(
     gtol: float,
     max_nfev: int,
     factor: float,
-    chunk: int | None = None,
+    part_size: int | None = None,
 ) -> dict:
     """:func:`.core._least_squares_core` (without bounds) with the algebra compiled; the same
     arguments and the same returned dict. The state lives in numpy arrays of the whole batch,
     shared with torch (``torch.from_numpy``); the fits still running are the index array
     ``act``; ``fun_r`` and ``jac_r`` see the running (or due) rows as one batch, or, given
-    ``chunk``, in consecutive parts of at most ``chunk`` rows, each part's kernel stage right
-    after its evaluation (see :func:`part_rows`)."""
+    ``part_size``, in consecutive parts of at most ``part_size`` rows, each part's kernel
+    stage right after its evaluation (see :func:`part_rows`)."""
     bsz, p = x0.shape
     m = f0.shape[1]
     kern = _kernels()
@@ -240,7 +238,7 @@ def _least_squares_compiled(
         held[:] = [*held[-1:], (idx, t)]
         return t
 
-    size = bsz if chunk is None else max(1, int(chunk))
+    size = bsz if part_size is None else max(1, int(part_size))
 
     def spans(n: int):
         """The parts (i, k) of a set of n rows, each evaluated and processed in turn."""
