@@ -403,14 +403,8 @@ def curve_fit(
             return xd, y, s
 
         dims = (0, None, None, None)
-    if batched:  # the one-curve residual of each row
-        vres = torch.func.vmap(resid, in_dims=dims)
-    else:  # one curve: the residual itself, on its batch of one (vmap cost 0.2 ms a probe)
-
-        def vres(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
-            return resid(pp.squeeze(0), xx, yy, ss).unsqueeze(0)
-
     if batched:
+        vres = torch.func.vmap(resid, in_dims=dims)  # the one-curve residual of each row
 
         def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: vres(q, *args(rows)), pp)
@@ -424,6 +418,10 @@ def curve_fit(
                 return _evaluate(lambda q: resid(q.unsqueeze(-2), *args(rows)), pp)
 
     else:
+
+        def vres(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
+            # one curve: the residual itself on its batch of one (vmap cost 0.2 ms a probe)
+            return resid(pp.squeeze(0), xx, yy, ss).unsqueeze(0)
 
         def fun_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: resid(q, xd, y, s), pp.squeeze(0)).unsqueeze(0)
