@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -74,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in sizes:
             ratios = [a / b for a, b in zip(times[s], times[WHOLE], strict=True)]
             name = "whole" if s == WHOLE else str(s)
+            compiled.PART_ELEMENTS = s
             rows[name] = {
-                "part_rows": args.batch
-                if s == WHOLE
-                else min(args.batch, max(compiled.PARALLEL_MIN, s // (y.shape[1] * len(P0)))),
+                "part_rows": min(args.batch, compiled.part_rows(y.shape[1], len(P0))),
                 "median_s": statistics.median(times[s]),
                 "min_s": min(times[s]),
                 "max_s": max(times[s]),
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         result[kind] = rows
     compiled.PART_ELEMENTS = default
-    result["machine"]["loadavg_end"] = __import__("os").getloadavg()
+    result["machine"]["loadavg_end"] = os.getloadavg()
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -1364,7 +1364,9 @@ def test_extreme_scales_keep_the_pointwise_check_the_weights_and_the_result_soun
     for s in (1e-300, 1e-306):
         res = least_squares(lambda x, s=s: s * (a @ x - b), torch.zeros(2, dtype=D), weights=w)
         assert res.status == base.status and bool(torch.isfinite(res.jac).all()), s
-        torch.testing.assert_close(res.x, base.x, rtol=1e-3, atol=1e-12)
+        # x* ~ 2e-8, determined to ~1e-12 (cond(sqrt(W) A) ~ 1e4; the two engines' fits at
+        # s = 1 differ by 6e-13): measured 1.5e-12 (torch) and 4.7e-12 (numba) off
+        torch.testing.assert_close(res.x, base.x, rtol=0, atol=1e-11)
     fun, x0 = _decay_problem(1e200)
     res = least_squares(fun, x0)
     assert bool(res.success.all()) and not bool(res.grad.isnan().any())

@@ -879,9 +879,24 @@ ALL_STOPS = {-1, 0, 1, 2}  # a non-finite J, max_nfev, gtol, ftol
 KEYS = ("x", "fun", "jac", "nfev", "njev", "nit", "status")
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor, key: str) -> None:
     """a and b equal entry for entry, NaN where both are NaN (a non-finite J is stored)."""
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def jac_stage_layouts(mp: pytest.MonkeyPatch) -> list:
+    """Record, for every call of the Jacobian stage through compiled._call, (cols, the shape
+    of the J handed over)."""
+    seen: list = []
+    inner = compiled._call
+
+    def spy(kernel, n, *args):
+        if kernel == "_jac_stage":
+            seen.append((args[1], args[0].shape))
+        inner(kernel, n, *args)
+
+    mp.setattr(compiled, "_call", spy)
+    return seen
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -906,7 +921,7 @@ def test_a_batch_in_parts_is_bitwise_the_batch_in_one_part(method):
             )
         assert max(sizes) == size and min(sizes) < size
         for key in KEYS:
-            assert same_bits(whole[key], parts[key]), (key, size)
+            assert_same_bits(whole[key], parts[key], f"{key}, parts of {size}")
 
 
 @pytest.mark.parametrize("size, threads", [(None, 1), (256, 2)])
@@ -918,18 +933,10 @@ def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit(siz
     part's size from ``due``, not from J's first axis, which is P in columns)."""
     fun_r, jac_cols, x0, f0 = _rowwise(300, seed=32, columns=True)
     jac_rows = _rowwise(300, seed=32)[1]
-    inner = compiled._call
     fits = {}
     for name, jac_r in (("cols", jac_cols), ("rows", jac_rows)):
-        seen: list = []
-
-        def spy(kernel, n, *args, seen=seen):
-            if kernel == "_jac_stage":
-                seen.append((args[1], args[0].shape))
-            inner(kernel, n, *args)
-
         with pytest.MonkeyPatch.context() as mp, numba_threads(threads):
-            mp.setattr(compiled, "_call", spy)
+            seen = jac_stage_layouts(mp)
             calls = record(mp, kernels, "_jac_stage_parallel")
             fits[name] = compiled._least_squares_compiled(
                 fun_r, x0, f0, jac_r, "trust-region", 1e-10, 1e-10, 1e-12, 60, 100.0, size
@@ -939,7 +946,7 @@ def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit(siz
         assert bool(calls) == (threads > 1)
     assert set(fits["cols"]["status"].tolist()) >= ALL_STOPS
     for key in KEYS:
-        assert same_bits(fits["cols"][key], fits["rows"][key]), key
+        assert_same_bits(fits["cols"][key], fits["rows"][key], key)
 
 
 def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(monkeypatch):
@@ -966,25 +973,19 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
     monkeypatch.setattr(compiled, "PART_ELEMENTS", 1)
     assert compiled.part_rows(50, 3) == compiled.PARALLEL_MIN == 256
     seen.clear()
-    layouts: list = []
     sizes_asked: list = []
-    inner, core = compiled._call, compiled._least_squares_compiled
-
-    def spy(name, k, *args):
-        if name == "_jac_stage":
-            layouts.append(args[1])
-        inner(name, k, *args)
+    core = compiled._least_squares_compiled
 
     def spy_core(*args):
         sizes_asked.append(args[10] if len(args) > 10 else None)
         return core(*args)
 
-    monkeypatch.setattr(compiled, "_call", spy)
+    layouts = jac_stage_layouts(monkeypatch)
     monkeypatch.setattr(compiled, "_least_squares_compiled", spy_core)
     parts = curve_fit(f, T, y, p0, engine="numba")
     calls_in_fit = [s for s in seen if s != n]  # the route probes call f on the whole batch
     assert calls_in_fit and max(calls_in_fit) <= 256
-    assert layouts and all(layouts)  # the pointwise route's J: in columns, uncopied
+    assert layouts and all(c for c, _ in layouts)  # the pointwise route's J: in columns
     assert torch.equal(one[0], parts[0]) and torch.equal(one[1], parts[1])
 
     fun, jac, x0 = decay(n, seed=34)
