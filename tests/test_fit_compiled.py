@@ -1009,6 +1009,7 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
     assert sizes_asked[-1] >= n  # one part
     # torch.func's Jacobian of the vmapped fun rounds differently on batches of another
     # size: the same minima to rounding amplified by the stopping tests, not bit for bit
+    # (measured: 72 of the 598 fits both solve differ, by at most 2.1e-9)
     both = vec.success & vec_one.success
     assert int(both.sum()) >= n // 2
-    torch.testing.assert_close(vec.x[both], vec_one.x[both], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(vec.x[both], vec_one.x[both], rtol=0, atol=1e-8)
