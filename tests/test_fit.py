@@ -1371,6 +1371,11 @@ def test_extreme_scales_keep_the_pointwise_check_the_weights_and_the_result_soun
     res = least_squares(fun, x0)
     assert bool(res.success.all()) and not bool(res.grad.isnan().any())
     assert bool(torch.isinf(res.cost).all())  # ~1e397: beyond float64
+    # a gradient entry exactly 0 stays 0 (divided by inv^2 = 0, it was 0/0 = NaN)
+    flat = least_squares(
+        lambda x: 1e200 * torch.stack([x[0] - 1, x[0] + 1, 0 * x[1] + 3]), [0.3, 1.0]
+    )
+    assert flat.grad.tolist() == [0.0, 0.0] and flat.cost == math.inf
 
 
 # ---------------------------------------------------------------------------- robust losses

@@ -406,15 +406,17 @@ def _run(
     grad = (fs.unsqueeze(-2) @ js).squeeze(-2)  # J^T f (a batched matmul: no (B, M, P) temporary)
     cost = 0.5 * fs.pow(2).sum(-1)
     out["scale"], out["cost_scaled"] = inv, cost  # (curve_fit's pcov: J and f scaled alike)
-    if inv is not None:  # back to the user's units (exact)
-        grad, cost = grad / inv.square().unsqueeze(-1), cost / inv.square()
-        out["fun"] = fs / inv.unsqueeze(-1)
+    if inv is not None:  # back to the user's units (exact; divided twice: inv^2 itself
+        # under- or overflows beyond 2^+-511, and a zero entry of grad became 0/0 = NaN)
+        iv = inv.unsqueeze(-1)
+        grad, cost = grad / iv / iv, cost / inv / inv
+        out["fun"] = fs / iv
         out["jac"] = js / inv[:, None, None]
     out["grad"], out["cost"] = grad, cost
-    if transform is not None:  # fun: the residuals themselves (one more evaluation)
+    if transform is not None:  # fun: the residuals themselves, not f-hat (one more evaluation)
         with torch.no_grad():
-            fw = fun_r(out["x"], torch.arange(xb.shape[0], device=xb.device))
-            out["fun"] = fw * sw if sw is not None else fw
+            fw = fun_r(out["x"], rows)
+        out["fun"] = fw * sw if sw is not None else fw
     out["engine"] = "numba" if fast else "torch"  # the one that ran (curve_fit's pcov follows)
     return out
 
