@@ -1531,6 +1531,8 @@ def test_a_bad_loss_is_refused_before_any_evaluation():
     for bad in (0.0, -1.0, math.inf, "1", True):
         with pytest.raises(ConfigurationError, match="f_scale"):
             least_squares(fun, [0.0, 0.0], loss="soft_l1", f_scale=bad)
+        with pytest.raises(ConfigurationError, match="factor must be a finite number > 0"):
+            least_squares(fun, [0.0, 0.0], factor=bad)  # the same check (True passed it)
     with pytest.raises(ConfigurationError, match="kwargs must be a dict"):
         least_squares(fun, [0.0, 0.0], kwargs=[1])
     ok = least_squares(lambda p: p - 1, [0.0, 0.0], loss="soft_l1", f_scale=torch.tensor(0.5))

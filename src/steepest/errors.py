@@ -107,15 +107,26 @@ def check_tolerances(**tols: float) -> None:
     >>> check_tolerances(ftol=1e-8, gtol=0.0)
     """
     for name, val in tols.items():
-        if not (
-            isinstance(val, int | float)
-            and not isinstance(val, bool)
-            and math.isfinite(val)
-            and val >= 0
-        ):
+        if not (_finite_number(val) and val >= 0):
             raise ConfigurationError(
                 f"{name} must be a finite number >= 0 (0 turns the rule off), got {val!r}."
             )
+
+
+def check_positive(**values: float) -> None:
+    """Each value a finite number > 0 (a scale, a radius factor), before any state changes; a
+    ConfigurationError naming the keyword otherwise.
+
+    >>> check_positive(f_scale=0.1, factor=100.0)
+    """
+    for name, val in values.items():
+        if not (_finite_number(val) and val > 0):
+            raise ConfigurationError(f"{name} must be a finite number > 0, got {val!r}.")
+
+
+def _finite_number(val) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(val, int | float) and not isinstance(val, bool) and math.isfinite(val)
 
 
 def user_stacklevel() -> int:

@@ -89,7 +89,8 @@ same steps from 1e-300 to 1e300); here a problem whose largest residual at x0 li
 :math:`[2^{-129}, 2^{128})` runs on f and J divided by a power of two (exact: the same steps,
 bit for bit, as at :math:`\|f\| \approx 1`; ``fun`` and ``jac`` of the result are in the
 user's units), J's column norms are computed the same way, and :func:`curve_fit`'s pcov from
-the scaled f and J (where scipy's is inf or NaN beyond ~1e155). Without D, LM and
+the scaled f and J (with ``absolute_sigma=True``, from J in the user's units, where
+:math:`s^2` is not formed; scipy's pcov is inf or NaN beyond ~1e155). Without D, LM and
 Gauss-Newton form :math:`s^2` of J itself: where the square of J's largest column norm over- or
 underflows (parameters in units ~1e±160 and beyond) they stop with status -1 and a message
 naming ``"trust-region"`` (they reported x0, or a point ~1e-5 off, as converged before).

@@ -23,11 +23,11 @@ cache. The kernels' arithmetic per fit is the same in parts; the user's function
 differently on a batch of another size (torch's vectorised and scalar loops round ``pow`` and
 ``hypot`` differently, so an entry can differ in its last bit depending on where a loop's tail
 falls), as it already could when the running set shrinks: a fit in parts then differs from one
-part at rounding level (5e-15 in popt in a reviewer's case); the decay curves of the tests and
-benchmarks (``exp`` and products) fit bitwise alike in parts and in one. A Jacobian formed
-column by column (curve_fit's pointwise autograd route: (P, n, M)) is read so by the kernel, not
-copied to (n, M, P). The algorithm and its constants are :mod:`.core`'s, line for line; the two
-agree to rounding (``tests/test_fit_compiled.py``). Each stage over at least
+part at rounding level (5e-15 in popt, a power law with ``pow`` on 4,000 curves); the decay
+curves of the tests and benchmarks (``exp`` and products) fit bitwise alike in parts and in one.
+A Jacobian formed column by column (curve_fit's pointwise autograd route: (P, n, M)) is read so
+by the kernel, not copied to (n, M, P). The algorithm and its constants are :mod:`.core`'s, line
+for line; the two agree to rounding (``tests/test_fit_compiled.py``). Each stage over at least
 :data:`PARALLEL_MIN` fits is shared among numba's threads (``numba.set_num_threads``), in
 contiguous slices of the fits, bitwise the one-thread result. Per iteration and part the driver
 makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
@@ -147,7 +147,7 @@ def part_rows(m: int, p: int) -> int:
     (:data:`PART_ELEMENTS` entries of J, and at least :data:`PARALLEL_MIN` fits, so that a
     full part's stages are still shared among numba's threads; the last part of a set holds
     what is left, down to one fit)."""
-    return max(PARALLEL_MIN, PART_ELEMENTS // max(m * p, 1))
+    return max(PARALLEL_MIN, PART_ELEMENTS // (m * p))
 
 
 def _call(name: str, n: int, *args) -> None:
@@ -238,7 +238,7 @@ def _least_squares_compiled(
         held[:] = [*held[-1:], (idx, t)]
         return t
 
-    size = bsz if part_size is None else max(1, int(part_size))
+    size = bsz if part_size is None else part_size
 
     def spans(n: int):
         """The parts (i, k) of a set of n rows, each evaluated and processed in turn."""

@@ -261,7 +261,8 @@ def curve_fit(
     before popt: the two may differ by 1e-5 to 1e-4 relative.)
 
     A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
-    (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N); f is
+    (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N), or
+    covariances (B, N, N) or (1, N, N) (one for every curve); f is
     written for one curve and vmapped; popt is (B, P), pcov (B, P, P).
 
     Parameters

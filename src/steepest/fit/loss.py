@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, check_positive
 
 LOSSES = ("linear", "soft_l1", "huber", "cauchy", "arctan")
 
@@ -87,13 +87,7 @@ def robust(loss: str, f_scale: float) -> tuple[Callable, Callable] | None:
         raise ConfigurationError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}.")
     if isinstance(f_scale, torch.Tensor) and f_scale.numel() == 1:
         f_scale = float(f_scale)
-    if not (
-        isinstance(f_scale, int | float)
-        and not isinstance(f_scale, bool)
-        and math.isfinite(f_scale)
-        and f_scale > 0
-    ):
-        raise ConfigurationError(f"f_scale must be a finite number > 0, got {f_scale!r}.")
+    check_positive(f_scale=f_scale)
     if loss == "linear":
         return None
     c = float(f_scale)

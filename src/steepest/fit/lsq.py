@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ..errors import ConfigurationError, NonFiniteError, ShapeError, check_tolerances
+from ..errors import (
+    ConfigurationError,
+    NonFiniteError,
+    ShapeError,
+    check_positive,
+    check_tolerances,
+)
 from . import compiled
 from .bounds import _as_bounds, _finite
 from .checks import _as_x0, _check_jac, _evaluate, _with_args
@@ -102,10 +107,11 @@ def least_squares(
         agree to rounding; the compiled one's iteration costs 0.26-0.28 ms where the torch
         core's costs 1.4-1.7 ms on 13 curves (evaluations included), so it pays most on the
         last fits of a batch and on a single fit (its first use in a process loads it, ~1 s).
-    loss, f_scale : scipy's robust losses, :math:`F = \tfrac12 \sum_i C^2 \rho(f_i^2/C^2)` with
-        C = f_scale: ``"linear"`` (default), ``"soft_l1"``, ``"huber"``, ``"cauchy"``,
-        ``"arctan"``; any method, engine and bounds (scipy: trf and dogbox only; undamped
-        Gauss-Newton can stall on a robust F, the trust region suits it). The fit runs
+    loss, f_scale : scipy's robust losses, :math:`F = \tfrac12 \sum_i C^2 \rho(w_i f_i^2/C^2)`
+        with C = f_scale (:math:`w_i` = 1 without ``weights``): ``"linear"`` (default),
+        ``"soft_l1"``, ``"huber"``, ``"cauchy"``, ``"arctan"``; any method, engine and bounds
+        (scipy: trf and dogbox only; undamped Gauss-Newton can stall on a robust F, the trust
+        region suits it). The fit runs
         on residuals :math:`\hat f` with :math:`\tfrac12\|\hat f\|^2 = F`
         (:mod:`steepest.fit.loss`); the result's ``cost`` and ``grad`` are F's, ``fun`` the
         residuals f, ``jac`` :math:`\hat J` (as scipy's, a Jacobian whose :math:`J^TJ` is the
@@ -150,8 +156,7 @@ def least_squares(
     fun = _with_args(fun, args, kwargs)
     if callable(jac):
         jac = _with_args(jac, args, kwargs)
-    if not (isinstance(factor, int | float) and math.isfinite(factor) and factor > 0):
-        raise ConfigurationError(f"factor must be a finite number > 0, got {factor!r}.")
+    check_positive(factor=factor)
     x0 = _as_x0(x0)
     batched = x0.ndim == 2
     p = x0.shape[-1]

@@ -206,7 +206,7 @@ def minimize(
         )
     if not bool(torch.isfinite(f).all()):
         raise NonFiniteError(f"F(x0) = {float(f)}; start where fun is finite.")
-    # |F(x0)| out of [2^-128, 2^128]: minimise F times a power of two (exact: the same steps as
+    # |F(x0)| out of [2^-129, 2^128): minimise F times a power of two (exact: the same steps as
     # at |F| ~ 1; g^T g, the CG products and the norms would overflow beyond ~1e154), with gtol
     # scaled alike (it stays a bound on the user's gradient)
     inv = float(_range_scales(f.detach().abs().reshape(())))
