@@ -1599,3 +1599,27 @@ def test_a_robust_loss_on_the_pointwise_route_takes_f_from_its_own_forward_pass(
     _, _, res = curve_fit(f, t, y, p0, loss="cauchy", f_scale=0.1, full_output=True)
     assert bool(res.success.all())
     assert len(columns) <= int(res.nfev.max()) + 3, (len(columns), res.nfev.tolist())
+
+
+def test_a_robust_loss_with_a_given_jac_evaluates_f_once_a_point():
+    """J-hat's row factor needs f at each Jacobian's point, where the core evaluated f one call
+    before: it is taken from there, not evaluated again (25 calls of fun for nfev 11 and njev
+    10 when each Jacobian evaluated f again). The calls: nfev, the check of jac at x0 and the
+    result's residuals; the fit itself is the same as before, bit for bit (both engines)."""
+    t, y = _outliers()
+    y = y[0]
+    calls = []
+
+    def fun(p):
+        calls.append(1)
+        return p[0] * torch.exp(-p[1] * t) + p[2] - y
+
+    def jac(p):
+        e = torch.exp(-p[1] * t)
+        return torch.stack([e, -p[0] * t * e, torch.ones_like(e)], -1)
+
+    res = least_squares(fun, [1.0, 1.0, 0.0], jac=jac, loss="soft_l1", f_scale=0.1)
+    assert res.success and res.njev > 5
+    assert len(calls) <= res.nfev + 5, (len(calls), res.nfev, res.njev)
+    ref = least_squares(fun, [1.0, 1.0, 0.0], loss="soft_l1", f_scale=0.1)  # autograd's J-hat
+    torch.testing.assert_close(res.x, ref.x, rtol=1e-10, atol=1e-12)

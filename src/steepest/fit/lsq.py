@@ -336,6 +336,13 @@ def _run(
         )
 
     transform, factor_l = loss if loss is not None else (None, None)
+    # a robust loss with J from jac_r: J-hat's row factor needs f at the Jacobian's point, where
+    # the core evaluated f one call before (x0, the accepted trial, a stopped fit's x): each
+    # row's last point and weighted f, kept by res_w (not under autograd's route, which takes
+    # the Jacobian of f-hat itself)
+    last = None
+    if factor_l is not None and jac_r is not None:
+        last = (xb.detach().clone(), f0.detach().clone())
     if transform is not None:  # a robust loss: the fit runs on f-hat, 1/2 ||f-hat||^2 = F
         f0 = transform(f0)
     inv = _scales(f0)  # out of range: the fit runs on f and J times a power of two
@@ -345,6 +352,8 @@ def _run(
     def res_w(xs: Tensor, rows: Tensor) -> Tensor:  # weighted (and transformed), user's scale
         out = fun_r(xs, rows)
         out = out * sw[rows] if sw is not None else out
+        if last is not None:
+            last[0][rows], last[1][rows] = xs.detach(), out.detach()
         return transform(out) if transform is not None else out
 
     def res_r(xs: Tensor, rows: Tensor) -> Tensor:  # then scaled (sw inv may overflow)
@@ -377,12 +386,19 @@ def _run(
                 )
             _same_kind(jj, xs, "jac", "the Jacobian")
             jj = jj * sw[rows].unsqueeze(-1) if sw is not None else jj
-            if factor_l is not None:  # J-hat = diag(rho' / sqrt(h)) J, at f (unless the
-                # route gave it, one more evaluation of fun, not counted: the core keeps f-hat)
-                if fw is None:
-                    with torch.no_grad():
-                        fw = fun_r(xs, rows)
-                fw = fw * sw[rows] if sw is not None else fw
+            if last is not None:  # J-hat = diag(rho' / sqrt(h)) J, at f: the route's own f,
+                # or each row's last f where it was last evaluated at xs; the other rows (the
+                # torch core recomputes J on a few rows whose trial failed) evaluated again,
+                # not counted in nfev (the core keeps f-hat)
+                if fw is not None:
+                    fw = fw * sw[rows] if sw is not None else fw
+                else:
+                    fw = last[1][rows]
+                    miss = (last[0][rows] != xs).any(-1)
+                    if bool(miss.any()):
+                        with torch.no_grad():
+                            again = fun_r(xs[miss], rows[miss])
+                        fw[miss] = again * sw[rows[miss]] if sw is not None else again
                 jj = factor_l(fw).unsqueeze(-1) * jj
             return jj * inv[rows][:, None, None] if inv is not None else jj
 
