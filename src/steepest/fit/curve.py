@@ -306,8 +306,9 @@ def curve_fit(
         (default), scale C = f_scale (:func:`least_squares`); pcov is then scipy's formula with
         the robust cost and the Jacobian :math:`\hat J` of the transformed residuals
         (scipy's Jacobian is Triggs' correction: the two pcov differ). The factor of
-        :math:`\hat J` takes f from the evaluation at the Jacobian's point (no further
-        evaluation; the pointwise route has f from its own forward pass).
+        :math:`\hat J` takes f from the last evaluation at the Jacobian's point (rows
+        evaluated elsewhere since, as by the check of jac at x0, are evaluated again; the
+        pointwise route has f from its own forward pass).
     engine : ``"auto"`` (default), ``"torch"`` or ``"numba"``: who runs the algebra between
         the evaluations, as in :func:`least_squares` (numba, where installed, for float64 on
         the CPU without bounds; "auto" takes it for batches of at least 256 curves).

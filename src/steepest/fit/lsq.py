@@ -115,8 +115,9 @@ def least_squares(
         on residuals :math:`\hat f` with :math:`\tfrac12\|\hat f\|^2 = F`
         (:mod:`steepest.fit.loss`); the result's ``cost`` and ``grad`` are F's, ``fun`` the
         residuals f, ``jac`` :math:`\hat J` (as scipy's, a Jacobian whose :math:`J^TJ` is the
-        Gauss-Newton matrix of F); with a given jac, J-hat's row factor takes f from the
-        evaluation at the Jacobian's point (no further evaluation of fun).
+        Gauss-Newton matrix of F); with a given jac, J-hat's row factor takes f from the last
+        evaluation at the Jacobian's point (rows evaluated elsewhere since, as by the check of
+        jac at x0, are evaluated again).
     args, kwargs : extra arguments of fun and of a callable jac, as scipy's:
         ``fun(x, *args, **kwargs)`` (shared by every problem of a batch).
 
