@@ -18,15 +18,45 @@ from steepest.fit import curve_fit, least_squares
 D = torch.float64
 
 
-@pytest.fixture(autouse=True, params=["torch", "numba"])
+#: a test of this file that runs on the torch core alone: a helper's unit test, an input check
+#: raised before any fit, or fits the compiled core does not take (bounds, float32)
+torch_core = pytest.mark.torch_core
+
+
+def pytest_generate_tests(metafunc):
+    """Each test on both engines (see :func:`engine`), one marked :data:`torch_core` on the
+    torch core alone (its "numba" run would repeat the "torch" one under another name)."""
+    one = metafunc.definition.get_closest_marker("torch_core") is not None
+    metafunc.parametrize("engine", ["torch"] if one else ["torch", "numba"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def engine(request, monkeypatch):
     """Every test of this file runs on both engines of least_squares: the torch core, and the
     compiled core (engine="auto" made to take numba from one fit, where it can run: float64 on
-    the CPU, no bounds, M > P; the torch core elsewhere)."""
+    the CPU, no bounds, M >= P; the torch core elsewhere). A "numba" run must reach the
+    compiled core at least once: where it does not, the test fails at teardown and asks for
+    the :data:`torch_core` mark."""
+    ran = []
+    callspec = getattr(request.node, "callspec", None)
+    if request.param == "numba" and callspec and callspec.params.get("device") == "cuda":
+        pytest.skip("the compiled core runs on the CPU: the [torch-cuda] run is this test")
     if request.param == "numba":
         assert steepest.fit.compiled.available(), steepest.fit.compiled._import_error()
         monkeypatch.setattr(steepest.fit.compiled, "AUTO_MIN_BATCH", 1)
-    return request.param
+        core = steepest.fit.compiled._least_squares_compiled
+
+        def counted(*args, **kwargs):
+            ran.append(True)
+            return core(*args, **kwargs)
+
+        monkeypatch.setattr(steepest.fit.compiled, "_least_squares_compiled", counted)
+    yield request.param
+    if request.param == "numba" and not ran:
+        pytest.fail(
+            "this test's numba run never reached the compiled core: it repeats the torch run; "
+            "mark the test @torch_core, or give it a fit that the compiled core takes"
+        )
 
 
 T = torch.linspace(0, 4, 30, dtype=D)
@@ -132,6 +162,7 @@ def test_agrees_with_scipy_lm_and_counts_no_more_evaluations(name):
     assert res.message == steepest.fit.MESSAGES[res.status]
 
 
+@torch_core
 @pytest.mark.parametrize("m", [6, 2])  # full rank, and fewer residuals than parameters
 def test_lmpar_meets_the_radius_against_a_dense_solve(m):
     """MINPACK's lmpar in SVD coordinates: the step -(J^T J + lambda D^2)^-1 J^T f solved
@@ -276,6 +307,7 @@ def test_float32_follows_x0():
 
 
 # ---------------------------------------------------------------------------- bad input
+@torch_core
 def test_errors_name_the_problem():
     fun, x0 = PROBLEMS["expfit"]
     with pytest.raises(NonFiniteError, match="not finite at x0"):
@@ -349,6 +381,7 @@ def test_curve_fit_default_max_nfev_is_lmder_s():
         curve_fit(_decay, t, y, [1.0, 1.0, 0.0])
 
 
+@torch_core
 def test_curve_fit_refuses_an_f_of_the_wrong_shape():
     """Before: xdata and ydata of different lengths gave a bare broadcasting RuntimeError, an f
     returning (N, 1) was reported as 'fun returned shape (30, 30)', and a scalar f 'fitted'."""
@@ -983,6 +1016,7 @@ def test_large_batch_fails_where_the_separate_fit_fails(jacobi, monkeypatch):
     assert bool(res.success[1:].all())
 
 
+@torch_core
 def test_jacobi_svd_has_the_relative_accuracy_of_a_high_precision_svd():
     """The one-sided Jacobi SVD of R (large batches): on graded R (column scales 1e-4 to 1e3)
     every singular value to 1e-14 relative against mpmath's SVD at 50 digits (LAPACK's gesdd
@@ -1017,6 +1051,7 @@ def test_jacobi_svd_has_the_relative_accuracy_of_a_high_precision_svd():
     assert int((s == 0).sum(-1).min()) == 2
 
 
+@torch_core
 def test_jacobi_svd_of_float32_columns_whose_norm_product_overflows():
     """Columns of norm ~1e9 in float32: the product of two squared norms (~1e37 x 1e37)
     overflows; the rotation test must not, or no rotation happens and the column norms are
@@ -1032,6 +1067,7 @@ def test_jacobi_svd_of_float32_columns_whose_norm_product_overflows():
     assert float(((s - ref).abs() / ref).max()) < 1e-5
 
 
+@torch_core
 def test_pointwise_probe_sees_a_coupling_in_a_small_column_next_to_a_large_one():
     """float32, a's column 1e4 times b's, b coupled over the points (a normalisation): one
     tolerance for the whole Jacobian let the coupling through and the fits "succeeded" with b
@@ -1055,6 +1091,7 @@ def test_pointwise_probe_sees_a_coupling_in_a_small_column_next_to_a_large_one()
     assert float(((popt[:, 1:] - bt) / bt).abs().max()) < 1e-2
 
 
+@torch_core
 def test_public_names_stay_importable_from_the_package():
     """steepest.fit became a package (result, core, lsq, curve, newton): every name that was
     importable from the module still is, and the top-level names are the same objects."""
@@ -1090,6 +1127,7 @@ def test_a_formula_that_mixes_rows_of_a_batch_is_vmapped():
     torch.testing.assert_close(popt, truth, rtol=1e-8, atol=1e-8)
 
 
+@torch_core
 @pytest.mark.parametrize("b", [1, 2, 15, 16, 17, 100, 2**24 + 3])
 def test_probe_rows_spread_over_the_batch_within_it(b):
     """The rows compared against vmap in curve_fit's route probe: min(16, B) distinct rows
@@ -1201,6 +1239,7 @@ def test_curve_fit_covariance_at_extreme_scales():
     torch.testing.assert_close(gabs * s**2, pabs, rtol=1e-12, atol=0)
 
 
+@torch_core
 def test_range_scales_are_exact_powers_of_two():
     """core._range_scales: 1 in [2^-128, 2^128] and for 0, inf, NaN; outside, the power of two
     2^-e that brings the entry to [1/2, 1), exactly (subnormal scales included; a subnormal
@@ -1291,6 +1330,7 @@ def test_batched_curve_fit_with_covariances_equals_separate_fits():
             torch.testing.assert_close(shared_c[i], c0, rtol=1e-7, atol=1e-16)
 
 
+@torch_core
 def test_a_bad_covariance_sigma_is_refused_before_the_fit():
     """Named errors: a shape that is neither standard deviations nor covariances, an
     asymmetric or indefinite covariance, non-finite entries."""
@@ -1387,6 +1427,7 @@ RHO = {  # scipy's rho(z), written another way (stable forms)
 }
 
 
+@torch_core
 @pytest.mark.parametrize("name", list(RHO))
 def test_robust_transform_squares_to_the_loss_and_its_factor_is_the_derivative(name):
     """f-hat^2 = C^2 rho(f^2 / C^2) (so 1/2 ||f-hat||^2 = F), the factor is d f-hat / d f (by
@@ -1542,6 +1583,7 @@ def test_a_bad_loss_is_refused_before_any_evaluation():
     assert calls == []
 
 
+@torch_core
 def test_a_robust_loss_with_bounds_reaches_scipy_trf_s_bounded_minimum():
     """loss= with bounds=: the bound on c binds, as in scipy's trf with the same loss (which
     takes bounds and losses together); the same x, cost and active_mask."""
