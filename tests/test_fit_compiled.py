@@ -1,234 +1,27 @@
-"""Tests of the compiled core of steepest.fit (fit/compiled.py, fit/kernels.py): its numba
-kernels against dense references built by torch (LAPACK's QR and SVD, the torch core's
-lmpar), and ``engine="numba"`` against ``engine="torch"``: the same MINPACK algorithm, so the
-same fits to rounding, evaluation for evaluation. Everything float64 on the CPU (the only
-case the compiled core takes)."""
+"""Tests of the compiled core of steepest.fit (fit/compiled.py): ``engine="numba"`` against
+``engine="torch"``, the same MINPACK algorithm, so the same fits to rounding, evaluation for
+evaluation; its driver (parts, threads, the running set). Everything float64 on the CPU (the
+only case the compiled core takes). Its kernels' own tests: test_fit_kernels.py."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numba  # a test dependency: a broken install fails here, not skips
 import numpy as np
 import pytest
 import torch
+from numba_threads import kernels, numba_threads, record
 from reference import seeded
 from scipy import optimize as sopt
 
 import steepest
 from steepest.errors import ConfigurationError
-from steepest.fit import compiled, core, curve_fit, least_squares
-
-kernels = compiled._kernels()
+from steepest.fit import compiled, curve_fit, least_squares
 
 D = torch.float64
-EPS = torch.finfo(D).eps
 METHODS = ["trust-region", "levenberg-marquardt", "gauss-newton"]
 B = 300  # > PARALLEL_MIN and AUTO_MIN_BATCH: the batches below take every compiled route
-
-
-@contextlib.contextmanager
-def numba_threads(n: int):
-    """numba's thread count n for the block (restored after). Where numba has fewer than n
-    threads (NUMBA_NUM_THREADS), the compiled core is told n all the same: its parallel kernels
-    then run their n chunks on the threads there are (the split is what is tested)."""
-    old = numba.get_num_threads()
-    have = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(have)
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            if have < n:
-                mp.setattr(kernels.numba, "get_num_threads", lambda: n)
-            yield
-    finally:
-        numba.set_num_threads(old)
-
-
-def record(mp: pytest.MonkeyPatch, owner, name: str) -> list:
-    """Replace owner.name by a wrapper that counts its calls (in the returned list)."""
-    calls: list = []
-    inner = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        calls.append(1)
-        return inner(*args, **kwargs)
-
-    mp.setattr(owner, name, wrapper)
-    return calls
-
-
-# ------------------------------------------------------------------------ kernels: QR, SVD
-def _matrix(name: str) -> torch.Tensor:
-    """A small matrix J (M, P), M >= P: random ones of several shapes (square ones too), one
-    with an exactly zero column, one with singular values 1 ... 1e-10 (condition 1e10)."""
-    g = seeded(sum(map(ord, name)))
-    if name == "zero-column":
-        j = torch.randn(9, 4, generator=g, dtype=D)
-        j[:, 1] = 0.0
-        return j
-    if name == "ill-conditioned":
-        u = torch.linalg.qr(torch.randn(12, 5, generator=g, dtype=D))[0]
-        v = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=D))[0]
-        return u @ torch.diag(torch.logspace(0, -10, 5, dtype=D)) @ v.T
-    m, p = map(int, name.split("x"))
-    return torch.randn(m, p, generator=g, dtype=D) * torch.logspace(0, 1, p, dtype=D)
-
-
-MATRICES = ["2x1", "5x2", "8x3", "7x6", "30x4", "3x3", "5x5", "zero-column", "ill-conditioned"]
-
-
-@pytest.mark.parametrize("name", MATRICES)
-def test_qr_kernel_equals_lapack_qr_up_to_row_signs(name):
-    """kernels._qr on [J f]^T: R equals LAPACK's R (torch.linalg.qr) up to the sign of each
-    row, to rounding of ||J||; Q^T f equals LAPACK's Q^T f with the same signs where J is well
-    conditioned (where it is not, the late columns of Q are ill-determined: there the
-    identities R^T (Q^T f) = J^T f and ||Q^T f||^2 + rho^2 = ||f||^2 are checked instead,
-    for every matrix). An exactly zero column of J stays an exactly zero column of R."""
-    j = _matrix(name)
-    m, p = j.shape
-    f = torch.randn(m, generator=seeded(7), dtype=D)
-    at = np.ascontiguousarray(torch.cat([j, f[:, None]], 1).T.numpy())
-    kernels._qr(at, p)
-    r = torch.from_numpy(np.triu(at[:p, :p].T).copy())
-    qtf = torch.from_numpy(at[p, :p].copy())
-    rho = float(np.linalg.norm(at[p, p:]))
-    q_ref, r_ref = torch.linalg.qr(j)
-    sign = torch.sign((r * r_ref).sum(1))
-    sign = torch.where(sign == 0, 1.0, sign)
-    jn, fn = float(torch.linalg.matrix_norm(j, 2)), float(f.norm())
-    tol = 10 * m * EPS
-    assert float((r - sign[:, None] * r_ref).abs().max()) <= tol * jn
-    assert float((r.T @ qtf - j.T @ f).abs().max()) <= tol * jn * fn
-    assert float(qtf.norm()) ** 2 + rho**2 == pytest.approx(fn**2, rel=tol)
-    zero = (j == 0).all(0)
-    if float(torch.linalg.cond(j[:, ~zero])) < 1e3:  # (a zero column: Q's is the algorithm's)
-        assert float((qtf - sign * (q_ref.T @ f)).abs().max()) <= tol * fn
-    assert bool((r[:, zero] == 0).all())
-    if name == "zero-column":
-        assert bool(zero.any())
-
-
-def _svd_ref_check(j: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
-    """s (P,) and V^T (P, P) of one matrix j (M, P), unsorted, against LAPACK's SVD: the sorted
-    singular values to 20 max(M, P) eps s_max (measured: 2 eps s_max); each right singular
-    vector, matched up to sign, within 20 max(M, P) times Davis-Kahan's eps s_max / gap
-    (measured: 9 times at condition 1e10); and, with no reference, V orthogonal and JV with
-    orthogonal columns of norms s to 1e-12 s_max (an SVD of J)."""
-    m, p = j.shape
-    _, s_ref, vh_ref = torch.linalg.svd(j, full_matrices=False)
-    order = torch.argsort(s, descending=True)
-    s, vh = s[order], vh[order]
-    smax = float(s_ref[0])
-    tol = 20 * max(m, p) * EPS
-    assert float((s - s_ref).abs().max()) <= tol * smax
-    for i in range(p):
-        gap = (
-            float(torch.cat([s_ref[:i], s_ref[i + 1 :]]).sub(s_ref[i]).abs().min()) if p > 1 else 1
-        )
-        sgn = 1.0 if float(vh[i] @ vh_ref[i]) >= 0 else -1.0
-        err = float((sgn * vh[i] - vh_ref[i]).norm())
-        assert err <= tol * smax / gap, (i, err, gap)
-    torch.testing.assert_close(vh @ vh.T, torch.eye(p, dtype=D), rtol=0, atol=20 * p * EPS)
-    g = j @ vh.T
-    assert float((g.norm(dim=0) - s).abs().max()) <= 1e-12 * smax
-    off = g.T @ g - torch.diag(g.norm(dim=0) ** 2)
-    assert float(off.abs().max()) <= 1e-12 * smax**2
-
-
-@pytest.mark.parametrize("name", MATRICES)
-def test_svd_values_equal_lapack_svd(name):
-    """compiled.svd_values (Householder QR, one-sided Jacobi on R) against
-    torch.linalg.svd: see _svd_ref_check; the zero column gives a singular value exactly 0
-    whose right singular vector is exactly e_1 (the Jacobi rotations never touch it)."""
-    j = _matrix(name)
-    s, vh, ok = compiled.svd_values(j[None].contiguous())
-    assert bool(ok.all())
-    assert s.shape == (1, j.shape[1]) and vh.shape == (1, j.shape[1], j.shape[1])
-    _svd_ref_check(j, s[0], vh[0])
-    if name == "zero-column":
-        k = int(torch.argmin(s[0]))
-        assert float(s[0, k]) == 0.0 and bool((vh[0, k].abs() == torch.eye(4, dtype=D)[1]).all())
-
-
-def test_svd_values_parallel_path_equals_the_serial_path_bitwise():
-    """A batch of PARALLEL_MIN or more matrices is split among numba's threads
-    (kernels._svd_rows_parallel, seen to run): bitwise the serial path's result, which
-    _svd_ref_check holds to LAPACK's SVD (every 29th matrix of a mixed batch: random,
-    condition 1e6, an exactly zero column); and split into 3 uneven chunks, every row is
-    written (the outputs start NaN)."""
-    n = compiled.PARALLEL_MIN + 45
-    g = seeded(11)
-    jac = torch.randn(n, 20, 3, generator=g, dtype=D) * torch.logspace(0, 3, 3, dtype=D)
-    jac[::7, :, 2] *= 1e-9  # ill-conditioned ones
-    jac[3::11, :, 1] = 0.0  # exactly zero columns
-    with numba_threads(1):
-        s1, v1, _ = compiled.svd_values(jac)
-    with pytest.MonkeyPatch.context() as mp, numba_threads(2):
-        calls = record(mp, kernels, "_svd_rows_parallel")
-        s2, v2, _ = compiled.svd_values(jac)
-    assert calls == [1]
-    assert torch.equal(s1, s2) and torch.equal(v1, v2)
-    for i in range(0, n, 29):
-        _svd_ref_check(jac[i], s1[i], v1[i])
-    # an uneven split (3 chunks of 301 rows)
-    a = np.ascontiguousarray(jac.numpy())
-    s3, v3 = np.full((n, 3), np.nan), np.full((n, 3, 3), np.nan)
-    ok3 = np.zeros(n, dtype=np.bool_)
-    kernels._svd_rows_parallel(3, a, s3, v3, ok3)
-    assert np.array_equal(s3, s1.numpy()) and np.array_equal(v3, v1.numpy()) and ok3.all()
-
-
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_svd_values_flags_a_matrix_that_is_not_finite(bad):
-    """compiled.svd_values reports per matrix whether all its entries are finite (curve_fit's
-    pcov is inf where not): one entry NaN or +-inf in matrix 1 of 3 flags it alone, gives it
-    s = 0 and V = I (finite: no NaN leaks into the batch's arithmetic), and leaves the
-    others' values equal to those of a batch without it."""
-    jac = torch.randn(3, 9, 3, generator=seeded(12), dtype=D)
-    s0, v0, _ = compiled.svd_values(jac)
-    jac[1, 4, 2] = bad
-    s, vh, ok = compiled.svd_values(jac)
-    assert ok.tolist() == [True, False, True]
-    assert bool((s[1] == 0).all()) and torch.equal(vh[1], torch.eye(3, dtype=D))
-    for i in (0, 2):
-        assert torch.equal(s[i], s0[i]) and torch.equal(vh[i], v0[i])
-
-
-# ------------------------------------------------------------------------------- kernels: lmpar
-@pytest.mark.parametrize("rank_deficient", [False, True])
-def test_lmpar_kernel_equals_the_torch_lmpar(rank_deficient):
-    """kernels._lmpar (one fit at a time) against core._lmpar (batched torch) on the same
-    factorisation (core._factor of random J D^-1 and f, columns scaled 1, 1e-3, 1e3): the same
-    lambda and w(lambda) to 1e-12 relative, for radii from 2 to 1e-6 times the Gauss-Newton
-    step (lambda = 0 where it fits, Newton's iterations where it is too long) and previous
-    lambdas from 0 to 1e6; rank deficient: an exactly zero column, dropped (mu = inf)."""
-    n, m, p = 6, 8, 3
-    g = seeded(3 + rank_deficient)
-    j = torch.randn(n, m, p, generator=g, dtype=D) * torch.tensor([1.0, 1e-3, 1e3], dtype=D)
-    if rank_deficient:
-        j[:, :, 1] = 0.0
-    f = torch.randn(n, m, generator=g, dtype=D)
-    acnorm = j.norm(dim=1)
-    d = torch.where(acnorm > 0, acnorm, 1.0)
-    fac = core._factor(j / d[:, None], f, 0.0, acnorm == 0)
-    assert bool(torch.isinf(fac.mu).any()) == rank_deficient
-    radius = fac.gn_norm * torch.tensor([2.0, 1.05, 0.5, 0.1, 1e-3, 1e-6], dtype=D)
-    seen_zero = seen_newton = False
-    for par0 in (0.0, 1e-9, 0.3, 1e6):
-        par = torch.full((n,), par0, dtype=D)
-        lam_ref, w_ref = core._lmpar(fac, radius, par)
-        for b in range(n):
-            w = np.empty(p)
-            row = [np.ascontiguousarray(t[b].numpy()) for t in (fac.mu, fac.c, fac.gn)]
-            scal = [float(t[b]) for t in (fac.gn_norm, fac.gnorm, fac.lo, radius, par)]
-            lam = kernels._lmpar(*row, *scal, w)
-            ref = float(lam_ref[b])
-            assert lam == pytest.approx(ref, rel=1e-12, abs=0), (par0, b)
-            np.testing.assert_allclose(w, w_ref[b].numpy(), rtol=0, atol=1e-12 * np.linalg.norm(w))
-            seen_zero |= ref == 0
-            seen_newton |= ref > 0
-    assert seen_zero and seen_newton
 
 
 # ------------------------------------------------------------------------------- the problems
@@ -810,26 +603,6 @@ def test_the_rows_of_the_running_set_stay_one_tensor_while_the_due_ones_differ()
     assert out["nfev"].tolist() == [40, 40]  # both ran to max_nfev: the set never changed
     assert any(r.numel() == 1 for r in seen_j)  # one accepted, one rejected, at least once
     assert all(r is seen_f[0] for r in seen_f)
-
-
-@pytest.mark.parametrize("scale", [1e160, 1e-160])
-def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
-    """The QR's reflectors are formed from ratios of a column's entries (LAPACK's dlarfg), and
-    Jacobi scales its columns by a power of two before summing squares: at entries of 1e160
-    (the sums of squares would overflow: NaN singular values before) and 1e-160 (the
-    reflector's v^T v was subnormal: 1e-5 relative accuracy before) the singular values equal
-    LAPACK's to rounding, and R's diagonal equals LAPACK's in magnitude."""
-    j = torch.randn(6, 12, 3, dtype=D, generator=seeded(5)) * scale
-    s, _, _ = compiled.svd_values(j)
-    ref = torch.linalg.svdvals(j)
-    assert bool(torch.isfinite(s).all())
-    err = (s.sort(-1, descending=True).values - ref).abs() / ref[:, :1]
-    assert float(err.max()) < 1e-14
-    at = np.ascontiguousarray(torch.cat([j[0], torch.zeros(12, 1, dtype=D)], 1).T.numpy())
-    kernels._qr(at, 3)
-    r_ref = torch.linalg.qr(j[0], mode="r")[1]
-    diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
-    torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)
 
 
 # ------------------------------------------------------------------------ a batch in parts
