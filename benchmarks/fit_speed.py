@@ -18,7 +18,11 @@ Three measurements, each side by side in one process (median and spread of repea
    counted in nfev), and ``lmder-jac``: steepest given the same Jacobian in torch
    (``curve_fit(jac=)``) against the same lmder loop, like with like. Then ``tail``: the fits
    that ran to max_nfev, fitted alone as one batch (the sequential iterations that bound the
-   batch's time), in ms per iteration.
+   batch's time), in ms per iteration. And ``defaults``, each library's default call as a new
+   user times it, from the same repeats: steepest's ``curve_fit(f, x, Y, p0)`` (the lmder
+   pair's run: autograd Jacobian, max_nfev 100 (P + 1)) against the loop of scipy's
+   ``curve_fit(f, x, y, p0)`` (the lmdif pair's loop: forward differences, maxfev 200 (P + 1)
+   counting them, so about 200 iterations where steepest's limit allows 400).
 
 Usage (from the repository root)::
 
@@ -260,6 +264,22 @@ def bench_batched(b: int, repeats: int, engines: list[str]) -> dict:
                 **summary(tail_t),
                 "ms_per_iteration_median": 1e3 * statistics.median(tail_t) / (n_max[kind] - 1),
             }
+    # each library's default call, as a new user times it: steepest's curve_fit(f, x, Y, p0)
+    # (the autograd Jacobian, max_nfev 100 (P + 1): the lmder pair's run) against the loop of
+    # scipy's curve_fit(f, x, y, p0) (lmdif: the lmdif pair's loop), from the same repeats
+    ref_t = times["lmdif"]["scipy_loop"]
+    result["defaults"] = {
+        "steepest_call": "curve_fit(f, x, Y, p0) (the lmder pair's run)",
+        "scipy_call": "curve_fit(f, x, y, p0) (the lmdif pair's loop)",
+        "scipy_loop": summary(ref_t),
+    }
+    for e in engines:
+        ours_t = times["lmder"][e]
+        result["defaults"][e] = {
+            **summary(ours_t),
+            "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
+            "speedups": [r / o for r, o in zip(ref_t, ours_t, strict=True)],
+        }
     return result
 
 
@@ -391,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  floor {v['floor']['median_s']:.3f} s (bound {v['floor']['speedup_bound']:.1f}x; "
             f"without the QR {v['floor']['no_qr_median_s']:.3f} s, "
             f"{v['floor']['speedup_bound_no_qr']:.1f}x)"
+        )
+    v = result["batched"]["defaults"]
+    for e in engines:
+        print(
+            f"batched defaults ({e}): steepest {v[e]['median_s']:.3f} s, scipy loop "
+            f"{v['scipy_loop']['median_s']:.3f} s, speedup {v[e]['speedup_median']:.2f}x"
         )
     result["machine"]["loadavg_end"] = os.getloadavg()
     if args.out:
