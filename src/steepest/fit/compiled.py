@@ -242,7 +242,9 @@ def _least_squares_compiled(
 
     def spans(n: int):
         """The parts (i, k) of a set of n rows, each evaluated and processed in turn."""
-        return ((i, min(i + size, n)) for i in range(0, n, size))
+        if n <= size:  # one part, or none
+            return ((0, n),) if n else ()
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
 
     def part(idx: np.ndarray, i: int, k: int) -> Tensor:
         """The rows idx[i:k] as a tensor: the held one when the part is the whole set."""
@@ -253,9 +255,10 @@ def _least_squares_compiled(
         the route formed it so (the kernel reads either; a copy to (n, M, P) cost ~5 ms for
         10,000 fits of 50 points)."""
         j = jac_r(torch.from_numpy(xs), part(idx, i, k)).detach()
-        cols = j.permute(2, 0, 1)
-        if j.dtype == torch.float64 and cols.is_contiguous() and not j.is_contiguous():
-            return cols.numpy(), True
+        if j.dtype == torch.float64 and not j.is_contiguous():
+            cols = j.permute(2, 0, 1)
+            if cols.is_contiguous():
+                return cols.numpy(), True
         return np.ascontiguousarray(j.numpy(), dtype=np.float64), False
 
     def retire(done: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -285,7 +288,7 @@ def _least_squares_compiled(
                       codes[i:k], stale, acn[i:k])  # fmt: skip
             if at_x0:
                 _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
-            if codes.any():  # codes are per due fit: onto the running set
+            if np.count_nonzero(codes):  # codes are per due fit: onto the running set
                 full = np.zeros(bsz, dtype=np.int64)
                 full[due] = codes
                 codes = full[act]

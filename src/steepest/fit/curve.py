@@ -206,8 +206,11 @@ def _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread,
             f"per point of ydata, a column per parameter (scipy's layout)."
         )
 
+    def jres_cols(cols, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
+        return _weigh(jac(xx, *cols), ss, cov, columns=True)
+
     def jres(pp: Tensor, xx: Tensor, yy: Tensor, ss: Tensor | None) -> Tensor:
-        return _weigh(jac(xx, *pp.unbind(-1)), ss, cov, columns=True)
+        return jres_cols(pp.unbind(-1), xx, yy, ss)
 
     if not batched:
 
@@ -219,7 +222,8 @@ def _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread,
     if spread and _broadcasts(jres, vjres, xb, args, box):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
-            return _evaluate(lambda q: jres(q.unsqueeze(-2), *args(rows, False)), pp, "jac")
+            # the columns (B, 1) as views, one torch call (not unsqueeze, then unbind)
+            return _evaluate(lambda q: jres_cols(q.split(1, -1), *args(rows, False)), pp, "jac")
 
         return jac_r
 
@@ -417,7 +421,7 @@ def curve_fit(
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
-                return _evaluate(lambda q: resid(q.unsqueeze(-2), *args(rows)), pp)
+                return _evaluate(lambda q: resid_cols(q.split(1, -1), *args(rows)), pp)
 
     else:
 
