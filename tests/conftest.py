@@ -25,3 +25,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report kept on its test (``item.rep_setup``, ``rep_call``), so that a
+    fixture's teardown can tell whether the test ran to its end (test_fit.py's engine check)."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep

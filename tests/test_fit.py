@@ -34,9 +34,9 @@ def pytest_generate_tests(metafunc):
 def engine(request, monkeypatch):
     """Every test of this file runs on both engines of least_squares: the torch core, and the
     compiled core (engine="auto" made to take numba from one fit, where it can run: float64 on
-    the CPU, no bounds, M >= P; the torch core elsewhere). A "numba" run must reach the
-    compiled core at least once: where it does not, the test fails at teardown and asks for
-    the :data:`torch_core` mark."""
+    the CPU, no bounds, M >= P; the torch core elsewhere). A "numba" run that passes must have
+    reached the compiled core at least once: where it did not, the test fails at teardown and
+    asks for the :data:`torch_core` mark."""
     ran = []
     callspec = getattr(request.node, "callspec", None)
     if request.param == "numba" and callspec and callspec.params.get("device") == "cuda":
@@ -52,7 +52,8 @@ def engine(request, monkeypatch):
 
         monkeypatch.setattr(steepest.fit.compiled, "_least_squares_compiled", counted)
     yield request.param
-    if request.param == "numba" and not ran:
+    done = getattr(request.node, "rep_call", None)  # a test that failed or skipped: as it is
+    if request.param == "numba" and not ran and done is not None and done.passed:
         pytest.fail(
             "this test's numba run never reached the compiled core: it repeats the torch run; "
             "mark the test @torch_core, or give it a fit that the compiled core takes"

@@ -38,11 +38,12 @@ def _sample(b: int, device) -> Tensor:
     return torch.arange(n, device=device) * (b - 1) // max(n - 1, 1)
 
 
-def _broadcasts(resid, vres, x0: Tensor, args, box) -> bool:
-    """Whether ``resid`` called once on the parameter columns (B, 1, P) of the whole batch
-    gives what the vmapped one-curve residual gives, on the rows :func:`_sample` (``args(rows)``:
-    the data of those rows), at a point near x0 where the rows differ (so a formula that mixes
-    rows, e.g. through a sum over the batch, is caught): then the batch needs no vmap."""
+def _broadcasts(resid_cols, vres, x0: Tensor, args, box) -> bool:
+    """Whether ``resid_cols`` called once on the P parameter columns (B, 1) of the whole batch
+    (``split``, as the route calls it) gives what the vmapped one-curve residual gives, on the
+    rows :func:`_sample` (``args(rows)``: the data of those rows), at a point near x0 where the
+    rows differ (so a formula that mixes rows, e.g. through a sum over the batch, is caught):
+    then the batch needs no vmap."""
     sample = _sample(x0.shape[0], x0.device)
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
@@ -51,7 +52,8 @@ def _broadcasts(resid, vres, x0: Tensor, args, box) -> bool:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             want = vres(probe[sample], *args(sample))
-            got = resid(probe.unsqueeze(-2), *args(torch.arange(x0.shape[0], device=x0.device)))
+            every = torch.arange(x0.shape[0], device=x0.device)
+            got = resid_cols(probe.split(1, -1), *args(every))
             if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
                 return False
             got = got[sample]
@@ -219,7 +221,7 @@ def _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread,
 
         return jac_r
     vjres = torch.func.vmap(jres, in_dims=dims)
-    if spread and _broadcasts(jres, vjres, xb, args, box):
+    if spread and _broadcasts(jres_cols, vjres, xb, args, box):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             # the columns (B, 1) as views, one torch call (not unsqueeze, then unbind)
@@ -417,7 +419,7 @@ def curve_fit(
 
         # f elementwise in its parameters: called once on the columns (B, 1) of the batch (no
         # vmap: 0.04 ms against 0.7 ms for 13 curves of 50 points)
-        spread = _broadcasts(resid, vres, x0, args, box)
+        spread = _broadcasts(resid_cols, vres, x0, args, box)
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
