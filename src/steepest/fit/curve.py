@@ -38,12 +38,19 @@ def _sample(b: int, device) -> Tensor:
     return torch.arange(n, device=device) * (b - 1) // max(n - 1, 1)
 
 
+def _columns(pp: Tensor) -> tuple[Tensor, ...]:
+    """The P parameter columns (B, 1) of a batch pp (B, P), as views, in one torch call
+    (``chunk``: 3.3 us on 13 fits; ``split`` goes through a Python wrapper, 6.1 us;
+    ``unsqueeze`` then ``unbind``, 3.7 us)."""
+    return pp.chunk(pp.shape[-1], -1)
+
+
 def _broadcasts(resid_cols, vres, x0: Tensor, args, box) -> bool:
     """Whether ``resid_cols`` called once on the P parameter columns (B, 1) of the whole batch
-    (``split``, as the route calls it) gives what the vmapped one-curve residual gives, on the
-    rows :func:`_sample` (``args(rows)``: the data of those rows), at a point near x0 where the
-    rows differ (so a formula that mixes rows, e.g. through a sum over the batch, is caught):
-    then the batch needs no vmap."""
+    (:func:`_columns`, as the route calls it) gives what the vmapped one-curve residual gives,
+    on the rows :func:`_sample` (``args(rows)``: the data of those rows), at a point near x0
+    where the rows differ (so a formula that mixes rows, e.g. through a sum over the batch, is
+    caught): then the batch needs no vmap."""
     sample = _sample(x0.shape[0], x0.device)
     g = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
@@ -53,7 +60,7 @@ def _broadcasts(resid_cols, vres, x0: Tensor, args, box) -> bool:
             warnings.simplefilter("ignore")
             want = vres(probe[sample], *args(sample))
             every = torch.arange(x0.shape[0], device=x0.device)
-            got = resid_cols(probe.split(1, -1), *args(every))
+            got = resid_cols(_columns(probe), *args(every))
             if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
                 return False
             got = got[sample]
@@ -223,8 +230,7 @@ def _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread,
     if spread and _broadcasts(jres_cols, vjres, xb, args, box):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
-            # the columns (B, 1) as views, one torch call (not unsqueeze, then unbind)
-            return _evaluate(lambda q: jres_cols(q.split(1, -1), *args(rows, False)), pp, "jac")
+            return _evaluate(lambda q: jres_cols(_columns(q), *args(rows, False)), pp, "jac")
 
         return jac_r
 
@@ -422,7 +428,7 @@ def curve_fit(
         if spread:
 
             def fun_r(pp: Tensor, rows: Tensor) -> Tensor:  # noqa: F811
-                return _evaluate(lambda q: resid_cols(q.split(1, -1), *args(rows)), pp)
+                return _evaluate(lambda q: resid_cols(_columns(q), *args(rows)), pp)
 
     else:
 
