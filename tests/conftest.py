@@ -30,7 +30,8 @@ def one_thread():
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     """Each phase's report kept on its test (``item.rep_setup``, ``rep_call``), so that a
-    fixture's teardown can tell whether the test ran to its end (test_fit.py's engine check)."""
+    fixture's teardown can tell whether the test ran to its end (test_fit.py's engine check).
+    A new-style hook wrapper (``wrapper=True``): pytest 8 or later."""
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
