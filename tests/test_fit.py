@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1090,6 +1092,32 @@ def test_pointwise_probe_sees_a_coupling_in_a_small_column_next_to_a_large_one()
         alone, _ = curve_fit(f, x, y[i], p0[i])
         torch.testing.assert_close(popt[i], alone, rtol=1e-3, atol=0)
     assert float(((popt[:, 1:] - bt) / bt).abs().max()) < 1e-2
+
+
+@torch_core
+def test_the_first_curve_fit_of_a_process_does_not_import_sympy():
+    """The autograd routes start their backward passes from a scalar: a tensor given as
+    ``grad_outputs`` makes torch check its shape through torch.fx's symbolic shapes, whose
+    first import loads sympy (0.35-0.5 s: the first fit of a process took 0.37 s, then
+    0.02 s). In a fresh process, a single and a batched curve_fit (the pointwise probe and
+    Jacobian) must not import what ``import torch, steepest`` did not (fails with
+    ``grad_outputs=torch.ones_like(r)`` in _pointwise_jac)."""
+    code = (
+        "import sys, torch, steepest\n"
+        "before = 'sympy' in sys.modules\n"
+        "x = torch.linspace(0, 4, 30, dtype=torch.float64)\n"
+        "y = 2 * torch.exp(-1.3 * x) + 0.5\n"
+        "f = lambda x, a, b, c: a * torch.exp(-b * x) + c\n"
+        "steepest.curve_fit(f, x, y, [1.0, 1.0, 0.0], engine='torch')\n"
+        "p0 = torch.tensor([[1.0, 1.0, 0.0]] * 3, dtype=torch.float64)\n"
+        "steepest.curve_fit(f, x, y.expand(3, 30).clone(), p0, engine='torch')\n"
+        "print(before, 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    before, after = out.stdout.split()
+    assert after == before, out.stdout
 
 
 @torch_core

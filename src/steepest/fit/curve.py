@@ -140,15 +140,17 @@ def _pointwise_jac(resid_cols, pp: Tensor, args: tuple, with_f: bool = False):
     compiled core reads it so without a copy). Torch 2.13, curves of 50 points, against P
     leaves of shape (n, N) (bitwise the same J): 13 curves 93 against 112 us, 1,747 curves
     1.01-1.03x the time on one thread, 0.94x on two (scratch timings, 7-15 rounds); 13 curves
-    against M vmapped vjps: 0.25 against 0.9 ms. ``with_f``: (J, r), the residuals of the same
-    forward pass too (a robust loss' factor of :math:`\hat J` needs them)."""
+    against M vmapped vjps: 0.25 against 0.9 ms. The backward pass starts from the scalar
+    :math:`\sum r` (bitwise the same J as ``grad_outputs=ones``): torch checks the shape of
+    a given ``grad_outputs`` through its symbolic-shapes module, whose first import loads sympy
+    (0.35-0.5 s, the first fit of a process: 0.37 s then, 0.02 s without; 3-6 % more time
+    an iteration in a 13-fit tail for the extra reduction). ``with_f``: (J, r), the residuals
+    of the same forward pass too (a robust loss' factor of :math:`\hat J` needs them)."""
     n, p = pp.shape
     leaf = pp.T.unsqueeze(-1).expand(p, n, args[1].shape[-1]).clone().requires_grad_()
     with torch.enable_grad():
         r = resid_cols(leaf.unbind(0), *args)
-        (grad,) = torch.autograd.grad(
-            r, leaf, torch.ones_like(r), allow_unused=True, materialize_grads=True
-        )
+        (grad,) = torch.autograd.grad(r.sum(), leaf, allow_unused=True, materialize_grads=True)
     jac = grad.permute(1, 2, 0)
     return (jac, r.detach()) if with_f else jac
 
@@ -176,7 +178,9 @@ def _is_pointwise(resid_cols, vres, x0: Tensor, args: tuple, m: int, box=None) -
             out = vres(leaf, *args)
             if out.shape != u.shape:
                 return False
-            (ref,) = torch.autograd.grad(out, leaf, u, allow_unused=True, materialize_grads=True)
+            (ref,) = torch.autograd.grad(  # from a scalar, as _pointwise_jac (no sympy)
+                (out * u).sum(), leaf, allow_unused=True, materialize_grads=True
+            )
             got = _pointwise_jac(resid_cols, probe, args)
     except Exception:  # any failure: keep the torch.func route
         return False
