@@ -202,7 +202,7 @@ def _is_pointwise(resid_cols, vres, x0: Tensor, args: tuple, m: int, box=None) -
     return bool(((u.unsqueeze(-1) * got).sum(1) - ref).abs().le(bound).all())
 
 
-def _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box):
+def _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box):
     """``jac_r(pp, rows)`` of curve_fit's ``jac=`` (of the residuals: divided by sigma, or
     :math:`L^{-1}J` for a covariance, :func:`_weigh`), after a
     check of its shape on the first curve at p0: a batch calls it once with the parameter
@@ -461,7 +461,7 @@ def curve_fit(
             return _pointwise_jac(resid_cols, pp, args(rows), with_f=rob is not None)
 
     elif jac is not None:
-        jac_r = _user_jac(jac, resid, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box)
+        jac_r = _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, box)
 
     given = jac is not None
 
