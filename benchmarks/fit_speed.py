@@ -85,6 +85,18 @@ def summary(times: list[float]) -> dict:
     }
 
 
+def speedups(ref_t: list[float], ours_t: list[float]) -> dict:
+    """scipy's times over ours, repeat by repeat: the ratio of the medians, each repeat's ratio,
+    and their median (each pair ran within seconds, in one phase of a VM whose speed drifts;
+    the ratio of the medians mixes phases)."""
+    pairs = [r / o for r, o in zip(ref_t, ours_t, strict=True)]
+    return {
+        "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
+        "speedups": pairs,
+        "speedup_per_pair_median": statistics.median(pairs),
+    }
+
+
 def decay_data(b: int, n: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     t = torch.linspace(0, 5, n, dtype=D)
@@ -226,13 +238,7 @@ def bench_batched(b: int, repeats: int, engines: list[str]) -> dict:
             both = res.success.numpy() & np.isfinite(ref).all(1)
             result[kind][e] = {
                 **summary(ours_t),
-                "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
-                "speedups": [r / o for r, o in zip(ref_t, ours_t, strict=True)],
-                # the median of the per-repeat ratios: each pair ran within seconds, in one
-                # phase of a VM whose speed drifts (the ratio of medians mixes phases)
-                "speedup_per_pair_median": statistics.median(
-                    r / o for r, o in zip(ref_t, ours_t, strict=True)
-                ),
+                **speedups(ref_t, ours_t),
                 "success": int(res.success.sum()),
                 "nfev_mean": float(res.nfev.float().mean()),
                 "nfev_max": int(res.nfev.max()),
@@ -280,14 +286,7 @@ def bench_batched(b: int, repeats: int, engines: list[str]) -> dict:
     }
     for e in engines:
         ours_t = times["lmder"][e]
-        result["defaults"][e] = {
-            **summary(ours_t),
-            "speedup_median": statistics.median(ref_t) / statistics.median(ours_t),
-            "speedups": [r / o for r, o in zip(ref_t, ours_t, strict=True)],
-            "speedup_per_pair_median": statistics.median(
-                r / o for r, o in zip(ref_t, ours_t, strict=True)
-            ),
-        }
+        result["defaults"][e] = {**summary(ours_t), **speedups(ref_t, ours_t)}
     return result
 
 
