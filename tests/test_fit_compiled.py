@@ -697,6 +697,28 @@ def test_a_batch_in_parts_is_bitwise_the_batch_in_one_part(method):
             assert_same_bits(whole[key], parts[key], f"{key}, parts of {size}")
 
 
+@pytest.mark.parametrize("columns", [False, True])
+def test_the_result_jac_is_j_at_x_for_every_kind_of_stop(columns):
+    """The kernels keep no copy of J between stages: J of a fit that stops at a Jacobian
+    stage (gtol, a non-finite J) is stored there; every fit that stops after a trial, its
+    last step accepted (J never evaluated at x) or rejected (J at x evaluated before), has J
+    evaluated at its x again. Either way the result's jac is bitwise jac_r at the result's x
+    (NaN where J is not finite), in both layouts of J, and njev counts none of the extra
+    evaluations (nit <= njev <= nit + 1)."""
+    fun_r, jac_r, x0, f0 = _rowwise(301, seed=33, columns=columns)
+    out = compiled._least_squares_compiled(
+        fun_r, x0, f0, jac_r, "trust-region", 1e-10, 1e-10, 1e-12, 60, 100.0
+    )
+    assert set(out["status"].tolist()) >= ALL_STOPS
+    after_trial = out["status"] != 1
+    after_trial &= out["status"] != -1
+    accepted = out["njev"] == out["nit"]  # the last step accepted: J not evaluated at x
+    assert bool((after_trial & accepted).any()) and bool((after_trial & ~accepted).any())
+    assert bool(((out["nit"] <= out["njev"]) & (out["njev"] <= out["nit"] + 1)).all())
+    want = jac_r(out["x"], torch.arange(301))
+    assert_same_bits(out["jac"], want.contiguous(), "jac")
+
+
 @pytest.mark.parametrize("size, threads", [(None, 1), (256, 2)])
 def test_a_jacobian_in_columns_is_read_without_a_copy_and_gives_the_same_fit(size, threads):
     """jac_r's J as a view of a contiguous (P, n, M) tensor (curve_fit's pointwise route)
