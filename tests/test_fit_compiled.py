@@ -6,7 +6,6 @@ only case the compiled core takes). Its kernels' own tests: test_fit_kernels.py.
 from __future__ import annotations
 
 import math
-import threading
 
 import numba  # a test dependency: a broken install fails here, not skips
 import numpy as np
@@ -809,55 +808,3 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
     both = vec.success & vec_one.success
     assert int(both.sum()) >= n // 2
     torch.testing.assert_close(vec.x[both], vec_one.x[both], rtol=0, atol=1e-8)
-
-
-# ------------------------------------------------- curve_fit's covariance SVDs on a thread
-def _svd_threads(mp: pytest.MonkeyPatch) -> list:
-    """Record the name of the thread of every call of kernels._svd_rows."""
-    names: list = []
-    inner = kernels._svd_rows
-
-    def spy(*args):
-        names.append(threading.current_thread().name)
-        return inner(*args)
-
-    mp.setattr(kernels, "_svd_rows", spy)
-    return names
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_stopped_fits_svds_are_bitwise_those_of_svd_values(threads):
-    """With ``svd=True`` the driver returns the SVD of each fit's final J: on two threads
-    those of the fits stopped when the running set falls below PARALLEL_MIN are taken on a
-    thread of their own while the last fits (the lines, run to max_nfev) iterate, the rest
-    at the end; on one thread, no thread is started. Either way (s, V^T, finite) are
-    bitwise compiled.svd_values of the result's J (non-finite J included: s = 0, V = I)."""
-    fun_r, jac_r, x0, f0 = _rowwise(700, seed=34)
-    with pytest.MonkeyPatch.context() as mp, numba_threads(threads):
-        names = _svd_threads(mp)
-        out = compiled._least_squares_compiled(
-            fun_r, x0, f0, jac_r, "trust-region", 1e-10, 1e-10, 1e-12, 60, 100.0, None, True
-        )
-    assert set(out["status"].tolist()) >= ALL_STOPS
-    on_thread = [n for n in names if n == "steepest-pcov-svd"]
-    assert bool(on_thread) == (threads == 2)
-    s, vh, ok = compiled.svd_values(out["jac"])
-    assert torch.equal(out["svd"][0], s) and torch.equal(out["svd"][1], vh)
-    assert torch.equal(out["svd"][2], ok) and not bool(ok.all())
-
-
-def test_an_error_on_the_svd_thread_is_raised_by_the_fit(monkeypatch):
-    """An exception in the SVD thread is not lost: the fit raises it when it ends."""
-    fun_r, jac_r, x0, f0 = _rowwise(700, seed=34)
-
-    def broken(*args):
-        if threading.current_thread().name == "steepest-pcov-svd":
-            raise FloatingPointError("on the thread")
-        raise AssertionError("the thread should have failed first")
-
-    with numba_threads(2):
-        monkeypatch.setattr(kernels, "_svd_rows", broken)
-        with pytest.raises(FloatingPointError, match="on the thread"):
-            compiled._least_squares_compiled(
-                fun_r, x0, f0, jac_r, "trust-region", 1e-10, 1e-10, 1e-12, 60, 100.0, None, True
-            )
