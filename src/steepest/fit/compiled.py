@@ -54,7 +54,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -172,71 +171,8 @@ def svd_values(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
     s, vh, ok = np.empty((n, p)), np.empty((n, p, p)), np.empty(n, dtype=np.bool_)
-    _call("_svd_rows", n, np.arange(n), a, s, vh, ok)
+    _call("_svd_rows", n, a, s, vh, ok)
     return torch.from_numpy(s), torch.from_numpy(vh), torch.from_numpy(ok)
-
-
-class _StoppedSVD:
-    """curve_fit's covariance: the SVD (s, V^T, finite) of J of each fit that has stopped, as
-    :func:`svd_values` gives it. Once the fits still running are too few to share among
-    numba's threads, the loop runs on one core while the others idle: :meth:`start` takes the
-    SVDs of the fits stopped so far on a thread of their own, in chunks (the kernel releases
-    the GIL), and :meth:`finish` stops it after its chunk and takes the rest. Each matrix's
-    SVD is the same computation wherever it runs: the result is bitwise that of
-    :func:`svd_values` on the finished J. Only with more than one numba thread (one thread
-    asked for is one core used)."""
-
-    CHUNK = 256  # matrices per kernel call on the thread (~0.2 ms): how late finish() waits
-
-    def __init__(self, jac: np.ndarray):
-        bsz, _, p = jac.shape
-        self.jac = jac
-        self.s, self.vh = np.zeros((bsz, p)), np.zeros((bsz, p, p))
-        self.ok = np.zeros(bsz, dtype=np.bool_)
-        self.todo = np.zeros(bsz, dtype=np.bool_)  # stopped, SVD not taken
-        self.thread: threading.Thread | None = None
-        self.halt = False
-        self.error: BaseException | None = None
-
-    def stopped(self, idx: np.ndarray) -> None:
-        """The fits idx have stopped, their J final in ``jac``."""
-        self.todo[idx] = True
-
-    def start(self) -> None:
-        """The SVDs of the fits stopped so far, on a thread of their own (once, for at least
-        :data:`PARALLEL_MIN` of them: a thread costs ~0.1 ms to start)."""
-        if self.thread is not None or _kernels().numba.get_num_threads() < 2:
-            return
-        idx = np.flatnonzero(self.todo)
-        if idx.size < PARALLEL_MIN:
-            return
-        self.todo[idx] = False
-        kern = _kernels()
-
-        def work() -> None:
-            try:
-                for i in range(0, idx.size, self.CHUNK):
-                    if self.halt:  # the fit has ended: the rest in finish()
-                        self.todo[idx[i:]] = True
-                        return
-                    k = min(i + self.CHUNK, idx.size)
-                    kern._svd_rows(i, k, idx, self.jac, self.s, self.vh, self.ok)
-            except BaseException as e:  # raised again by finish()
-                self.error = e
-
-        self.thread = threading.Thread(target=work, name="steepest-pcov-svd", daemon=True)
-        self.thread.start()
-
-    def finish(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Every stopped fit's (s, V^T, finite), the thread's part and the rest."""
-        if self.thread is not None:
-            self.halt = True
-            self.thread.join()
-            if self.error is not None:
-                raise self.error
-        idx = np.flatnonzero(self.todo)
-        _call("_svd_rows", idx.size, idx, self.jac, self.s, self.vh, self.ok)
-        return torch.from_numpy(self.s), torch.from_numpy(self.vh), torch.from_numpy(self.ok)
 
 
 def _least_squares_compiled(
@@ -251,16 +187,13 @@ def _least_squares_compiled(
     max_nfev: int,
     factor: float,
     part_size: int | None = None,
-    svd: bool = False,
 ) -> dict:
     """:func:`.core._least_squares_core` (without bounds) with the algebra compiled; the same
     arguments and the same returned dict. The state lives in numpy arrays of the whole batch,
     shared with torch (``torch.from_numpy``); the fits still running are the index array
     ``act``; ``fun_r`` and ``jac_r`` see the running (or due) rows as one batch, or, given
     ``part_size``, in consecutive parts of at most ``part_size`` rows, each part's kernel
-    stage right after its evaluation (see :func:`part_rows`). ``svd``: the result also holds
-    "svd", (s, V^T, finite) of each fit's final J as :func:`svd_values` gives them (curve_fit's
-    covariance; :class:`_StoppedSVD`)."""
+    stage right after its evaluation (see :func:`part_rows`)."""
     bsz, p = x0.shape
     m = f0.shape[1]
     kern = _kernels()
@@ -344,13 +277,8 @@ def _least_squares_compiled(
         status[idx] = codes[done]
         nfevs[idx] = nfev
         act = act[~done]
-        if svds is not None:
-            svds.stopped(idx)
-            if 0 < act.size < PARALLEL_MIN:  # the fits left run on one thread
-                svds.start()
         return act
 
-    svds = _StoppedSVD(jac) if svd else None
     xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
     # jac never see the state itself)
     while True:
@@ -394,7 +322,4 @@ def _least_squares_compiled(
                 break
     njev = nit + 1 - stale  # stale: J evaluated at the last x after the stop, not counted
     out = {"x": x, "fun": f, "jac": jac, "status": status, "nfev": nfevs, "njev": njev, "nit": nit}
-    out = {k: torch.from_numpy(v) for k, v in out.items()}
-    if svds is not None:
-        out["svd"] = svds.finish()
-    return out
+    return {k: torch.from_numpy(v) for k, v in out.items()}

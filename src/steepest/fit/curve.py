@@ -491,7 +491,6 @@ def curve_fit(
             engine=engine,
             loss=rob,
             per_row=batched,
-            svd=True,
         )
 
     out = fit(jac_r)
@@ -509,10 +508,7 @@ def curve_fit(
     tau = None if absolute_sigma else out["scale"]
     if tau is not None:
         jac, cost = jac * tau[:, None, None], out["cost_scaled"]
-    if out["engine"] == "numba" and out["scale"] is None:  # the SVDs of the core's J, taken
-        # as the fits stopped (J here is that J); J not finite (status -1): pcov = inf
-        sv, vh, finite = out["svd"]
-    elif out["engine"] == "numba":
+    if out["engine"] == "numba":  # J not finite (status -1): pcov = inf
         sv, vh, finite = compiled.svd_values(jac)
     else:
         finite = torch.isfinite(jac).flatten(1).all(1)

@@ -311,47 +311,46 @@ def _jac_stage_parallel(
 
 
 @_jit
-def _svd_rows(k0, k1, idx, jac, s, vh, ok):
-    """Singular values s[i] and V^T = vh[i] of jac[i] (M, P), M >= P, for the rows i = idx[k],
-    k0 <= k < k1: Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`);
-    ok[i] = every entry of jac[i] is finite (else s[i] = 0, vh[i] = I, not factored)."""
+def _svd_rows(k0, k1, jac, s, vh, ok):
+    """Singular values s[k] and V^T = vh[k] of jac[k] (M, P), M >= P, for k0 <= k < k1:
+    Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`); ok[k] = every
+    entry of jac[k] is finite (else s[k] = 0, vh[k] = I, not factored)."""
     _, m, p = jac.shape
     at = np.zeros((p + 1, m))
     g = np.empty((p, p))
     v = np.empty((p, p))
     ones = np.ones(p)
     for k in range(k0, k1):
-        row = idx[k]
         good = True
         for i in range(m):
             for j in range(p):
-                t = jac[row, i, j]
+                t = jac[k, i, j]
                 good = good and math.isfinite(t)
                 at[j, i] = t
-        ok[row] = good
+        ok[k] = good
         for i in range(p):
             for j in range(p):
                 v[i, j] = 1.0 if i == j else 0.0
         if not good:
             for i in range(p):
-                s[row, i] = 0.0
+                s[k, i] = 0.0
                 for j in range(p):
-                    vh[row, i, j] = v[i, j]
+                    vh[k, i, j] = v[i, j]
             continue
         at[p] = 0.0
         _qr(at, p)
         _svd_r(at, p, ones, g, v)
         for i in range(p):
-            s[row, i] = _norm(g[:, i])
+            s[k, i] = _norm(g[:, i])
             for j in range(p):
-                vh[row, i, j] = v[j, i]
+                vh[k, i, j] = v[j, i]
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _svd_rows_parallel(chunks, idx, jac, s, vh, ok):
-    n = idx.shape[0]
+def _svd_rows_parallel(chunks, jac, s, vh, ok):
+    n = jac.shape[0]
     for t in numba.prange(chunks):
-        _svd_rows(t * n // chunks, (t + 1) * n // chunks, idx, jac, s, vh, ok)
+        _svd_rows(t * n // chunks, (t + 1) * n // chunks, jac, s, vh, ok)
 
 
 @_jit
