@@ -9,7 +9,7 @@ still running (:mod:`.kernels`):
 
 - at a new Jacobian: J's column norms, :math:`J^Tf` and the gtol test, the scaling D, the
   Householder QR of :math:`[J\ f]` and the one-sided Jacobi SVD of :math:`RD^{-1} = USV^T`
-  (started from the previous V: one or two sweeps), giving :math:`\mu = s^2`,
+  (started from the previous V: two or three rotating sweeps), giving :math:`\mu = s^2`,
   :math:`c' = -SU^Tf`, :math:`V^T` and the Gauss-Newton step, as :func:`.core._factor_r`;
 - the step: MINPACK's ``lmpar`` in the SVD coordinates (:func:`.core._lmpar`), or the plain
   LM / Gauss-Newton step, :math:`D\delta = Vw`;
