@@ -170,12 +170,13 @@ def _jac_stage(
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
     :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda. J is
     transposed into ``at`` row by row (element by element: numba's slice assignment
-    ``jac[b] = jb`` took its generic broadcasting path), then its column norms and :math:`J^T f` by :func:`_dot` over
-    the rows of ``at``. J is stored in ``jac`` only for a fit that stops here (codes[k] != 0):
-    storing every J cost ~200 ns a fit (scattered rows of a state of 12 MB for 10,000 fits of
-    50 points, each row written to memory), and 9,889 of those 10,000 fits stop after an
-    accepted step, with J evaluated again at their x; the driver evaluates J at x for every
-    fit that stops after a trial (:func:`.compiled._least_squares_compiled`)."""
+    ``jac[b] = jb`` took its generic broadcasting path), then its column norms and
+    :math:`J^T f` by :func:`_dot` over the rows of ``at``. J is stored in ``jac`` only for a
+    fit that stops here (codes[k] != 0): storing every J cost ~200 ns a fit (scattered rows
+    of a state of 12 MB for 10,000 fits of 50 points, each row written to memory), and 9,889
+    of those 10,000 fits stop after an accepted step, with J evaluated again at their x; the
+    driver evaluates J at x for every fit that stops after a trial
+    (:func:`.compiled._least_squares_compiled`)."""
     if cols:
         p, _, m = jac_new.shape
     else:
