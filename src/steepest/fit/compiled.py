@@ -263,14 +263,15 @@ def _least_squares_compiled(
                 return cols.numpy(), True
         return np.ascontiguousarray(j.numpy(), dtype=np.float64), False
 
-    def retire(done: np.ndarray, codes: np.ndarray, at_x: bool) -> np.ndarray:
+    def retire(done: np.ndarray, codes: np.ndarray, stored: bool) -> np.ndarray:
         """Write the fits act[done] out (status ``codes[done]``); returns the new ``act``.
-        ``at_x``: they stop at a Jacobian stage, which stored J; else after a trial, and J is
-        evaluated at their x here (not counted in njev: after an accepted step MINPACK stops
-        before it; after a rejected one it is the J evaluated at x before, again)."""
+        ``stored``: they stop at a Jacobian stage, which stored their J; else they stop after
+        a trial, and J is evaluated at their x here (not counted in njev: after an accepted
+        step MINPACK stops before it; after a rejected one it is the J at x evaluated
+        before, again)."""
         nonlocal act
         idx = act[done]
-        if not at_x:
+        if not stored:
             for i, k in spans(idx.size):
                 j, cols = evaluate_jac(x[idx[i:k]], idx, i, k)
                 jac[idx[i:k]] = np.moveaxis(j, 0, -1) if cols else j
