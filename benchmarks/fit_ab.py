@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
 import shutil
 import statistics
 import sys
@@ -27,14 +25,13 @@ import time
 import warnings
 from pathlib import Path
 
-import numba
 import torch
 
 import steepest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fit_speed import P0, decay, decay_data, decay_jac, machine  # noqa: E402
+from fit_speed import batch_cli, decay, decay_jac, machine, write_result  # noqa: E402
 
 
 def load_base(path: str):
@@ -70,17 +67,8 @@ def same(a, b) -> bool:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the src/steepest folder of the code before")
-    ap.add_argument("--batch", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=1, help="torch's and numba's threads")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--note", default="")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
+    args, t, y, p0 = batch_cli(ap, argv)
     base = load_base(args.base)
-    t, y = decay_data(args.batch)
-    p0 = torch.tensor([P0] * args.batch, dtype=torch.float64)
     result = {"machine": machine(args.threads, args.note), "base": args.base, "B": args.batch}
     for given in (True, False):
         kind = "given J" if given else "autograd J"
@@ -104,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rows[name]['per_pair_ratio_median']:.3f} (bitwise same: {rows['bitwise_same']})"
             )
         result[kind] = rows
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -13,15 +13,12 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numba
 import torch
 
 import steepest
@@ -29,7 +26,7 @@ from steepest.fit import compiled
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fit_speed import P0, decay, decay_data, decay_jac, machine  # noqa: E402
+from fit_speed import P0, batch_cli, decay, decay_jac, machine, write_result  # noqa: E402
 
 WHOLE = 2**62  # one part: the whole running set
 
@@ -47,18 +44,9 @@ def fit(t, y, p0, given: bool, elements: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--threads", type=int, default=1, help="torch's and numba's threads")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--note", default="")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    numba.set_num_threads(args.threads)
+    args, t, y, p0 = batch_cli(ap, argv)
     default = compiled.PART_ELEMENTS
     sizes = [WHOLE, 2**16, 2**17, 2**18, 2**19]
-    t, y = decay_data(args.batch)
-    p0 = torch.tensor([P0] * args.batch, dtype=torch.float64)
     result = {"machine": machine(args.threads, args.note), "B": args.batch, "N": y.shape[1]}
     result["default_part_elements"] = default
     for given in (True, False):
@@ -91,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         result[kind] = rows
     compiled.PART_ELEMENTS = default
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     return 0
 
 

@@ -341,6 +341,31 @@ def bench_floor(
     }
 
 
+def batch_cli(ap: argparse.ArgumentParser, argv: list[str] | None):
+    """The options of the scripts that time the batched fit against itself (``fit_ab.py``,
+    ``fit_parts.py``): ``--batch``, ``--repeats``, ``--threads``, ``--out``, ``--note``; sets
+    torch's and numba's threads and makes the decay batch. Returns (args, t, y, p0)."""
+    import numba
+
+    ap.add_argument("--batch", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1, help="torch's and numba's threads")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(args.threads)
+    t, y = decay_data(args.batch)
+    return args, t, y, torch.tensor([P0] * args.batch, dtype=D)
+
+
+def write_result(result: dict, out: str | None) -> None:
+    """The load at the end into ``result["machine"]``, and the result as JSON to ``out``."""
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def machine(threads: int, note: str) -> dict:
     return {
         "python": platform.python_version(),
