@@ -247,13 +247,16 @@ def test_large_residual_stops_on_ftol():
 def test_defaults_give_more_digits_than_scipy_s_tolerances():
     """least_squares' defaults (ftol = 1e-14, max_nfev = 300 P; scipy's 1e-8 and 100 P): on a
     large-residual problem F is flat to second order at x*, so scipy's ftol = 1e-8 stops with
-    ~4 digits of x; the defaults give x* to ~1e-9 (x* from scipy run to 1e-15)."""
+    ~4 digits of x (2.6e-5 off); the defaults give x* to ~1e-9 (x* from scipy run to 1e-15).
+    Where the defaults stop is rounding noise: F there is flat within an ulp, and from 40
+    starts x0 (1 + k 1e-15) x is 1.7e-9 (torch core) and 2.3e-9 (compiled) off in the median,
+    1.13e-8 at most, in both engines (hence 3e-8, not 1e-8)."""
     fun, x0 = PROBLEMS["freudenstein-roth"]
     best = scipy_lm(fun, x0, ftol=1e-15, xtol=1e-15, gtol=1e-15).x
     ours = least_squares(fun, x0)
     err = float((ours.x - torch.tensor(best)).abs().max() / np.abs(best).max())
     scipy_err = float(np.abs(scipy_lm(fun, x0).x - best).max() / np.abs(best).max())
-    assert ours.success and err < 1e-8 and scipy_err > 1e-6, (err, scipy_err)
+    assert ours.success and err < 3e-8 and scipy_err > 1e-6, (err, scipy_err)
 
 
 def test_default_max_nfev_is_300_p():

@@ -169,6 +169,48 @@ def test_engines_agree_on_a_batch(name, method):
         assert float((rn.x - 1).abs().max()) < 1e-6
 
 
+def trial_paths(mp: pytest.MonkeyPatch) -> dict:
+    """Count, at every call of the trial kernel through compiled._call, the running fits by
+    the way their step is formed: "gn", the Gauss-Newton step from R (kernels._gauss_newton_r)
+    that still fits the radius; "lazy", one from R that no longer fits (a rejected step shrank
+    the radius: the SVD from the kept T, kernels._svd_t); "svd", the Jacobian stage's SVD."""
+    seen = {"gn": 0, "lazy": 0, "svd": 0}
+    inner = compiled._call
+
+    def spy(kernel, n, *args):
+        if kernel == "_trial":
+            act, gn_norm, radius, gq = args[0], args[8], args[11], args[-1]
+            for b in act:
+                fits = not gn_norm[b] - radius[b] > 0.1 * radius[b]
+                seen["svd" if not gq[b] else ("gn" if fits else "lazy")] += 1
+        inner(kernel, n, *args)
+
+    mp.setattr(compiled, "_call", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "decay", "unused"])
+def test_the_trust_region_steps_from_r_and_from_the_svd_give_the_torch_fits(name, monkeypatch):
+    """The compiled trust region takes the Gauss-Newton step from R where it fits (no SVD),
+    forms the SVD from the kept T only once a rejected step shrinks the radius below it, and
+    else factors by the SVD; the torch core always by the SVD. The fits are the same
+    (assert_same_fits), with each way taken: all three on Rosenbrock's valley, mostly steps
+    from R on the decay curves, and never from R where J has an exactly zero column (rank
+    deficient: the SVD drops it, the unused parameter stays at x0)."""
+    fun, jac, x0 = PROBLEMS[name]()
+    rt = least_squares(fun, x0, jac=jac, engine="torch")
+    seen = trial_paths(monkeypatch)
+    rn = least_squares(fun, x0, jac=jac, engine="numba")
+    assert_same_fits(rn, rt)
+    if name == "rosenbrock":
+        assert min(seen.values()) >= 100, seen
+    if name == "decay":
+        assert seen["gn"] > 0.9 * sum(seen.values()), seen
+    if name == "unused":
+        assert seen["gn"] == seen["lazy"] == 0 and seen["svd"] > 0, seen
+        assert torch.equal(rn.x[:, 3], x0[:, 3])
+
+
 @pytest.mark.parametrize("method", ["levenberg-marquardt", "gauss-newton"])
 def test_a_rounding_level_direction_is_not_followed(method):
     """decay plus a fourth parameter that enters as 1e-20 x_3 t: a singular value ~1e-19 of

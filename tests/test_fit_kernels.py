@@ -209,3 +209,119 @@ def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
     r_ref = torch.linalg.qr(j[0], mode="r")[1]
     diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
     torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)
+
+
+# ---------------------------------------------------- kernels: the Gauss-Newton step from R
+def _qr_of(j: torch.Tensor, f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """[J f]^T factored by kernels._qr (the Jacobian stage's buffer), and D: J's column norms
+    (1 for a zero column, as the stage sets D at x0)."""
+    at = np.ascontiguousarray(torch.cat([j, f[:, None]], 1).T.numpy())
+    kernels._qr(at, j.shape[1])
+    acnorm = j.norm(dim=0)
+    return at, torch.where(acnorm > 0, acnorm, 1.0).numpy()
+
+
+def _gauss_newton(at: np.ndarray, d: np.ndarray, radius: float) -> tuple[float, dict]:
+    """kernels._gauss_newton_r for one fit (b = 0): its return and the state it wrote (z in
+    gn, c, T in rt, Q^T f in qf)."""
+    p = d.shape[0]
+    st = {"gn": np.zeros((1, p)), "c": np.zeros((1, p)), "rt": np.zeros((1, p, p))}
+    st["qf"] = np.zeros((1, p))
+    zn = kernels._gauss_newton_r(
+        at, p, 0, d[None], np.array([radius]), st["gn"], st["c"], st["rt"], st["qf"]
+    )
+    return zn, st
+
+
+@pytest.mark.parametrize("name", MATRICES)
+def test_the_gauss_newton_step_from_r_is_the_least_squares_step(name):
+    """kernels._gauss_newton_r (back substitution in T = R D^-1 from the Jacobian stage's QR)
+    against torch.linalg.lstsq of J D^-1 (QR with LAPACK's pivoting, another route): with a
+    radius the step fits, z = argmin ||J D^-1 z + f|| to 1e3 cond(J D^-1) eps relative
+    (measured: 3 cond eps at condition 1e10); c^T z = ||Q^T f||^2 (the model's decrease that
+    _update forms) and T z = -Q^T f to rounding; ||z|| returned. J with an exactly zero
+    column (rank deficient) is refused (-1: the SVD way, which drops the column)."""
+    j = _matrix(name)
+    m, p = j.shape
+    f = torch.randn(m, generator=seeded(8), dtype=D)
+    at, d = _qr_of(j, f)
+    zn, st = _gauss_newton(at, d, radius=1e300)
+    if name == "zero-column":
+        assert zn == -1.0
+        return
+    jd = j / torch.from_numpy(d)
+    ref = torch.linalg.lstsq(jd, -f[:, None], driver="gelsy").solution[:, 0]
+    z = torch.from_numpy(st["gn"][0])
+    cond = float(torch.linalg.cond(jd))
+    assert float((z - ref).norm()) <= 1e3 * cond * EPS * float(ref.norm())
+    assert zn == pytest.approx(float(z.norm()), rel=1e-15)
+    qtf = torch.from_numpy(at[p, :p].copy())
+    t = torch.from_numpy(st["rt"][0])
+    assert torch.equal(t, t.triu()) and torch.equal(torch.from_numpy(st["qf"][0]), qtf)
+    assert float((t @ z + qtf).abs().max()) <= 10 * p * EPS * float(t.abs().max() * z.norm())
+    cz = float(torch.from_numpy(st["c"][0]) @ z)
+    assert cz == pytest.approx(float(qtf @ qtf), rel=1e3 * cond * EPS)
+
+
+@pytest.mark.parametrize("name", ["5x2", "8x3", "30x4", "ill-conditioned"])
+def test_the_gauss_newton_step_from_r_is_taken_where_lmpar_takes_it(name):
+    """The step is z exactly where core._lmpar (on core._factor, LAPACK's SVD of J D^-1) gives
+    lambda = 0: ||z|| - radius <= radius / 10, for radii from 0.5 to 2 times ||z||, none
+    within 1e-6 of the edge at 1/1.1; elsewhere -1, with c and Q^T f unwritten (z and T are
+    scratch there, which the SVD way overwrites or never reads)."""
+    j = _matrix(name)
+    m, p = j.shape
+    f = torch.randn(m, generator=seeded(9), dtype=D)
+    at, d = _qr_of(j, f)
+    zn, _ = _gauss_newton(at, d, radius=1e300)
+    fac = core._factor((j / torch.from_numpy(d))[None], f[None], 0.0)
+    taken = 0
+    for ratio in (2.0, 1.2, 1 / 1.1 + 1e-6, 1 / 1.1 - 1e-6, 0.8, 0.5):
+        radius = zn * ratio
+        lam, _ = core._lmpar(fac, torch.tensor([radius], dtype=D), torch.zeros(1, dtype=D))
+        got, st = _gauss_newton(at, d, radius)
+        if float(lam[0]) == 0.0:
+            assert got == zn
+            taken += 1
+        else:
+            assert got == -1.0
+            assert not st["c"].any() and not st["qf"].any()
+    assert taken == 3
+
+
+def test_the_svd_from_t_gives_the_stage_factorisation_and_lmpar_step():
+    """kernels._svd_t (a fit whose Gauss-Newton step from R was rejected: its SVD from the
+    kept T and Q^T f, started from V = I) against core._factor (LAPACK's SVD of J D^-1): the
+    same sorted mu, ||c'||, ||gn||, lmpar's lo to 1e-12 relative; then kernels._lmpar on it
+    against core._lmpar at radii 0.5 to 1e-3 ||gn||: the same lambda to 1e-10 and the same
+    step in the D-scaled coordinates, V w (basis-free), to 1e-10 of its norm."""
+    n, m, p = 5, 12, 3
+    g = seeded(13)
+    for _ in range(n):
+        j = torch.randn(m, p, generator=g, dtype=D) * torch.tensor([1.0, 1e-3, 1e3], dtype=D)
+        f = torch.randn(m, generator=g, dtype=D)
+        at, d = _qr_of(j, f)
+        zn, st = _gauss_newton(at, d, radius=1e300)
+        assert zn > 0
+        fac = core._factor((j / torch.from_numpy(d))[None], f[None], 0.0)
+        out = {k: np.zeros((1, p)) for k in ("mu", "c", "gn")}
+        out.update({k: np.zeros(1) for k in ("gn_norm", "gnorm", "lo")})
+        vh = np.eye(p)[None].copy()
+        kernels._svd_t(0, st["rt"], st["qf"], np.empty((p, p)), np.empty((p, p)), np.ones(p),
+                       vh, 0.0, out["mu"], out["c"], out["gn"], out["gn_norm"], out["gnorm"],
+                       out["lo"])  # fmt: skip
+        np.testing.assert_allclose(np.sort(out["mu"][0]), np.sort(fac.mu[0].numpy()), rtol=1e-12)
+        for k in ("gn_norm", "gnorm", "lo"):
+            np.testing.assert_allclose(out[k], getattr(fac, k).numpy(), rtol=1e-12, err_msg=k)
+        assert float(out["gn_norm"][0]) == pytest.approx(zn, rel=1e-12)
+        for shrink in (0.5, 0.1, 1e-3):
+            radius = zn * shrink
+            lam_ref, w_ref = core._lmpar(
+                fac, torch.tensor([radius], dtype=D), torch.zeros(1, dtype=D)
+            )
+            w = np.empty(p)
+            lam = kernels._lmpar(out["mu"][0], out["c"][0], out["gn"][0], out["gn_norm"][0],
+                                 out["gnorm"][0], out["lo"][0], radius, 0.0, w)  # fmt: skip
+            assert lam > 0 and lam == pytest.approx(float(lam_ref[0]), rel=1e-10)
+            step, step_ref = w @ vh[0], (w_ref[0] @ fac.vh[0]).numpy()
+            np.testing.assert_allclose(step, step_ref, rtol=0, atol=1e-10 * np.linalg.norm(step))

@@ -158,9 +158,118 @@ def _svd_r(at, p, d, g, v):
 
 
 @_jit
+def _from_svd(b, g, v, q, qr, acnorm, cut, mu, c, vh, gn, gn_norm, gnorm, lo):
+    r"""Fit b's factor from the rotated G = R D^-1 V (:func:`_jacobi`: its columns
+    orthogonal, their norms the singular values s) and Q^T f (row ``qr`` of ``q``): as
+    :func:`.core._factor_svd`, :math:`\mu = s^2`, :math:`c' = -SU^Tf = -G^T Q^Tf`,
+    :math:`V^T`, and dropped the directions with s = 0, below ``cut`` s_max, or mostly (weight
+    > 1/2) on the columns of J whose norm ``acnorm`` is 0; then the Gauss-Newton step
+    gn = c'/mu, its norm, ||c'|| and lmpar's lower bound's factor ``lo``."""
+    p = g.shape[1]
+    smax = 0.0
+    for i in range(p):  # singular value i: the norm of column i of G = R D^-1 V
+        sv = _norm(g[:, i])
+        ci = 0.0
+        for r in range(p):
+            ci += q[qr, r] * g[r, i]
+        mu[b, i] = sv * sv
+        c[b, i] = -ci  # c' = -S U^T f = -G^T (Q^T f)
+        smax = max(smax, sv)
+        for j in range(p):
+            vh[b, i, j] = v[j, i]
+    full = True
+    for i in range(p):
+        keep = mu[b, i] > 0
+        if cut > 0 and not math.sqrt(mu[b, i]) > cut * smax:
+            keep = False
+        wz = 0.0
+        for j in range(p):
+            if acnorm[j] == 0:
+                wz += vh[b, i, j] * vh[b, i, j]
+        if not wz <= 0.5:
+            keep = False
+        if not keep:
+            mu[b, i] = math.inf
+            c[b, i] = 0.0
+            full = False
+    gn2 = 0.0
+    q0 = 0.0
+    cn = 0.0
+    for i in range(p):
+        gn[b, i] = c[b, i] / mu[b, i]
+        gn2 += gn[b, i] * gn[b, i]
+        q0 += gn[b, i] * gn[b, i] / mu[b, i]
+        cn += c[b, i] * c[b, i]
+    gn_norm[b] = math.sqrt(gn2)
+    gnorm[b] = math.sqrt(cn)
+    lo[b] = gn_norm[b] ** 2 / q0 if full and q0 > 0 else 0.0
+
+
+@_jit
+def _gauss_newton_r(at, p, b, d, radius, gn, c, rt, qf):
+    r"""The Gauss-Newton step of fit b from the QR in ``at`` (:func:`_qr`), as MINPACK's
+    ``lmpar`` first forms it: :math:`\delta = D^{-1}z`, :math:`Tz = -Q^Tf`,
+    :math:`T = RD^{-1}` (back substitution; T into ``rt[b]``, upper). It is the fit's step when
+    T has no zero on its diagonal (J has full rank: a zero column of J gives a zero one of R),
+    z is finite, and z fits the trust region as lmpar tests it,
+    :math:`\|z\| - \Delta \le 0.1\Delta`. Then z goes into ``gn[b]`` (in the D-scaled
+    coordinates themselves, not V's), :math:`c = -T^TQ^Tf` into ``c[b]`` (so that
+    :math:`c^Tz = \|Q^Tf\|^2`, the model's decrease :math:`c'^Tw` that :func:`_update` forms,
+    in any orthogonal coordinates), Q^T f into ``qf[b]`` (for the SVD, should the step be
+    rejected: :func:`_trial`), and the return is ||z||. Else the return is -1, and the fit goes
+    the SVD way, whose pseudo-inverse drops what a rank-deficient T cannot solve. In exact
+    arithmetic z is the SVD's :math:`Vc'/\mu`; the two differ at rounding level (the condition
+    number of T times the unit roundoff)."""
+    zz = 0.0
+    for i in range(p - 1, -1, -1):
+        for r in range(i, p):
+            rt[b, i, r] = at[r, i] / d[b, r]
+        tii = rt[b, i, i]
+        if tii == 0.0:
+            return -1.0
+        s = -at[p, i]
+        for r in range(i + 1, p):
+            s -= rt[b, i, r] * gn[b, r]
+        gn[b, i] = s / tii
+        zz += gn[b, i] * gn[b, i]
+    zn = math.sqrt(zz)
+    if not (zz > 1e-290 and zz < 1e290):  # the sum of squares out of range: again, scaled
+        zn = _norm(gn[b])
+    if not math.isfinite(zn) or zn - radius[b] > 0.1 * radius[b]:
+        return -1.0
+    for i in range(p):
+        qf[b, i] = at[p, i]
+        ci = 0.0
+        for r in range(i + 1):
+            ci += rt[b, r, i] * at[p, r]
+        c[b, i] = -ci
+    return zn
+
+
+@_jit
+def _svd_t(b, rt, qf, g, v, ones, vh, cut, mu, c, gn, gn_norm, gnorm, lo):
+    """Fit b's SVD factor (:func:`_from_svd`) from T = R D^-1 (``rt[b]``, upper) and Q^T f kept
+    by :func:`_gauss_newton_r`: G = T V from the fit's last V (``vh``), rotated by
+    :func:`_jacobi`. J has full rank there (no zero column: ``ones``, P ones, as its column
+    norms)."""
+    p = g.shape[1]
+    for i in range(p):
+        for j in range(p):
+            v[i, j] = vh[b, j, i]
+    for i in range(p):
+        for j in range(p):
+            t = 0.0
+            for r in range(i, p):
+                t += rt[b, i, r] * v[r, j]
+            g[i, j] = t
+    _jacobi(g, v, SWEEPS)
+    _from_svd(b, g, v, qf, b, ones, cut, mu, c, vh, gn, gn_norm, gnorm, lo)
+
+
+@_jit
 def _jac_stage(
     k0, k1, jac_new, cols, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn,
+    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, qf, gq,
 ):  # fmt: skip
     """At the fits ``due`` (k-th has J = jac_new[k], or, ``cols``, column j of J =
     jac_new[j, k]: a route that forms J column by column hands it over so, uncopied): J at x
@@ -168,7 +277,10 @@ def _jac_stage(
     -1 for a non-finite J^T f or column norm, or, without D, a largest column norm whose
     square over- or underflows), update D (trust region), factor
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
-    :func:`.core._factor_svd` do; at x0 (``first``) also the radius or lambda. J is
+    :func:`.core._factor_svd` do (or, trust region, take the Gauss-Newton step from R where
+    the fit's last step was one and it fits: :func:`_gauss_newton_r`, ``gq[b]`` set, no SVD;
+    :func:`_from_svd`'s arithmetic is repeated inline below: calling it took 1.04-1.15x the
+    stage's time, ``benchmarks/fit.md``); at x0 (``first``) also the radius or lambda. J is
     transposed into ``at`` row by row (element by element: numba's slice assignment
     ``jac[b] = jb`` took its generic broadcasting path), then its column norms and
     :math:`J^T f` by :func:`_dot` over the rows of ``at``. J is stored in ``jac`` only for a
@@ -251,6 +363,16 @@ def _jac_stage(
         if bad:
             continue
         _qr(at, p)
+        if trust and lam[b] == 0:
+            # the Gauss-Newton step from R where it fits: no SVD (48,076 of the 49,469 trials
+            # after a Jacobian on the 10,000 decay curves were Gauss-Newton steps); tried
+            # where the fit's last step was one (lambda = 0; a fit whose steps lmpar damps,
+            # as the 13 that run to max_nfev, goes straight to the SVD)
+            zn = _gauss_newton_r(at, p, b, d, radius, gn, c, rt, qf)
+            gq[b] = zn >= 0
+            if gq[b]:
+                gn_norm[b] = zn
+                continue
         # the rotations start from the previous factorisation's V (J moved little): on the
         # 10,000 decay curves two or three rotating sweeps and the one that finds nothing
         # left to rotate (2+1 for 1,448 of 1,747 fits of a late part, 3+1 for 1,730 of
@@ -301,7 +423,7 @@ def _jac_stage(
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _jac_stage_parallel(
     chunks, jac_new, cols, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn,
+    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, qf, gq,
 ):  # fmt: skip
     """:func:`_jac_stage` on ``chunks`` slices of the fits, one per thread."""
     n = due.shape[0]
@@ -309,7 +431,7 @@ def _jac_stage_parallel(
         _jac_stage(
             t * n // chunks, (t + 1) * n // chunks, jac_new, cols, due, first, f, fnorm, x, d, jac,
             mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, lref, method, cut, gtu, factor, codes,
-            stale, acn,
+            stale, acn, rt, qf, gq,
         )  # fmt: skip
 
 
@@ -400,14 +522,29 @@ def _lmpar(mu, c, gn, gn_norm, gnorm, lo, radius, par, w):
 
 @_jit
 def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
-           first, w, pnorm, xt):  # fmt: skip
-    """The step of the running fits act[k0:k1] (k-th: row k of xt)."""
+           first, w, pnorm, xt, cut, rt, qf, gq):  # fmt: skip
+    """The step of the running fits act[k0:k1] (k-th: row k of xt). A trust-region fit whose
+    Gauss-Newton step was formed from R (``gq``: :func:`_gauss_newton_r`) takes it while it
+    fits the radius (lambda = 0, w = z, in the D-scaled coordinates); once it does not (a
+    rejected step shrank the radius), its SVD is formed from the kept T and Q^T f
+    (:func:`_svd_t`) and lmpar runs as for any other fit."""
     p = x.shape[1]
     for k in range(k0, k1):
         b = act[k]
+        basis = True  # w in the coordinates of V (else in the D-scaled ones)
         if method == 0:
-            lam[b] = _lmpar(mu[b], c[b], gn[b], gn_norm[b], gnorm[b], lo[b], radius[b],
-                            lam[b], w[b])  # fmt: skip
+            if gq[b] and not gn_norm[b] - radius[b] > 0.1 * radius[b]:
+                lam[b] = 0.0
+                for i in range(p):
+                    w[b, i] = gn[b, i]
+                basis = False
+            else:
+                if gq[b]:  # rare (2,374 of 55,829 trials on the decay curves): scratch here
+                    g, v = np.empty((p, p)), np.empty((p, p))
+                    _svd_t(b, rt, qf, g, v, np.ones(p), vh, cut, mu, c, gn, gn_norm, gnorm, lo)
+                    gq[b] = False
+                lam[b] = _lmpar(mu[b], c[b], gn[b], gn_norm[b], gnorm[b], lo[b], radius[b],
+                                lam[b], w[b])  # fmt: skip
         elif method == 1:
             for i in range(p):
                 w[b, i] = c[b, i] / (mu[b, i] + lam[b])
@@ -416,9 +553,12 @@ def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                 w[b, i] = gn[b, i] * alpha[b]
         pn = 0.0
         for j in range(p):
-            qj = 0.0
-            for i in range(p):
-                qj += w[b, i] * vh[b, i, j]
+            if basis:
+                qj = 0.0
+                for i in range(p):
+                    qj += w[b, i] * vh[b, i, j]
+            else:
+                qj = w[b, j]
             xt[k, j] = x[b, j] + qj / d[b, j]
             pn += qj * qj
         pnorm[b] = math.sqrt(pn)
@@ -429,14 +569,14 @@ def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _trial_parallel(
     chunks, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
-    pnorm, xt,
+    pnorm, xt, cut, rt, qf, gq,
 ):  # fmt: skip
     """:func:`_trial` on ``chunks`` slices of the running fits, one per thread."""
     n = act.shape[0]
     for t in numba.prange(chunks):
         _trial(
             t * n // chunks, (t + 1) * n // chunks, act, method, x, d, mu, c, vh, gn, gn_norm,
-            gnorm, lo, radius, lam, alpha, first, w, pnorm, xt,
+            gnorm, lo, radius, lam, alpha, first, w, pnorm, xt, cut, rt, qf, gq,
         )  # fmt: skip
 
 
