@@ -4,7 +4,7 @@ run to max_nfev, alone) with this tree's ``steepest`` (B) and another checkout's
 interleaved in one process, so that both see the same phase of a machine whose speed drifts.
 The base package is copied under another name (``steepest_base``; the package imports itself
 relatively). Reported per pair: B's time over A's, the median over the repeats; and whether
-popt, pcov, nfev and the Jacobian are bitwise A's.
+popt, pcov, nfev and the Jacobian are bitwise A's (where not, how far they are).
 
 Usage (from the repository root; the base is any commit's ``src/steepest``)::
 
@@ -64,6 +64,23 @@ def same(a, b) -> bool:
     )
 
 
+def differences(a, b) -> dict:
+    """Where two runs of the batch are not bitwise the same: the successes of each, and on the
+    fits where both succeed the largest popt difference (relative, against max(|popt|, 1)) and
+    pcov difference (relative), and the share of fits with the same nfev and status."""
+    (pa, ca, ra), (pb, cb, rb) = a, b
+    both = ra.success & rb.success
+    scale = pa.abs().clamp_min(1.0)
+    rel = ((ca - cb).abs() / ca.abs()).nan_to_num(nan=0.0, posinf=0.0)
+    return {
+        "success": [int(ra.success.sum()), int(rb.success.sum())],
+        "max_rel_popt_diff_both_succeeded": float(((pa - pb).abs() / scale)[both].max()),
+        "max_rel_pcov_diff_both_succeeded": float(rel[both].max()),
+        "same_nfev_share": float((ra.nfev == rb.nfev).double().mean()),
+        "same_status_share": float((ra.status == rb.status).double().mean()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="the src/steepest folder of the code before")
@@ -76,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         _, out = fit(steepest, t, y, p0, given)
         tail = (ref[2].status == 0).nonzero().squeeze(-1)
         rows = {"bitwise_same": same(ref, out), "tail_fits": int(tail.numel())}
+        if not rows["bitwise_same"]:
+            rows["differences"] = differences(ref, out)
+            print(f"{kind}: not bitwise the same: {rows['differences']}")
         for name, yy, pp in (("batch", y, p0), ("tail", y[tail], p0[tail])):
             ta, tb = [], []
             for _ in range(args.repeats):

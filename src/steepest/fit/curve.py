@@ -39,10 +39,12 @@ def _sample(b: int, device) -> Tensor:
 
 
 def _columns(pp: Tensor) -> tuple[Tensor, ...]:
-    """The P parameter columns (B, 1) of a batch pp (B, P), as views, in one torch call
-    (``chunk``: 3.3 us on 13 fits; ``split`` goes through a Python wrapper, 6.1 us;
-    ``unsqueeze`` then ``unbind``, 3.7 us)."""
-    return pp.chunk(pp.shape[-1], -1)
+    """The P parameter columns (B, 1) of a batch pp (B, P), as views, in one torch call:
+    ``unsafe_chunk``, ``chunk`` without autograd's view tracking (3.3 us on 13 fits against
+    6.4 us for ``chunk``, 7.8 us for ``unsqueeze`` then ``unbind``, 10.9 us for ``split``, in
+    one phase of the machine). The routes call it under ``torch.no_grad()`` on a batch made
+    for the call, so no gradient can go wrong where a user's f writes into a column."""
+    return pp.unsafe_chunk(pp.shape[-1], -1)
 
 
 def _probe_point(x0: Tensor, box) -> Tensor:
