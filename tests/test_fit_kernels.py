@@ -96,63 +96,174 @@ def _svd_ref_check(j: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
     assert float(off.abs().max()) <= 1e-12 * smax**2
 
 
+def _svd_of(j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular values (P,) and V^T (P, P) of j (M, P), unsorted, by the compiled core's
+    kernels: Householder QR (kernels._qr), then one-sided Jacobi on R from V = I
+    (kernels._svd_r), the singular values the column norms of G = R V (kernels._norm)."""
+    m, p = j.shape
+    at = np.ascontiguousarray(torch.cat([j, torch.zeros(m, 1, dtype=D)], 1).T.numpy())
+    kernels._qr(at, p)
+    g, v = np.empty((p, p)), np.eye(p)
+    kernels._svd_r(at, p, np.ones(p), g, v)
+    s = [kernels._norm(np.ascontiguousarray(g[:, i])) for i in range(p)]  # scaled: no overflow
+    return torch.tensor(s, dtype=D), torch.from_numpy(v.T.copy())
+
+
 @pytest.mark.parametrize("name", MATRICES)
-def test_svd_values_equal_lapack_svd(name):
-    """compiled.svd_values (Householder QR, one-sided Jacobi on R) against
-    torch.linalg.svd: see _svd_ref_check; the zero column gives a singular value exactly 0
-    whose right singular vector is exactly e_1 (the Jacobi rotations never touch it)."""
+def test_svd_kernels_equal_lapack_svd(name):
+    """The kernels' SVD (Householder QR, one-sided Jacobi on R) against torch.linalg.svd: see
+    _svd_ref_check; the zero column gives a singular value exactly 0 whose right singular
+    vector is exactly e_1 (the Jacobi rotations never touch it)."""
     j = _matrix(name)
-    s, vh, ok = compiled.svd_values(j[None].contiguous())
-    assert bool(ok.all())
-    assert s.shape == (1, j.shape[1]) and vh.shape == (1, j.shape[1], j.shape[1])
-    _svd_ref_check(j, s[0], vh[0])
+    s, vh = _svd_of(j)
+    _svd_ref_check(j, s, vh)
     if name == "zero-column":
-        k = int(torch.argmin(s[0]))
-        assert float(s[0, k]) == 0.0 and bool((vh[0, k].abs() == torch.eye(4, dtype=D)[1]).all())
+        k = int(torch.argmin(s))
+        assert float(s[k]) == 0.0 and bool((vh[k].abs() == torch.eye(4, dtype=D)[1]).all())
 
 
-def test_svd_values_parallel_path_equals_the_serial_path_bitwise():
+@pytest.mark.parametrize("scale", [1e160, 1e-160])
+def test_svd_kernels_keep_full_accuracy_at_extreme_scales(scale):
+    """The QR's reflectors are formed from ratios of a column's entries (LAPACK's dlarfg), and
+    Jacobi scales its columns by a power of two before summing squares: at entries of 1e160
+    (the sums of squares would overflow: NaN singular values before) and 1e-160 (the
+    reflector's v^T v was subnormal: 1e-5 relative accuracy before) the singular values equal
+    LAPACK's to rounding, and R's diagonal equals LAPACK's in magnitude."""
+    j = torch.randn(6, 12, 3, dtype=D, generator=seeded(5)) * scale
+    ref = torch.linalg.svdvals(j)
+    for i in range(j.shape[0]):
+        s, _ = _svd_of(j[i])
+        assert bool(torch.isfinite(s).all())
+        err = (s.sort(descending=True).values - ref[i]).abs() / ref[i, 0]
+        assert float(err.max()) < 1e-14
+    at = np.ascontiguousarray(torch.cat([j[0], torch.zeros(12, 1, dtype=D)], 1).T.numpy())
+    kernels._qr(at, 3)
+    r_ref = torch.linalg.qr(j[0], mode="r")[1]
+    diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
+    torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)
+
+
+# ------------------------------------------------------------- kernels: curve_fit's covariance
+def _spectrum(s: list[float], m: int = 12, seed: int = 21) -> torch.Tensor:
+    """A matrix (m, len(s)) with singular values s and random singular vectors."""
+    g = seeded(seed)
+    u = torch.linalg.qr(torch.randn(m, len(s), generator=g, dtype=D))[0]
+    v = torch.linalg.qr(torch.randn(len(s), len(s), generator=g, dtype=D))[0]
+    return u @ torch.diag(torch.tensor(s, dtype=D)) @ v.T
+
+
+#: curve_fit's covariance cases: each of MATRICES; condition 1e13, where the bound sends the
+#: kernel to the SVD but nothing is dropped; singular values down to 1e-17, one dropped
+COVARIANCES = MATRICES + ["cond-1e13", "one-dropped"]
+
+
+def _cov_case(name: str) -> torch.Tensor:
+    if name == "cond-1e13":
+        return _spectrum([1.0, 1e-6, 1e-13])
+    if name == "one-dropped":
+        return _spectrum([1.0, 1e-2, 1e-17])
+    return _matrix(name)
+
+
+def _cov_ref(j: torch.Tensor, cut: float) -> torch.Tensor:
+    """(J^T J)^+ = V S^-2 V^T by LAPACK's SVD, the singular values <= cut s_max dropped."""
+    _, s, vh = torch.linalg.svd(j, full_matrices=False)
+    keep = s > cut * s[0]
+    return (vh[keep].T / s[keep] ** 2) @ vh[keep]
+
+
+@pytest.mark.parametrize("name", COVARIANCES)
+def test_covariance_equals_the_lapack_pseudo_inverse(name):
+    """compiled.covariance (R^-1 R^-T from J's QR where no singular value can be dropped,
+    else the SVD of R with scipy's cut) against V S^-2 V^T from LAPACK's SVD with the same cut
+    (eps max(M, P) s_max): to 20 max(M, P) cond(J) eps of its largest entry, cond over the
+    singular values kept (measured: at most 0.03 of that). The zero column and the singular
+    value 1e-17 are dropped (pcov's rank P - 1); condition 1e10 keeps all."""
+    j = _cov_case(name)
+    m, p = j.shape
+    cut = EPS * max(m, p)
+    cov, ok = compiled.covariance(j[None].contiguous(), cut)
+    ref = _cov_ref(j, cut)
+    s = torch.linalg.svdvals(j)
+    kept = s[s > cut * s[0]]
+    cond = float(kept[0] / kept[-1])
+    assert bool(ok.all()) and cov.shape == (1, p, p)
+    err = float((cov[0] - ref).abs().max())
+    assert err <= 20 * max(m, p) * cond * EPS * float(ref.abs().max()), (err, cond)
+    assert kept.numel() == (p - 1 if name in ("zero-column", "one-dropped") else p)
+
+
+def test_covariance_is_r_inverse_where_j_has_full_rank_and_the_svd_where_not():
+    """A well-conditioned J: its covariance is R^-1 R^-T of its own QR (kernels._qr; R^-1 by
+    torch.linalg.inv) to 1e-14; J with an exactly zero column (R^-1 does not exist): finite,
+    the zero column's row and column exactly 0 (the SVD's pseudo-inverse drops it)."""
+    j = _matrix("8x3")
+    cut = EPS * 8
+    cov, _ = compiled.covariance(j[None].contiguous(), cut)
+    at = np.ascontiguousarray(torch.cat([j, torch.zeros(8, 1, dtype=D)], 1).T.numpy())
+    kernels._qr(at, 3)
+    r = torch.from_numpy(np.triu(at[:3, :3].T).copy())
+    rinv = torch.linalg.inv(r)
+    torch.testing.assert_close(cov[0], rinv @ rinv.T, rtol=1e-14, atol=0)
+    jz = _matrix("zero-column")
+    covz, _ = compiled.covariance(jz[None].contiguous(), EPS * 9)
+    assert bool(torch.isfinite(covz).all()) and bool((covz[0, 1] == 0).all())
+    assert bool((covz[0, :, 1] == 0).all())
+
+
+def test_covariance_parallel_path_equals_the_serial_path_bitwise():
     """A batch of PARALLEL_MIN or more matrices is split among numba's threads
-    (kernels._svd_rows_parallel, seen to run): bitwise the serial path's result, which
-    _svd_ref_check holds to LAPACK's SVD (every 29th matrix of a mixed batch: random,
-    condition 1e6, an exactly zero column); and split into 3 uneven chunks, every row is
-    written (the outputs start NaN)."""
+    (kernels._cov_rows_parallel, seen to run): bitwise the serial path's result, which holds
+    to LAPACK's (every 29th matrix of a mixed batch: random, condition 1e9, an exactly zero
+    column); and split into 3 uneven chunks, every row is written (the outputs start NaN)."""
     n = compiled.PARALLEL_MIN + 45
     g = seeded(11)
     jac = torch.randn(n, 20, 3, generator=g, dtype=D) * torch.logspace(0, 3, 3, dtype=D)
     jac[::7, :, 2] *= 1e-9  # ill-conditioned ones
     jac[3::11, :, 1] = 0.0  # exactly zero columns
+    cut = EPS * 20
     with numba_threads(1):
-        s1, v1, _ = compiled.svd_values(jac)
+        c1, _ = compiled.covariance(jac, cut)
     with pytest.MonkeyPatch.context() as mp, numba_threads(2):
-        calls = record(mp, kernels, "_svd_rows_parallel")
-        s2, v2, _ = compiled.svd_values(jac)
+        calls = record(mp, kernels, "_cov_rows_parallel")
+        c2, _ = compiled.covariance(jac, cut)
     assert calls == [1]
-    assert torch.equal(s1, s2) and torch.equal(v1, v2)
+    assert torch.equal(c1, c2)
     for i in range(0, n, 29):
-        _svd_ref_check(jac[i], s1[i], v1[i])
-    # an uneven split (3 chunks of 301 rows)
+        ref = _cov_ref(jac[i], cut)
+        assert float((c1[i] - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
     a = np.ascontiguousarray(jac.numpy())
-    s3, v3 = np.full((n, 3), np.nan), np.full((n, 3, 3), np.nan)
-    ok3 = np.zeros(n, dtype=np.bool_)
-    kernels._svd_rows_parallel(3, a, s3, v3, ok3)
-    assert np.array_equal(s3, s1.numpy()) and np.array_equal(v3, v1.numpy()) and ok3.all()
+    c3, ok3 = np.full((n, 3, 3), np.nan), np.zeros(n, dtype=np.bool_)
+    kernels._cov_rows_parallel(3, a, cut, c3, ok3)
+    assert np.array_equal(c3, c1.numpy()) and ok3.all()
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_svd_values_flags_a_matrix_that_is_not_finite(bad):
-    """compiled.svd_values reports per matrix whether all its entries are finite (curve_fit's
+def test_covariance_flags_a_matrix_that_is_not_finite(bad):
+    """compiled.covariance reports per matrix whether all its entries are finite (curve_fit's
     pcov is inf where not): one entry NaN or +-inf in matrix 1 of 3 flags it alone, gives it
-    s = 0 and V = I (finite: no NaN leaks into the batch's arithmetic), and leaves the
-    others' values equal to those of a batch without it."""
+    0 (finite: no NaN leaks into the batch's arithmetic), and leaves the others' values equal
+    to those of a batch without it."""
     jac = torch.randn(3, 9, 3, generator=seeded(12), dtype=D)
-    s0, v0, _ = compiled.svd_values(jac)
+    c0, _ = compiled.covariance(jac, EPS * 9)
     jac[1, 4, 2] = bad
-    s, vh, ok = compiled.svd_values(jac)
+    cov, ok = compiled.covariance(jac, EPS * 9)
     assert ok.tolist() == [True, False, True]
-    assert bool((s[1] == 0).all()) and torch.equal(vh[1], torch.eye(3, dtype=D))
+    assert bool((cov[1] == 0).all())
     for i in (0, 2):
-        assert torch.equal(s[i], s0[i]) and torch.equal(vh[i], v0[i])
+        assert torch.equal(cov[i], c0[i])
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e-100])
+def test_covariance_at_extreme_scales(scale):
+    """J scaled by 1e100 or 1e-100: pcov scaled by 1e-200 or 1e200, to 1e-12 relative (the
+    bound on the condition number is formed from the largest entries of R and R^-1, whose
+    product does not overflow where their squares would)."""
+    j = _matrix("8x3")
+    cut = EPS * 8
+    cov, _ = compiled.covariance(j[None].contiguous(), cut)
+    big, _ = compiled.covariance((j * scale)[None].contiguous(), cut)
+    torch.testing.assert_close(big[0] * scale**2, cov[0], rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------------------- kernels: lmpar
@@ -189,26 +300,6 @@ def test_lmpar_kernel_equals_the_torch_lmpar(rank_deficient):
             seen_zero |= ref == 0
             seen_newton |= ref > 0
     assert seen_zero and seen_newton
-
-
-@pytest.mark.parametrize("scale", [1e160, 1e-160])
-def test_svd_values_keep_full_accuracy_at_extreme_scales(scale):
-    """The QR's reflectors are formed from ratios of a column's entries (LAPACK's dlarfg), and
-    Jacobi scales its columns by a power of two before summing squares: at entries of 1e160
-    (the sums of squares would overflow: NaN singular values before) and 1e-160 (the
-    reflector's v^T v was subnormal: 1e-5 relative accuracy before) the singular values equal
-    LAPACK's to rounding, and R's diagonal equals LAPACK's in magnitude."""
-    j = torch.randn(6, 12, 3, dtype=D, generator=seeded(5)) * scale
-    s, _, _ = compiled.svd_values(j)
-    ref = torch.linalg.svdvals(j)
-    assert bool(torch.isfinite(s).all())
-    err = (s.sort(-1, descending=True).values - ref).abs() / ref[:, :1]
-    assert float(err.max()) < 1e-14
-    at = np.ascontiguousarray(torch.cat([j[0], torch.zeros(12, 1, dtype=D)], 1).T.numpy())
-    kernels._qr(at, 3)
-    r_ref = torch.linalg.qr(j[0], mode="r")[1]
-    diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
-    torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)
 
 
 # ---------------------------------------------------- kernels: the Gauss-Newton step from R

@@ -172,15 +172,17 @@ def _call(name: str, n: int, *args) -> None:
         getattr(kern, name)(0, n, *args)
 
 
-def svd_values(jac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The singular values (n, P) and :math:`V^T` (n, P, P) of a batch of tall float64 CPU
-    matrices jac (n, M, P), M >= P, unsorted, as :func:`.core._svd_values` (for curve_fit's
-    covariance), and whether each matrix is finite (n,) (where not: s = 0, V = I)."""
+def covariance(jac: Tensor, cut: float) -> tuple[Tensor, Tensor]:
+    r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
+    singular values at most ``cut`` :math:`s_{max}` dropped, of a batch of tall float64 CPU
+    matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` from J's QR where that
+    drops nothing, else by the SVD of R (:func:`.kernels._cov_rows`); and whether each matrix
+    is finite (n,) (where not: 0, not factored)."""
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
-    s, vh, ok = np.empty((n, p)), np.empty((n, p, p)), np.empty(n, dtype=np.bool_)
-    _call("_svd_rows", n, a, s, vh, ok)
-    return torch.from_numpy(s), torch.from_numpy(vh), torch.from_numpy(ok)
+    cov, ok = np.empty((n, p, p)), np.empty(n, dtype=np.bool_)
+    _call("_cov_rows", n, a, float(cut), cov, ok)
+    return torch.from_numpy(cov), torch.from_numpy(ok)
 
 
 def _least_squares_compiled(

@@ -510,15 +510,15 @@ def curve_fit(
     tau = None if absolute_sigma else out["scale"]
     if tau is not None:
         jac, cost = jac * tau[:, None, None], out["cost_scaled"]
+    cut = torch.finfo(x0.dtype).eps * max(n, p)
     if out["engine"] == "numba":  # J not finite (status -1): pcov = inf
-        sv, vh, finite = compiled.svd_values(jac)
+        pcov, finite = compiled.covariance(jac, cut)
     else:
         finite = torch.isfinite(jac).flatten(1).all(1)
         sv, vh = _svd_values(torch.where(finite[:, None, None], jac, 0.0))
-    eps = torch.finfo(x0.dtype).eps
-    keep = sv > eps * max(n, p) * sv.amax(-1, keepdim=True)
-    inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)
-    pcov = vh.transpose(1, 2) @ (inv.unsqueeze(-1) * vh)
+        keep = sv > cut * sv.amax(-1, keepdim=True)
+        inv = torch.where(keep, 1 / torch.where(keep, sv, 1).pow(2), 0)
+        pcov = vh.transpose(1, 2) @ (inv.unsqueeze(-1) * vh)
     pcov = torch.where(finite[:, None, None], pcov, math.inf)
     if not absolute_sigma:
         if n > p:

@@ -436,46 +436,98 @@ def _jac_stage_parallel(
 
 
 @_jit
-def _svd_rows(k0, k1, jac, s, vh, ok):
-    """Singular values s[k] and V^T = vh[k] of jac[k] (M, P), M >= P, for k0 <= k < k1:
-    Householder QR, then one-sided Jacobi on R (:func:`_qr`, :func:`_jacobi`); ok[k] = every
-    entry of jac[k] is finite (else s[k] = 0, vh[k] = I, not factored)."""
+def _load_row(jac, k, at):
+    """jac[k] (M, P) into ``at`` (P + 1, M) transposed, row P zero (:func:`_qr`'s layout, no
+    f); returns whether every entry is finite."""
+    _, m, p = jac.shape
+    good = True
+    for i in range(m):
+        for j in range(p):
+            t = jac[k, i, j]
+            good = good and math.isfinite(t)
+            at[j, i] = t
+    at[p] = 0.0
+    return good
+
+
+@_jit
+def _cov_rows(k0, k1, jac, cut, cov, ok):
+    r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
+    singular values :math:`s \le` ``cut`` :math:`s_{max}` dropped (scipy's rule, as
+    :func:`.core._svd_values` and curve_fit's torch path form it), of jac[k] (M, P), M >= P,
+    for k0 <= k < k1. From the Householder QR J = QR (:func:`_qr`): where R has no zero on its
+    diagonal and :math:`P^2 \max|R_{ij}| \max|R^{-1}_{ij}| < 10^{-2}/` ``cut`` (it bounds
+    :math:`\|R\|_F \|R^{-1}\|_F \ge s_{max}/s_{min}`: no singular value can be dropped,
+    with a margin of 100 for the rounding of :math:`R^{-1}`), :math:`R^{-1}R^{-T}` (back
+    substitution; no SVD); else the
+    SVD of R by :func:`_jacobi` from V = I, and :math:`\sum_i v_iv_i^T/s_i^2` over the
+    singular values kept. The two agree to the rounding of :math:`R^{-1}`, ~cond(J) eps
+    relative (as the SVD's smallest singular value). ok[k] = every entry of jac[k] is finite
+    (else cov[k] = 0, not factored)."""
     _, m, p = jac.shape
     at = np.zeros((p + 1, m))
     g = np.empty((p, p))
     v = np.empty((p, p))
+    u = np.empty((p, p))
     ones = np.ones(p)
+    sv = np.empty(p)
     for k in range(k0, k1):
-        good = True
-        for i in range(m):
-            for j in range(p):
-                t = jac[k, i, j]
-                good = good and math.isfinite(t)
-                at[j, i] = t
+        good = _load_row(jac, k, at)
         ok[k] = good
+        if not good:
+            cov[k] = 0.0
+            continue
+        _qr(at, p)
+        # U = R^-1, upper, column by column (R_ij = at[j, i], j >= i); the largest entries of
+        # R and U (their products bound the condition number without squares that overflow)
+        full = True
+        rmax = 0.0
+        umax = 0.0
+        for j in range(p):
+            if at[j, j] == 0.0:
+                full = False
+                break
+            for i in range(j + 1):
+                rmax = max(rmax, abs(at[j, i]))
+            u[j, j] = 1.0 / at[j, j]
+            umax = max(umax, abs(u[j, j]))
+            for i in range(j - 1, -1, -1):
+                t = 0.0
+                for r in range(i + 1, j + 1):
+                    t += at[r, i] * u[r, j]
+                u[i, j] = -t / at[i, i]
+                umax = max(umax, abs(u[i, j]))
+        if full and p * p * rmax * umax * cut < 1e-2:
+            for i in range(p):
+                for j in range(i, p):
+                    t = 0.0
+                    for r in range(j, p):  # U upper: U_ir U_jr for r >= max(i, j) = j
+                        t += u[i, r] * u[j, r]
+                    cov[k, i, j] = t
+                    cov[k, j, i] = t
+            continue
         for i in range(p):
             for j in range(p):
                 v[i, j] = 1.0 if i == j else 0.0
-        if not good:
-            for i in range(p):
-                s[k, i] = 0.0
-                for j in range(p):
-                    vh[k, i, j] = v[i, j]
-            continue
-        at[p] = 0.0
-        _qr(at, p)
         _svd_r(at, p, ones, g, v)
+        smax = 0.0
         for i in range(p):
-            s[k, i] = _norm(g[:, i])
+            sv[i] = _norm(g[:, i])
+            smax = max(smax, sv[i])
+        for i in range(p):
             for j in range(p):
-                vh[k, i, j] = v[j, i]
+                t = 0.0
+                for r in range(p):
+                    if sv[r] > cut * smax:
+                        t += v[i, r] * v[j, r] / (sv[r] * sv[r])
+                cov[k, i, j] = t
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _svd_rows_parallel(chunks, jac, s, vh, ok):
+def _cov_rows_parallel(chunks, jac, cut, cov, ok):
     n = jac.shape[0]
     for t in numba.prange(chunks):
-        _svd_rows(t * n // chunks, (t + 1) * n // chunks, jac, s, vh, ok)
+        _cov_rows(t * n // chunks, (t + 1) * n // chunks, jac, cut, cov, ok)
 
 
 @_jit
