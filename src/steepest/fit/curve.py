@@ -281,7 +281,9 @@ def curve_fit(
     :math:`\mathrm{pcov} = V S^{-2} V^T`, times :math:`s^2 = \sum_i r_i^2 / (N - P)` unless
     ``absolute_sigma`` (inf when N <= P, and for a fit whose Jacobian at popt is not finite,
     status -1). (scipy's ``lm`` takes it from the QR of its last Jacobian, evaluated one step
-    before popt: the two may differ by 1e-5 to 1e-4 relative.)
+    before popt: the two may differ by 1e-5 to 1e-4 relative.) The compiled core forms the same
+    matrix as :math:`R^{-1}R^{-T}` from the QR :math:`J = QR` where no singular value can be
+    dropped (the SVD elsewhere): equal to rounding.
 
     A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
     (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N), or

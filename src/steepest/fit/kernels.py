@@ -591,7 +591,7 @@ def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                     w[b, i] = gn[b, i]
                 basis = False
             else:
-                if gq[b]:  # rare (2,374 of 55,829 trials on the decay curves): scratch here
+                if gq[b]:  # rare (721 of 55,829 trials on the decay curves): scratch here
                     g, v = np.empty((p, p)), np.empty((p, p))
                     _svd_t(b, rt, qf, g, v, np.ones(p), vh, cut, mu, c, gn, gn_norm, gnorm, lo)
                     gq[b] = False
