@@ -19,6 +19,7 @@ import argparse
 import importlib
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +65,25 @@ def same(a, b) -> bool:
     )
 
 
+def _commit(path: Path) -> str | None:
+    """The commit checked out where ``path`` lies (None outside a git work tree); a work tree
+    with changes gets "+changes"."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def differences(a, b) -> dict:
     """Where two runs of the batch are not bitwise the same: the successes of each, and on the
     fits where both succeed the largest popt difference (relative, against max(|popt|, 1)) and
@@ -71,7 +91,8 @@ def differences(a, b) -> dict:
     (pa, ca, ra), (pb, cb, rb) = a, b
     both = ra.success & rb.success
     scale = pa.abs().clamp_min(1.0)
-    rel = ((ca - cb).abs() / ca.abs()).nan_to_num(nan=0.0, posinf=0.0)
+    big = torch.maximum(ca.abs(), cb.abs())  # 0 only where both are 0 (equal there)
+    rel = torch.where(big > 0, (ca - cb).abs() / big, 0.0).nan_to_num(nan=0.0, posinf=0.0)
     return {
         "success": [int(ra.success.sum()), int(rb.success.sum())],
         "max_rel_popt_diff_both_succeeded": float(((pa - pb).abs() / scale)[both].max()),
@@ -86,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", required=True, help="the src/steepest folder of the code before")
     args, t, y, p0 = batch_cli(ap, argv)
     base = load_base(args.base)
-    result = {"machine": machine(args.threads, args.note), "base": args.base, "B": args.batch}
+    result = {
+        "machine": machine(args.threads, args.note),
+        "base": args.base,
+        "base_commit": _commit(Path(args.base)),
+        "this_commit": _commit(HERE),
+        "B": args.batch,
+        "repeats": args.repeats,
+    }
     for given in (True, False):
         kind = "given J" if given else "autograd J"
         _, ref = fit(base, t, y, p0, given)  # also the warm-ups (numba loads each copy's kernels)

@@ -561,7 +561,7 @@ def cov_err(pcov: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_curve_fit_engines_agree_and_match_scipy():
-    """curve_fit on 300 curves (the pointwise Jacobian, pcov by compiled.svd_values on the
+    """curve_fit on 300 curves (the pointwise Jacobian, pcov by compiled.covariance on the
     numba engine and by core._svd_values, LAPACK's SVD, on the torch one): popt to 1e-7,
     pcov to 1e-6 of sigma_i sigma_j, success equal; one curve: both engines against
     scipy.optimize.curve_fit (popt 1e-7, pcov 1e-5 of sigma_i sigma_j: scipy's Jacobian is

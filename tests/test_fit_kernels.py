@@ -153,8 +153,12 @@ def _spectrum(s: list[float], m: int = 12, seed: int = 21) -> torch.Tensor:
 
 
 #: curve_fit's covariance cases: each of MATRICES; condition 1e13, where the bound sends the
-#: kernel to the SVD but nothing is dropped; singular values down to 1e-17, one dropped
-COVARIANCES = MATRICES + ["cond-1e13", "one-dropped"]
+#: kernel to the SVD but nothing is dropped; singular values down to 1e-17, one dropped; the
+#: smallest singular value 0.3 and 3 times the cut (eps max(M, P) s_max, M = 12): dropped, kept
+COVARIANCES = MATRICES + ["cond-1e13", "one-dropped", "just-dropped", "just-kept"]
+#: the way compiled.covariance takes (1: R^-1 R^-T, 2: the SVD), by the bound on the condition
+BY_SVD = {"zero-column", "cond-1e13", "one-dropped", "just-dropped", "just-kept"}
+NEAR_CUT = {"just-dropped": 0.3, "just-kept": 3.0}
 
 
 def _cov_case(name: str) -> torch.Tensor:
@@ -162,6 +166,8 @@ def _cov_case(name: str) -> torch.Tensor:
         return _spectrum([1.0, 1e-6, 1e-13])
     if name == "one-dropped":
         return _spectrum([1.0, 1e-2, 1e-17])
+    if name in NEAR_CUT:
+        return _spectrum([1.0, 1e-3, NEAR_CUT[name] * EPS * 12])
     return _matrix(name)
 
 
@@ -174,48 +180,62 @@ def _cov_ref(j: torch.Tensor, cut: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", COVARIANCES)
 def test_covariance_equals_the_lapack_pseudo_inverse(name):
-    """compiled.covariance (R^-1 R^-T from J's QR where no singular value can be dropped,
-    else the SVD of R with scipy's cut) against V S^-2 V^T from LAPACK's SVD with the same cut
-    (eps max(M, P) s_max): to 20 max(M, P) cond(J) eps of its largest entry, cond over the
-    singular values kept (measured: at most 0.03 of that). The zero column and the singular
-    value 1e-17 are dropped (pcov's rank P - 1); condition 1e10 keeps all."""
+    """compiled.covariance (R^-1 R^-T from J's QR where the bound P^2 max|R| max|R^-1| says no
+    singular value can be dropped, else the SVD of R with scipy's cut) against V S^-2 V^T from
+    LAPACK's SVD with the same cut (eps max(M, P) s_max): to 20 max(M, P) cond(J) eps of its
+    largest entry, cond over the singular values kept (measured: at most 0.03 of that); the
+    way taken as the bound says (R^-1 for the well-conditioned ones, condition 1e10 too; the
+    SVD for the others). The zero column and the singular values 1e-17 and 0.3 cut are
+    dropped (pcov's largest entry ~1/s^2 of the next: below 1e10), 3 cut kept (above 1e20:
+    there the pseudo-inverse itself is ill-conditioned, so only which values it keeps is
+    checked)."""
     j = _cov_case(name)
     m, p = j.shape
     cut = EPS * max(m, p)
-    cov, ok = compiled.covariance(j[None].contiguous(), cut)
+    cov, way = compiled.covariance(j[None].contiguous(), cut)
+    assert cov.shape == (1, p, p) and way.tolist() == [2 if name in BY_SVD else 1]
     ref = _cov_ref(j, cut)
     s = torch.linalg.svdvals(j)
     kept = s[s > cut * s[0]]
+    assert kept.numel() == (p - 1 if name in ("zero-column", "one-dropped", "just-dropped") else p)
+    big = float(cov.abs().max())
+    if name == "just-kept":
+        assert big > 1e20
+        return
+    if name == "just-dropped":
+        assert big < 1e10
     cond = float(kept[0] / kept[-1])
-    assert bool(ok.all()) and cov.shape == (1, p, p)
     err = float((cov[0] - ref).abs().max())
     assert err <= 20 * max(m, p) * cond * EPS * float(ref.abs().max()), (err, cond)
-    assert kept.numel() == (p - 1 if name in ("zero-column", "one-dropped") else p)
 
 
 def test_covariance_is_r_inverse_where_j_has_full_rank_and_the_svd_where_not():
     """A well-conditioned J: its covariance is R^-1 R^-T of its own QR (kernels._qr; R^-1 by
-    torch.linalg.inv) to 1e-14; J with an exactly zero column (R^-1 does not exist): finite,
-    the zero column's row and column exactly 0 (the SVD's pseudo-inverse drops it)."""
+    torch.linalg.inv) to 1e-14, by the way R^-1; J with an exactly zero column (R^-1 does not
+    exist): by the SVD, finite, the zero column's row and column exactly 0 (the
+    pseudo-inverse drops it)."""
     j = _matrix("8x3")
     cut = EPS * 8
-    cov, _ = compiled.covariance(j[None].contiguous(), cut)
+    cov, way = compiled.covariance(j[None].contiguous(), cut)
+    assert way.tolist() == [1]
     at = np.ascontiguousarray(torch.cat([j, torch.zeros(8, 1, dtype=D)], 1).T.numpy())
     kernels._qr(at, 3)
     r = torch.from_numpy(np.triu(at[:3, :3].T).copy())
     rinv = torch.linalg.inv(r)
     torch.testing.assert_close(cov[0], rinv @ rinv.T, rtol=1e-14, atol=0)
     jz = _matrix("zero-column")
-    covz, _ = compiled.covariance(jz[None].contiguous(), EPS * 9)
+    covz, wayz = compiled.covariance(jz[None].contiguous(), EPS * 9)
+    assert wayz.tolist() == [2]
     assert bool(torch.isfinite(covz).all()) and bool((covz[0, 1] == 0).all())
     assert bool((covz[0, :, 1] == 0).all())
 
 
 def test_covariance_parallel_path_equals_the_serial_path_bitwise():
     """A batch of PARALLEL_MIN or more matrices is split among numba's threads
-    (kernels._cov_rows_parallel, seen to run): bitwise the serial path's result, which holds
-    to LAPACK's (every 29th matrix of a mixed batch: random, condition 1e9, an exactly zero
-    column); and split into 3 uneven chunks, every row is written (the outputs start NaN)."""
+    (kernels._cov_rows_parallel, seen to run): bitwise the serial path's result and ways,
+    which hold to LAPACK's (every 29th matrix of a mixed batch: random, condition 1e9, an
+    exactly zero column; to 1e-12 of the largest entry, measured 1.6e-15), both ways taken;
+    and split into 3 uneven chunks, every row is written (the outputs start NaN, -1)."""
     n = compiled.PARALLEL_MIN + 45
     g = seeded(11)
     jac = torch.randn(n, 20, 3, generator=g, dtype=D) * torch.logspace(0, 3, 3, dtype=D)
@@ -223,32 +243,33 @@ def test_covariance_parallel_path_equals_the_serial_path_bitwise():
     jac[3::11, :, 1] = 0.0  # exactly zero columns
     cut = EPS * 20
     with numba_threads(1):
-        c1, _ = compiled.covariance(jac, cut)
+        c1, w1 = compiled.covariance(jac, cut)
     with pytest.MonkeyPatch.context() as mp, numba_threads(2):
         calls = record(mp, kernels, "_cov_rows_parallel")
-        c2, _ = compiled.covariance(jac, cut)
+        c2, w2 = compiled.covariance(jac, cut)
     assert calls == [1]
-    assert torch.equal(c1, c2)
+    assert torch.equal(c1, c2) and torch.equal(w1, w2)
+    assert set(w1.tolist()) == {1, 2}
     for i in range(0, n, 29):
         ref = _cov_ref(jac[i], cut)
-        assert float((c1[i] - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+        assert float((c1[i] - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
     a = np.ascontiguousarray(jac.numpy())
-    c3, ok3 = np.full((n, 3, 3), np.nan), np.zeros(n, dtype=np.bool_)
-    kernels._cov_rows_parallel(3, a, cut, c3, ok3)
-    assert np.array_equal(c3, c1.numpy()) and ok3.all()
+    c3, w3 = np.full((n, 3, 3), np.nan), np.full(n, -1, dtype=np.int8)
+    kernels._cov_rows_parallel(3, a, cut, c3, w3)
+    assert np.array_equal(c3, c1.numpy()) and np.array_equal(w3, w1.numpy())
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_covariance_flags_a_matrix_that_is_not_finite(bad):
-    """compiled.covariance reports per matrix whether all its entries are finite (curve_fit's
-    pcov is inf where not): one entry NaN or +-inf in matrix 1 of 3 flags it alone, gives it
-    0 (finite: no NaN leaks into the batch's arithmetic), and leaves the others' values equal
-    to those of a batch without it."""
+    """compiled.covariance reports per matrix whether all its entries are finite (way 0;
+    curve_fit's pcov is inf there): one entry NaN or +-inf in matrix 1 of 3 flags it alone,
+    gives it 0 (finite: no NaN leaks into the batch's arithmetic), and leaves the others'
+    values equal to those of a batch without it."""
     jac = torch.randn(3, 9, 3, generator=seeded(12), dtype=D)
     c0, _ = compiled.covariance(jac, EPS * 9)
     jac[1, 4, 2] = bad
-    cov, ok = compiled.covariance(jac, EPS * 9)
-    assert ok.tolist() == [True, False, True]
+    cov, way = compiled.covariance(jac, EPS * 9)
+    assert way.tolist() == [1, 0, 1]
     assert bool((cov[1] == 0).all())
     for i in (0, 2):
         assert torch.equal(cov[i], c0[i])

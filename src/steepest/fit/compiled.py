@@ -176,13 +176,13 @@ def covariance(jac: Tensor, cut: float) -> tuple[Tensor, Tensor]:
     r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
     singular values at most ``cut`` :math:`s_{max}` dropped, of a batch of tall float64 CPU
     matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` from J's QR where that
-    drops nothing, else by the SVD of R (:func:`.kernels._cov_rows`); and whether each matrix
-    is finite (n,) (where not: 0, not factored)."""
+    drops nothing, else by the SVD of R (:func:`.kernels._cov_rows`); and the way each matrix
+    took (n,) int8: 1 by R^-1, 2 by the SVD, 0 not finite (its covariance 0, not factored)."""
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
-    cov, ok = np.empty((n, p, p)), np.empty(n, dtype=np.bool_)
-    _call("_cov_rows", n, a, float(cut), cov, ok)
-    return torch.from_numpy(cov), torch.from_numpy(ok)
+    cov, way = np.empty((n, p, p)), np.empty(n, dtype=np.int8)
+    _call("_cov_rows", n, a, float(cut), cov, way)
+    return torch.from_numpy(cov), torch.from_numpy(way)
 
 
 def _least_squares_compiled(

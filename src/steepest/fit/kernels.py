@@ -451,7 +451,7 @@ def _load_row(jac, k, at):
 
 
 @_jit
-def _cov_rows(k0, k1, jac, cut, cov, ok):
+def _cov_rows(k0, k1, jac, cut, cov, way):
     r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
     singular values :math:`s \le` ``cut`` :math:`s_{max}` dropped (scipy's rule, as
     :func:`.core._svd_values` and curve_fit's torch path form it), of jac[k] (M, P), M >= P,
@@ -459,11 +459,11 @@ def _cov_rows(k0, k1, jac, cut, cov, ok):
     diagonal and :math:`P^2 \max|R_{ij}| \max|R^{-1}_{ij}| < 10^{-2}/` ``cut`` (it bounds
     :math:`\|R\|_F \|R^{-1}\|_F \ge s_{max}/s_{min}`: no singular value can be dropped,
     with a margin of 100 for the rounding of :math:`R^{-1}`), :math:`R^{-1}R^{-T}` (back
-    substitution; no SVD); else the
-    SVD of R by :func:`_jacobi` from V = I, and :math:`\sum_i v_iv_i^T/s_i^2` over the
-    singular values kept. The two agree to the rounding of :math:`R^{-1}`, ~cond(J) eps
-    relative (as the SVD's smallest singular value). ok[k] = every entry of jac[k] is finite
-    (else cov[k] = 0, not factored)."""
+    substitution; no SVD); else the SVD of R by :func:`_jacobi` from V = I, and
+    :math:`\sum_i v_iv_i^T/s_i^2` over the singular values kept. The two agree to the
+    rounding of :math:`R^{-1}`, ~cond(J) eps relative (as the SVD's smallest singular value).
+    way[k] (int8) = the way taken: 1 by R^-1, 2 by the SVD, 0 where an entry of jac[k] is not
+    finite (cov[k] = 0 then, not factored)."""
     _, m, p = jac.shape
     at = np.zeros((p + 1, m))
     g = np.empty((p, p))
@@ -472,9 +472,8 @@ def _cov_rows(k0, k1, jac, cut, cov, ok):
     ones = np.ones(p)
     sv = np.empty(p)
     for k in range(k0, k1):
-        good = _load_row(jac, k, at)
-        ok[k] = good
-        if not good:
+        if not _load_row(jac, k, at):
+            way[k] = 0
             cov[k] = 0.0
             continue
         _qr(at, p)
@@ -505,7 +504,9 @@ def _cov_rows(k0, k1, jac, cut, cov, ok):
                         t += u[i, r] * u[j, r]
                     cov[k, i, j] = t
                     cov[k, j, i] = t
+            way[k] = 1
             continue
+        way[k] = 2
         for i in range(p):
             for j in range(p):
                 v[i, j] = 1.0 if i == j else 0.0
@@ -524,10 +525,10 @@ def _cov_rows(k0, k1, jac, cut, cov, ok):
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _cov_rows_parallel(chunks, jac, cut, cov, ok):
+def _cov_rows_parallel(chunks, jac, cut, cov, way):
     n = jac.shape[0]
     for t in numba.prange(chunks):
-        _cov_rows(t * n // chunks, (t + 1) * n // chunks, jac, cut, cov, ok)
+        _cov_rows(t * n // chunks, (t + 1) * n // chunks, jac, cut, cov, way)
 
 
 @_jit
