@@ -173,7 +173,8 @@ def trial_paths(mp: pytest.MonkeyPatch) -> dict:
     """Count, at every call of the trial kernel through compiled._call, the running fits by
     the way their step is formed: "gn", the Gauss-Newton step from R (kernels._gauss_newton_r)
     that still fits the radius; "lazy", one from R that no longer fits (a rejected step shrank
-    the radius: the SVD from the kept T, kernels._svd_t); "svd", the Jacobian stage's SVD."""
+    the radius: the SVD from the kept T, kernels._factor_svd in the trial kernel); "svd", the
+    Jacobian stage's SVD."""
     seen = {"gn": 0, "lazy": 0, "svd": 0}
     inner = compiled._call
 

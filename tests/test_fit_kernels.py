@@ -335,13 +335,11 @@ def _qr_of(j: torch.Tensor, f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def _gauss_newton(at: np.ndarray, d: np.ndarray, radius: float) -> tuple[float, dict]:
     """kernels._gauss_newton_r for one fit (b = 0): its return and the state it wrote (z in
-    gn, c, T in rt, Q^T f in qf)."""
+    gn, c, and in rt the QR buffer of T = R D^-1 and Q^T f: T_ir in rt[r, i], Q^T f in row
+    P)."""
     p = d.shape[0]
-    st = {"gn": np.zeros((1, p)), "c": np.zeros((1, p)), "rt": np.zeros((1, p, p))}
-    st["qf"] = np.zeros((1, p))
-    zn = kernels._gauss_newton_r(
-        at, p, 0, d[None], np.array([radius]), st["gn"], st["c"], st["rt"], st["qf"]
-    )
+    st = {"gn": np.zeros((1, p)), "c": np.zeros((1, p)), "rt": np.zeros((1, p + 1, p))}
+    zn = kernels._gauss_newton_r(at, p, 0, d[None], np.array([radius]), st["gn"], st["c"], st["rt"])
     return zn, st
 
 
@@ -368,8 +366,8 @@ def test_the_gauss_newton_step_from_r_is_the_least_squares_step(name):
     assert float((z - ref).norm()) <= 1e3 * cond * EPS * float(ref.norm())
     assert zn == pytest.approx(float(z.norm()), rel=1e-15)
     qtf = torch.from_numpy(at[p, :p].copy())
-    t = torch.from_numpy(st["rt"][0])
-    assert torch.equal(t, t.triu()) and torch.equal(torch.from_numpy(st["qf"][0]), qtf)
+    t = torch.from_numpy(st["rt"][0, :p].T.copy())
+    assert torch.equal(t, t.triu()) and torch.equal(torch.from_numpy(st["rt"][0, p]), qtf)
     assert float((t @ z + qtf).abs().max()) <= 10 * p * EPS * float(t.abs().max() * z.norm())
     cz = float(torch.from_numpy(st["c"][0]) @ z)
     assert cz == pytest.approx(float(qtf @ qtf), rel=1e3 * cond * EPS)
@@ -397,16 +395,18 @@ def test_the_gauss_newton_step_from_r_is_taken_where_lmpar_takes_it(name):
             taken += 1
         else:
             assert got == -1.0
-            assert not st["c"].any() and not st["qf"].any()
+            assert not st["c"].any() and not st["rt"][0, p].any()
     assert taken == 3
 
 
-def test_the_svd_from_t_gives_the_stage_factorisation_and_lmpar_step():
-    """kernels._svd_t (a fit whose Gauss-Newton step from R was rejected: its SVD from the
-    kept T and Q^T f, started from V = I) against core._factor (LAPACK's SVD of J D^-1): the
+def test_the_svd_from_the_kept_t_gives_the_stage_factorisation_and_lmpar_step():
+    """kernels._factor_svd on the QR buffer that kernels._gauss_newton_r keeps (T = R D^-1 and
+    Q^T f, with D = I: the SVD of a fit whose step from R was rejected, started from V = I), and
+    on the stage's own buffer with D, against core._factor (LAPACK's SVD of J D^-1): the
     same sorted mu, ||c'||, ||gn||, lmpar's lo to 1e-12 relative; then kernels._lmpar on it
     against core._lmpar at radii 0.5 to 1e-3 ||gn||: the same lambda to 1e-10 and the same
-    step in the D-scaled coordinates, V w (basis-free), to 1e-10 of its norm."""
+    step in the D-scaled coordinates, V w (basis-free), to 1e-10 of its norm. The two buffers
+    give the same factor to rounding (T_ir is R_ir / d_r either way)."""
     n, m, p = 5, 12, 3
     g = seeded(13)
     for _ in range(n):
@@ -419,9 +419,15 @@ def test_the_svd_from_t_gives_the_stage_factorisation_and_lmpar_step():
         out = {k: np.zeros((1, p)) for k in ("mu", "c", "gn")}
         out.update({k: np.zeros(1) for k in ("gn_norm", "gnorm", "lo")})
         vh = np.eye(p)[None].copy()
-        kernels._svd_t(0, st["rt"], st["qf"], np.empty((p, p)), np.empty((p, p)), np.ones(p),
-                       vh, 0.0, out["mu"], out["c"], out["gn"], out["gn_norm"], out["gnorm"],
-                       out["lo"])  # fmt: skip
+        ones, g3, v3 = np.ones(p), np.empty((p, p)), np.empty((p, p))
+        kernels._factor_svd(0, st["rt"][0], p, ones, g3, v3, ones, 0.0, out["mu"], out["c"], vh,
+                            out["gn"], out["gn_norm"], out["gnorm"], out["lo"])  # fmt: skip
+        again = {k: np.zeros_like(v) for k, v in out.items()}
+        vh2 = np.eye(p)[None].copy()
+        kernels._factor_svd(0, at, p, d, g3, v3, ones, 0.0, again["mu"], again["c"], vh2,
+                            again["gn"], again["gn_norm"], again["gnorm"], again["lo"])  # fmt: skip
+        for k in out:
+            np.testing.assert_allclose(again[k], out[k], rtol=1e-13, err_msg=k)
         np.testing.assert_allclose(np.sort(out["mu"][0]), np.sort(fac.mu[0].numpy()), rtol=1e-12)
         for k in ("gn_norm", "gnorm", "lo"):
             np.testing.assert_allclose(out[k], getattr(fac, k).numpy(), rtol=1e-12, err_msg=k)

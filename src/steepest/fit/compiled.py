@@ -217,10 +217,9 @@ def _least_squares_compiled(
     d = np.zeros((bsz, p)) if meth == 0 else np.ones((bsz, p))
     jac = np.zeros((bsz, m, p))
     mu, c, gn, w = (np.zeros((bsz, p)) for _ in range(4))
-    vh = np.zeros((bsz, p, p))
-    vh[:] = np.eye(p)  # V: I until the first SVD of a fit (the warm start of the next)
-    rt, qf = np.zeros((bsz, p, p)), np.zeros((bsz, p))  # T = R D^-1, Q^T f: see gq
-    gq = np.zeros(bsz, dtype=np.bool_)  # the Gauss-Newton step from R, no SVD (kernels)
+    vh = np.tile(np.eye(p), (bsz, 1, 1))  # V: I until a fit's first SVD (the next's start)
+    rt = np.zeros((bsz, p + 1, p))  # T = R D^-1 and Q^T f of a step from R (kernels), gq:
+    gq = np.zeros(bsz, dtype=np.bool_)  # the fits that hold one (their SVD not formed)
     gn_norm, gnorm, lo, radius, lam, pnorm = (np.zeros(bsz) for _ in range(6))
     lref = np.ones(bsz)  # LM: the largest squared column norm of J at x0 (lambda's bounds)
     alpha = np.ones(bsz)
@@ -304,7 +303,7 @@ def _least_squares_compiled(
                 j, cols = evaluate_jac(xdue[i:k], due, i, k)
                 _call("_jac_stage", k - i, j, cols, due[i:k], at_x0, f, fnorm, x, d, jac, mu, c, vh,
                       gn, gn_norm, gnorm, lo, radius, lam, lref, meth, cut, gtu, factor,
-                      codes[i:k], stale, acn[i:k], rt, qf, gq)  # fmt: skip
+                      codes[i:k], stale, acn[i:k], rt, gq)  # fmt: skip
             if at_x0:
                 _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
             if np.count_nonzero(codes):  # codes are per due fit: onto the running set
@@ -317,7 +316,7 @@ def _least_squares_compiled(
         n = act.size
         xt = np.empty((n, p))
         _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
-              first, w, pnorm, xt, cut, rt, qf, gq)  # fmt: skip
+              first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
         nfev += 1
         codes = np.empty(n, dtype=np.int64)
         for i, k in spans(n):

@@ -158,20 +158,26 @@ def _svd_r(at, p, d, g, v):
 
 
 @_jit
-def _from_svd(b, g, v, q, qr, acnorm, cut, mu, c, vh, gn, gn_norm, gnorm, lo):
-    r"""Fit b's factor from the rotated G = R D^-1 V (:func:`_jacobi`: its columns
-    orthogonal, their norms the singular values s) and Q^T f (row ``qr`` of ``q``): as
-    :func:`.core._factor_svd`, :math:`\mu = s^2`, :math:`c' = -SU^Tf = -G^T Q^Tf`,
-    :math:`V^T`, and dropped the directions with s = 0, below ``cut`` s_max, or mostly (weight
-    > 1/2) on the columns of J whose norm ``acnorm`` is 0; then the Gauss-Newton step
-    gn = c'/mu, its norm, ||c'|| and lmpar's lower bound's factor ``lo``."""
-    p = g.shape[1]
+def _factor_svd(b, at, p, d, g, v, acnorm, cut, mu, c, vh, gn, gn_norm, gnorm, lo):
+    r"""Fit b's factor from the QR in ``at`` (:func:`_qr`'s layout: R in rows 0..P-1, Q^T f in
+    row P) and the scaling ``d``, as :func:`.core._factor_r` / :func:`.core._factor_svd`: the
+    SVD :math:`RD^{-1} = USV^T` by :func:`_svd_r` from the fit's previous V (``vh[b]``, I
+    before its first: J moved little, so on the 10,000 decay curves two or three rotating
+    sweeps and one that finds nothing left to rotate), then :math:`\mu = s^2`,
+    :math:`c' = -SU^Tf = -G^T Q^Tf`, :math:`V^T`, with the directions dropped whose s is 0 or
+    at most ``cut`` s_max, or that lie mostly (weight > 1/2) on the columns of J whose norm
+    ``acnorm`` is 0; then the Gauss-Newton step gn = c'/mu, its norm, ||c'|| and lmpar's lower
+    bound's factor ``lo``."""
+    for i in range(p):
+        for j in range(p):
+            v[i, j] = vh[b, j, i]
+    _svd_r(at, p, d, g, v)
     smax = 0.0
     for i in range(p):  # singular value i: the norm of column i of G = R D^-1 V
         sv = _norm(g[:, i])
         ci = 0.0
         for r in range(p):
-            ci += q[qr, r] * g[r, i]
+            ci += at[p, r] * g[r, i]
         mu[b, i] = sv * sv
         c[b, i] = -ci  # c' = -S U^T f = -G^T (Q^T f)
         smax = max(smax, sv)
@@ -206,30 +212,31 @@ def _from_svd(b, g, v, q, qr, acnorm, cut, mu, c, vh, gn, gn_norm, gnorm, lo):
 
 
 @_jit
-def _gauss_newton_r(at, p, b, d, radius, gn, c, rt, qf):
+def _gauss_newton_r(at, p, b, d, radius, gn, c, rt):
     r"""The Gauss-Newton step of fit b from the QR in ``at`` (:func:`_qr`), as MINPACK's
     ``lmpar`` first forms it: :math:`\delta = D^{-1}z`, :math:`Tz = -Q^Tf`,
-    :math:`T = RD^{-1}` (back substitution; T into ``rt[b]``, upper). It is the fit's step when
-    T has no zero on its diagonal (J has full rank: a zero column of J gives a zero one of R),
-    z is finite, and z fits the trust region as lmpar tests it,
+    :math:`T = RD^{-1}` (back substitution; T into ``rt[b]`` in ``at``'s layout). It is the
+    fit's step when T has no zero on its diagonal (J has full rank: a zero column of J gives a
+    zero one of R), z is finite, and z fits the trust region as lmpar tests it,
     :math:`\|z\| - \Delta \le 0.1\Delta`. Then z goes into ``gn[b]`` (in the D-scaled
     coordinates themselves, not V's), :math:`c = -T^TQ^Tf` into ``c[b]`` (so that
     :math:`c^Tz = \|Q^Tf\|^2`, the model's decrease :math:`c'^Tw` that :func:`_update` forms,
-    in any orthogonal coordinates), Q^T f into ``qf[b]`` (for the SVD, should the step be
-    rejected: :func:`_trial`), and the return is ||z||. Else the return is -1, and the fit goes
-    the SVD way, whose pseudo-inverse drops what a rank-deficient T cannot solve. In exact
-    arithmetic z is the SVD's :math:`Vc'/\mu`; the two differ at rounding level (the condition
-    number of T times the unit roundoff)."""
+    in any orthogonal coordinates), Q^T f into row P of ``rt[b]`` (there T and Q^T f are a QR
+    buffer for :func:`_factor_svd`, should a rejected step shrink the radius below z:
+    :func:`_trial`), and the return is ||z||. Else the return is -1, and the fit goes the SVD
+    way, whose pseudo-inverse drops what a rank-deficient T cannot solve. In exact arithmetic
+    z is the SVD's :math:`Vc'/\mu`; the two differ at rounding level (the condition number of
+    T times the unit roundoff)."""
     zz = 0.0
-    for i in range(p - 1, -1, -1):
+    for i in range(p - 1, -1, -1):  # T_ir = rt[b, r, i], r >= i (R_ir = at[r, i])
         for r in range(i, p):
-            rt[b, i, r] = at[r, i] / d[b, r]
+            rt[b, r, i] = at[r, i] / d[b, r]
         tii = rt[b, i, i]
         if tii == 0.0:
             return -1.0
         s = -at[p, i]
         for r in range(i + 1, p):
-            s -= rt[b, i, r] * gn[b, r]
+            s -= rt[b, r, i] * gn[b, r]
         gn[b, i] = s / tii
         zz += gn[b, i] * gn[b, i]
     zn = math.sqrt(zz)
@@ -238,38 +245,18 @@ def _gauss_newton_r(at, p, b, d, radius, gn, c, rt, qf):
     if not math.isfinite(zn) or zn - radius[b] > 0.1 * radius[b]:
         return -1.0
     for i in range(p):
-        qf[b, i] = at[p, i]
+        rt[b, p, i] = at[p, i]
         ci = 0.0
         for r in range(i + 1):
-            ci += rt[b, r, i] * at[p, r]
+            ci += rt[b, i, r] * at[p, r]
         c[b, i] = -ci
     return zn
 
 
 @_jit
-def _svd_t(b, rt, qf, g, v, ones, vh, cut, mu, c, gn, gn_norm, gnorm, lo):
-    """Fit b's SVD factor (:func:`_from_svd`) from T = R D^-1 (``rt[b]``, upper) and Q^T f kept
-    by :func:`_gauss_newton_r`: G = T V from the fit's last V (``vh``), rotated by
-    :func:`_jacobi`. J has full rank there (no zero column: ``ones``, P ones, as its column
-    norms)."""
-    p = g.shape[1]
-    for i in range(p):
-        for j in range(p):
-            v[i, j] = vh[b, j, i]
-    for i in range(p):
-        for j in range(p):
-            t = 0.0
-            for r in range(i, p):
-                t += rt[b, i, r] * v[r, j]
-            g[i, j] = t
-    _jacobi(g, v, SWEEPS)
-    _from_svd(b, g, v, qf, b, ones, cut, mu, c, vh, gn, gn_norm, gnorm, lo)
-
-
-@_jit
 def _jac_stage(
     k0, k1, jac_new, cols, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, qf, gq,
+    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, gq,
 ):  # fmt: skip
     """At the fits ``due`` (k-th has J = jac_new[k], or, ``cols``, column j of J =
     jac_new[j, k]: a route that forms J column by column hands it over so, uncopied): J at x
@@ -277,10 +264,9 @@ def _jac_stage(
     -1 for a non-finite J^T f or column norm, or, without D, a largest column norm whose
     square over- or underflows), update D (trust region), factor
     :math:`JD^{-1}` into (mu, c, vh, gn, gn_norm, gnorm, lo) as :func:`.core._factor_r` /
-    :func:`.core._factor_svd` do (or, trust region, take the Gauss-Newton step from R where
-    the fit's last step was one and it fits: :func:`_gauss_newton_r`, ``gq[b]`` set, no SVD;
-    :func:`_from_svd`'s arithmetic is repeated inline below: calling it took 1.04-1.15x the
-    stage's time, ``benchmarks/fit.md``); at x0 (``first``) also the radius or lambda. J is
+    :func:`.core._factor_svd` do (:func:`_factor_svd`; or, trust region, take the Gauss-Newton
+    step from R where the fit's last step was one and it fits: :func:`_gauss_newton_r`,
+    ``gq[b]`` set, no SVD); at x0 (``first``) also the radius or lambda. J is
     transposed into ``at`` row by row (element by element: numba's slice assignment
     ``jac[b] = jb`` took its generic broadcasting path), then its column norms and
     :math:`J^T f` by :func:`_dot` over the rows of ``at``. J is stored in ``jac`` only for a
@@ -368,62 +354,18 @@ def _jac_stage(
             # after a Jacobian on the 10,000 decay curves were Gauss-Newton steps); tried
             # where the fit's last step was one (lambda = 0; a fit whose steps lmpar damps,
             # as the 13 that run to max_nfev, goes straight to the SVD)
-            zn = _gauss_newton_r(at, p, b, d, radius, gn, c, rt, qf)
+            zn = _gauss_newton_r(at, p, b, d, radius, gn, c, rt)
             gq[b] = zn >= 0
             if gq[b]:
                 gn_norm[b] = zn
                 continue
-        # the rotations start from the previous factorisation's V (J moved little): on the
-        # 10,000 decay curves two or three rotating sweeps and the one that finds nothing
-        # left to rotate (2+1 for 1,448 of 1,747 fits of a late part, 3+1 for 1,730 of
-        # 1,747 of the second round); at x0 from I
-        for i in range(p):
-            for j in range(p):
-                v[i, j] = (1.0 if i == j else 0.0) if first else vh[b, j, i]
-        _svd_r(at, p, d[b], g, v)
-        smax = 0.0
-        for i in range(p):  # singular value i: the norm of column i of G = R D^-1 V
-            sv = _norm(g[:, i])
-            ci = 0.0
-            for r in range(p):
-                ci += at[p, r] * g[r, i]
-            mu[b, i] = sv * sv
-            c[b, i] = -ci  # c' = -S U^T f = -G^T (Q^T f)
-            smax = max(smax, sv)
-            for j in range(p):
-                vh[b, i, j] = v[j, i]
-        full = True
-        for i in range(p):
-            keep = mu[b, i] > 0
-            if cut > 0 and not math.sqrt(mu[b, i]) > cut * smax:
-                keep = False
-            wz = 0.0
-            for j in range(p):
-                if acnorm[j] == 0:
-                    wz += vh[b, i, j] * vh[b, i, j]
-            if not wz <= 0.5:
-                keep = False
-            if not keep:
-                mu[b, i] = math.inf
-                c[b, i] = 0.0
-                full = False
-        gn2 = 0.0
-        q0 = 0.0
-        cn = 0.0
-        for i in range(p):
-            gn[b, i] = c[b, i] / mu[b, i]
-            gn2 += gn[b, i] * gn[b, i]
-            q0 += gn[b, i] * gn[b, i] / mu[b, i]
-            cn += c[b, i] * c[b, i]
-        gn_norm[b] = math.sqrt(gn2)
-        gnorm[b] = math.sqrt(cn)
-        lo[b] = gn_norm[b] ** 2 / q0 if full and q0 > 0 else 0.0
+        _factor_svd(b, at, p, d[b], g, v, acnorm, cut, mu, c, vh, gn, gn_norm, gnorm, lo)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _jac_stage_parallel(
     chunks, jac_new, cols, due, first, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
-    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, qf, gq,
+    radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, gq,
 ):  # fmt: skip
     """:func:`_jac_stage` on ``chunks`` slices of the fits, one per thread."""
     n = due.shape[0]
@@ -431,7 +373,7 @@ def _jac_stage_parallel(
         _jac_stage(
             t * n // chunks, (t + 1) * n // chunks, jac_new, cols, due, first, f, fnorm, x, d, jac,
             mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, lref, method, cut, gtu, factor, codes,
-            stale, acn, rt, qf, gq,
+            stale, acn, rt, gq,
         )  # fmt: skip
 
 
@@ -575,12 +517,12 @@ def _lmpar(mu, c, gn, gn_norm, gnorm, lo, radius, par, w):
 
 @_jit
 def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
-           first, w, pnorm, xt, cut, rt, qf, gq):  # fmt: skip
+           first, w, pnorm, xt, cut, rt, gq):  # fmt: skip
     """The step of the running fits act[k0:k1] (k-th: row k of xt). A trust-region fit whose
     Gauss-Newton step was formed from R (``gq``: :func:`_gauss_newton_r`) takes it while it
     fits the radius (lambda = 0, w = z, in the D-scaled coordinates); once it does not (a
     rejected step shrank the radius), its SVD is formed from the kept T and Q^T f
-    (:func:`_svd_t`) and lmpar runs as for any other fit."""
+    (:func:`_factor_svd` on ``rt[b]``, D = I there) and lmpar runs as for any other fit."""
     p = x.shape[1]
     for k in range(k0, k1):
         b = act[k]
@@ -592,9 +534,11 @@ def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
                     w[b, i] = gn[b, i]
                 basis = False
             else:
-                if gq[b]:  # rare (721 of 55,829 trials on the decay curves): scratch here
-                    g, v = np.empty((p, p)), np.empty((p, p))
-                    _svd_t(b, rt, qf, g, v, np.ones(p), vh, cut, mu, c, gn, gn_norm, gnorm, lo)
+                if gq[b]:  # rare (721 of 55,829 trials on the decay curves): scratch here;
+                    # J has full rank there (no zero column: ones as its column norms)
+                    g, v, ones = np.empty((p, p)), np.empty((p, p)), np.ones(p)
+                    _factor_svd(b, rt[b], p, ones, g, v, ones, cut, mu, c, vh, gn, gn_norm,
+                                gnorm, lo)  # fmt: skip
                     gq[b] = False
                 lam[b] = _lmpar(mu[b], c[b], gn[b], gn_norm[b], gnorm[b], lo[b], radius[b],
                                 lam[b], w[b])  # fmt: skip
@@ -622,14 +566,14 @@ def _trial(k0, k1, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _trial_parallel(
     chunks, act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha, first, w,
-    pnorm, xt, cut, rt, qf, gq,
+    pnorm, xt, cut, rt, gq,
 ):  # fmt: skip
     """:func:`_trial` on ``chunks`` slices of the running fits, one per thread."""
     n = act.shape[0]
     for t in numba.prange(chunks):
         _trial(
             t * n // chunks, (t + 1) * n // chunks, act, method, x, d, mu, c, vh, gn, gn_norm,
-            gnorm, lo, radius, lam, alpha, first, w, pnorm, xt, cut, rt, qf, gq,
+            gnorm, lo, radius, lam, alpha, first, w, pnorm, xt, cut, rt, gq,
         )  # fmt: skip
 
 
