@@ -11,6 +11,7 @@ import pytest
 from steepest.fit import compiled
 
 kernels = compiled._kernels()
+factor = compiled._factor()
 
 
 @contextlib.contextmanager

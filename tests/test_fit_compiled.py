@@ -178,13 +178,13 @@ def trial_paths(mp: pytest.MonkeyPatch) -> dict:
     seen = {"gn": 0, "lazy": 0, "svd": 0}
     inner = compiled._call
 
-    def spy(kernel, n, *args):
+    def spy(kernel, n, *args, **kw):
         if kernel == "_trial":
             act, gn_norm, radius, gq = args[0], args[8], args[11], args[-1]
             for b in act:
                 fits = not gn_norm[b] - radius[b] > 0.1 * radius[b]
                 seen["svd" if not gq[b] else ("gn" if fits else "lazy")] += 1
-        inner(kernel, n, *args)
+        inner(kernel, n, *args, **kw)
 
     mp.setattr(compiled, "_call", spy)
     return seen
@@ -394,7 +394,7 @@ def test_a_trial_where_fun_is_nan_is_rejected_as_by_torch(method):
 
 def test_a_trial_where_fun_overflows_is_rejected_as_by_torch():
     """exp(b t) on t in [0, 20] from b ~ 0: Levenberg-Marquardt's first steps overshoot to
-    exp(b t) = inf (fun inf, not NaN: kernels._norm's overflow branch) on ~30 fits; they are
+    exp(b t) = inf (fun inf, not NaN: factor._norm's overflow branch) on ~30 fits; they are
     rejected and those fits end as with the torch core: the same nfev and status."""
     g = seeded(5)
     t = torch.linspace(0, 20, 30, dtype=D)
@@ -706,10 +706,10 @@ def jac_stage_layouts(mp: pytest.MonkeyPatch) -> list:
     seen: list = []
     inner = compiled._call
 
-    def spy(kernel, n, *args):
+    def spy(kernel, n, *args, **kw):
         if kernel == "_jac_stage":
             seen.append((args[1], args[0].shape))
-        inner(kernel, n, *args)
+        inner(kernel, n, *args, **kw)
 
     mp.setattr(compiled, "_call", spy)
     return seen

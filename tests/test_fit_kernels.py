@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from numba_threads import kernels, numba_threads, record
+from numba_threads import factor, kernels, numba_threads, record
 from reference import seeded
 
 from steepest.fit import compiled, core
@@ -40,7 +40,7 @@ MATRICES = ["2x1", "5x2", "8x3", "7x6", "30x4", "3x3", "5x5", "zero-column", "il
 
 @pytest.mark.parametrize("name", MATRICES)
 def test_qr_kernel_equals_lapack_qr_up_to_row_signs(name):
-    """kernels._qr on [J f]^T: R equals LAPACK's R (torch.linalg.qr) up to the sign of each
+    """factor._qr on [J f]^T: R equals LAPACK's R (torch.linalg.qr) up to the sign of each
     row, to rounding of ||J||; Q^T f equals LAPACK's Q^T f with the same signs where J is well
     conditioned (where it is not, the late columns of Q are ill-determined: there the
     identities R^T (Q^T f) = J^T f and ||Q^T f||^2 + rho^2 = ||f||^2 are checked instead,
@@ -49,7 +49,7 @@ def test_qr_kernel_equals_lapack_qr_up_to_row_signs(name):
     m, p = j.shape
     f = torch.randn(m, generator=seeded(7), dtype=D)
     at = np.ascontiguousarray(torch.cat([j, f[:, None]], 1).T.numpy())
-    kernels._qr(at, p)
+    factor._qr(at, p)
     r = torch.from_numpy(np.triu(at[:p, :p].T).copy())
     qtf = torch.from_numpy(at[p, :p].copy())
     rho = float(np.linalg.norm(at[p, p:]))
@@ -98,14 +98,14 @@ def _svd_ref_check(j: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
 
 def _svd_of(j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The singular values (P,) and V^T (P, P) of j (M, P), unsorted, by the compiled core's
-    kernels: Householder QR (kernels._qr), then one-sided Jacobi on R from V = I
-    (kernels._svd_r), the singular values the column norms of G = R V (kernels._norm)."""
+    kernels: Householder QR (factor._qr), then one-sided Jacobi on R from V = I
+    (factor._svd_r), the singular values the column norms of G = R V (factor._norm)."""
     m, p = j.shape
     at = np.ascontiguousarray(torch.cat([j, torch.zeros(m, 1, dtype=D)], 1).T.numpy())
-    kernels._qr(at, p)
+    factor._qr(at, p)
     g, v = np.empty((p, p)), np.eye(p)
-    kernels._svd_r(at, p, np.ones(p), g, v)
-    s = [kernels._norm(np.ascontiguousarray(g[:, i])) for i in range(p)]  # scaled: no overflow
+    factor._svd_r(at, p, np.ones(p), g, v)
+    s = [factor._norm(np.ascontiguousarray(g[:, i])) for i in range(p)]  # scaled: no overflow
     return torch.tensor(s, dtype=D), torch.from_numpy(v.T.copy())
 
 
@@ -137,14 +137,14 @@ def test_svd_kernels_keep_full_accuracy_at_extreme_scales(scale):
         err = (s.sort(descending=True).values - ref[i]).abs() / ref[i, 0]
         assert float(err.max()) < 1e-14
     at = np.ascontiguousarray(torch.cat([j[0], torch.zeros(12, 1, dtype=D)], 1).T.numpy())
-    kernels._qr(at, 3)
+    factor._qr(at, 3)
     r_ref = torch.linalg.qr(j[0], mode="r")[1]
     diag = torch.from_numpy(np.diag(at[:3, :3]).copy())
     torch.testing.assert_close(diag.abs(), r_ref.diagonal().abs(), rtol=1e-13, atol=0)
 
 
 def _gram_bound(j: torch.Tensor) -> float:
-    """M eps kappa_F^2 of J's column-scaled R (LAPACK's QR), the quantity kernels._gram_r
+    """M eps kappa_F^2 of J's column-scaled R (LAPACK's QR), the quantity factor._gram_r
     compares with GRAM_TOL: kappa_F^2 = ||R_c||_F^2 ||R_c^-1||_F^2 = P ||R_c^-1||_F^2."""
     m, p = j.shape
     r = torch.linalg.qr(j, mode="r")[1] / j.norm(dim=0)
@@ -158,11 +158,11 @@ def _edge(share: float) -> torch.Tensor:
     for _ in range(60):
         s = math.sqrt(lo * hi)
         j = _spectrum([1.0, 0.3, s])
-        if _gram_bound(j) > share * kernels.GRAM_TOL:
+        if _gram_bound(j) > share * factor.GRAM_TOL:
             lo = s
         else:
             hi = s
-    assert abs(_gram_bound(j) / (share * kernels.GRAM_TOL) - 1) < 0.01
+    assert abs(_gram_bound(j) / (share * factor.GRAM_TOL) - 1) < 0.01
     return j
 
 
@@ -171,7 +171,7 @@ GRAM_CASES = MATRICES + ["decay", "edge-taken", "edge-declined"]
 
 @pytest.mark.parametrize("name", GRAM_CASES)
 def test_gram_kernel_equals_lapack_qr_where_it_is_taken(name):
-    """kernels._gram_r on [J f]^T: taken exactly where J is tall (M >= 2P) and M eps
+    """factor._gram_r on [J f]^T: taken exactly where J is tall (M >= 2P) and M eps
     kappa_F^2 <= GRAM_TOL (the reference's bound, away from the edge); then R equals
     LAPACK's R up to the sign of each row, and Q^T f its Q^T f with the same signs, to M eps
     kappa_F^2 (the bound: the Gram matrix's rounding, squared condition; measured at most 1e-3 of
@@ -192,10 +192,10 @@ def test_gram_kernel_equals_lapack_qr_where_it_is_taken(name):
     at = np.ascontiguousarray(torch.cat([j, f[:, None]], 1).T.numpy())
     before = at.copy()
     g, u = np.empty((p + 1, p + 1)), np.empty((p, p))
-    taken = kernels._gram_r(at, p, g, u)
+    taken = factor._gram_r(at, p, g, u)
     bound = _gram_bound(j) if bool((j.norm(dim=0) > 0).all()) else math.inf
-    assert taken == (bound <= kernels.GRAM_TOL and m >= 2 * p)
-    assert abs(math.log10(bound / kernels.GRAM_TOL)) > 0.5  # (not at the edge)
+    assert taken == (bound <= factor.GRAM_TOL and m >= 2 * p)
+    assert abs(math.log10(bound / factor.GRAM_TOL)) > 0.5  # (not at the edge)
     declined = ("zero-column", "ill-conditioned", "edge-declined", "3x3", "5x5", "7x6")
     assert taken == (name not in declined)
     if not taken:
@@ -216,7 +216,7 @@ def test_gram_kernel_equals_lapack_qr_where_it_is_taken(name):
 
 @pytest.mark.parametrize("case", ["zero", "tiny", "huge", "nan", "inf-f"])
 def test_gram_kernel_declines_columns_out_of_range_and_non_finite_input(case):
-    """kernels._gram_r leaves the QR to do (returns False, ``at`` bitwise untouched) where a
+    """factor._gram_r leaves the QR to do (returns False, ``at`` bitwise untouched) where a
     column of J is exactly zero, has a squared norm below 1e-200 or above 1e200 (products
     would under- or overflow), or an entry of J or f is not finite."""
     j = _matrix("8x3").clone()
@@ -233,7 +233,7 @@ def test_gram_kernel_declines_columns_out_of_range_and_non_finite_input(case):
         f[2] = math.inf
     at = np.ascontiguousarray(torch.cat([j, f[:, None]], 1).T.numpy())
     before = at.copy()
-    assert not kernels._gram_r(at, 3, np.empty((4, 4)), np.empty((3, 3)))
+    assert not factor._gram_r(at, 3, np.empty((4, 4)), np.empty((3, 3)))
     assert np.array_equal(at, before, equal_nan=True)
 
 
@@ -251,7 +251,7 @@ def _spectrum(s: list[float], m: int = 12, seed: int = 21) -> torch.Tensor:
 #: smallest singular value 0.3 and 3 times the cut (eps max(M, P) s_max, M = 12): dropped, kept
 COVARIANCES = MATRICES + ["cond-1e13", "one-dropped", "just-dropped", "just-kept"]
 #: the way compiled.covariance takes by the bound on the condition (2: the SVD; else 3, R^-1
-#: R^-T from the Cholesky factor of J^T J, where kernels._gram_r takes it, or 1, from the QR)
+#: R^-T from the Cholesky factor of J^T J, where factor._gram_r takes it, or 1, from the QR)
 BY_SVD = {"zero-column", "cond-1e13", "one-dropped", "just-dropped", "just-kept"}
 NEAR_CUT = {"just-dropped": 0.3, "just-kept": 3.0}
 
@@ -271,7 +271,7 @@ def _cov_way(name: str, j: torch.Tensor) -> int:
     if name in BY_SVD:
         return 2
     m, p = j.shape
-    return 3 if m >= 2 * p and _gram_bound(j) <= kernels.GRAM_TOL else 1
+    return 3 if m >= 2 * p and _gram_bound(j) <= factor.GRAM_TOL else 1
 
 
 def _cov_ref(j: torch.Tensor, cut: float) -> torch.Tensor:
@@ -283,7 +283,7 @@ def _cov_ref(j: torch.Tensor, cut: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", COVARIANCES)
 def test_covariance_equals_the_lapack_pseudo_inverse(name):
-    """compiled.covariance (R^-1 R^-T from the Cholesky factor of J^T J where kernels._gram_r
+    """compiled.covariance (R^-1 R^-T from the Cholesky factor of J^T J where factor._gram_r
     takes it, else from J's QR where the bound P^2 max|R| max|R^-1| says no singular value can
     be dropped, else the SVD of R with scipy's cut) against V S^-2 V^T from LAPACK's SVD with
     the same cut (eps max(M, P) s_max): to 20 max(M, P) cond(J) eps of its largest entry, cond
@@ -315,9 +315,9 @@ def test_covariance_equals_the_lapack_pseudo_inverse(name):
 
 def test_covariance_is_r_inverse_where_j_has_full_rank_and_the_svd_where_not():
     """A well-conditioned J: its covariance is U U^T, U = R^-1 of the Cholesky factor R of
-    J^T J (kernels._gram_r's), to 1e-14, by way 3, and R^-1 R^-T of LAPACK's QR to 1e-13; J
+    J^T J (factor._gram_r's), to 1e-14, by way 3, and R^-1 R^-T of LAPACK's QR to 1e-13; J
     at condition 1e4 (beyond the Gram route's bound, M eps kappa_F^2 > GRAM_TOL): R^-1 R^-T of
-    its own QR (kernels._qr; R^-1 by torch.linalg.inv) to 1e-14, by way 1; J with an exactly
+    its own QR (factor._qr; R^-1 by torch.linalg.inv) to 1e-14, by way 1; J with an exactly
     zero column (R^-1 does not exist): by the SVD, finite, the zero column's row and column
     exactly 0 (the pseudo-inverse drops it)."""
     j = _matrix("8x3")
@@ -326,17 +326,17 @@ def test_covariance_is_r_inverse_where_j_has_full_rank_and_the_svd_where_not():
     assert way.tolist() == [3]
     at = np.ascontiguousarray(torch.cat([j, torch.zeros(8, 1, dtype=D)], 1).T.numpy())
     u = np.empty((3, 3))
-    assert kernels._gram_r(at, 3, np.empty((4, 4)), u)
+    assert factor._gram_r(at, 3, np.empty((4, 4)), u)
     u = torch.from_numpy(np.triu(u))
     torch.testing.assert_close(cov[0], u @ u.T, rtol=1e-14, atol=0)
     rinv = torch.linalg.inv(torch.linalg.qr(j, mode="r")[1])
     torch.testing.assert_close(cov[0], rinv @ rinv.T, rtol=1e-13, atol=0)
     jc = _spectrum([1.0, 0.1, 1e-4])
-    assert _gram_bound(jc) > kernels.GRAM_TOL
+    assert _gram_bound(jc) > factor.GRAM_TOL
     cov, way = compiled.covariance(jc[None].contiguous(), EPS * 12)
     assert way.tolist() == [1]
     at = np.ascontiguousarray(torch.cat([jc, torch.zeros(12, 1, dtype=D)], 1).T.numpy())
-    kernels._qr(at, 3)
+    factor._qr(at, 3)
     r = torch.from_numpy(np.triu(at[:3, :3].T).copy())
     rinv = torch.linalg.inv(r)
     torch.testing.assert_close(cov[0], rinv @ rinv.T, rtol=1e-14, atol=0)
@@ -349,7 +349,7 @@ def test_covariance_is_r_inverse_where_j_has_full_rank_and_the_svd_where_not():
 
 def test_covariance_parallel_path_equals_the_serial_path_bitwise():
     """A batch of PARALLEL_MIN or more matrices is split among numba's threads
-    (kernels._cov_rows_parallel, seen to run): bitwise the serial path's result and ways,
+    (factor._cov_rows_parallel, seen to run): bitwise the serial path's result and ways,
     which hold to LAPACK's (every 29th matrix of a mixed batch: random, a column scaled by
     1e-9, two columns nearly parallel (condition ~1e5), an exactly zero column; to 1e-12 of
     the largest entry), the three ways taken;
@@ -364,7 +364,7 @@ def test_covariance_parallel_path_equals_the_serial_path_bitwise():
     with numba_threads(1):
         c1, w1 = compiled.covariance(jac, cut)
     with pytest.MonkeyPatch.context() as mp, numba_threads(2):
-        calls = record(mp, kernels, "_cov_rows_parallel")
+        calls = record(mp, factor, "_cov_rows_parallel")
         c2, w2 = compiled.covariance(jac, cut)
     assert calls == [1]
     assert torch.equal(c1, c2) and torch.equal(w1, w2)
@@ -374,7 +374,7 @@ def test_covariance_parallel_path_equals_the_serial_path_bitwise():
         assert float((c1[i] - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
     a = np.ascontiguousarray(jac.numpy())
     c3, w3 = np.full((n, 3, 3), np.nan), np.full(n, -1, dtype=np.int8)
-    kernels._cov_rows_parallel(3, a, cut, c3, w3)
+    factor._cov_rows_parallel(3, a, cut, c3, w3)
     assert np.array_equal(c3, c1.numpy()) and np.array_equal(w3, w1.numpy())
 
 
@@ -444,10 +444,10 @@ def test_lmpar_kernel_equals_the_torch_lmpar(rank_deficient):
 
 # ---------------------------------------------------- kernels: the Gauss-Newton step from R
 def _qr_of(j: torch.Tensor, f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """[J f]^T factored by kernels._qr (the Jacobian stage's buffer), and D: J's column norms
+    """[J f]^T factored by factor._qr (the Jacobian stage's buffer), and D: J's column norms
     (1 for a zero column, as the stage sets D at x0)."""
     at = np.ascontiguousarray(torch.cat([j, f[:, None]], 1).T.numpy())
-    kernels._qr(at, j.shape[1])
+    factor._qr(at, j.shape[1])
     acnorm = j.norm(dim=0)
     return at, torch.where(acnorm > 0, acnorm, 1.0).numpy()
 

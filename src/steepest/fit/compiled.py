@@ -9,7 +9,7 @@ still running (:mod:`.kernels`):
 
 - at a new Jacobian: J's column norms, :math:`J^Tf` and the gtol test, the scaling D, the
   QR factor R of J and :math:`Q^Tf` (from the Cholesky factor of :math:`J^TJ` where J is tall
-  and well conditioned enough that this is accurate to ~1e-10, :func:`.kernels._gram_r`:
+  and well conditioned enough that this is accurate to ~1e-10, :func:`.factor._gram_r`:
   49,080 of the 53,429 Jacobian stages of the 10,000 decay curves, the others 3,960 of the
   13 fits that run to max_nfev and 389 more; else by the Householder QR of :math:`[J\ f]`,
   as the torch core always) and the one-sided Jacobi SVD of :math:`RD^{-1} = USV^T`
@@ -122,6 +122,12 @@ def _kernels():
     return importlib.import_module(".kernels", __package__)
 
 
+@functools.cache
+def _factor():
+    """The factorisations' module (:mod:`.factor`, imported with the kernels)."""
+    return importlib.import_module(".factor", __package__)
+
+
 def eligible(x0: Tensor, m: int, box) -> str | None:
     """None when the compiled core can run the fits x0 (B, P) with M = m residuals and bounds
     ``box``, else the reason it cannot."""
@@ -165,11 +171,12 @@ def part_rows(m: int, p: int) -> int:
     return max(PARALLEL_MIN, PART_ELEMENTS // (m * p))
 
 
-def _call(name: str, n: int, *args) -> None:
-    """The kernel ``name`` over items 0..n-1: ``name(0, n, *args)`` on this thread, or, from
-    :data:`PARALLEL_MIN` items with more than one numba thread, ``name_parallel(threads,
-    *args)`` (contiguous slices, one a thread: bitwise the same result)."""
-    kern = _kernels()
+def _call(name: str, n: int, *args, mod=None) -> None:
+    """The kernel ``name`` of :mod:`.kernels` (or of the module ``mod``) over items 0..n-1:
+    ``name(0, n, *args)`` on this thread, or, from :data:`PARALLEL_MIN` items with more than
+    one numba thread, ``name_parallel(threads, *args)`` (contiguous slices, one a thread:
+    bitwise the same result)."""
+    kern = _kernels() if mod is None else mod
     if n >= PARALLEL_MIN and (threads := kern.numba.get_num_threads()) > 1:
         getattr(kern, name + "_parallel")(threads, *args)
     else:
@@ -180,12 +187,12 @@ def covariance(jac: Tensor, cut: float) -> tuple[Tensor, Tensor]:
     r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
     singular values at most ``cut`` :math:`s_{max}` dropped, of a batch of tall float64 CPU
     matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` from J's QR where that
-    drops nothing, else by the SVD of R (:func:`.kernels._cov_rows`); and the way each matrix
+    drops nothing, else by the SVD of R (:func:`.factor._cov_rows`); and the way each matrix
     took (n,) int8: 1 by R^-1, 2 by the SVD, 0 not finite (its covariance 0, not factored)."""
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
     cov, way = np.empty((n, p, p)), np.empty(n, dtype=np.int8)
-    _call("_cov_rows", n, a, float(cut), cov, way)
+    _call("_cov_rows", n, a, float(cut), cov, way, mod=_factor())
     return torch.from_numpy(cov), torch.from_numpy(way)
 
 
