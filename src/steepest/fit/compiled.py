@@ -39,7 +39,9 @@ part at rounding level (5e-15 in popt, a power law with ``pow`` on 4,000 curves)
 curves of the tests and benchmarks (``exp`` and products) fit bitwise alike in parts and in one.
 A Jacobian formed column by column (curve_fit's pointwise autograd route: (P, n, M)) is read so
 by the kernel, not copied to (n, M, P). The algorithm and its constants are :mod:`.core`'s, line
-for line; the two agree to rounding (``tests/test_fit_compiled.py``). Each stage over at least
+for line; the two agree to rounding where the compiled core factors J by its QR as the torch
+core does, and to ~1e-10 where it takes R from the Cholesky factor of :math:`J^TJ`
+(``tests/test_fit_compiled.py``). Each stage over at least
 :data:`PARALLEL_MIN` fits is shared among numba's threads (``numba.set_num_threads``), in
 contiguous slices of the fits, bitwise the one-thread result. Per iteration and part the driver
 makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
@@ -186,9 +188,11 @@ def _call(name: str, n: int, *args, mod=None) -> None:
 def covariance(jac: Tensor, cut: float) -> tuple[Tensor, Tensor]:
     r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
     singular values at most ``cut`` :math:`s_{max}` dropped, of a batch of tall float64 CPU
-    matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` from J's QR where that
-    drops nothing, else by the SVD of R (:func:`.factor._cov_rows`); and the way each matrix
-    took (n,) int8: 1 by R^-1, 2 by the SVD, 0 not finite (its covariance 0, not factored)."""
+    matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` where that drops nothing,
+    R from the Cholesky factor of :math:`J^TJ` where that is accurate (:func:`.factor._gram_r`)
+    or else from J's QR; elsewhere by the SVD of R (:func:`.factor._cov_rows`); and the way
+    each matrix took (n,) int8: 3 by R^-1 from the Cholesky factor, 1 by R^-1 from the QR, 2
+    by the SVD, 0 not finite (its covariance 0, not factored)."""
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
     cov, way = np.empty((n, p, p)), np.empty(n, dtype=np.int8)

@@ -141,7 +141,8 @@ def _jac_stage(
     at = np.empty((p + 1, m))
     g = np.empty((p, p))
     v = np.empty((p, p))
-    gg = np.empty((p + 1, p + 1))  # _gram_r's Gram matrix and R^-1
+    gg = np.empty((p + 1, p + 1))  # _gram_r's scratch (G, then R), its scaled J, its R^-1
+    w = np.empty((p, m))
     u = np.empty((p, p))
     acnorm = np.empty(p)
     jtf = np.empty(p)
@@ -208,7 +209,7 @@ def _jac_stage(
                 lref[b] = big if big > 0 else 1.0
         if bad:
             continue
-        if not _gram_r(at, p, gg, u):
+        if not _gram_r(at, p, acnorm, gg, u, w):
             _qr(at, p)
         if trust and lam[b] == 0:
             # the Gauss-Newton step from R where it fits: no SVD (48,076 of the 49,469 trials
