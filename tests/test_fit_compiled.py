@@ -53,10 +53,9 @@ def decay(n: int = B, seed: int = 1):
 
 
 def exact_decay(n: int = B, seed: int = 4):
-    """n noise-free curves a exp(-b t) + c on 50 points (zero residual at the truth; J tall,
-    and for most curves well conditioned enough that the compiled core takes R from the
-    Cholesky factor of J^T J, factor._gram_r, into the fits' last steps), starts within 30 %
-    of the truth."""
+    """n noise-free curves a exp(-b t) + c on 50 points (zero residual at the truth, M > P:
+    the endgame of a tall zero-residual fit, where the engines' rounding decides between the
+    residual floor and xtol), starts within 30 % of the truth."""
     g = seeded(seed)
     truth = torch.cat([1 + torch.rand(n, 1, generator=g, dtype=D),
                        0.3 + 2 * torch.rand(n, 1, generator=g, dtype=D),

@@ -8,11 +8,7 @@ iteration 1.4-1.8 ms. Here the same algorithm is one compiled call per stage ove
 still running (:mod:`.kernels`):
 
 - at a new Jacobian: J's column norms, :math:`J^Tf` and the gtol test, the scaling D, the
-  QR factor R of J and :math:`Q^Tf` (from the Cholesky factor of :math:`J^TJ` where J is tall
-  and well conditioned enough that this is accurate to ~1e-10, :func:`.factor._gram_r`:
-  49,080 of the 53,429 Jacobian stages of the 10,000 decay curves, the others 3,960 of the
-  13 fits that run to max_nfev and 389 more; else by the Householder QR of :math:`[J\ f]`,
-  as the torch core always) and the one-sided Jacobi SVD of :math:`RD^{-1} = USV^T`
+  Householder QR of :math:`[J\ f]` and the one-sided Jacobi SVD of :math:`RD^{-1} = USV^T`
   (started from the previous V: two or three rotating sweeps), giving :math:`\mu = s^2`,
   :math:`c' = -SU^Tf`, :math:`V^T` and the Gauss-Newton step, as :func:`.core._factor_r`.
   With the trust region (the default method), where the fit's last step was a Gauss-Newton
@@ -39,9 +35,7 @@ part at rounding level (5e-15 in popt, a power law with ``pow`` on 4,000 curves)
 curves of the tests and benchmarks (``exp`` and products) fit bitwise alike in parts and in one.
 A Jacobian formed column by column (curve_fit's pointwise autograd route: (P, n, M)) is read so
 by the kernel, not copied to (n, M, P). The algorithm and its constants are :mod:`.core`'s, line
-for line; the two agree to rounding where the compiled core factors J by its QR as the torch
-core does, and to ~1e-10 where it takes R from the Cholesky factor of :math:`J^TJ`
-(``tests/test_fit_compiled.py``). Each stage over at least
+for line; the two agree to rounding (``tests/test_fit_compiled.py``). Each stage over at least
 :data:`PARALLEL_MIN` fits is shared among numba's threads (``numba.set_num_threads``), in
 contiguous slices of the fits, bitwise the one-thread result. Per iteration and part the driver
 makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
@@ -188,11 +182,9 @@ def _call(name: str, n: int, *args, mod=None) -> None:
 def covariance(jac: Tensor, cut: float) -> tuple[Tensor, Tensor]:
     r"""curve_fit's covariance before its scale, :math:`(J^TJ)^+ = VS^{-2}V^T` with the
     singular values at most ``cut`` :math:`s_{max}` dropped, of a batch of tall float64 CPU
-    matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` where that drops nothing,
-    R from the Cholesky factor of :math:`J^TJ` where that is accurate (:func:`.factor._gram_r`)
-    or else from J's QR; elsewhere by the SVD of R (:func:`.factor._cov_rows`); and the way
-    each matrix took (n,) int8: 3 by R^-1 from the Cholesky factor, 1 by R^-1 from the QR, 2
-    by the SVD, 0 not finite (its covariance 0, not factored)."""
+    matrices jac (n, M, P), M >= P (n, P, P); :math:`R^{-1}R^{-T}` from J's QR where that
+    drops nothing, else by the SVD of R (:func:`.factor._cov_rows`); and the way each matrix
+    took (n,) int8: 1 by R^-1, 2 by the SVD, 0 not finite (its covariance 0, not factored)."""
     a = np.ascontiguousarray(jac.detach().numpy())
     n, _, p = a.shape
     cov, way = np.empty((n, p, p)), np.empty(n, dtype=np.int8)

@@ -283,9 +283,8 @@ def curve_fit(
     ``absolute_sigma`` (inf when N <= P, and for a fit whose Jacobian at popt is not finite,
     status -1). (scipy's ``lm`` takes it from the QR of its last Jacobian, evaluated one step
     before popt: the two may differ by 1e-5 to 1e-4 relative.) The compiled core forms the same
-    matrix as :math:`R^{-1}R^{-T}` where no singular value can be dropped (the SVD elsewhere),
-    R from the QR :math:`J = QR` (equal to rounding) or, where J is tall and well conditioned
-    once its columns are scaled, from the Cholesky factor of :math:`J^TJ` (to ~1e-10).
+    matrix as :math:`R^{-1}R^{-T}` from the QR :math:`J = QR` where no singular value can be
+    dropped (the SVD elsewhere): equal to rounding.
 
     A batch of B curves: p0 of shape (B, P), ydata (B, N), xdata shared (N, ...) or per curve
     (B, N, ...) (per curve when its first two axes are ydata's shape), sigma (N,) or (B, N), or

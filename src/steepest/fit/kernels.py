@@ -12,7 +12,7 @@ import math
 import numba
 import numpy as np
 
-from .factor import _dot, _gram_r, _jit, _norm, _qr, _svd_r
+from .factor import _dot, _jit, _norm, _qr, _svd_r
 
 
 @_jit
@@ -141,9 +141,6 @@ def _jac_stage(
     at = np.empty((p + 1, m))
     g = np.empty((p, p))
     v = np.empty((p, p))
-    gg = np.empty((p + 1, p + 1))  # _gram_r's scratch (G, then R), its scaled J, its R^-1
-    w = np.empty((p, m))
-    u = np.empty((p, p))
     acnorm = np.empty(p)
     jtf = np.empty(p)
     for k in range(k0, k1):
@@ -209,8 +206,7 @@ def _jac_stage(
                 lref[b] = big if big > 0 else 1.0
         if bad:
             continue
-        if not _gram_r(at, p, acnorm, gg, u, w):
-            _qr(at, p)
+        _qr(at, p)
         if trust and lam[b] == 0:
             # the Gauss-Newton step from R where it fits: no SVD (48,076 of the 49,469 trials
             # after a Jacobian on the 10,000 decay curves were Gauss-Newton steps); tried
