@@ -32,14 +32,14 @@ def _decay(x, a, b, c):
     return a * torch.exp(-b * x) + c
 
 
-def decay(n: int = B, seed: int = 1):
-    """n noisy curves a exp(-b t) + c on 50 points, starts within 30 % of the truth; the
-    batched fun (n, 3) -> (n, 50) and its Jacobian."""
+def decay(n: int = B, seed: int = 1, noise: float = 0.02):
+    """n curves a exp(-b t) + c on 50 points with normal noise of that deviation, starts
+    within 30 % of the truth; the batched fun (n, 3) -> (n, 50) and its Jacobian."""
     g = seeded(seed)
     a = 1 + torch.rand(n, 1, generator=g, dtype=D)
     b = 0.3 + 2 * torch.rand(n, 1, generator=g, dtype=D)
     c = torch.randn(n, 1, generator=g, dtype=D)
-    y = a * torch.exp(-b * T) + c + 0.02 * torch.randn(n, 50, generator=g, dtype=D)
+    y = a * torch.exp(-b * T) + c + noise * torch.randn(n, 50, generator=g, dtype=D)
     x0 = torch.cat([a, b, c], 1) * (0.7 + 0.6 * torch.rand(n, 3, generator=g, dtype=D))
 
     def fun(p):
@@ -53,24 +53,10 @@ def decay(n: int = B, seed: int = 1):
 
 
 def exact_decay(n: int = B, seed: int = 4):
-    """n noise-free curves a exp(-b t) + c on 50 points (zero residual at the truth, M > P:
-    the endgame of a tall zero-residual fit, where the engines' rounding decides between the
-    residual floor and xtol), starts within 30 % of the truth."""
-    g = seeded(seed)
-    truth = torch.cat([1 + torch.rand(n, 1, generator=g, dtype=D),
-                       0.3 + 2 * torch.rand(n, 1, generator=g, dtype=D),
-                       torch.randn(n, 1, generator=g, dtype=D)], 1)  # fmt: skip
-    y = truth[:, :1] * torch.exp(-truth[:, 1:2] * T) + truth[:, 2:3]
-    x0 = truth * (0.7 + 0.6 * torch.rand(n, 3, generator=g, dtype=D))
-
-    def fun(p):
-        return p[:, :1] * torch.exp(-p[:, 1:2] * T) + p[:, 2:3] - y
-
-    def jac(p):
-        e = torch.exp(-p[:, 1:2] * T)
-        return torch.stack([e, -p[:, :1] * T * e, torch.ones_like(e)], -1)
-
-    return fun, jac, x0
+    """decay without noise: zero residual at the truth with M > P, the endgame of a tall
+    zero-residual fit, where the engines' rounding decides between the residual floor and
+    xtol."""
+    return decay(n, seed, noise=0.0)
 
 
 def rosenbrock(n: int = B, seed: int = 2):
