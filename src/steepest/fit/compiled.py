@@ -167,13 +167,19 @@ def part_rows(m: int, p: int) -> int:
     return max(PARALLEL_MIN, PART_ELEMENTS // (m * p))
 
 
+def _threads(n: int) -> int:
+    """The numba threads a stage over n items is shared among: numba's thread count from
+    :data:`PARALLEL_MIN` items, else 1."""
+    return _kernels().numba.get_num_threads() if n >= PARALLEL_MIN else 1
+
+
 def _call(name: str, n: int, *args, mod=None) -> None:
     """The kernel ``name`` of :mod:`.kernels` (or of the module ``mod``) over items 0..n-1:
-    ``name(0, n, *args)`` on this thread, or, from :data:`PARALLEL_MIN` items with more than
-    one numba thread, ``name_parallel(threads, *args)`` (contiguous slices, one a thread:
-    bitwise the same result)."""
+    ``name(0, n, *args)`` on this thread, or, on :func:`_threads` > 1,
+    ``name_parallel(threads, *args)`` (contiguous slices, one a thread: bitwise the same
+    result)."""
     kern = _kernels() if mod is None else mod
-    if n >= PARALLEL_MIN and (threads := kern.numba.get_num_threads()) > 1:
+    if (threads := _threads(n)) > 1:
         getattr(kern, name + "_parallel")(threads, *args)
     else:
         getattr(kern, name)(0, n, *args)
@@ -299,7 +305,6 @@ def _least_squares_compiled(
         act = act[~done]
         return act
 
-    threads = kern.numba.get_num_threads()
     codes_buf, due_buf = np.empty(bsz, dtype=np.int64), np.empty(bsz, dtype=np.int64)
     xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
     # jac never see the state itself)
@@ -329,7 +334,7 @@ def _least_squares_compiled(
         nfev += 1
         codes = codes_buf[:n]
         due, xdue = due_buf[:n], np.empty((n, p))
-        one = n <= size and (n < PARALLEL_MIN or threads == 1)  # one serial part: one call
+        one = n <= size and _threads(n) == 1  # one part on this thread: one call
         for i, k in spans(n):
             ft = fun_r(torch.from_numpy(xt[i:k]), part(act, i, k))
             ft = np.ascontiguousarray((ft.detach() if ft.requires_grad else ft).numpy(), np.float64)
