@@ -1,5 +1,5 @@
-"""Helpers of the compiled core's tests (test_fit_kernels.py, test_fit_compiled.py): numba's
-thread count for a block, and a call counter."""
+"""Helpers of the compiled core's tests (test_fit_kernels.py, test_fit_compiled.py,
+test_fit_compiled_parts.py): numba's thread count for a block, and a call counter."""
 
 from __future__ import annotations
 
