@@ -17,24 +17,25 @@ from steepest.fit import compiled, curve_fit, least_squares
 
 
 # ------------------------------------------------------------------------ a batch in parts
-def _rowwise(n: int, seed: int, columns: bool = False):
+def _rowwise(n: int, seed: int, columns: bool = False, stage: bool = True):
     """n decay curves as fun_r(x, rows) and jac_r(x, rows) of the rows asked for (the
     driver's interface), with x0 and f0; ``columns``: jac_r returns J as a (n, M, P) view of
     a contiguous (P, n, M) tensor, the layout of curve_fit's pointwise route. Every kind of
     stop: lines (b = 0 in the data, every 17th) run off to max_nfev; noisy curves stop on
-    ftol, most after an accepted step (their J at the last x is evaluated when they stop);
-    noise-free curves started at their solution (every 23rd) stop on gtol at x0 (status 1);
-    every 37th has a Jacobian that is not finite (status -1 at x0)."""
+    ftol, most after an accepted step (their J at the last x is evaluated after the loop);
+    and, unless not ``stage``, two stops at a Jacobian stage: noise-free curves started at
+    their solution (every 23rd) stop on gtol at x0 (status 1); every 37th has a Jacobian that
+    is not finite (status -1 at x0)."""
     g = seeded(seed)
     a = 1 + torch.rand(n, 1, generator=g, dtype=D)
     b = (0.3 + 2 * torch.rand(n, 1, generator=g, dtype=D)) * (torch.arange(n) % 17 != 3)[:, None]
     c = torch.randn(n, 1, generator=g, dtype=D)
-    exact = (torch.arange(n) % 23 == 5)[:, None]
+    exact = (torch.arange(n) % 23 == 5)[:, None] & stage
     noise = 0.02 * torch.randn(n, 50, generator=g, dtype=D) * ~exact
     y = a * torch.exp(-b * T) + c + noise
     start = torch.cat([a, b + 0.5, c], 1) * (0.7 + 0.6 * torch.rand(n, 3, generator=g, dtype=D))
     x0 = torch.where(exact, torch.cat([a, b, c], 1), start)
-    broken = torch.arange(n) % 37 == 11
+    broken = (torch.arange(n) % 37 == 11) & stage
 
     def fun_r(x, rows):
         return x[:, :1] * torch.exp(-x[:, 1:2] * T) + x[:, 2:3] - y[rows]
@@ -127,6 +128,23 @@ def test_the_result_jac_is_j_at_x_for_every_kind_of_stop(columns):
     assert bool((after_trial & accepted).any()) and bool((after_trial & ~accepted).any())
     assert bool(((out["nit"] <= out["njev"]) & (out["njev"] <= out["nit"] + 1)).all())
     want = jac_r(out["x"], torch.arange(301))
+    assert_same_bits(out["jac"], want.contiguous(), "jac")
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_where_every_fit_stops_after_a_trial_the_result_jac_is_one_call_at_x(columns):
+    """No fit stops at a Jacobian stage (gtol 0, every J finite): the result's J at x
+    comes from one call of jac_r on the whole batch after the loop, bitwise jac_r at the
+    result's x, contiguous in both layouts of J (a route's (P, n, M) J copied to (n, M, P))."""
+    fun_r, jac_r, x0, f0 = _rowwise(301, seed=33, columns=columns, stage=False)
+    sizes: list = []
+    out = compiled._least_squares_compiled(
+        fun_r, x0, f0, _sized(jac_r, sizes), "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0
+    )
+    assert set(out["status"].tolist()) == {0, 2, 3, 4}
+    assert sizes[-1] == 301 and sizes[-2] < 301  # one call on the batch, the loop's before
+    want = jac_r(out["x"], torch.arange(301))
+    assert out["jac"].is_contiguous()
     assert_same_bits(out["jac"], want.contiguous(), "jac")
 
 
