@@ -132,17 +132,27 @@ def test_the_result_jac_is_j_at_x_for_every_kind_of_stop(columns):
 
 
 @pytest.mark.parametrize("columns", [False, True])
-def test_where_every_fit_stops_after_a_trial_the_result_jac_is_one_call_at_x(columns):
+@pytest.mark.parametrize("whole", [True, False])
+def test_where_every_fit_stops_after_a_trial_the_result_jac_is_one_call_at_x(
+    columns, whole, monkeypatch
+):
     """No fit stops at a Jacobian stage (gtol 0, every J finite): the result's J at x
-    comes from one call of jac_r on the whole batch after the loop, bitwise jac_r at the
-    result's x, contiguous in both layouts of J (a route's (P, n, M) J copied to (n, M, P))."""
+    comes from one call of jac_r on the whole batch after the loop (a batch evaluated in parts
+    of 64: while J has at most WHOLE_ELEMENTS entries, else in parts of 64), bitwise jac_r at
+    the result's x, contiguous in both layouts of J (a route's (P, n, M) J copied to
+    (n, M, P))."""
+    if not whole:
+        monkeypatch.setattr(compiled, "WHOLE_ELEMENTS", 301 * 50 * 3 - 1)
     fun_r, jac_r, x0, f0 = _rowwise(301, seed=33, columns=columns, stage=False)
     sizes: list = []
     out = compiled._least_squares_compiled(
-        fun_r, x0, f0, _sized(jac_r, sizes), "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0
+        fun_r, x0, f0, _sized(jac_r, sizes), "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0, 64
     )
     assert set(out["status"].tolist()) == {0, 2, 3, 4}
-    assert sizes[-1] == 301 and sizes[-2] < 301  # one call on the batch, the loop's before
+    if whole:  # one call on the batch, the loop's before it in parts
+        assert sizes[-1] == 301 and sizes[-2] <= 64
+    else:
+        assert sizes[-5:] == [64] * 4 + [301 - 4 * 64]
     want = jac_r(out["x"], torch.arange(301))
     assert out["jac"].is_contiguous()
     assert_same_bits(out["jac"], want.contiguous(), "jac")

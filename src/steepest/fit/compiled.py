@@ -42,7 +42,8 @@ makes two calls to the user (fun at the trial points, jac at the accepted ones) 
 calls, and per iteration two more (the trial steps, the sorting out; where the running set is
 one part on one thread, as in the tail, the update and the sorting out are one call); the fits that
 stop after a trial have J evaluated at their x for the result once all fits stopped, in one call on
-the whole batch where none stopped at a stage (the kernels do not keep each J: 9,889 of 10,000
+the whole batch where none stopped at a stage (up to :data:`WHOLE_ELEMENTS` entries of J in a batch
+evaluated in parts; the kernels do not keep each J: 9,889 of 10,000
 decay fits stop after an accepted step, whose J MINPACK never evaluates); the loop runs under one
 ``torch.no_grad()``.
 
@@ -89,6 +90,11 @@ PARALLEL_MIN = 256
 #: given one; 2^16 entries 0.95-0.98x, 2^17 0.93-0.95x, 2^19 0.90-0.94x;
 #: ``benchmarks/fit_parts.py``, two runs)
 PART_ELEMENTS = 2**18
+
+#: J at the solution of a batch evaluated in parts (:func:`part_rows`) is one call on the whole
+#: batch up to this many entries of J (128 MB in float64; a choice, not tuned: the user's
+#: temporaries of one call are a few times J, while parts bound them)
+WHOLE_ELEMENTS = 2**24
 
 #: ``engine="auto"`` takes the compiled core from this many fits (a choice: a fit of fewer
 #: costs the torch core well under the ~1 s that loading the kernels costs a fresh process)
@@ -305,12 +311,13 @@ def _least_squares_compiled(
     def final_jac() -> Tensor:
         """J at x of every fit that stopped after a trial, not counted in njev (after an
         accepted step MINPACK stops before it; after a rejected one it is the J at x evaluated
-        before, again); the others' J the stage stored. Evaluated once all fits stopped: where
-        none stopped at a stage (the common case: gtol met exactly, or J not finite), in one
-        call on the whole batch, whose J is the result as it comes (a scatter of each fit's J
-        into the state cost ~3 ms for 10,000 fits of 50 points, 3 % of their fit); else on the
-        rest, in parts, into the state."""
-        if not kept.any():
+        before, again); the others' J the stage stored. Evaluated once all fits stopped. Where
+        every fit stopped after a trial (the common case: only gtol met, or a J that is not
+        finite, stop a fit at a stage), one call on the whole batch (evaluated in parts: up to
+        :data:`WHOLE_ELEMENTS` entries), whose J is the result as it comes (a scatter of each
+        fit's J into the state cost ~3 ms for 10,000 fits of 50 points, 3 % of their fit);
+        else the fits that need it, in parts, scattered into the state."""
+        if not kept.any() and (part_size is None or bsz * m * p <= WHOLE_ELEMENTS):
             j = jac_r(torch.from_numpy(x.copy()), rows(np.arange(bsz))).detach()
             return j.contiguous()  # a route's column-by-column J: (n, M, P) as the state
         idx = np.flatnonzero(~kept)
