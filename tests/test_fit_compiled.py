@@ -607,15 +607,20 @@ def test_parallel_fit_equals_the_serial_fit_bitwise(method):
     """A batch of 301 fits (odd: two threads' slices of unequal size): the Jacobian stages,
     trials and updates of at least PARALLEL_MIN fits run on numba's threads
     (kernels._jac_stage_parallel, _trial_parallel and _update_parallel, each seen to run) and
-    give bitwise the fits of one thread: x, fun, jac, nfev, njev, status. numba's thread
-    count is restored after."""
+    give bitwise the fits of one thread: x, fun, jac, nfev, njev, status. On one thread the
+    whole set is one part from the first step on, so the driver takes its fused calls
+    (_stage_trial: the Jacobian stage and the trial; _update_sort: the update and the sorting
+    out; each seen to run), which the two-thread run takes only once fewer than PARALLEL_MIN
+    fits run. numba's thread count is restored after."""
     fun, jac, x0 = decay(B + 1, seed=18)
     before = numba.get_num_threads()
     names = ("_jac_stage_parallel", "_trial_parallel", "_update_parallel")
     with numba_threads(1), pytest.MonkeyPatch.context() as mp:
         calls = [record(mp, kernels, name) for name in names]
+        fused = [record(mp, kernels, name) for name in ("_stage_trial", "_update_sort")]
         one = least_squares(fun, x0, jac=jac, method=method, engine="numba")
         assert calls == [[], [], []]
+        assert all(len(c) >= 1 for c in fused)
     with numba_threads(2), pytest.MonkeyPatch.context() as mp:
         calls = [record(mp, kernels, name) for name in names]
         two = least_squares(fun, x0, jac=jac, method=method, engine="numba")

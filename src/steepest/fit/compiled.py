@@ -40,7 +40,8 @@ for line; the two agree to rounding (``tests/test_fit_compiled.py``). Each stage
 contiguous slices of the fits, bitwise the one-thread result. Per iteration and part the driver
 makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
 calls, and per iteration two more (the trial steps, the sorting out; where the running set is
-one part on one thread, as in the tail, the update and the sorting out are one call); the fits that
+one part on one thread, as in the tail, the Jacobian stage and the trial are one call, and the
+update and the sorting out another: two kernel calls an iteration in all); the fits that
 stop after a trial have J evaluated at their x for the result once all fits stopped, in one call on
 the whole batch where none stopped at a stage (up to :data:`WHOLE_ELEMENTS` entries of J in a batch
 evaluated in parts; the kernels do not keep each J: 9,889 of 10,000
@@ -330,15 +331,24 @@ def _least_squares_compiled(
     xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
     # jac never see the state itself)
     while True:
+        xt = None  # the trial points, where the Jacobian stage took the trial too
         if due.size:
             codes = np.zeros(due.size, dtype=np.int64)
             acn = np.empty((due.size, p))  # J's column norms
             at_x0 = nfev == 1
-            for i, k in spans(due.size):
-                j, cols = evaluate_jac(xdue[i:k], due, i, k)
-                _call("_jac_stage", k - i, j, cols, due[i:k], at_x0, f, fnorm, x, d, jac, mu, c, vh,
-                      gn, gn_norm, gnorm, lo, radius, lam, lref, meth, cut, gtu, factor,
-                      codes[i:k], stale, acn[i:k], rt, gq)  # fmt: skip
+            if not at_x0 and act.size <= size and _threads(act.size) == 1:  # one call
+                j, cols = evaluate_jac(xdue, due, 0, due.size)
+                xt = np.empty((act.size, p))  # new each time (see below)
+                if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
+                        gnorm, lo, radius, lam, lref, meth, cut, gtu, factor, codes, stale, acn,
+                        rt, gq, act, alpha, first, w, pnorm, xt):  # fmt: skip
+                    xt = None  # fits stopped at the stage: the trial after they are written out
+            else:
+                for i, k in spans(due.size):
+                    j, cols = evaluate_jac(xdue[i:k], due, i, k)
+                    _call("_jac_stage", k - i, j, cols, due[i:k], at_x0, f, fnorm, x, d, jac, mu,
+                          c, vh, gn, gn_norm, gnorm, lo, radius, lam, lref, meth, cut, gtu,
+                          factor, codes[i:k], stale, acn[i:k], rt, gq)  # fmt: skip
             if at_x0:
                 _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
             if np.count_nonzero(codes):  # codes are per due fit: onto the running set
@@ -349,9 +359,10 @@ def _least_squares_compiled(
                 if not act.size:
                     break
         n = act.size
-        xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
-        _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam, alpha,
-              first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
+        if xt is None:
+            xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
+            _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
+                  alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
         nfev += 1
         codes = codes_buf[:n]
         due, xdue = due_buf[:n], np.empty((n, p))
