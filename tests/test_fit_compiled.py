@@ -630,42 +630,6 @@ def test_parallel_fit_equals_the_serial_fit_bitwise(method):
         assert torch.equal(one[key], two[key]), key
 
 
-def test_fits_that_stop_on_gtol_after_x0_leave_the_fused_stage_without_a_trial(monkeypatch):
-    """On one part and one thread the Jacobian stage and the trial are one call
-    (kernels._stage_trial); where fits stop on gtol at a stage after x0 (noise-free curves
-    converging: seen, the call returning their number), the trial is taken after they are
-    written out: the fits agree with the torch core's, and their results are consistent (J
-    at x, f at x, the counts ordered)."""
-    g = seeded(9)  # a exp(-b t): noisy curves, and every third one noise-free
-    y = (1 + torch.rand(60, 1, generator=g, dtype=D)) * torch.exp(
-        -torch.rand(60, 1, generator=g, dtype=D) * T
-    )
-    y = y + 0.01 * torch.randn(60, 50, generator=g, dtype=D) * (torch.arange(60) % 3 != 0)[:, None]
-    x0 = torch.tensor([1.5, 0.8], dtype=D).expand(60, 2).clone()
-
-    def fun(p):
-        return p[:, :1] * torch.exp(-p[:, 1:2] * T) - y
-
-    def jac(p):
-        e = torch.exp(-p[:, 1:2] * T)
-        return torch.stack([e, -p[:, :1] * T * e], -1)
-
-    stops: list = []
-    fused = kernels._stage_trial
-
-    def counted(*args):
-        stops.append(fused(*args))
-        return stops[-1]
-
-    monkeypatch.setattr(kernels, "_stage_trial", counted)
-    with numba_threads(1):
-        rn = least_squares(fun, x0, jac=jac, gtol=1e-6, engine="numba")
-    assert any(s > 0 for s in stops) and bool((rn.status == 1).any())
-    rt = least_squares(fun, x0, jac=jac, gtol=1e-6, engine="torch")
-    assert_same_fits(rn, rt)
-    assert_consistent(rn, fun, jac)
-
-
 def test_the_rows_of_the_running_set_stay_one_tensor_while_the_due_ones_differ():
     """When one fit's trial is accepted and another's rejected, jac gets the due rows and fun
     the running ones, alternately: the driver hands fun the same rows tensor every time while

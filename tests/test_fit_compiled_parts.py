@@ -1,7 +1,8 @@
 """Tests of the compiled core's driver evaluating a batch in parts (fit/compiled.py,
 ``part_size``): each part's kernel stage after its evaluation, bitwise the batch in one part;
-the layouts of J handed over; curve_fit and a vectorized fun in parts. Split from
-test_fit_compiled.py, whose problems it shares."""
+the layouts of J handed over; curve_fit and a vectorized fun in parts; J at the solution; the
+fused calls of a set that is one part on one thread. Split from test_fit_compiled.py, whose
+problems it shares."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from numba_threads import kernels, numba_threads, record
 from reference import seeded
-from test_fit_compiled import METHODS, D, T, decay
+from test_fit_compiled import METHODS, D, T, assert_consistent, assert_same_fits, decay
 
 from steepest.fit import compiled, curve_fit, least_squares
 
@@ -247,3 +248,40 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
     both = vec.success & vec_one.success
     assert int(both.sum()) >= n // 2
     torch.testing.assert_close(vec.x[both], vec_one.x[both], rtol=0, atol=1e-8)
+
+
+# ------------------------------------------------------- one part on one thread: fused calls
+def test_fits_that_stop_on_gtol_after_x0_leave_the_fused_stage_without_a_trial(monkeypatch):
+    """On one part and one thread the Jacobian stage and the trial are one call
+    (kernels._stage_trial); where fits stop on gtol at a stage after x0 (noise-free curves
+    converging: seen, the call returning their number), the trial is taken after they are
+    written out: the fits agree with the torch core's, and their results are consistent (J
+    at x, f at x, the counts ordered)."""
+    g = seeded(9)  # a exp(-b t): noisy curves, and every third one noise-free
+    y = (1 + torch.rand(60, 1, generator=g, dtype=D)) * torch.exp(
+        -torch.rand(60, 1, generator=g, dtype=D) * T
+    )
+    y = y + 0.01 * torch.randn(60, 50, generator=g, dtype=D) * (torch.arange(60) % 3 != 0)[:, None]
+    x0 = torch.tensor([1.5, 0.8], dtype=D).expand(60, 2).clone()
+
+    def fun(p):
+        return p[:, :1] * torch.exp(-p[:, 1:2] * T) - y
+
+    def jac(p):
+        e = torch.exp(-p[:, 1:2] * T)
+        return torch.stack([e, -p[:, :1] * T * e], -1)
+
+    stops: list = []
+    fused = kernels._stage_trial
+
+    def counted(*args):
+        stops.append(fused(*args))
+        return stops[-1]
+
+    monkeypatch.setattr(kernels, "_stage_trial", counted)
+    with numba_threads(1):
+        rn = least_squares(fun, x0, jac=jac, gtol=1e-6, engine="numba")
+    assert any(s > 0 for s in stops) and bool((rn.status == 1).any())
+    rt = least_squares(fun, x0, jac=jac, gtol=1e-6, engine="torch")
+    assert_same_fits(rn, rt)
+    assert_consistent(rn, fun, jac)
