@@ -41,11 +41,11 @@ contiguous slices of the fits, bitwise the one-thread result. Per iteration and 
 makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
 calls, and per iteration two more (the trial steps, the sorting out; where the running set is
 one part on one thread, as in the tail, the Jacobian stage and the trial are one call, and the
-update and the sorting out another: two kernel calls an iteration in all); the fits that
-stop after a trial have J evaluated at their x for the result once all fits stopped, in one call on
-the whole batch where none stopped at a stage (up to :data:`WHOLE_ELEMENTS` entries of J in a batch
-evaluated in parts; the kernels do not keep each J: 9,889 of 10,000
-decay fits stop after an accepted step, whose J MINPACK never evaluates); the loop runs under one
+update and the sorting out another: two kernel calls an iteration in all). The fits that stop
+after a trial have J evaluated at their x for the result once all fits stopped, in one call on
+the whole batch where none stopped at a stage (up to :data:`WHOLE_ELEMENTS` entries of J in a
+batch evaluated in parts): the kernels do not keep each J (9,889 of 10,000 decay fits stop
+after an accepted step, whose J MINPACK never evaluates). The loop runs under one
 ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
@@ -249,7 +249,6 @@ def _least_squares_compiled(
     # per fit when it stops (x, f, nit and stale of a stopped fit do not change after)
     status, nfevs = np.zeros(bsz, dtype=np.int64), np.zeros(bsz, dtype=np.int64)
     stale = np.zeros(bsz, dtype=np.bool_)  # J not at x (the last step accepted)
-    kept = np.zeros(bsz, dtype=np.bool_)  # J stored by the stage where the fit stopped
     act = np.arange(bsz)
     due = act
     nfev = 1
@@ -276,6 +275,11 @@ def _least_squares_compiled(
 
     size = bsz if part_size is None else part_size
 
+    def alone(n: int) -> bool:
+        """Whether a set of n rows is one part on this thread: its stages fused into fewer
+        kernel calls (the tail)."""
+        return n <= size and _threads(n) == 1
+
     def spans(n: int):
         """The parts (i, k) of a set of n rows, each evaluated and processed in turn."""
         if n <= size:  # one part, or none
@@ -297,13 +301,10 @@ def _least_squares_compiled(
                 return cols.numpy(), True
         return np.ascontiguousarray(j.numpy(), dtype=np.float64), False
 
-    def retire(done: np.ndarray, codes: np.ndarray, stored: bool) -> np.ndarray:
-        """Write the fits act[done] out (status ``codes[done]``); returns the new ``act``.
-        ``stored``: they stop at a Jacobian stage, which stored their J; else they stop after
-        a trial, and J is evaluated at their x after the loop (:func:`final_jac`)."""
+    def retire(done: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Write the fits act[done] out (status ``codes[done]``); returns the new ``act``."""
         nonlocal act
         idx = act[done]
-        kept[idx] = stored
         status[idx] = codes[done]
         nfevs[idx] = nfev
         act = act[~done]
@@ -312,16 +313,18 @@ def _least_squares_compiled(
     def final_jac() -> Tensor:
         """J at x of every fit that stopped after a trial, not counted in njev (after an
         accepted step MINPACK stops before it; after a rejected one it is the J at x evaluated
-        before, again); the others' J the stage stored. Evaluated once all fits stopped. Where
+        before, again); the others' J the stage stored (its stops: status 1, gtol, and -1, J
+        not finite; a trial's are 0, 2, 3 and 4). Evaluated once all fits stopped. Where
         every fit stopped after a trial (the common case: only gtol met, or a J that is not
         finite, stop a fit at a stage), one call on the whole batch (evaluated in parts: up to
         :data:`WHOLE_ELEMENTS` entries), whose J is the result as it comes (a scatter of each
         fit's J into the state cost ~3 ms for 10,000 fits of 50 points, 3 % of their fit);
         else the fits that need it, in parts, scattered into the state."""
-        if not kept.any() and (part_size is None or bsz * m * p <= WHOLE_ELEMENTS):
+        stored = (status == 1) | (status == -1)
+        if not stored.any() and (part_size is None or bsz * m * p <= WHOLE_ELEMENTS):
             j = jac_r(torch.from_numpy(x.copy()), rows(np.arange(bsz))).detach()
             return j.contiguous()  # a route's column-by-column J: (n, M, P) as the state
-        idx = np.flatnonzero(~kept)
+        idx = np.flatnonzero(~stored)
         for i, k in spans(idx.size):
             j, cols = evaluate_jac(x[idx[i:k]], idx, i, k)
             jac[idx[i:k]] = np.moveaxis(j, 0, -1) if cols else j
@@ -336,7 +339,7 @@ def _least_squares_compiled(
             codes = np.zeros(due.size, dtype=np.int64)
             acn = np.empty((due.size, p))  # J's column norms
             at_x0 = nfev == 1
-            if not at_x0 and act.size <= size and _threads(act.size) == 1:  # one call
+            if not at_x0 and alone(act.size):  # the stage and the trial: one call
                 j, cols = evaluate_jac(xdue, due, 0, due.size)
                 xt = np.empty((act.size, p))  # new each time (see below)
                 if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
@@ -355,7 +358,7 @@ def _least_squares_compiled(
                 full = np.zeros(bsz, dtype=np.int64)
                 full[due] = codes
                 codes = full[act]
-                retire(codes != 0, codes, True)
+                retire(codes != 0, codes)
                 if not act.size:
                     break
         n = act.size
@@ -366,7 +369,7 @@ def _least_squares_compiled(
         nfev += 1
         codes = codes_buf[:n]
         due, xdue = due_buf[:n], np.empty((n, p))
-        one = n <= size and _threads(n) == 1  # one part on this thread: one call
+        one = alone(n)  # the update and the sorting out: one call
         for i, k in spans(n):
             ft = fun_r(torch.from_numpy(xt[i:k]), part(act, i, k))
             ft = np.ascontiguousarray((ft.detach() if ft.requires_grad else ft).numpy(), np.float64)
@@ -383,7 +386,7 @@ def _least_squares_compiled(
         # every running fit moved: the same rows object (curve_fit keeps its gathered data)
         due, xdue = (act, xdue) if n_due == n else (due[:n_due], xdue[:n_due])
         if n_done:
-            retire(codes != -9, codes, False)
+            retire(codes != -9, codes)
             if not act.size:
                 break
     njev = nit + 1 - stale  # stale: J evaluated at the last x after the stop, not counted
