@@ -18,7 +18,7 @@ from ..errors import (
 from . import compiled
 from .bounds import _as_bounds, _finite
 from .checks import _as_x0, _check_jac, _evaluate, _with_args
-from .core import _jacobian, _least_squares_core, _range_exponent, _range_scales
+from .core import _jacobian, _least_squares_core, _range_scales
 from .loss import robust
 from .result import OptimizeResult, _result
 
@@ -453,9 +453,5 @@ def _scales(f: Tensor) -> Tensor | None:
     invariant to the scale of f and J together, and a power of two scales exactly: such a fit
     takes the steps it takes at :math:`\|f\| \approx 1`, bit for bit (MINPACK gets the same
     from its scaled norms, ``enorm``)."""
-    big = f.detach().abs().amax(-1)
-    # in range (the common case) in three operations: every exponent within [-T, T]
-    if bool(torch.frexp(big)[1].abs().le(_range_exponent(big.dtype)).all()):
-        return None
-    inv = _range_scales(big)
+    inv = _range_scales(f.detach().abs().amax(-1))
     return None if bool((inv == 1).all()) else inv
