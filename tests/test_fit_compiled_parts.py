@@ -133,25 +133,23 @@ def test_the_result_jac_is_j_at_x_for_every_kind_of_stop(columns):
 
 
 @pytest.mark.parametrize("columns", [False, True])
-@pytest.mark.parametrize("whole", [True, False])
-def test_where_every_fit_stops_after_a_trial_the_result_jac_is_one_call_at_x(
-    columns, whole, monkeypatch
+@pytest.mark.parametrize("size", [None, 64])
+def test_where_every_fit_stops_after_a_trial_the_result_jac_is_evaluated_after_the_loop(
+    columns, size
 ):
-    """No fit stops at a Jacobian stage (gtol 0, every J finite): the result's J at x
-    comes from one call of jac_r on the whole batch after the loop (a batch evaluated in parts
-    of 64: while J has at most WHOLE_ELEMENTS entries, else in parts of 64), bitwise jac_r at
-    the result's x, contiguous in both layouts of J (a route's (P, n, M) J copied to
-    (n, M, P))."""
-    if not whole:
-        monkeypatch.setattr(compiled, "WHOLE_ELEMENTS", 301 * 50 * 3 - 1)
+    """No fit stops at a Jacobian stage (gtol 0, every J finite): the result's J at x is
+    evaluated once the loop is over, for the whole batch: one call of jac_r (a batch evaluated
+    whole), or the batch in consecutive parts of 64 (a batch evaluated in parts: each part's
+    J copied into the state, no fresh (B, M, P) tensor of the user's); bitwise jac_r at the
+    result's x, contiguous in both layouts of J (a route's (P, n, M) J copied to (n, M, P))."""
     fun_r, jac_r, x0, f0 = _rowwise(301, seed=33, columns=columns, stage=False)
     sizes: list = []
     out = compiled._least_squares_compiled(
-        fun_r, x0, f0, _sized(jac_r, sizes), "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0, 64
+        fun_r, x0, f0, _sized(jac_r, sizes), "trust-region", 1e-10, 1e-10, 0.0, 60, 100.0, size
     )
     assert set(out["status"].tolist()) == {0, 2, 3, 4}
-    if whole:  # one call on the batch, the loop's before it in parts
-        assert sizes[-1] == 301 and sizes[-2] <= 64
+    if size is None:  # one call on the batch; the loop's last one on fewer fits
+        assert sizes[-1] == 301 and sizes[-2] < 301
     else:
         assert sizes[-5:] == [64] * 4 + [301 - 4 * 64]
     want = jac_r(out["x"], torch.arange(301))

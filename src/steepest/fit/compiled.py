@@ -42,11 +42,10 @@ makes two calls to the user (fun at the trial points, jac at the accepted ones) 
 calls, and per iteration two more (the trial steps, the sorting out; where the running set is
 one part on one thread, as in the tail, the Jacobian stage and the trial are one call, and the
 update and the sorting out another: two kernel calls an iteration in all). The fits that stop
-after a trial have J evaluated at their x for the result once all fits stopped, in one call on
-the whole batch where none stopped at a stage (up to :data:`WHOLE_ELEMENTS` entries of J in a
-batch evaluated in parts): the kernels do not keep each J (9,889 of 10,000 decay fits stop
-after an accepted step, whose J MINPACK never evaluates). The loop runs under one
-``torch.no_grad()``.
+after a trial have J evaluated at their x for the result once all fits stopped (in parts, or
+in one call on the whole batch where it is evaluated whole): the kernels do not keep each J
+(9,889 of 10,000 decay fits stop after an accepted step, whose J MINPACK never evaluates).
+The loop runs under one ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
 ``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
@@ -91,11 +90,6 @@ PARALLEL_MIN = 256
 #: given one; 2^16 entries 0.95-0.98x, 2^17 0.93-0.95x, 2^19 0.90-0.94x;
 #: ``benchmarks/fit_parts.py``, two runs)
 PART_ELEMENTS = 2**18
-
-#: J at the solution of a batch evaluated in parts (:func:`part_rows`) is one call on the whole
-#: batch up to this many entries of J (128 MB in float64; a choice, not tuned: the user's
-#: temporaries of one call are a few times J, while parts bound them)
-WHOLE_ELEMENTS = 2**24
 
 #: ``engine="auto"`` takes the compiled core from this many fits (a choice: a fit of fewer
 #: costs the torch core well under the ~1 s that loading the kernels costs a fresh process)
@@ -314,20 +308,23 @@ def _least_squares_compiled(
         """J at x of every fit that stopped after a trial, not counted in njev (after an
         accepted step MINPACK stops before it; after a rejected one it is the J at x evaluated
         before, again); the others' J the stage stored (its stops: status 1, gtol, and -1, J
-        not finite; a trial's are 0, 2, 3 and 4). Evaluated once all fits stopped. Where
-        every fit stopped after a trial (the common case: only gtol met, or a J that is not
-        finite, stop a fit at a stage), one call on the whole batch (evaluated in parts: up to
-        :data:`WHOLE_ELEMENTS` entries), whose J is the result as it comes (a scatter of each
-        fit's J into the state cost ~3 ms for 10,000 fits of 50 points, 3 % of their fit);
-        else the fits that need it, in parts, scattered into the state."""
+        not finite; a trial's are 0, 2, 3 and 4). Evaluated once all fits stopped: in parts
+        where the batch is evaluated so, each part copied into the state (numpy's buffer of
+        J is madvised into huge pages; the user's fresh (B, M, P) tensor of one call on the
+        whole batch faulted its 4 kB pages in one by one: 5,300 faults, 9.9 ms of the 10,000
+        decay fits' ~130 ms, against 3.5 ms for the same call with its pages in the heap);
+        else in one call on the whole batch where no fit stopped at a stage (its J is the
+        result as it comes)."""
         stored = (status == 1) | (status == -1)
-        if not stored.any() and (part_size is None or bsz * m * p <= WHOLE_ELEMENTS):
+        if part_size is None and not stored.any():
             j = jac_r(torch.from_numpy(x.copy()), rows(np.arange(bsz))).detach()
             return j.contiguous()  # a route's column-by-column J: (n, M, P) as the state
         idx = np.flatnonzero(~stored)
+        every = idx.size == bsz  # the common case: a part is a slice of the state
         for i, k in spans(idx.size):
             j, cols = evaluate_jac(x[idx[i:k]], idx, i, k)
-            jac[idx[i:k]] = np.moveaxis(j, 0, -1) if cols else j
+            at = slice(i, k) if every else idx[i:k]
+            jac[at] = np.moveaxis(j, 0, -1) if cols else j
         return torch.from_numpy(jac)
 
     codes_buf, due_buf = np.empty(bsz, dtype=np.int64), np.empty(bsz, dtype=np.int64)
