@@ -309,12 +309,12 @@ def _least_squares_compiled(
         accepted step MINPACK stops before it; after a rejected one it is the J at x evaluated
         before, again); the others' J the stage stored (its stops: status 1, gtol, and -1, J
         not finite; a trial's are 0, 2, 3 and 4). Evaluated once all fits stopped: in parts
-        where the batch is evaluated so, each part copied into the state (numpy's buffer of
-        J is madvised into huge pages; the user's fresh (B, M, P) tensor of one call on the
-        whole batch faulted its 4 kB pages in one by one: 5,300 faults, 9.9 ms of the 10,000
-        decay fits' ~130 ms, against 3.5 ms for the same call with its pages in the heap);
-        else in one call on the whole batch where no fit stopped at a stage (its J is the
-        result as it comes)."""
+        where the batch is evaluated so, each part copied into the state's numpy array (for
+        10,000 decay fits one call on the whole batch took 9.9 ms, against 3.5 ms for the same
+        call earlier in the fit: torch's fresh 12 MB J and its temporaries faulted in 5,300
+        pages of 4 kB; numpy's 12 MB array, filled part by part, 0-376, its memory reused or
+        madvised into huge pages); else in one call on the whole batch where no fit stopped at
+        a stage (its J is the result as it comes)."""
         stored = (status == 1) | (status == -1)
         if part_size is None and not stored.any():
             j = jac_r(torch.from_numpy(x.copy()), rows(np.arange(bsz))).detach()
