@@ -7,6 +7,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -213,10 +214,11 @@ def _is_pointwise(resid_cols, vres, x0: Tensor, args: tuple, m: int, box=None) -
 
 
 def _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe):
-    """``jac_r(pp, rows)`` of curve_fit's ``jac=`` (of the residuals: divided by sigma, or
-    :math:`L^{-1}J` for a covariance, :func:`_weigh`), after a
+    """``(jac_r(pp, rows), columns)`` of curve_fit's ``jac=`` (of the residuals: divided by
+    sigma, or :math:`L^{-1}J` for a covariance, :func:`_weigh`), after a
     check of its shape on the first curve at p0: a batch calls it once with the parameter
-    columns (B, 1) when :func:`_broadcasts` says that equals the vmapped jac, else vmaps it."""
+    columns (B, 1) when :func:`_broadcasts` says that equals the vmapped jac (``columns``
+    True), else vmaps it."""
     n, p = y.shape[-1], xb.shape[-1]
     with torch.no_grad():
         j0 = jac(xd[0] if x_per else xd, *xb[0].unbind(-1))
@@ -239,19 +241,53 @@ def _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe)
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: jres(q, xd, y, s), pp.squeeze(0), "jac").unsqueeze(0)
 
-        return jac_r
+        return jac_r, False
     vjres = torch.func.vmap(jres, in_dims=dims)
     if spread and _broadcasts(jres_cols, vjres, probe, args):
 
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: jres_cols(_columns(q), *args(rows, False)), pp, "jac")
 
-        return jac_r
+        return jac_r, True
 
     def jac_v(pp: Tensor, rows: Tensor) -> Tensor:
         return _evaluate(lambda q: vjres(q, *args(rows)), pp, "jac")
 
-    return jac_v
+    return jac_v, False
+
+
+def _direct(f, jac, args, y: Tensor, p: int) -> tuple:
+    r"""curve_fit's routes on the parameter columns, for the compiled core's ``direct``
+    (:func:`.compiled._least_squares_compiled`): ``(model, jac_d, y)``, the model
+    :math:`g(x_i; p)` (N per curve, the residual :math:`g - y` formed by the kernel) and, if
+    ``jac`` is given, the user's J (else None: the driver's ``jac_r``), each from and to numpy
+    arrays, with no wrapper between: for an unweighted fit whose f (and jac) the route probe
+    (:func:`_broadcasts`) found to take the batch's columns."""
+    m = y.shape[-1]
+
+    def model(xs, rows: Tensor):
+        out = f(args(rows)[0], *torch.from_numpy(xs).unsafe_chunk(p, -1))
+        if not isinstance(out, Tensor):
+            raise ConfigurationError(
+                f"f must return a torch.Tensor (written with torch operations, so that autograd "
+                f"gives its Jacobian), got {type(out).__name__}."
+            )
+        out = out.detach() if out.requires_grad else out
+        if out.shape != (xs.shape[0], m):  # as f - y would broadcast it
+            out = out.expand(xs.shape[0], m)
+        return np.ascontiguousarray(out.numpy(), np.float64)
+
+    def jac_d(xs, rows: Tensor):
+        j = jac(args(rows, False)[0], *torch.from_numpy(xs).unsafe_chunk(p, -1))
+        if not isinstance(j, Tensor) or j.shape != (xs.shape[0], m, p) or j.dtype != y.dtype:
+            got = f"{tuple(j.shape)} {j.dtype}" if isinstance(j, Tensor) else type(j).__name__
+            raise ShapeError(
+                f"jac returned {got} for {xs.shape[0]} curves; expected a torch tensor of shape "
+                f"(B, N, P) = {(xs.shape[0], m, p)} in {y.dtype}."
+            )
+        return np.ascontiguousarray((j.detach() if j.requires_grad else j).numpy())
+
+    return model, jac_d if jac is not None else None, np.ascontiguousarray(y.detach().numpy())
 
 
 def curve_fit(
@@ -474,9 +510,14 @@ def curve_fit(
             return _pointwise_jac(resid_cols, pp, args(rows), with_f=rob is not None)
 
     elif jac is not None:
-        jac_r = _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe)
-
+        jac_r, jac_cols = _user_jac(
+            jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe
+        )
     given = jac is not None
+    direct = None  # the compiled core's direct route (taken where f is not scaled there)
+    cpu64 = x0.dtype == torch.float64 and x0.device.type == "cpu"
+    if batched and spread and s is None and rob is None and cpu64:
+        direct = _direct(f, jac if given and jac_cols else None, args, y, p)
 
     def fit(jac_route):
         return _run(
@@ -497,6 +538,7 @@ def curve_fit(
             engine=engine,
             loss=rob,
             per_row=batched,
+            direct=direct,
         )
 
     out = fit(jac_r)

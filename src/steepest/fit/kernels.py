@@ -365,17 +365,31 @@ def _trial_parallel(
 
 
 @_jit
-def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor,
-            d, c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes):  # fmt: skip
+def _update(k0, k1, act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm,
+            floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt,
+            codes):  # fmt: skip
     """After the trial: rho, the method's update, acceptance and the stopping tests of the
     running fits act[k0:k1] (as :func:`.core._least_squares_core`); codes[k] = the status of
     a fit that stops, -9 for one that goes on, -8 for one that goes on and moved (due a
-    Jacobian); stale[b] = its step was accepted (J not at x)."""
+    Jacobian); stale[b] = its step was accepted (J not at x). ft[k]: the residuals at the
+    trial point of fit act[k]; or, given data ``y`` (B, M) (not (0, M)), the model's values
+    there, whose residuals are :math:`f = ft_k - y_b` (the subtraction torch would do, the
+    same rounding; ft itself is not written: it may be the user's tensor)."""
     p = x.shape[1]
     eps = 2.220446049250313e-16
+    fold = y.shape[0] > 0
+    rbuf = np.empty(ft.shape[1])
     for k in range(k0, k1):
         b = act[k]
-        fnorm1 = _norm(ft[k])
+        if fold:
+            yb = y[b]
+            fk = ft[k]
+            for i in range(rbuf.shape[0]):
+                rbuf[i] = fk[i] - yb[i]
+            fk = rbuf
+        else:
+            fk = ft[k]
+        fnorm1 = _norm(fk)
         if not fnorm1 <= math.inf:  # NaN
             fnorm1 = math.inf
         fn = fnorm[b]
@@ -419,7 +433,7 @@ def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f,
             alpha[b] = 1.0 if accept else alpha[b] / 2
         if accept:
             x[b] = xt[k]
-            f[b] = ft[k]
+            f[b] = fk
             fnorm[b] = fnorm1
             nit[b] += 1
             first[b] = False
@@ -452,14 +466,14 @@ def _update(k0, k1, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f,
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _update_parallel(
-    chunks, act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w,
-    pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes,
+    chunks, act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c,
+    w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes,
 ):  # fmt: skip
     """:func:`_update` on ``chunks`` slices of the running fits, one per thread."""
     n = act.shape[0]
     for t in numba.prange(chunks):
         _update(
-            t * n // chunks, (t + 1) * n // chunks, act, ft, method, nfev, max_nfev, ftol, xtol,
+            t * n // chunks, (t + 1) * n // chunks, act, ft, y, method, nfev, max_nfev, ftol, xtol,
             ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first,
             stale,
             xt, codes,
@@ -468,13 +482,13 @@ def _update_parallel(
 
 @_jit
 def _update_sort(
-    act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm,
+    act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm,
     radius, lam, lref, alpha, nit, first, stale, xt, codes, due, xdue,
 ):  # fmt: skip
     """:func:`_update` on all the running fits, then :func:`_sort_out`: one call instead of
     two where the running set is one part on one thread (the driver's tail)."""
     _update(
-        0, act.shape[0], act, ft, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm,
+        0, act.shape[0], act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm,
         floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes,
     )  # fmt: skip
     return _sort_out(act, codes, x, due, xdue)

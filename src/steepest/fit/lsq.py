@@ -284,6 +284,7 @@ def _run(
     engine: str = "auto",
     loss: tuple | None = None,
     per_row: bool = False,
+    direct: tuple | None = None,
 ) -> dict:
     """Checks f(x0), weights and jac, then runs the core (shared by the front ends); ``box``:
     the bounds (lb, ub) from :func:`~.bounds._as_bounds`, or None; ``check_jac``: jac_r is the
@@ -291,7 +292,9 @@ def _run(
     the compiled one (:mod:`.compiled`); ``loss``: (transform, factor) of :func:`.loss.robust`,
     or None; ``per_row``: fun_r and jac_r cost in proportion to the rows asked for (each fit
     evaluated on its own, as curve_fit's routes and a vectorized fun are; not a fun that takes
-    the whole batch), so that the compiled core may evaluate a large batch in parts. The
+    the whole batch), so that the compiled core may evaluate a large batch in parts;
+    ``direct``: fun_r as a model less data, for the compiled core (its ``direct``), taken
+    where f is neither weighted, transformed nor scaled here. The
     returned fun is the (weighted) residual vector, jac the core's (of the
     transformed residuals under a robust loss), cost and grad those of the fitted F."""
     rows = torch.arange(xb.shape[0], device=xb.device)
@@ -410,9 +413,10 @@ def _run(
         with torch.no_grad():  # once around the loop, not once an evaluation (~2 us each);
             # torch.func's Jacobians ignore it (a function transform), curve_fit's pointwise
             # one enables grad for its backward pass
+            plain = sw is None and transform is None and inv is None
             out = compiled._least_squares_compiled(
                 res_r, xb, f0, jac_w, method, ftol, xtol, gtol, max_nfev, factor,
-                compiled.part_rows(m, p) if per_row else None,
+                compiled.part_rows(m, p) if per_row else None, direct if plain else None,
             )  # fmt: skip
     else:
         out = _least_squares_core(
