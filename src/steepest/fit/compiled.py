@@ -24,33 +24,32 @@ still running (:mod:`.kernels`):
 - after the trial: rho, the radius or lambda, acceptance and MINPACK's stopping tests.
 
 ``fun`` and ``jac`` stay the user's torch functions, evaluated on the fits still running as one
-batch (the state lives in numpy arrays shared with torch by ``torch.from_numpy``), or, where
-each fit is evaluated on its own (curve_fit, a vectorized fun), in parts of :func:`part_rows`
-fits, each part's kernel stage right after its evaluation, while its data are still in the
-cache. The kernels' arithmetic per fit is the same in parts; the user's function may round
-differently on a batch of another size (torch's vectorised and scalar loops round ``pow`` and
-``hypot`` differently, so an entry can differ in its last bit depending on where a loop's tail
-falls), as it already could when the running set shrinks: a fit in parts then differs from one
-part at rounding level (5e-15 in popt, a power law with ``pow`` on 4,000 curves); the decay
-curves of the tests and benchmarks (``exp`` and products) fit bitwise alike in parts and in one.
-A Jacobian formed column by column (curve_fit's pointwise autograd route: (P, n, M)) is read so
-by the kernel, not copied to (n, M, P). curve_fit's unweighted residual, a model less its data,
-takes a direct route: the user's model (and jac, if given) called on the parameter columns of
-numpy arrays, their output handed to the kernels as numpy, and f = g - y formed by the update
-kernel (``direct``: bitwise the same fit; 0.956x the time of the 10,000 decay fits given J,
-0.92x their 13-fit tail, against the wrapped route's torch tensors through
-:mod:`.lsq`'s wrappers). The algorithm and its constants are :mod:`.core`'s, line
-for line; the two agree to rounding (``tests/test_fit_compiled.py``). Each stage over at least
-:data:`PARALLEL_MIN` fits is shared among numba's threads (``numba.set_num_threads``), in
-contiguous slices of the fits, bitwise the one-thread result. Per iteration and part the driver
-makes two calls to the user (fun at the trial points, jac at the accepted ones) and two kernel
-calls, and per iteration two more (the trial steps, the sorting out; where the running set is
-one part on one thread, as in the tail, the Jacobian stage and the trial are one call, and the
-update and the sorting out another: two kernel calls an iteration in all). The fits that stop
-after a trial have J evaluated at their x for the result once all fits stopped (in parts, or
-in one call on the whole batch where it is evaluated whole): the kernels do not keep each J
-(9,889 of 10,000 decay fits stop after an accepted step, whose J MINPACK never evaluates).
-The loop runs under one ``torch.no_grad()``.
+batch (the state lives in numpy arrays shared with torch by ``torch.from_numpy``), or, where each
+fit is evaluated on its own (curve_fit, a vectorized fun), in parts of :func:`part_rows` fits,
+each part's kernel stage right after its evaluation, while its data are still in the cache. The
+kernels' arithmetic per fit is the same in parts; the user's function may round differently on a
+batch of another size (torch's vectorised and scalar loops round ``pow`` and ``hypot``
+differently, so an entry can differ in its last bit depending on where a loop's tail falls), as it
+already could when the running set shrinks: a fit in parts then differs from one part at rounding
+level (5e-15 in popt, a power law with ``pow`` on 4,000 curves); the decay curves of the tests and
+benchmarks (``exp`` and products) fit bitwise alike in parts and in one. A Jacobian formed column
+by column (curve_fit's pointwise autograd route: (P, n, M)) is read so by the kernel, not copied
+to (n, M, P). curve_fit's unweighted residual, a model less its data, takes a direct route: the
+user's model (and jac, if given) called on the parameter columns of numpy arrays, their output
+handed to the kernels as numpy, and f = g - y formed by the update kernel (``direct``: bitwise the
+same fit; 0.956-0.975x the time of the 10,000 decay fits given J, 0.92-0.93x their 13-fit tail,
+against the wrapped route's torch tensors through :mod:`.lsq`'s wrappers; ``benchmarks/fit.md``).
+The algorithm and its constants are :mod:`.core`'s, line for line; the two agree to rounding
+(``tests/test_fit_compiled.py``). Each stage over at least :data:`PARALLEL_MIN` fits is shared
+among numba's threads (``numba.set_num_threads``), in contiguous slices of the fits, bitwise the
+one-thread result. Per iteration and part the driver makes two calls to the user (fun at the trial
+points, jac at the accepted ones) and two kernel calls, and per iteration two more (the trial
+steps, the sorting out; where the running set is one part on one thread, as in the tail, the
+Jacobian stage and the trial are one call, and the update and the sorting out another: two kernel
+calls an iteration in all). The fits that stop after a trial have J evaluated at their x for the
+result once all fits stopped (in parts, or in one call on the whole batch where it is evaluated
+whole): the kernels do not keep each J (9,889 of 10,000 decay fits stop after an accepted step,
+whose J MINPACK never evaluates). The loop runs under one ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
 ``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
