@@ -99,16 +99,18 @@ def test_the_direct_route_is_not_taken_where_f_is_weighed_or_transformed(monkeyp
 
 
 def test_a_jacobian_or_model_that_changes_its_output_during_the_fit_is_named(monkeypatch):
-    """The direct route checks each J (shape and dtype) and each model output (a tensor): a
-    jac that returns another shape once fewer curves run, or a model that returns a number
-    instead of a tensor, raise a named error mid-fit, not a numpy or kernel failure."""
+    """The direct route checks each J (shape and dtype, as lsq's wrapper: _check_jac_out) and
+    each model output (a tensor, as _evaluate): a jac that returns another shape once fewer
+    curves run, or a model that returns a list instead of a tensor, raise the named errors
+    mid-fit, not a numpy or kernel failure."""
     y, p0 = _curves(300)
 
     def jac_later(x, a, b, c):  # the columns (n, 1) of 21-299 curves (the driver's J at
         j = _decay_jac(x, a, b, c)  # the accepted points; its checks at p0 take 4): 2 columns
         return j[..., :2] if a.ndim == 2 and 20 < a.shape[0] < 300 else j
 
-    with pytest.raises(ShapeError, match=r"jac returned .* expected .*\(B, N, P\)"):
+    named = r"jac returned shape \(\d\d+, 50, 2\) for \d\d+ problems; expected \(B, M, P\)"
+    with pytest.raises(ShapeError, match=named):  # mid-fit: 21-299 curves (p0's check: 4)
         curve_fit(_decay, T, y, p0, jac=jac_later, engine="numba")
 
     def model_later(x, a, b, c):  # the columns of fewer than 300 curves: a list
@@ -116,5 +118,5 @@ def test_a_jacobian_or_model_that_changes_its_output_during_the_fit_is_named(mon
         short = a.ndim == 2 and a.shape[1] == 1 and a.shape[0] < 300
         return out.tolist() if short else out
 
-    with pytest.raises(ConfigurationError, match=r"f must return a torch.Tensor .* got list"):
+    with pytest.raises(ConfigurationError, match=r"fun must return a torch.Tensor .* got list"):
         curve_fit(model_later, T, y, p0, engine="numba")

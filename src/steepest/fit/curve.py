@@ -23,7 +23,7 @@ from .bounds import _as_bounds, _box_rows, _project
 from .checks import _as_x0, _evaluate
 from .core import _range_scales, _svd_values
 from .loss import robust
-from .lsq import _check_engine, _check_method, _run
+from .lsq import _check_engine, _check_jac_out, _check_method, _run
 from .result import _result
 
 #: the rows of a batch, spread evenly over it, on which the routes of f and jac are compared
@@ -266,25 +266,17 @@ def _direct(f, jac, args, y: Tensor, p: int) -> tuple:
     m = y.shape[-1]
 
     def model(xs, rows: Tensor):
-        out = f(args(rows)[0], *torch.from_numpy(xs).unsafe_chunk(p, -1))
-        if not isinstance(out, Tensor):
-            raise ConfigurationError(
-                f"f must return a torch.Tensor (written with torch operations, so that autograd "
-                f"gives its Jacobian), got {type(out).__name__}."
-            )
+        q = torch.from_numpy(xs)
+        out = _evaluate(lambda q: f(args(rows)[0], *q.unsafe_chunk(p, -1)), q)
         out = out.detach() if out.requires_grad else out
         if out.shape != (xs.shape[0], m):  # as f - y would broadcast it
             out = out.expand(xs.shape[0], m)
         return np.ascontiguousarray(out.numpy(), np.float64)
 
     def jac_d(xs, rows: Tensor):
-        j = jac(args(rows, False)[0], *torch.from_numpy(xs).unsafe_chunk(p, -1))
-        if not isinstance(j, Tensor) or j.shape != (xs.shape[0], m, p) or j.dtype != y.dtype:
-            got = f"{tuple(j.shape)} {j.dtype}" if isinstance(j, Tensor) else type(j).__name__
-            raise ShapeError(
-                f"jac returned {got} for {xs.shape[0]} curves; expected a torch tensor of shape "
-                f"(B, N, P) = {(xs.shape[0], m, p)} in {y.dtype}."
-            )
+        q = torch.from_numpy(xs)
+        j = _evaluate(lambda q: jac(args(rows, False)[0], *q.unsafe_chunk(p, -1)), q, "jac")
+        _check_jac_out(j, q, m, True)
         return np.ascontiguousarray((j.detach() if j.requires_grad else j).numpy())
 
     return model, jac_d if jac is not None else None, np.ascontiguousarray(y.detach().numpy())

@@ -257,6 +257,19 @@ def _check_engine(engine: str) -> None:
         raise ConfigurationError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}.")
 
 
+def _check_jac_out(jj: Tensor, xs: Tensor, m: int, batched: bool) -> None:
+    """A ShapeError unless ``jj``, what jac returned at the points xs (n, P), is J (n, M, P)
+    in xs' dtype and on its device."""
+    n, p = xs.shape
+    if jj.shape != (n, m, p):
+        got = tuple(jj.shape if batched else jj.shape[1:])
+        raise ShapeError(
+            f"jac returned shape {got}{f' for {n} problems' if batched else ''}; expected "
+            f"{'(B, M, P) = ' + str((n, m, p)) if batched else (m, p)}."
+        )
+    _same_kind(jj, xs, "jac", "the Jacobian")
+
+
 def _same_kind(out: Tensor, x: Tensor, name: str, what: str) -> None:
     """A ShapeError unless ``out`` (what ``name`` returned) has x's dtype and device."""
     if out.dtype != x.dtype or out.device != x.device:
@@ -382,14 +395,7 @@ def _run(
         def jac_w(xs: Tensor, rows: Tensor) -> Tensor:
             jj = jac_r(xs, rows)  # or (J, f): a route that has f at xs anyway
             jj, fw = jj if isinstance(jj, tuple) else (jj, None)
-            if jj.shape != (xs.shape[0], m, p):
-                got = tuple(jj.shape if batched else jj.shape[1:])
-                raise ShapeError(
-                    f"jac returned shape {got}"
-                    f"{f' for {xs.shape[0]} problems' if batched else ''}; expected "
-                    f"{'(B, M, P) = ' + str((xs.shape[0], m, p)) if batched else (m, p)}."
-                )
-            _same_kind(jj, xs, "jac", "the Jacobian")
+            _check_jac_out(jj, xs, m, batched)
             jj = jj * sw[rows].unsqueeze(-1) if sw is not None else jj
             if last is not None:  # J-hat = diag(rho' / sqrt(h)) J, at f: the route's own f,
                 # or each row's last f where it was last evaluated at xs; the other rows (the
