@@ -68,6 +68,11 @@ def _evaluate(fun: Callable[[Tensor], Tensor], x: Tensor, name: str = "fun") -> 
             f"torch operations on the parameters (no .item(), float(), numpy or data-dependent "
             f"Python control flow){hint}."
         ) from e
+    return _returned(out, name)
+
+
+def _returned(out, name: str = "fun") -> Tensor:
+    """``out``, what ``name`` returned, or a ConfigurationError unless it is a tensor."""
     if not isinstance(out, Tensor):
         raise ConfigurationError(
             f"{name} must return a torch.Tensor (written with torch operations"

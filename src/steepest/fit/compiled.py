@@ -296,13 +296,13 @@ def _least_squares_compiled(
         """The rows idx[i:k] as a tensor: the held one when the part is the whole set."""
         return rows(idx) if i == 0 and k == idx.size else torch.from_numpy(idx[i:k])
 
-    def evaluate_jac(xs: np.ndarray, idx: np.ndarray, i: int, k: int) -> tuple[np.ndarray, bool]:
-        """J at xs (the points of the rows idx[i:k]), (n, M, P), or (P, n, M) and True where
-        the route formed it so (the kernel reads either; a copy to (n, M, P) cost ~5 ms for
-        10,000 fits of 50 points)."""
+    def evaluate_jac(xs: np.ndarray, at: Tensor) -> tuple[np.ndarray, bool]:
+        """J at xs (the points of the rows ``at``, :func:`part`), (n, M, P), or (P, n, M) and
+        True where the route formed it so (the kernel reads either; a copy to (n, M, P) cost
+        ~5 ms for 10,000 fits of 50 points)."""
         if jac_d is not None:
-            return jac_d(xs, part(idx, i, k)), False
-        j = jac_r(torch.from_numpy(xs), part(idx, i, k)).detach()
+            return jac_d(xs, at), False
+        j = jac_r(torch.from_numpy(xs), at).detach()
         if j.dtype == torch.float64 and not j.is_contiguous():
             cols = j.permute(2, 0, 1)
             if cols.is_contiguous():
@@ -336,68 +336,105 @@ def _least_squares_compiled(
         idx = np.flatnonzero(~stored)
         every = idx.size == bsz  # the common case: a part is a slice of the state
         for i, k in spans(idx.size):
-            j, cols = evaluate_jac(x[idx[i:k]], idx, i, k)
+            j, cols = evaluate_jac(x[idx[i:k]], part(idx, i, k))
             at = slice(i, k) if every else idx[i:k]
             jac[at] = np.moveaxis(j, 0, -1) if cols else j
         return torch.from_numpy(jac)
 
+    def evaluate_f(xs: np.ndarray, at: Tensor) -> np.ndarray:
+        """f at xs (the trial points of the rows ``at``) as a float64 numpy array (n, M); the
+        model's values g there on the direct route (the kernel forms g - y)."""
+        if model is not None:
+            return model(xs, at)
+        ft = fun_r(torch.from_numpy(xs), at)
+        return np.ascontiguousarray((ft.detach() if ft.requires_grad else ft).numpy(), np.float64)
+
+    def stop_due(codes: np.ndarray) -> None:
+        """Write out the due fits that stop at their Jacobian (``codes``: per due fit, 0 for
+        one that goes on)."""
+        full = np.zeros(bsz, dtype=np.int64)
+        full[due] = codes
+        codes = full[act]
+        retire(codes != 0, codes)
+
     codes_buf, due_buf = np.empty(bsz, dtype=np.int64), np.empty(bsz, dtype=np.int64)
+    acn_buf = np.empty((bsz, p))  # J's column norms (checked at x0 only)
+
+    def tail() -> None:
+        """The loop once the running set is one part on this thread (:func:`alone`; it stays so
+        as it shrinks): the tail of a batch, or a small batch after x0. Per iteration J at the
+        due fits, one kernel call for the Jacobian stage and the trial
+        (:func:`.kernels._stage_trial`), f at the trial points, one for the update and the
+        sorting out
+        (:func:`.kernels._update_sort`): the same arithmetic per fit as the loop below, with
+        less Python between the calls (the 13 fits that run to max_nfev in
+        ``benchmarks/fit_speed.py``: ~380 iterations)."""
+        nonlocal due, xdue, nfev
+        seen = at_act = None  # the running set's rows tensor, made once per set
+        while True:
+            if act is not seen:
+                seen, at_act = act, rows(act)
+            n = act.size
+            xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
+            if due.size:
+                j, cols = evaluate_jac(xdue, at_act if due is act else rows(due))
+                codes = codes_buf[: due.size]
+                if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
+                        gnorm, lo, radius, lam, lref, meth, cut, gtu, factor, codes, stale,
+                        acn_buf, rt, gq, act, alpha, first, w, pnorm, xt):  # fmt: skip
+                    stop_due(codes)  # no trial was taken: it follows, on the fits left
+                    if not act.size:
+                        return
+                    n, due, seen, at_act = act.size, act[:0], act, rows(act)
+                    xt = np.empty((n, p))
+            if not due.size:
+                kern._trial(0, n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
+                            alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
+            nfev += 1
+            codes, due, xdue = codes_buf[:n], due_buf[:n], np.empty((n, p))
+            n_done, n_due = kern._update_sort(act, evaluate_f(xt, at_act), yd, meth, nfev,
+                max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam,
+                lref, alpha, nit, first, stale, xt, codes, due, xdue)  # fmt: skip
+            # every running fit moved: the same rows object (curve_fit keeps its gathered data)
+            due, xdue = (act, xdue) if n_due == n else (due[:n_due], xdue[:n_due])
+            if n_done:
+                retire(codes != -9, codes)
+                if not act.size:
+                    return
+
     xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
     # jac never see the state itself)
     while True:
-        xt = None  # the trial points, where the Jacobian stage took the trial too
+        at_x0 = nfev == 1
+        if not at_x0 and alone(act.size):
+            tail()
+            break
         if due.size:
-            codes = np.zeros(due.size, dtype=np.int64)
-            acn = np.empty((due.size, p))  # J's column norms
-            at_x0 = nfev == 1
-            if not at_x0 and alone(act.size):  # the stage and the trial: one call
-                j, cols = evaluate_jac(xdue, due, 0, due.size)
-                xt = np.empty((act.size, p))  # new each time (see below)
-                if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
-                        gnorm, lo, radius, lam, lref, meth, cut, gtu, factor, codes, stale, acn,
-                        rt, gq, act, alpha, first, w, pnorm, xt):  # fmt: skip
-                    xt = None  # fits stopped at the stage: the trial after they are written out
-            else:
-                for i, k in spans(due.size):
-                    j, cols = evaluate_jac(xdue[i:k], due, i, k)
-                    _call("_jac_stage", k - i, j, cols, due[i:k], at_x0, f, fnorm, x, d, jac, mu,
-                          c, vh, gn, gn_norm, gnorm, lo, radius, lam, lref, meth, cut, gtu,
-                          factor, codes[i:k], stale, acn[i:k], rt, gq)  # fmt: skip
+            codes = np.empty(due.size, dtype=np.int64)
+            acn = acn_buf[: due.size]
+            for i, k in spans(due.size):
+                j, cols = evaluate_jac(xdue[i:k], part(due, i, k))
+                _call("_jac_stage", k - i, j, cols, due[i:k], at_x0, f, fnorm, x, d, jac, mu, c,
+                      vh, gn, gn_norm, gnorm, lo, radius, lam, lref, meth, cut, gtu, factor,
+                      codes[i:k], stale, acn[i:k], rt, gq)  # fmt: skip
             if at_x0:
                 _check_seen(fun_r, x0, f0, rows(act), torch.from_numpy(acn), None)
-            if np.count_nonzero(codes):  # codes are per due fit: onto the running set
-                full = np.zeros(bsz, dtype=np.int64)
-                full[due] = codes
-                codes = full[act]
-                retire(codes != 0, codes)
+            if np.count_nonzero(codes):
+                stop_due(codes)
                 if not act.size:
                     break
         n = act.size
-        if xt is None:
-            xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
-            _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
-                  alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
+        xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
+        _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
+              alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
         nfev += 1
         codes = codes_buf[:n]
         due, xdue = due_buf[:n], np.empty((n, p))
-        one = alone(n)  # the update and the sorting out: one call
         for i, k in spans(n):
-            if model is not None:  # the model's values: the kernel subtracts y
-                ft = model(xt[i:k], part(act, i, k))
-            else:
-                ft = fun_r(torch.from_numpy(xt[i:k]), part(act, i, k))
-                ft = np.ascontiguousarray((ft.detach() if ft.requires_grad else ft).numpy(),
-                                          np.float64)  # fmt: skip
-            if one:
-                n_done, n_due = kern._update_sort(act, ft, yd, meth, nfev, max_nfev, ftol, xtol,
-                    ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam, lref, alpha, nit,
-                    first, stale, xt, codes, due, xdue)  # fmt: skip
-            else:
-                _call("_update", k - i, act[i:k], ft, yd, meth, nfev, max_nfev, ftol, xtol, ftu,
-                      xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first,
-                      stale, xt[i:k], codes[i:k])  # fmt: skip
-        if not one:
-            n_done, n_due = kern._sort_out(act, codes, x, due, xdue)
+            _call("_update", k - i, act[i:k], evaluate_f(xt[i:k], part(act, i, k)), yd, meth, nfev,
+                  max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam,
+                  lref, alpha, nit, first, stale, xt[i:k], codes[i:k])  # fmt: skip
+        n_done, n_due = kern._sort_out(act, codes, x, due, xdue)
         # every running fit moved: the same rows object (curve_fit keeps its gathered data)
         due, xdue = (act, xdue) if n_due == n else (due[:n_due], xdue[:n_due])
         if n_done:

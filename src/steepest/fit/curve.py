@@ -20,7 +20,7 @@ from ..errors import (
 )
 from . import compiled
 from .bounds import _as_bounds, _box_rows, _project
-from .checks import _as_x0, _evaluate
+from .checks import _as_x0, _evaluate, _returned
 from .core import _range_scales, _svd_values
 from .loss import robust
 from .lsq import _check_engine, _check_jac_out, _check_method, _run
@@ -266,8 +266,7 @@ def _direct(f, jac, args, y: Tensor, p: int) -> tuple:
     m = y.shape[-1]
 
     def model(xs, rows: Tensor):
-        q = torch.from_numpy(xs)
-        out = _evaluate(lambda q: f(args(rows)[0], *q.unsafe_chunk(p, -1)), q)
+        out = _returned(f(args(rows, False)[0], *torch.from_numpy(xs).unsafe_chunk(p, -1)))
         out = out.detach() if out.requires_grad else out
         if out.shape != (xs.shape[0], m):  # as f - y would broadcast it
             out = out.expand(xs.shape[0], m)
@@ -275,7 +274,7 @@ def _direct(f, jac, args, y: Tensor, p: int) -> tuple:
 
     def jac_d(xs, rows: Tensor):
         q = torch.from_numpy(xs)
-        j = _evaluate(lambda q: jac(args(rows, False)[0], *q.unsafe_chunk(p, -1)), q, "jac")
+        j = _returned(jac(args(rows, False)[0], *q.unsafe_chunk(p, -1)), "jac")
         _check_jac_out(j, q, m, True)
         return np.ascontiguousarray((j.detach() if j.requires_grad else j).numpy())
 
