@@ -24,7 +24,7 @@ from test_fit import (
 from torch.autograd.functional import jacobian
 
 import steepest
-from steepest.fit import curve_fit, least_squares
+from steepest.fit import curve, curve_fit, least_squares
 
 
 # ---------------------------------------------------------------------------- pointwise Jacobian
@@ -338,6 +338,90 @@ def test_a_formula_that_mixes_rows_of_a_batch_is_vmapped():
     popt, _, res = curve_fit(f, x, y, p0, full_output=True)
     assert bool(res.success.all())
     torch.testing.assert_close(popt, truth, rtol=1e-8, atol=1e-8)
+
+
+def _mixing_jac(seen: list, where: float):
+    """The decay's Jacobian with 0.1 (sum(k > 0) - (k > 0)), k = relu(a - where), added to
+    the column of a: zero for one curve (vmapped: the sum is its own term), not in a batch call
+    on the columns that holds rows with a > ``where`` (the sum runs over the batch); the shape
+    of a at each call appended to ``seen``."""
+
+    def jac(x, a, b, c):
+        seen.append(tuple(a.shape))
+        e = torch.exp(-b * x)
+        k = torch.relu(a - where)
+        da = e + 0.1 * ((k > 0).to(a.dtype).sum() - (k > 0).to(a.dtype)) * torch.ones_like(e)
+        return torch.stack([da, -a * x * e, torch.ones_like(e)], -1)
+
+    return jac
+
+
+def test_a_jac_that_mixes_rows_is_vmapped_before_or_after_a_compiled_fit(engine, monkeypatch):  # noqa: F811
+    """A given jac whose batch call on the columns mixes the rows, and f pointwise (noisy
+    curves). Mixing all rows (every a > 0): the probe sees it on the rows it compares, before
+    the fit, on both engines. Mixing only through rows 1-3 of 300 (a > 10, none of them among
+    the rows compared): the torch core's probe calls the route on the whole batch, and sees it
+    there; the compiled core's probe calls it on the compared rows alone (16 of 300: one call
+    of 16 columns, no whole-batch call at the probe point), and the result's J, evaluated at
+    the solution on the whole batch, is compared with the vmapped jac after the fit: it
+    differs, and the fit is run again with the vmapped jac. Every way, popt and pcov are the
+    torch core's vmapped fit's; without the check after the fit, pcov (from the route's J)
+    would not be."""
+    x = torch.linspace(0.1, 4, 30, dtype=D)
+    truth = torch.tensor([2.0, 1.3, 0.5], dtype=D).repeat(300, 1)
+    truth[:, 0] += torch.rand(300, generator=seeded(5), dtype=D)
+    truth[1:4, 0] = 20.0
+    g = seeded(6)
+    y = torch.stack([_decay(x, *p) + 0.01 * torch.randn(30, generator=g, dtype=D) for p in truth])
+    p0 = truth.clone()
+    p0[:, 1] = 1.0
+    ref = curve_fit(_decay, x, y, p0, jac=_mixing_jac([], 10.0), engine="torch")
+    for where in (0.0, 10.0):
+        seen: list = []
+        popt, pcov = curve_fit(_decay, x, y, p0, jac=_mixing_jac(seen, where), engine=engine)
+        torch.testing.assert_close(popt, ref[0], rtol=1e-7, atol=1e-9)  # engines: to rounding
+        torch.testing.assert_close(pcov, ref[1], rtol=1e-6, atol=1e-12)
+        cols = [s for s in seen if s != ()]
+        if where == 0.0 or engine == "torch":  # the probe saw it: vmapped from the start
+            assert cols == ([(16, 1)] if engine == "numba" else [(300, 1)])
+        else:  # the columns route ran the fit, then the vmapped jac
+            assert cols[0] == (16, 1) and cols.count((300, 1)) >= 2
+            last = max(i for i, s in enumerate(seen) if s != ())
+            assert seen[last + 1 :].count(()) >= 3  # the check, then the fit's J vmapped
+    if engine == "numba":
+        monkeypatch.setattr(curve, "_jac_agrees", lambda *args: True)
+        _, unchecked = curve_fit(_decay, x, y, p0, jac=_mixing_jac([], 10.0), engine=engine)
+        assert not torch.allclose(unchecked, ref[1], rtol=1e-3, atol=0)
+
+
+def test_a_compiled_fit_with_a_pointwise_jac_probes_16_rows_and_is_not_run_again(engine):  # noqa: F811
+    """A jac that does not mix the rows, on the compiled core: the probe calls it on the 16
+    compared rows (no whole-batch call at the probe point), the check after the fit passes
+    (the fit is not run again: the vmapped jac is called twice, at the probe and at the
+    check, on 0-d parameters), and popt equals the torch core's whole-batch-probed fit."""
+    y = _batch(300)
+    p0 = torch.tensor([[1.0, 1.0, 0.0]], dtype=D).expand(300, 3)
+    seen: list = []
+
+    def jac(x, a, b, c):
+        seen.append(tuple(a.shape))
+        e = torch.exp(-b * x)
+        return torch.stack([e, -a * x * e, torch.ones_like(e)], -1)
+
+    popt, _ = curve_fit(_decay, T, y, p0, jac=jac, engine=engine)
+    cols = [s for s in seen if s != ()]
+    if engine == "numba":
+        assert cols[0] == (16, 1) and (16, 1) not in cols[1:]
+        assert seen.count(()) == 3  # the shape check at p0, the probe, the check after
+    else:
+        assert cols[0] == (300, 1) and seen.count(()) == 2
+    ref, _ = curve_fit(_decay, T, y, p0, jac=_decay_jac_cols, engine="torch")
+    torch.testing.assert_close(popt, ref, rtol=1e-7, atol=1e-9)  # the engines: to rounding
+
+
+def _decay_jac_cols(x, a, b, c):
+    e = torch.exp(-b * x)
+    return torch.stack([e, -a * x * e, torch.ones_like(e)], -1)
 
 
 @torch_core

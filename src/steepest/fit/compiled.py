@@ -147,15 +147,15 @@ def eligible(x0: Tensor, m: int, box) -> str | None:
     return None
 
 
-def choose(engine: str, x0: Tensor, m: int, box) -> bool:
+def choose(engine: str, x0: Tensor, m: int, box, strict: bool = True) -> bool:
     """Whether ``engine`` ("auto", "torch" or "numba") runs the fits x0 (B, P) compiled; raises
-    for "numba" where it cannot run."""
+    for "numba" where it cannot run (unless not ``strict``: then False)."""
     if engine == "torch":
         return False
     if engine == "auto" and x0.shape[0] < AUTO_MIN_BATCH:
         return False
     why_not = eligible(x0, m, box)
-    if engine == "numba" and why_not is not None:
+    if engine == "numba" and why_not is not None and strict:
         from ..errors import ConfigurationError
 
         raise ConfigurationError(

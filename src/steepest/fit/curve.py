@@ -19,7 +19,7 @@ from ..errors import (
     check_tolerances,
 )
 from . import compiled
-from .bounds import _as_bounds, _box_rows, _project
+from .bounds import _as_bounds, _box_rows, _finite, _project
 from .checks import _as_x0, _evaluate, _returned
 from .core import _range_scales, _svd_values
 from .loss import robust
@@ -29,7 +29,9 @@ from .result import _result
 #: the rows of a batch, spread evenly over it, on which the routes of f and jac are compared
 #: against vmap (vmapping all rows of a large batch cost more than the fit: 0.19 s of 0.7 s for
 #: 10,000 curves); the route itself is called on the whole batch, so that a formula mixing the
-#: rows anywhere shows in the rows compared
+#: rows anywhere shows in the rows compared (a given jac on the compiled core: on these rows,
+#: and the result's J, evaluated on the whole batch, is compared after the fit:
+#: :func:`_jac_agrees`)
 PROBE_ROWS = 16
 
 
@@ -59,30 +61,62 @@ def _probe_point(x0: Tensor, box) -> Tensor:
     return _project(x0 + 1e-3 * (x0.abs() + 1) * noise, box)
 
 
-def _broadcasts(resid_cols, vres, probe: Tensor, args) -> bool:
+def _broadcasts(resid_cols, vres, probe: Tensor, args, whole: bool = True) -> bool:
     """Whether ``resid_cols`` called once on the P parameter columns (B, 1) of the whole batch
     (:func:`_columns`, as the route calls it) gives what the vmapped one-curve residual gives,
     on the rows :func:`_sample` (``args(rows)``: the data of those rows), at ``probe``, a
     point near x0 where the rows differ (:func:`_probe_point`: so a formula that mixes rows,
-    e.g. through a sum over the batch, is caught): then the batch needs no vmap."""
+    e.g. through a sum over the batch, is caught): then the batch needs no vmap. Not
+    ``whole``: the route called on the sampled rows alone (a formula that fails on columns,
+    or mixes the rows compared, is caught; one that mixes them with others only by
+    :func:`_jac_agrees` after the fit)."""
     sample = _sample(probe.shape[0], probe.device)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             want = vres(probe[sample], *args(sample))
-            every = torch.arange(probe.shape[0], device=probe.device)
-            got = resid_cols(_columns(probe), *args(every))
-            if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
-                return False
-            got = got[sample]
+            if whole:
+                every = torch.arange(probe.shape[0], device=probe.device)
+                got = resid_cols(_columns(probe), *args(every))
+                if not isinstance(got, Tensor) or got.shape[:1] != probe.shape[:1]:
+                    return False
+                got = got[sample]
+            else:
+                got = resid_cols(_columns(probe[sample]), *args(sample))
     except Exception:  # any failure: keep the general (vmap) route
         return False
+    return _close(got, want)
+
+
+def _close(got: Tensor, want: Tensor) -> bool:
+    """The route's values ``got`` are the vmapped ones ``want``: same shape and dtype, want
+    finite, equal to 1e-12 relative to want's largest entry."""
     return (
-        got.shape == want.shape
+        isinstance(got, Tensor)
+        and got.shape == want.shape
         and got.dtype == want.dtype
         and bool(torch.isfinite(want).all())
         and bool(torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max())))
     )
+
+
+def _jac_agrees(out: dict, vjres, args) -> bool:
+    """After a compiled fit whose jac took the columns route probed on the sampled rows alone
+    (:func:`_broadcasts`, not ``whole``): whether the result's J equals the vmapped jac at the
+    result's x, on up to :data:`PROBE_ROWS` rows spread over those whose J the compiled core
+    evaluated after the loop (status other than 1 and -1: all of them at once, in parts of
+    the batch, so that a jac that mixes the rows shows as the whole-batch probe would show
+    it), and finite there. Fewer than 2 such rows: False (the caller refits with the vmapped
+    jac)."""
+    finite = torch.isfinite(out["jac"]).flatten(1).all(1)
+    after = ((out["status"] != 1) & (out["status"] != -1) & finite).nonzero().squeeze(-1)
+    if after.numel() < 2:
+        return False
+    rows = after[_sample(after.numel(), after.device)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = vjres(out["x"][rows], *args(rows))
+    return _close(out["jac"][rows], want)
 
 
 def _as_sigma(sigma, x0: Tensor, y: Tensor) -> tuple[Tensor | None, bool]:
@@ -213,12 +247,17 @@ def _is_pointwise(resid_cols, vres, x0: Tensor, args: tuple, m: int, box=None) -
     return bool(((u.unsqueeze(-1) * got).sum(1) - ref).abs().le(bound).all())
 
 
-def _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe):
-    """``(jac_r(pp, rows), columns)`` of curve_fit's ``jac=`` (of the residuals: divided by
-    sigma, or :math:`L^{-1}J` for a covariance, :func:`_weigh`), after a
+def _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe, defer=False):
+    """``(jac_r(pp, rows), columns, vjres, jac_v)`` of curve_fit's ``jac=`` (of the residuals:
+    divided by sigma, or :math:`L^{-1}J` for a covariance, :func:`_weigh`), after a
     check of its shape on the first curve at p0: a batch calls it once with the parameter
     columns (B, 1) when :func:`_broadcasts` says that equals the vmapped jac (``columns``
-    True), else vmaps it."""
+    True), else vmaps it (jac_v; vjres: the vmapped one-curve J; both None for one curve).
+    ``defer``: the probe calls the route on the sampled rows alone, and the caller checks the
+    fit's J after it (:func:`_jac_agrees`): the compiled core, which evaluates J at the
+    solution on the whole batch at once (in parts), spares the probe's whole-batch call (3.6
+    of 4.1 ms for 10,000 curves of 50 points; the fit given J 0.960x the time, per pair over
+    61 interleaved pairs, ``benchmarks/results/fit_ab_s33_defer_2t.json``)."""
     n, p = y.shape[-1], xb.shape[-1]
     with torch.no_grad():
         j0 = jac(xd[0] if x_per else xd, *xb[0].unbind(-1))
@@ -241,19 +280,19 @@ def _user_jac(jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe)
         def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
             return _evaluate(lambda q: jres(q, xd, y, s), pp.squeeze(0), "jac").unsqueeze(0)
 
-        return jac_r, False
+        return jac_r, False, None, None
     vjres = torch.func.vmap(jres, in_dims=dims)
-    if spread and _broadcasts(jres_cols, vjres, probe, args):
-
-        def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
-            return _evaluate(lambda q: jres_cols(_columns(q), *args(rows, False)), pp, "jac")
-
-        return jac_r, True
 
     def jac_v(pp: Tensor, rows: Tensor) -> Tensor:
         return _evaluate(lambda q: vjres(q, *args(rows)), pp, "jac")
 
-    return jac_v, False
+    if spread and _broadcasts(jres_cols, vjres, probe, args, whole=not defer):
+
+        def jac_r(pp: Tensor, rows: Tensor) -> Tensor:
+            return _evaluate(lambda q: jres_cols(_columns(q), *args(rows, False)), pp, "jac")
+
+        return jac_r, True, vjres, jac_v
+    return jac_v, False, vjres, jac_v
 
 
 def _direct(f, jac, args, y: Tensor, p: int) -> tuple:
@@ -341,8 +380,10 @@ def curve_fit(
         by sigma here, as there; checked at p0 against finite differences of f, a
         SteepestWarning if they disagree: :func:`least_squares`). For a batch it is written
         for one curve and vmapped, or called once with the parameter columns (B, 1) when a
-        probe says that gives the same (B, N, P). Default None: autograd (one backward pass
-        for a pointwise f, as above).
+        probe says that gives the same (B, N, P) (on the compiled core, the probe calls it on
+        16 rows, and the J at popt of the whole batch is checked against the vmapped jac after
+        the fit, which runs again vmapped where they differ: a jac that mixes the rows).
+        Default None: autograd (one backward pass for a pointwise f, as above).
     bounds : ``(lb, ub)``, as scipy's: each a number, one value per parameter (P,) or, for a
         batch, per curve (B, P); -inf / inf where a side is free; with any method, as in
         :func:`least_squares`. pcov is from the Jacobian at popt, as scipy's (a parameter on
@@ -435,6 +476,7 @@ def curve_fit(
             f"of 1, no sum; a constant model: return c + 0 * x)."
         )
     jac_r = None  # torch.func's, unless the formula is pointwise (below) or jac is given
+    jac_cols = defer = False  # a given jac on the columns; checked after the fit
     if batched:  # one curve's residual, vmapped over the rows asked for
         dims = (0, 0 if x_per else None, 0, 0 if s_per else None)
 
@@ -501,14 +543,24 @@ def curve_fit(
             return _pointwise_jac(resid_cols, pp, args(rows), with_f=rob is not None)
 
     elif jac is not None:
-        jac_r, jac_cols = _user_jac(
-            jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe
+        # the compiled core evaluates J at the solution on the whole batch: the route is
+        # checked there after the fit (a robust loss' result holds J-hat, not J: before it)
+        defer = rob is None and compiled.choose(engine, xb, n, _finite(box), strict=False)
+        jac_r, jac_cols, vjres, jac_v = _user_jac(
+            jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe, defer
         )
+        defer = defer and jac_cols
     given = jac is not None
-    direct = None  # the compiled core's direct route (taken where f is not scaled there)
-    cpu64 = x0.dtype == torch.float64 and x0.device.type == "cpu"
-    if batched and spread and s is None and rob is None and cpu64:
-        direct = _direct(f, jac if given and jac_cols else None, args, y, p)
+
+    def direct_for(cols: bool):
+        """The compiled core's direct route (taken where f is not scaled there; ``cols``: with
+        the user's jac on the columns), or None."""
+        cpu64 = x0.dtype == torch.float64 and x0.device.type == "cpu"
+        if not (batched and spread and s is None and rob is None and cpu64):
+            return None
+        return _direct(f, jac if cols else None, args, y, p)
+
+    direct = direct_for(given and jac_cols)
 
     def fit(jac_route):
         return _run(
@@ -533,6 +585,9 @@ def curve_fit(
         )
 
     out = fit(jac_r)
+    if given and defer and not _jac_agrees(out, vjres, args):
+        direct = direct_for(False)
+        out = fit(jac_v)  # jac mixes the rows of a batch: vmapped
     if pointwise:  # the probe was near p0: check again at popt (up to 4 solved fits)
         done = (out["status"] > 0).nonzero().squeeze(-1)[:4]
         if done.numel() and not _is_pointwise(
