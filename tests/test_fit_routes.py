@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -422,6 +423,32 @@ def test_a_compiled_fit_with_a_pointwise_jac_probes_16_rows_and_is_not_run_again
 def _decay_jac_cols(x, a, b, c):
     e = torch.exp(-b * x)
     return torch.stack([e, -a * x * e, torch.ones_like(e)], -1)
+
+
+@torch_core
+def test_the_check_after_the_fit_leaves_out_rows_whose_j_is_not_finite():
+    """curve._jac_agrees compares the rows of the result's J whose entries are finite (their
+    sum is: one reduction over J, not isfinite on every entry): with rows of NaN, of inf, and
+    of 1e308 (finite entries whose sum overflows) among 40, the others still agree (True); one
+    finite row changed by 1e-6 disagrees (False); fewer than 2 rows left: False."""
+    x = torch.rand(40, 3, generator=seeded(9), dtype=D) + 0.5
+
+    def vjres(xs, xx, yy, ss):
+        return torch.stack([_decay_jac_cols(T, *p.unbind(-1)) for p in xs])
+
+    def args(rows, with_y=True):
+        return T, None, None
+
+    jac = vjres(x, T, None, None)
+    jac[3, 0, 0], jac[17, 5, 1], jac[25] = math.nan, math.inf, 1e308
+    out = {"jac": jac, "x": x, "status": torch.full((40,), 2)}
+    assert curve._jac_agrees(out, vjres, args)
+    bent = jac.clone()
+    kept = [i for i in range(40) if i not in (3, 17, 25)]
+    bent[kept[int(curve._sample(37, x.device)[5])], 0, 0] += 1e-6  # a row compared
+    assert not curve._jac_agrees(dict(out, jac=bent), vjres, args)
+    out["status"][1:] = 1  # stored at the stage: not compared (one row left)
+    assert not curve._jac_agrees(out, vjres, args)
 
 
 @torch_core

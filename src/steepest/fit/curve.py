@@ -106,9 +106,11 @@ def _jac_agrees(out: dict, vjres, args) -> bool:
     result's x, on up to :data:`PROBE_ROWS` rows spread over those whose J the compiled core
     evaluated after the loop (status other than 1 and -1: all of them at once, in parts of
     the batch, so that a jac that mixes the rows shows as the whole-batch probe would show
-    it), and finite there. Fewer than 2 such rows: False (the caller refits with the vmapped
-    jac)."""
-    finite = torch.isfinite(out["jac"]).flatten(1).all(1)
+    it), and finite there (the sum of the row's entries finite: one reduction over J, 0.3 ms
+    for 10,000 curves of 50 points, where ``isfinite`` on every entry took ~4 ms and cost
+    what the deferred probe saves; a finite row whose sum overflows is left out). Fewer than 2
+    such rows: False (the caller refits with the vmapped jac)."""
+    finite = out["jac"].flatten(1).sum(1).isfinite()
     after = ((out["status"] != 1) & (out["status"] != -1) & finite).nonzero().squeeze(-1)
     if after.numel() < 2:
         return False
