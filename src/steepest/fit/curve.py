@@ -546,8 +546,13 @@ def curve_fit(
 
     elif jac is not None:
         # the compiled core evaluates J at the solution on the whole batch: the route is
-        # checked there after the fit (a robust loss' result holds J-hat, not J: before it)
-        defer = rob is None and compiled.choose(engine, xb, n, _finite(box), strict=False)
+        # checked there after the fit (a robust loss' result holds J-hat, not J: before it;
+        # a batch of at most PROBE_ROWS: the probe's rows are the whole batch)
+        defer = (
+            rob is None
+            and xb.shape[0] > PROBE_ROWS
+            and compiled.choose(engine, xb, n, _finite(box), strict=False)
+        )
         jac_r, jac_cols, vjres, jac_v = _user_jac(
             jac, xd, y, s, cov, xb, args, dims, batched, x_per, spread, probe, defer
         )
