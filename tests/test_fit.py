@@ -361,6 +361,15 @@ def test_errors_name_the_problem():
     fun, x0 = PROBLEMS["expfit"]
     with pytest.raises(NonFiniteError, match="not finite at x0"):
         least_squares(lambda p: torch.log(p[0] - 2) * T, [1.0, 1.0])
+    # f0 is checked by its sum, then entry by entry: one inf among finite entries, one NaN in a
+    # batch, are named; finite residuals whose sum overflows (1e308 each) are not
+    with pytest.raises(NonFiniteError, match=r"not finite at x0 \(4 of 30"):
+        least_squares(lambda p: torch.where(T < 0.5, math.inf, p[0] * T), [1.0])
+    with pytest.raises(NonFiniteError, match=r"not finite at x0 \(30 of 90"):
+        rows = torch.tensor([[1.0, 1], [0, 0], [1, 1]], dtype=D)  # row 1: 0/0
+        least_squares(lambda p: p[:, :1] / p[:, 1:] * T, rows)
+    big = least_squares(lambda p: 1e308 * torch.stack([p[0], p[0] - 1]), [0.5], max_nfev=2)
+    assert big.nfev >= 1 and bool(torch.isfinite(big.fun).all())
     with pytest.raises(NonFiniteError, match="x0"):
         least_squares(fun, [math.nan, 1.0, 0.0])
     with pytest.raises(ShapeError, match="scalar") as e:
