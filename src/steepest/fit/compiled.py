@@ -44,9 +44,15 @@ The algorithm and its constants are :mod:`.core`'s, line for line; the two agree
 among numba's threads (``numba.set_num_threads``), in contiguous slices of the fits, bitwise the
 one-thread result. Per iteration and part the driver makes two calls to the user (fun at the trial
 points, jac at the accepted ones) and two kernel calls, and per iteration two more (the trial
-steps, the sorting out; where the running set is one part on one thread, as in the tail, the
-Jacobian stage and the trial are one call, and the update and the sorting out another: two kernel
-calls an iteration in all). The fits that stop after a trial have J evaluated at their x for the
+steps, the sorting out). Once the running set is one part on one thread (the tail of a batch, or
+a small batch after x0), a loop of its own evaluates f and J together at the trial points (the
+direct route hands both the same parameter columns) and makes one kernel call an iteration: the
+update, the Jacobian stage of the fits that moved (J at the accepted trial point is J at the new
+x) and the next trial (:func:`.kernels._update_stage_trial`). jac is then also evaluated at the
+trial points of steps that are rejected (their rows are not read, nor counted in njev): on the
+13 fits of ``benchmarks/fit_speed.py`` that run to max_nfev, the loop took 0.88-0.89x the time
+of the one with J at the accepted points only and two kernel calls an iteration (interleaved;
+bitwise the same fits). The fits that stop after a trial have J evaluated at their x for the
 result once all fits stopped (in parts, or in one call on the whole batch where it is evaluated
 whole): the kernels do not keep each J (9,889 of 10,000 decay fits stop after an accepted step,
 whose J MINPACK never evaluates). The loop runs under one ``torch.no_grad()``.
@@ -360,47 +366,59 @@ def _least_squares_compiled(
     codes_buf, due_buf = np.empty(bsz, dtype=np.int64), np.empty(bsz, dtype=np.int64)
     acn_buf = np.empty((bsz, p))  # J's column norms (checked at x0 only)
 
+    scodes_buf = np.empty(bsz, dtype=np.int64)  # the tail's stage codes (per due fit)
+
     def tail() -> None:
         """The loop once the running set is one part on this thread (:func:`alone`; it stays so
-        as it shrinks): the tail of a batch, or a small batch after x0. Per iteration J at the
-        due fits, one kernel call for the Jacobian stage and the trial
-        (:func:`.kernels._stage_trial`), f at the trial points, one for the update and the
-        sorting out
-        (:func:`.kernels._update_sort`): the same arithmetic per fit as the loop below, with
-        less Python between the calls (the 13 fits that run to max_nfev in
-        ``benchmarks/fit_speed.py``: ~380 iterations)."""
-        nonlocal due, xdue, nfev
-        seen = at_act = None  # the running set's rows tensor, made once per set
+        as it shrinks): the tail of a batch, or a small batch after x0. Per iteration f and J
+        at the trial points, then one kernel call (:func:`.kernels._update_stage_trial`): the
+        update, the Jacobian stage of the fits that moved (J at their new x is J at their trial
+        point), and the next trial. The same arithmetic per fit as the loop below, with one
+        kernel call an iteration instead of two, and one set of parameter columns for f and J
+        (the direct route); jac is then also evaluated at the trial points of steps that are
+        rejected (not counted in njev; their rows are not read). The 13 fits that run to
+        max_nfev in ``benchmarks/fit_speed.py``: ~380 iterations."""
+        nonlocal due, nfev
+        at_act = rows(act)
+        xt = None
+        if due.size:  # J due at the points the loop below left: the stage and the trial
+            xt = np.empty((act.size, p))  # new each time: fun and jac may keep what they were
+            # given
+            j, cols = evaluate_jac(xdue, at_act if due is act else rows(due))
+            codes = codes_buf[: due.size]
+            if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
+                    gnorm, lo, radius, lam, lref, meth, cut, gtu, factor, codes, stale, acn_buf,
+                    rt, gq, act, alpha, first, w, pnorm, xt):  # fmt: skip
+                stop_due(codes)  # no trial was taken: it follows, on the fits left
+                if not act.size:
+                    return
+                at_act, xt = rows(act), None
         while True:
-            if act is not seen:
-                seen, at_act = act, rows(act)
-            n = act.size
-            xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
-            if due.size:
-                j, cols = evaluate_jac(xdue, at_act if due is act else rows(due))
-                codes = codes_buf[: due.size]
-                if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
-                        gnorm, lo, radius, lam, lref, meth, cut, gtu, factor, codes, stale,
-                        acn_buf, rt, gq, act, alpha, first, w, pnorm, xt):  # fmt: skip
-                    stop_due(codes)  # no trial was taken: it follows, on the fits left
-                    if not act.size:
-                        return
-                    n, due, seen, at_act = act.size, act[:0], act, rows(act)
-                    xt = np.empty((n, p))
-            if not due.size:
-                kern._trial(0, n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
-                            alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
+            if xt is None:  # the trial alone (at the start, or after fits stopped at their J)
+                xt = np.empty((act.size, p))
+                kern._trial(0, act.size, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo,
+                            radius, lam, alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
             nfev += 1
-            codes, due, xdue = codes_buf[:n], due_buf[:n], np.empty((n, p))
-            n_done, n_due = kern._update_sort(act, evaluate_f(xt, at_act), yd, meth, nfev,
+            ft = evaluate_f(xt, at_act)
+            jt, cols = evaluate_jac(xt, at_act)
+            n = act.size
+            codes, due, xn = codes_buf[:n], due_buf[:n], np.empty((n, p))
+            n_done, n_due, stops = kern._update_stage_trial(act, ft, jt, cols, yd, meth, nfev,
                 max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm, radius, lam,
-                lref, alpha, nit, first, stale, xt, codes, due, xdue)  # fmt: skip
-            # every running fit moved: the same rows object (curve_fit keeps its gathered data)
-            due, xdue = (act, xdue) if n_due == n else (due[:n_due], xdue[:n_due])
+                lref, alpha, nit, first, stale, xt, codes, due, scodes_buf, mu, vh, gn, gn_norm,
+                gnorm, lo, jac, cut, gtu, factor, acn_buf, rt, gq, xn)  # fmt: skip
             if n_done:
                 retire(codes != -9, codes)
                 if not act.size:
                     return
+                at_act = rows(act)
+            xt = xn[: act.size]
+            if stops:  # no trial was taken: it follows, on the fits left
+                due = due[:n_due]
+                stop_due(scodes_buf[:n_due])
+                if not act.size:
+                    return
+                at_act, xt = rows(act), None
 
     xdue = x.copy()  # the points of the due Jacobians (row k: fit due[k]; a copy: fun and
     # jac never see the state itself)

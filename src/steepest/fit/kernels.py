@@ -481,17 +481,62 @@ def _update_parallel(
 
 
 @_jit
-def _update_sort(
-    act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d, c, w, pnorm,
-    radius, lam, lref, alpha, nit, first, stale, xt, codes, due, xdue,
+def _update_stage_trial(
+    act, ft, jt, cols, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d,
+    c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes, due, scodes, mu, vh, gn,
+    gn_norm, gnorm, lo, jac, cut, gtu, factor, acn, rt, gq, xn,
 ):  # fmt: skip
-    """:func:`_update` on all the running fits, then :func:`_sort_out`: one call instead of
-    two where the running set is one part on one thread (the driver's tail)."""
+    """One iteration of the driver's tail with J evaluated at every trial point, jt (row k:
+    J at xt[k], the trial point of fit act[k]; or, ``cols``, column j at jt[j, k]), in one
+    call: :func:`_update` on all the running fits (codes: a stopped fit's status, -9 for one
+    that goes on), then :func:`_jac_stage` on those that moved and go on (into due[:n_due],
+    the stage's codes into scodes[:n_due]) with their rows of jt, then, where none stops at
+    the stage, :func:`_trial` on all that go on (in act's order, their points into xn). The
+    rows of jt of the fits whose step was rejected, or that stopped, are not read. Returns
+    (the number of fits that stop at the update, n_due, the number that stop at the
+    stage)."""
+    n = act.shape[0]
     _update(
-        0, act.shape[0], act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm,
-        floor, d, c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes,
+        0, n, act, ft, y, method, nfev, max_nfev, ftol, xtol, ftu, xtu, x, f, fnorm, floor, d,
+        c, w, pnorm, radius, lam, lref, alpha, nit, first, stale, xt, codes,
     )  # fmt: skip
-    return _sort_out(act, codes, x, due, xdue)
+    if cols:
+        p, _, m = jt.shape
+        jd = np.empty((p, n, m))
+    else:
+        _, m, p = jt.shape
+        jd = np.empty((n, m, p))
+    keep = np.empty(n, dtype=act.dtype)
+    n_keep = 0
+    n_due = 0
+    for k in range(n):
+        if codes[k] == -8:  # moved: J at its new x is jt's row k
+            due[n_due] = act[k]
+            for j in range(p):  # (element by element: see _jac_stage)
+                for i in range(m):
+                    if cols:
+                        jd[j, n_due, i] = jt[j, k, i]
+                    else:
+                        jd[n_due, i, j] = jt[k, i, j]
+            n_due += 1
+            codes[k] = -9
+        if codes[k] == -9:
+            keep[n_keep] = act[k]
+            n_keep += 1
+    _jac_stage(
+        0, n_due, jd, cols, due, False, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo,
+        radius, lam, lref, method, cut, gtu, factor, scodes, stale, acn, rt, gq,
+    )  # fmt: skip
+    stops = 0
+    for k in range(n_due):
+        if scodes[k] != 0:
+            stops += 1
+    if stops == 0:
+        _trial(
+            0, n_keep, keep[:n_keep], method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius,
+            lam, alpha, first, w, pnorm, xn, cut, rt, gq,
+        )  # fmt: skip
+    return n - n_keep, n_due, stops
 
 
 @_jit
