@@ -430,7 +430,9 @@ def test_the_check_after_the_fit_leaves_out_rows_whose_j_is_not_finite():
     """curve._jac_agrees compares the rows of the result's J whose entries are finite (their
     sum is: one reduction over J, not isfinite on every entry): with rows of NaN, of inf, and
     of 1e308 (finite entries whose sum overflows) among 40, the others still agree (True); one
-    finite row changed by 1e-6 disagrees (False); fewer than 2 rows left: False."""
+    finite row changed by 1e-6 disagrees (False); fewer than 2 rows evaluated after the loop
+    (the others stopped on gtol, their J stored at the stage): those compared (True); fewer
+    than 2 finite rows: False."""
     x = torch.rand(40, 3, generator=seeded(9), dtype=D) + 0.5
 
     def vjres(xs, xx, yy, ss):
@@ -447,7 +449,10 @@ def test_the_check_after_the_fit_leaves_out_rows_whose_j_is_not_finite():
     kept = [i for i in range(40) if i not in (3, 17, 25)]
     bent[kept[int(curve._sample(37, x.device)[5])], 0, 0] += 1e-6  # a row compared
     assert not curve._jac_agrees(dict(out, jac=bent), vjres, args)
-    out["status"][1:] = 1  # stored at the stage: not compared (one row left)
+    out["status"][1:] = 1  # stored at the stage: compared, as one row alone is too few
+    assert curve._jac_agrees(out, vjres, args)
+    assert not curve._jac_agrees(dict(out, jac=bent), vjres, args)
+    jac[1:] = math.nan
     assert not curve._jac_agrees(out, vjres, args)
 
 

@@ -55,7 +55,8 @@ of the one with J at the accepted points only and two kernel calls an iteration 
 bitwise the same fits). The fits that stop after a trial have J evaluated at their x for the
 result once all fits stopped (in parts, or in one call on the whole batch where it is evaluated
 whole): the kernels do not keep each J (9,889 of 10,000 decay fits stop after an accepted step,
-whose J MINPACK never evaluates). The loop runs under one ``torch.no_grad()``.
+whose J MINPACK never evaluates; the tail evaluates it at the trial point, unused). The loop
+runs under one ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
 ``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
@@ -272,8 +273,8 @@ def _least_squares_compiled(
 
     held: list = []  # the two index arrays last used (act, due) and their tensors, the most
     # recent last: the same tensor back for the same array, so that curve_fit keeps its
-    # gathered data while the running set holds (in the tail act and a new due array
-    # alternate when some trials are rejected)
+    # gathered data while the running set holds (the loop below alternates act and a new
+    # due array when some trials are rejected; the tail passes act, but for its first J)
 
     def rows(idx: np.ndarray) -> Tensor:
         for k, (i, t) in enumerate(held):

@@ -46,8 +46,9 @@ def _columns(pp: Tensor) -> tuple[Tensor, ...]:
     ``unsafe_chunk``, ``chunk`` without autograd's view tracking (3.0-3.3 us on 13 fits
     against 3.8-6.4 us for ``chunk``, in four measurements in different phases of the
     machine; ``unsqueeze`` then ``unbind`` and ``split`` cost more). The routes call it under
-    ``torch.no_grad()`` on a batch made for the call, so no gradient can go wrong where a
-    user's f writes into a column."""
+    ``torch.no_grad()`` on a batch made for the evaluation (the compiled core's tail evaluates
+    f and jac on the same one), so no gradient can go wrong where a user's f writes into a
+    column."""
     return pp.unsafe_chunk(pp.shape[-1], -1)
 
 
@@ -105,15 +106,20 @@ def _jac_agrees(out: dict, vjres, args) -> bool:
     (:func:`_broadcasts`, not ``whole``): whether the result's J equals the vmapped jac at the
     result's x, on up to :data:`PROBE_ROWS` rows spread over those whose J the compiled core
     evaluated after the loop (status other than 1 and -1: all of them at once, in parts of
-    the batch, so that a jac that mixes the rows shows as the whole-batch probe would show
-    it), and finite there (the sum of the row's entries finite: one reduction over J, 0.3 ms
-    for 10,000 curves of 50 points, where ``isfinite`` on every entry took ~4 ms and cost
-    what the deferred probe saves; a finite row whose sum overflows is left out). Fewer than 2
-    such rows: False (the caller refits with the vmapped jac)."""
+    the batch, so that a jac that mixes the rows shows where the rows of a part do), and
+    finite there (the sum of the row's entries finite: one reduction over J, 0.3 ms for
+    10,000 curves of 50 points, where ``isfinite`` on every entry took ~4 ms and cost what the
+    deferred probe saves; a finite row whose sum overflows is left out). Fewer than 2 such
+    rows (a batch that stopped on gtol, its J stored at the stage): the finite rows of any
+    status; fewer than 2 of those: False (the caller refits with the vmapped jac). Weaker
+    than the whole-batch probe in two ways: mixing through the rows of other parts only, or
+    only through rows that stopped at a stage, or only away from popt, is not seen."""
     finite = out["jac"].flatten(1).sum(1).isfinite()
     after = ((out["status"] != 1) & (out["status"] != -1) & finite).nonzero().squeeze(-1)
     if after.numel() < 2:
-        return False
+        after = finite.nonzero().squeeze(-1)
+        if after.numel() < 2:
+            return False
     rows = after[_sample(after.numel(), after.device)]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -392,9 +398,11 @@ def curve_fit(
         by sigma here, as there; checked at p0 against finite differences of f, a
         SteepestWarning if they disagree: :func:`least_squares`). For a batch it is written
         for one curve and vmapped, or called once with the parameter columns (B, 1) when a
-        probe says that gives the same (B, N, P) (on the compiled core, the probe calls it on
-        16 rows, and the J at popt of the whole batch is checked against the vmapped jac after
-        the fit, which runs again vmapped where they differ: a jac that mixes the rows).
+        probe says that gives the same (B, N, P) (on the compiled core, for more than 16
+        curves and no robust loss, the probe calls it on 16 rows, and the result's J, at popt
+        and evaluated on the batch in parts, is checked against the vmapped jac on up to 16
+        curves after the fit, which runs again vmapped where they differ: a jac that mixes
+        the rows).
         Default None: autograd (one backward pass for a pointwise f, as above).
     bounds : ``(lb, ub)``, as scipy's: each a number, one value per parameter (P,) or, for a
         batch, per curve (B, P); -inf / inf where a side is free; with any method, as in

@@ -242,7 +242,8 @@ def _stage_trial(
 ):  # fmt: skip
     """:func:`_jac_stage` on all the due fits (not at x0), then, where none stops there,
     :func:`_trial` on all the running fits: one call instead of two where both sets are one
-    part on one thread (the driver's tail). Returns the number of fits that stop at the stage
+    part on one thread (the first step of the driver's tail, where J is due at the fits that
+    moved; :func:`_update_stage_trial` after). Returns the number of fits that stop at the stage
     (then no trial is taken: the driver writes them out first)."""
     _jac_stage(
         0, due.shape[0], jac_new, cols, due, False, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,

@@ -107,10 +107,12 @@ def least_squares(
         agree to rounding; the compiled one's iteration costs 0.26-0.28 ms where the torch
         core's costs 1.4-1.7 ms on 13 curves (evaluations included), so it pays most on the
         last fits of a batch and on a single fit (its first use in a process loads it, ~1 s).
-        Once fewer fits run than a part of the batch on one thread, the compiled core
-        evaluates jac together with fun at every trial point, so jac also sees the points of
-        steps that are then rejected (not counted in njev); it should be a function of its
-        point alone, as scipy's.
+        Once the fits still running are one part of the batch (all of them, where fun takes
+        the whole batch) on one numba thread (fewer than 256 fits, or one thread), the
+        compiled core evaluates jac together with fun at every trial point: jac then also
+        sees the points of steps that are rejected (not counted in njev), and gets the
+        trial points that fun got. It should be a function of its point alone, defined
+        wherever fun is, and not write into its argument, as scipy's.
     loss, f_scale : scipy's robust losses, :math:`F = \tfrac12 \sum_i C^2 \rho(w_i f_i^2/C^2)`
         with C = f_scale (:math:`w_i` = 1 without ``weights``): ``"linear"`` (default),
         ``"soft_l1"``, ``"huber"``, ``"cauchy"``, ``"arctan"``; any method, engine and bounds
