@@ -50,13 +50,13 @@ direct route hands both the same parameter columns) and makes one kernel call an
 update, the Jacobian stage of the fits that moved (J at the accepted trial point is J at the new
 x) and the next trial (:func:`.kernels._update_stage_trial`). jac is then also evaluated at the
 trial points of steps that are rejected (their rows are not read, nor counted in njev): on the
-13 fits of ``benchmarks/fit_speed.py`` that run to max_nfev, the loop took 0.88-0.89x the time
-of the one with J at the accepted points only and two kernel calls an iteration (interleaved;
-bitwise the same fits). The fits that stop after a trial have J evaluated at their x for the
-result once all fits stopped (in parts, or in one call on the whole batch where it is evaluated
-whole): the kernels do not keep each J (9,889 of 10,000 decay fits stop after an accepted step,
-whose J MINPACK never evaluates; the tail evaluates it at the trial point, unused). The loop
-runs under one ``torch.no_grad()``.
+13 fits of ``benchmarks/fit_speed.py`` that run to max_nfev, the loop took 0.85-0.88x the time
+of the one with J at the accepted points only and two kernel calls an iteration (interleaved, one
+and two threads; bitwise the same fits; ``benchmarks/fit.md``). The fits that stop after a trial
+have J evaluated at their x for the result once all fits stopped (in parts, or in one call on the
+whole batch where it is evaluated whole): the kernels do not keep each J (9,889 of 10,000 decay
+fits stop after an accepted step, whose J MINPACK never evaluates; the tail evaluates it at the
+trial point, unused). The loop runs under one ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
 ``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
