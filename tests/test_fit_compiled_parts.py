@@ -250,12 +250,11 @@ def test_curve_fit_and_a_vectorized_fun_run_in_parts_a_whole_batch_fun_does_not(
 
 # ------------------------------------------------------- one part on one thread: fused calls
 def test_fits_that_stop_on_gtol_after_x0_leave_the_fused_stage_without_a_trial(monkeypatch):
-    """On one part and one thread the Jacobian stage and the trial are one call
-    (kernels._stage_trial at the tail's start, kernels._update_stage_trial after, with the
-    update); where fits stop on gtol at a stage after x0 (noise-free curves converging: seen,
-    the calls returning their number), the trial is taken after they are written out: the
-    fits agree with the torch core's, and their results are consistent (J at x, f at x, the
-    counts ordered)."""
+    """On one part and one thread, after x0, the update, the Jacobian stage and the trial are
+    one call (kernels._update_stage_trial); where fits stop on gtol at a stage (noise-free
+    curves converging: seen, the call returning their number), the trial is taken after they
+    are written out: the fits agree with the torch core's, and their results are consistent
+    (J at x, f at x, the counts ordered)."""
     g = seeded(9)  # a exp(-b t): noisy curves, and every third one noise-free
     y = (1 + torch.rand(60, 1, generator=g, dtype=D)) * torch.exp(
         -torch.rand(60, 1, generator=g, dtype=D) * T
@@ -271,19 +270,14 @@ def test_fits_that_stop_on_gtol_after_x0_leave_the_fused_stage_without_a_trial(m
         return torch.stack([e, -p[:, :1] * T * e], -1)
 
     stops: list = []
-    fused, looped = kernels._stage_trial, kernels._update_stage_trial
+    looped = kernels._update_stage_trial
 
     def counted(*args):
-        stops.append(fused(*args))
-        return stops[-1]
-
-    def counted_loop(*args):
         out = looped(*args)
         stops.append(out[2])
         return out
 
-    monkeypatch.setattr(kernels, "_stage_trial", counted)
-    monkeypatch.setattr(kernels, "_update_stage_trial", counted_loop)
+    monkeypatch.setattr(kernels, "_update_stage_trial", counted)
     with numba_threads(1):
         rn = least_squares(fun, x0, jac=jac, gtol=1e-6, engine="numba")
     assert any(s > 0 for s in stops) and bool((rn.status == 1).any())

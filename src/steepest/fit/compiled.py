@@ -45,18 +45,19 @@ among numba's threads (``numba.set_num_threads``), in contiguous slices of the f
 one-thread result. Per iteration and part the driver makes two calls to the user (fun at the trial
 points, jac at the accepted ones) and two kernel calls, and per iteration two more (the trial
 steps, the sorting out). Once the running set is one part on one thread (the tail of a batch, or
-a small batch after x0), a loop of its own evaluates f and J together at the trial points (the
-direct route hands both the same parameter columns) and makes one kernel call an iteration: the
-update, the Jacobian stage of the fits that moved (J at the accepted trial point is J at the new
-x) and the next trial (:func:`.kernels._update_stage_trial`). jac is then also evaluated at the
-trial points of steps that are rejected (their rows are not read, nor counted in njev): on the
-13 fits of ``benchmarks/fit_speed.py`` that run to max_nfev, the loop took 0.85-0.88x the time
-of the one with J at the accepted points only and two kernel calls an iteration (interleaved, one
-and two threads; bitwise the same fits; ``benchmarks/fit.md``). The fits that stop after a trial
-have J evaluated at their x for the result once all fits stopped (in parts, or in one call on the
-whole batch where it is evaluated whole): the kernels do not keep each J (9,889 of 10,000 decay
-fits stop after an accepted step, whose J MINPACK never evaluates; the tail evaluates it at the
-trial point, unused). The loop runs under one ``torch.no_grad()``.
+a small batch after x0's Jacobian), a loop of its own evaluates f and J together at the trial
+points from the next trial on (the direct route hands both the same parameter columns) and makes
+one kernel call an iteration: the update, the Jacobian stage of the fits that moved (J at the
+accepted trial point is J at the new x) and the next trial (:func:`.kernels._update_stage_trial`).
+jac is then also evaluated at the trial points of steps that are rejected (their rows are not
+read, nor counted in njev): on the 13 fits of ``benchmarks/fit_speed.py`` that run to max_nfev,
+the loop took 0.85-0.88x the time of the one with J at the accepted points only and two kernel
+calls an iteration (interleaved, one and two threads; bitwise the same fits;
+``benchmarks/fit.md``). The fits that stop after a trial have J evaluated at their x for the
+result once all fits stopped (in parts, or in one call on the whole batch where it is evaluated
+whole): the kernels do not keep each J (9,889 of 10,000 decay fits stop after an accepted step,
+whose J MINPACK never evaluates; the tail evaluates it at the trial point, unused). The loop runs
+under one ``torch.no_grad()``.
 
 :func:`~steepest.fit.least_squares` and :func:`~steepest.fit.curve_fit` take it with
 ``engine="numba"``, and with ``engine="auto"`` (default) for a batch of at least
@@ -274,7 +275,7 @@ def _least_squares_compiled(
     held: list = []  # the two index arrays last used (act, due) and their tensors, the most
     # recent last: the same tensor back for the same array, so that curve_fit keeps its
     # gathered data while the running set holds (the loop below alternates act and a new
-    # due array when some trials are rejected; the tail passes act, but for its first J)
+    # due array when some trials are rejected; the tail passes act alone)
 
     def rows(idx: np.ndarray) -> Tensor:
         for k, (i, t) in enumerate(held):
@@ -371,32 +372,21 @@ def _least_squares_compiled(
 
     def tail() -> None:
         """The loop once the running set is one part on this thread (:func:`alone`; it stays so
-        as it shrinks): the tail of a batch, or a small batch after x0. Per iteration f and J
-        at the trial points, then one kernel call (:func:`.kernels._update_stage_trial`): the
-        update, the Jacobian stage of the fits that moved (J at their new x is J at their trial
-        point), and the next trial. The same arithmetic per fit as the loop below, with one
-        kernel call an iteration instead of two, and one set of parameter columns for f and J
-        (the direct route); jac is then also evaluated at the trial points of steps that are
-        rejected (not counted in njev; their rows are not read). The 13 fits that run to
-        max_nfev in ``benchmarks/fit_speed.py``: ~380 iterations."""
+        as it shrinks), from the trial after a Jacobian stage of the loop below on: the tail
+        of a batch, or a small batch after x0. Per iteration f and J at the trial points, then
+        one kernel call (:func:`.kernels._update_stage_trial`): the update, the Jacobian stage
+        of the fits that moved (J at their new x is J at their trial point), and the next
+        trial. The same arithmetic per fit as the loop below, with one kernel call an
+        iteration instead of two, and one set of parameter columns for f and J (the direct
+        route); jac is then also evaluated at the trial points of steps that are rejected
+        (not counted in njev; their rows are not read). The 13 fits that run to max_nfev in
+        ``benchmarks/fit_speed.py``: ~380 iterations."""
         nonlocal due, nfev
-        at_act = rows(act)
-        xt = None
-        if due.size:  # J due at the points the loop below left: the stage and the trial
-            xt = np.empty((act.size, p))  # new each time: fun and jac may keep what they were
-            # given
-            j, cols = evaluate_jac(xdue, at_act if due is act else rows(due))
-            codes = codes_buf[: due.size]
-            if kern._stage_trial(j, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
-                    gnorm, lo, radius, lam, lref, meth, cut, gtu, factor, codes, stale, acn_buf,
-                    rt, gq, act, alpha, first, w, pnorm, xt):  # fmt: skip
-                stop_due(codes)  # no trial was taken: it follows, on the fits left
-                if not act.size:
-                    return
-                at_act, xt = rows(act), None
+        at_act, xt = rows(act), None
         while True:
             if xt is None:  # the trial alone (at the start, or after fits stopped at their J)
-                xt = np.empty((act.size, p))
+                xt = np.empty((act.size, p))  # new each time: fun and jac may keep what they
+                # were given
                 kern._trial(0, act.size, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo,
                             radius, lam, alpha, first, w, pnorm, xt, cut, rt, gq)  # fmt: skip
             nfev += 1
@@ -425,9 +415,6 @@ def _least_squares_compiled(
     # jac never see the state itself)
     while True:
         at_x0 = nfev == 1
-        if not at_x0 and alone(act.size):
-            tail()
-            break
         if due.size:
             codes = np.empty(due.size, dtype=np.int64)
             acn = acn_buf[: due.size]
@@ -442,6 +429,9 @@ def _least_squares_compiled(
                 stop_due(codes)
                 if not act.size:
                     break
+        if alone(act.size):  # from the trial on: the tail's loop
+            tail()
+            break
         n = act.size
         xt = np.empty((n, p))  # new each time: fun and jac may keep what they were given
         _call("_trial", n, act, meth, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,

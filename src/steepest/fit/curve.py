@@ -112,8 +112,8 @@ def _jac_agrees(out: dict, vjres, args) -> bool:
     deferred probe saves; a finite row whose sum overflows is left out). Fewer than 2 such
     rows (a batch that stopped on gtol, its J stored at the stage): the finite rows of any
     status; fewer than 2 of those: False (the caller refits with the vmapped jac). Weaker
-    than the whole-batch probe in two ways: mixing through the rows of other parts only, or
-    only through rows that stopped at a stage, or only away from popt, is not seen."""
+    than the whole-batch probe: mixing only through the rows of other parts, only through
+    rows that stopped at a stage, or only away from popt, is not seen."""
     finite = out["jac"].flatten(1).sum(1).isfinite()
     after = ((out["status"] != 1) & (out["status"] != -1) & finite).nonzero().squeeze(-1)
     if after.numel() < 2:

@@ -236,32 +236,6 @@ def _jac_stage_parallel(
 
 
 @_jit
-def _stage_trial(
-    jac_new, cols, due, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
-    lref, method, cut, gtu, factor, codes, stale, acn, rt, gq, act, alpha, first, w, pnorm, xt,
-):  # fmt: skip
-    """:func:`_jac_stage` on all the due fits (not at x0), then, where none stops there,
-    :func:`_trial` on all the running fits: one call instead of two where both sets are one
-    part on one thread (the first step of the driver's tail, where J is due at the fits that
-    moved; :func:`_update_stage_trial` after). Returns the number of fits that stop at the stage
-    (then no trial is taken: the driver writes them out first)."""
-    _jac_stage(
-        0, due.shape[0], jac_new, cols, due, False, f, fnorm, x, d, jac, mu, c, vh, gn, gn_norm,
-        gnorm, lo, radius, lam, lref, method, cut, gtu, factor, codes, stale, acn, rt, gq,
-    )  # fmt: skip
-    stops = 0
-    for k in range(due.shape[0]):
-        if codes[k] != 0:
-            stops += 1
-    if stops == 0:
-        _trial(
-            0, act.shape[0], act, method, x, d, mu, c, vh, gn, gn_norm, gnorm, lo, radius, lam,
-            alpha, first, w, pnorm, xt, cut, rt, gq,
-        )  # fmt: skip
-    return stops
-
-
-@_jit
 def _lmpar(mu, c, gn, gn_norm, gnorm, lo, radius, par, w):
     """:func:`.core._lmpar` for one fit: writes w(lambda), returns lambda."""
     p = mu.shape[0]
